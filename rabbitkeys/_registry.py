@@ -1,0 +1,523 @@
+"""The registry service: which workers live, which keys live, who consumes which key.
+
+It is the only party that binds, unbinds and deletes key queues (see ``_topology``), which is
+what lets it retire a key without losing a message: stop routing to it (unbind), wait out what
+was already routed, have the owner let go, check the queue empty, then delete it.
+
+One registry leads per namespace; the others wait. Leadership is an exclusive queue: the
+broker gives it to one connection and frees it the moment that connection dies.
+
+State lives in memory and is rebuilt from the workers (each reports the keys it consumes)
+when a registry starts leading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from . import _assignment
+from ._channel_pool import ChannelPool
+from ._connection import connect
+from ._control import control_message, declare_registry_queue
+from ._errors import InvalidKeyError, ProtocolError
+from ._protocol import (
+    Assign,
+    ControlMessage,
+    Ensured,
+    EnsureKey,
+    KeyAssignment,
+    Refused,
+    Release,
+    Status,
+    StatusRequest,
+    Sync,
+    WorkerHeartbeat,
+    WorkerJoin,
+    WorkerLeave,
+    WorkerStatus,
+    decode,
+)
+from ._settings import Settings
+from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+
+__all__ = ["Registry"]
+
+log = logging.getLogger("rabbitkeys.registry")
+
+# How long retirement waits for the owner to settle its in-flight message and let go.
+_RELEASE_WAIT = 60.0
+
+
+@dataclass(eq=False)
+class _Worker:
+    worker_id: str
+    inbox: str
+    job_types: frozenset[str]
+    last_seen: float
+    keys: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Key:
+    ref: KeyRef
+    queue: str
+    #: routing keys bound to the queue now; the newest is what publishers are told
+    routing_keys: list[str] = field(default_factory=list)
+    owner: str | None = None
+    #: held while the key's queue is declared, bound, or retired
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_lease_renewal: float = field(default_factory=time.monotonic)
+
+    @property
+    def routing_key(self) -> str | None:
+        return self.routing_keys[-1] if self.routing_keys else None
+
+    def assignment(self) -> KeyAssignment:
+        return KeyAssignment(
+            job_type=self.ref.job_type,
+            key=self.ref.key,
+            queue=self.queue,
+            routing_key=self.routing_key,
+        )
+
+
+class Registry:
+    """Run with ``await Registry(settings).run()``; stops when ``stop()`` is called."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry_id = uuid.uuid4().hex[:12]
+        self.names = Names(settings.namespace)
+        self._workers: dict[str, _Worker] = {}
+        self._keys: dict[str, _Key] = {}
+        self._declared_exchanges: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._leading = asyncio.Event()
+        self._rebalance_wanted = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connection: AbstractConnection | None = None
+        self._control: AbstractChannel | None = None
+        self._pool: ChannelPool | None = None
+        self.malformed_messages = 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading.is_set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_leading(self) -> None:
+        await self._leading.wait()
+
+    async def run(self) -> None:
+        self._connection = await connect(self.settings, f"registry {self.registry_id}")
+        try:
+            await self._run_connected(self._connection)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def _run_connected(self, connection: AbstractConnection) -> None:
+        self._control = await connection.channel()
+        await self._take_leadership(connection)
+        if self._stopping.is_set():
+            return
+        self._pool = ChannelPool(connection, size=8)
+        await declare_registry_queue(self._control, self.names)
+        await self._control.declare_exchange(
+            self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await self._control.declare_queue(self.names.dead_letter_queue, durable=True)
+        await self._control.set_qos(prefetch_count=256)
+        queue = await self._control.get_queue(self.names.registry_queue, ensure=False)
+        await queue.consume(self._on_control_message)
+        log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
+        self._leading.set()
+        # Workers that survived a registry restart tell us what they consume.
+        await self._broadcast(Sync())
+        self._spawn(self._rebalance_loop())
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+            self._drop_silent_workers()
+            await self._renew_unowned_leases()
+
+    async def _take_leadership(self, connection: AbstractConnection) -> None:
+        """Hold the namespace's leader lock: an exclusive queue only one connection can have."""
+        lock_name = f"{self.names.namespace}.registry.leader"
+        waiting_logged = False
+        while not self._stopping.is_set():
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(lock_name, exclusive=True, auto_delete=True)
+                return
+            except aiormq.exceptions.ChannelLockedResource:
+                if not waiting_logged:
+                    log.info("registry %s is standby: another registry leads", self.registry_id)
+                    waiting_logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    # --- control messages -------------------------------------------------------------
+
+    async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = decode(message.body)
+        except ProtocolError as exc:
+            self.malformed_messages += 1
+            log.warning("dropped a control message: %s", exc)
+            await message.ack()
+            return
+        if isinstance(request, EnsureKey | StatusRequest):
+            # Answered in their own task: an ensure may wait for a declare or a retirement.
+            self._spawn(self._answer(message, request))
+            return
+        try:
+            self._handle_membership(request)
+        finally:
+            await message.ack()
+
+    def _handle_membership(self, request: ControlMessage) -> None:
+        if isinstance(request, WorkerJoin):
+            self._on_join(request)
+        elif isinstance(request, WorkerHeartbeat):
+            self._on_heartbeat(request)
+        elif isinstance(request, WorkerLeave):
+            self._remove_worker(request.worker_id, reason="left")
+        else:
+            self.malformed_messages += 1
+            log.warning("dropped a control message of unexpected type %r", request.type)
+
+    async def _answer(self, message: AbstractIncomingMessage, request: ControlMessage) -> None:
+        reply: Ensured | Refused | Status
+        try:
+            if isinstance(request, EnsureKey):
+                reply = await self._ensure(request)
+            else:
+                assert isinstance(request, StatusRequest)
+                reply = await self._status(request.backlog)
+        except Exception as exc:
+            log.exception("failed to answer %s", request.type)
+            reply = Refused(reason=f"{type(exc).__name__}: {exc}")
+        if message.reply_to and self._control is not None:
+            await self._control.default_exchange.publish(
+                control_message(reply, correlation_id=message.correlation_id),
+                routing_key=message.reply_to,
+            )
+        await message.ack()
+
+    # --- keys ---------------------------------------------------------------------------
+
+    async def _ensure(self, request: EnsureKey) -> Ensured | Refused:
+        try:
+            ref = KeyRef.of(request.key, request.job_type)
+        except InvalidKeyError as exc:
+            return Refused(reason=str(exc))
+        key = self._keys.get(ref.id)
+        if key is None:
+            key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
+        async with key.lock:
+            if self._keys.get(ref.id) is not key:  # retired while we waited: start over
+                return await self._ensure(request)
+            current = key.routing_key
+            if current is not None and current != request.stale_routing_key:
+                return Ensured(routing_key=current)
+            if current is not None:
+                # A message came back on the newest binding: the queue was deleted under us
+                # (x-expires or an operator). Its bindings went with it.
+                log.warning("key %s lost its queue; declaring it again", ref.id)
+                key.routing_keys.clear()
+            await self._declare_and_bind(key)
+            if key.owner is None or key.owner not in self._workers:
+                self._place(key)
+            elif current is not None:
+                # the queue was recreated: its old consumer was cancelled by the broker
+                self._send(key.owner, Assign(keys=[key.assignment()]))
+            return Ensured(routing_key=key.routing_keys[-1])
+
+    async def _declare_and_bind(self, key: _Key) -> None:
+        assert self._pool is not None
+        exchange = self.names.jobs_exchange(key.ref.job_type)
+        channel = await self._pool.get()
+        if exchange not in self._declared_exchanges:
+            await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+            self._declared_exchanges.add(exchange)
+        await channel.queue_declare(
+            key.queue,
+            durable=self.settings.durable,
+            arguments=key_queue_arguments(self.settings.key_queue_expires),
+        )
+        routing_key = new_routing_key(key.ref)
+        await channel.queue_bind(key.queue, exchange, routing_key=routing_key)
+        key.routing_keys.append(routing_key)
+        key.last_lease_renewal = time.monotonic()
+
+    def _place(self, key: _Key) -> None:
+        """Give a new or orphaned key to a worker, without moving any other key."""
+        eligible = [w for w, s in self._workers.items() if key.ref.job_type in s.job_types]
+        loads = {w: len(self._workers[w].keys) for w in eligible}
+        owner = _assignment.pick(key.ref.id, eligible, loads, sum(loads.values()) + 1)
+        self._set_owner(key, owner)
+        if owner is not None:
+            self._send(owner, Assign(keys=[key.assignment()]))
+
+    def _set_owner(self, key: _Key, owner: str | None) -> None:
+        if key.owner is not None and key.owner in self._workers:
+            self._workers[key.owner].keys.discard(key.ref.id)
+        key.owner = owner
+        if owner is not None:
+            self._workers[owner].keys.add(key.ref.id)
+
+    async def _retire(self, key_id: str, reporter: str) -> None:
+        """Delete an idle key's queue with nothing lost, or keep it if anything is left."""
+        assert self._pool is not None
+        key = self._keys.get(key_id)
+        if key is None or key.lock.locked() or key.owner != reporter:
+            return
+        async with key.lock:
+            exchange = self.names.jobs_exchange(key.ref.job_type)
+            channel = await self._pool.get()
+            # 1. stop routing: from here on, publishes come back to their publisher
+            for routing_key in key.routing_keys:
+                await channel.queue_unbind(key.queue, exchange, routing_key=routing_key)
+            key.routing_keys.clear()
+            # 2. messages routed before the unbind may still be on their way into the queue
+            await asyncio.sleep(self.settings.retire_grace)
+            # 3. the owner settles what it holds and cancels its consumer
+            self._send(reporter, Release(key_ids=[key_id]))
+            ready = await self._wait_unconsumed(key)
+            # 4. delete only an empty, unconsumed queue; the broker checks both atomically
+            if ready == 0:
+                try:
+                    await (await self._pool.get()).queue_delete(
+                        key.queue, if_empty=True, if_unused=True
+                    )
+                except aiormq.exceptions.AMQPError as exc:
+                    log.info("kept key %s: %s", key_id, exc)
+                else:
+                    self._set_owner(key, None)
+                    del self._keys[key_id]
+                    log.debug("retired key %s", key_id)
+                    return
+            # Something arrived meanwhile: keep the key, consumed and unbound. The next
+            # publish comes back, and its ensure binds the key again behind these messages.
+            owner = key.owner if key.owner in self._workers else None
+            if owner is None:
+                self._place(key)
+            else:
+                self._send(owner, Assign(keys=[key.assignment()]))
+
+    async def _wait_unconsumed(self, key: _Key) -> int | None:
+        """Wait until the key's queue has no consumer; return its ready count, or None if it
+        kept a consumer (then it must not be deleted)."""
+        assert self._pool is not None
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                ok = await (await self._pool.get()).queue_declare(key.queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return 0  # already gone
+            if ok.consumer_count == 0:
+                return int(ok.message_count or 0)
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _renew_unowned_leases(self) -> None:
+        """A key queue without consumer expires with its messages (x-expires): while no
+        worker can take a key, renew its lease with a passive declare."""
+        assert self._pool is not None
+        now = time.monotonic()
+        period = self.settings.key_queue_expires / 3
+        for key in list(self._keys.values()):
+            if key.owner is None and now - key.last_lease_renewal > period:
+                try:
+                    await (await self._pool.get()).queue_declare(key.queue, passive=True)
+                    key.last_lease_renewal = now
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    log.warning("unowned key %s has no queue any more", key.ref.id)
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _on_join(self, join: WorkerJoin) -> None:
+        worker = self._workers.get(join.worker_id)
+        if worker is None:
+            worker = self._workers[join.worker_id] = _Worker(
+                join.worker_id,
+                self.names.worker_inbox(join.worker_id),
+                frozenset(join.job_types),
+                time.monotonic(),
+            )
+            log.info("worker %s joined (%s)", join.worker_id, ", ".join(sorted(join.job_types)))
+        worker.last_seen = time.monotonic()
+        for reported in join.keys:
+            self._adopt(worker, reported)
+        self._rebalance_wanted.set()
+
+    def _adopt(self, worker: _Worker, reported: KeyAssignment) -> None:
+        """A worker says it consumes a key (after a registry restart): rebuild it."""
+        try:
+            ref = KeyRef.of(reported.key, reported.job_type)
+        except InvalidKeyError:
+            return
+        key = self._keys.get(ref.id)
+        if key is None:
+            key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
+            if reported.routing_key:
+                key.routing_keys.append(reported.routing_key)
+        if key.owner is None or key.owner not in self._workers:
+            self._set_owner(key, worker.worker_id)
+        elif key.owner != worker.worker_id:
+            self._send(worker.worker_id, Release(key_ids=[ref.id]))
+
+    def _on_heartbeat(self, beat: WorkerHeartbeat) -> None:
+        worker = self._workers.get(beat.worker_id)
+        if worker is None:
+            # We do not know it (we started after it joined): ask it to join again.
+            self._send(beat.worker_id, Sync())
+            return
+        worker.last_seen = time.monotonic()
+        for key_id in beat.idle_keys:
+            self._spawn(self._retire(key_id, beat.worker_id))
+
+    def _remove_worker(self, worker_id: str, *, reason: str) -> None:
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return
+        log.info("worker %s %s; its %d keys move", worker_id, reason, len(worker.keys))
+        for key_id in worker.keys:
+            key = self._keys.get(key_id)
+            if key is not None:
+                key.owner = None
+        self._rebalance_wanted.set()
+
+    def _drop_silent_workers(self) -> None:
+        limit = time.monotonic() - self.settings.worker_timeout
+        for worker in list(self._workers.values()):
+            if worker.last_seen < limit:
+                self._remove_worker(worker.worker_id, reason="stopped sending heartbeats")
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await self._rebalance_wanted.wait()
+            # Joins come in bursts (a scaled deployment): settle them in one rebalance.
+            await asyncio.sleep(0.2)
+            self._rebalance_wanted.clear()
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Spread keys over the workers again; each moved key is assigned to its new owner
+        first (a standby consumer under single-active-consumer) and released by the old one,
+        which settles what it holds before it lets go."""
+        by_type: dict[str, list[_Key]] = defaultdict(list)
+        for key in self._keys.values():
+            if not key.lock.locked():  # keys being declared or retired are placed afterwards
+                by_type[key.ref.job_type].append(key)
+        assigns: dict[str, list[KeyAssignment]] = defaultdict(list)
+        releases: dict[str, list[str]] = defaultdict(list)
+        moved = 0
+        for job_type, keys in by_type.items():
+            eligible = [w for w, s in self._workers.items() if job_type in s.job_types]
+            target = _assignment.assign((k.ref.id for k in keys), eligible)
+            for key in keys:
+                new_owner = target.get(key.ref.id)
+                if new_owner == key.owner:
+                    continue
+                if key.owner is not None and key.owner in self._workers:
+                    releases[key.owner].append(key.ref.id)
+                self._set_owner(key, new_owner)
+                if new_owner is not None:
+                    assigns[new_owner].append(key.assignment())
+                moved += 1
+        for worker_id, assignments in assigns.items():
+            self._send(worker_id, Assign(keys=assignments))
+        for worker_id, key_ids in releases.items():
+            self._send(worker_id, Release(key_ids=key_ids))
+        if moved:
+            log.info(
+                "rebalanced: %d keys moved over %d workers", moved, len(self._workers)
+            )
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
+        self._spawn(self._publish(self.names.worker_inbox(worker_id), command))
+
+    async def _broadcast(self, command: Sync) -> None:
+        assert self._control is not None
+        exchange = await self._control.get_exchange(self.names.workers_exchange, ensure=False)
+        await exchange.publish(control_message(command), routing_key="")
+
+    async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
+        assert self._control is not None
+        await self._control.default_exchange.publish(
+            control_message(command), routing_key=routing_key
+        )
+
+    # --- status -------------------------------------------------------------------------
+
+    async def _status(self, with_backlog: bool) -> Status:
+        backlog: dict[str, int] = {}
+        if with_backlog:
+            backlog = await self._backlog()
+        now = time.monotonic()
+        workers = [
+            WorkerStatus(
+                worker_id=w.worker_id,
+                job_types=sorted(w.job_types),
+                keys=len(w.keys),
+                backlog=sum(backlog.get(k, 0) for k in w.keys) if with_backlog else None,
+                last_seen_seconds=round(now - w.last_seen, 3),
+            )
+            for w in sorted(self._workers.values(), key=lambda w: w.worker_id)
+        ]
+        return Status(
+            namespace=self.names.namespace,
+            registry_id=self.registry_id,
+            workers=workers,
+            keys=len(self._keys),
+            unassigned_keys=sum(1 for k in self._keys.values() if k.owner is None),
+            retiring_keys=sum(1 for k in self._keys.values() if k.lock.locked()),
+            backlog=sum(backlog.values()) if with_backlog else None,
+        )
+
+    async def _backlog(self) -> dict[str, int]:
+        """Ready messages per key, by passive declares (a few at a time)."""
+        assert self._pool is not None
+        limit = asyncio.Semaphore(32)
+        counts: dict[str, int] = {}
+
+        async def count(key: _Key) -> None:
+            async with limit:
+                assert self._pool is not None
+                with contextlib.suppress(aiormq.exceptions.AMQPError):
+                    ok = await (await self._pool.get()).queue_declare(key.queue, passive=True)
+                    counts[key.ref.id] = int(ok.message_count or 0)
+
+        await asyncio.gather(*(count(k) for k in list(self._keys.values())))
+        return counts
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("registry task failed", exc_info=error)

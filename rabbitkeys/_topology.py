@@ -1,0 +1,173 @@
+"""Names and arguments of every exchange and queue rabbitkeys uses, shared by all parties.
+
+Who may do what to a key queue (the lifecycle protocol, see docs/design.md):
+
+* the **registry** declares it, binds and unbinds it, and is the only party that deletes it;
+* a **worker** re-declares it (idempotent, same arguments) before it consumes, so that a
+  consume never hits a missing queue, and never binds, unbinds or deletes it;
+* a **publisher** never declares anything: it publishes with ``mandatory`` and asks the
+  registry when a message comes back.
+
+Every name starts with the namespace, so two namespaces on one broker never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import InvalidKeyError
+
+__all__ = [
+    "DEFAULT_JOB_TYPE",
+    "HEADER_ATTEMPTS",
+    "HEADER_ERROR",
+    "HEADER_FAILED_AT",
+    "HEADER_JOB_TYPE",
+    "HEADER_KEY",
+    "HEADER_PUBLISHED_AT",
+    "HEADER_PUBLISHER",
+    "HEADER_SEQUENCE",
+    "HEADER_WORKER",
+    "MAX_KEY_BYTES",
+    "KeyRef",
+    "Names",
+    "check_job_type",
+    "key_queue_arguments",
+    "new_routing_key",
+]
+
+DEFAULT_JOB_TYPE = "default"
+
+#: Longest key accepted, in UTF-8 bytes. Longer keys are refused before anything is sent:
+#: the key travels in every message's headers, so it must stay small.
+MAX_KEY_BYTES = 1024
+
+HEADER_KEY = "x-rabbitkeys-key"
+HEADER_JOB_TYPE = "x-rabbitkeys-job-type"
+HEADER_PUBLISHER = "x-rabbitkeys-publisher"
+HEADER_SEQUENCE = "x-rabbitkeys-seq"
+HEADER_PUBLISHED_AT = "x-rabbitkeys-published-at"
+HEADER_ERROR = "x-rabbitkeys-error"
+HEADER_ATTEMPTS = "x-rabbitkeys-attempts"
+HEADER_FAILED_AT = "x-rabbitkeys-failed-at"
+HEADER_WORKER = "x-rabbitkeys-worker"
+
+# Job types name exchanges and queues; dots separate name parts, so they are not allowed.
+_JOB_TYPE = re.compile(r"[A-Za-z0-9_:-]{1,64}")
+# Keys made of these characters, up to this length, are used as they are in queue names
+# (readable in the management UI). Others get a hashed token, which starts with "~", a
+# character plain tokens never contain, so the two kinds cannot collide.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:@=+-]{1,120}")
+
+
+def check_job_type(job_type: object) -> str:
+    if not isinstance(job_type, str) or not _JOB_TYPE.fullmatch(job_type):
+        raise InvalidKeyError(
+            f"job type must be 1-64 characters of letters, digits, '_', ':' or '-', "
+            f"got {job_type!r}"
+        )
+    return job_type
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"key must be a str, got {type(key).__name__}")
+    if not key:
+        raise InvalidKeyError("key must not be empty")
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"key is {size} bytes in UTF-8, the maximum is {MAX_KEY_BYTES}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError("key must be valid Unicode (no lone surrogates)") from None
+    return key
+
+
+def _token_for(key: str) -> str:
+    if _PLAIN_KEY.fullmatch(key):
+        return key
+    return "~" + hashlib.blake2b(key.encode("utf-8"), digest_size=20).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    """One key of one job type. ``token`` is the key's stable, name-safe form."""
+
+    job_type: str
+    key: str
+    token: str
+
+    @classmethod
+    def of(cls, key: object, job_type: object = DEFAULT_JOB_TYPE) -> KeyRef:
+        """Validate ``key`` and ``job_type``; raises :class:`InvalidKeyError`."""
+        checked_type = check_job_type(job_type)
+        checked_key = _check_key(key)
+        return cls(checked_type, checked_key, _token_for(checked_key))
+
+    @property
+    def id(self) -> str:
+        """Unique across job types; what the registry and workers index keys by."""
+        return f"{self.job_type}/{self.token}"
+
+
+def new_routing_key(ref: KeyRef) -> str:
+    """A routing key for a fresh binding of ``ref``'s queue.
+
+    Each binding gets a new random suffix. A publisher that cached the routing key of a
+    binding the registry has since removed gets every later message on it returned, even
+    after the key is bound again: that fence is what keeps a returned message in its place
+    (an old routing key can never start routing again between two of its messages).
+    """
+    return f"{ref.token}|{secrets.token_hex(8)}"
+
+
+def key_queue_arguments(expires_seconds: float) -> dict[str, Any]:
+    return {
+        "x-expires": int(expires_seconds * 1000),
+        "x-single-active-consumer": True,
+        # Classic queues: on cancel with unacked deliveries the standby waits for them to be
+        # settled (measured on 3.10); quorum queues activate it at once and reorder.
+        "x-queue-type": "classic",
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Every exchange and queue name under one namespace."""
+
+    namespace: str
+
+    def jobs_exchange(self, job_type: str) -> str:
+        return f"{self.namespace}.jobs.{job_type}"
+
+    def key_queue(self, ref: KeyRef) -> str:
+        return f"{self.namespace}.key.{ref.job_type}.{ref.token}"
+
+    @property
+    def key_queue_prefix(self) -> str:
+        return f"{self.namespace}.key."
+
+    @property
+    def registry_queue(self) -> str:
+        """Control requests to the leading registry: worker membership, publisher ensures."""
+        return f"{self.namespace}.registry"
+
+    @property
+    def workers_exchange(self) -> str:
+        """Fanout from the registry to every worker (e.g. 'report your keys')."""
+        return f"{self.namespace}.workers"
+
+    def worker_inbox(self, worker_id: str) -> str:
+        return f"{self.namespace}.worker.{worker_id}"
+
+    def reply_queue(self, client_id: str) -> str:
+        return f"{self.namespace}.reply.{client_id}"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.namespace}.dead-letter"

@@ -1,0 +1,408 @@
+"""The worker runtime: consume the keys the registry assigns, one message per key at a time.
+
+Per key the worker holds at most one delivery (per-consumer prefetch 1), so the broker itself
+keeps every later message of the key queued until the current one is acked: order within a
+key needs no bookkeeping here, and keys run concurrently up to ``concurrency`` handlers.
+
+Letting go of a key (a rebalance, a retirement, a shutdown) never breaks its order: the
+worker finishes the message it holds, cancels its consumer *while still holding it* (so the
+broker cannot deliver the next one here), and only then acks it. Under single-active-consumer
+the next owner, already subscribed as a standby, gets the rest in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from ._app import App, Message
+from ._channel_pool import ChannelPool
+from ._connection import connect
+from ._control import control_message, declare_registry_queue
+from ._errors import HandlerNotFoundError, ProtocolError
+from ._protocol import (
+    Assign,
+    KeyAssignment,
+    Release,
+    Sync,
+    WorkerHeartbeat,
+    WorkerJoin,
+    WorkerLeave,
+    decode,
+)
+from ._settings import Settings
+from ._topology import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_FAILED_AT,
+    HEADER_KEY,
+    HEADER_PUBLISHER,
+    HEADER_SEQUENCE,
+    HEADER_WORKER,
+    KeyRef,
+    Names,
+    key_queue_arguments,
+)
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("rabbitkeys.worker")
+
+
+@dataclass(eq=False)
+class _OwnedKey:
+    assignment: KeyAssignment
+    key_id: str
+    consumer_tag: str | None = None
+    #: the one delivery being handled, if any; done once it is settled
+    in_flight: asyncio.Future[None] | None = None
+    releasing: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+    idle_reported_at: float = 0.0
+
+
+class Worker:
+    """Runs an :class:`App`'s handlers. ``await Worker(settings, app).run()``; ``stop()``
+    starts a graceful shutdown (finish and ack in-flight messages, tell the registry)."""
+
+    def __init__(self, settings: Settings, app: App, *, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.app = app
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.names = Names(settings.namespace)
+        self._keys: dict[str, _OwnedKey] = {}
+        self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connection: AbstractConnection | None = None
+        self._control: AbstractChannel | None = None
+        self._consume: AbstractChannel | None = None
+        self._consume_amqp: aiormq.Channel | None = None
+        self._dead_letters: AbstractChannel | None = None
+        self._declares: ChannelPool | None = None
+        self.handled = 0
+        self.dead_lettered = 0
+
+    @property
+    def owned_keys(self) -> list[str]:
+        return sorted(self._keys)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self._connection = await connect(self.settings, f"worker {self.worker_id}")
+        try:
+            await self._start(self._connection)
+            log.info(
+                "worker %s serving %s in namespace %r",
+                self.worker_id,
+                ", ".join(sorted(self.app.job_types)),
+                self.names.namespace,
+            )
+            while not self._stopping.is_set():
+                await self._send(self._heartbeat())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stopping.wait(), self.settings.heartbeat_interval
+                    )
+            await self._drain()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def _start(self, connection: AbstractConnection) -> None:
+        self._control = await connection.channel()
+        await declare_registry_queue(self._control, self.names)
+        self._dead_letters = await connection.channel(publisher_confirms=True)
+        await self._dead_letters.declare_queue(self.names.dead_letter_queue, durable=True)
+        self._declares = ChannelPool(connection, size=4)
+        self._consume = await connection.channel()
+        # Per consumer (one per key): hold one delivery. Per channel: bound the memory held.
+        await self._consume.set_qos(prefetch_count=1)
+        await self._consume.set_qos(prefetch_count=self.settings.prefetch, global_=True)
+        self._consume_amqp = cast(aiormq.Channel, await self._consume.get_underlay_channel())
+        workers = await self._control.declare_exchange(
+            self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        inbox = await self._control.declare_queue(
+            self.names.worker_inbox(self.worker_id), exclusive=True, auto_delete=True
+        )
+        await inbox.bind(workers)
+        await inbox.consume(self._on_command, no_ack=True)
+        await self._send(self._join())
+
+    def _join(self) -> WorkerJoin:
+        return WorkerJoin(
+            worker_id=self.worker_id,
+            inbox=self.names.worker_inbox(self.worker_id),
+            job_types=sorted(self.app.job_types),
+            keys=[owned.assignment for owned in self._keys.values() if not owned.releasing],
+        )
+
+    def _heartbeat(self) -> WorkerHeartbeat:
+        now = time.monotonic()
+        idle = []
+        for owned in self._keys.values():
+            quiet_since = max(owned.last_activity, owned.idle_reported_at)
+            if (
+                owned.in_flight is None
+                and not owned.releasing
+                and now - quiet_since >= self.settings.idle_period
+            ):
+                owned.idle_reported_at = now
+                idle.append(owned.key_id)
+        return WorkerHeartbeat(worker_id=self.worker_id, owned=len(self._keys), idle_keys=idle)
+
+    async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave) -> None:
+        assert self._control is not None
+        await self._control.default_exchange.publish(
+            control_message(message, expiration=self.settings.worker_timeout),
+            routing_key=self.names.registry_queue,
+        )
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    # --- commands from the registry -----------------------------------------------------
+
+    async def _on_command(self, message: AbstractIncomingMessage) -> None:
+        try:
+            command = decode(message.body)
+        except ProtocolError as exc:
+            log.warning("dropped a command: %s", exc)
+            return
+        if isinstance(command, Assign):
+            if self._stopping.is_set():
+                return  # the registry learns from our leave that these keys need a home
+            for assignment in command.keys:
+                self._spawn(self._acquire(assignment))
+        elif isinstance(command, Release):
+            for key_id in command.key_ids:
+                self._spawn(self._release(key_id))
+        elif isinstance(command, Sync):
+            await self._send(self._join())
+        else:
+            log.warning("dropped a command of unexpected type %r", command.type)
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key_id: str) -> AsyncIterator[None]:
+        """Commands for one key run one after the other, in the order they came. The lock
+        is dropped when nobody holds or waits for it, so key churn does not grow memory."""
+        entry = self._key_locks.get(key_id)
+        if entry is None:
+            entry = self._key_locks[key_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._key_locks[key_id]
+
+    async def _acquire(self, assignment: KeyAssignment) -> None:
+        key_id = KeyRef.of(assignment.key, assignment.job_type).id
+        async with self._key_lock(key_id):
+            owned = self._keys.get(key_id)
+            if owned is not None and self._consuming(owned):
+                owned.assignment = assignment  # a new routing key after a rebind
+                return
+            if self._stopping.is_set():
+                return
+            assert self._declares is not None and self._consume is not None
+            # Declaring (same arguments) first means a consume never hits a missing queue,
+            # which would close the channel every key is consumed on.
+            try:
+                await (await self._declares.get()).queue_declare(
+                    assignment.queue,
+                    durable=self.settings.durable,
+                    arguments=key_queue_arguments(self.settings.key_queue_expires),
+                )
+            except aiormq.exceptions.AMQPError as exc:
+                log.error("cannot declare the queue of key %s: %s", key_id, exc)
+                return
+            owned = _OwnedKey(assignment, key_id)
+            self._keys[key_id] = owned
+            queue = await self._consume.get_queue(assignment.queue, ensure=False)
+            owned.consumer_tag = await queue.consume(partial(self._on_delivery, owned))
+
+    def _consuming(self, owned: _OwnedKey) -> bool:
+        # The broker cancels a consumer whose queue is deleted; aio-pika then just forgets it.
+        channel = self._consume_amqp
+        return (
+            owned.consumer_tag is not None
+            and channel is not None
+            and not channel.is_closed
+            and owned.consumer_tag in channel.consumers
+        )
+
+    async def _release(self, key_id: str) -> None:
+        async with self._key_lock(key_id):
+            owned = self._keys.get(key_id)
+            if owned is None:
+                return
+            owned.releasing = True
+            if owned.in_flight is None:
+                await self._cancel(owned)
+            # Handling cancels (if not done yet), then acks. A delivery can also have been on
+            # its way when the cancel went out: it is handled and acked before we let go.
+            while owned.in_flight is not None:
+                await owned.in_flight
+            if self._keys.get(key_id) is owned:
+                del self._keys[key_id]
+
+    async def _cancel(self, owned: _OwnedKey) -> None:
+        tag, owned.consumer_tag = owned.consumer_tag, None
+        channel = self._consume_amqp
+        if tag is None or channel is None or channel.is_closed:
+            return
+        with contextlib.suppress(aiormq.exceptions.AMQPError):
+            await channel.basic_cancel(tag)
+
+    # --- deliveries ---------------------------------------------------------------------
+
+    async def _on_delivery(self, owned: _OwnedKey, delivery: AbstractIncomingMessage) -> None:
+        owned.last_activity = time.monotonic()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        owned.in_flight = done
+        try:
+            async with self._slots:
+                finished = await self._handle(owned, delivery)
+            if not finished:
+                return  # shutting down mid-retry: the connection close requeues it, in place
+            if owned.releasing:
+                # Cancel while still holding this delivery, so no later message of the key
+                # can be delivered here; then settle it.
+                await self._cancel(owned)
+            await delivery.ack()
+            self.handled += 1
+        finally:
+            owned.in_flight = None
+            owned.last_activity = time.monotonic()
+            done.set_result(None)
+
+    async def _handle(self, owned: _OwnedKey, delivery: AbstractIncomingMessage) -> bool:
+        """Run the handler with retries; dead-letter after the last. False if shutdown
+        interrupted the retries (the delivery must then stay unacked)."""
+        headers = dict(delivery.headers or {})
+        job_type = owned.assignment.job_type
+        attempt = 0
+        while True:
+            attempt += 1
+            message = Message(
+                key=owned.assignment.key,
+                job_type=job_type,
+                body=delivery.body,
+                headers=headers,
+                publisher_id=_str_or_none(headers.get(HEADER_PUBLISHER)),
+                sequence=_int_or_none(headers.get(HEADER_SEQUENCE)),
+                attempt=attempt,
+                redelivered=bool(delivery.redelivered),
+            )
+            try:
+                handler = self.app.handler_for(job_type)
+            except HandlerNotFoundError as exc:
+                await self._dead_letter(delivery, exc, attempt)
+                return True
+            try:
+                await handler(message)
+                return True
+            except Exception as exc:
+                if attempt > self.settings.max_retries:
+                    log.error(
+                        "key %s: handler failed %d times, dead-lettering: %r",
+                        owned.key_id,
+                        attempt,
+                        exc,
+                    )
+                    await self._dead_letter(delivery, exc, attempt)
+                    return True
+                delay = min(
+                    self.settings.retry_backoff * 2 ** (attempt - 1),
+                    self.settings.retry_backoff_max,
+                )
+                log.warning(
+                    "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                    owned.key_id,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                # The key's later messages wait in its queue meanwhile.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    return False
+
+    async def _dead_letter(
+        self, delivery: AbstractIncomingMessage, error: BaseException, attempts: int
+    ) -> None:
+        """Copy the message to the namespace's dead-letter queue with the error recorded;
+        the caller acks the original only after the broker confirmed the copy."""
+        assert self._dead_letters is not None
+        headers = dict(delivery.headers or {})
+        headers.update(
+            {
+                HEADER_ERROR: f"{type(error).__name__}: {error}"[:4096],
+                HEADER_ATTEMPTS: attempts,
+                HEADER_FAILED_AT: time.time(),
+                HEADER_WORKER: self.worker_id,
+            }
+        )
+        headers.setdefault(HEADER_KEY, "")
+        await self._dead_letters.default_exchange.publish(
+            aio_pika.Message(
+                delivery.body,
+                headers=headers,
+                content_type=delivery.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self.names.dead_letter_queue,
+        )
+        self.dead_lettered += 1
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Graceful stop: take no new deliveries, finish and ack what is in flight, leave."""
+        log.info("worker %s stopping: settling %d keys", self.worker_id, len(self._keys))
+        # Tell the registry first, so new owners subscribe (as standbys) while we finish.
+        with contextlib.suppress(Exception):
+            await self._send(WorkerLeave(worker_id=self.worker_id))
+        await asyncio.gather(*(self._release(key_id) for key_id in list(self._keys)))
+        log.info("worker %s stopped after %d messages", self.worker_id, self.handled)
+
+
+def _str_or_none(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("worker task failed", exc_info=error)

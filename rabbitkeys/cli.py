@@ -1,0 +1,161 @@
+"""The ``rabbitkeys`` command: parse arguments, build settings, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ._errors import RabbitkeysError
+from ._settings import ENV_PREFIX, Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_SETTINGS_HELP = "Settings come from the environment: " + ", ".join(
+    f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except RabbitkeysError as exc:
+        print(f"rabbitkeys: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s [{args.command} %(process)d] %(name)s: %(message)s",
+    )
+    try:
+        result: int = _run(args.handler(settings, args))
+        return result
+    except RabbitkeysError as exc:
+        print(f"rabbitkeys: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rabbitkeys",
+        description="Strict order per key, full concurrency across keys, on RabbitMQ.",
+        epilog=_SETTINGS_HELP,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    registry = commands.add_parser(
+        "registry",
+        help="run the registry service",
+        description="Run the registry: tracks workers and keys, assigns each key to one "
+        "worker, retires idle keys. Run two or more; one leads, the others stand by. "
+        "Stops on SIGINT/SIGTERM.",
+        epilog=_SETTINGS_HELP,
+    )
+    registry.set_defaults(handler=_registry)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker",
+        description="Run a worker for MODULE:ATTR, a rabbitkeys.App or an `async def "
+        "handler(message)` serving job type 'default'. SIGINT/SIGTERM: finish and ack "
+        "in-flight messages, tell the registry, exit 0.",
+        epilog=_SETTINGS_HELP,
+    )
+    worker.add_argument("target", metavar="MODULE:ATTR", help="the app or handler to run")
+    worker.add_argument("--id", dest="worker_id", help="worker id (default: random)")
+    worker.set_defaults(handler=_worker)
+
+    status = commands.add_parser(
+        "status",
+        help="show workers, keys per worker and backlog",
+        description="Ask the leading registry for workers, keys per worker and backlog.",
+        epilog=_SETTINGS_HELP,
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--no-backlog", action="store_true", help="skip counting ready messages per key"
+    )
+    status.set_defaults(handler=_status)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a registry, three workers and a publisher, and show order and spread",
+        description="Start a registry and three workers as processes, publish keyed jobs "
+        "(some keys slow), then show that each key ran in order and keys spread.",
+        epilog=_SETTINGS_HELP,
+    )
+    demo.add_argument("--keys", type=int, default=30, help="number of keys (default 30)")
+    demo.add_argument("--messages", type=int, default=20, help="messages per key (default 20)")
+    demo.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:  # uvloop when installed: the client, not the broker, is the first limit
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coroutine)
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _registry(settings: Settings, args: argparse.Namespace) -> int:
+    from ._registry import Registry
+
+    registry = Registry(settings)
+    _on_signals(registry.stop)
+    await registry.run()
+    return EXIT_OK
+
+
+async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from ._app import load_app
+    from ._worker import Worker
+
+    worker = Worker(settings, load_app(args.target), worker_id=args.worker_id)
+    _on_signals(worker.stop)
+    await worker.run()
+    return EXIT_OK
+
+
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from ._status import fetch_status, format_status
+
+    status = await fetch_status(settings, backlog=not args.no_backlog)
+    if args.json:
+        print(json.dumps(status.model_dump(exclude={"type"}), indent=2))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return await run_demo(settings, keys=args.keys, messages=args.messages, workers=args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Helpers for tests: settings with short intervals, in-process registry and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rabbitkeys import App, Registry, Settings, Worker
+
+
+def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
+    """Settings for tests: short intervals so membership and idleness play out in seconds."""
+    values: dict[str, Any] = {
+        "amqp_url": amqp_url,
+        "namespace": namespace,
+        "heartbeat_interval": 0.2,
+        "worker_timeout": 1.5,
+        "idle_period": 30.0,
+        "retire_grace": 0.2,
+        "retry_backoff": 0.02,
+        "key_queue_expires": 120.0,
+        "ensure_timeout": 10.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_registry(settings: Settings) -> AsyncIterator[Registry]:
+    registry = Registry(settings)
+    task = asyncio.create_task(registry.run())
+    try:
+        await asyncio.wait_for(registry.wait_leading(), 10)
+        yield registry
+    finally:
+        registry.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, app: App, worker_id: str | None = None
+) -> AsyncIterator[Worker]:
+    worker = Worker(settings, app, worker_id=worker_id)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Wait until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(interval)
