@@ -131,7 +131,8 @@ def assign(
     K and N counting distinct keys and workers. No worker then holds more than that.
 
     Empty ``workers`` gives ``{}``: the keys stay unassigned. Duplicate keys or workers
-    are fine (deduplicated), and the order of either never changes the result.
+    are fine (deduplicated), and the order of either never changes which worker a key
+    gets. The result lists the keys in the order they first appear in ``keys``.
 
     Raises ValueError if ``load_factor`` is below 1.0 (or NaN); ``float("inf")`` gives
     plain rendezvous hashing.
@@ -144,38 +145,52 @@ def assign(
         return {}
 
     # First pass, in no particular order: every key's favourite worker (plain rendezvous).
-    unique_keys = list(set(keys))
+    # dict.fromkeys rather than set: it deduplicates but keeps the caller's order, so the
+    # result lists keys the same way in every process (a set of str would not).
+    unique_keys = list(dict.fromkeys(keys))
     key_spreads = [_spread(key) for key in unique_keys]
-    favourites: list[int] = []
+    chosen: list[int] = []
     plain_loads = [0] * len(names)
     for key_spread in key_spreads:
         scores = _scores(key_spread, worker_spreads)
         # index() of the max: on a tie, the worker with the smaller name, as in _ranked().
         top = scores.index(max(scores))
-        favourites.append(top)
+        chosen.append(top)
         plain_loads[top] += 1
 
     capacity = _capacity(load_factor, len(unique_keys), len(names))
     # If no favourite is over capacity, placing keys one by one in any order never meets
     # a full favourite, so the bounded result is exactly this one. That is the usual
     # case, and it skips the sort below.
-    if max(plain_loads) <= capacity:
-        return dict(zip(unique_keys, map(names.__getitem__, favourites), strict=True))
+    if max(plain_loads) > capacity:
+        _place_bounded(unique_keys, key_spreads, worker_spreads, chosen, capacity)
+    return dict(zip(unique_keys, map(names.__getitem__, chosen), strict=True))
 
-    # Some worker is over capacity: place keys greedily in a fixed order (by hash, then
-    # by key) so that the same keys overflow to the same next-best workers on every run,
-    # in every process and after a membership change.
-    loads = [0] * len(names)
-    result: dict[str, str] = {}
-    placement = sorted(zip(key_spreads, unique_keys, favourites, strict=True))
-    for key_spread, key, favourite in placement:
-        chosen = favourite
-        if loads[chosen] >= capacity:
-            ranked = _ranked(_scores(key_spread, worker_spreads))
-            chosen = _first_below(ranked, loads.__getitem__, capacity)
-        loads[chosen] += 1
-        result[key] = names[chosen]
-    return result
+
+def _place_bounded(
+    keys: list[str],
+    key_spreads: list[int],
+    worker_spreads: list[int],
+    chosen: list[int],
+    capacity: float,
+) -> None:
+    """Redo ``chosen`` (each key's favourite on entry) so that no load exceeds ``capacity``.
+
+    Keys are placed greedily in a fixed order, by spread hash (a bijection of the key's
+    hash) and then by key, never by the caller's order, so that the same keys overflow to
+    the same next-best workers on every run, in every process and after a membership
+    change, which is what keeps the movement near 1/N even when the bound bites.
+    """
+    loads = [0] * len(worker_spreads)
+    # The keys are distinct, so the tuples never get as far as comparing the index.
+    order = sorted(zip(key_spreads, keys, range(len(keys)), strict=True))
+    for _, _, index in order:
+        worker = chosen[index]
+        if loads[worker] >= capacity:
+            ranked = _ranked(_scores(key_spreads[index], worker_spreads))
+            worker = _first_below(ranked, loads.__getitem__, capacity)
+            chosen[index] = worker
+        loads[worker] += 1
 
 
 def _first_below(ranked: list[int], load_of: Callable[[int], int], capacity: float) -> int:

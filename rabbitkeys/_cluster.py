@@ -1,0 +1,98 @@
+"""A registry and workers run as real processes through the CLI, on this machine.
+
+Used by ``rabbitkeys demo`` and by the end-to-end tests: the processes are the ones a user
+runs, so what these show is what production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from types import TracebackType
+from typing import Self
+
+from ._errors import RabbitkeysError
+from ._settings import ENV_PREFIX, Settings
+from ._status import fetch_status
+
+__all__ = ["LocalCluster"]
+
+
+class LocalCluster:
+    """Start and stop ``rabbitkeys registry`` / ``rabbitkeys worker`` processes."""
+
+    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self._env = {**os.environ, **_settings_env(settings), **(extra_env or {})}
+        self.registries: list[asyncio.subprocess.Process] = []
+        self.workers: list[asyncio.subprocess.Process] = []
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_all()
+
+    async def _spawn(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rabbitkeys", *args, env=self._env
+        )
+
+    async def start_registry(self) -> asyncio.subprocess.Process:
+        process = await self._spawn("registry")
+        self.registries.append(process)
+        return process
+
+    async def start_worker(self, target: str) -> asyncio.subprocess.Process:
+        process = await self._spawn("worker", target)
+        self.workers.append(process)
+        return process
+
+    async def wait_for_workers(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until the leading registry sees ``count`` workers."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                status = await fetch_status(self.settings, backlog=False, timeout=2.0)
+                if len(status.workers) == count:
+                    return
+            except RabbitkeysError as exc:
+                last_error = exc
+            await asyncio.sleep(0.2)
+        raise RabbitkeysError(f"{count} workers did not join within {timeout:g}s: {last_error}")
+
+    @staticmethod
+    async def terminate(process: asyncio.subprocess.Process, timeout: float = 30.0) -> int:
+        """SIGTERM, as ``kubectl scale`` does; return the exit code."""
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            return await process.wait()
+
+    async def stop_all(self) -> list[int]:
+        codes = list(await asyncio.gather(*(self.terminate(p) for p in self.workers)))
+        codes += await asyncio.gather(*(self.terminate(p) for p in self.registries))
+        return codes
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in settings.model_dump().items():
+        if name == "amqp_url":
+            value = settings.amqp_url.get_secret_value()
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env

@@ -1,0 +1,59 @@
+"""The whole system as users run it: registry and workers started through the CLI as
+separate processes, a Publisher in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from rabbitkeys import Publisher, Settings
+from rabbitkeys._cluster import LocalCluster
+from rabbitkeys._demo import check_order, read_records
+
+KEYS = 200
+MESSAGES = 20
+SLOW_KEYS = 4
+SLOW_SECONDS = 0.3
+
+
+async def test_cli_processes_keep_per_key_order_and_spread_keys(
+    settings: Settings, tmp_path: Path
+) -> None:
+    names = [f"slow-{i}" for i in range(SLOW_KEYS)] + [
+        f"post-{i}" for i in range(KEYS - SLOW_KEYS)
+    ]
+    env = {"RK_DEMO_DIR": str(tmp_path), "RK_DEMO_SLOW_SECONDS": str(SLOW_SECONDS)}
+    async with LocalCluster(settings, extra_env=env) as cluster:
+        await cluster.start_registry()
+        for _ in range(3):
+            await cluster.start_worker("rabbitkeys._demo:app")
+        await cluster.wait_for_workers(3)
+
+        async with Publisher(settings) as publisher:
+            await asyncio.gather(
+                *(
+                    publisher.publish(name, f"{n}".encode())
+                    for n in range(1, MESSAGES + 1)
+                    for name in names
+                )
+            )
+        deadline = time.monotonic() + 60
+        while len(read_records(tmp_path)) < KEYS * MESSAGES and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        exit_codes = await cluster.stop_all()
+
+    records = read_records(tmp_path)
+    handled = {(r["key"], r["seq"]) for r in records}
+    assert handled == {(name, n) for name in names for n in range(1, MESSAGES + 1)}
+    order = check_order(records)
+    assert all(order[name] == list(range(1, MESSAGES + 1)) for name in names)
+    # graceful stop hands nothing twice
+    assert len(records) == KEYS * MESSAGES
+    workers_used = {r["pid"] for r in records}
+    assert len(workers_used) > 1
+    # Slow keys take SLOW_SECONDS per message; every fast key was done before they were.
+    fast_done = max(r["finished"] for r in records if r["key"].startswith("post-"))
+    slow_done = max(r["finished"] for r in records if r["key"].startswith("slow-"))
+    assert fast_done < slow_done
+    assert exit_codes == [0, 0, 0, 0]
