@@ -21,15 +21,15 @@ from ._worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_JOB_TYPE",
-    "MAX_KEY_BYTES",
     "App",
     "BrokerUnavailableError",
     "ConfigError",
+    "DEFAULT_JOB_TYPE",
     "Handler",
     "HandlerNotFoundError",
     "InvalidKeyError",
     "InvalidMessageError",
+    "MAX_KEY_BYTES",
     "Message",
     "ProtocolError",
     "PublishError",

@@ -20,8 +20,8 @@ noticeably more than its share. So each worker also has a *capacity*,
 favourite (the "bounded load" variant of consistent hashing, Mirrokni et al. 2018). Keys
 are placed in a fixed order (by key hash) so that the same keys overflow the same way on
 every run. When no worker's plain share exceeds the capacity, which is the usual case
-with the default ``load_factor`` of 1.25 and more than a few hundred keys, the result
-*is* plain rendezvous and keeps its minimal-movement property exactly.
+with the default ``load_factor`` of 1.25 and a couple of hundred keys per worker or more,
+the result *is* plain rendezvous and keeps its minimal-movement property exactly.
 
 Changing :func:`_hash64` or :func:`_scores` reassigns almost every key on upgrade: the
 tests pin known outputs so that such a change cannot slip in unnoticed.
@@ -69,10 +69,12 @@ def _scores(key_spread: int, worker_spreads: list[int]) -> list[int]:
     It is the splitmix64 finalizer of key_hash ^ worker_hash (its first step done in
     :func:`_spread`), minus the final ``z ^ (z >> 31)``: that step leaves the top 31 bits
     as they are, so it would change which score is higher only when those bits tie, about
-    once in 2**31 comparisons, which is not worth its cost. BLAKE2b runs once
-    per key and per worker; this cheap mixer combines them per pair, which is what keeps
-    100,000 keys x 4 workers well under a second. XOR alone would not do: the ranking of
-    the workers would follow the key's high bits and be much the same for many keys.
+    once in 2**31 comparisons, which is not worth its cost.
+
+    BLAKE2b runs once per key and once per worker; this cheap mixer combines them per
+    pair, which is what keeps 100,000 keys x 4 workers well under a second. XOR alone
+    would not do: the ranking of the workers would follow the key's high bits and be
+    much the same for many keys.
     """
     # Written out rather than calling a mixer per pair: a call per pair would cost about
     # as much as the arithmetic.
@@ -81,6 +83,29 @@ def _scores(key_spread: int, worker_spreads: list[int]) -> list[int]:
         z = ((key_spread ^ worker_spread) * _MUL1) & _MASK64
         scores.append(((z ^ (z >> 27)) * _MUL2) & _MASK64)
     return scores
+
+
+def _favourites(key_spreads: list[int], worker_spreads: list[int]) -> list[int]:
+    """For each key, the index of its highest-scoring worker: ``_ranked(...)[0]``, faster.
+
+    This is the hot loop of :func:`assign` (keys x workers), so the mixer of
+    :func:`_scores` is repeated here and the best score kept as it goes, without a list
+    per key; that saves about a quarter of the scoring time. The tests check both
+    against a literal implementation. Strict ``>`` keeps the first of equal scores, the
+    worker with the smaller name, as :func:`_ranked` does.
+    """
+    favourites = []
+    for key_spread in key_spreads:
+        best_score = -1
+        best = 0
+        for index, worker_spread in enumerate(worker_spreads):
+            z = ((key_spread ^ worker_spread) * _MUL1) & _MASK64
+            z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+            if z > best_score:
+                best_score = z
+                best = index
+        favourites.append(best)
+    return favourites
 
 
 def _ranked(scores: list[int]) -> list[int]:
@@ -111,6 +136,9 @@ def _capacity(load_factor: float, total_keys: int, worker_count: int) -> float:
     Infinite (no bound) if ``load_factor`` is infinite or so large that the product
     overflows, which gives plain rendezvous.
     """
+    # Checked first: inf * 0 keys would be NaN.
+    if math.isinf(load_factor):
+        return math.inf
     bound = load_factor * total_keys / worker_count
     return bound if math.isinf(bound) else math.ceil(bound)
 
@@ -149,14 +177,10 @@ def assign(
     # result lists keys the same way in every process (a set of str would not).
     unique_keys = list(dict.fromkeys(keys))
     key_spreads = [_spread(key) for key in unique_keys]
-    chosen: list[int] = []
+    chosen = _favourites(key_spreads, worker_spreads)
     plain_loads = [0] * len(names)
-    for key_spread in key_spreads:
-        scores = _scores(key_spread, worker_spreads)
-        # index() of the max: on a tie, the worker with the smaller name, as in _ranked().
-        top = scores.index(max(scores))
-        chosen.append(top)
-        plain_loads[top] += 1
+    for favourite in chosen:
+        plain_loads[favourite] += 1
 
     capacity = _capacity(load_factor, len(unique_keys), len(names))
     # If no favourite is over capacity, placing keys one by one in any order never meets

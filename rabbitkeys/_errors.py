@@ -1,17 +1,17 @@
 """The exceptions rabbitkeys raises. Every one derives from :class:`RabbitkeysError`.
 
-    RabbitkeysError
-    ├── ConfigError (ValueError)          a setting is missing or invalid
-    ├── InvalidKeyError (ValueError)      a key or job type cannot be used
-    ├── InvalidMessageError (ValueError)  a body or header cannot be sent
-    ├── ProtocolError (ValueError)        a control message could not be parsed
-    ├── BrokerUnavailableError (ConnectionError)
-    │                                     the broker cannot be reached
-    ├── PublishError                      the broker did not take a message
-    │   └── RegistryUnavailableError (TimeoutError)
-    │                                     no registry answered in time
-    └── HandlerNotFoundError (LookupError)
-                                          no handler serves a job type
+RabbitkeysError
+├── ConfigError (ValueError)          a setting is missing or invalid
+├── InvalidKeyError (ValueError)      a key or job type cannot be used
+├── InvalidMessageError (ValueError)  a body or header cannot be sent
+├── ProtocolError (ValueError)        a control message could not be parsed
+├── BrokerUnavailableError (ConnectionError)
+│                                     the broker cannot be reached
+├── PublishError                      the broker did not take a message
+│   └── RegistryUnavailableError (TimeoutError)
+│                                     no registry answered in time
+└── HandlerNotFoundError (LookupError)
+                                      no handler serves a job type
 """
 
 from __future__ import annotations

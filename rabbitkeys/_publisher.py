@@ -95,6 +95,8 @@ class Publisher:
         self._control: ControlClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._delivery_mode = 2 if self.settings.durable else 1
+        #: messages that came back (``basic.return``) and were routed again
+        self.returned_messages = 0
 
     def __repr__(self) -> str:
         return (
@@ -131,9 +133,7 @@ class Publisher:
             for entry in (*lane.waiting, *lane.returned)
         ]
         if pending or self._background:
-            await asyncio.wait(
-                [*pending, *self._background], timeout=self.settings.ensure_timeout
-            )
+            await asyncio.wait([*pending, *self._background], timeout=self.settings.ensure_timeout)
         if self._control is not None:
             await self._control.close()
         if self._connection is not None:
@@ -230,6 +230,7 @@ class Publisher:
             # basic.return: no binding for this routing key any more (key retired, queue
             # expired or deleted). The message is not published; it goes back in its place.
             lane.returned.append(entry)
+            self.returned_messages += 1
             if lane.routing_key == entry.routing_key:
                 lane.stale_routing_key = lane.routing_key
                 lane.routing_key = None

@@ -110,6 +110,7 @@ class Registry:
         self._control: AbstractChannel | None = None
         self._pool: ChannelPool | None = None
         self.malformed_messages = 0
+        self.keys_retired = 0
 
     @property
     def is_leader(self) -> bool:
@@ -318,6 +319,7 @@ class Registry:
                 else:
                     self._set_owner(key, None)
                     del self._keys[key_id]
+                    self.keys_retired += 1
                     log.debug("retired key %s", key_id)
                     return
             # Something arrived meanwhile: keep the key, consumed and unbound. The next
@@ -454,9 +456,7 @@ class Registry:
         for worker_id, key_ids in releases.items():
             self._send(worker_id, Release(key_ids=key_ids))
         if moved:
-            log.info(
-                "rebalanced: %d keys moved over %d workers", moved, len(self._workers)
-            )
+            log.info("rebalanced: %d keys moved over %d workers", moved, len(self._workers))
 
     # --- sending ------------------------------------------------------------------------
 

@@ -42,9 +42,7 @@ class Settings(BaseSettings):
         ge=1.0,
         description="Seconds a key queue without consumer survives (x-expires backstop).",
     )
-    durable: bool = Field(
-        default=True, description="Durable key queues and persistent messages."
-    )
+    durable: bool = Field(default=True, description="Durable key queues and persistent messages.")
     prefetch: int = Field(
         default=256,
         ge=1,
@@ -105,9 +103,7 @@ class Settings(BaseSettings):
         return self
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{name}={value!r}" for name, value in self.model_dump().items()
-        )
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.model_dump().items())
         return f"Settings({fields})"
 
     @property

@@ -115,9 +115,7 @@ class Worker:
             while not self._stopping.is_set():
                 await self._send(self._heartbeat())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._stopping.wait(), self.settings.heartbeat_interval
-                    )
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
             await self._drain()
         finally:
             for task in list(self._tasks):

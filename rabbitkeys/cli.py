@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--no-backlog", action="store_true", help="skip counting ready messages per key"
     )
+    status.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the registry"
+    )
     status.set_defaults(handler=_status)
 
     demo = commands.add_parser(
@@ -143,7 +146,7 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
     from ._status import fetch_status, format_status
 
-    status = await fetch_status(settings, backlog=not args.no_backlog)
+    status = await fetch_status(settings, backlog=not args.no_backlog, timeout=args.timeout)
     if args.json:
         print(json.dumps(status.model_dump(exclude={"type"}), indent=2))
     else:

@@ -4,12 +4,13 @@ separate processes, a Publisher in the test."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from rabbitkeys import Publisher, Settings
 from rabbitkeys._cluster import LocalCluster
 from rabbitkeys._demo import check_order, read_records
+
+from .support import eventually
 
 KEYS = 200
 MESSAGES = 20
@@ -20,9 +21,7 @@ SLOW_SECONDS = 0.3
 async def test_cli_processes_keep_per_key_order_and_spread_keys(
     settings: Settings, tmp_path: Path
 ) -> None:
-    names = [f"slow-{i}" for i in range(SLOW_KEYS)] + [
-        f"post-{i}" for i in range(KEYS - SLOW_KEYS)
-    ]
+    names = [f"slow-{i}" for i in range(SLOW_KEYS)] + [f"post-{i}" for i in range(KEYS - SLOW_KEYS)]
     env = {"RK_DEMO_DIR": str(tmp_path), "RK_DEMO_SLOW_SECONDS": str(SLOW_SECONDS)}
     async with LocalCluster(settings, extra_env=env) as cluster:
         await cluster.start_registry()
@@ -38,9 +37,7 @@ async def test_cli_processes_keep_per_key_order_and_spread_keys(
                     for name in names
                 )
             )
-        deadline = time.monotonic() + 60
-        while len(read_records(tmp_path)) < KEYS * MESSAGES and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        await eventually(lambda: len(read_records(tmp_path)) >= KEYS * MESSAGES, timeout=60)
         exit_codes = await cluster.stop_all()
 
     records = read_records(tmp_path)

@@ -1,0 +1,152 @@
+"""Worker behaviour against the real broker: retries, dead letters, moves between workers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+
+import aio_pika
+import pytest
+
+from rabbitkeys import App, Message, Publisher, Settings
+from rabbitkeys._topology import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, Names
+
+from .support import eventually, make_settings, running_registry, running_worker
+
+
+async def dead_letters(settings: Settings) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            Names(settings.namespace).dead_letter_queue, durable=True
+        )
+        found = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            found.append(message)
+        return found
+    finally:
+        await connection.close()
+
+
+async def test_a_failing_handler_is_retried_while_later_messages_of_its_key_wait(
+    settings: Settings,
+) -> None:
+    calls: list[tuple[int, int]] = []
+    app = App()
+
+    @app.handler()
+    async def flaky(message: Message) -> None:
+        calls.append((int(message.body), message.attempt))
+        if int(message.body) == 2 and message.attempt < 3:
+            raise RuntimeError("database busy")
+
+    async with running_registry(settings), running_worker(settings, app):
+        async with Publisher(settings) as publisher:
+            await asyncio.gather(*(publisher.publish("k", str(n).encode()) for n in (1, 2, 3)))
+        await eventually(lambda: len(calls) == 5)
+    assert calls == [(1, 1), (2, 1), (2, 2), (2, 3), (3, 1)]
+    assert await dead_letters(settings) == []
+
+
+async def test_after_the_last_attempt_the_message_is_dead_lettered_and_the_key_moves_on(
+    amqp_url: str, namespace: str
+) -> None:
+    settings = make_settings(amqp_url, namespace, max_retries=2)
+    handled: list[bytes] = []
+    app = App()
+
+    @app.handler()
+    async def picky(message: Message) -> None:
+        if message.body == b"poison":
+            raise ValueError("cannot parse comment")
+        handled.append(message.body)
+
+    async with running_registry(settings), running_worker(settings, app) as worker:
+        async with Publisher(settings) as publisher:
+            for body in (b"a", b"poison", b"b"):
+                await publisher.publish("post-9", body)
+        await eventually(lambda: len(handled) == 2)
+        await eventually(lambda: worker.dead_lettered == 1)
+    assert handled == [b"a", b"b"]
+    [dead] = await dead_letters(settings)
+    assert dead.body == b"poison"
+    assert dead.headers[HEADER_KEY] == "post-9"
+    assert dead.headers[HEADER_ATTEMPTS] == 3
+    assert dead.headers[HEADER_ERROR] == "ValueError: cannot parse comment"
+
+
+async def test_keys_of_a_job_type_without_worker_wait_until_one_serves_it(
+    settings: Settings,
+) -> None:
+    handled: list[str] = []
+    comments = App()
+
+    @comments.handler("comments")
+    async def comment(message: Message) -> None:
+        handled.append(message.body.decode())
+
+    others = App()
+
+    @others.handler("emails")
+    async def email(message: Message) -> None:
+        raise AssertionError("an emails worker must never get comments")
+
+    async with running_registry(settings), running_worker(settings, others):
+        async with Publisher(settings) as publisher:
+            for n in range(5):
+                await publisher.publish("post-1", str(n).encode(), job_type="comments")
+        await asyncio.sleep(0.5)
+        assert handled == []
+        async with running_worker(settings, comments):
+            await eventually(lambda: len(handled) == 5)
+    assert handled == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("change", ["join", "leave"])
+async def test_keys_move_between_workers_without_duplicates_or_reordering(
+    settings: Settings, change: str
+) -> None:
+    """A worker joins (keys move to it) or leaves gracefully (its keys move away) while
+    messages flow: every message is handled once, each key in order."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    by_worker: Counter[str] = Counter()
+
+    def app_for(worker_name: str) -> App:
+        app = App()
+
+        @app.handler()
+        async def record(message: Message) -> None:
+            await asyncio.sleep(0.002)
+            seen[message.key].append(int(message.body))
+            by_worker[worker_name] += 1
+
+        return app
+
+    keys = [f"k{i}" for i in range(40)]
+    rounds = 60
+    async with running_registry(settings) as registry:
+        async with running_worker(settings, app_for("a")):
+            async with Publisher(settings) as publisher:
+
+                async def publish_all() -> None:
+                    for n in range(rounds):
+                        await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in keys))
+                        await asyncio.sleep(0.02)
+
+                if change == "join":
+                    publishing = asyncio.create_task(publish_all())
+                    await asyncio.sleep(0.5)
+                    async with running_worker(settings, app_for("b")):
+                        await publishing
+                        await eventually(lambda: sum(map(len, seen.values())) == rounds * len(keys))
+                else:
+                    async with running_worker(settings, app_for("b")):
+                        await eventually(lambda: len(registry._workers) == 2)
+                        publishing = asyncio.create_task(publish_all())
+                        await asyncio.sleep(0.5)
+                    await publishing
+                    await eventually(lambda: sum(map(len, seen.values())) == rounds * len(keys))
+    assert by_worker["a"] > 0 and by_worker["b"] > 0
+    for key in keys:
+        assert seen[key] == list(range(rounds)), key
