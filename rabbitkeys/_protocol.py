@@ -6,6 +6,7 @@ inbox, replies to the asking client's reply queue (``reply_to`` + ``correlation_
     publisher ── EnsureKey ──────────▶ registry ── Ensured | Refused ──▶ publisher
     worker    ── WorkerJoin ─────────▶ registry ── Assign / Release ──▶ worker
     worker    ── WorkerHeartbeat ────▶ registry ── Sync (fanout) ─────▶ every worker
+    worker    ── Released ───────────▶ registry (after a Release: the key is free)
     worker    ── WorkerLeave ────────▶ registry
     cli       ── StatusRequest ──────▶ registry ── Status ────────────▶ cli
 """
@@ -26,6 +27,7 @@ __all__ = [
     "KeyAssignment",
     "Refused",
     "Release",
+    "Released",
     "Status",
     "StatusRequest",
     "Sync",
@@ -89,8 +91,19 @@ class WorkerHeartbeat(_Model):
     type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker_id: str
     owned: int = 0
+    #: deliveries held in the worker's buffers that no handler has started yet
+    waiting: int = 0
     #: ids of owned keys that had no delivery for the idle period and hold none now
     idle_keys: list[str] = Field(default_factory=list)
+
+
+class Released(_Model):
+    """Worker → registry: these keys are settled and no longer consumed here (after a
+    :class:`Release`, or because the broker cancelled the consumer)."""
+
+    type: Literal["released"] = "released"
+    worker_id: str
+    key_ids: list[str]
 
 
 class WorkerLeave(_Model):
@@ -149,6 +162,7 @@ ControlMessage = Annotated[
     | WorkerJoin
     | WorkerHeartbeat
     | WorkerLeave
+    | Released
     | StatusRequest
     | Status
     | Assign

@@ -39,6 +39,7 @@ from ._protocol import (
     KeyAssignment,
     Refused,
     Release,
+    Released,
     Status,
     StatusRequest,
     Sync,
@@ -66,6 +67,8 @@ class _Worker:
     job_types: frozenset[str]
     last_seen: float
     keys: set[str] = field(default_factory=set)
+    #: deliveries it holds that no handler has started (from its last heartbeat)
+    waiting: int = 0
 
 
 @dataclass(eq=False)
@@ -74,7 +77,11 @@ class _Key:
     queue: str
     #: routing keys bound to the queue now; the newest is what publishers are told
     routing_keys: list[str] = field(default_factory=list)
+    #: the worker consuming the key (or, during a handoff, still settling it)
     owner: str | None = None
+    #: during a handoff: the worker that gets the key once the owner reports it released
+    target: str | None = None
+    handing_off: bool = False
     #: held while the key's queue is declared, bound, or retired
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_lease_renewal: float = field(default_factory=time.monotonic)
@@ -206,6 +213,8 @@ class Registry:
             self._on_heartbeat(request)
         elif isinstance(request, WorkerLeave):
             self._remove_worker(request.worker_id, reason="left")
+        elif isinstance(request, Released):
+            self._on_released(request)
         else:
             self.malformed_messages += 1
             log.warning("dropped a control message of unexpected type %r", request.type)
@@ -294,7 +303,7 @@ class Registry:
         """Delete an idle key's queue with nothing lost, or keep it if anything is left."""
         assert self._pool is not None
         key = self._keys.get(key_id)
-        if key is None or key.lock.locked() or key.owner != reporter:
+        if key is None or key.lock.locked() or key.handing_off or key.owner != reporter:
             return
         async with key.lock:
             exchange = self.names.jobs_exchange(key.ref.job_type)
@@ -306,6 +315,7 @@ class Registry:
             # 2. messages routed before the unbind may still be on their way into the queue
             await asyncio.sleep(self.settings.retire_grace)
             # 3. the owner settles what it holds and cancels its consumer
+            key.handing_off, key.target = True, None
             self._send(reporter, Release(key_ids=[key_id]))
             ready = await self._wait_unconsumed(key)
             # 4. delete only an empty, unconsumed queue; the broker checks both atomically
@@ -317,6 +327,7 @@ class Registry:
                 except aiormq.exceptions.AMQPError as exc:
                     log.info("kept key %s: %s", key_id, exc)
                 else:
+                    key.handing_off = False
                     self._set_owner(key, None)
                     del self._keys[key_id]
                     self.keys_retired += 1
@@ -324,11 +335,9 @@ class Registry:
                     return
             # Something arrived meanwhile: keep the key, consumed and unbound. The next
             # publish comes back, and its ensure binds the key again behind these messages.
-            owner = key.owner if key.owner in self._workers else None
-            if owner is None:
-                self._place(key)
-            else:
-                self._send(owner, Assign(keys=[key.assignment()]))
+            key.handing_off, key.target = False, None
+            self._set_owner(key, None)
+            self._place(key)
 
     async def _wait_unconsumed(self, key: _Key) -> int | None:
         """Wait until the key's queue has no consumer; return its ready count, or None if it
@@ -399,18 +408,39 @@ class Registry:
             self._send(beat.worker_id, Sync())
             return
         worker.last_seen = time.monotonic()
+        worker.waiting = beat.waiting
         for key_id in beat.idle_keys:
             self._spawn(self._retire(key_id, beat.worker_id))
+
+    def _on_released(self, released: Released) -> None:
+        """The owner has settled these keys and no longer consumes them: hand them on."""
+        for key_id in released.key_ids:
+            key = self._keys.get(key_id)
+            if key is None or key.owner != released.worker_id:
+                continue  # stale: the key moved or retired meanwhile
+            target = key.target if key.handing_off else None
+            key.handing_off, key.target = False, None
+            self._set_owner(key, None)
+            if key.lock.locked():
+                continue  # a retirement in progress decides where it goes
+            if target is not None and target in self._workers:
+                self._set_owner(key, target)
+                self._send(target, Assign(keys=[key.assignment()]))
+            else:
+                self._place(key)
 
     def _remove_worker(self, worker_id: str, *, reason: str) -> None:
         worker = self._workers.pop(worker_id, None)
         if worker is None:
             return
         log.info("worker %s %s; its %d keys move", worker_id, reason, len(worker.keys))
+        # Its connection is gone (or it let go of every key before leaving), so nothing
+        # consumes its keys any more: they can go to other workers at once.
         for key_id in worker.keys:
             key = self._keys.get(key_id)
             if key is not None:
                 key.owner = None
+                key.handing_off, key.target = False, None
         self._rebalance_wanted.set()
 
     def _drop_silent_workers(self) -> None:
@@ -428,9 +458,9 @@ class Registry:
             self._rebalance()
 
     def _rebalance(self) -> None:
-        """Spread keys over the workers again; each moved key is assigned to its new owner
-        first (a standby consumer under single-active-consumer) and released by the old one,
-        which settles what it holds before it lets go."""
+        """Spread keys over the workers again. A key that moves is first released by its
+        owner, which settles what it holds and reports it released; only then is it
+        assigned to the new owner (see ``_on_released``). Never two consumers at once."""
         by_type: dict[str, list[_Key]] = defaultdict(list)
         for key in self._keys.values():
             if not key.lock.locked():  # keys being declared or retired are placed afterwards
@@ -440,23 +470,27 @@ class Registry:
         moved = 0
         for job_type, keys in by_type.items():
             eligible = [w for w, s in self._workers.items() if job_type in s.job_types]
-            target = _assignment.assign((k.ref.id for k in keys), eligible)
+            desired = _assignment.assign((k.ref.id for k in keys), eligible)
             for key in keys:
-                new_owner = target.get(key.ref.id)
-                if new_owner == key.owner:
+                new_owner = desired.get(key.ref.id)
+                if key.handing_off:
+                    key.target = new_owner
+                elif new_owner == key.owner:
                     continue
-                if key.owner is not None and key.owner in self._workers:
+                elif key.owner is None:
+                    self._set_owner(key, new_owner)
+                    if new_owner is not None:
+                        assigns[new_owner].append(key.assignment())
+                else:
+                    key.handing_off, key.target = True, new_owner
                     releases[key.owner].append(key.ref.id)
-                self._set_owner(key, new_owner)
-                if new_owner is not None:
-                    assigns[new_owner].append(key.assignment())
-                moved += 1
-        for worker_id, assignments in assigns.items():
-            self._send(worker_id, Assign(keys=assignments))
+                    moved += 1
         for worker_id, key_ids in releases.items():
             self._send(worker_id, Release(key_ids=key_ids))
+        for worker_id, assignments in assigns.items():
+            self._send(worker_id, Assign(keys=assignments))
         if moved:
-            log.info("rebalanced: %d keys moved over %d workers", moved, len(self._workers))
+            log.info("rebalancing: %d keys move over %d workers", moved, len(self._workers))
 
     # --- sending ------------------------------------------------------------------------
 
@@ -486,7 +520,9 @@ class Registry:
                 worker_id=w.worker_id,
                 job_types=sorted(w.job_types),
                 keys=len(w.keys),
-                backlog=sum(backlog.get(k, 0) for k in w.keys) if with_backlog else None,
+                backlog=(
+                    sum(backlog.get(k, 0) for k in w.keys) + w.waiting if with_backlog else None
+                ),
                 last_seen_seconds=round(now - w.last_seen, 3),
             )
             for w in sorted(self._workers.values(), key=lambda w: w.worker_id)
@@ -498,11 +534,16 @@ class Registry:
             keys=len(self._keys),
             unassigned_keys=sum(1 for k in self._keys.values() if k.owner is None),
             retiring_keys=sum(1 for k in self._keys.values() if k.lock.locked()),
-            backlog=sum(backlog.values()) if with_backlog else None,
+            backlog=(
+                sum(backlog.values()) + sum(w.waiting for w in self._workers.values())
+                if with_backlog
+                else None
+            ),
         )
 
     async def _backlog(self) -> dict[str, int]:
-        """Ready messages per key, by passive declares (a few at a time)."""
+        """Ready messages per key, by passive declares (a few at a time). The backlog shown
+        adds what workers hold but have not started (their heartbeats say)."""
         assert self._pool is not None
         limit = asyncio.Semaphore(32)
         counts: dict[str, int] = {}

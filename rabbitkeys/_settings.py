@@ -44,10 +44,10 @@ class Settings(BaseSettings):
     )
     durable: bool = Field(default=True, description="Durable key queues and persistent messages.")
     prefetch: int = Field(
-        default=256,
+        default=4,
         ge=1,
         le=65535,
-        description="Deliveries a worker holds at once across all its keys.",
+        description="Deliveries a worker holds per key (handled one at a time, in order).",
     )
     concurrency: int = Field(
         default=64, ge=1, description="Handlers a worker runs at once (one per key at most)."

@@ -1,13 +1,21 @@
 """The worker runtime: consume the keys the registry assigns, one message per key at a time.
 
-Per key the worker holds at most one delivery (per-consumer prefetch 1), so the broker itself
-keeps every later message of the key queued until the current one is acked: order within a
-key needs no bookkeeping here, and keys run concurrently up to ``concurrency`` handlers.
+Each key is a consumer of its own queue with a small prefetch (``prefetch`` deliveries held
+per key). Deliveries of a key land in that key's buffer, in delivery order, and one runner
+task per key handles them one after the other; keys run concurrently, up to ``concurrency``
+handlers at once.
 
-Letting go of a key (a rebalance, a retirement, a shutdown) never breaks its order: the
-worker finishes the message it holds, cancels its consumer *while still holding it* (so the
-broker cannot deliver the next one here), and only then acks it. Under single-active-consumer
-the next owner, already subscribed as a standby, gets the rest in order.
+Letting go of a key (a rebalance, a retirement, a shutdown) never breaks its order, and the
+next owner starts only after this one has let go (see docs/design.md, "Handoff"):
+
+1. the runner finishes the message it is handling and acks it;
+2. the consumer is cancelled; deliveries already on their way land in the buffer;
+3. what the buffer holds (delivered, never started) is rejected with requeue, which puts
+   those messages back in their original places in the queue;
+4. only then does the worker report the key released; the registry assigns it elsewhere.
+
+There is no standby consumer: on RabbitMQ before 3.10.13 a single-active-consumer switch to
+a standby can crash the queue (docs/probes/sac_switch_crashes_queue.py).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +34,7 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 from ._app import App, Message
 from ._channel_pool import ChannelPool
@@ -35,6 +45,7 @@ from ._protocol import (
     Assign,
     KeyAssignment,
     Release,
+    Released,
     Sync,
     WorkerHeartbeat,
     WorkerJoin,
@@ -65,8 +76,9 @@ class _OwnedKey:
     assignment: KeyAssignment
     key_id: str
     consumer_tag: str | None = None
-    #: the one delivery being handled, if any; done once it is settled
-    in_flight: asyncio.Future[None] | None = None
+    #: delivered and not yet acked, in delivery order; the head is the one being handled
+    buffer: deque[DeliveredMessage] = field(default_factory=deque)
+    runner: asyncio.Task[None] | None = None
     releasing: bool = False
     last_activity: float = field(default_factory=time.monotonic)
     idle_reported_at: float = 0.0
@@ -88,8 +100,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connection: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
-        self._consume: AbstractChannel | None = None
-        self._consume_amqp: aiormq.Channel | None = None
+        self._consume: aiormq.Channel | None = None
         self._dead_letters: AbstractChannel | None = None
         self._declares: ChannelPool | None = None
         self.handled = 0
@@ -130,11 +141,14 @@ class Worker:
         self._dead_letters = await connection.channel(publisher_confirms=True)
         await self._dead_letters.declare_queue(self.names.dead_letter_queue, durable=True)
         self._declares = ChannelPool(connection, size=4)
-        self._consume = await connection.channel()
-        # Per consumer (one per key): hold one delivery. Per channel: bound the memory held.
-        await self._consume.set_qos(prefetch_count=1)
-        await self._consume.set_qos(prefetch_count=self.settings.prefetch, global_=True)
-        self._consume_amqp = cast(aiormq.Channel, await self._consume.get_underlay_channel())
+        consume = await connection.channel()
+        # Applies to each consumer made on this channel afterwards, i.e. to each key.
+        await consume.set_qos(prefetch_count=self.settings.prefetch)
+        # Consumed through aiormq directly: its callback starts (in a task scheduled when the
+        # frame is read) before a later cancel-ok wakes the releasing task. aio-pika's wrapper
+        # adds a second task hop, which would let a delivery slip past a release.
+        self._consume = cast(aiormq.Channel, await consume.get_underlay_channel())
+        self._consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         workers = await self._control.declare_exchange(
             self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -159,15 +173,21 @@ class Worker:
         for owned in self._keys.values():
             quiet_since = max(owned.last_activity, owned.idle_reported_at)
             if (
-                owned.in_flight is None
+                not owned.buffer
                 and not owned.releasing
                 and now - quiet_since >= self.settings.idle_period
             ):
                 owned.idle_reported_at = now
                 idle.append(owned.key_id)
-        return WorkerHeartbeat(worker_id=self.worker_id, owned=len(self._keys), idle_keys=idle)
+        waiting = sum(
+            len(owned.buffer) - (1 if owned.runner is not None and owned.buffer else 0)
+            for owned in self._keys.values()
+        )
+        return WorkerHeartbeat(
+            worker_id=self.worker_id, owned=len(self._keys), waiting=waiting, idle_keys=idle
+        )
 
-    async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave) -> None:
+    async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released) -> None:
         assert self._control is not None
         await self._control.default_exchange.publish(
             control_message(message, expiration=self.settings.worker_timeout),
@@ -194,8 +214,7 @@ class Worker:
             for assignment in command.keys:
                 self._spawn(self._acquire(assignment))
         elif isinstance(command, Release):
-            for key_id in command.key_ids:
-                self._spawn(self._release(key_id))
+            self._spawn(self._release_and_report(command.key_ids))
         elif isinstance(command, Sync):
             await self._send(self._join())
         else:
@@ -238,15 +257,17 @@ class Worker:
                 )
             except aiormq.exceptions.AMQPError as exc:
                 log.error("cannot declare the queue of key %s: %s", key_id, exc)
+                self._spawn(self._send(Released(worker_id=self.worker_id, key_ids=[key_id])))
                 return
             owned = _OwnedKey(assignment, key_id)
             self._keys[key_id] = owned
-            queue = await self._consume.get_queue(assignment.queue, ensure=False)
-            owned.consumer_tag = await queue.consume(partial(self._on_delivery, owned))
+            ok = await self._consume.basic_consume(
+                assignment.queue, partial(self._on_delivery, owned)
+            )
+            owned.consumer_tag = ok.consumer_tag
 
     def _consuming(self, owned: _OwnedKey) -> bool:
-        # The broker cancels a consumer whose queue is deleted; aio-pika then just forgets it.
-        channel = self._consume_amqp
+        channel = self._consume
         return (
             owned.consumer_tag is not None
             and channel is not None
@@ -254,55 +275,98 @@ class Worker:
             and owned.consumer_tag in channel.consumers
         )
 
+    async def _release_and_report(self, key_ids: list[str]) -> None:
+        await asyncio.gather(*(self._release(key_id) for key_id in key_ids))
+        await self._send(Released(worker_id=self.worker_id, key_ids=key_ids))
+
     async def _release(self, key_id: str) -> None:
+        """Let go of a key without reordering it (the four steps in the module docstring)."""
         async with self._key_lock(key_id):
             owned = self._keys.get(key_id)
             if owned is None:
                 return
             owned.releasing = True
-            if owned.in_flight is None:
-                await self._cancel(owned)
-            # Handling cancels (if not done yet), then acks. A delivery can also have been on
-            # its way when the cancel went out: it is handled and acked before we let go.
-            while owned.in_flight is not None:
-                await owned.in_flight
+            if owned.runner is not None:
+                await owned.runner
+            await self._cancel(owned)
+            await self._requeue_buffer(owned)
             if self._keys.get(key_id) is owned:
                 del self._keys[key_id]
 
     async def _cancel(self, owned: _OwnedKey) -> None:
         tag, owned.consumer_tag = owned.consumer_tag, None
-        channel = self._consume_amqp
+        channel = self._consume
         if tag is None or channel is None or channel.is_closed:
             return
         with contextlib.suppress(aiormq.exceptions.AMQPError):
             await channel.basic_cancel(tag)
 
+    async def _requeue_buffer(self, owned: _OwnedKey) -> None:
+        channel = self._consume
+        if not owned.buffer or channel is None or channel.is_closed:
+            owned.buffer.clear()
+            return
+        with contextlib.suppress(aiormq.exceptions.AMQPError):
+            while owned.buffer:
+                delivery = owned.buffer.popleft()
+                await channel.basic_reject(_tag(delivery), requeue=True)
+            # A round trip on the same channel: the broker has taken the rejects in before
+            # we tell the registry (and so the next owner) that the key is free.
+            await channel.basic_qos(prefetch_count=self.settings.prefetch)
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        """The broker dropped one of our consumers (its queue was deleted or crashed):
+        forget the key and tell the registry, which assigns it again."""
+        for owned in list(self._keys.values()):
+            if owned.consumer_tag == frame.consumer_tag:
+                log.warning("the broker cancelled our consumer of key %s", owned.key_id)
+                owned.consumer_tag = None
+                owned.releasing = True
+                owned.buffer.clear()  # those deliveries died with the consumer
+                del self._keys[owned.key_id]
+                self._spawn(self._send(Released(worker_id=self.worker_id, key_ids=[owned.key_id])))
+
     # --- deliveries ---------------------------------------------------------------------
 
-    async def _on_delivery(self, owned: _OwnedKey, delivery: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, owned: _OwnedKey, delivery: DeliveredMessage) -> None:
+        if self._keys.get(owned.key_id) is not owned:
+            # Arrived after we let go of the key (should not happen: see _start). Hand it
+            # straight back rather than sit on it and block the key.
+            assert self._consume is not None
+            await self._consume.basic_reject(_tag(delivery), requeue=True)
+            return
+        # No await before this append: deliveries enter the buffer in delivery order.
+        owned.buffer.append(delivery)
         owned.last_activity = time.monotonic()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        owned.in_flight = done
-        try:
-            async with self._slots:
-                finished = await self._handle(owned, delivery)
-            if not finished:
-                return  # shutting down mid-retry: the connection close requeues it, in place
-            if owned.releasing:
-                # Cancel while still holding this delivery, so no later message of the key
-                # can be delivered here; then settle it.
-                await self._cancel(owned)
-            await delivery.ack()
-            self.handled += 1
-        finally:
-            owned.in_flight = None
-            owned.last_activity = time.monotonic()
-            done.set_result(None)
+        if owned.runner is None and not owned.releasing:
+            owned.runner = asyncio.ensure_future(self._run_key(owned))
 
-    async def _handle(self, owned: _OwnedKey, delivery: AbstractIncomingMessage) -> bool:
+    async def _run_key(self, owned: _OwnedKey) -> None:
+        """Handle the key's buffered deliveries one at a time, oldest first."""
+        try:
+            while owned.buffer and not owned.releasing:
+                delivery = owned.buffer[0]
+                async with self._slots:
+                    finished = await self._handle(owned, delivery)
+                if not finished:
+                    return  # shutting down mid-retry: the connection close requeues it
+                owned.buffer.popleft()
+                assert self._consume is not None
+                await self._consume.basic_ack(_tag(delivery))
+                self.handled += 1
+                owned.last_activity = time.monotonic()
+        except aiormq.exceptions.AMQPError as exc:
+            # The channel is gone: the broker requeues everything we held, in order.
+            log.error("key %s: lost the channel: %r", owned.key_id, exc)
+            owned.buffer.clear()
+        finally:
+            owned.runner = None
+
+    async def _handle(self, owned: _OwnedKey, delivery: DeliveredMessage) -> bool:
         """Run the handler with retries; dead-letter after the last. False if shutdown
         interrupted the retries (the delivery must then stay unacked)."""
-        headers = dict(delivery.headers or {})
+        properties = delivery.header.properties
+        headers = dict(properties.headers or {})
         job_type = owned.assignment.job_type
         attempt = 0
         while True:
@@ -315,7 +379,7 @@ class Worker:
                 publisher_id=_str_or_none(headers.get(HEADER_PUBLISHER)),
                 sequence=_int_or_none(headers.get(HEADER_SEQUENCE)),
                 attempt=attempt,
-                redelivered=bool(delivery.redelivered),
+                redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
             )
             try:
                 handler = self.app.handler_for(job_type)
@@ -353,12 +417,13 @@ class Worker:
                     return False
 
     async def _dead_letter(
-        self, delivery: AbstractIncomingMessage, error: BaseException, attempts: int
+        self, delivery: DeliveredMessage, error: BaseException, attempts: int
     ) -> None:
         """Copy the message to the namespace's dead-letter queue with the error recorded;
         the caller acks the original only after the broker confirmed the copy."""
         assert self._dead_letters is not None
-        headers = dict(delivery.headers or {})
+        properties = delivery.header.properties
+        headers = dict(properties.headers or {})
         headers.update(
             {
                 HEADER_ERROR: f"{type(error).__name__}: {error}"[:4096],
@@ -372,7 +437,7 @@ class Worker:
             aio_pika.Message(
                 delivery.body,
                 headers=headers,
-                content_type=delivery.content_type,
+                content_type=properties.content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=self.names.dead_letter_queue,
@@ -382,13 +447,19 @@ class Worker:
     # --- shutdown -----------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        """Graceful stop: take no new deliveries, finish and ack what is in flight, leave."""
+        """Graceful stop: take no new deliveries, finish and ack what is in flight, hand
+        the rest back, then leave (the registry reassigns only keys we have let go)."""
         log.info("worker %s stopping: settling %d keys", self.worker_id, len(self._keys))
-        # Tell the registry first, so new owners subscribe (as standbys) while we finish.
+        await asyncio.gather(*(self._release(key_id) for key_id in list(self._keys)))
         with contextlib.suppress(Exception):
             await self._send(WorkerLeave(worker_id=self.worker_id))
-        await asyncio.gather(*(self._release(key_id) for key_id in list(self._keys)))
         log.info("worker %s stopped after %d messages", self.worker_id, self.handled)
+
+
+def _tag(delivery: DeliveredMessage) -> int:
+    tag = getattr(delivery.delivery, "delivery_tag", None)
+    assert isinstance(tag, int)
+    return tag
 
 
 def _str_or_none(value: Any) -> str | None:

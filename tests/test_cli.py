@@ -13,7 +13,7 @@ import pytest
 from rabbitkeys import App, Message, Publisher, Settings
 from rabbitkeys._cluster import _settings_env
 
-from .support import running_registry, running_worker
+from .support import eventually, running_registry, running_worker
 
 
 def rabbitkeys_cli(
@@ -61,11 +61,15 @@ async def test_status_reports_workers_keys_and_backlog_as_json(settings: Setting
     async def slow(message: Message) -> None:
         await asyncio.sleep(30)
 
-    async with running_registry(settings), running_worker(settings, app, worker_id="w-one"):
+    async with (
+        running_registry(settings) as registry,
+        running_worker(settings, app, worker_id="w-one"),
+    ):
         async with Publisher(settings) as publisher:
             for n in range(4):
                 await publisher.publish("busy", str(n).encode())
             await publisher.publish("other", b"x")
+        await eventually(lambda: registry._workers["w-one"].waiting == 3)
         result = await asyncio.to_thread(
             rabbitkeys_cli, "status", "--json", env=_settings_env(settings)
         )
@@ -75,7 +79,7 @@ async def test_status_reports_workers_keys_and_backlog_as_json(settings: Setting
     assert status["keys"] == 2
     [worker] = status["workers"]
     assert worker["worker_id"] == "w-one" and worker["keys"] == 2
-    # "busy": one message held by the handler, three ready; "other": one held
+    # "busy": one message in the handler, three waiting; "other": one in the handler
     assert status["backlog"] == 3 and worker["backlog"] == 3
     assert "w-one" in text.stdout
 
