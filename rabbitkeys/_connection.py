@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from ._errors import BrokerUnavailableError
 from ._settings import Settings
 
-__all__ = ["connect"]
+__all__ = ["connect", "keep_connected"]
 
 
 async def connect(settings: Settings, role: str) -> AbstractConnection:
@@ -24,3 +29,53 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
         raise BrokerUnavailableError(
             f"cannot connect to {settings.amqp_url_masked}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+async def keep_connected(
+    settings: Settings,
+    role: str,
+    session: Callable[[AbstractConnection], Awaitable[None]],
+    stopping: asyncio.Event,
+    log: logging.Logger,
+) -> None:
+    """Run ``session`` on a fresh connection until it returns; when the broker goes away,
+    reconnect with jittered exponential backoff (0.1 s doubling to 5 s) and run it again.
+
+    Each component rebuilds its own state in a new session (the registry drives recovery:
+    there is no library-level redeclare of every key queue on reconnect).
+    """
+    failures = 0
+    while not stopping.is_set():
+        try:
+            connection = await connect(settings, role)
+        except BrokerUnavailableError as exc:
+            failures += 1
+            delay = _backoff(failures)
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            await _sleep_unless(stopping, delay)
+            continue
+        try:
+            await session(connection)
+            return
+        except Exception as exc:
+            if stopping.is_set() and connection.is_closed:
+                return
+            failures = 1
+            log.warning("%s lost the broker (%r); reconnecting", role, exc)
+        finally:
+            try:
+                await asyncio.wait_for(connection.close(), 5)
+            except Exception:  # closing a dead connection: nothing more to do
+                pass
+        await _sleep_unless(stopping, _backoff(failures))
+
+
+def _backoff(failures: int) -> float:
+    return float(min(5.0, 0.1 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0))
+
+
+async def _sleep_unless(stopping: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), delay)
+    except TimeoutError:
+        pass

@@ -103,7 +103,8 @@ class Released(_Model):
 
     type: Literal["released"] = "released"
     worker_id: str
-    key_ids: list[str]
+    #: full assignments, so a registry that took over meanwhile can adopt keys it never knew
+    keys: list[KeyAssignment]
 
 
 class WorkerLeave(_Model):

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from . import _assignment
 from ._channel_pool import ChannelPool
-from ._connection import connect
+from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import InvalidKeyError, ProtocolError
 from ._protocol import (
@@ -55,6 +55,8 @@ from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 __all__ = ["Registry"]
 
 log = logging.getLogger("rabbitkeys.registry")
+
+_EVENT_EXCHANGE = "amq.rabbitmq.event"
 
 # How long retirement waits for the owner to settle its in-flight message and let go.
 _RELEASE_WAIT = 60.0
@@ -130,15 +132,25 @@ class Registry:
         await self._leading.wait()
 
     async def run(self) -> None:
-        self._connection = await connect(self.settings, f"registry {self.registry_id}")
+        """Lead (or stand by) until ``stop()``; survive broker restarts by starting over."""
+        await keep_connected(
+            self.settings, f"registry {self.registry_id}", self._session, self._stopping, log
+        )
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        # Each connection starts from nothing: state is rebuilt from the workers.
+        self._workers.clear()
+        self._keys.clear()
+        self._declared_exchanges.clear()
+        self._leading.clear()
+        self._connection = connection
         try:
-            await self._run_connected(self._connection)
+            await self._run_connected(connection)
         finally:
+            self._leading.clear()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self._connection.close()
 
     async def _run_connected(self, connection: AbstractConnection) -> None:
         self._control = await connection.channel()
@@ -154,6 +166,7 @@ class Registry:
         await self._control.set_qos(prefetch_count=256)
         queue = await self._control.get_queue(self.names.registry_queue, ensure=False)
         await queue.consume(self._on_control_message)
+        await self._watch_worker_inboxes(connection)
         log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
         self._leading.set()
         # Workers that survived a registry restart tell us what they consume.
@@ -162,6 +175,8 @@ class Registry:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+            if connection.is_closed:
+                raise aiormq.exceptions.AMQPConnectionError("connection closed")
             self._drop_silent_workers()
             await self._renew_unowned_leases()
 
@@ -180,6 +195,32 @@ class Registry:
                     waiting_logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
+
+    async def _watch_worker_inboxes(self, connection: AbstractConnection) -> None:
+        """A worker's inbox is exclusive: the broker deletes it the moment the worker's
+        connection dies. With the event exchange plugin, that deletion tells us at once
+        (a kill -9 is noticed in milliseconds, not after ``worker_timeout``)."""
+        channel = await connection.channel()
+        try:
+            await channel.declare_exchange(_EVENT_EXCHANGE, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            log.warning(
+                "the rabbitmq_event_exchange plugin is not enabled: a crashed worker is "
+                "noticed after worker_timeout (%gs) without heartbeat",
+                self.settings.worker_timeout,
+            )
+            return
+        events = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await events.bind(_EVENT_EXCHANGE, routing_key="queue.deleted")
+        await events.consume(self._on_queue_deleted, no_ack=True)
+
+    async def _on_queue_deleted(self, event: AbstractIncomingMessage) -> None:
+        name = (event.headers or {}).get("name")
+        if isinstance(name, bytes):
+            name = name.decode()
+        prefix = self.names.worker_inbox("")
+        if isinstance(name, str) and name.startswith(prefix):
+            self._remove_worker(name[len(prefix) :], reason="disconnected")
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -391,15 +432,17 @@ class Registry:
             ref = KeyRef.of(reported.key, reported.job_type)
         except InvalidKeyError:
             return
-        key = self._keys.get(ref.id)
-        if key is None:
-            key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
-            if reported.routing_key:
-                key.routing_keys.append(reported.routing_key)
+        key = self._keys.get(ref.id) or self._adopt_key(ref, reported.routing_key)
         if key.owner is None or key.owner not in self._workers:
             self._set_owner(key, worker.worker_id)
         elif key.owner != worker.worker_id:
             self._send(worker.worker_id, Release(key_ids=[ref.id]))
+
+    def _adopt_key(self, ref: KeyRef, routing_key: str | None) -> _Key:
+        key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
+        if routing_key:
+            key.routing_keys.append(routing_key)
+        return key
 
     def _on_heartbeat(self, beat: WorkerHeartbeat) -> None:
         worker = self._workers.get(beat.worker_id)
@@ -414,9 +457,18 @@ class Registry:
 
     def _on_released(self, released: Released) -> None:
         """The owner has settled these keys and no longer consumes them: hand them on."""
-        for key_id in released.key_ids:
-            key = self._keys.get(key_id)
-            if key is None or key.owner != released.worker_id:
+        for assignment in released.keys:
+            try:
+                ref = KeyRef.of(assignment.key, assignment.job_type)
+            except InvalidKeyError:
+                continue
+            key = self._keys.get(ref.id)
+            if key is None:
+                # Released to a registry that led before us: adopt the key, or it would sit
+                # unconsumed until its queue expires.
+                key = self._adopt_key(ref, assignment.routing_key)
+                key.owner = released.worker_id
+            if key.owner != released.worker_id:
                 continue  # stale: the key moved or retired meanwhile
             target = key.target if key.handing_off else None
             key.handing_off, key.target = False, None

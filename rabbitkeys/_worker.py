@@ -38,7 +38,7 @@ from aiormq.abc import DeliveredMessage
 
 from ._app import App, Message
 from ._channel_pool import ChannelPool
-from ._connection import connect
+from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import HandlerNotFoundError, ProtocolError
 from ._protocol import (
@@ -92,6 +92,8 @@ class Worker:
         self.settings = settings
         self.app = app
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self._base_id = self.worker_id
+        self._sessions = 0
         self.names = Names(settings.namespace)
         self._keys: dict[str, _OwnedKey] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -114,9 +116,20 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        self._connection = await connect(self.settings, f"worker {self.worker_id}")
+        """Work until ``stop()``; after losing the broker, reconnect and join again under a
+        new worker id (the registry reassigns our keys when the old id's inbox vanishes)."""
+        await keep_connected(
+            self.settings, f"worker {self._base_id}", self._session, self._stopping, log
+        )
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        self._sessions += 1
+        if self._sessions > 1:
+            self.worker_id = f"{self._base_id}-{self._sessions}"
+        self._keys.clear()
+        self._connection = connection
         try:
-            await self._start(self._connection)
+            await self._start(connection)
             log.info(
                 "worker %s serving %s in namespace %r",
                 self.worker_id,
@@ -129,11 +142,11 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
             await self._drain()
         finally:
-            for task in list(self._tasks):
+            # What is still running lost its channel: the broker requeues those deliveries.
+            running = [*self._tasks, *(o.runner for o in self._keys.values() if o.runner)]
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _start(self, connection: AbstractConnection) -> None:
         self._control = await connection.channel()
@@ -257,7 +270,7 @@ class Worker:
                 )
             except aiormq.exceptions.AMQPError as exc:
                 log.error("cannot declare the queue of key %s: %s", key_id, exc)
-                self._spawn(self._send(Released(worker_id=self.worker_id, key_ids=[key_id])))
+                self._spawn(self._send(Released(worker_id=self.worker_id, keys=[assignment])))
                 return
             owned = _OwnedKey(assignment, key_id)
             self._keys[key_id] = owned
@@ -276,15 +289,17 @@ class Worker:
         )
 
     async def _release_and_report(self, key_ids: list[str]) -> None:
-        await asyncio.gather(*(self._release(key_id) for key_id in key_ids))
-        await self._send(Released(worker_id=self.worker_id, key_ids=key_ids))
+        released = await asyncio.gather(*(self._release(key_id) for key_id in key_ids))
+        keys = [assignment for assignment in released if assignment is not None]
+        if keys:
+            await self._send(Released(worker_id=self.worker_id, keys=keys))
 
-    async def _release(self, key_id: str) -> None:
+    async def _release(self, key_id: str) -> KeyAssignment | None:
         """Let go of a key without reordering it (the four steps in the module docstring)."""
         async with self._key_lock(key_id):
             owned = self._keys.get(key_id)
             if owned is None:
-                return
+                return None
             owned.releasing = True
             if owned.runner is not None:
                 await owned.runner
@@ -292,6 +307,7 @@ class Worker:
             await self._requeue_buffer(owned)
             if self._keys.get(key_id) is owned:
                 del self._keys[key_id]
+            return owned.assignment
 
     async def _cancel(self, owned: _OwnedKey) -> None:
         tag, owned.consumer_tag = owned.consumer_tag, None
@@ -324,7 +340,7 @@ class Worker:
                 owned.releasing = True
                 owned.buffer.clear()  # those deliveries died with the consumer
                 del self._keys[owned.key_id]
-                self._spawn(self._send(Released(worker_id=self.worker_id, key_ids=[owned.key_id])))
+                self._spawn(self._send(Released(worker_id=self.worker_id, keys=[owned.assignment])))
 
     # --- deliveries ---------------------------------------------------------------------
 
