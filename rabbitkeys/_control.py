@@ -49,6 +49,7 @@ class ControlClient:
 
     async def start(self) -> None:
         self._channel = await self._connection.channel()
+        self._channel.close_callbacks.add(self._on_channel_close)
         await declare_registry_queue(self._channel, self._names)
         queue = await self._channel.declare_queue(
             self._reply_queue, exclusive=True, auto_delete=True
@@ -86,6 +87,12 @@ class ControlClient:
             ) from None
         finally:
             self._pending.pop(correlation_id, None)
+
+    def _on_channel_close(self, *_: Any) -> None:
+        # No reply can come any more: fail the waiting requests now, not at their timeout.
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("control channel closed"))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")

@@ -11,6 +11,11 @@ calls overlap. Each key has a lane:
   flight on the lane is settled, the lane asks the registry to ensure the key and resends
   the queue, oldest first.
 
+When the connection drops, every unconfirmed message goes back to its lane the same way and
+is sent again, in order, once the publisher has reconnected; ``publish()`` waits for that up
+to ``publish_timeout``. A message the broker had already taken before the drop then exists
+twice: workers drop the copy (same publisher id and sequence number).
+
 Why a returned message can be put back in its place: every binding the registry makes gets
 a fresh routing key (see ``new_routing_key``), so once one message on a routing key comes
 back, every later message on it comes back too. No later message of the lane can overtake it.
@@ -19,6 +24,8 @@ back, every later message on it comes back too. No later message of the lane can
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections import deque
@@ -32,9 +39,14 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 
-from ._connection import connect
+from ._connection import keep_connected
 from ._control import ControlClient
-from ._errors import InvalidMessageError, PublishError, RegistryUnavailableError
+from ._errors import (
+    BrokerUnavailableError,
+    InvalidMessageError,
+    PublishError,
+    RegistryUnavailableError,
+)
 from ._protocol import Ensured, EnsureKey, Refused
 from ._settings import Settings, load_settings
 from ._topology import (
@@ -49,6 +61,8 @@ from ._topology import (
 )
 
 __all__ = ["Publisher"]
+
+log = logging.getLogger("rabbitkeys.publisher")
 
 _RESERVED_HEADER_PREFIX = "x-rabbitkeys-"
 
@@ -72,6 +86,7 @@ class _Lane:
     next_sequence: int = 1
     in_flight: int = 0
     waiting: deque[_Entry] = field(default_factory=deque)
+    #: sent but to be sent again (returned by the broker, or cut off by a lost connection)
     returned: list[_Entry] = field(default_factory=list)
     ensuring: bool = False
     stale_routing_key: str | None = None
@@ -95,8 +110,13 @@ class Publisher:
         self._control: ControlClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._delivery_mode = 2 if self.settings.durable else 1
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._connection_task: asyncio.Task[None] | None = None
         #: messages that came back (``basic.return``) and were routed again
         self.returned_messages = 0
+        #: messages sent again after a lost connection
+        self.resent_messages = 0
 
     def __repr__(self) -> str:
         return (
@@ -117,13 +137,51 @@ class Publisher:
         await self.close()
 
     async def start(self) -> None:
-        self._connection = await connect(self.settings, f"publisher {self.publisher_id}")
-        channel = await self._connection.channel(publisher_confirms=True)
+        """Connect; raise :class:`BrokerUnavailableError` if the broker does not answer
+        within ``publish_timeout``. Later outages are ridden out by reconnecting."""
+        self._connection_task = asyncio.ensure_future(
+            keep_connected(
+                self.settings,
+                f"publisher {self.publisher_id}",
+                self._session,
+                self._closing,
+                log,
+            )
+        )
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.settings.publish_timeout)
+        except TimeoutError:
+            await self._stop_connection()
+            raise BrokerUnavailableError(
+                f"cannot connect to {self.settings.amqp_url_masked} within "
+                f"{self.settings.publish_timeout:g}s"
+            ) from None
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        channel = await connection.channel(publisher_confirms=True)
+        control = ControlClient(connection, self._names)
+        await control.start()
+        self._connection = connection
         # The underlying aiormq channel: its basic_publish writes frames in call order
         # (one FIFO lock), which is what keeps overlapping publishes of a key in order.
         self._channel = cast(aiormq.Channel, await channel.get_underlay_channel())
-        self._control = ControlClient(self._connection, self._names)
-        await self._control.start()
+        self._control = control
+        self._connected.set()
+        for lane in self._lanes.values():
+            self._pump(lane)
+        try:
+            closing = asyncio.ensure_future(self._closing.wait())
+            lost_wait = asyncio.ensure_future(lost.wait())
+            await asyncio.wait([closing, lost_wait], return_when=asyncio.FIRST_COMPLETED)
+            closing.cancel()
+            lost_wait.cancel()
+            if lost.is_set() and not self._closing.is_set():
+                raise ConnectionError("connection to the broker lost")
+        finally:
+            self._connected.clear()
+            self._channel = None
 
     async def close(self) -> None:
         """Wait for every publish already called to settle, then disconnect."""
@@ -133,11 +191,17 @@ class Publisher:
             for entry in (*lane.waiting, *lane.returned)
         ]
         if pending or self._background:
-            await asyncio.wait([*pending, *self._background], timeout=self.settings.ensure_timeout)
+            await asyncio.wait([*pending, *self._background], timeout=self.settings.publish_timeout)
+        await self._stop_connection()
+
+    async def _stop_connection(self) -> None:
+        self._closing.set()
         if self._control is not None:
-            await self._control.close()
-        if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(Exception):
+                await self._control.close()
+        if self._connection_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection_task, 10)
 
     async def publish(
         self,
@@ -154,7 +218,7 @@ class Publisher:
         ref = KeyRef.of(key, job_type)
         if not isinstance(body, bytes | bytearray | memoryview):
             raise InvalidMessageError(f"body must be bytes, got {type(body).__name__}")
-        if self._channel is None:
+        if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
         lane = self._lanes.get(ref.id)
         if lane is None:
@@ -166,12 +230,18 @@ class Publisher:
             future=asyncio.get_running_loop().create_future(),
         )
         lane.next_sequence += 1
-        if lane.routing_key is not None and not lane.waiting and not lane.returned:
-            self._send(lane, entry)
-        else:
-            lane.waiting.append(entry)
-            self._ensure_when_settled(lane)
-        await entry.future
+        lane.waiting.append(entry)
+        self._pump(lane)
+        await asyncio.wait([entry.future], timeout=self.settings.publish_timeout)
+        if not entry.future.done():
+            # Given up: it is not sent again. If an earlier send reached the broker, it is
+            # delivered anyway (a documented duplicate case).
+            entry.future.cancel()
+            raise PublishError(
+                f"the broker did not confirm the message within "
+                f"{self.settings.publish_timeout:g}s (is it reachable?)"
+            )
+        entry.future.result()
 
     def _properties(
         self, ref: KeyRef, sequence: int, headers: Mapping[str, Any] | None
@@ -199,6 +269,32 @@ class Publisher:
             raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
         return properties
 
+    def _pump(self, lane: _Lane) -> None:
+        """Send what the lane can send now, in sequence order.
+
+        Messages to send again (returned, or cut off by a lost connection) wait until nothing
+        of the lane is in flight, then go back in front of the waiting ones: nothing of the
+        key may overtake them.
+        """
+        if lane.returned:
+            if lane.in_flight:
+                return
+            lane.returned.sort(key=lambda entry: entry.sequence)
+            lane.waiting.extendleft(reversed(lane.returned))
+            lane.returned.clear()
+        if not lane.waiting or not self._connected.is_set() or lane.ensuring:
+            return
+        if lane.routing_key is None:
+            lane.ensuring = True
+            task = asyncio.ensure_future(self._ensure(lane))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        while lane.waiting:
+            entry = lane.waiting.popleft()
+            if not entry.future.done():  # its caller may have given up
+                self._send(lane, entry)
+
     def _send(self, lane: _Lane, entry: _Entry) -> None:
         assert self._channel is not None and lane.routing_key is not None
         entry.routing_key = lane.routing_key
@@ -219,10 +315,15 @@ class Publisher:
 
     def _on_confirm(self, lane: _Lane, entry: _Entry, task: asyncio.Future[Any]) -> None:
         lane.in_flight -= 1
-        if task.cancelled():
-            _fail(entry, PublishError("publish was cancelled before the broker confirmed it"))
-        elif (error := task.exception()) is not None:
-            _fail(entry, PublishError(f"the broker did not confirm the message: {error!r}"))
+        error = None if task.cancelled() else task.exception()
+        if error is not None and isinstance(error, aiormq.exceptions.DeliveryError):
+            # basic.nack: the broker could not take it (an internal error, a full queue)
+            _fail(entry, PublishError(f"the broker refused the message: {error!r}"))
+        elif task.cancelled() or error is not None:
+            # The channel or connection went away before the confirm: send it again later.
+            if not entry.future.done():
+                lane.returned.append(entry)
+                self.resent_messages += 1
         elif isinstance(task.result(), spec.Basic.Ack):
             if not entry.future.done():
                 entry.future.set_result(None)
@@ -236,27 +337,11 @@ class Publisher:
                 lane.routing_key = None
         else:
             _fail(entry, PublishError(f"the broker refused the message: {task.result()!r}"))
-        self._ensure_when_settled(lane)
-
-    def _ensure_when_settled(self, lane: _Lane) -> None:
-        """Once nothing of the lane is in flight, put returned messages back in front of the
-        waiting ones (in sequence order) and ask the registry for a routing key."""
-        if lane.in_flight or lane.ensuring:
-            return
-        if lane.returned:
-            lane.returned.sort(key=lambda entry: entry.sequence)
-            lane.waiting.extendleft(reversed(lane.returned))
-            lane.returned.clear()
-        if not lane.waiting:
-            return
-        lane.ensuring = True
-        task = asyncio.ensure_future(self._ensure(lane))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._pump(lane)
 
     async def _ensure(self, lane: _Lane) -> None:
-        assert self._control is not None
         try:
+            assert self._control is not None
             reply = await self._control.request(
                 EnsureKey(
                     job_type=lane.ref.job_type,
@@ -269,19 +354,19 @@ class Publisher:
                 raise PublishError(f"the registry refused key {lane.ref.key!r}: {reply.reason}")
             if not isinstance(reply, Ensured):
                 raise PublishError(f"unexpected reply from the registry: {reply.type}")
-        except (RegistryUnavailableError, PublishError, aiormq.exceptions.AMQPError) as exc:
-            error = exc if isinstance(exc, PublishError) else PublishError(repr(exc))
+        except (RegistryUnavailableError, PublishError) as exc:
             while lane.waiting:
-                _fail(lane.waiting.popleft(), error)
+                _fail(lane.waiting.popleft(), exc)
+            return
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            # The connection dropped during the request: ask again once reconnected.
+            log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
             return
         finally:
             lane.ensuring = False
         lane.routing_key = reply.routing_key
         lane.stale_routing_key = None
-        while lane.waiting and lane.routing_key is not None:
-            entry = lane.waiting.popleft()
-            if not entry.future.done():  # its caller may have given up (cancelled)
-                self._send(lane, entry)
+        self._pump(lane)
 
 
 def _fail(entry: _Entry, error: BaseException) -> None:

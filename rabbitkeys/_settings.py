@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a publish waits for the registry to route a new key.",
     )
+    publish_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a publish waits for its confirm, riding out broker outages.",
+    )
     retire_grace: float = Field(
         default=1.0,
         ge=0,
