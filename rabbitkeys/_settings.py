@@ -89,6 +89,10 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds the registry waits after unbinding a key before it checks it empty.",
     )
+    dedup: bool = Field(
+        default=True,
+        description="Workers drop exact copies of a message (same publisher and sequence).",
+    )
     log_level: str = Field(default="INFO", description="Python logging level name.")
 
     @field_validator("log_level")

@@ -40,6 +40,7 @@ from ._app import App, Message
 from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
+from ._dedup import SequenceHistory, Verdict
 from ._errors import HandlerNotFoundError, ProtocolError
 from ._protocol import (
     Assign,
@@ -82,6 +83,7 @@ class _OwnedKey:
     releasing: bool = False
     last_activity: float = field(default_factory=time.monotonic)
     idle_reported_at: float = 0.0
+    history: SequenceHistory = field(default_factory=SequenceHistory)
 
 
 class Worker:
@@ -107,6 +109,8 @@ class Worker:
         self._declares: ChannelPool | None = None
         self.handled = 0
         self.dead_lettered = 0
+        self.duplicates_dropped = 0
+        self.order_violations = 0
 
     @property
     def owned_keys(self) -> list[str]:
@@ -362,10 +366,22 @@ class Worker:
         try:
             while owned.buffer and not owned.releasing:
                 delivery = owned.buffer[0]
-                async with self._slots:
-                    finished = await self._handle(owned, delivery)
-                if not finished:
-                    return  # shutting down mid-retry: the connection close requeues it
+                origin = self._origin(delivery)
+                verdict = owned.history.check(*origin) if origin else Verdict.NEW
+                if verdict is Verdict.DUPLICATE:
+                    # the same publisher's same message again (sent twice across a lost
+                    # connection, or redelivered after a crash): handled already
+                    self.duplicates_dropped += 1
+                else:
+                    if verdict is Verdict.OUT_OF_ORDER:
+                        self.order_violations += 1
+                        log.error("key %s: message %s arrived out of order", owned.key_id, origin)
+                    async with self._slots:
+                        finished = await self._handle(owned, delivery)
+                    if not finished:
+                        return  # shutting down mid-retry: the connection close requeues it
+                    if origin:
+                        owned.history.record(*origin)
                 owned.buffer.popleft()
                 assert self._consume is not None
                 await self._consume.basic_ack(_tag(delivery))
@@ -377,6 +393,14 @@ class Worker:
             owned.buffer.clear()
         finally:
             owned.runner = None
+
+    def _origin(self, delivery: DeliveredMessage) -> tuple[str, int] | None:
+        if not self.settings.dedup:
+            return None
+        headers = delivery.header.properties.headers or {}
+        publisher = _str_or_none(headers.get(HEADER_PUBLISHER))
+        sequence = _int_or_none(headers.get(HEADER_SEQUENCE))
+        return (publisher, sequence) if publisher and sequence is not None else None
 
     async def _handle(self, owned: _OwnedKey, delivery: DeliveredMessage) -> bool:
         """Run the handler with retries; dead-letter after the last. False if shutdown
