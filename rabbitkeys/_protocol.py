@@ -47,6 +47,7 @@ class _Model(BaseModel):
 class KeyAssignment(_Model):
     """A key a worker must consume: everything it needs to declare and consume its queue."""
 
+    key_id: str
     job_type: str
     key: str
     queue: str

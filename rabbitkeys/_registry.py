@@ -30,7 +30,8 @@ from . import _assignment
 from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
-from ._errors import InvalidKeyError, ProtocolError
+from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
+from ._management import list_bindings, list_queues
 from ._protocol import (
     Assign,
     ControlMessage,
@@ -94,6 +95,7 @@ class _Key:
 
     def assignment(self) -> KeyAssignment:
         return KeyAssignment(
+            key_id=self.ref.id,
             job_type=self.ref.job_type,
             key=self.ref.key,
             queue=self.queue,
@@ -169,8 +171,10 @@ class Registry:
         await self._watch_worker_inboxes(connection)
         log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
         self._leading.set()
-        # Workers that survived a registry restart tell us what they consume.
+        # Workers that survived a registry restart tell us what they consume; the broker
+        # tells us the rest.
         await self._broadcast(Sync())
+        self._spawn(self._rebuild_from_broker())
         self._spawn(self._rebalance_loop())
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -428,15 +432,59 @@ class Registry:
 
     def _adopt(self, worker: _Worker, reported: KeyAssignment) -> None:
         """A worker says it consumes a key (after a registry restart): rebuild it."""
-        try:
-            ref = KeyRef.of(reported.key, reported.job_type)
-        except InvalidKeyError:
+        ref = self._ref_of(reported)
+        if ref is None:
             return
         key = self._keys.get(ref.id) or self._adopt_key(ref, reported.routing_key)
         if key.owner is None or key.owner not in self._workers:
             self._set_owner(key, worker.worker_id)
         elif key.owner != worker.worker_id:
             self._send(worker.worker_id, Release(key_ids=[ref.id]))
+
+    def _ref_of(self, assignment: KeyAssignment) -> KeyRef | None:
+        """The key of an assignment a worker sent back, named after its queue."""
+        by_queue = self.names.key_of_queue(assignment.queue)
+        if by_queue is None or by_queue.id != assignment.key_id:
+            self.malformed_messages += 1
+            log.warning("dropped a report about an unknown queue %r", assignment.queue)
+            return None
+        return KeyRef(by_queue.job_type, assignment.key, by_queue.token)
+
+    async def _rebuild_from_broker(self) -> None:
+        """Adopt key queues nobody consumes, and learn every key's bindings, from the
+        broker itself (after workers had a moment to answer ``Sync`` with their keys)."""
+        await asyncio.sleep(2 * self.settings.heartbeat_interval)
+        try:
+            found = await list_queues(self.settings, self.names.key_queue_prefix)
+            refs = {q.name: ref for q in found if (ref := self.names.key_of_queue(q.name))}
+            bindings: dict[str, list[str]] = defaultdict(list)
+            for job_type in {ref.job_type for ref in refs.values()}:
+                exchange = self.names.jobs_exchange(job_type)
+                for bound_queue, routing_key in await list_bindings(self.settings, exchange):
+                    bindings[bound_queue].append(routing_key)
+        except BrokerUnavailableError as exc:
+            log.warning(
+                "cannot list the broker's key queues (%s): keys no worker consumes now are "
+                "not adopted; enable the rabbitmq_management plugin",
+                exc,
+            )
+            return
+        adopted = 0
+        for queue in found:
+            ref = refs.get(queue.name)
+            if ref is None:
+                continue
+            key = self._keys.get(ref.id)
+            if key is None:
+                if queue.consumers:
+                    continue  # a worker consumes it; it reports it on its next join
+                key = self._adopt_key(ref, None)
+                adopted += 1
+            if not key.lock.locked():
+                key.routing_keys = bindings.get(queue.name, [])
+        if adopted:
+            log.info("adopted %d unconsumed keys from the broker", adopted)
+        self._rebalance_wanted.set()
 
     def _adopt_key(self, ref: KeyRef, routing_key: str | None) -> _Key:
         key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
@@ -458,9 +506,8 @@ class Registry:
     def _on_released(self, released: Released) -> None:
         """The owner has settled these keys and no longer consumes them: hand them on."""
         for assignment in released.keys:
-            try:
-                ref = KeyRef.of(assignment.key, assignment.job_type)
-            except InvalidKeyError:
+            ref = self._ref_of(assignment)
+            if ref is None:
                 continue
             key = self._keys.get(ref.id)
             if key is None:

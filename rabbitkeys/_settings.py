@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
         description="AMQP URL of the broker; its password is never logged.",
     )
+    management_url: SecretStr | None = Field(
+        default=None,
+        description="Management API URL (default: the AMQP host, port 15672, same login); "
+        "the registry rebuilds unconsumed keys from it after a failover.",
+    )
     namespace: str = Field(
         default="rabbitkeys",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",

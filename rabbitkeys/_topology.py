@@ -152,6 +152,17 @@ class Names:
     def key_queue_prefix(self) -> str:
         return f"{self.namespace}.key."
 
+    def key_of_queue(self, queue: str) -> KeyRef | None:
+        """The key a queue name belongs to, as far as the name tells: a hashed key's
+        original text is not in the name, so ``key`` is then the token (messages carry the
+        original in their ``x-rabbitkeys-key`` header)."""
+        if not queue.startswith(self.key_queue_prefix):
+            return None
+        job_type, dot, token = queue[len(self.key_queue_prefix) :].partition(".")
+        if not dot or not token or not _JOB_TYPE.fullmatch(job_type):
+            return None
+        return KeyRef(job_type, token, token)
+
     @property
     def registry_queue(self) -> str:
         """Control requests to the leading registry: worker membership, publisher ensures."""

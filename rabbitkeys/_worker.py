@@ -62,7 +62,6 @@ from ._topology import (
     HEADER_PUBLISHER,
     HEADER_SEQUENCE,
     HEADER_WORKER,
-    KeyRef,
     Names,
     key_queue_arguments,
 )
@@ -255,7 +254,7 @@ class Worker:
                 del self._key_locks[key_id]
 
     async def _acquire(self, assignment: KeyAssignment) -> None:
-        key_id = KeyRef.of(assignment.key, assignment.job_type).id
+        key_id = assignment.key_id
         async with self._key_lock(key_id):
             owned = self._keys.get(key_id)
             if owned is not None and self._consuming(owned):
@@ -412,7 +411,8 @@ class Worker:
         while True:
             attempt += 1
             message = Message(
-                key=owned.assignment.key,
+                # the header holds the original text even when the queue name is hashed
+                key=_str_or_none(headers.get(HEADER_KEY)) or owned.assignment.key,
                 job_type=job_type,
                 body=delivery.body,
                 headers=headers,

@@ -1,0 +1,96 @@
+"""What the broker knows, read through the management plugin's HTTP API.
+
+A registry that starts leading (after a failover or a broker restart) learns the keys
+workers consume from the workers themselves; keys nobody consumes (a handoff cut short, no
+worker for the job type, every worker restarting) only the broker knows. Without this they
+would wait unconsumed until ``x-expires`` deleted them with their messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import BrokerUnavailableError
+from ._settings import Settings
+
+__all__ = ["BrokerQueue", "list_bindings", "list_queues"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerQueue:
+    name: str
+    messages: int
+    consumers: int
+
+
+def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
+    """Base URL, user, password and vhost for the management API."""
+    amqp = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
+    vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    user, password = amqp.username or "guest", amqp.password or "guest"
+    if settings.management_url is None:
+        scheme = "https" if amqp.scheme == "amqps" else "http"
+        return f"{scheme}://{amqp.hostname or 'localhost'}:15672", user, password, vhost
+    given = urllib.parse.urlsplit(settings.management_url.get_secret_value())
+    netloc = given.hostname or "localhost"
+    if given.port:
+        netloc += f":{given.port}"
+    base = urllib.parse.urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
+    return base, given.username or user, given.password or password, vhost
+
+
+def _get(settings: Settings, path: str) -> Any:
+    base, user, password, _ = _endpoint(settings)
+    request = urllib.request.Request(f"{base}/api/{path}")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        raise BrokerUnavailableError(f"management API {base}: {exc}") from None
+
+
+def _vhost(settings: Settings) -> str:
+    return urllib.parse.quote(_endpoint(settings)[3], safe="")
+
+
+def _list_queues(settings: Settings, prefix: str) -> list[BrokerQueue]:
+    pattern = urllib.parse.quote("^" + prefix.replace(".", r"\."), safe="")
+    found: list[BrokerQueue] = []
+    page = 1
+    while True:
+        body = _get(
+            settings,
+            f"queues/{_vhost(settings)}?page={page}&page_size=500&name={pattern}"
+            "&use_regex=true&columns=name,messages,consumers",
+        )
+        for item in body["items"]:
+            found.append(
+                BrokerQueue(item["name"], int(item.get("messages") or 0), item["consumers"])
+            )
+        if page >= int(body.get("page_count") or 0):
+            return found
+        page += 1
+
+
+def _list_bindings(settings: Settings, exchange: str) -> list[tuple[str, str]]:
+    name = urllib.parse.quote(exchange, safe="")
+    body = _get(settings, f"exchanges/{_vhost(settings)}/{name}/bindings/source")
+    return [(b["destination"], b["routing_key"]) for b in body if b["destination_type"] == "queue"]
+
+
+async def list_queues(settings: Settings, prefix: str) -> list[BrokerQueue]:
+    """Queues whose name starts with ``prefix``. Raises :class:`BrokerUnavailableError`."""
+    return await asyncio.to_thread(_list_queues, settings, prefix)
+
+
+async def list_bindings(settings: Settings, exchange: str) -> list[tuple[str, str]]:
+    """(queue, routing key) of every binding from ``exchange``."""
+    return await asyncio.to_thread(_list_bindings, settings, exchange)
