@@ -15,6 +15,8 @@ import time
 from types import TracebackType
 from typing import Self
 
+from pydantic import SecretStr
+
 from ._errors import RabbitkeysError
 from ._settings import ENV_PREFIX, Settings
 from ._status import fetch_status
@@ -91,8 +93,11 @@ class LocalCluster:
 
 def _settings_env(settings: Settings) -> dict[str, str]:
     env = {}
-    for name, value in settings.model_dump().items():
-        if name == "amqp_url":
-            value = settings.amqp_url.get_secret_value()
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     return env

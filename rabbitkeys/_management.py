@@ -26,7 +26,8 @@ __all__ = ["BrokerQueue", "list_bindings", "list_queues"]
 class BrokerQueue:
     name: str
     messages: int
-    consumers: int
+    #: None while the broker's statistics are not collected yet (just after a restart)
+    consumers: int | None
 
 
 def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
@@ -47,10 +48,10 @@ def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
 
 def _get(settings: Settings, path: str) -> Any:
     base, user, password, _ = _endpoint(settings)
-    request = urllib.request.Request(f"{base}/api/{path}")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
     try:
+        request = urllib.request.Request(f"{base}/api/{path}")
+        request.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
@@ -73,7 +74,7 @@ def _list_queues(settings: Settings, prefix: str) -> list[BrokerQueue]:
         )
         for item in body["items"]:
             found.append(
-                BrokerQueue(item["name"], int(item.get("messages") or 0), item["consumers"])
+                BrokerQueue(item["name"], int(item.get("messages") or 0), item.get("consumers"))
             )
         if page >= int(body.get("page_count") or 0):
             return found

@@ -59,6 +59,9 @@ log = logging.getLogger("rabbitkeys.registry")
 
 _EVENT_EXCHANGE = "amq.rabbitmq.event"
 
+# How often the leader compares its keys with the broker's key queues (management API).
+_RECONCILE_INTERVAL = 60.0
+
 # How long retirement waits for the owner to settle its in-flight message and let go.
 _RELEASE_WAIT = 60.0
 
@@ -452,23 +455,35 @@ class Registry:
 
     async def _rebuild_from_broker(self) -> None:
         """Adopt key queues nobody consumes, and learn every key's bindings, from the
-        broker itself (after workers had a moment to answer ``Sync`` with their keys)."""
+        broker itself: once workers had a moment to answer ``Sync``, then every
+        ``_RECONCILE_INTERVAL`` as a safety net for keys that fell between the cracks."""
         await asyncio.sleep(2 * self.settings.heartbeat_interval)
-        try:
-            found = await list_queues(self.settings, self.names.key_queue_prefix)
-            refs = {q.name: ref for q in found if (ref := self.names.key_of_queue(q.name))}
-            bindings: dict[str, list[str]] = defaultdict(list)
-            for job_type in {ref.job_type for ref in refs.values()}:
-                exchange = self.names.jobs_exchange(job_type)
-                for bound_queue, routing_key in await list_bindings(self.settings, exchange):
-                    bindings[bound_queue].append(routing_key)
-        except BrokerUnavailableError as exc:
-            log.warning(
-                "cannot list the broker's key queues (%s): keys no worker consumes now are "
-                "not adopted; enable the rabbitmq_management plugin",
-                exc,
-            )
-            return
+        failures = 0
+        while True:
+            try:
+                complete = await self._adopt_from_broker()
+            except BrokerUnavailableError as exc:
+                complete = False
+                if failures == 0:
+                    log.warning(
+                        "cannot list the broker's key queues (%s): keys no worker consumes "
+                        "are not adopted until it answers; enable rabbitmq_management",
+                        exc,
+                    )
+            failures = 0 if complete else failures + 1
+            # right after a broker restart its statistics are incomplete: retry soon
+            await asyncio.sleep(_RECONCILE_INTERVAL if complete else min(30.0, failures))
+
+    async def _adopt_from_broker(self) -> bool:
+        found = await list_queues(self.settings, self.names.key_queue_prefix)
+        if any(queue.consumers is None for queue in found):
+            return False
+        refs = {q.name: ref for q in found if (ref := self.names.key_of_queue(q.name))}
+        bindings: dict[str, list[str]] = defaultdict(list)
+        for job_type in {ref.job_type for ref in refs.values()}:
+            exchange = self.names.jobs_exchange(job_type)
+            for bound_queue, routing_key in await list_bindings(self.settings, exchange):
+                bindings[bound_queue].append(routing_key)
         adopted = 0
         for queue in found:
             ref = refs.get(queue.name)
@@ -481,10 +496,14 @@ class Registry:
                 key = self._adopt_key(ref, None)
                 adopted += 1
             if not key.lock.locked():
-                key.routing_keys = bindings.get(queue.name, [])
+                # Merge, never replace: a binding made after the listing must not be
+                # forgotten, or a retirement would delete a queue that still routes.
+                listed = [rk for rk in bindings.get(queue.name, []) if rk not in key.routing_keys]
+                key.routing_keys[:0] = listed
         if adopted:
             log.info("adopted %d unconsumed keys from the broker", adopted)
-        self._rebalance_wanted.set()
+            self._rebalance_wanted.set()
+        return True
 
     def _adopt_key(self, ref: KeyRef, routing_key: str | None) -> _Key:
         key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))

@@ -103,6 +103,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=20, help="messages per key (default 20)")
     demo.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     demo.set_defaults(handler=_demo)
+    chaos = commands.add_parser(
+        "chaos",
+        help="run keyed traffic while workers, a registry (and the broker) fail",
+        description="Start 2 registries and workers as processes, publish KEYS x MESSAGES, "
+        "SIGKILL a worker, start workers, SIGTERM one, SIGKILL the leading registry, "
+        "optionally restart the local broker; print sent, handled, lost, duplicates, order "
+        "violations and failover gaps. Exits 1 on any loss or order violation.",
+        epilog=_SETTINGS_HELP,
+    )
+    chaos.add_argument("--keys", type=int, default=50, help="number of keys (default 50)")
+    chaos.add_argument("--messages", type=int, default=60, help="messages per key (default 60)")
+    chaos.add_argument("--workers", type=int, default=3, help="workers at start (default 3)")
+    chaos.add_argument(
+        "--broker-restart",
+        action="store_true",
+        help="also stop and start the local RabbitMQ (rabbitmqctl) during the run",
+    )
+    chaos.add_argument("--json", action="store_true", help="print the report as JSON")
+    chaos.set_defaults(handler=_chaos)
     return parser
 
 
@@ -158,6 +177,20 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return await run_demo(settings, keys=args.keys, messages=args.messages, workers=args.workers)
+
+
+async def _chaos(settings: Settings, args: argparse.Namespace) -> int:
+    from ._chaos import run_chaos
+
+    report = await run_chaos(
+        settings,
+        keys=args.keys,
+        messages=args.messages,
+        workers=args.workers,
+        broker_restart=args.broker_restart,
+    )
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,258 @@
+"""``rabbitkeys chaos``: keyed traffic while workers, registries and the broker fail.
+
+Runs real processes through the CLI (``LocalCluster``) on the local broker, publishes
+``keys x messages`` in rounds, and on a timeline kills a worker (SIGKILL), starts workers,
+stops one (SIGTERM, as ``kubectl scale`` does), kills the leading registry and optionally
+restarts the broker. Then it counts what the workers handled (``rabbitkeys._demo:app`` writes
+one record per handling) and reports loss, duplicates, order violations and failover gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._cluster import LocalCluster
+from ._demo import read_records
+from ._errors import RabbitkeysError
+from ._publisher import Publisher
+from ._settings import Settings
+from ._status import fetch_status
+
+__all__ = ["ChaosReport", "run_chaos"]
+
+WORKER_APP = "rabbitkeys._demo:app"
+
+
+@dataclass
+class ChaosReport:
+    sent: int = 0
+    handled: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    order_violations: int = 0
+    #: seconds from a worker's SIGKILL until each of its keys was handled again (worst key)
+    worker_kill_gap: float | None = None
+    #: seconds from the leading registry's SIGKILL until another registry led
+    registry_failover: float | None = None
+    #: longest wait of any key for its next handling after the registry kill
+    registry_kill_gap: float | None = None
+    #: longest wait of any key for its next handling once the restarted broker was back
+    broker_restart_gap: float | None = None
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.order_violations == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        def seconds(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}s"
+
+        lines = [*self.events, ""]
+        lines += [
+            f"sent              {self.sent}",
+            f"handled           {self.handled}",
+            f"lost              {self.lost}",
+            f"duplicates        {self.duplicates}",
+            f"order violations  {self.order_violations}",
+            f"worker kill gap   {seconds(self.worker_kill_gap)}  (worst key of the killed worker)",
+            f"registry failover {seconds(self.registry_failover)}  (until another registry led)",
+            f"registry kill gap {seconds(self.registry_kill_gap)}  (worst key)",
+            f"broker restart    {seconds(self.broker_restart_gap)}  (worst key, once back)",
+            "",
+            "OK" if self.ok else "FAILED: messages lost or out of order",
+        ]
+        return "\n".join(lines)
+
+
+async def run_chaos(
+    settings: Settings,
+    *,
+    keys: int = 50,
+    messages: int = 60,
+    workers: int = 3,
+    round_interval: float = 0.1,
+    broker_restart: bool = False,
+    output: Path | None = None,
+) -> ChaosReport:
+    namespace = f"{settings.namespace}-chaos-{uuid.uuid4().hex[:6]}"
+    settings = settings.model_copy(update={"namespace": namespace})
+    with tempfile.TemporaryDirectory(prefix="rabbitkeys-chaos-") as scratch:
+        directory = output or Path(scratch)
+        env = {"RK_DEMO_DIR": str(directory), "RABBITKEYS_LOG_LEVEL": "WARNING"}
+        async with LocalCluster(settings, extra_env=env) as cluster:
+            return await _scenario(
+                cluster, settings, directory, keys, messages, workers, round_interval,
+                broker_restart,
+            )  # fmt: skip
+
+
+async def _scenario(
+    cluster: LocalCluster,
+    settings: Settings,
+    directory: Path,
+    keys: int,
+    messages: int,
+    workers: int,
+    round_interval: float,
+    broker_restart: bool,
+) -> ChaosReport:
+    report = ChaosReport()
+
+    def event(text: str) -> float:
+        now = time.time()
+        report.events.append(f"{time.strftime('%H:%M:%S', time.localtime(now))} {text}")
+        return now
+
+    leader = await cluster.start_registry()
+    await _wait_for_leader(settings, None)
+    await cluster.start_registry()  # standby
+    for _ in range(workers):
+        await cluster.start_worker(WORKER_APP)
+    await cluster.wait_for_workers(workers)
+    event(f"2 registries and {workers} workers up; publishing {keys} keys x {messages}")
+
+    names = [f"key-{i}" for i in range(keys)]
+    sent = 0
+    marks: dict[str, float] = {}
+    killed_pid: int | None = None
+    async with Publisher(settings) as publisher:
+
+        async def publish_rounds() -> None:
+            nonlocal sent
+            for n in range(messages):
+                await asyncio.gather(*(publisher.publish(name, str(n).encode()) for name in names))
+                sent += len(names)
+                await asyncio.sleep(round_interval)
+
+        publishing = asyncio.create_task(publish_rounds())
+        total_time = messages * round_interval
+
+        async def at(fraction: float) -> None:
+            await asyncio.sleep(max(0.0, fraction * total_time - (time.monotonic() - started)))
+
+        started = time.monotonic()
+        await at(0.15)
+        victim = cluster.workers[0]
+        killed_pid = victim.pid
+        victim.kill()
+        marks["worker_kill"] = event(f"SIGKILL worker pid {victim.pid}")
+        await at(0.3)
+        await cluster.start_worker(WORKER_APP)
+        event("started a worker")
+        await at(0.45)
+        stopping = cluster.workers[1]
+        code = await cluster.terminate(stopping)
+        event(f"SIGTERM worker pid {stopping.pid}: exit code {code}")
+        await at(0.55)
+        before = await _leader_id(settings)
+        leader.kill()
+        marks["registry_kill"] = event(f"SIGKILL leading registry pid {leader.pid}")
+        report.registry_failover = await _wait_for_leader(settings, before) - marks["registry_kill"]
+        event(f"another registry leads after {report.registry_failover:.2f}s")
+        await cluster.start_registry()
+        await at(0.7)
+        await cluster.start_worker(WORKER_APP)
+        event("started a worker")
+        if broker_restart:
+            await at(0.8)
+            event("restarting the broker")
+            await asyncio.to_thread(restart_local_broker)
+            marks["broker_back"] = event("broker back")
+        await publishing
+    event(f"published {sent} messages; waiting for the workers")
+    deadline = time.monotonic() + 60 + total_time
+    while time.monotonic() < deadline:
+        if len({(r["key"], r["seq"]) for r in read_records(directory)}) >= sent:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)  # let stragglers (duplicates) land before counting
+    return _judge(report, read_records(directory), sent, names, marks, killed_pid)
+
+
+def _judge(
+    report: ChaosReport,
+    records: list[dict[str, Any]],
+    sent: int,
+    names: list[str],
+    marks: dict[str, float],
+    killed_pid: int | None,
+) -> ChaosReport:
+    records.sort(key=lambda r: r["started"])
+    unique = {(r["key"], r["publisher"], r["seq"]) for r in records}
+    report.sent = sent
+    report.handled = len(unique)
+    report.lost = sent - len(unique)
+    report.duplicates = len(records) - len(unique)
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record["key"]].append(record)
+    first_seen: set[tuple[str, str, int]] = set()
+    for key_records in by_key.values():
+        highest = 0
+        for record in key_records:
+            ident = (record["key"], record["publisher"], record["seq"])
+            if ident in first_seen:
+                continue  # a duplicate: only first handlings must follow publish order
+            first_seen.add(ident)
+            if record["seq"] < highest:
+                report.order_violations += 1
+            highest = max(highest, record["seq"])
+
+    def worst_gap(since: float, keys: set[str]) -> float | None:
+        gaps = []
+        for key in keys:
+            after = [r["started"] for r in by_key[key] if r["started"] >= since]
+            if after:
+                gaps.append(after[0] - since)
+        return max(gaps) if gaps else None
+
+    if "worker_kill" in marks:
+        kill = marks["worker_kill"]
+        victims = {r["key"] for r in records if r["pid"] == killed_pid and r["started"] < kill}
+        report.worker_kill_gap = worst_gap(kill, victims)
+    if "registry_kill" in marks:
+        report.registry_kill_gap = worst_gap(marks["registry_kill"], set(names))
+    if "broker_back" in marks:
+        report.broker_restart_gap = worst_gap(marks["broker_back"], set(names))
+    return report
+
+
+async def _leader_id(settings: Settings) -> str | None:
+    with contextlib.suppress(RabbitkeysError):
+        return (await fetch_status(settings, backlog=False, timeout=1.0)).registry_id
+    return None
+
+
+async def _wait_for_leader(settings: Settings, not_this: str | None, timeout: float = 30) -> float:
+    """Wait until a registry other than ``not_this`` leads; return when (epoch seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leader = await _leader_id(settings)
+        if leader is not None and leader != not_this:
+            return time.time()
+        await asyncio.sleep(0.05)
+    raise RabbitkeysError(f"no registry took the lead within {timeout:g}s")
+
+
+def restart_local_broker() -> None:
+    """Stop and start the RabbitMQ application on this machine (``rabbitmqctl``)."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        raise RabbitkeysError("rabbitmqctl is not on PATH: cannot restart the broker")
+    subprocess.run([rabbitmqctl, "stop_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run([rabbitmqctl, "start_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run([rabbitmqctl, "await_startup"], check=True, capture_output=True, timeout=120)

@@ -1,0 +1,74 @@
+"""Failures while traffic flows: the chaos scenario (processes through the CLI), a broker
+restart, and the keeper that stops a key queue from expiring with its messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import aio_pika
+import pytest
+
+from rabbitkeys import App, Message, Publisher
+from rabbitkeys._chaos import run_chaos
+from rabbitkeys._topology import KeyRef, Names
+
+from .support import eventually, make_settings, running_registry, running_worker
+
+
+async def test_chaos_worker_kill_scale_and_registry_kill_lose_and_reorder_nothing(
+    amqp_url: str, namespace: str
+) -> None:
+    settings = make_settings(amqp_url, namespace)
+    report = await run_chaos(settings, keys=20, messages=40, workers=3)
+    print(report.format())
+    assert report.sent == 800
+    assert report.lost == 0
+    assert report.order_violations == 0
+    # graceful moves never duplicate; only the killed worker's in-flight messages may
+    assert report.duplicates <= 20
+    assert report.worker_kill_gap is not None and report.worker_kill_gap < 2.0
+    assert report.registry_failover is not None and report.registry_failover < 5.0
+
+
+@pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None and os.environ.get("CI") != "true",
+    reason="restarting the broker needs rabbitmqctl on this machine",
+)
+async def test_a_broker_restart_loses_and_reorders_nothing(amqp_url: str, namespace: str) -> None:
+    settings = make_settings(amqp_url, namespace)
+    report = await run_chaos(settings, keys=20, messages=60, workers=3, broker_restart=True)
+    print(report.format())
+    assert report.lost == 0
+    assert report.order_violations == 0
+    assert report.broker_restart_gap is not None
+
+
+async def test_the_keeper_stops_an_unconsumed_key_queue_from_expiring(
+    amqp_url: str, namespace: str
+) -> None:
+    # x-expires of 2 s, and no worker for 6 s: without the keeper the queue and its
+    # messages would be gone.
+    settings = make_settings(amqp_url, namespace, key_queue_expires=2.0)
+    handled: list[int] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled.append(int(message.body))
+
+    queue = Names(namespace).key_queue(KeyRef.of("orphan"))
+    async with running_registry(settings):
+        async with Publisher(settings) as publisher:
+            for n in range(5):
+                await publisher.publish("orphan", str(n).encode())
+        await asyncio.sleep(6)
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.message_count == 5
+        await connection.close()
+        async with running_worker(settings, app):
+            await eventually(lambda: len(handled) == 5)
+    assert handled == [0, 1, 2, 3, 4]
