@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._topology import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, Names
+from rabbitkeys._topology import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, KeyRef, Names
 
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -150,3 +150,40 @@ async def test_keys_move_between_workers_without_duplicates_or_reordering(
     assert by_worker["a"] > 0 and by_worker["b"] > 0
     for key in keys:
         assert seen[key] == list(range(rounds)), key
+
+
+async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
+    settings: Settings,
+) -> None:
+    """A publisher that lost its connection sends unconfirmed messages again; the broker may
+    have had them. The copy (same publisher id and sequence number) is not handled twice."""
+    handled: list[bytes] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled.append(message.body)
+
+    async with running_registry(settings), running_worker(settings, app) as worker:
+        async with Publisher(settings) as publisher:
+            await publisher.publish("k", b"first")
+            await eventually(lambda: handled == [b"first"])
+            # the copy, as a resend would put it in the key's queue
+            connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    b"first",
+                    headers={
+                        "x-rabbitkeys-key": "k",
+                        "x-rabbitkeys-publisher": publisher.publisher_id,
+                        "x-rabbitkeys-seq": 1,
+                    },
+                ),
+                routing_key=Names(settings.namespace).key_queue(KeyRef.of("k")),
+            )
+            await connection.close()
+            await publisher.publish("k", b"second")
+        await eventually(lambda: handled == [b"first", b"second"])
+        await eventually(lambda: worker.duplicates_dropped == 1)
+    assert worker.order_violations == 0
