@@ -1,0 +1,65 @@
+"""A worker process for the baseline strategies, on plain aio-pika (the same client library).
+
+``python -m rabbitkeys.bench.baseline_worker MODE QUEUE [QUEUE ...]``
+
+* ``concurrent``: one shared queue, handlers run concurrently up to the prefetch (the usual
+  "many workers on one queue" setup: fastest, and it breaks per-key order);
+* ``sequential``: each queue handled one message at a time, in order (one queue with one
+  worker; or Kafka-style partitions, single-active-consumer queues, one at a time each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from .recording import HEADER_PUBLISHED, HEADER_SEQ, Recorder
+
+PREFETCH = 100
+
+
+async def main(mode: str, queues: list[str]) -> None:
+    recorder = Recorder()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    connection = await aio_pika.connect(os.environ["RABBITKEYS_AMQP_URL"])
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        headers = message.headers
+        await recorder.handle(
+            str(headers["bench-key"]), int(headers[HEADER_SEQ]), float(headers[HEADER_PUBLISHED])
+        )
+        await message.ack()
+
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=PREFETCH)
+    if mode == "concurrent":
+        for name in queues:
+            await (await channel.get_queue(name, ensure=False)).consume(handle)
+    else:
+        for name in queues:
+            queue_channel = await connection.channel()
+            await queue_channel.set_qos(prefetch_count=PREFETCH)
+            queue = await queue_channel.get_queue(name, ensure=False)
+            loop.create_task(_in_order(queue, handle))
+    await stop.wait()
+    recorder.flush()
+    await connection.close()
+    recorder.flush()
+
+
+async def _in_order(queue: aio_pika.abc.AbstractQueue, handle: object) -> None:
+    async with queue.iterator() as messages:
+        async for message in messages:
+            await handle(message)  # type: ignore[operator]
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2:]))
