@@ -60,8 +60,8 @@ def read_records(directory: Path) -> list[dict[str, Any]]:
 
 
 def check_order(records: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """Per key, the sequence numbers in handling order (first handling of each message).
-    In order means each list is strictly increasing."""
+    """Per key, the publisher's sequence numbers in handling order (first handling of each
+    message). They grow with the publish calls, so in order means each list is increasing."""
     first_seen: dict[str, list[int]] = defaultdict(list)
     seen: set[tuple[str, str, int]] = set()
     for record in sorted(records, key=lambda r: r["started"]):
@@ -123,7 +123,12 @@ def _report(records: list[dict[str, Any]], names: list[str], started: float) -> 
         print(f"{pid:>10} {len(per_worker_keys[pid]):>6} {per_worker_messages[pid]:>9}")
     print()
     sample = names[len(names) // 2]
-    print(f"key {sample!r} handled in order: {order[sample]}")
+    comments = [
+        int(r["body"].split()[1])
+        for r in sorted(records, key=lambda r: r["started"])
+        if r["key"] == sample
+    ]
+    print(f"key {sample!r}: comments handled in this order: {comments}")
     print(f"keys handled in publish order: {len(order) - len(broken)}/{len(order)}")
     print(
         f"fast keys all done {fast_done - first:.2f}s after the first message; "

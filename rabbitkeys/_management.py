@@ -34,7 +34,8 @@ def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
     """Base URL, user, password and vhost for the management API."""
     amqp = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
     vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
-    user, password = amqp.username or "guest", amqp.password or "guest"
+    unquote = urllib.parse.unquote
+    user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
     if settings.management_url is None:
         scheme = "https" if amqp.scheme == "amqps" else "http"
         return f"{scheme}://{amqp.hostname or 'localhost'}:15672", user, password, vhost
@@ -43,7 +44,7 @@ def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
     if given.port:
         netloc += f":{given.port}"
     base = urllib.parse.urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
-    return base, given.username or user, given.password or password, vhost
+    return base, unquote(given.username or user), unquote(given.password or password), vhost
 
 
 def _get(settings: Settings, path: str) -> Any:

@@ -65,6 +65,11 @@ __all__ = ["Publisher"]
 log = logging.getLogger("rabbitkeys.publisher")
 
 _RESERVED_HEADER_PREFIX = "x-rabbitkeys-"
+# RabbitMQ's default max_message_size; a bigger body would close the channel for every key.
+_MAX_BODY_BYTES = 128 * 1024 * 1024
+# Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
+_MAX_IDLE_LANES = 100_000
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
 @dataclass(eq=False)
@@ -83,7 +88,6 @@ class _Lane:
     ref: KeyRef
     exchange: str
     routing_key: str | None = None
-    next_sequence: int = 1
     in_flight: int = 0
     waiting: deque[_Entry] = field(default_factory=deque)
     #: sent but to be sent again (returned by the broker, or cut off by a lost connection)
@@ -105,11 +109,14 @@ class Publisher:
         self.publisher_id = uuid.uuid4().hex
         self._names = Names(self.settings.namespace)
         self._lanes: dict[str, _Lane] = {}
-        self._connection: AbstractConnection | None = None
         self._channel: aiormq.Channel | None = None
         self._control: ControlClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._delivery_mode = 2 if self.settings.durable else 1
+        # One counter for all keys: per key the numbers still only grow (what dedup and
+        # order checks need), and a dropped idle lane cannot restart them at 1.
+        self._next_sequence = 1
+        self._unsettled: set[asyncio.Future[None]] = set()
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._connection_task: asyncio.Task[None] | None = None
@@ -161,9 +168,10 @@ class Publisher:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         channel = await connection.channel(publisher_confirms=True)
+        # A channel the broker closed (say, a refused frame) is as good as a lost connection.
+        channel.close_callbacks.add(lambda *_: lost.set())
         control = ControlClient(connection, self._names)
         await control.start()
-        self._connection = connection
         # The underlying aiormq channel: its basic_publish writes frames in call order
         # (one FIFO lock), which is what keeps overlapping publishes of a key in order.
         self._channel = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -185,13 +193,10 @@ class Publisher:
 
     async def close(self) -> None:
         """Wait for every publish already called to settle, then disconnect."""
-        pending = [
-            entry.future
-            for lane in self._lanes.values()
-            for entry in (*lane.waiting, *lane.returned)
-        ]
-        if pending or self._background:
-            await asyncio.wait([*pending, *self._background], timeout=self.settings.publish_timeout)
+        if self._unsettled or self._background:
+            await asyncio.wait(
+                [*self._unsettled, *self._background], timeout=self.settings.publish_timeout
+            )
         await self._stop_connection()
 
     async def _stop_connection(self) -> None:
@@ -218,18 +223,24 @@ class Publisher:
         ref = KeyRef.of(key, job_type)
         if not isinstance(body, bytes | bytearray | memoryview):
             raise InvalidMessageError(f"body must be bytes, got {type(body).__name__}")
+        if len(body) > _MAX_BODY_BYTES:
+            raise InvalidMessageError(f"body is {len(body)} bytes; the maximum is 128 MiB")
         if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
         lane = self._lanes.get(ref.id)
         if lane is None:
+            if len(self._lanes) >= _MAX_IDLE_LANES:
+                self._drop_idle_lanes()
             lane = self._lanes[ref.id] = _Lane(ref, self._names.jobs_exchange(ref.job_type))
         entry = _Entry(
-            sequence=lane.next_sequence,
+            sequence=self._next_sequence,
             body=bytes(body),
-            properties=self._properties(ref, lane.next_sequence, headers),
+            properties=self._properties(ref, self._next_sequence, headers),
             future=asyncio.get_running_loop().create_future(),
         )
-        lane.next_sequence += 1
+        self._next_sequence += 1
+        self._unsettled.add(entry.future)
+        entry.future.add_done_callback(self._unsettled.discard)
         lane.waiting.append(entry)
         self._pump(lane)
         await asyncio.wait([entry.future], timeout=self.settings.publish_timeout)
@@ -242,6 +253,16 @@ class Publisher:
                 f"{self.settings.publish_timeout:g}s (is it reachable?)"
             )
         entry.future.result()
+
+    def _drop_idle_lanes(self) -> None:
+        """Forget the oldest lanes with nothing pending (memory stays flat under key churn)."""
+        idle = [
+            key_id
+            for key_id, lane in self._lanes.items()
+            if not (lane.in_flight or lane.waiting or lane.returned or lane.ensuring)
+        ]
+        for key_id in idle[: len(self._lanes) - _MAX_IDLE_LANES * 9 // 10]:
+            del self._lanes[key_id]
 
     def _properties(
         self, ref: KeyRef, sequence: int, headers: Mapping[str, Any] | None
@@ -358,7 +379,7 @@ class Publisher:
             while lane.waiting:
                 _fail(lane.waiting.popleft(), exc)
             return
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (*_CHANNEL_ERRORS, ConnectionError) as exc:
             # The connection dropped during the request: ask again once reconnected.
             log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
             return

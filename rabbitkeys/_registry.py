@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,10 @@ log = logging.getLogger("rabbitkeys.registry")
 
 _EVENT_EXCHANGE = "amq.rabbitmq.event"
 
+# What a call on a channel raises once the channel or its connection is gone
+# (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
 # How often the leader compares its keys with the broker's key queues (management API).
 _RECONCILE_INTERVAL = 60.0
 
@@ -69,7 +74,6 @@ _RELEASE_WAIT = 60.0
 @dataclass(eq=False)
 class _Worker:
     worker_id: str
-    inbox: str
     job_types: frozenset[str]
     last_seen: float
     keys: set[str] = field(default_factory=set)
@@ -123,6 +127,7 @@ class Registry:
         self._connection: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
         self._pool: ChannelPool | None = None
+        self._probes: ChannelPool | None = None
         self.malformed_messages = 0
         self.keys_retired = 0
 
@@ -163,12 +168,17 @@ class Registry:
         if self._stopping.is_set():
             return
         self._pool = ChannelPool(connection, size=8)
+        # passive declares (leases, backlog) fail with NOT_FOUND now and then: their own
+        # channels, so that never fails a declare or bind of an ensure
+        self._probes = ChannelPool(connection, size=2)
         await declare_registry_queue(self._control, self.names)
         await self._control.declare_exchange(
             self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         await self._control.declare_queue(self.names.dead_letter_queue, durable=True)
-        await self._control.set_qos(prefetch_count=256)
+        # Generous: answers can wait on a key's lock (a retirement), and heartbeats must not
+        # starve behind them. Control messages are small.
+        await self._control.set_qos(prefetch_count=10_000)
         queue = await self._control.get_queue(self.names.registry_queue, ensure=False)
         await queue.consume(self._on_control_message)
         await self._watch_worker_inboxes(connection)
@@ -184,7 +194,7 @@ class Registry:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
             if connection.is_closed:
                 raise aiormq.exceptions.AMQPConnectionError("connection closed")
-            self._drop_silent_workers()
+            await self._drop_silent_workers()
             await self._renew_unowned_leases()
 
     async def _take_leadership(self, connection: AbstractConnection) -> None:
@@ -353,68 +363,90 @@ class Registry:
         key = self._keys.get(key_id)
         if key is None or key.lock.locked() or key.handing_off or key.owner != reporter:
             return
-        async with key.lock:
-            exchange = self.names.jobs_exchange(key.ref.job_type)
-            channel = await self._pool.get()
-            # 1. stop routing: from here on, publishes come back to their publisher
-            for routing_key in key.routing_keys:
-                await channel.queue_unbind(key.queue, exchange, routing_key=routing_key)
-            key.routing_keys.clear()
-            # 2. messages routed before the unbind may still be on their way into the queue
-            await asyncio.sleep(self.settings.retire_grace)
-            # 3. the owner settles what it holds and cancels its consumer
-            key.handing_off, key.target = True, None
-            self._send(reporter, Release(key_ids=[key_id]))
-            ready = await self._wait_unconsumed(key)
-            # 4. delete only an empty, unconsumed queue; the broker checks both atomically
-            if ready == 0:
-                try:
-                    await (await self._pool.get()).queue_delete(
-                        key.queue, if_empty=True, if_unused=True
-                    )
-                except aiormq.exceptions.AMQPError as exc:
-                    log.info("kept key %s: %s", key_id, exc)
-                else:
-                    key.handing_off = False
-                    self._set_owner(key, None)
-                    del self._keys[key_id]
-                    self.keys_retired += 1
-                    log.debug("retired key %s", key_id)
-                    return
-            # Something arrived meanwhile: keep the key, consumed and unbound. The next
-            # publish comes back, and its ensure binds the key again behind these messages.
-            key.handing_off, key.target = False, None
-            self._set_owner(key, None)
-            self._place(key)
+        try:
+            async with key.lock:
+                await self._retire_locked(key, reporter)
+        finally:
+            self._rebalance_wanted.set()  # whatever happened, the key gets a home
 
-    async def _wait_unconsumed(self, key: _Key) -> int | None:
-        """Wait until the key's queue has no consumer; return its ready count, or None if it
-        kept a consumer (then it must not be deleted)."""
+    async def _retire_locked(self, key: _Key, reporter: str) -> None:
         assert self._pool is not None
-        deadline = time.monotonic() + _RELEASE_WAIT
-        while time.monotonic() < deadline:
+        exchange = self.names.jobs_exchange(key.ref.job_type)
+        channel = await self._pool.get()
+        # 1. stop routing: from here on, publishes come back to their publisher
+        for routing_key in list(key.routing_keys):
+            await channel.queue_unbind(key.queue, exchange, routing_key=routing_key)
+            key.routing_keys.remove(routing_key)
+        # 2. messages routed before the unbind may still be on their way into the queue
+        await asyncio.sleep(self.settings.retire_grace)
+        # 3. the owner settles what it holds (acks what it handled, requeues the rest) and
+        #    reports the key released; only then do the queue's counts tell the truth
+        key.handing_off, key.target = True, None
+        self._send(reporter, Release(key_ids=[key.ref.id]))
+        if not await self._wait_released(key, reporter):
+            # A long handler: leave the handoff open; its Released places the key.
+            log.info("key %s: owner still busy after %gs; not retired", key.ref.id, _RELEASE_WAIT)
+            return
+        # 4. delete only an empty, unconsumed queue; the broker checks both atomically
+        async with self._fresh_channel() as probe:
             try:
-                ok = await (await self._pool.get()).queue_declare(key.queue, passive=True)
+                ok = await probe.queue_declare(key.queue, passive=True)
+                if not ok.message_count and not ok.consumer_count:
+                    await probe.queue_delete(key.queue, if_empty=True, if_unused=True)
+                    self._forget(key)
+                    return
             except aiormq.exceptions.ChannelNotFoundEntity:
-                return 0  # already gone
-            if ok.consumer_count == 0:
-                return int(ok.message_count or 0)
-            await asyncio.sleep(0.05)
-        return None
+                self._forget(key)  # deleted meanwhile (x-expires, an operator)
+                return
+            except _CHANNEL_ERRORS as exc:
+                log.info("kept key %s: %s", key.ref.id, exc)
+        # Something arrived meanwhile: keep the key, consumed and unbound. The next
+        # publish comes back, and its ensure binds the key again behind these messages.
+        self._place(key)
+
+    def _forget(self, key: _Key) -> None:
+        key.handing_off = False
+        self._set_owner(key, None)
+        del self._keys[key.ref.id]
+        self.keys_retired += 1
+
+    async def _wait_released(self, key: _Key, reporter: str) -> bool:
+        """Wait until the owner has reported the key released (or died)."""
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while key.owner == reporter:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _fresh_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A channel of its own, for calls whose error must not fail anyone else's."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            yield await channel.get_underlay_channel()
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*_CHANNEL_ERRORS):
+                    await channel.close()
 
     async def _renew_unowned_leases(self) -> None:
         """A key queue without consumer expires with its messages (x-expires): while no
         worker can take a key, renew its lease with a passive declare."""
-        assert self._pool is not None
+        assert self._probes is not None
         now = time.monotonic()
         period = self.settings.key_queue_expires / 3
         for key in list(self._keys.values()):
             if key.owner is None and now - key.last_lease_renewal > period:
                 try:
-                    await (await self._pool.get()).queue_declare(key.queue, passive=True)
+                    await (await self._probes.get()).queue_declare(key.queue, passive=True)
                     key.last_lease_renewal = now
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    log.warning("unowned key %s has no queue any more", key.ref.id)
+                    log.error("unowned key %s lost its queue (expired or deleted)", key.ref.id)
+                    if not key.lock.locked():
+                        self._set_owner(key, None)
+                        del self._keys[key.ref.id]
 
     # --- workers ------------------------------------------------------------------------
 
@@ -423,7 +455,6 @@ class Registry:
         if worker is None:
             worker = self._workers[join.worker_id] = _Worker(
                 join.worker_id,
-                self.names.worker_inbox(join.worker_id),
                 frozenset(join.job_types),
                 time.monotonic(),
             )
@@ -462,7 +493,7 @@ class Registry:
         while True:
             try:
                 complete = await self._adopt_from_broker()
-            except BrokerUnavailableError as exc:
+            except (BrokerUnavailableError, *_CHANNEL_ERRORS, KeyError, ValueError) as exc:
                 complete = False
                 if failures == 0:
                     log.warning(
@@ -561,11 +592,27 @@ class Registry:
                 key.handing_off, key.target = False, None
         self._rebalance_wanted.set()
 
-    def _drop_silent_workers(self) -> None:
+    async def _drop_silent_workers(self) -> None:
+        """A worker without heartbeat for ``worker_timeout`` is dropped only once the broker
+        confirms its connection is gone (its exclusive inbox no longer exists): heartbeats
+        can be late in a busy queue, and moving a key a live worker still consumes would
+        give it two consumers."""
         limit = time.monotonic() - self.settings.worker_timeout
         for worker in list(self._workers.values()):
-            if worker.last_seen < limit:
-                self._remove_worker(worker.worker_id, reason="stopped sending heartbeats")
+            if worker.last_seen >= limit:
+                continue
+            async with self._fresh_channel() as probe:
+                try:
+                    await probe.queue_declare(
+                        self.names.worker_inbox(worker.worker_id), passive=True
+                    )
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    self._remove_worker(worker.worker_id, reason="is gone (no heartbeat)")
+                    continue
+                except _CHANNEL_ERRORS:
+                    pass  # RESOURCE_LOCKED: its connection is alive
+            log.warning("worker %s sends no heartbeat but is still connected", worker.worker_id)
+            worker.last_seen = time.monotonic()  # look again after another worker_timeout
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -662,15 +709,14 @@ class Registry:
     async def _backlog(self) -> dict[str, int]:
         """Ready messages per key, by passive declares (a few at a time). The backlog shown
         adds what workers hold but have not started (their heartbeats say)."""
-        assert self._pool is not None
         limit = asyncio.Semaphore(32)
         counts: dict[str, int] = {}
 
         async def count(key: _Key) -> None:
             async with limit:
-                assert self._pool is not None
-                with contextlib.suppress(aiormq.exceptions.AMQPError):
-                    ok = await (await self._pool.get()).queue_declare(key.queue, passive=True)
+                assert self._probes is not None
+                with contextlib.suppress(*_CHANNEL_ERRORS):
+                    ok = await (await self._probes.get()).queue_declare(key.queue, passive=True)
                     counts[key.ref.id] = int(ok.message_count or 0)
 
         await asyncio.gather(*(count(k) for k in list(self._keys.values())))

@@ -68,6 +68,10 @@ from ._topology import (
 
 __all__ = ["Worker"]
 
+# What a call on a channel raises once the channel or its connection is gone
+# (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
 log = logging.getLogger("rabbitkeys.worker")
 
 
@@ -101,7 +105,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._connection: AbstractConnection | None = None
+        self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
         self._consume: aiormq.Channel | None = None
         self._dead_letters: AbstractChannel | None = None
@@ -130,7 +134,7 @@ class Worker:
         if self._sessions > 1:
             self.worker_id = f"{self._base_id}-{self._sessions}"
         self._keys.clear()
-        self._connection = connection
+        self._session_lost = asyncio.Event()
         try:
             await self._start(connection)
             log.info(
@@ -140,6 +144,10 @@ class Worker:
                 self.names.namespace,
             )
             while not self._stopping.is_set():
+                if self._session_lost.is_set():
+                    # A channel closed under us (the broker's consumer_timeout, a refused
+                    # ack...): start over; the broker requeues what we held, in order.
+                    raise ConnectionError("a channel of this worker was closed")
                 await self._send(self._heartbeat())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
@@ -153,11 +161,14 @@ class Worker:
 
     async def _start(self, connection: AbstractConnection) -> None:
         self._control = await connection.channel()
+        self._control.close_callbacks.add(self._on_channel_close)
         await declare_registry_queue(self._control, self.names)
         self._dead_letters = await connection.channel(publisher_confirms=True)
+        self._dead_letters.close_callbacks.add(self._on_channel_close)
         await self._dead_letters.declare_queue(self.names.dead_letter_queue, durable=True)
         self._declares = ChannelPool(connection, size=4)
         consume = await connection.channel()
+        consume.close_callbacks.add(self._on_channel_close)
         # Applies to each consumer made on this channel afterwards, i.e. to each key.
         await consume.set_qos(prefetch_count=self.settings.prefetch)
         # Consumed through aiormq directly: its callback starts (in a task scheduled when the
@@ -174,6 +185,9 @@ class Worker:
         await inbox.bind(workers)
         await inbox.consume(self._on_command, no_ack=True)
         await self._send(self._join())
+
+    def _on_channel_close(self, *_: Any) -> None:
+        self._session_lost.set()
 
     def _join(self) -> WorkerJoin:
         return WorkerJoin(
@@ -271,10 +285,16 @@ class Worker:
                     durable=self.settings.durable,
                     arguments=key_queue_arguments(self.settings.key_queue_expires),
                 )
-            except aiormq.exceptions.AMQPError as exc:
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                # Declared with other arguments (settings differ between processes, say
+                # during a rolling change): it exists, so consume it all the same.
+                log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
+            except _CHANNEL_ERRORS as exc:
                 log.error("cannot declare the queue of key %s: %s", key_id, exc)
                 self._spawn(self._send(Released(worker_id=self.worker_id, keys=[assignment])))
                 return
+            if self._stopping.is_set():
+                return  # stop() came while we declared: we must not consume after leaving
             owned = _OwnedKey(assignment, key_id)
             self._keys[key_id] = owned
             ok = await self._consume.basic_consume(
@@ -292,8 +312,10 @@ class Worker:
         )
 
     async def _release_and_report(self, key_ids: list[str]) -> None:
-        released = await asyncio.gather(*(self._release(key_id) for key_id in key_ids))
-        keys = [assignment for assignment in released if assignment is not None]
+        released = await asyncio.gather(
+            *(self._release(key_id) for key_id in key_ids), return_exceptions=True
+        )
+        keys = [assignment for assignment in released if isinstance(assignment, KeyAssignment)]
         if keys:
             await self._send(Released(worker_id=self.worker_id, keys=keys))
 
@@ -305,7 +327,7 @@ class Worker:
                 return None
             owned.releasing = True
             if owned.runner is not None:
-                await owned.runner
+                await asyncio.wait([owned.runner])
             await self._cancel(owned)
             await self._requeue_buffer(owned)
             if self._keys.get(key_id) is owned:
@@ -317,7 +339,7 @@ class Worker:
         channel = self._consume
         if tag is None or channel is None or channel.is_closed:
             return
-        with contextlib.suppress(aiormq.exceptions.AMQPError):
+        with contextlib.suppress(*_CHANNEL_ERRORS):
             await channel.basic_cancel(tag)
 
     async def _requeue_buffer(self, owned: _OwnedKey) -> None:
@@ -325,7 +347,7 @@ class Worker:
         if not owned.buffer or channel is None or channel.is_closed:
             owned.buffer.clear()
             return
-        with contextlib.suppress(aiormq.exceptions.AMQPError):
+        with contextlib.suppress(*_CHANNEL_ERRORS):
             while owned.buffer:
                 delivery = owned.buffer.popleft()
                 await channel.basic_reject(_tag(delivery), requeue=True)
@@ -334,16 +356,13 @@ class Worker:
             await channel.basic_qos(prefetch_count=self.settings.prefetch)
 
     def _on_broker_cancel(self, frame: Any) -> None:
-        """The broker dropped one of our consumers (its queue was deleted or crashed):
-        forget the key and tell the registry, which assigns it again."""
+        """The broker dropped one of our consumers (its queue was deleted or crashed): let
+        go of the key as in a release, and tell the registry, which assigns it again."""
         for owned in list(self._keys.values()):
             if owned.consumer_tag == frame.consumer_tag:
                 log.warning("the broker cancelled our consumer of key %s", owned.key_id)
                 owned.consumer_tag = None
-                owned.releasing = True
-                owned.buffer.clear()  # those deliveries died with the consumer
-                del self._keys[owned.key_id]
-                self._spawn(self._send(Released(worker_id=self.worker_id, keys=[owned.assignment])))
+                self._spawn(self._release_and_report([owned.key_id]))
 
     # --- deliveries ---------------------------------------------------------------------
 
@@ -359,6 +378,7 @@ class Worker:
         owned.last_activity = time.monotonic()
         if owned.runner is None and not owned.releasing:
             owned.runner = asyncio.ensure_future(self._run_key(owned))
+            owned.runner.add_done_callback(_log_failure)
 
     async def _run_key(self, owned: _OwnedKey) -> None:
         """Handle the key's buffered deliveries one at a time, oldest first."""
@@ -378,18 +398,19 @@ class Worker:
                     async with self._slots:
                         finished = await self._handle(owned, delivery)
                     if not finished:
-                        return  # shutting down mid-retry: the connection close requeues it
+                        return  # shutting down mid-retry: released (requeued) by the drain
                     if origin:
                         owned.history.record(*origin)
-                owned.buffer.popleft()
                 assert self._consume is not None
                 await self._consume.basic_ack(_tag(delivery))
+                owned.buffer.popleft()
                 self.handled += 1
                 owned.last_activity = time.monotonic()
-        except aiormq.exceptions.AMQPError as exc:
-            # The channel is gone: the broker requeues everything we held, in order.
-            log.error("key %s: lost the channel: %r", owned.key_id, exc)
-            owned.buffer.clear()
+        except Exception:
+            # The channel is gone, or the dead-letter copy could not be made: we cannot
+            # settle this delivery. Start over: the broker requeues all we held, in order.
+            log.exception("key %s: cannot settle a delivery; reconnecting", owned.key_id)
+            self._session_lost.set()
         finally:
             owned.runner = None
 

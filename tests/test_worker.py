@@ -187,3 +187,25 @@ async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
         await eventually(lambda: handled == [b"first", b"second"])
         await eventually(lambda: worker.duplicates_dropped == 1)
     assert worker.order_violations == 0
+
+
+async def test_a_worker_with_other_queue_settings_still_consumes_its_keys(
+    amqp_url: str, namespace: str
+) -> None:
+    """During a rolling configuration change the worker's declare is refused
+    (PRECONDITION_FAILED): it consumes the queue as it is instead of giving the key back
+    (which would loop between registry and worker without ever consuming)."""
+    registry_settings = make_settings(amqp_url, namespace, key_queue_expires=120.0)
+    worker_settings = make_settings(amqp_url, namespace, key_queue_expires=60.0)
+    handled: list[bytes] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled.append(message.body)
+
+    async with running_registry(registry_settings), running_worker(worker_settings, app):
+        async with Publisher(registry_settings) as publisher:
+            await publisher.publish("k", b"one")
+            await publisher.publish("k", b"two")
+        await eventually(lambda: handled == [b"one", b"two"])

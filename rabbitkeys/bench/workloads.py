@@ -29,7 +29,9 @@ class Workload:
 
 def _uniform(messages: int, rng: random.Random) -> Workload:
     keys = [f"u{i}" for i in range(1000)]
-    return Workload("uniform", "1,000 keys, uniform", [rng.choice(keys) for _ in range(messages)], frozenset())
+    return Workload(
+        "uniform", "1,000 keys, uniform", [rng.choice(keys) for _ in range(messages)], frozenset()
+    )
 
 
 def _zipf(messages: int, rng: random.Random) -> Workload:
@@ -53,7 +55,10 @@ def _slow(messages: int, rng: random.Random) -> Workload:
 
 def _churn(messages: int, rng: random.Random) -> Workload:
     return Workload(
-        "churn", "every message a new key", [uuid.UUID(int=rng.getrandbits(128)).hex for _ in range(messages)], frozenset()
+        "churn",
+        "every message a new key",
+        [uuid.UUID(int=rng.getrandbits(128)).hex for _ in range(messages)],
+        frozenset(),
     )
 
 
