@@ -280,7 +280,9 @@ class Publisher:
         table[HEADER_JOB_TYPE] = ref.job_type
         table[HEADER_PUBLISHER] = self.publisher_id
         table[HEADER_SEQUENCE] = sequence
-        table[HEADER_PUBLISHED_AT] = time.time()
+        # integer microseconds: AMQP tables carry Python floats as 32-bit floats (pamqp),
+        # which would round an epoch timestamp to minutes
+        table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000
         properties = spec.Basic.Properties(
             delivery_mode=self._delivery_mode, headers=table, message_id=uuid.uuid4().hex
         )

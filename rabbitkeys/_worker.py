@@ -489,7 +489,7 @@ class Worker:
             {
                 HEADER_ERROR: f"{type(error).__name__}: {error}"[:4096],
                 HEADER_ATTEMPTS: attempts,
-                HEADER_FAILED_AT: time.time(),
+                HEADER_FAILED_AT: time.time_ns() // 1000,  # epoch microseconds
                 HEADER_WORKER: self.worker_id,
             }
         )

@@ -122,6 +122,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     chaos.add_argument("--json", action="store_true", help="print the report as JSON")
     chaos.set_defaults(handler=_chaos)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure rabbitkeys against a shared queue, one worker and fixed partitions",
+        description="Run each strategy (shared queue, single worker, consistent-hash "
+        "partitions, rabbitkeys) on each workload (uniform, zipf, slow, churn) on the local "
+        "broker with the same client library and worker count; print a Markdown table.",
+        epilog=_SETTINGS_HELP,
+    )
+    bench.add_argument("--messages", type=int, default=20_000, help="per run (default 20000)")
+    bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
+    bench.add_argument("--work-ms", type=float, default=1.0, help="handler time (default 1 ms)")
+    bench.add_argument(
+        "--strategies", default="shared,single,partitions,rabbitkeys", help="comma-separated"
+    )
+    bench.add_argument("--workloads", default="uniform,zipf,slow,churn", help="comma-separated")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -191,6 +209,40 @@ async def _chaos(settings: Settings, args: argparse.Namespace) -> int:
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from .bench import (
+        machine_description,
+        make_workload,
+        markdown,
+        measure_declare_rate,
+        run_strategy,
+    )
+
+    results = []
+    for workload_name in args.workloads.split(","):
+        workload = make_workload(workload_name, args.messages)
+        for strategy in args.strategies.split(","):
+            result = await run_strategy(
+                strategy,
+                workload,
+                settings,
+                workers=args.workers,
+                partitions=args.partitions,
+                work_ms=args.work_ms,
+            )
+            print(
+                f"{workload_name:>8} {strategy:>10}: {result.throughput:8,.0f} msg/s  "
+                f"p99 {result.p99_ms:8,.1f} ms  violations {result.order_violations}",
+                file=sys.stderr,
+            )
+            results.append(result)
+    declare_rate = await measure_declare_rate(settings) if "churn" in args.workloads else None
+    print(f"Machine: {machine_description()}")
+    print(f"{args.workers} worker processes, {args.messages:,} messages per run\n")
+    print(markdown(results, declare_rate=declare_rate))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -20,4 +20,4 @@ async def record(message: Message) -> None:
         _recorder = Recorder()
         atexit.register(_recorder.flush)
     published = message.headers.get(HEADER_PUBLISHED)
-    await _recorder.handle(message.key, message.sequence or 0, float(published or 0))
+    await _recorder.handle(message.key, message.sequence or 0, int(published or 0) / 1e6)

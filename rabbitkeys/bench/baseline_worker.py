@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import sys
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -32,14 +33,17 @@ async def main(mode: str, queues: list[str]) -> None:
     connection = await aio_pika.connect(os.environ["RABBITKEYS_AMQP_URL"])
 
     async def handle(message: AbstractIncomingMessage) -> None:
-        headers = message.headers
+        headers: dict[str, Any] = dict(message.headers)
         await recorder.handle(
-            str(headers["bench-key"]), int(headers[HEADER_SEQ]), float(headers[HEADER_PUBLISHED])
+            str(headers["bench-key"]),
+            int(headers[HEADER_SEQ]),
+            int(headers[HEADER_PUBLISHED]) / 1e6,
         )
         await message.ack()
 
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=PREFETCH)
+    readers: list[asyncio.Task[None]] = []
     if mode == "concurrent":
         for name in queues:
             await (await channel.get_queue(name, ensure=False)).consume(handle)
@@ -48,7 +52,7 @@ async def main(mode: str, queues: list[str]) -> None:
             queue_channel = await connection.channel()
             await queue_channel.set_qos(prefetch_count=PREFETCH)
             queue = await queue_channel.get_queue(name, ensure=False)
-            loop.create_task(_in_order(queue, handle))
+            readers.append(loop.create_task(_in_order(queue, handle)))
     await stop.wait()
     recorder.flush()
     await connection.close()

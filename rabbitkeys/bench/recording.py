@@ -35,13 +35,14 @@ class Recorder:
         directory = Path(os.environ["RK_BENCH_DIR"])
         self._path = directory / f"{os.getpid()}.txt"
         self._slow = frozenset(filter(None, os.environ.get("RK_BENCH_SLOW", "").split(",")))
+        # every job awaits this long (an I/O-bound job), slow keys SLOW_SECONDS
+        self._work = float(os.environ.get("RK_BENCH_WORK_MS", "1")) / 1000
         self._lines: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def handle(self, key: str, seq: int, published: float) -> None:
         started = time.time()
-        if key in self._slow:
-            await asyncio.sleep(SLOW_SECONDS)
+        await asyncio.sleep(SLOW_SECONDS if key in self._slow else self._work)
         self._lines.append(f"{key} {seq} {published:.6f} {started:.6f} {time.time():.6f}\n")
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())

@@ -1,0 +1,344 @@
+"""Run each strategy on each workload, on the same broker, client library and worker count.
+
+Strategies:
+
+* ``shared``: one queue, N workers, handlers concurrent: the throughput ceiling; breaks order;
+* ``single``: one queue, one worker, one message at a time: ordered, the article's simple way;
+* ``partitions``: a consistent-hash exchange into P single-active-consumer queues, N workers,
+  one message at a time per queue: ordered, Kafka-like;
+* ``rabbitkeys``: a registry and N workers through the CLI.
+
+Every handler awaits ``work_ms`` (1 ms: an I/O-bound job); slow keys 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from .._cluster import LocalCluster
+from .._management import _get
+from .._publisher import Publisher
+from .._settings import Settings
+from .recording import HEADER_PUBLISHED, HEADER_SEQ, Record, count_all, read_all
+from .workloads import Workload
+
+__all__ = ["STRATEGIES", "Result", "measure_declare_rate", "run_strategy"]
+
+STRATEGIES = ("shared", "single", "partitions", "rabbitkeys")
+IN_FLIGHT = 1000  # publishes awaiting their confirm at once, for every strategy
+
+
+@dataclass
+class Result:
+    strategy: str
+    workload: str
+    messages: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    #: p99 of keys that are not slow (the "slow" workload), else None
+    fast_p99_ms: float | None
+    order_violations: int
+    lost: int
+    extra: dict[str, float]
+
+
+async def run_strategy(
+    strategy: str,
+    workload: Workload,
+    settings: Settings,
+    *,
+    workers: int,
+    partitions: int,
+    work_ms: float,
+    timeout: float = 300.0,
+) -> Result:
+    namespace = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
+    settings = settings.model_copy(update={"namespace": namespace, "log_level": "WARNING"})
+    with tempfile.TemporaryDirectory(prefix="rabbitkeys-bench-") as scratch:
+        directory = Path(scratch)
+        env = {
+            **os.environ,
+            "RK_BENCH_DIR": scratch,
+            "RK_BENCH_SLOW": ",".join(sorted(workload.slow_keys)),
+            "RK_BENCH_WORK_MS": str(work_ms),
+            "RABBITKEYS_AMQP_URL": settings.amqp_url.get_secret_value(),
+        }
+        extra: dict[str, float] = {}
+        if strategy == "rabbitkeys":
+            started, done = await _run_rabbitkeys(
+                settings, workload, workers, env, directory, timeout, extra
+            )
+        else:
+            started, done = await _run_baseline(
+                strategy, settings, workload, workers, partitions, env, directory, timeout
+            )
+        records = [r for r in read_all(directory) if r.published >= started]
+    return _summarise(strategy, workload, records, started, done, extra)
+
+
+# --- the baselines, on plain aio-pika ---------------------------------------------------
+
+
+async def _run_baseline(
+    strategy: str,
+    settings: Settings,
+    workload: Workload,
+    workers: int,
+    partitions: int,
+    env: dict[str, str],
+    directory: Path,
+    timeout: float,
+) -> tuple[float, float]:
+    ns = settings.namespace
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    channel = await connection.channel(publisher_confirms=True)
+    if strategy == "partitions":
+        exchange = await channel.declare_exchange(
+            f"{ns}.partitions", "x-consistent-hash", durable=True, auto_delete=True
+        )
+        queues = [f"{ns}.p{i}" for i in range(partitions)]
+        for name in queues:
+            queue = await channel.declare_queue(
+                name, durable=True, auto_delete=True, arguments={"x-single-active-consumer": True}
+            )
+            await queue.bind(exchange, routing_key="1")
+        mode, per_worker = "sequential", [queues] * workers
+    else:
+        queues = [f"{ns}.{strategy}"]
+        await channel.declare_queue(queues[0], durable=True, auto_delete=True)
+        exchange = channel.default_exchange
+        mode = "concurrent" if strategy == "shared" else "sequential"
+        per_worker = [queues] * (workers if strategy == "shared" else 1)
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rabbitkeys.bench.baseline_worker", mode, *names, env=env
+        )
+        for names in per_worker
+    ]
+    try:
+        await _wait_consumed(channel, queues)
+        sequences: dict[str, int] = {}
+        limit = asyncio.Semaphore(IN_FLIGHT)
+
+        async def publish(key: str) -> None:
+            sequences[key] = seq = sequences.get(key, 0) + 1
+            message = aio_pika.Message(
+                b"x",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={"bench-key": key, HEADER_SEQ: seq, HEADER_PUBLISHED: _now_us()},
+            )
+            routing_key = key if strategy == "partitions" else queues[0]
+            async with limit:
+                await exchange.publish(message, routing_key=routing_key)
+
+        warmup = _warmup(workload)
+        await _publish_all(publish, warmup)
+        await _wait_handled(directory, len(warmup), timeout)
+        started = time.time()
+        await _publish_all(publish, workload.keys)
+        done = await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            await process.wait()
+        for name in queues:
+            await channel.queue_delete(name)
+        await connection.close()
+    return started, done
+
+
+async def _wait_consumed(channel: aio_pika.abc.AbstractChannel, queues: list[str]) -> None:
+    for _ in range(200):
+        counts = [
+            (await channel.declare_queue(name, passive=True)).declaration_result.consumer_count
+            for name in queues
+        ]
+        if all(counts):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("benchmark workers did not start consuming")
+
+
+# --- rabbitkeys ---------------------------------------------------------------------------
+
+
+async def _run_rabbitkeys(
+    settings: Settings,
+    workload: Workload,
+    workers: int,
+    env: dict[str, str],
+    directory: Path,
+    timeout: float,
+    extra: dict[str, float],
+) -> tuple[float, float]:
+    cluster_env = {k: v for k, v in env.items() if k.startswith("RK_BENCH")}
+    async with LocalCluster(settings, extra_env=cluster_env) as cluster:
+        await cluster.start_registry()
+        for _ in range(workers):
+            await cluster.start_worker("rabbitkeys.bench.app:app")
+        await cluster.wait_for_workers(workers)
+        broker_before = _broker_memory(settings)
+        rss_before = _rss([p.pid for p in cluster.workers])
+        async with Publisher(settings) as publisher:
+            limit = asyncio.Semaphore(IN_FLIGHT)
+
+            async def publish(key: str) -> None:
+                async with limit:
+                    await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
+
+            warmup = _warmup(workload)
+            await _publish_all(publish, warmup)
+            await _wait_handled(directory, len(warmup), timeout)
+            started = time.time()
+            await _publish_all(publish, workload.keys)
+            done = await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
+        keys = workload.distinct_keys
+        if broker_before is not None and (after := _broker_memory(settings)) is not None:
+            extra["broker_bytes_per_key"] = (after - broker_before) / keys
+        extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
+        extra["new_keys_per_second"] = keys / max(1e-9, done - started)
+    return started, done
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def _warmup(workload: Workload) -> list[str]:
+    """One message per key before the measured run, so that keyed workloads are measured
+    in steady state (keys known); key churn is measured cold, that being its point."""
+    return [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
+
+
+async def _publish_all(publish: Any, keys: list[str]) -> None:
+    # Calls made in workload order (per key, that is the order to keep); up to IN_FLIGHT
+    # confirms awaited at once.
+    tasks = [asyncio.ensure_future(publish(key)) for key in keys]
+    await asyncio.gather(*tasks)
+
+
+async def _wait_handled(directory: Path, expected: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while count_all(directory) < expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # the workers flush every 0.2 s
+    return time.time()
+
+
+def _summarise(
+    strategy: str,
+    workload: Workload,
+    records: list[Record],
+    started: float,
+    done: float,
+    extra: dict[str, float],
+) -> Result:
+    if not records:
+        raise RuntimeError(f"{strategy}/{workload.name}: nothing was handled")
+    finished = max(r.finished for r in records)
+    seconds = finished - started
+    latencies = sorted((r.started - r.published) * 1000 for r in records)
+    fast = sorted(
+        (r.started - r.published) * 1000 for r in records if r.key not in workload.slow_keys
+    )
+    return Result(
+        strategy=strategy,
+        workload=workload.name,
+        messages=len(records),
+        seconds=seconds,
+        throughput=len(records) / seconds,
+        p50_ms=statistics.median(latencies),
+        p99_ms=_percentile(latencies, 0.99),
+        fast_p99_ms=_percentile(fast, 0.99) if workload.slow_keys else None,
+        order_violations=count_order_violations(records),
+        lost=len(workload.keys) - len({(r.key, r.seq) for r in records}),
+        extra=extra,
+    )
+
+
+def count_order_violations(records: list[Record]) -> int:
+    """Messages that started before the previous message of their key (in publish order)
+    had finished: run before it, or at the same time."""
+    by_key: dict[str, list[Record]] = {}
+    for record in records:
+        by_key.setdefault(record.key, []).append(record)
+    violations = 0
+    for key_records in by_key.values():
+        key_records.sort(key=lambda r: r.seq)
+        for previous, current in itertools.pairwise(key_records):
+            if current.started < previous.finished:
+                violations += 1
+    return violations
+
+
+def _now_us() -> int:
+    # integer microseconds: a float header travels as a 32-bit float (pamqp)
+    return time.time_ns() // 1000
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+
+def _broker_memory(settings: Settings) -> float | None:
+    try:
+        nodes = _get(settings, "nodes?columns=mem_used")
+        return float(sum(node["mem_used"] for node in nodes))
+    except Exception:
+        return None
+
+
+def _rss(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += float(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+async def measure_declare_rate(settings: Settings, queues: int = 2000, channels: int = 16) -> float:
+    """The broker's raw rate of declaring a new queue and binding it, over 16 channels."""
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    prefix = f"bench-raw-{uuid.uuid4().hex[:6]}"
+    try:
+        opened = [await connection.channel() for _ in range(channels)]
+        exchange = await opened[0].declare_exchange(f"{prefix}.x", "direct", auto_delete=True)
+        names = [f"{prefix}.q{i}" for i in range(queues)]
+
+        async def declare_some(channel: aio_pika.abc.AbstractChannel, part: list[str]) -> None:
+            for name in part:
+                queue = await channel.declare_queue(
+                    name,
+                    durable=True,
+                    arguments={"x-expires": 60_000, "x-single-active-consumer": True},
+                )
+                await queue.bind(exchange, routing_key=name)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(declare_some(ch, names[i::channels]) for i, ch in enumerate(opened)))
+        rate = queues / (time.perf_counter() - started)
+        for i, name in enumerate(names):
+            await opened[i % channels].queue_delete(name)
+        return rate
+    finally:
+        await connection.close()
