@@ -89,7 +89,9 @@ async def run_chaos(
     output: Path | None = None,
 ) -> ChaosReport:
     namespace = f"{settings.namespace}-chaos-{uuid.uuid4().hex[:6]}"
-    settings = settings.model_copy(update={"namespace": namespace})
+    # nobody retires its key queues after the run: let them expire within minutes
+    expires = min(settings.key_queue_expires, 300.0)
+    settings = settings.model_copy(update={"namespace": namespace, "key_queue_expires": expires})
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-chaos-") as scratch:
         directory = output or Path(scratch)
         env = {"RK_DEMO_DIR": str(directory), "RABBITKEYS_LOG_LEVEL": "WARNING"}

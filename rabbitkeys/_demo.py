@@ -74,7 +74,8 @@ def check_order(records: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 async def run_demo(settings: Settings, *, keys: int, messages: int, workers: int) -> int:
     namespace = f"{settings.namespace}-demo-{uuid.uuid4().hex[:6]}"
-    demo_settings = settings.model_copy(update={"namespace": namespace})
+    # its key queues are not retired by anyone once the demo ends: let them expire soon
+    demo_settings = settings.model_copy(update={"namespace": namespace, "key_queue_expires": 60.0})
     slow_keys = max(1, keys // 15)
     names = [f"slow-{i}" for i in range(slow_keys)] + [f"post-{i}" for i in range(keys - slow_keys)]
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-demo-") as directory:

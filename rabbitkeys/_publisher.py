@@ -243,16 +243,25 @@ class Publisher:
         entry.future.add_done_callback(self._unsettled.discard)
         lane.waiting.append(entry)
         self._pump(lane)
-        await asyncio.wait([entry.future], timeout=self.settings.publish_timeout)
-        if not entry.future.done():
-            # Given up: it is not sent again. If an earlier send reached the broker, it is
-            # delivered anyway (a documented duplicate case).
-            entry.future.cancel()
-            raise PublishError(
+        # A timer, not asyncio.wait_for: no extra task per message on the hot path.
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.publish_timeout, self._give_up, entry
+        )
+        try:
+            await entry.future  # a caller that cancels also withdraws a message not yet sent
+        finally:
+            timer.cancel()
+
+    def _give_up(self, entry: _Entry) -> None:
+        """No confirm within publish_timeout: the message is not sent again. If an earlier
+        send reached the broker it is delivered anyway (a documented duplicate case)."""
+        _fail(
+            entry,
+            PublishError(
                 f"the broker did not confirm the message within "
                 f"{self.settings.publish_timeout:g}s (is it reachable?)"
-            )
-        entry.future.result()
+            ),
+        )
 
     def _drop_idle_lanes(self) -> None:
         """Forget the oldest lanes with nothing pending (memory stays flat under key churn)."""
@@ -283,13 +292,13 @@ class Publisher:
         # integer microseconds: AMQP tables carry Python floats as 32-bit floats (pamqp),
         # which would round an epoch timestamp to minutes
         table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000
-        properties = spec.Basic.Properties(
-            delivery_mode=self._delivery_mode, headers=table, message_id=uuid.uuid4().hex
-        )
-        try:  # fail here, in the caller, rather than as a broken channel later
-            spec.Basic.Properties.marshal(properties)
-        except Exception as exc:
-            raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
+        # aiormq adds a random message_id, which it needs to match a basic.return
+        properties = spec.Basic.Properties(delivery_mode=self._delivery_mode, headers=table)
+        if headers:
+            try:  # fail here, in the caller, rather than as a broken channel later
+                spec.Basic.Properties.marshal(properties)
+            except Exception as exc:
+                raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
         return properties
 
     def _pump(self, lane: _Lane) -> None:

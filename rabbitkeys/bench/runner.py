@@ -28,9 +28,11 @@ from typing import Any
 import aio_pika
 
 from .._cluster import LocalCluster
-from .._management import _get
+from .._errors import BrokerUnavailableError
+from .._management import _get, list_queues
 from .._publisher import Publisher
 from .._settings import Settings
+from .._topology import Names
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Record, count_all, read_all
 from .workloads import Workload
 
@@ -67,7 +69,11 @@ async def run_strategy(
     timeout: float = 300.0,
 ) -> Result:
     namespace = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
-    settings = settings.model_copy(update={"namespace": namespace, "log_level": "WARNING"})
+    # Short x-expires as a backstop, and every key queue deleted at the end: thousands of
+    # durable queues left behind make the broker's next boot crawl.
+    settings = settings.model_copy(
+        update={"namespace": namespace, "log_level": "WARNING", "key_queue_expires": 60.0}
+    )
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-bench-") as scratch:
         directory = Path(scratch)
         env = {
@@ -87,6 +93,8 @@ async def run_strategy(
                 strategy, settings, workload, workers, partitions, env, directory, timeout
             )
         records = [r for r in read_all(directory) if r.published >= started]
+        if strategy == "rabbitkeys":
+            await _delete_key_queues(settings)
     return _summarise(strategy, workload, records, started, done, extra)
 
 
@@ -285,6 +293,23 @@ def count_order_violations(records: list[Record]) -> int:
             if current.started < previous.finished:
                 violations += 1
     return violations
+
+
+async def _delete_key_queues(settings: Settings) -> None:
+    names = Names(settings.namespace)
+    try:
+        queues = await list_queues(settings, names.key_queue_prefix)
+    except BrokerUnavailableError:
+        return  # no management API: x-expires removes them within a minute
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        for queue in queues:
+            await channel.queue_delete(queue.name)
+        for job_type in {"default"}:
+            await channel.exchange_delete(names.jobs_exchange(job_type))
+    finally:
+        await connection.close()
 
 
 def _now_us() -> int:
