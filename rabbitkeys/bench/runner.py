@@ -153,12 +153,7 @@ async def _run_baseline(
             async with limit:
                 await exchange.publish(message, routing_key=routing_key)
 
-        warmup = _warmup(workload)
-        await _publish_all(publish, warmup)
-        await _wait_handled(directory, len(warmup), timeout)
-        started = time.time()
-        await _publish_all(publish, workload.keys)
-        done = await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
+        started, done = await _measure(publish, workload, directory, timeout)
     finally:
         for process in processes:
             process.terminate()
@@ -209,12 +204,7 @@ async def _run_rabbitkeys(
                 async with limit:
                     await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
 
-            warmup = _warmup(workload)
-            await _publish_all(publish, warmup)
-            await _wait_handled(directory, len(warmup), timeout)
-            started = time.time()
-            await _publish_all(publish, workload.keys)
-            done = await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
+            started, done = await _measure(publish, workload, directory, timeout)
         keys = workload.distinct_keys
         if broker_before is not None and (after := _broker_memory(settings)) is not None:
             extra["broker_bytes_per_key"] = (after - broker_before) / keys
@@ -226,10 +216,20 @@ async def _run_rabbitkeys(
 # --- shared -------------------------------------------------------------------------------
 
 
-def _warmup(workload: Workload) -> list[str]:
-    """One message per key before the measured run, so that keyed workloads are measured
-    in steady state (keys known); key churn is measured cold, that being its point."""
-    return [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
+async def _measure(
+    publish: Any, workload: Workload, directory: Path, timeout: float
+) -> tuple[float, float]:
+    """Warm up, then publish the workload; return when it started and when all was handled.
+
+    The warm-up is one message per key, so that keyed workloads are measured in steady
+    state (keys known); key churn is measured cold, that being its point.
+    """
+    warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
+    await _publish_all(publish, warmup)
+    await _wait_handled(directory, len(warmup), timeout)
+    started = time.time()
+    await _publish_all(publish, workload.keys)
+    return started, await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
 
 
 async def _publish_all(publish: Any, keys: list[str]) -> None:
