@@ -81,6 +81,8 @@ class _Entry:
     properties: spec.Basic.Properties
     future: asyncio.Future[None]
     routing_key: str | None = None
+    #: the publish task of the current send; a callback from an older one is ignored
+    task: asyncio.Future[Any] | None = None
 
 
 @dataclass(eq=False)
@@ -88,7 +90,7 @@ class _Lane:
     ref: KeyRef
     exchange: str
     routing_key: str | None = None
-    in_flight: int = 0
+    in_flight: set[_Entry] = field(default_factory=set)
     waiting: deque[_Entry] = field(default_factory=deque)
     #: sent but to be sent again (returned by the broker, or cut off by a lost connection)
     returned: list[_Entry] = field(default_factory=list)
@@ -190,6 +192,21 @@ class Publisher:
         finally:
             self._connected.clear()
             self._channel = None
+            self._abandon_in_flight()
+
+    def _abandon_in_flight(self) -> None:
+        """The connection is gone: whatever waited for a confirm on it will be sent again.
+        Not left to the old channel's futures: on an abrupt loss some never complete, and a
+        lane waiting for them would never send again."""
+        for lane in self._lanes.values():
+            for entry in sorted(lane.in_flight, key=lambda entry: entry.sequence):
+                task, entry.task = entry.task, None
+                if task is not None:
+                    task.cancel()
+                if not entry.future.done():
+                    lane.returned.append(entry)
+                    self.resent_messages += 1
+            lane.in_flight.clear()
 
     async def close(self) -> None:
         """Wait for every publish already called to settle, then disconnect."""
@@ -330,7 +347,7 @@ class Publisher:
     def _send(self, lane: _Lane, entry: _Entry) -> None:
         assert self._channel is not None and lane.routing_key is not None
         entry.routing_key = lane.routing_key
-        lane.in_flight += 1
+        lane.in_flight.add(entry)
         # The task starts at once, in call order, and takes the channel's FIFO write lock
         # before any await: frames leave in the order of the publish() calls.
         task = asyncio.ensure_future(
@@ -343,10 +360,14 @@ class Publisher:
                 wait=False,
             )
         )
+        entry.task = task
         task.add_done_callback(partial(self._on_confirm, lane, entry))
 
     def _on_confirm(self, lane: _Lane, entry: _Entry, task: asyncio.Future[Any]) -> None:
-        lane.in_flight -= 1
+        if entry.task is not task:
+            return  # a send abandoned when its connection was lost; settled already
+        entry.task = None
+        lane.in_flight.discard(entry)
         error = None if task.cancelled() else task.exception()
         if error is not None and isinstance(error, aiormq.exceptions.DeliveryError):
             # basic.nack: the broker could not take it (an internal error, a full queue)
