@@ -44,18 +44,23 @@ class LocalCluster:
     ) -> None:
         await self.stop_all()
 
-    async def _spawn(self, *args: str) -> asyncio.subprocess.Process:
+    async def _spawn(self, *args: str, metrics_port: int) -> asyncio.subprocess.Process:
+        env = {**self._env, f"{ENV_PREFIX}METRICS_PORT": str(metrics_port)}
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rabbitkeys", *args, env=self._env
+            sys.executable, "-m", "rabbitkeys", *args, env=env
         )
 
-    async def start_registry(self) -> asyncio.subprocess.Process:
-        process = await self._spawn("registry")
+    async def start_registry(self, *, metrics_port: int = 0) -> asyncio.subprocess.Process:
+        """``metrics_port``: where it serves /metrics (0, the default here: nowhere, so
+        that several processes on one host do not compete for a port)."""
+        process = await self._spawn("registry", metrics_port=metrics_port)
         self.registries.append(process)
         return process
 
-    async def start_worker(self, target: str) -> asyncio.subprocess.Process:
-        process = await self._spawn("worker", target)
+    async def start_worker(
+        self, target: str, *, metrics_port: int = 0
+    ) -> asyncio.subprocess.Process:
+        process = await self._spawn("worker", target, metrics_port=metrics_port)
         self.workers.append(process)
         return process
 

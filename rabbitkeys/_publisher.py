@@ -38,6 +38,7 @@ from typing import Any, Self, cast
 import aiormq
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
+from prometheus_client import CollectorRegistry
 
 from ._connection import keep_connected
 from ._control import ControlClient
@@ -45,8 +46,10 @@ from ._errors import (
     BrokerUnavailableError,
     InvalidMessageError,
     PublishError,
+    RabbitkeysError,
     RegistryUnavailableError,
 )
+from ._metrics import PublisherMetrics
 from ._protocol import Ensured, EnsureKey, Refused
 from ._settings import Settings, load_settings
 from ._topology import (
@@ -102,10 +105,16 @@ class Publisher:
     """Publishes keyed jobs; per key, in the order of the ``publish()`` calls.
 
     ``Publisher()`` reads its settings from the ``RABBITKEYS_*`` environment; pass a
-    :class:`Settings` to choose them in code.
+    :class:`Settings` to choose them in code. Metrics go to ``metrics_registry`` (default:
+    prometheus_client's global registry; the application serves them).
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings if settings is not None else load_settings()
         #: travels in every message, so a worker can tell publishers apart (dedup, order checks)
         self.publisher_id = uuid.uuid4().hex
@@ -126,6 +135,7 @@ class Publisher:
         self.returned_messages = 0
         #: messages sent again after a lost connection
         self.resent_messages = 0
+        self.metrics = PublisherMetrics(metrics_registry)
 
     def __repr__(self) -> str:
         return (
@@ -206,6 +216,7 @@ class Publisher:
                 if not entry.future.done():
                     lane.returned.append(entry)
                     self.resent_messages += 1
+                    self.metrics.resent.inc()
             lane.in_flight.clear()
 
     async def close(self) -> None:
@@ -261,13 +272,19 @@ class Publisher:
         lane.waiting.append(entry)
         self._pump(lane)
         # A timer, not asyncio.wait_for: no extra task per message on the hot path.
+        started = time.perf_counter()
         timer = asyncio.get_running_loop().call_later(
             self.settings.publish_timeout, self._give_up, entry
         )
         try:
             await entry.future  # a caller that cancels also withdraws a message not yet sent
+        except RabbitkeysError:
+            self.metrics.publish_failures.inc()
+            raise
         finally:
             timer.cancel()
+        self.metrics.published.inc()
+        self.metrics.publish_duration.observe(time.perf_counter() - started)
 
     def _give_up(self, entry: _Entry) -> None:
         """No confirm within publish_timeout: the message is not sent again. If an earlier
@@ -377,6 +394,7 @@ class Publisher:
             if not entry.future.done():
                 lane.returned.append(entry)
                 self.resent_messages += 1
+                self.metrics.resent.inc()
         elif isinstance(task.result(), spec.Basic.Ack):
             if not entry.future.done():
                 entry.future.set_result(None)
@@ -385,6 +403,7 @@ class Publisher:
             # expired or deleted). The message is not published; it goes back in its place.
             lane.returned.append(entry)
             self.returned_messages += 1
+            self.metrics.returned.inc()
             if lane.routing_key == entry.routing_key:
                 lane.stale_routing_key = lane.routing_key
                 lane.routing_key = None

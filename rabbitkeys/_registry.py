@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from prometheus_client import CollectorRegistry
 
 from . import _assignment
 from ._channel_pool import ChannelPool
@@ -33,6 +34,7 @@ from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
 from ._management import list_bindings, list_queues
+from ._metrics import RegistryMetrics
 from ._protocol import (
     Assign,
     ControlMessage,
@@ -69,6 +71,8 @@ _RECONCILE_INTERVAL = 60.0
 
 # How long retirement waits for the owner to settle its in-flight message and let go.
 _RELEASE_WAIT = 60.0
+# How often the leader reads the key queues' depths for the backlog metric.
+_BACKLOG_INTERVAL = 15.0
 
 
 @dataclass(eq=False)
@@ -95,6 +99,8 @@ class _Key:
     #: held while the key's queue is declared, bound, or retired
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_lease_renewal: float = field(default_factory=time.monotonic)
+    #: when a move (not a retirement) asked the owner to release the key
+    move_started: float | None = None
 
     @property
     def routing_key(self) -> str | None:
@@ -111,9 +117,12 @@ class _Key:
 
 
 class Registry:
-    """Run with ``await Registry(settings).run()``; stops when ``stop()`` is called."""
+    """Run with ``await Registry(settings).run()``; stops when ``stop()`` is called.
+    Metrics go to ``metrics_registry`` (default: prometheus_client's global registry)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, metrics_registry: CollectorRegistry | None = None
+    ) -> None:
         self.settings = settings
         self.registry_id = uuid.uuid4().hex[:12]
         self.names = Names(settings.namespace)
@@ -130,6 +139,30 @@ class Registry:
         self._probes: ChannelPool | None = None
         self.malformed_messages = 0
         self.keys_retired = 0
+        #: last sign of life of each worker lost since the last rebalance (failover gap)
+        self._lost_workers_seen: list[float] = []
+        self._backlog_messages = 0
+        self._key_queue_count = 0
+        self._connected = False
+        self.metrics = RegistryMetrics(self, metrics_registry)
+
+    def gauge_values(self) -> dict[str, float]:
+        """For the metrics: read at scrape time. Only the leader's view counts."""
+        if not self.is_leader:
+            return {"rabbitkeys_leader": 0}
+        return {
+            "rabbitkeys_leader": 1,
+            "rabbitkeys_live_keys": len(self._keys),
+            "rabbitkeys_unassigned_keys": sum(1 for k in self._keys.values() if k.owner is None),
+            "rabbitkeys_live_workers": len(self._workers),
+            "rabbitkeys_backlog_messages": self._backlog_messages,
+            "rabbitkeys_key_queues": self._key_queue_count,
+        }
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker, leading or standing by: the readiness probe."""
+        return self._connected and not self._stopping.is_set()
 
     @property
     def is_leader(self) -> bool:
@@ -154,9 +187,11 @@ class Registry:
         self._declared_exchanges.clear()
         self._leading.clear()
         self._connection = connection
+        self._connected = True
         try:
             await self._run_connected(connection)
         finally:
+            self._connected = False
             self._leading.clear()
             for task in list(self._tasks):
                 task.cancel()
@@ -184,11 +219,13 @@ class Registry:
         await self._watch_worker_inboxes(connection)
         log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
         self._leading.set()
+        self.metrics.leadership_acquired.inc()
         # Workers that survived a registry restart tell us what they consume; the broker
         # tells us the rest.
         await self._broadcast(Sync())
         self._spawn(self._rebuild_from_broker())
         self._spawn(self._rebalance_loop())
+        self._spawn(self._poll_backlog())
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
@@ -252,6 +289,7 @@ class Registry:
             request = decode(message.body)
         except ProtocolError as exc:
             self.malformed_messages += 1
+            self.metrics.malformed.inc()
             log.warning("dropped a control message: %s", exc)
             await message.ack()
             return
@@ -275,6 +313,7 @@ class Registry:
             self._on_released(request)
         else:
             self.malformed_messages += 1
+            self.metrics.malformed.inc()
             log.warning("dropped a control message of unexpected type %r", request.type)
 
     async def _answer(self, message: AbstractIncomingMessage, request: ControlMessage) -> None:
@@ -340,6 +379,7 @@ class Registry:
         await channel.queue_bind(key.queue, exchange, routing_key=routing_key)
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = time.monotonic()
+        self.metrics.keys_created.inc()
 
     def _place(self, key: _Key) -> None:
         """Give a new or orphaned key to a worker, without moving any other key."""
@@ -409,6 +449,7 @@ class Registry:
         self._set_owner(key, None)
         del self._keys[key.ref.id]
         self.keys_retired += 1
+        self.metrics.keys_retired.inc()
 
     async def _wait_released(self, key: _Key, reporter: str) -> bool:
         """Wait until the owner has reported the key released (or died)."""
@@ -480,6 +521,7 @@ class Registry:
         by_queue = self.names.key_of_queue(assignment.queue)
         if by_queue is None or by_queue.id != assignment.key_id:
             self.malformed_messages += 1
+            self.metrics.malformed.inc()
             log.warning("dropped a report about an unknown queue %r", assignment.queue)
             return None
         return KeyRef(by_queue.job_type, assignment.key, by_queue.token)
@@ -569,6 +611,9 @@ class Registry:
                 continue  # stale: the key moved or retired meanwhile
             target = key.target if key.handing_off else None
             key.handing_off, key.target = False, None
+            if key.move_started is not None:
+                self.metrics.handoff_duration.observe(time.monotonic() - key.move_started)
+                key.move_started = None
             self._set_owner(key, None)
             if key.lock.locked():
                 continue  # a retirement in progress decides where it goes
@@ -583,6 +628,8 @@ class Registry:
         if worker is None:
             return
         log.info("worker %s %s; its %d keys move", worker_id, reason, len(worker.keys))
+        if reason != "left" and worker.keys:
+            self._lost_workers_seen.append(worker.last_seen)
         # Its connection is gone (or it let go of every key before leaving), so nothing
         # consumes its keys any more: they can go to other workers at once.
         for key_id in worker.keys:
@@ -590,6 +637,7 @@ class Registry:
             if key is not None:
                 key.owner = None
                 key.handing_off, key.target = False, None
+                key.move_started = None
         self._rebalance_wanted.set()
 
     async def _drop_silent_workers(self) -> None:
@@ -648,14 +696,31 @@ class Registry:
                         assigns[new_owner].append(key.assignment())
                 else:
                     key.handing_off, key.target = True, new_owner
+                    key.move_started = time.monotonic()
                     releases[key.owner].append(key.ref.id)
                     moved += 1
         for worker_id, key_ids in releases.items():
             self._send(worker_id, Release(key_ids=key_ids))
         for worker_id, assignments in assigns.items():
             self._send(worker_id, Assign(keys=assignments))
+        now = time.monotonic()
+        for last_seen in self._lost_workers_seen:
+            self.metrics.failover_gap.observe(now - last_seen)
+        self._lost_workers_seen.clear()
         if moved:
+            self.metrics.rebalances.inc()
+            self.metrics.keys_moved.inc(moved)
             log.info("rebalancing: %d keys move over %d workers", moved, len(self._workers))
+
+    async def _poll_backlog(self) -> None:
+        """Messages waiting in key queues, for the metric an autoscaler reads. One listing
+        through the management API (paged), not a declare per key."""
+        while True:
+            with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError):
+                found = await list_queues(self.settings, self.names.key_queue_prefix)
+                self._backlog_messages = sum(queue.messages for queue in found)
+                self._key_queue_count = len(found)
+            await asyncio.sleep(_BACKLOG_INTERVAL)
 
     # --- sending ------------------------------------------------------------------------
 

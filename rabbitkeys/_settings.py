@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         description="Workers drop exact copies of a message (same publisher and sequence).",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
+    metrics_port: int = Field(
+        default=9500,
+        ge=0,
+        le=65535,
+        description="Port of /metrics, /livez and /readyz in registry and worker processes; "
+        "0 turns the endpoint off.",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0", description="Address the metrics and health endpoint listens on."
+    )
 
     @field_validator("log_level")
     @classmethod

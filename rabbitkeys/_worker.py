@@ -35,6 +35,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
+from prometheus_client import CollectorRegistry
 
 from ._app import App, Message
 from ._channel_pool import ChannelPool
@@ -42,6 +43,7 @@ from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
 from ._errors import HandlerNotFoundError, ProtocolError
+from ._metrics import WorkerMetrics
 from ._protocol import (
     Assign,
     KeyAssignment,
@@ -59,6 +61,7 @@ from ._topology import (
     HEADER_ERROR,
     HEADER_FAILED_AT,
     HEADER_KEY,
+    HEADER_PUBLISHED_AT,
     HEADER_PUBLISHER,
     HEADER_SEQUENCE,
     HEADER_WORKER,
@@ -91,9 +94,17 @@ class _OwnedKey:
 
 class Worker:
     """Runs an :class:`App`'s handlers. ``await Worker(settings, app).run()``; ``stop()``
-    starts a graceful shutdown (finish and ack in-flight messages, tell the registry)."""
+    starts a graceful shutdown (finish and ack in-flight messages, tell the registry).
+    Metrics go to ``metrics_registry`` (default: prometheus_client's global registry)."""
 
-    def __init__(self, settings: Settings, app: App, *, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        app: App,
+        *,
+        worker_id: str | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.app = app
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
@@ -114,6 +125,24 @@ class Worker:
         self.dead_lettered = 0
         self.duplicates_dropped = 0
         self.order_violations = 0
+        self._in_flight = 0
+        self._joined = False
+        self.metrics = WorkerMetrics(self, metrics_registry)
+
+    def gauge_values(self) -> dict[str, float]:
+        """For the metrics: read at scrape time."""
+        return {
+            "rabbitkeys_owned_keys": len(self._keys),
+            "rabbitkeys_in_flight_messages": self._in_flight,
+            "rabbitkeys_buffered_messages": max(
+                0, sum(len(o.buffer) for o in self._keys.values()) - self._in_flight
+            ),
+        }
+
+    @property
+    def ready(self) -> bool:
+        """Connected and joined: what the readiness probe reports."""
+        return self._joined and not self._session_lost.is_set() and not self._stopping.is_set()
 
     @property
     def owned_keys(self) -> list[str]:
@@ -153,6 +182,7 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
             await self._drain()
         finally:
+            self._joined = False
             # What is still running lost its channel: the broker requeues those deliveries.
             running = [*self._tasks, *(o.runner for o in self._keys.values() if o.runner)]
             for task in running:
@@ -185,6 +215,7 @@ class Worker:
         await inbox.bind(workers)
         await inbox.consume(self._on_command, no_ack=True)
         await self._send(self._join())
+        self._joined = True
 
     def _on_channel_close(self, *_: Any) -> None:
         self._session_lost.set()
@@ -237,6 +268,7 @@ class Worker:
             command = decode(message.body)
         except ProtocolError as exc:
             log.warning("dropped a command: %s", exc)
+            self.metrics.malformed.inc()
             return
         if isinstance(command, Assign):
             if self._stopping.is_set():
@@ -326,12 +358,15 @@ class Worker:
             if owned is None:
                 return None
             owned.releasing = True
+            started = time.perf_counter()
             if owned.runner is not None:
                 await asyncio.wait([owned.runner])
             await self._cancel(owned)
             await self._requeue_buffer(owned)
             if self._keys.get(key_id) is owned:
                 del self._keys[key_id]
+            self.metrics.keys_released.inc()
+            self.metrics.release_duration.observe(time.perf_counter() - started)
             return owned.assignment
 
     async def _cancel(self, owned: _OwnedKey) -> None:
@@ -391,9 +426,11 @@ class Worker:
                     # the same publisher's same message again (sent twice across a lost
                     # connection, or redelivered after a crash): handled already
                     self.duplicates_dropped += 1
+                    self.metrics.duplicates_dropped.inc()
                 else:
                     if verdict is Verdict.OUT_OF_ORDER:
                         self.order_violations += 1
+                        self.metrics.order_violations.inc()
                         log.error("key %s: message %s arrived out of order", owned.key_id, origin)
                     async with self._slots:
                         finished = await self._handle(owned, delivery)
@@ -430,9 +467,14 @@ class Worker:
         properties = delivery.header.properties
         headers = dict(properties.headers or {})
         job_type = owned.assignment.job_type
+        published_at = _int_or_none(headers.get(HEADER_PUBLISHED_AT))
+        if published_at is not None:
+            self.metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
         attempt = 0
         while True:
             attempt += 1
+            if attempt > 1:
+                self.metrics.retried.inc()
             message = Message(
                 # the header holds the original text even when the queue name is hashed
                 key=_str_or_none(headers.get(HEADER_KEY)) or owned.assignment.key,
@@ -449,35 +491,45 @@ class Worker:
             except HandlerNotFoundError as exc:
                 await self._dead_letter(delivery, exc, attempt)
                 return True
+            self._in_flight += 1
+            started = time.perf_counter()
+            error: Exception | None = None
             try:
                 await handler(message)
-                return True
             except Exception as exc:
-                if attempt > self.settings.max_retries:
-                    log.error(
-                        "key %s: handler failed %d times, dead-lettering: %r",
-                        owned.key_id,
-                        attempt,
-                        exc,
-                    )
-                    await self._dead_letter(delivery, exc, attempt)
-                    return True
-                delay = min(
-                    self.settings.retry_backoff * 2 ** (attempt - 1),
-                    self.settings.retry_backoff_max,
-                )
-                log.warning(
-                    "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                error = exc
+            finally:
+                self._in_flight -= 1
+                self.metrics.handler_duration.observe(time.perf_counter() - started)
+            if error is None:
+                self.metrics.handled.inc()
+                return True
+            self.metrics.handler_failures.inc()
+            if attempt > self.settings.max_retries:
+                log.error(
+                    "key %s: handler failed %d times, dead-lettering: %r",
                     owned.key_id,
                     attempt,
-                    delay,
-                    exc,
+                    error,
                 )
-                # The key's later messages wait in its queue meanwhile.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                if self._stopping.is_set():
-                    return False
+                await self._dead_letter(delivery, error, attempt)
+                return True
+            delay = min(
+                self.settings.retry_backoff * 2 ** (attempt - 1),
+                self.settings.retry_backoff_max,
+            )
+            log.warning(
+                "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                owned.key_id,
+                attempt,
+                delay,
+                error,
+            )
+            # The key's later messages wait in its queue meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return False
 
     async def _dead_letter(
         self, delivery: DeliveredMessage, error: BaseException, attempts: int
@@ -506,6 +558,7 @@ class Worker:
             routing_key=self.names.dead_letter_queue,
         )
         self.dead_lettered += 1
+        self.metrics.dead_lettered.inc()
 
     # --- shutdown -----------------------------------------------------------------------
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from ._errors import RabbitkeysError
+from ._errors import ConfigError, RabbitkeysError
 from ._settings import ENV_PREFIX, Settings, load_settings
 
 __all__ = ["main"]
@@ -161,12 +162,35 @@ def _on_signals(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
+@contextlib.asynccontextmanager
+async def _metrics_endpoint(settings: Settings, ready: Callable[[], bool]) -> AsyncIterator[None]:
+    """/metrics, /livez and /readyz on ``metrics_port`` (0: none) while the body runs."""
+    if not settings.metrics_port:
+        yield
+        return
+    from ._metrics_server import MetricsServer
+
+    server = MetricsServer(host=settings.metrics_host, port=settings.metrics_port, ready=ready)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc}); "
+            f"set {ENV_PREFIX}METRICS_PORT to a free port, or 0 to turn the endpoint off"
+        ) from None
+    try:
+        yield
+    finally:
+        await server.close()
+
+
 async def _registry(settings: Settings, args: argparse.Namespace) -> int:
     from ._registry import Registry
 
     registry = Registry(settings)
     _on_signals(registry.stop)
-    await registry.run()
+    async with _metrics_endpoint(settings, lambda: registry.ready):
+        await registry.run()
     return EXIT_OK
 
 
@@ -176,7 +200,8 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     worker = Worker(settings, load_app(args.target), worker_id=args.worker_id)
     _on_signals(worker.stop)
-    await worker.run()
+    async with _metrics_endpoint(settings, lambda: worker.ready):
+        await worker.run()
     return EXIT_OK
 
 

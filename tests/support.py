@@ -28,8 +28,8 @@ def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_registry(settings: Settings) -> AsyncIterator[Registry]:
-    registry = Registry(settings)
+async def running_registry(settings: Settings, **options: Any) -> AsyncIterator[Registry]:
+    registry = Registry(settings, **options)
     task = asyncio.create_task(registry.run())
     try:
         await asyncio.wait_for(registry.wait_leading(), 10)
@@ -41,9 +41,9 @@ async def running_registry(settings: Settings) -> AsyncIterator[Registry]:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, app: App, worker_id: str | None = None
+    settings: Settings, app: App, worker_id: str | None = None, **options: Any
 ) -> AsyncIterator[Worker]:
-    worker = Worker(settings, app, worker_id=worker_id)
+    worker = Worker(settings, app, worker_id=worker_id, **options)
     task = asyncio.create_task(worker.run())
     try:
         yield worker
