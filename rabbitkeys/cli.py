@@ -140,6 +140,21 @@ def _parser() -> argparse.ArgumentParser:
         "--strategies", default="shared,single,partitions,rabbitkeys", help="comma-separated"
     )
     bench.add_argument("--workloads", default="uniform,zipf,slow,churn", help="comma-separated")
+    bench.add_argument(
+        "--paced-messages",
+        type=int,
+        default=2_000,
+        help="then this many at --rate, for latency (default 2000)",
+    )
+    bench.add_argument(
+        "--rate", type=float, default=200.0, help="msg/s of the paced phase (default 200)"
+    )
+    bench.add_argument(
+        "--transient",
+        action="store_true",
+        help="non-durable queues and messages for every strategy (RABBITKEYS_DURABLE=false)",
+    )
+    bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -245,9 +260,11 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         run_strategy,
     )
 
+    if args.transient:
+        settings = settings.model_copy(update={"durable": False})
     results = []
     for workload_name in args.workloads.split(","):
-        workload = make_workload(workload_name, args.messages)
+        workload = make_workload(workload_name, args.messages, args.paced_messages)
         for strategy in args.strategies.split(","):
             result = await run_strategy(
                 strategy,
@@ -256,6 +273,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
                 workers=args.workers,
                 partitions=args.partitions,
                 work_ms=args.work_ms,
+                rate=args.rate,
             )
             print(
                 f"{workload_name:>8} {strategy:>10}: {result.throughput:8,.0f} msg/s  "
@@ -265,8 +283,17 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
             results.append(result)
     declare_rate = await measure_declare_rate(settings) if "churn" in args.workloads else None
     print(f"Machine: {machine_description()}")
-    print(f"{args.workers} worker processes, {args.messages:,} messages per run\n")
+    print(
+        f"{args.workers} worker processes, {args.messages:,} messages per run then "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s; "
+        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
+    )
     print(markdown(results, declare_rate=declare_rate))
+    if args.plot:
+        from .bench.plots import write_plots
+
+        for path in write_plots(results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 

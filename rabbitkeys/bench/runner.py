@@ -49,10 +49,13 @@ class Result:
     messages: int
     seconds: float
     throughput: float
+    #: publish call -> handler start, in the paced phase (in the fast one if none)
     p50_ms: float
     p99_ms: float
     #: p99 of keys that are not slow (the "slow" workload), else None
     fast_p99_ms: float | None
+    #: the paced phase's rate, messages per second (0: no paced phase)
+    paced_rate: float
     order_violations: int
     lost: int
     extra: dict[str, float]
@@ -66,6 +69,7 @@ async def run_strategy(
     workers: int,
     partitions: int,
     work_ms: float,
+    rate: float = 200.0,
     timeout: float = 300.0,
 ) -> Result:
     namespace = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
@@ -85,17 +89,17 @@ async def run_strategy(
         }
         extra: dict[str, float] = {}
         if strategy == "rabbitkeys":
-            started, done = await _run_rabbitkeys(
-                settings, workload, workers, env, directory, timeout, extra
+            phases = await _run_rabbitkeys(
+                settings, workload, workers, env, directory, rate, timeout, extra
             )
         else:
-            started, done = await _run_baseline(
-                strategy, settings, workload, workers, partitions, env, directory, timeout
+            phases = await _run_baseline(
+                strategy, settings, workload, workers, partitions, env, directory, rate, timeout
             )
-        records = [r for r in read_all(directory) if r.published >= started]
+        records = [r for r in read_all(directory) if r.published >= phases.started]
         if strategy == "rabbitkeys":
             await _delete_key_queues(settings)
-    return _summarise(strategy, workload, records, started, done, extra)
+    return _summarise(strategy, workload, records, phases, rate, extra)
 
 
 # --- the baselines, on plain aio-pika ---------------------------------------------------
@@ -109,25 +113,30 @@ async def _run_baseline(
     partitions: int,
     env: dict[str, str],
     directory: Path,
+    rate: float,
     timeout: float,
-) -> tuple[float, float]:
+) -> _Phases:
     ns = settings.namespace
+    durable = settings.durable
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     channel = await connection.channel(publisher_confirms=True)
     if strategy == "partitions":
         exchange = await channel.declare_exchange(
-            f"{ns}.partitions", "x-consistent-hash", durable=True, auto_delete=True
+            f"{ns}.partitions", "x-consistent-hash", durable=durable, auto_delete=True
         )
         queues = [f"{ns}.p{i}" for i in range(partitions)]
         for name in queues:
             queue = await channel.declare_queue(
-                name, durable=True, auto_delete=True, arguments={"x-single-active-consumer": True}
+                name,
+                durable=durable,
+                auto_delete=True,
+                arguments={"x-single-active-consumer": True},
             )
             await queue.bind(exchange, routing_key="1")
         mode, per_worker = "sequential", [queues] * workers
     else:
         queues = [f"{ns}.{strategy}"]
-        await channel.declare_queue(queues[0], durable=True, auto_delete=True)
+        await channel.declare_queue(queues[0], durable=durable, auto_delete=True)
         exchange = channel.default_exchange
         mode = "concurrent" if strategy == "shared" else "sequential"
         per_worker = [queues] * (workers if strategy == "shared" else 1)
@@ -146,14 +155,18 @@ async def _run_baseline(
             sequences[key] = seq = sequences.get(key, 0) + 1
             message = aio_pika.Message(
                 b"x",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                delivery_mode=(
+                    aio_pika.DeliveryMode.PERSISTENT
+                    if durable
+                    else aio_pika.DeliveryMode.NOT_PERSISTENT
+                ),
                 headers={"bench-key": key, HEADER_SEQ: seq, HEADER_PUBLISHED: _now_us()},
             )
             routing_key = key if strategy == "partitions" else queues[0]
             async with limit:
                 await exchange.publish(message, routing_key=routing_key)
 
-        started, done = await _measure(publish, workload, directory, timeout)
+        phases = await _measure(publish, workload, directory, rate, timeout)
     finally:
         for process in processes:
             process.terminate()
@@ -162,7 +175,7 @@ async def _run_baseline(
         for name in queues:
             await channel.queue_delete(name)
         await connection.close()
-    return started, done
+    return phases
 
 
 async def _wait_consumed(channel: aio_pika.abc.AbstractChannel, queues: list[str]) -> None:
@@ -186,9 +199,10 @@ async def _run_rabbitkeys(
     workers: int,
     env: dict[str, str],
     directory: Path,
+    rate: float,
     timeout: float,
     extra: dict[str, float],
-) -> tuple[float, float]:
+) -> _Phases:
     cluster_env = {k: v for k, v in env.items() if k.startswith("RK_BENCH")}
     async with LocalCluster(settings, extra_env=cluster_env) as cluster:
         await cluster.start_registry()
@@ -204,22 +218,30 @@ async def _run_rabbitkeys(
                 async with limit:
                     await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
 
-            started, done = await _measure(publish, workload, directory, timeout)
+            phases = await _measure(publish, workload, directory, rate, timeout)
         keys = workload.distinct_keys
         if broker_before is not None and (after := _broker_memory(settings)) is not None:
             extra["broker_bytes_per_key"] = (after - broker_before) / keys
         extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
-        extra["new_keys_per_second"] = keys / max(1e-9, done - started)
-    return started, done
+        extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
+    return phases
 
 
 # --- shared -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Phases:
+    started: float  # the fast phase's first publish
+    fast_done: float  # all of the fast phase handled
+    paced_started: float
+
+
 async def _measure(
-    publish: Any, workload: Workload, directory: Path, timeout: float
-) -> tuple[float, float]:
-    """Warm up, then publish the workload; return when it started and when all was handled.
+    publish: Any, workload: Workload, directory: Path, rate: float, timeout: float
+) -> _Phases:
+    """Warm up; publish the workload as fast as it is confirmed (throughput); then publish
+    its paced part at ``rate`` per second (latency without the queueing of the first).
 
     The warm-up is one message per key, so that keyed workloads are measured in steady
     state (keys known); key churn is measured cold, that being its point.
@@ -229,13 +251,27 @@ async def _measure(
     await _wait_handled(directory, len(warmup), timeout)
     started = time.time()
     await _publish_all(publish, workload.keys)
-    return started, await _wait_handled(directory, len(warmup) + len(workload.keys), timeout)
+    handled = len(warmup) + len(workload.keys)
+    fast_done = await _wait_handled(directory, handled, timeout)
+    paced_started = time.time()
+    if workload.paced_keys:
+        await _publish_all(publish, workload.paced_keys, rate=rate)
+        await _wait_handled(directory, handled + len(workload.paced_keys), timeout)
+    return _Phases(started, fast_done, paced_started)
 
 
-async def _publish_all(publish: Any, keys: list[str]) -> None:
+async def _publish_all(publish: Any, keys: list[str], *, rate: float | None = None) -> None:
     # Calls made in workload order (per key, that is the order to keep); up to IN_FLIGHT
-    # confirms awaited at once.
-    tasks = [asyncio.ensure_future(publish(key)) for key in keys]
+    # confirms awaited at once. With a rate: call i is made at start + i / rate.
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i, key in enumerate(keys):
+        if rate:
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(publish(key)))
     await asyncio.gather(*tasks)
 
 
@@ -253,29 +289,33 @@ def _summarise(
     strategy: str,
     workload: Workload,
     records: list[Record],
-    started: float,
-    done: float,
+    phases: _Phases,
+    rate: float,
     extra: dict[str, float],
 ) -> Result:
-    if not records:
+    fast_phase = [r for r in records if r.published < phases.paced_started]
+    paced = [r for r in records if r.published >= phases.paced_started]
+    if not fast_phase:
         raise RuntimeError(f"{strategy}/{workload.name}: nothing was handled")
-    finished = max(r.finished for r in records)
-    seconds = finished - started
-    latencies = sorted((r.started - r.published) * 1000 for r in records)
+    seconds = max(r.finished for r in fast_phase) - phases.started
+    timed = paced or fast_phase
+    latencies = sorted((r.started - r.published) * 1000 for r in timed)
     fast = sorted(
-        (r.started - r.published) * 1000 for r in records if r.key not in workload.slow_keys
+        (r.started - r.published) * 1000 for r in timed if r.key not in workload.slow_keys
     )
+    expected = len(workload.keys) + len(workload.paced_keys)
     return Result(
         strategy=strategy,
         workload=workload.name,
         messages=len(records),
         seconds=seconds,
-        throughput=len(records) / seconds,
+        throughput=len(fast_phase) / seconds,
         p50_ms=statistics.median(latencies),
         p99_ms=_percentile(latencies, 0.99),
         fast_p99_ms=_percentile(fast, 0.99) if workload.slow_keys else None,
+        paced_rate=rate if paced else 0.0,
         order_violations=count_order_violations(records),
-        lost=len(workload.keys) - len({(r.key, r.seq) for r in records}),
+        lost=expected - len({(r.key, r.seq) for r in records}),
         extra=extra,
     )
 
@@ -354,7 +394,7 @@ async def measure_declare_rate(settings: Settings, queues: int = 2000, channels:
             for name in part:
                 queue = await channel.declare_queue(
                     name,
-                    durable=True,
+                    durable=settings.durable,
                     arguments={"x-expires": 60_000, "x-single-active-consumer": True},
                 )
                 await queue.bind(exchange, routing_key=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import uuid
@@ -21,6 +22,8 @@ class Workload:
     keys: list[str]
     #: keys whose handler takes SLOW_SECONDS
     slow_keys: frozenset[str]
+    #: the keys of the latency phase, published at a fixed rate (same distribution)
+    paced_keys: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def distinct_keys(self) -> int:
@@ -65,5 +68,9 @@ def _churn(messages: int, rng: random.Random) -> Workload:
 WORKLOADS = {"uniform": _uniform, "zipf": _zipf, "slow": _slow, "churn": _churn}
 
 
-def make_workload(name: str, messages: int, seed: int = 1) -> Workload:
-    return WORKLOADS[name](messages, random.Random(seed))
+def make_workload(name: str, messages: int, paced_messages: int = 0, seed: int = 1) -> Workload:
+    """``messages`` published as fast as they are confirmed (throughput), then
+    ``paced_messages`` more at a fixed rate (latency, free of queueing behind the first)."""
+    workload = WORKLOADS[name](messages, random.Random(seed))
+    paced = WORKLOADS[name](paced_messages, random.Random(seed + 1)).keys
+    return dataclasses.replace(workload, paced_keys=paced)
