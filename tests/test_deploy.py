@@ -1,0 +1,830 @@
+"""deploy/: Kubernetes manifests, the compose file, the Prometheus config and the Dockerfile.
+
+Nothing here needs a broker, Docker or a cluster. Built-in Kubernetes kinds are validated
+offline against the JSON schemas bundled in the ``kubernetes-validate`` package (strict: an
+unknown field is an error); the custom resources (KEDA ScaledObject, Prometheus Operator
+ServiceMonitor, RabbitmqCluster) against the small schemas below, which spell out the parts of
+the upstream CRDs these manifests use. If ``kubectl`` is installed, the kustomizations are also
+rendered and the result validated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from rabbitkeys._settings import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KUBE = DEPLOY / "kubernetes"
+BASE = KUBE / "base"
+COMPOSE = DEPLOY / "docker-compose.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+# Oldest Kubernetes the manifests are meant for, and a recent one.
+KUBERNETES_VERSIONS = ("1.27", "1.33")
+METRICS_PORT = 9500
+# Being added to Settings; allowed already so that the manifests can set them.
+PENDING_SETTINGS = {"METRICS_PORT", "METRICS_HOST"}
+# Environment variables of the bundled demo app (not settings).
+DEMO_ENV = {"RK_DEMO_DIR", "RK_DEMO_SLOW_SECONDS"}
+# Plugins rabbitkeys relies on: the registry hears of dead workers through the event
+# exchange and reads the management API after a failover; 15692 is scraped.
+REQUIRED_PLUGINS = {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_event_exchange"}
+
+KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
+
+# --- schemas of the custom resources ---------------------------------------------------------
+# Hand-written subsets of the upstream CRDs' openAPIV3Schema: required fields, the types of
+# the fields used here, and no unknown field where the upstream object is small and closed.
+#   ScaledObject: github.com/kedacore/keda config/crd/bases/keda.sh_scaledobjects.yaml
+#   ServiceMonitor: github.com/prometheus-operator/prometheus-operator
+#       example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
+#   RabbitmqCluster: github.com/rabbitmq/cluster-operator
+#       config/crd/bases/rabbitmq.com_rabbitmqclusters.yaml
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_STR_MAP = {"type": "object", "additionalProperties": _STR}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "labels": _STR_MAP, "annotations": _STR_MAP},
+}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _STR_MAP,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["key", "operator"],
+                "additionalProperties": False,
+                "properties": {
+                    "key": _STR,
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": _STR},
+                },
+            },
+        },
+    },
+}
+_HPA_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "value", "periodSeconds"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"enum": ["Pods", "Percent"]},
+                    "value": {"type": "integer", "minimum": 1},
+                    "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800},
+                },
+            },
+        },
+    },
+}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+    r"(([0-9]+)ms)?)$",
+}
+
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "apiVersion": _STR,
+                            "kind": _STR,
+                            "name": {"type": "string", "minLength": 1},
+                            "envSourceContainerName": _STR,
+                        },
+                    },
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                    "idleReplicaCount": {"type": "integer", "minimum": 0},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "fallback": {"type": "object"},
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "scalingModifiers": {"type": "object"},
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": _STR,
+                                    "behavior": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "scaleUp": _HPA_RULES,
+                                            "scaleDown": _HPA_RULES,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": _STR,
+                                "name": _STR,
+                                "metadata": _STR_MAP,
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "useCachedMetrics": {"type": "boolean"},
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "properties": {"name": _STR, "kind": _STR},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector"],
+                "properties": {
+                    "selector": _LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "jobLabel": _STR,
+                    "targetLabels": {"type": "array", "items": _STR},
+                    "podTargetLabels": {"type": "array", "items": _STR},
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": _STR,
+                                "targetPort": {"type": ["integer", "string"]},
+                                "path": _STR,
+                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                                "interval": _DURATION,
+                                "scrapeTimeout": _DURATION,
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {"type": "array", "items": {"type": "object"}},
+                                "metricRelabelings": {
+                                    "type": "array",
+                                    "items": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("rabbitmq.com/v1beta1", "RabbitmqCluster"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "image": _STR,
+                    "imagePullSecrets": {"type": "array"},
+                    "service": {"type": "object"},
+                    "persistence": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "storageClassName": _STR,
+                            "storage": {"type": ["integer", "string"]},
+                        },
+                    },
+                    "resources": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "requests": _STR_MAP,
+                            "limits": _STR_MAP,
+                            "claims": {"type": "array"},
+                        },
+                    },
+                    "affinity": {"type": "object"},
+                    "tolerations": {"type": "array"},
+                    "rabbitmq": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "additionalPlugins": {
+                                "type": "array",
+                                "maxItems": 100,
+                                "items": {"type": "string", "pattern": r"^\w+$"},
+                            },
+                            "additionalConfig": {"type": "string", "maxLength": 100000},
+                            "advancedConfig": {"type": "string", "maxLength": 100000},
+                            "envConfig": {"type": "string", "maxLength": 100000},
+                            "erlangInetConfig": {"type": "string", "maxLength": 2000},
+                        },
+                    },
+                    "tls": {"type": "object"},
+                    "override": {"type": "object"},
+                    "skipPostDeploySteps": {"type": "boolean"},
+                    "autoEnableAllFeatureFlags": {"type": "boolean"},
+                    "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
+                    "delayStartSeconds": {"type": "integer", "minimum": 0},
+                    "secretBackend": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+
+_KUSTOMIZATION_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind"],
+    "properties": {
+        "apiVersion": {
+            "enum": [
+                "kustomize.config.k8s.io/v1beta1",
+                "kustomize.config.k8s.io/v1alpha1",
+            ]
+        },
+        "kind": {"enum": sorted(KUSTOMIZATION_KINDS)},
+        "namespace": _STR,
+        "resources": {"type": "array", "items": _STR},
+        "components": {"type": "array", "items": _STR},
+        "patches": {"type": "array", "items": {"type": "object"}},
+        "labels": {"type": "array", "items": {"type": "object"}},
+        "images": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {"name": _STR, "newName": _STR, "newTag": _STR, "digest": _STR},
+            },
+        },
+    },
+    "additionalProperties": False,
+}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _kustomizations() -> list[Path]:
+    return sorted(KUBE.rglob("kustomization.yaml"))
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _validate(doc: dict[str, Any], where: str) -> None:
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in CRD_SCHEMAS:
+        jsonschema.validate(doc, CRD_SCHEMAS[key])
+        return
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(part) for part in exc.path)
+            pytest.fail(f"{where}: Kubernetes {version}: {path}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            pytest.fail(f"{where}: {exc.message}")
+
+
+def _base_docs() -> list[dict[str, Any]]:
+    return [doc for path in sorted(BASE.glob("*.yaml")) for doc in _load_all(path)]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for doc in docs:
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name}")
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"]["template"]["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _known_settings() -> set[str]:
+    return {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | {
+        f"{ENV_PREFIX}{name}" for name in PENDING_SETTINGS
+    }
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = expression["key"] in labels
+        value = labels.get(expression["key"])
+        operator = expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def _port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    for declared in container.get("ports", []):
+        if declared.get("name") == port:
+            return int(declared["containerPort"])
+    raise AssertionError(f"container {container['name']} has no port named {port!r}")
+
+
+def _rabbitkeys_deployments() -> list[dict[str, Any]]:
+    return [doc for doc in _base_docs() if doc["kind"] == "Deployment"]
+
+
+def _image_version(image: str) -> tuple[int, int]:
+    match = re.search(r":(\d+)\.(\d+)", image)
+    assert match, f"image {image} has no version tag"
+    return int(match[1]), int(match[2])
+
+
+# --- Kubernetes: schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=_rel)
+def test_manifest_matches_its_schema(path: Path) -> None:
+    docs = _load_all(path)
+    assert docs, f"{_rel(path)} is empty"
+    for doc in docs:
+        assert doc.get("kind") not in KUSTOMIZATION_KINDS, f"{_rel(path)} is a kustomization"
+        assert doc.get("metadata", {}).get("name"), f"{_rel(path)}: a document has no name"
+        assert "namespace" not in doc["metadata"], f"{_rel(path)}: namespace belongs to overlays"
+        _validate(doc, f"{_rel(path)} {doc['kind']}/{doc['metadata']['name']}")
+
+
+def test_the_validator_rejects_mistakes() -> None:
+    """The checks above are not vacuous: a misspelt field or a wrong type fails."""
+    deployment = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
+    typo = {**deployment, "spec": {**deployment["spec"], "replica": 3}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, KUBERNETES_VERSIONS[0], strict=True)
+    scaled = _load_all(KUBE / "components" / "keda" / "scaledobject.yaml")[0]
+    wrong = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "2"}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong, CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+
+
+@pytest.mark.parametrize("path", _kustomizations(), ids=_rel)
+def test_kustomization_lists_existing_files_and_all_of_them(path: Path) -> None:
+    kustomization = yaml.safe_load(path.read_text())
+    jsonschema.validate(kustomization, _KUSTOMIZATION_SCHEMA)
+    folder = path.parent
+    listed = set()
+    for entry in kustomization.get("resources", []):
+        target = (folder / entry).resolve()
+        assert target.exists(), f"{_rel(path)}: resource {entry} does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").exists(), f"{entry} is no kustomization"
+        listed.add(target)
+    for entry in kustomization.get("components", []):
+        target = (folder / entry).resolve()
+        component = yaml.safe_load((target / "kustomization.yaml").read_text())
+        assert component["kind"] == "Component", f"{_rel(path)}: {entry} is no Component"
+    present = {p.resolve() for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert present <= listed, f"{_rel(path)} does not list {sorted(map(str, present - listed))}"
+
+
+def test_every_manifest_belongs_to_a_kustomization() -> None:
+    for path in _manifest_files():
+        assert (path.parent / "kustomization.yaml").exists(), f"{_rel(path)}: no kustomization"
+
+
+def test_base_is_namespace_agnostic_and_components_are_optional() -> None:
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert "namespace" not in base
+    kinds = {doc["kind"] for doc in _base_docs()}
+    # CRD kinds would make the base fail on a cluster without KEDA or the Prometheus Operator.
+    assert not kinds & {kind for _, kind in CRD_SCHEMAS}, kinds
+
+
+# --- Kubernetes: rabbitkeys wiring -----------------------------------------------------------
+
+
+def test_env_vars_are_known_settings() -> None:
+    known = _known_settings()
+    docs = _base_docs()
+    for deployment in _rabbitkeys_deployments():
+        for container in _containers(deployment):
+            names = {env["name"] for env in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                ref = source.get("configMapRef") or source.get("secretRef")
+                assert ref, source
+                kind = "ConfigMap" if "configMapRef" in source else "Secret"
+                data = _find(docs, kind, ref["name"])
+                names |= set(data.get("data", {})) | set(data.get("stringData", {}))
+            unknown = {n for n in names if n.startswith(ENV_PREFIX) and n not in known} | {
+                n for n in names if not n.startswith(ENV_PREFIX) and n not in DEMO_ENV
+            }
+            assert not unknown, f"{deployment['metadata']['name']}: unknown variables {unknown}"
+
+
+def test_configured_values_are_valid_settings() -> None:
+    config = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
+    secret = _find(_base_docs(), "Secret", "rabbitkeys-broker")["stringData"]
+    values = {
+        name.removeprefix(ENV_PREFIX).lower(): value for name, value in {**config, **secret}.items()
+    }
+    Settings(**{name: value for name, value in values.items() if name in Settings.model_fields})
+    assert int(config["RABBITKEYS_METRICS_PORT"]) == METRICS_PORT
+
+
+def test_secret_and_config_references_resolve() -> None:
+    docs = _base_docs()
+    for deployment in _rabbitkeys_deployments():
+        for container in _containers(deployment):
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = _find(docs, "Secret", ref["name"])
+                    assert ref["key"] in secret["stringData"], ref
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    _find(docs, "ConfigMap", source["configMapRef"]["name"])
+                else:
+                    _find(docs, "Secret", source["secretRef"]["name"])
+
+
+def test_registry_runs_two_replicas_spread_over_nodes() -> None:
+    registry = _find(_base_docs(), "Deployment", "rabbitkeys-registry")
+    assert registry["spec"]["replicas"] == 2
+    assert registry["spec"]["template"]["spec"]["containers"][0]["args"] == ["registry"]
+    anti = registry["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert _selects(term["labelSelector"], registry["spec"]["template"]["metadata"]["labels"])
+
+
+def test_worker_runs_an_importable_app() -> None:
+    worker = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
+    command, target = worker["spec"]["template"]["spec"]["containers"][0]["args"][:2]
+    assert command == "worker"
+    module, _, attribute = target.partition(":")
+    assert getattr(importlib.import_module(module), attribute)
+
+
+@pytest.mark.parametrize("name", ["rabbitkeys-registry", "rabbitkeys-worker"])
+def test_probes_use_the_metrics_port(name: str) -> None:
+    deployment = _find(_base_docs(), "Deployment", name)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    paths = {}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        http = container[probe]["httpGet"]
+        assert _port_number(container, http["port"]) == METRICS_PORT, probe
+        paths[probe] = http["path"]
+    assert paths["livenessProbe"] == "/livez"
+    assert paths["readinessProbe"] == "/readyz"
+    assert {"containerPort": METRICS_PORT, "name": "metrics", "protocol": "TCP"} in container[
+        "ports"
+    ]
+
+
+@pytest.mark.parametrize("name", ["rabbitkeys-registry", "rabbitkeys-worker"])
+def test_pods_run_locked_down(name: str) -> None:
+    deployment = _find(_base_docs(), "Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    user = re.search(r"^USER (\d+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert user, "the Dockerfile sets no numeric USER"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(user[1])
+    for container in pod["containers"]:
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["requests"], container["name"]
+        assert container["resources"]["limits"]["memory"], container["name"]
+
+
+def test_worker_grace_period_covers_pre_stop_and_handlers() -> None:
+    worker = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
+    pod = worker["spec"]["template"]["spec"]
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep", command
+    pre_stop = float(command[1])
+    # the grace period also has to hold the longest handler and the handover
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 30
+
+
+def test_services_pdbs_and_deployments_select_each_other() -> None:
+    docs = _base_docs()
+    for deployment in _rabbitkeys_deployments():
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert _selects(deployment["spec"]["selector"], labels)
+        service = _find(docs, "Service", name)
+        assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+        assert service["spec"]["ports"] == [
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+        ]
+        pdb = _find(docs, "PodDisruptionBudget", name)
+        assert _selects(pdb["spec"]["selector"], labels)
+        # maxUnavailable: a Deployment scaled to one pod must not block node drains
+        assert pdb["spec"].get("maxUnavailable") == 1
+
+
+def test_service_monitor_scrapes_both_services() -> None:
+    monitor = _load_all(KUBE / "components" / "servicemonitor" / "servicemonitor.yaml")[0]
+    services = [doc for doc in _base_docs() if doc["kind"] == "Service"]
+    selected = {
+        s["metadata"]["name"]
+        for s in services
+        if _selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    }
+    assert selected == {"rabbitkeys-registry", "rabbitkeys-worker"}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_scaled_object_scales_workers_on_the_backlog() -> None:
+    scaled = _load_all(KUBE / "components" / "keda" / "scaledobject.yaml")[0]
+    spec = scaled["spec"]
+    worker = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
+    assert spec["scaleTargetRef"]["kind"] == "Deployment"
+    assert spec["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert spec["cooldownPeriod"] > 0
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    metadata = trigger["metadata"]
+    # only the leading registry exports the backlog: aggregate over the registry pods
+    assert re.fullmatch(r"(max|sum)\(rabbitkeys_backlog_messages\{[^}]*\}\)", metadata["query"]), (
+        metadata["query"]
+    )
+    assert 'job="rabbitkeys-registry"' in metadata["query"]
+    assert float(metadata["threshold"]) > 0
+    assert metadata["serverAddress"].startswith("http")
+
+
+def test_rabbitmq_manifests_enable_the_plugins_on_a_recent_broker() -> None:
+    cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
+    assert set(cluster["spec"]["rabbitmq"]["additionalPlugins"]) >= REQUIRED_PLUGINS
+    assert cluster["spec"]["replicas"] == 3
+    assert cluster["spec"]["persistence"]["storage"]
+    assert _image_version(cluster["spec"]["image"]) >= (3, 12)
+
+    folder = KUBE / "rabbitmq" / "statefulset"
+    config = _load_all(folder / "configmap.yaml")[0]["data"]
+    plugins = set(re.findall(r"\w+", config["enabled_plugins"]))
+    assert plugins >= REQUIRED_PLUGINS | {"rabbitmq_peer_discovery_k8s"}
+    assert "rabbit_peer_discovery_k8s" in config["rabbitmq.conf"]
+    statefulset = _load_all(folder / "statefulset.yaml")[0]
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["volumeClaimTemplates"]
+    services = {doc["metadata"]["name"]: doc for doc in _load_all(folder / "service.yaml")}
+    headless = services[statefulset["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert "rabbitmq" in services, "the Service the rabbitkeys-broker Secret points at"
+    pod = statefulset["spec"]["template"]["spec"]
+    volumes = {volume["name"] for volume in pod["volumes"]}
+    claims = {claim["metadata"]["name"] for claim in statefulset["spec"]["volumeClaimTemplates"]}
+    for container in _containers(statefulset):
+        assert _image_version(container["image"]) >= (3, 12)
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes | claims, mount
+
+
+def _kustomize_targets() -> list[Path]:
+    return [path.parent for path in _kustomizations() if "components" not in path.parts]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("folder", _kustomize_targets(), ids=_rel)
+def test_kustomize_renders_valid_manifests(folder: Path) -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert docs
+    for doc in docs:
+        _validate(doc, f"{_rel(folder)} {doc['kind']}/{doc['metadata']['name']}")
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(compose, dict)
+    return compose
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services = _compose()["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+def _host_paths() -> Iterator[tuple[str, Path]]:
+    for name, service in _services().items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
+            if source and source.startswith((".", "/")):
+                yield name, (DEPLOY / source).resolve()
+        build = service.get("build")
+        if build:
+            context = (DEPLOY / build["context"]).resolve()
+            yield name, context
+            yield name, context / build.get("dockerfile", "Dockerfile")
+
+
+def test_compose_has_the_services() -> None:
+    services = _services()
+    assert set(services) >= {"rabbitmq", "registry", "worker", "prometheus", "grafana"}
+    assert services["registry"]["command"] == ["registry"]
+    assert services["worker"]["command"][0] == "worker"
+    assert services["worker"]["deploy"]["replicas"] == 3
+    assert services["registry"]["deploy"]["replicas"] == 2
+    assert _image_version(services["rabbitmq"]["image"]) >= (3, 12)
+    # a worker drains on SIGTERM; Docker's default 10 s would cut long handlers
+    assert services["worker"]["stop_grace_period"] == "60s"
+
+
+def test_compose_depends_on_existing_healthy_services() -> None:
+    services = _services()
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
+        for target, rule in depends.items():
+            assert target in services, f"{name} depends on unknown {target}"
+            assert rule["condition"] in {
+                "service_started",
+                "service_healthy",
+                "service_completed_successfully",
+            }
+            if rule["condition"] == "service_healthy":
+                assert "healthcheck" in services[target], f"{target} has no healthcheck"
+    assert services["registry"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["registry"]["condition"] == "service_healthy"
+
+
+def test_compose_env_vars_are_known_settings() -> None:
+    known = _known_settings()
+    for name, service in _services().items():
+        for variable in service.get("environment", {}) or {}:
+            if variable.startswith(ENV_PREFIX):
+                assert variable in known, f"{name}: unknown setting {variable}"
+    environment = _services()["registry"]["environment"]
+    assert int(environment["RABBITKEYS_METRICS_PORT"]) == METRICS_PORT
+    values = {
+        key.removeprefix(ENV_PREFIX).lower(): value
+        for key, value in environment.items()
+        if key.removeprefix(ENV_PREFIX).lower() in Settings.model_fields
+    }
+    Settings(**values)
+
+
+def test_compose_mounts_exist() -> None:
+    grafana = ROOT / "grafana"
+    for name, path in _host_paths():
+        if grafana in path.parents and not grafana.exists():
+            continue  # the Grafana provisioning is checked below once it is there
+        assert path.exists(), f"{name}: {path} does not exist"
+
+
+def test_compose_enables_the_broker_plugins() -> None:
+    plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text()
+    assert set(re.findall(r"\w+", plugins)) >= REQUIRED_PLUGINS
+    assert plugins.strip().endswith("].")
+    mounts = _services()["rabbitmq"]["volumes"]
+    assert "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro" in mounts
+
+
+def test_prometheus_scrapes_the_compose_services() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    services = _services()
+    mounted = f"./{PROMETHEUS.relative_to(DEPLOY)}:/etc/prometheus/prometheus.yml:ro"
+    assert mounted in services["prometheus"]["volumes"]
+    targets = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets |= set(static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            targets |= {f"{name}:{dns['port']}" for name in dns["names"]}
+    for target in targets:
+        host, _, port = target.partition(":")
+        assert host in services, f"Prometheus scrapes {target}: no such compose service"
+        assert port.isdigit(), target
+    assert {f"registry:{METRICS_PORT}", f"worker:{METRICS_PORT}", "rabbitmq:15692"} <= targets
+    # the alert rules come from the repository, mounted into the container
+    in_container = {
+        volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"]
+    }
+    for rule_file in config.get("rule_files", []):
+        assert rule_file in in_container, f"{rule_file} is not mounted"
+        rules = (DEPLOY / in_container[rule_file]).resolve()
+        if rules.exists():  # (the grafana/ folder may not be there yet)
+            assert yaml.safe_load(rules.read_text())["groups"], rules
+
+
+@pytest.mark.skipif(
+    not (ROOT / "grafana" / "provisioning").exists(), reason="grafana/ is not there yet"
+)
+def test_grafana_provisioning_fits_the_compose_file() -> None:
+    provisioning = ROOT / "grafana" / "provisioning"
+    sources = [
+        source
+        for path in sorted((provisioning / "datasources").glob("*.y*ml"))
+        for source in yaml.safe_load(path.read_text()).get("datasources", [])
+        if source.get("type") == "prometheus"
+    ]
+    assert sources, "no Prometheus datasource"
+    assert any(source.get("url") == "http://prometheus:9090" for source in sources), sources
+    providers = [
+        provider
+        for path in sorted((provisioning / "dashboards").glob("*.y*ml"))
+        for provider in yaml.safe_load(path.read_text()).get("providers", [])
+    ]
+    paths = {provider.get("options", {}).get("path") for provider in providers}
+    assert "/var/lib/grafana/dashboards" in paths, paths
+
+
+# --- image -----------------------------------------------------------------------------------
+
+
+def test_dockerfile() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", text, re.MULTILINE)
+    assert re.search(r'pip install "\.\[uvloop\]"', text)
+    assert re.search(r'^ENTRYPOINT \["rabbitkeys"\]$', text, re.MULTILINE)
+    assert re.search(rf"^EXPOSE {METRICS_PORT}$", text, re.MULTILINE)
+    last_user = re.findall(r"^USER (\S+)", text, re.MULTILINE)[-1]
+    assert not last_user.startswith(("0", "root")), last_user
+    # what the Dockerfile copies from the context (the repository root) is there, and not
+    # excluded by its ignore file
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    for line in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for source in line.split():
+            assert (ROOT / source).exists(), source
+            assert f"!{source.rstrip('/')}" in {rule.rstrip("/") for rule in ignore}, source
