@@ -484,8 +484,10 @@ class Registry:
                     await (await self._probes.get()).queue_declare(key.queue, passive=True)
                     key.last_lease_renewal = now
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    log.error("unowned key %s lost its queue (expired or deleted)", key.ref.id)
-                    if not key.lock.locked():
+                    # Retired meanwhile (the awaits above let a retirement finish), or
+                    # really lost: only the latter is news, and only then is it ours to drop.
+                    if self._keys.get(key.ref.id) is key and not key.lock.locked():
+                        log.error("unowned key %s lost its queue (expired or deleted)", key.ref.id)
                         self._set_owner(key, None)
                         del self._keys[key.ref.id]
 

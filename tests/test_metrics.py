@@ -229,3 +229,33 @@ def test_a_bad_metrics_port_is_a_config_error(port: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("RABBITKEYS_METRICS_PORT", port)
     with pytest.raises(ConfigError, match="RABBITKEYS_METRICS_PORT"):
         load_settings()
+
+
+async def test_a_killed_worker_shows_as_a_failover_gap(amqp_url: str, namespace: str) -> None:
+    settings = make_settings(amqp_url, namespace)
+    port = free_port()
+
+    def metric(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    async with LocalCluster(settings) as cluster:
+        await cluster.start_registry(metrics_port=port)
+        doomed = await cluster.start_worker("rabbitkeys.bench.app:app")
+        await cluster.start_worker("rabbitkeys.bench.app:app")
+        await cluster.wait_for_workers(2)
+        async with Publisher(settings, metrics_registry=CollectorRegistry()) as publisher:
+            await asyncio.gather(*(publisher.publish(f"k{n}", b"x") for n in range(20)))
+        doomed.kill()
+        await doomed.wait()
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            _, text = await http_get(f"http://127.0.0.1:{port}/metrics")
+            if metric(text, "rabbitkeys_failover_gap_seconds_count") >= 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "no failover recorded"
+            await asyncio.sleep(0.1)
+        assert metric(text, "rabbitkeys_failover_gap_seconds_sum") > 0
+        assert metric(text, "rabbitkeys_live_workers") == 1
