@@ -1,0 +1,23 @@
+"""The app the dashboard test's workers run: a short handler that fails on ``b"fail"``.
+
+Failing bodies make retries and dead letters happen, so the failure panels have data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from rabbitkeys import App, Message
+
+app = App()
+
+
+class DeliberateFailure(Exception):
+    pass
+
+
+@app.handler()
+async def handle(message: Message) -> None:
+    await asyncio.sleep(0.005)
+    if message.body == b"fail":
+        raise DeliberateFailure(f"{message.key}: asked to fail")
