@@ -705,10 +705,11 @@ class Registry:
             self._send(worker_id, Release(key_ids=key_ids))
         for worker_id, assignments in assigns.items():
             self._send(worker_id, Assign(keys=assignments))
-        now = time.monotonic()
-        for last_seen in self._lost_workers_seen:
-            self.metrics.failover_gap.observe(now - last_seen)
-        self._lost_workers_seen.clear()
+        if self._workers:  # with no worker left, the keys wait: the gap is not over
+            now = time.monotonic()
+            for last_seen in self._lost_workers_seen:
+                self.metrics.failover_gap.observe(now - last_seen)
+            self._lost_workers_seen.clear()
         if moved:
             self.metrics.rebalances.inc()
             self.metrics.keys_moved.inc(moved)

@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         help="non-durable queues and messages for every strategy (RABBITKEYS_DURABLE=false)",
     )
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
+    bench.add_argument(
+        "--scale",
+        metavar="KEYS",
+        help="instead: comma-separated live-key counts (e.g. 10000,100000) on --workers "
+        "workers; time and CPU to assign, memory per key, settling after a worker joins",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -260,6 +266,17 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         run_strategy,
     )
 
+    if args.scale:
+        from .bench.scale import HEADER, run_scale
+
+        rows = []
+        for keys in args.scale.split(","):
+            scaled = await run_scale(settings, keys=int(keys), workers=args.workers)
+            rows.append(scaled.markdown())
+            print(rows[-1], file=sys.stderr)
+        print(f"Machine: {machine_description()}\n\n{HEADER}")
+        print("\n".join(rows))
+        return EXIT_OK
     if args.transient:
         settings = settings.model_copy(update={"durable": False})
     results = []

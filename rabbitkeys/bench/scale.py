@@ -1,0 +1,184 @@
+"""``rabbitkeys bench --scale KEYS``: many live keys on a few workers.
+
+A registry and ``workers`` workers run as processes; one message per key creates ``keys``
+live keys; then one more worker joins. Measured: the time and registry CPU to create and
+assign the keys, broker and worker memory per key, the time until the join has settled
+(every moving key released by its old owner and consumed by the new one), and the keys that
+moved against the ideal ``keys / (workers + 1)``.
+
+Key queues are transient here (``durable=False``) whatever the settings say: tens of
+thousands of durable queues make the broker's next boot slow if a run is interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._cluster import LocalCluster
+from .._publisher import Publisher
+from .._settings import Settings
+from .._status import fetch_status
+from .recording import count_all
+from .runner import _broker_memory, _delete_key_queues, _rss
+
+__all__ = ["ScaleResult", "run_scale"]
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ScaleResult:
+    keys: int
+    workers: int
+    create_seconds: float
+    registry_cpu_seconds: float
+    broker_bytes_per_key: float | None
+    worker_bytes_per_key: float
+    settle_seconds: float
+    rebalance_cpu_seconds: float
+    keys_moved: int
+    ideal_moves: float
+
+    def markdown(self) -> str:
+        broker = (
+            "-"
+            if self.broker_bytes_per_key is None
+            else f"{self.broker_bytes_per_key / 1024:,.1f} KiB"
+        )
+        return (
+            f"| {self.keys:,} | {self.workers} | {self.create_seconds:,.1f} s "
+            f"({self.keys / self.create_seconds:,.0f} keys/s) | "
+            f"{self.registry_cpu_seconds:,.2f} s | {broker} | "
+            f"{self.worker_bytes_per_key / 1024:,.1f} KiB | {self.settle_seconds:,.2f} s "
+            f"({self.rebalance_cpu_seconds:,.2f} s CPU) | "
+            f"{self.keys_moved:,} = {self.keys_moved / self.ideal_moves:.2f} x ideal |"
+        )
+
+
+HEADER = (
+    "| live keys | workers | create + assign | registry CPU | broker memory / key "
+    "| worker memory / key | settle after a join (registry CPU) | keys moved by the join |\n"
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> ScaleResult:
+    namespace = f"bench-scale-{uuid.uuid4().hex[:6]}"
+    settings = settings.model_copy(
+        update={
+            "namespace": namespace,
+            "log_level": "WARNING",
+            "durable": False,
+            "key_queue_expires": 600.0,
+            "idle_period": 3600.0,  # no retirement during the run
+        }
+    )
+    registry_port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="rabbitkeys-scale-") as scratch:
+        env = {"RK_BENCH_DIR": scratch, "RK_BENCH_WORK_MS": "0"}
+        try:
+            async with LocalCluster(settings, extra_env=env) as cluster:
+                registry = await cluster.start_registry(metrics_port=registry_port)
+                for _ in range(workers):
+                    await cluster.start_worker("rabbitkeys.bench.app:app")
+                await cluster.wait_for_workers(workers)
+                broker_before = _broker_memory(settings)
+                rss_before = _rss([p.pid for p in cluster.workers])
+                cpu_before = _cpu_seconds(registry.pid)
+                started = time.monotonic()
+                async with Publisher(settings) as publisher:
+                    limit = asyncio.Semaphore(1000)
+
+                    async def one(n: int) -> None:
+                        async with limit:
+                            await publisher.publish(f"scale-{n}", b"x")
+
+                    await asyncio.gather(*(one(n) for n in range(keys)))
+                await _wait_until(lambda: count_all(Path(scratch)) >= keys, 600)
+                create_seconds = time.monotonic() - started
+                cpu = _cpu_seconds(registry.pid) - cpu_before
+                broker_after = _broker_memory(settings)
+                rss_after = _rss([p.pid for p in cluster.workers])
+
+                moved_before = _metric(registry_port, "rabbitkeys_keys_moved_total")
+                joined = time.monotonic()
+                cpu_before_join = _cpu_seconds(registry.pid)
+                await cluster.start_worker("rabbitkeys.bench.app:app")
+                settle = await _settled(settings, registry_port, workers + 1, moved_before)
+                settle_seconds = settle - joined
+                rebalance_cpu = _cpu_seconds(registry.pid) - cpu_before_join
+                moved = int(_metric(registry_port, "rabbitkeys_keys_moved_total") - moved_before)
+        finally:
+            await _delete_key_queues(settings)
+    return ScaleResult(
+        keys=keys,
+        workers=workers,
+        create_seconds=create_seconds,
+        registry_cpu_seconds=cpu,
+        broker_bytes_per_key=(
+            None
+            if broker_before is None or broker_after is None
+            else (broker_after - broker_before) / keys
+        ),
+        worker_bytes_per_key=(rss_after - rss_before) / keys,
+        settle_seconds=settle_seconds,
+        rebalance_cpu_seconds=rebalance_cpu,
+        keys_moved=moved,
+        ideal_moves=keys / (workers + 1),
+    )
+
+
+async def _settled(settings: Settings, port: int, workers: int, moved_before: float) -> float:
+    """When the new worker is known, some keys moved, every move's handoff completed and
+    no key is without a worker."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = await fetch_status(settings, backlog=False, timeout=30)
+        moved = _metric(port, "rabbitkeys_keys_moved_total") - moved_before
+        handoffs = _metric(port, "rabbitkeys_handoff_duration_seconds_count")
+        if (
+            len(status.workers) == workers
+            and moved > 0
+            and handoffs >= _metric(port, "rabbitkeys_keys_moved_total")
+            and status.unassigned_keys == 0
+        ):
+            return time.monotonic()
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the join did not settle within 600 s")
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the keys were not all handled in time")
+        await asyncio.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
