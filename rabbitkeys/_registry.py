@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import CollectorRegistry
 
 from . import _assignment
-from ._channel_pool import ChannelPool
+from ._channel_pool import ChannelPool, open_channel
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
@@ -239,7 +239,7 @@ class Registry:
         lock_name = f"{self.names.namespace}.registry.leader"
         waiting_logged = False
         while not self._stopping.is_set():
-            channel = await connection.channel()
+            channel = await open_channel(connection)  # closed by RESOURCE_LOCKED
             try:
                 await channel.declare_queue(lock_name, exclusive=True, auto_delete=True)
                 return
@@ -464,7 +464,8 @@ class Registry:
     async def _fresh_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
         """A channel of its own, for calls whose error must not fail anyone else's."""
         assert self._connection is not None
-        channel = await self._connection.channel()
+        # the broker closes it on NOT_FOUND / RESOURCE_LOCKED: a number of its own
+        channel = await open_channel(self._connection)
         try:
             yield await channel.get_underlay_channel()
         finally:

@@ -325,7 +325,7 @@ class Prometheus:
         result: list[dict[str, Any]] = data["result"]
         return result
 
-    async def until(self, expr: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+    async def until(self, expr: str, timeout: float = 40.0) -> list[dict[str, Any]]:
         """Poll ``expr`` until it returns a sample; fail after ``timeout`` seconds."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

@@ -44,16 +44,19 @@ def markdown(results: list[Result], *, declare_rate: float | None = None) -> str
     paced = {r.paced_rate for r in results if r.paced_rate}
     when = f" at {paced.pop():,.0f} msg/s" if len(paced) == 1 else ""
     lines = [
-        f"msg/s: as fast as confirmed; latency (publish call to handler start): paced{when}.",
+        f"msg/s: as fast as confirmed; latency (publish call to handler start): paced{when}; "
+        "broker CPU: the RabbitMQ node's CPU time per message of the fast phase.",
         "",
         "| workload | strategy | msg/s | p50 ms | p99 ms | fast keys p99 ms "
-        "| order violations | lost |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| order violations | lost | broker CPU ms/msg |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
+        cpu = r.extra.get("broker_cpu_ms_per_message")
         lines.append(
             f"| {r.workload} | {r.strategy} | {r.throughput:,.0f} | {_ms(r.p50_ms)} | "
-            f"{_ms(r.p99_ms)} | {_ms(r.fast_p99_ms)} | {r.order_violations:,} | {r.lost} |"
+            f"{_ms(r.p99_ms)} | {_ms(r.fast_p99_ms)} | {r.order_violations:,} | {r.lost} | "
+            f"{'-' if cpu is None else f'{cpu:.2f}'} |"
         )
     lines += ["", *_targets(results, declare_rate)]
     return "\n".join(lines)

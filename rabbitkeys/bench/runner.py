@@ -235,6 +235,8 @@ class _Phases:
     started: float  # the fast phase's first publish
     fast_done: float  # all of the fast phase handled
     paced_started: float
+    #: CPU seconds the broker (on this host) spent during the fast phase, if readable
+    broker_cpu: float | None = None
 
 
 async def _measure(
@@ -249,15 +251,22 @@ async def _measure(
     warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
     await _publish_all(publish, warmup)
     await _wait_handled(directory, len(warmup), timeout)
+    broker_cpu_before = broker_cpu_seconds()
     started = time.time()
     await _publish_all(publish, workload.keys)
     handled = len(warmup) + len(workload.keys)
     fast_done = await _wait_handled(directory, handled, timeout)
+    broker_cpu_after = broker_cpu_seconds()
+    broker_cpu = (
+        broker_cpu_after - broker_cpu_before
+        if broker_cpu_before is not None and broker_cpu_after is not None
+        else None
+    )
     paced_started = time.time()
     if workload.paced_keys:
         await _publish_all(publish, workload.paced_keys, rate=rate)
         await _wait_handled(directory, handled + len(workload.paced_keys), timeout)
-    return _Phases(started, fast_done, paced_started)
+    return _Phases(started, fast_done, paced_started, broker_cpu)
 
 
 async def _publish_all(publish: Any, keys: list[str], *, rate: float | None = None) -> None:
@@ -304,6 +313,8 @@ def _summarise(
         (r.started - r.published) * 1000 for r in timed if r.key not in workload.slow_keys
     )
     expected = len(workload.keys) + len(workload.paced_keys)
+    if phases.broker_cpu is not None:
+        extra["broker_cpu_ms_per_message"] = phases.broker_cpu * 1000 / len(fast_phase)
     return Result(
         strategy=strategy,
         workload=workload.name,
@@ -367,6 +378,19 @@ def _broker_memory(settings: Settings) -> float | None:
         return float(sum(node["mem_used"] for node in nodes))
     except Exception:
         return None
+
+
+def broker_cpu_seconds() -> float | None:
+    """CPU time of the RabbitMQ node on this host (``beam.smp``), or None if not found."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(beam.smp)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
 
 
 def _rss(pids: list[int]) -> float:

@@ -33,6 +33,9 @@ from .runner import _broker_memory, _delete_key_queues, _rss
 __all__ = ["ScaleResult", "run_scale"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# New keys asked for at once: enough to keep the registry's channels busy, few enough that
+# workers' heartbeats do not wait behind thousands of requests in its queue.
+_NEW_KEYS_IN_FLIGHT = 200
 
 
 @dataclass
@@ -80,6 +83,9 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
             "durable": False,
             "key_queue_expires": 600.0,
             "idle_period": 3600.0,  # no retirement during the run
+            # tens of thousands of new keys queue at the registry: this is about holding
+            # them, not about the latency of creating one
+            "ensure_timeout": 300.0,
         }
     )
     registry_port = _free_port()
@@ -96,7 +102,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
                 cpu_before = _cpu_seconds(registry.pid)
                 started = time.monotonic()
                 async with Publisher(settings) as publisher:
-                    limit = asyncio.Semaphore(1000)
+                    limit = asyncio.Semaphore(_NEW_KEYS_IN_FLIGHT)
 
                     async def one(n: int) -> None:
                         async with limit:
