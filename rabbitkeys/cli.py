@@ -280,18 +280,25 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.transient:
         settings = settings.model_copy(update={"durable": False})
     results = []
+    failures: list[str] = []
     for workload_name in args.workloads.split(","):
         workload = make_workload(workload_name, args.messages, args.paced_messages)
         for strategy in args.strategies.split(","):
-            result = await run_strategy(
-                strategy,
-                workload,
-                settings,
-                workers=args.workers,
-                partitions=args.partitions,
-                work_ms=args.work_ms,
-                rate=args.rate,
-            )
+            try:
+                result = await run_strategy(
+                    strategy,
+                    workload,
+                    settings,
+                    workers=args.workers,
+                    partitions=args.partitions,
+                    work_ms=args.work_ms,
+                    rate=args.rate,
+                )
+            except (RabbitkeysError, RuntimeError, TimeoutError) as exc:
+                # one failed run must not throw away the others' figures
+                print(f"{workload_name:>8} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
+                failures.append(f"{workload_name} / {strategy}: {exc}")
+                continue
             print(
                 f"{workload_name:>8} {strategy:>10}: {result.throughput:8,.0f} msg/s  "
                 f"p99 {result.p99_ms:8,.1f} ms  violations {result.order_violations}",
@@ -306,12 +313,14 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
     )
     print(markdown(results, declare_rate=declare_rate))
+    for failure in failures:
+        print(f"\nFAILED: {failure}")
     if args.plot:
         from .bench.plots import write_plots
 
         for path in write_plots(results, args.plot):
             print(f"wrote {path}", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_ERROR if failures else EXIT_OK
 
 
 if __name__ == "__main__":

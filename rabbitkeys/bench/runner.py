@@ -76,7 +76,14 @@ async def run_strategy(
     # Short x-expires as a backstop, and every key queue deleted at the end: thousands of
     # durable queues left behind make the broker's next boot crawl.
     settings = settings.model_copy(
-        update={"namespace": namespace, "log_level": "WARNING", "key_queue_expires": 60.0}
+        update={
+            "namespace": namespace,
+            "log_level": "WARNING",
+            "key_queue_expires": 60.0,
+            # an overloaded registry (key churn) shows as latency, not as failed publishes
+            "ensure_timeout": timeout,
+            "publish_timeout": timeout,
+        }
     )
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-bench-") as scratch:
         directory = Path(scratch)
@@ -89,16 +96,17 @@ async def run_strategy(
         }
         extra: dict[str, float] = {}
         if strategy == "rabbitkeys":
-            phases = await _run_rabbitkeys(
-                settings, workload, workers, env, directory, rate, timeout, extra
-            )
+            try:
+                phases = await _run_rabbitkeys(
+                    settings, workload, workers, env, directory, rate, timeout, extra
+                )
+            finally:
+                await _delete_key_queues(settings)
         else:
             phases = await _run_baseline(
                 strategy, settings, workload, workers, partitions, env, directory, rate, timeout
             )
         records = [r for r in read_all(directory) if r.published >= phases.started]
-        if strategy == "rabbitkeys":
-            await _delete_key_queues(settings)
     return _summarise(strategy, workload, records, phases, rate, extra)
 
 
