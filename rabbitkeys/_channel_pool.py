@@ -4,12 +4,15 @@
 A refused call (say PRECONDITION_FAILED) closes the channel it ran on; the pool opens a new
 one in its place on the next call, so one bad key never stops the others.
 
-Channel numbers: aiormq frees the number of a channel the broker closed as soon as it reads
-the broker's Channel.Close, before its Channel.CloseOk is written. A channel opened at that
-moment gets the same number and the broker closes the whole connection ("second
-'channel.open' seen"; docs/probes/channel_number_reuse.py). Channels that may be closed by
-the broker are therefore opened with numbers that cycle through a range of their own, so a
-number comes back only after thousands of other channels.
+Channel numbers: aiormq (7.2) frees the number of a channel the broker closed as soon as it
+reads the broker's Channel.Close, and its Channel.CloseOk can be late, or lost: it is
+dropped when the connection's 10-frame write queue is full. The broker keeps such a channel
+open, and a channel opened with the same number makes it close the whole connection
+("second 'channel.open' seen"; docs/probes/channel_number_reuse.py). Channels that may be
+closed by the broker are therefore opened with numbers that cycle through a range of their
+own, so a number comes back only after thousands of other channels. (Channels whose
+CloseOk was lost stay open on the broker until the connection closes; were they ever to
+reach channel_max, the broker closes the connection and rabbitkeys reconnects.)
 """
 
 from __future__ import annotations

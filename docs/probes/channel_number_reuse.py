@@ -1,7 +1,8 @@
 """Probe: a channel the broker closed (NOT_FOUND, RESOURCE_LOCKED...) frees its number in
-aiormq as soon as the broker's Channel.Close is read, before aiormq has written its
-Channel.CloseOk. A channel opened right then gets the same number, and the broker closes
-the whole connection: "CHANNEL_ERROR - second 'channel.open' seen".
+aiormq as soon as the broker's Channel.Close is read; aiormq's Channel.CloseOk may follow
+later, or never (aiormq 7.2 drops it when the connection's 10-frame write queue is full, and
+the broker then keeps the channel open). A channel opened with that number makes the broker
+close the whole connection: "CHANNEL_ERROR - second 'channel.open' seen".
 
     python docs/probes/channel_number_reuse.py [AMQP_URL]
 
