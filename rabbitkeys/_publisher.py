@@ -230,8 +230,16 @@ class Publisher:
     async def _stop_connection(self) -> None:
         self._closing.set()
         if self._control is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self._control.close()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller is being cancelled: let it through
+                # else aiormq cancelled its own close (the connection went down meanwhile):
+                # nothing is left to close, and the caller's `async with` must not see it
+            except Exception:
+                pass
         if self._connection_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection_task, 10)
