@@ -392,13 +392,17 @@ def broker_cpu_seconds() -> float | None:
     """CPU time of the RabbitMQ node on this host (``beam.smp``), or None if not found."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            text = stat.read_text()
-        except OSError:
+            if "(beam.smp)" in stat.read_text():
+                return cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError):
             continue
-        if "(beam.smp)" in text:
-            fields = text.rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pids: list[int]) -> float:

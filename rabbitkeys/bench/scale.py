@@ -13,7 +13,6 @@ thousands of durable queues make the broker's next boot slow if a run is interru
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import tempfile
 import time
@@ -28,11 +27,10 @@ from .._publisher import Publisher
 from .._settings import Settings
 from .._status import fetch_status
 from .recording import count_all
-from .runner import _broker_memory, _delete_key_queues, _rss
+from .runner import _broker_memory, _delete_key_queues, _rss, cpu_seconds
 
 __all__ = ["ScaleResult", "run_scale"]
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # New keys asked for at once: enough to keep the registry's channels busy, few enough that
 # workers' heartbeats do not wait behind thousands of requests in its queue.
 _NEW_KEYS_IN_FLIGHT = 200
@@ -99,7 +97,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
                 await cluster.wait_for_workers(workers)
                 broker_before = _broker_memory(settings)
                 rss_before = _rss([p.pid for p in cluster.workers])
-                cpu_before = _cpu_seconds(registry.pid)
+                cpu_before = cpu_seconds(registry.pid)
                 started = time.monotonic()
                 async with Publisher(settings) as publisher:
                     limit = asyncio.Semaphore(_NEW_KEYS_IN_FLIGHT)
@@ -111,18 +109,19 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
                     await asyncio.gather(*(one(n) for n in range(keys)))
                 await _wait_until(lambda: count_all(Path(scratch)) >= keys, 600)
                 create_seconds = time.monotonic() - started
-                cpu = _cpu_seconds(registry.pid) - cpu_before
+                cpu = cpu_seconds(registry.pid) - cpu_before
                 broker_after = _broker_memory(settings)
                 rss_after = _rss([p.pid for p in cluster.workers])
 
-                moved_before = _metric(registry_port, "rabbitkeys_keys_moved_total")
+                moved_before = _metrics(registry_port)["rabbitkeys_keys_moved_total"]
                 joined = time.monotonic()
-                cpu_before_join = _cpu_seconds(registry.pid)
+                cpu_before_join = cpu_seconds(registry.pid)
                 await cluster.start_worker("rabbitkeys.bench.app:app")
                 settle = await _settled(settings, registry_port, workers + 1, moved_before)
                 settle_seconds = settle - joined
-                rebalance_cpu = _cpu_seconds(registry.pid) - cpu_before_join
-                moved = int(_metric(registry_port, "rabbitkeys_keys_moved_total") - moved_before)
+                rebalance_cpu = cpu_seconds(registry.pid) - cpu_before_join
+                moved_total = _metrics(registry_port)["rabbitkeys_keys_moved_total"]
+                moved = int(moved_total - moved_before)
         finally:
             await _delete_key_queues(settings)
     return ScaleResult(
@@ -149,12 +148,12 @@ async def _settled(settings: Settings, port: int, workers: int, moved_before: fl
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = await fetch_status(settings, backlog=False, timeout=30)
-        moved = _metric(port, "rabbitkeys_keys_moved_total") - moved_before
-        handoffs = _metric(port, "rabbitkeys_handoff_duration_seconds_count")
+        metrics = _metrics(port)  # one scrape per look
+        moved_total = metrics["rabbitkeys_keys_moved_total"]
         if (
             len(status.workers) == workers
-            and moved > 0
-            and handoffs >= _metric(port, "rabbitkeys_keys_moved_total")
+            and moved_total > moved_before
+            and metrics["rabbitkeys_handoff_duration_seconds_count"] >= moved_total
             and status.unassigned_keys == 0
         ):
             return time.monotonic()
@@ -162,17 +161,15 @@ async def _settled(settings: Settings, port: int, workers: int, moved_before: fl
     raise TimeoutError("the join did not settle within 600 s")
 
 
-def _metric(port: int, name: str) -> float:
+def _metrics(port: int) -> dict[str, float]:
+    """The registry's unlabelled samples, by name."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        samples = {}
         for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
+            name, _, value = line.partition(" ")
+            if value and not line.startswith("#") and "{" not in name:
+                samples[name] = float(value)
+        return samples
 
 
 async def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
