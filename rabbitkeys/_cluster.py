@@ -33,6 +33,9 @@ class LocalCluster:
         # (RABBITKEYS_AMQP_URL beside the settings' RABBITKEYS_AMQP_URL_FILE) must not add to it.
         inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_VARIABLES}
         self._env = {**inherited, **_settings_env(settings), **(extra_env or {})}
+        for name in ("amqp_url", "management_url"):
+            if getattr(settings, f"{name}_file") is not None:  # the file, not the value too
+                self._env.pop(f"{ENV_PREFIX}{name.upper()}", None)
         self.registries: list[asyncio.subprocess.Process] = []
         self.workers: list[asyncio.subprocess.Process] = []
 

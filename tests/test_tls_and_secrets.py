@@ -40,7 +40,7 @@ from rabbitkeys import (
     Settings,
     load_settings,
 )
-from rabbitkeys._cluster import _settings_env
+from rabbitkeys._cluster import LocalCluster, _settings_env
 from rabbitkeys._connection import connect
 from rabbitkeys._management import _endpoint, list_queues
 from rabbitkeys._settings import ENV_PREFIX
@@ -643,3 +643,23 @@ async def test_the_password_appears_nowhere(
         str(settings),
     ]:
         assert SECRET not in text
+
+
+async def test_processes_started_with_a_url_file_get_the_file(
+    amqp_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LocalCluster`` (demo, chaos, bench, tests) hands its settings to the processes it
+    starts; a URL from a file goes as the file, even with the variable set around it."""
+    (tmp_path / "amqp-url").write_text(amqp_url + "\n")
+    with clean_environment(monkeypatch):
+        monkeypatch.setenv("RABBITKEYS_AMQP_URL_FILE", str(tmp_path / "amqp-url"))
+        settings = load_settings(namespace=namespace, heartbeat_interval=0.2, worker_timeout=1.5)
+        # what this process inherited must not add a second URL to the children's settings
+        monkeypatch.setenv("RABBITKEYS_AMQP_URL", "amqp://stale:stale@127.0.0.1:1/")
+        env = {"RK_DEMO_DIR": str(tmp_path), "RABBITKEYS_AMQP_URL": "amqp://also:stale@h/"}
+        async with LocalCluster(settings, extra_env=env) as cluster:
+            await cluster.start_registry()
+            await cluster.start_worker("rabbitkeys._demo:app")
+            await cluster.wait_for_workers(1)
+            codes = await cluster.stop_all()
+    assert codes == [0, 0]
