@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+import yarl
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -253,6 +254,12 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
         return f"has no host {_ENCODE_HINT}"
     if port == 0:
         return "has a bad port"
+    try:  # what aio-pika connects with (yarl, a dependency of aio-pika) must take it too
+        host = yarl.URL(url).host
+    except (ValueError, TypeError):  # UnicodeError is a ValueError
+        host = None
+    if not host:
+        return f"has a host name that cannot be used {_ENCODE_HINT}"
     return None
 
 

@@ -28,7 +28,11 @@ from typing import Any
 import aio_pika
 import pytest
 import trustme
+import yarl
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import (
@@ -331,6 +335,49 @@ def test_the_registry_command_with_a_malformed_url_says_so_in_one_line(url: str)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("rabbitkeys: invalid settings: RABBITKEYS_AMQP_URL: the URL ")
     assert SECRET not in result.stderr + result.stdout
+
+
+_URL_LIKE = st.one_of(
+    st.text(),
+    st.builds(
+        "{}://{}:{}@{}:{}/{}".format,
+        st.sampled_from(["amqp", "amqps", "http", ""]),
+        st.text(),
+        st.text(),
+        st.text(),
+        st.one_of(st.integers(-1, 70000).map(str), st.text()),
+        st.text(),
+    ),
+)
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@given(_URL_LIKE)
+def test_any_text_as_the_url_is_a_usable_url_or_a_config_error_that_does_not_quote_it(
+    text: str,
+) -> None:
+    try:
+        settings = load_settings(amqp_url=text)
+    except ConfigError as error:
+        assert str(error).startswith("invalid settings: RABBITKEYS_AMQP_URL: the URL ")
+        if len(text.strip()) >= 12:
+            assert text.strip() not in str(error)
+        return
+    # accepted: then aio-pika (through yarl) can connect with it, never a traceback later
+    url = yarl.URL(settings.amqp_url.get_secret_value())
+    assert url.scheme in ("amqp", "amqps") and url.host
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(password=st.text(min_size=1), user=st.text(min_size=1, max_size=20))
+def test_any_password_percent_encoded_is_accepted_and_masked(password: str, user: str) -> None:
+    quoted_user = urllib.parse.quote(user, safe="")
+    url = f"amqp://{quoted_user}:{urllib.parse.quote(password, safe='')}@broker:5672/prod"
+    settings = load_settings(amqp_url=url)
+    # what the client library will log in with
+    assert yarl.URL(url).password == password
+    assert settings.amqp_url_masked == f"amqp://{quoted_user}:***@broker:5672/prod"
+    assert f":{urllib.parse.quote(password, safe='')}@" not in repr(settings)
 
 
 # --- TLS settings -------------------------------------------------------------------------
