@@ -1,8 +1,8 @@
 """Several rabbitkeys processes on one host, started by hand with nothing configured.
 
-A registry and two workers in three shells: each serves /metrics (9500 when free, else a
-free port it logs), they join and handle work. A port set explicitly and taken still stops
-the process, naming the variable.
+Two registries (leader and standby) and two workers in four shells: each serves /metrics
+(9500 when free, else a free port it logs), they join and handle work. A port set explicitly
+and taken still stops the process, naming the variable.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rabbitkeys import Publisher
+from rabbitkeys import Publisher, RabbitkeysError
 from rabbitkeys._demo import read_records
 from rabbitkeys._settings import DEFAULT_METRICS_PORT, ENV_PREFIX
 from rabbitkeys._status import fetch_status
@@ -112,7 +112,7 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, ""
 
 
-async def test_a_registry_and_two_workers_share_a_host_with_nothing_configured(
+async def test_two_registries_and_two_workers_share_a_host_with_nothing_configured(
     amqp_url: str, namespace: str, tmp_path: Path
 ) -> None:
     # Only the broker and a namespace of the test's own are given (the defaults would be the
@@ -123,19 +123,24 @@ async def test_a_registry_and_two_workers_share_a_host_with_nothing_configured(
     settings = make_settings(amqp_url, namespace)
     with default_port_taken():
         async with shells() as started:
-            started.append(await Shell.start("registry", env=env))
+            # a leader and a standby, as the README advises, then the workers
+            for _ in range(2):
+                started.append(await Shell.start("registry", env=env))
             for _ in range(2):
                 started.append(await Shell.start("worker", "rabbitkeys._demo:app", env=env))
-            workers = started[1:]
+            registries, workers = started[:2], started[2:]
             await eventually(lambda: all(s.metrics_url() for s in started), timeout=60)
             urls = [str(s.metrics_url()) for s in started]
-            assert len(set(urls)) == 3, urls
+            assert len(set(urls)) == 4, urls
             assert not any(url.endswith(f":{DEFAULT_METRICS_PORT}/metrics") for url in urls)
             for shell in started:
                 assert f"port {DEFAULT_METRICS_PORT} is taken".encode() in shell.stderr
 
             async def joined() -> bool:
-                status = await fetch_status(settings, backlog=False, timeout=5)
+                try:
+                    status = await fetch_status(settings, backlog=False, timeout=5)
+                except RabbitkeysError:  # no registry leads yet
+                    return False
                 return len(status.workers) == 2
 
             deadline = asyncio.get_running_loop().time() + 60
@@ -155,9 +160,12 @@ async def test_a_registry_and_two_workers_share_a_host_with_nothing_configured(
             for key in keys:
                 assert [r["body"] for r in records if r["key"] == key] == [str(n) for n in range(5)]
 
-            registry_metrics = await asyncio.to_thread(http_get, urls[0])
-            assert registry_metrics[0] == 200
-            assert "rabbitkeys_leader 1.0" in registry_metrics[1]
+            leading = []
+            for registry in registries:
+                status, text = await asyncio.to_thread(http_get, str(registry.metrics_url()))
+                assert status == 200
+                leading.append("rabbitkeys_leader 1.0" in text)
+            assert sorted(leading) == [False, True]
             for worker in workers:
                 url = worker.metrics_url()
                 assert url is not None
