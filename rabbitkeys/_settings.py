@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._errors import ConfigError
+from ._tls import client_context
 
 __all__ = ["DEFAULT_METRICS_PORT", "ENV_PREFIX", "Settings", "load_settings", "mask_url"]
 
@@ -182,8 +183,6 @@ class Settings(BaseSettings):
     def _tls_files_load(self) -> Self:
         # Load the files now, so that a wrong path or a bad PEM stops the process at start
         # with the variable's name, not at the first (re)connect.
-        from ._tls import client_context
-
         try:
             client_context(self)
         except ConfigError as exc:
