@@ -29,7 +29,13 @@ class LocalCluster:
 
     def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None) -> None:
         self.settings = settings
-        self._env = {**os.environ, **_settings_env(settings), **(extra_env or {})}
+        # The settings object is the whole truth: a variable inherited from this process
+        # (RABBITKEYS_AMQP_URL beside the settings' RABBITKEYS_AMQP_URL_FILE) must not add to it.
+        inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_VARIABLES}
+        self._env = {**inherited, **_settings_env(settings), **(extra_env or {})}
+        for name in ("amqp_url", "management_url"):
+            if getattr(settings, f"{name}_file") is not None:  # the file, not the value too
+                self._env.pop(f"{ENV_PREFIX}{name.upper()}", None)
         self.registries: list[asyncio.subprocess.Process] = []
         self.workers: list[asyncio.subprocess.Process] = []
 
@@ -96,11 +102,16 @@ class LocalCluster:
         return codes
 
 
+_SETTING_VARIABLES = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+
+
 def _settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the environment of a child process. A URL read from a file is passed
+    as that file, so the password stays out of the child's environment."""
     env = {}
     for name in Settings.model_fields:
         value = getattr(settings, name)
-        if value is None:
+        if value is None or getattr(settings, f"{name}_file", None) is not None:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()

@@ -6,28 +6,44 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from ._errors import BrokerUnavailableError
 from ._settings import Settings
+from ._tls import client_context, failure_hint
 
 __all__ = ["connect", "keep_connected"]
 
 
 async def connect(settings: Settings, role: str) -> AbstractConnection:
     """A plain (not robust) connection: rabbitkeys decides itself what to redeclare after a
-    reconnect, because aio-pika's robust channel would redeclare every key queue at once."""
+    reconnect, because aio-pika's robust channel would redeclare every key queue at once.
+
+    ``amqps://`` uses the context of the ``tls_*`` settings (:func:`client_context`); a
+    certificate file that cannot be loaded (mid-rotation) fails this connect like an
+    unreachable broker, and the next attempt reads it again.
+    """
+    url = settings.amqp_url.get_secret_value()
     try:
+        tls = client_context(settings) if url.lower().startswith("amqps:") else None
         return await aio_pika.connect(
-            settings.amqp_url.get_secret_value(),
+            url,
+            ssl_context=tls,
             client_properties={"connection_name": f"rabbitkeys {settings.namespace} {role}"},
         )
     except Exception as exc:
         # The original exception is not chained: some carry the URL, password included.
+        reason = f"{type(exc).__name__}: {exc}"
+        password = urlsplit(url).password
+        for secret in {password, unquote(password or "")} - {None, ""}:
+            reason = reason.replace(str(secret), "***")
+        if url.lower().startswith("amqps:"):
+            reason += failure_hint(settings, reason)
         raise BrokerUnavailableError(
-            f"cannot connect to {settings.amqp_url_masked}: {type(exc).__name__}: {exc}"
+            f"cannot connect to {settings.amqp_url_masked}: {reason}"
         ) from None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ._errors import BrokerUnavailableError
 from ._settings import Settings
+from ._tls import client_context, failure_hint
 
 __all__ = ["BrokerQueue", "list_bindings", "list_queues"]
 
@@ -37,10 +38,15 @@ def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
     unquote = urllib.parse.unquote
     user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
     if settings.management_url is None:
-        scheme = "https" if amqp.scheme == "amqps" else "http"
-        return f"{scheme}://{amqp.hostname or 'localhost'}:15672", user, password, vhost
+        # RabbitMQ's customary ports: 15672 plain, 15671 behind TLS
+        https = amqp.scheme.lower() == "amqps"
+        host = amqp.hostname or "localhost"
+        host = f"[{host}]" if ":" in host else host
+        base = f"https://{host}:15671" if https else f"http://{host}:15672"
+        return base, user, password, vhost
     given = urllib.parse.urlsplit(settings.management_url.get_secret_value())
     netloc = given.hostname or "localhost"
+    netloc = f"[{netloc}]" if ":" in netloc else netloc
     if given.port:
         netloc += f":{given.port}"
     base = urllib.parse.urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
@@ -51,12 +57,18 @@ def _get(settings: Settings, path: str) -> Any:
     base, user, password, _ = _endpoint(settings)
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     try:
+        tls = client_context(settings) if base.lower().startswith("https:") else None
         request = urllib.request.Request(f"{base}/api/{path}")
         request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=60, context=tls) as response:
             return json.loads(response.read())
-    except (OSError, ValueError) as exc:
-        raise BrokerUnavailableError(f"management API {base}: {exc}") from None
+    except (OSError, ValueError) as exc:  # ConfigError: a certificate file mid-rotation
+        reason = str(exc)
+        for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
+            reason = reason.replace(secret, "***")
+        if base.lower().startswith("https:"):
+            reason += failure_hint(settings, reason)
+        raise BrokerUnavailableError(f"management API {base}: {reason}") from None
 
 
 def _vhost(settings: Settings) -> str:

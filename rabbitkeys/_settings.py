@@ -8,24 +8,35 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+import yarl
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._errors import ConfigError
+from ._tls import client_context
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings", "mask_url"]
+__all__ = ["DEFAULT_METRICS_PORT", "ENV_PREFIX", "Settings", "load_settings", "mask_url"]
 
 ENV_PREFIX = "RABBITKEYS_"
+#: where /metrics is served when RABBITKEYS_METRICS_PORT is not set (a free port if taken)
+DEFAULT_METRICS_PORT = 9500
 
 
 class Settings(BaseSettings):
     """Everything rabbitkeys can be told. Each field is read from ``RABBITKEYS_<NAME>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        # a rejected URL must not show up, password included, in a ValidationError's text
+        hide_input_in_errors=True,
     )
 
     amqp_url: SecretStr = Field(
@@ -99,16 +110,84 @@ class Settings(BaseSettings):
         description="Workers drop exact copies of a message (same publisher and sequence).",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
-    metrics_port: int = Field(
-        default=9500,
+    metrics_port: int | None = Field(
+        default=None,
         ge=0,
         le=65535,
-        description="Port of /metrics, /livez and /readyz in registry and worker processes; "
-        "0 turns the endpoint off.",
+        description="Port of /metrics, /livez and /readyz in registry and worker processes "
+        f"(unset: {DEFAULT_METRICS_PORT}, or a free port when that is taken, so that several "
+        "processes share a host); 0 turns the endpoint off.",
     )
     metrics_host: str = Field(
         default="0.0.0.0", description="Address the metrics and health endpoint listens on."
     )
+
+    # --- secrets from files, and TLS ----------------------------------------------------
+    amqp_url_file: Path | None = Field(
+        default=None,
+        description="File holding the AMQP URL (a mounted Kubernetes Secret), instead of "
+        "RABBITKEYS_AMQP_URL; a trailing newline is ignored.",
+    )
+    management_url_file: Path | None = Field(
+        default=None,
+        description="File holding the management API URL, instead of "
+        "RABBITKEYS_MANAGEMENT_URL; a trailing newline is ignored.",
+    )
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs that sign the broker's certificate, for amqps:// "
+        "and an https:// management API (default: the system's CAs).",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate, for a broker that requires one (its key in "
+        "RABBITKEYS_TLS_KEY_FILE, or in this file too).",
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key (unencrypted) of RABBITKEYS_TLS_CERT_FILE.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _urls_from_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, schemes in (("amqp_url", _AMQP_SCHEMES), ("management_url", _HTTP_SCHEMES)):
+            path = data.get(f"{name}_file")
+            if path is None:
+                continue
+            variable, file_variable = _variable(name), _variable(f"{name}_file")
+            if data.get(name) is not None:
+                raise PydanticCustomError(
+                    "config", f"{variable} and {file_variable} are both set: set one of them"
+                )
+            url = _read_secret_file(path, file_variable)
+            problem = _url_problem(url, schemes)
+            if problem:
+                raise PydanticCustomError("config", f"{file_variable}: the URL in {path} {problem}")
+            data = {**data, name: url}
+        return data
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        return _checked_url(value, _AMQP_SCHEMES)
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else _checked_url(value, _HTTP_SCHEMES)
+
+    @model_validator(mode="after")
+    def _tls_files_load(self) -> Self:
+        # Load the files now, so that a wrong path or a bad PEM stops the process at start
+        # with the variable's name, not at the first (re)connect.
+        try:
+            client_context(self)
+        except ConfigError as exc:
+            raise PydanticCustomError("config", str(exc)) from None
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -138,13 +217,71 @@ class Settings(BaseSettings):
 
 def mask_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = parts.port
+    except ValueError:
+        return "<a malformed URL>"
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{f'[{host}]' if ':' in host else host}"
+    if port is not None:
+        netloc += f":{port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_AMQP_SCHEMES = ("amqp", "amqps")
+_HTTP_SCHEMES = ("http", "https")
+_ENCODE_HINT = "(characters such as @ : / # ? in the user or password must be %-encoded)"
+
+
+def _variable(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with ``url``, or None. Never quotes the URL: it may hold a password."""
+    try:
+        parts: SplitResult = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return f"cannot be parsed, or has a bad port {_ENCODE_HINT}"
+    if parts.scheme.lower() not in schemes:
+        return f"must start with {' or '.join(f'{s}://' for s in schemes)}"
+    if not parts.hostname:
+        return f"has no host {_ENCODE_HINT}"
+    if port == 0:
+        return "has a bad port"
+    try:  # what aio-pika connects with (yarl, a dependency of aio-pika) must take it too
+        host = yarl.URL(url).host
+    except (ValueError, TypeError):  # UnicodeError is a ValueError
+        host = None
+    if not host:
+        return f"has a host name that cannot be used {_ENCODE_HINT}"
+    return None
+
+
+def _checked_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
+    # a Secret created with `echo` carries a newline into the variable
+    url = value.get_secret_value().strip()
+    problem = _url_problem(url, schemes)
+    if problem:
+        raise PydanticCustomError("config", f"the URL {problem}")
+    return SecretStr(url)
+
+
+def _read_secret_file(path: Any, variable: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise PydanticCustomError("config", f"{variable}: cannot read {path}: {detail}") from None
+    # a Secret written with `echo` or an editor ends with a newline
+    value = text.strip()
+    if not value:
+        raise PydanticCustomError("config", f"{variable}: {path} is empty")
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -168,6 +305,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
-            field = ".".join(str(part) for part in error["loc"]) or "?"
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+            field = ".".join(str(part) for part in error["loc"])
+            if not field and error["type"] == "config":
+                problems.append(error["msg"])  # it names its variables itself
+                continue
+            problems.append(f"{ENV_PREFIX}{(field or '?').upper()}: {error['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from ._errors import ConfigError, RabbitkeysError
-from ._settings import ENV_PREFIX, Settings, load_settings
+from ._settings import DEFAULT_METRICS_PORT, ENV_PREFIX, Settings, load_settings
 
 __all__ = ["main"]
 
@@ -185,20 +186,36 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
 @contextlib.asynccontextmanager
 async def _metrics_endpoint(settings: Settings, ready: Callable[[], bool]) -> AsyncIterator[None]:
-    """/metrics, /livez and /readyz on ``metrics_port`` (0: none) while the body runs."""
-    if not settings.metrics_port:
+    """/metrics, /livez and /readyz on ``metrics_port`` while the body runs: 0, none; unset,
+    9500 or, when another process on this host has it, any free port (logged)."""
+    if settings.metrics_port == 0:
         yield
         return
     from ._metrics_server import MetricsServer
 
-    server = MetricsServer(host=settings.metrics_host, port=settings.metrics_port, ready=ready)
+    explicit = settings.metrics_port is not None
+    port = DEFAULT_METRICS_PORT if settings.metrics_port is None else settings.metrics_port
+    server = MetricsServer(host=settings.metrics_host, port=port, ready=ready)
     try:
         await server.start()
     except OSError as exc:
-        raise ConfigError(
-            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc}); "
-            f"set {ENV_PREFIX}METRICS_PORT to a free port, or 0 to turn the endpoint off"
-        ) from None
+        if explicit or exc.errno != errno.EADDRINUSE:
+            raise ConfigError(
+                f"cannot serve metrics on {settings.metrics_host}:{port} ({exc}); "
+                f"set {ENV_PREFIX}METRICS_PORT to a free port, or 0 to turn the endpoint off"
+            ) from None
+        # A second process on this host: a registry and workers started by hand in several
+        # shells must all run. Its URL is logged; Kubernetes and compose set the port.
+        server.port = 0
+        await server.start()
+        logging.getLogger("rabbitkeys.metrics").warning(
+            "port %d is taken (another rabbitkeys process on this host?): serving metrics on "
+            "http://%s:%d/metrics instead; set %sMETRICS_PORT to choose the port",
+            port,
+            settings.metrics_host,
+            server.port,
+            ENV_PREFIX,
+        )
     try:
         yield
     finally:

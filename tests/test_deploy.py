@@ -515,6 +515,37 @@ def test_secret_and_config_references_resolve() -> None:
                     _find(docs, "Secret", source["secretRef"]["name"])
 
 
+def test_secret_files_are_mounted_where_the_settings_point() -> None:
+    """A ``RABBITKEYS_*_FILE`` variable names a file of a mounted Secret that has that key:
+    the URLs come from files, not from variables."""
+    docs = _base_docs()
+    for deployment in _rabbitkeys_deployments():
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for container in _containers(deployment):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert f"{ENV_PREFIX}AMQP_URL" not in env, "the AMQP URL belongs in a file"
+            files = {n: e["value"] for n, e in env.items() if n.endswith("_FILE")}
+            assert f"{ENV_PREFIX}AMQP_URL_FILE" in files, deployment["metadata"]["name"]
+            for name, path in files.items():
+                assert name.removeprefix(ENV_PREFIX).lower() in Settings.model_fields, name
+                mounts = [
+                    m
+                    for m in container.get("volumeMounts", [])
+                    if path.startswith(m["mountPath"].rstrip("/") + "/")
+                ]
+                assert len(mounts) == 1, f"{name}: {path} is on no single mount"
+                assert mounts[0].get("readOnly") is True
+                secret = volumes[mounts[0]["name"]]["secret"]
+                relative = path[len(mounts[0]["mountPath"].rstrip("/")) + 1 :]
+                items = {i["path"]: i["key"] for i in secret.get("items", [])} or {
+                    key: key for key in _find(docs, "Secret", secret["secretName"])["stringData"]
+                }
+                assert relative in items, f"{name}: {relative} is not a file of the volume"
+                stored = _find(docs, "Secret", secret["secretName"])["stringData"]
+                assert items[relative] in stored, f"{name}: no key {items[relative]}"
+
+
 def test_registry_runs_two_replicas_spread_over_nodes() -> None:
     registry = _find(_base_docs(), "Deployment", "rabbitkeys-registry")
     assert registry["spec"]["replicas"] == 2

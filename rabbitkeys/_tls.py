@@ -1,0 +1,79 @@
+"""TLS for the broker: one client ``ssl.SSLContext`` for ``amqps://`` and the https
+management API, built from the ``tls_*`` settings.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, NoReturn
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._settings import Settings
+
+__all__ = ["client_context", "failure_hint"]
+
+
+def client_context(settings: Settings) -> ssl.SSLContext | None:
+    """The context that verifies the broker (against ``tls_ca_file``, else the system's
+    CAs) and presents ``tls_cert_file`` when set; None when no ``tls_*`` setting is given,
+    leaving the client libraries to their defaults (system CAs; for AMQP also the URL's
+    ``cafile``/``certfile``/``keyfile`` query options).
+
+    Raises :class:`ConfigError` naming the variable when a file cannot be loaded. The files
+    are read on each call: a certificate rotated on disk is picked up at the next connect.
+    """
+    ca, cert, key = settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+    if ca is None and cert is None and key is None:
+        return None
+    if key is not None and cert is None:
+        raise ConfigError("RABBITKEYS_TLS_KEY_FILE is set without RABBITKEYS_TLS_CERT_FILE")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"RABBITKEYS_TLS_CA_FILE: cannot load {ca}: {_reason(exc)}") from None
+    if cert is not None:
+        try:
+            # an encrypted key would make OpenSSL prompt on the terminal: refuse it instead
+            context.load_cert_chain(cert, key, password=_no_password)
+        except (OSError, ValueError) as exc:
+            variables = "RABBITKEYS_TLS_CERT_FILE" + (
+                " / RABBITKEYS_TLS_KEY_FILE" if key is not None else ""
+            )
+            files = f"{cert}" + (f" / {key}" if key is not None else "")
+            raise ConfigError(
+                f"{variables}: cannot load the client certificate and key {files}: "
+                f"{_reason(exc)} (the key must be PEM, unencrypted)"
+            ) from None
+    return context
+
+
+def failure_hint(settings: Settings, reason: str) -> str:
+    """What to set, when a TLS connection failed with ``reason`` in a way that usually
+    means a setting (appended to the error message; empty otherwise)."""
+    lowered = reason.lower()
+    if "certificate verify failed" in lowered:
+        action = "set" if settings.tls_ca_file is None else "check"
+        return (
+            " (the broker's certificate is not signed by a CA this process trusts: "
+            f"{action} RABBITKEYS_TLS_CA_FILE, the PEM bundle of the CA that signed it)"
+        )
+    if settings.tls_cert_file is None and (
+        "certificate required" in lowered or "unexpectedly closed" in lowered
+    ):
+        return (
+            " (the broker closed the TLS connection: if it requires a client certificate, "
+            "set RABBITKEYS_TLS_CERT_FILE and RABBITKEYS_TLS_KEY_FILE)"
+        )
+    return ""
+
+
+def _no_password() -> NoReturn:
+    raise ValueError("the private key is encrypted")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc) or type(exc).__name__
