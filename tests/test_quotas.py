@@ -16,9 +16,11 @@ import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -408,3 +410,29 @@ async def test_the_vhost_queue_limit_refuses_a_new_key_and_leaves_no_trace(
             vhost.limit_queues(len(existing) + 1)
             await publisher.publish("second", b"1")
             await eventually(lambda: ("second", b"1") in handled)
+
+
+# --- the broker side in deploy/ -----------------------------------------------------------
+
+
+def test_every_broker_manifest_raises_the_open_file_limit_to_65536() -> None:
+    """One queue per key needs file descriptors: RabbitMQ recommends 65,536 or more."""
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
+    assert compose["services"]["rabbitmq"]["ulimits"]["nofile"] == {
+        "soft": 65536,
+        "hard": 65536,
+    }
+    rabbitmq = deploy / "kubernetes" / "rabbitmq"
+    [statefulset] = yaml.safe_load_all((rabbitmq / "statefulset" / "statefulset.yaml").read_text())
+    [cluster] = yaml.safe_load_all((rabbitmq / "operator" / "rabbitmqcluster.yaml").read_text())
+    override = cluster["spec"]["override"]["statefulSet"]["spec"]["template"]["spec"]
+    plain = statefulset["spec"]["template"]["spec"]["containers"]
+    for containers in (plain, override["containers"]):
+        [broker] = [c for c in containers if c["name"] == "rabbitmq"]
+        command = broker["command"]
+        assert command[:2] == ["sh", "-c"]
+        # the soft limit first, then the image's own entrypoint in place of the shell
+        assert command[2] == "ulimit -n 65536 && exec docker-entrypoint.sh rabbitmq-server"
+    readme = (deploy / "README.md").read_text()
+    assert "set_vhost_limits" in readme and "max-queues" in readme
