@@ -372,6 +372,8 @@ class Registry:
         except Exception as exc:
             log.exception("failed to answer %s", request.type)
             reply = _refusal_for(exc)
+        if isinstance(reply, Refused) and reply.code == REFUSED_QUOTA_EXCEEDED:
+            self.metrics.quota_refusals.inc()
         if message.reply_to and self._control is not None:
             await self._control.default_exchange.publish(
                 control_message(reply, correlation_id=message.correlation_id),

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from rabbitkeys import (
     App,
@@ -122,13 +123,17 @@ async def test_a_new_key_beyond_max_keys_is_refused_and_existing_keys_keep_worki
 ) -> None:
     settings = make_settings(amqp_url, namespace, max_keys=3)
     handled: dict[str, list[int]] = defaultdict(list)
+    metrics = CollectorRegistry()
     app = App()
 
     @app.handler()
     async def record(message: Message) -> None:
         handled[message.key].append(int(message.body))
 
-    async with running_registry(settings) as registry, running_worker(settings, app):
+    async with (
+        running_registry(settings, metrics_registry=metrics) as registry,
+        running_worker(settings, app),
+    ):
         async with Publisher(settings) as publisher:
             for key in ("k1", "k2", "k3"):
                 await publisher.publish(key, b"1")
@@ -143,6 +148,7 @@ async def test_a_new_key_beyond_max_keys_is_refused_and_existing_keys_keep_worki
             with pytest.raises(QuotaExceededError):
                 await publisher.publish("k4", b"again")
             assert sorted(k.ref.key for k in registry._keys.values()) == ["k1", "k2", "k3"]
+            assert metrics.get_sample_value("rabbitkeys_quota_refusals_total") == 2
         await eventually(lambda: sum(map(len, handled.values())) == 7)
     assert handled == {"k1": [1, 2, 3], "k2": [1], "k3": [1, 2, 3]}
 
@@ -386,7 +392,11 @@ async def test_the_vhost_queue_limit_refuses_a_new_key_and_leaves_no_trace(
     async def record(message: Message) -> None:
         handled.append((message.key, message.body))
 
-    async with running_registry(settings) as registry, running_worker(settings, app):
+    metrics = CollectorRegistry()
+    async with (
+        running_registry(settings, metrics_registry=metrics) as registry,
+        running_worker(settings, app),
+    ):
         async with Publisher(settings) as publisher:
             await publisher.publish("first", b"1")
             await eventually(lambda: handled == [("first", b"1")])
@@ -396,6 +406,7 @@ async def test_the_vhost_queue_limit_refuses_a_new_key_and_leaves_no_trace(
             with pytest.raises(QuotaExceededError, match="queue limit in vhost") as refused:
                 await publisher.publish("second", b"1")
             assert "max-queues" in str(refused.value)
+            assert metrics.get_sample_value("rabbitkeys_quota_refusals_total") == 1
             assert sorted(vhost.queues()) == sorted(existing)
             # the key that exists keeps working
             await publisher.publish("first", b"2")
