@@ -9,6 +9,7 @@ from ._errors import (
     InvalidMessageError,
     ProtocolError,
     PublishError,
+    QuotaExceededError,
     RabbitkeysError,
     RegistryUnavailableError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "PublishError",
     "Publisher",
+    "QuotaExceededError",
     "RabbitkeysError",
     "Registry",
     "RegistryUnavailableError",

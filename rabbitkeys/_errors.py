@@ -8,6 +8,7 @@ RabbitkeysError
 ├── BrokerUnavailableError (ConnectionError)
 │                                     the broker cannot be reached
 ├── PublishError                      the broker did not take a message
+│   ├── QuotaExceededError            a new key would exceed a limit of its namespace
 │   └── RegistryUnavailableError (TimeoutError)
 │                                     no registry answered in time
 └── HandlerNotFoundError (LookupError)
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidMessageError",
     "ProtocolError",
     "PublishError",
+    "QuotaExceededError",
     "RabbitkeysError",
     "RegistryUnavailableError",
 ]
@@ -55,6 +57,13 @@ class BrokerUnavailableError(RabbitkeysError, ConnectionError):
 
 class PublishError(RabbitkeysError):
     """The broker did not confirm a message: it must be treated as not published."""
+
+
+class QuotaExceededError(PublishError):
+    """A publish to a new key was refused: its namespace holds as many live keys or job types
+    as its limits allow (``RABBITKEYS_MAX_KEYS``, ``RABBITKEYS_MAX_JOB_TYPES``) or the broker
+    refused another queue (the vhost's ``max-queues``). Nothing was sent; keys that exist
+    keep working, and an idle key frees its place when the registry retires it."""
 
 
 class RegistryUnavailableError(PublishError, TimeoutError):

@@ -241,6 +241,11 @@ class RegistryMetrics:
         self.malformed = _counter(
             registry, "rabbitkeys_malformed_messages", "Control messages that did not parse."
         )
+        self.quota_refusals = _counter(
+            registry,
+            "rabbitkeys_quota_refusals",
+            "New keys refused by a quota (max_keys, max_job_types, the vhost's max-queues).",
+        )
         self.handoff_duration = _histogram(
             registry,
             "rabbitkeys_handoff_duration_seconds",

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ._errors import ProtocolError
 
 __all__ = [
+    "REFUSED_ERROR",
+    "REFUSED_QUOTA_EXCEEDED",
     "Assign",
     "ControlMessage",
     "EnsureKey",
@@ -72,9 +74,19 @@ class Ensured(_Model):
     routing_key: str
 
 
+#: ``Refused.code``: anything else (the reason says what); also what an older registry meant
+REFUSED_ERROR = "error"
+#: ``Refused.code``: a new key beyond the namespace's limits (the publisher raises
+#: :class:`~rabbitkeys.QuotaExceededError`)
+REFUSED_QUOTA_EXCEEDED = "quota_exceeded"
+
+
 class Refused(_Model):
     type: Literal["refused"] = "refused"
     reason: str
+    #: machine-readable kind of refusal; a plain ``str`` so that a code added later still
+    #: parses (a client treats a code it does not know as ``REFUSED_ERROR``)
+    code: str = REFUSED_ERROR
 
 
 class WorkerJoin(_Model):

@@ -46,11 +46,12 @@ from ._errors import (
     BrokerUnavailableError,
     InvalidMessageError,
     PublishError,
+    QuotaExceededError,
     RabbitkeysError,
     RegistryUnavailableError,
 )
 from ._metrics import PublisherMetrics
-from ._protocol import Ensured, EnsureKey, Refused
+from ._protocol import REFUSED_QUOTA_EXCEEDED, Ensured, EnsureKey, Refused
 from ._settings import Settings, load_settings
 from ._topology import (
     DEFAULT_JOB_TYPE,
@@ -431,7 +432,10 @@ class Publisher:
                 timeout=self.settings.ensure_timeout,
             )
             if isinstance(reply, Refused):
-                raise PublishError(f"the registry refused key {lane.ref.key!r}: {reply.reason}")
+                refusal = (
+                    QuotaExceededError if reply.code == REFUSED_QUOTA_EXCEEDED else PublishError
+                )
+                raise refusal(f"the registry refused key {lane.ref.key!r}: {reply.reason}")
             if not isinstance(reply, Ensured):
                 raise PublishError(f"unexpected reply from the registry: {reply.type}")
         except (RegistryUnavailableError, PublishError) as exc:

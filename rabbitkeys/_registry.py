@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
 from ._management import list_bindings, list_queues
 from ._metrics import RegistryMetrics
 from ._protocol import (
+    REFUSED_QUOTA_EXCEEDED,
     Assign,
     ControlMessage,
     Ensured,
@@ -116,6 +117,50 @@ class _Key:
         )
 
 
+class _KeyTable(dict[str, _Key]):
+    """The live keys by id, counting their job types as keys come and go (the job-type
+    quota is checked on every new key: it must not walk 50,000 keys each time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_types: Counter[str] = Counter()
+
+    def __setitem__(self, key_id: str, key: _Key) -> None:
+        old = self.get(key_id)
+        if old is not None:
+            self._uncount(old)
+        super().__setitem__(key_id, key)
+        self.job_types[key.ref.job_type] += 1
+
+    def __delitem__(self, key_id: str) -> None:
+        self._uncount(self[key_id])
+        super().__delitem__(key_id)
+
+    def pop(self, key_id: str, *default: Any) -> Any:
+        if key_id in self:
+            self._uncount(self[key_id])
+        return super().pop(key_id, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self.job_types.clear()
+
+    def _uncount(self, key: _Key) -> None:
+        self.job_types[key.ref.job_type] -= 1
+        if self.job_types[key.ref.job_type] <= 0:
+            del self.job_types[key.ref.job_type]
+
+    # Mutators that bypass __setitem__/__delitem__ would break the count.
+    def setdefault(self, *_: Any) -> Any:
+        raise NotImplementedError
+
+    def update(self, *_: Any, **__: Any) -> None:
+        raise NotImplementedError
+
+    def popitem(self) -> Any:
+        raise NotImplementedError
+
+
 class Registry:
     """Run with ``await Registry(settings).run()``; stops when ``stop()`` is called.
     Metrics go to ``metrics_registry`` (default: prometheus_client's global registry)."""
@@ -127,7 +172,7 @@ class Registry:
         self.registry_id = uuid.uuid4().hex[:12]
         self.names = Names(settings.namespace)
         self._workers: dict[str, _Worker] = {}
-        self._keys: dict[str, _Key] = {}
+        self._keys = _KeyTable()
         self._declared_exchanges: set[str] = set()
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
@@ -326,7 +371,9 @@ class Registry:
                 reply = await self._status(request.backlog)
         except Exception as exc:
             log.exception("failed to answer %s", request.type)
-            reply = Refused(reason=f"{type(exc).__name__}: {exc}")
+            reply = _refusal_for(exc)
+        if isinstance(reply, Refused) and reply.code == REFUSED_QUOTA_EXCEEDED:
+            self.metrics.quota_refusals.inc()
         if message.reply_to and self._control is not None:
             await self._control.default_exchange.publish(
                 control_message(reply, correlation_id=message.correlation_id),
@@ -343,6 +390,8 @@ class Registry:
             return Refused(reason=str(exc))
         key = self._keys.get(ref.id)
         if key is None:
+            if (refused := self._beyond_quota(ref)) is not None:
+                return refused
             key = self._keys[ref.id] = _Key(ref, self.names.key_queue(ref))
         async with key.lock:
             if self._keys.get(ref.id) is not key:  # retired while we waited: start over
@@ -362,6 +411,32 @@ class Registry:
                 # the queue was recreated: its old consumer was cancelled by the broker
                 self._send(key.owner, Assign(keys=[key.assignment()]))
             return Ensured(routing_key=key.routing_keys[-1])
+
+    def _beyond_quota(self, ref: KeyRef) -> Refused | None:
+        """Refuse a new key once the namespace holds ``max_keys`` live keys, or if it would
+        bring a job type beyond ``max_job_types``. A key being retired counts until its
+        queue is gone; keys adopted from workers or the broker are never refused (their
+        queues exist), so a lowered limit is reached again as keys retire."""
+        limits = self.settings
+        if len(self._keys) >= limits.max_keys:
+            reason = (
+                f"namespace {self.names.namespace!r} holds {len(self._keys):,} live keys, its "
+                f"limit (RABBITKEYS_MAX_KEYS={limits.max_keys:,}); a key frees its place when "
+                "it is retired, after RABBITKEYS_IDLE_PERIOD without traffic"
+            )
+        elif (
+            ref.job_type not in self._keys.job_types
+            and len(self._keys.job_types) >= limits.max_job_types
+        ):
+            reason = (
+                f"namespace {self.names.namespace!r} has live keys of "
+                f"{len(self._keys.job_types):,} job types, its limit "
+                f"(RABBITKEYS_MAX_JOB_TYPES={limits.max_job_types:,}); job type "
+                f"{ref.job_type!r} would be one more"
+            )
+        else:
+            return None
+        return Refused(reason=reason, code=REFUSED_QUOTA_EXCEEDED)
 
     async def _declare_and_bind(self, key: _Key) -> None:
         assert self._pool is not None
@@ -794,6 +869,20 @@ class Registry:
 
         await asyncio.gather(*(count(k) for k in list(self._keys.values())))
         return counts
+
+
+def _refusal_for(error: Exception) -> Refused:
+    """The answer to a request that failed with ``error``; the broker's own queue limit
+    (the vhost's ``max-queues``) is a quota like ours, and says so."""
+    if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
+        "queue limit in vhost" in str(error)
+    ):
+        detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
+        return Refused(
+            reason=f"the broker refused another queue ({detail}): the vhost's max-queues limit",
+            code=REFUSED_QUOTA_EXCEEDED,
+        )
+    return Refused(reason=f"{type(error).__name__}: {error}")
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

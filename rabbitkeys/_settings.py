@@ -189,6 +189,27 @@ class Settings(BaseSettings):
             raise PydanticCustomError("config", str(exc)) from None
         return self
 
+    # --- quotas: what a namespace and a worker may hold (README "Limits") ---
+    max_keys: int = Field(
+        default=50_000,
+        ge=1,
+        description="Live keys per namespace; the registry refuses a publish to a new key "
+        "beyond it (QuotaExceededError). Each is a queue: tens of KiB of broker memory.",
+    )
+    max_job_types: int = Field(
+        default=1_000,
+        ge=1,
+        description="Job types with live keys per namespace; a new key of one more job type "
+        "is refused (QuotaExceededError).",
+    )
+    max_buffered_messages: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Deliveries a worker holds at most over all its keys (basic.qos "
+        "global); default concurrency x prefetch. At least concurrency.",
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -204,6 +225,24 @@ class Settings(BaseSettings):
                 "or a single late heartbeat drops a live worker"
             )
         return self
+
+    @model_validator(mode="after")
+    def _buffer_cap_feeds_every_handler(self) -> Self:
+        if self.max_buffered_messages is not None and self.max_buffered_messages < self.concurrency:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_BUFFERED_MESSAGES ({self.max_buffered_messages}) must be at "
+                f"least {ENV_PREFIX}CONCURRENCY ({self.concurrency}): each running handler "
+                "holds its delivery, so a smaller cap leaves handlers idle"
+            )
+        return self
+
+    @property
+    def buffered_messages_cap(self) -> int:
+        """What a worker holds at most over all its keys: ``max_buffered_messages``, or by
+        default enough for every handler's key to have its full ``prefetch``."""
+        if self.max_buffered_messages is not None:
+            return self.max_buffered_messages
+        return min(65535, self.concurrency * self.prefetch)  # qos counts are 16-bit
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.model_dump().items())

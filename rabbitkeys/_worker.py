@@ -201,6 +201,11 @@ class Worker:
         consume.close_callbacks.add(self._on_channel_close)
         # Applies to each consumer made on this channel afterwards, i.e. to each key.
         await consume.set_qos(prefetch_count=self.settings.prefetch)
+        # RabbitMQ reads global=True as a cap shared by all consumers of the channel, on top
+        # of the per-key prefetch: what this worker holds over all its keys. It must come
+        # second, and no qos(global=False) may follow: that lifts the cap (probe:
+        # docs/probes/global_qos_cap.py).
+        await consume.set_qos(prefetch_count=self.settings.buffered_messages_cap, global_=True)
         # Consumed through aiormq directly: its callback starts (in a task scheduled when the
         # frame is read) before a later cancel-ok wakes the releasing task. aio-pika's wrapper
         # adds a second task hop, which would let a delivery slip past a release.
@@ -387,8 +392,11 @@ class Worker:
                 delivery = owned.buffer.popleft()
                 await channel.basic_reject(_tag(delivery), requeue=True)
             # A round trip on the same channel: the broker has taken the rejects in before
-            # we tell the registry (and so the next owner) that the key is free.
-            await channel.basic_qos(prefetch_count=self.settings.prefetch)
+            # we tell the registry (and so the next owner) that the key is free. The
+            # channel-wide cap again: a per-consumer qos here would lift it.
+            await channel.basic_qos(
+                prefetch_count=self.settings.buffered_messages_cap, global_=True
+            )
 
     def _on_broker_cancel(self, frame: Any) -> None:
         """The broker dropped one of our consumers (its queue was deleted or crashed): let

@@ -84,6 +84,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
             # tens of thousands of new keys queue at the registry: this is about holding
             # them, not about the latency of creating one
             "ensure_timeout": 300.0,
+            "max_keys": max(settings.max_keys, keys),  # the run sets its own scale
         }
     )
     registry_port = _free_port()
