@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,10 @@ def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
         "key_queue_expires": 120.0,
         "ensure_timeout": 10.0,
     }
+    # a broker whose management API is not on port 15672 of its host (testcontainers)
+    management_url = os.environ.get("RABBITKEYS_TEST_MANAGEMENT_URL")
+    if management_url:
+        values["management_url"] = management_url
     values.update(overrides)
     return Settings(**values)
 
