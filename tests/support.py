@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from rabbitkeys import App, Registry, Settings, Worker
@@ -64,3 +66,41 @@ async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         await asyncio.sleep(interval)
+
+
+class Handlings:
+    """What in-process handlers did, per key: the values in handling order and when each
+    handling started and finished (one monotonic clock: in-process workers share it)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[int]] = defaultdict(list)
+        self.intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def handling(self, key: str, value: int) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.values[key].append(value)
+            self.intervals[key].append((started, time.monotonic()))
+
+    def total(self) -> int:
+        return sum(map(len, self.values.values()))
+
+    def overlaps(self) -> list[tuple[str, float, float]]:
+        """(key, start of a handling, end of the one before it that was still running)."""
+        return overlapping(self.intervals)
+
+
+def overlapping(
+    intervals: dict[str, list[tuple[float, float]]],
+) -> list[tuple[str, float, float]]:
+    found = []
+    for key, spans in intervals.items():
+        busy_until = float("-inf")
+        for started, finished in sorted(spans):
+            if started < busy_until:
+                found.append((key, started, busy_until))
+            busy_until = max(busy_until, finished)
+    return found
