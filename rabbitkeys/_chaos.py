@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cluster import LocalCluster
-from ._demo import read_records
+from ._demo import overlapping_handlings, read_records
 from ._errors import RabbitkeysError
 from ._publisher import Publisher
 from ._settings import Settings
@@ -48,6 +48,8 @@ class ChaosReport:
     #: duplicates no SIGKILL of their worker nor the broker restart explains
     unexplained_duplicates: int = 0
     order_violations: int = 0
+    #: handlings of one key that overlapped in time (one at a time per key broken)
+    overlaps: int = 0
     #: seconds from a worker's SIGKILL until each of its keys was handled again (worst key)
     worker_kill_gap: float | None = None
     #: seconds from the leading registry's SIGKILL until another registry led
@@ -60,7 +62,9 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.order_violations == 0 and self.unexplained_duplicates == 0
+        return not (
+            self.lost or self.order_violations or self.unexplained_duplicates or self.overlaps
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -76,12 +80,15 @@ class ChaosReport:
             f"lost              {self.lost}",
             f"duplicates        {self.duplicates}  ({self.unexplained_duplicates} unexplained)",
             f"order violations  {self.order_violations}",
+            f"overlaps          {self.overlaps}  (handlings of one key at the same time)",
             f"worker kill gap   {seconds(self.worker_kill_gap)}  (worst key of the killed worker)",
             f"registry failover {seconds(self.registry_failover)}  (until another registry led)",
             f"registry kill gap {seconds(self.registry_kill_gap)}  (worst key)",
             f"broker restart    {seconds(self.broker_restart_gap)}  (worst key, once back)",
             "",
-            "OK" if self.ok else "FAILED: lost, out of order, or duplicated without a crash",
+            "OK"
+            if self.ok
+            else "FAILED: lost, out of order, overlapping, or duplicated without a crash",
         ]
         return "\n".join(lines)
 
@@ -234,6 +241,8 @@ def _judge(report: ChaosReport, records: list[dict[str, Any]], timeline: _Timeli
             if record["seq"] < highest:
                 report.order_violations += 1
             highest = max(highest, record["seq"])
+
+    report.overlaps = len(overlapping_handlings(records))
 
     def worst_gap(since: float, keys: set[str]) -> float | None:
         gaps = []

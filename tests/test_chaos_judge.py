@@ -12,7 +12,7 @@ KILLED, STOPPED, OTHER = 101, 102, 103
 
 def record(seq: int, started: float, pid: int, redelivered: bool = False) -> dict[str, Any]:
     return {"key": "k", "publisher": "p", "seq": seq, "started": started, "pid": pid,
-            "redelivered": redelivered, "body": str(seq)}  # fmt: skip
+            "finished": started + 0.1, "redelivered": redelivered, "body": str(seq)}  # fmt: skip
 
 
 def judge(records: list[dict[str, Any]], **marks: float) -> ChaosReport:
@@ -64,4 +64,10 @@ def test_a_copy_across_the_broker_restart_is_explained() -> None:
 def test_loss_and_reordering_are_counted() -> None:
     report = judge([record(2, 1.0, OTHER), record(1, 2.0, OTHER)])
     assert (report.lost, report.order_violations) == (1, 1)
+    assert not report.ok
+
+
+def test_handlings_of_one_key_that_overlap_in_time_fail_the_run() -> None:
+    report = judge([record(1, 1.0, OTHER), record(2, 1.05, STOPPED), record(3, 2.0, OTHER)])
+    assert report.overlaps == 1 and report.order_violations == 0
     assert not report.ok

@@ -15,7 +15,7 @@ import pytest
 from rabbitkeys import App, Message, Publisher, PublishError
 from rabbitkeys._chaos import run_chaos
 from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import check_order, read_records
+from rabbitkeys._demo import check_order, overlapping_handlings, read_records
 from rabbitkeys._topology import KeyRef, Names
 
 from .support import eventually, make_settings, running_registry, running_worker
@@ -35,6 +35,7 @@ async def test_chaos_worker_kill_scale_and_registry_kill_lose_and_reorder_nothin
     # Every copy is tied to its cause: a redelivery whose previous handling was by the
     # SIGKILLed worker. The SIGTERM, the new workers and the registry kill add none.
     assert report.unexplained_duplicates == 0
+    assert report.overlaps == 0  # one at a time per key, across every move and kill
     assert report.ok
     # the gaps are figures for the report (printed above), not thresholds: the timeline
     # did happen, and the keys of the killed worker were handled again
@@ -169,4 +170,5 @@ async def test_scaling_out_and_in_moves_keys_with_no_duplicate_and_no_reordering
     }
     order = check_order(records)
     assert all(order[k] == sorted(order[k]) for k in names)
+    assert overlapping_handlings(records) == []  # one at a time per key, across the moves
     assert len({r["pid"] for r in records}) == 4
