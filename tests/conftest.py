@@ -39,20 +39,12 @@ import pytest
 
 from rabbitkeys import Settings
 
-from .support import make_settings
+from .support import IN_CI, make_settings, skip_or_fail
 
 LOCAL_URL = "amqp://guest:guest@localhost:5672/"
-IN_CI = os.environ.get("CI") == "true"
 # vhosts made by a test session carry this description, so that one whose session died
 # (SIGKILL, a lost machine) is removed by the next session on the same host
 _SESSION_MARK = re.compile(r"^rabbitkeys test session: pid (\d+) on (.+)$")
-
-
-def skip_or_fail(message: str) -> None:
-    """Skip locally; under ``CI=true`` a missing prerequisite is a failure, never a skip."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @dataclass(frozen=True)

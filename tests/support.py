@@ -10,7 +10,18 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import pytest
+
 from rabbitkeys import App, Registry, Settings, Worker
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip locally; under ``CI=true`` a missing prerequisite is a failure, never a skip."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:

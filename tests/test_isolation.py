@@ -26,8 +26,8 @@ import pytest
 
 from rabbitkeys._cluster import LocalCluster
 
-from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace, skip_or_fail
-from .support import eventually, make_settings, running_registry
+from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace
+from .support import eventually, make_settings, running_registry, skip_or_fail
 
 EVENTS = "amq.rabbitmq.event"
 
