@@ -2,7 +2,9 @@
 
 The workers run ``rabbitkeys._demo:app``: each handled message is appended, as a JSON line,
 to a file per worker process in ``$RK_DEMO_DIR``; keys starting with ``slow-`` sleep
-``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per message.
+``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per message; keys starting with ``hold-`` are
+recorded, then held (not acked) until a file named ``release`` appears in ``$RK_DEMO_DIR``:
+the tests use them to kill or stop a worker while it holds a handled message.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ async def record(message: Message) -> None:
     path = Path(os.environ["RK_DEMO_DIR"]) / f"{os.getpid()}.jsonl"
     with open(path, "a") as output:  # noqa: ASYNC230
         output.write(line + "\n")
+    if message.key.startswith("hold-"):
+        while not (path.parent / "release").exists():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
 
 def read_records(directory: Path) -> list[dict[str, Any]]:

@@ -1,11 +1,26 @@
-"""The chaos report's judge (pure): a duplicate counts as explained only when its cause is
-a crash (a redelivery after its worker's SIGKILL, or the broker restart between the two)."""
+"""The chaos report's judge: a duplicate counts as explained only when its cause is a crash
+(a redelivery after its worker's SIGKILL, or the broker restart between the two). Pure tests
+of the judge, then the cause itself produced on the real broker: a worker SIGKILLed while it
+holds a handled, unacked message (one explained duplicate) or SIGTERMed (none)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from rabbitkeys import Publisher, Settings
 from rabbitkeys._chaos import ChaosReport, _judge, _Timeline
+from rabbitkeys._cluster import LocalCluster
+from rabbitkeys._demo import read_records
+
+from .support import eventually
 
 KILLED, STOPPED, OTHER = 101, 102, 103
 
@@ -71,3 +86,66 @@ def test_handlings_of_one_key_that_overlap_in_time_fail_the_run() -> None:
     report = judge([record(1, 1.0, OTHER), record(2, 1.05, STOPPED), record(3, 2.0, OTHER)])
     assert report.overlaps == 1 and report.order_violations == 0
     assert not report.ok
+
+
+def free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+async def test_a_worker_stopped_while_it_holds_a_handled_message(
+    settings: Settings, tmp_path: Path, stop: str
+) -> None:
+    """SIGKILL: the message it handled but had not acked is redelivered to the other worker:
+    one duplicate, ``redelivered`` and after the killed pid, so explained. SIGTERM: the
+    worker finishes and acks before it leaves: no duplicate."""
+    env = {"RK_DEMO_DIR": str(tmp_path), "RABBITKEYS_LOG_LEVEL": "WARNING"}
+    async with LocalCluster(settings, extra_env=env) as cluster:
+        await cluster.start_registry()
+        ports = {}
+        for port in free_ports(2):
+            ports[(await cluster.start_worker("rabbitkeys._demo:app", metrics_port=port)).pid] = (
+                port
+            )
+        await cluster.wait_for_workers(2)
+        async with Publisher(settings) as publisher:
+            await publisher.publish("hold-1", b"1")
+        await eventually(lambda: len(read_records(tmp_path)) == 1, timeout=30)
+        [first] = read_records(tmp_path)
+        [holder] = [p for p in cluster.workers if p.pid == first["pid"]]
+        if stop == "SIGKILL":
+            holder.kill()
+            await holder.wait()
+            (tmp_path / "release").touch()
+            await eventually(lambda: len(read_records(tmp_path)) == 2, timeout=30)
+        else:
+            stopping = asyncio.create_task(cluster.terminate(holder))
+            # its readiness turns 503 once it is draining: it holds the message meanwhile
+            await eventually(lambda: not ready(ports[holder.pid]), timeout=30)
+            (tmp_path / "release").touch()  # the handler ends; the worker acks and leaves
+            assert await stopping == 0
+        codes = await cluster.stop_all()  # no handling can come after this
+    # every process exited cleanly, but the killed one
+    assert sorted(codes) == ([-9, 0, 0] if stop == "SIGKILL" else [0, 0, 0])
+    records = read_records(tmp_path)
+    killed = {first["pid"]} if stop == "SIGKILL" else set()
+    report = _judge(ChaosReport(), records, _Timeline(sent=1, names=["hold-1"], killed_pids=killed))
+    assert report.lost == 0 and report.unexplained_duplicates == 0 and report.ok
+    if stop == "SIGKILL":
+        assert report.duplicates == 1
+        assert records[1]["pid"] != first["pid"] and records[1]["redelivered"] is True
+    else:
+        assert report.duplicates == 0 and len(records) == 1
