@@ -115,11 +115,10 @@ async def test_a_worker_stopped_while_it_holds_a_handled_message(
     env = {"RK_DEMO_DIR": str(tmp_path), "RABBITKEYS_LOG_LEVEL": "WARNING"}
     async with LocalCluster(settings, extra_env=env) as cluster:
         await cluster.start_registry()
-        ports = {}
+        ports = {}  # pid -> metrics port, for its readiness
         for port in free_ports(2):
-            ports[(await cluster.start_worker("rabbitkeys._demo:app", metrics_port=port)).pid] = (
-                port
-            )
+            worker = await cluster.start_worker("rabbitkeys._demo:app", metrics_port=port)
+            ports[worker.pid] = port
         await cluster.wait_for_workers(2)
         async with Publisher(settings) as publisher:
             await publisher.publish("hold-1", b"1")
