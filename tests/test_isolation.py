@@ -80,7 +80,7 @@ async def test_the_event_exchange_is_in_the_default_vhost_only(
 ) -> None:
     """What the registry meets: in the session's vhost a passive declare of the event
     exchange is refused, in ``/`` it exists (when the plugin is enabled)."""
-    root = await aio_pika.connect(broker.amqp_url)
+    root = await aio_pika.connect(broker.url_in("/"))
     try:
         await (await root.channel()).declare_exchange(EVENTS, passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
@@ -109,7 +109,7 @@ async def test_in_the_default_vhost_a_killed_worker_is_noticed_through_the_event
 ) -> None:
     """With ``worker_timeout`` at ten minutes, only the event (its inbox deleted with its
     connection) can tell the registry that the worker is gone."""
-    settings = make_settings(broker.amqp_url, root_namespace, worker_timeout=600.0)
+    settings = make_settings(broker.url_in("/"), root_namespace, worker_timeout=600.0)
     async with running_registry(settings) as registry, LocalCluster(settings) as cluster:
         worker = await cluster.start_worker("rabbitkeys._demo:app")
         await eventually(lambda: len(registry._workers) == 1, timeout=30)
