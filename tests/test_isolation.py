@@ -24,10 +24,11 @@ import aio_pika
 import aiormq
 import pytest
 
+from rabbitkeys import App, Message, Publisher, Settings
 from rabbitkeys._cluster import LocalCluster
 
 from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace
-from .support import eventually, make_settings, running_registry, skip_or_fail
+from .support import eventually, make_settings, running_registry, running_worker, skip_or_fail
 
 EVENTS = "amq.rabbitmq.event"
 
@@ -129,3 +130,26 @@ async def test_in_another_vhost_a_killed_worker_is_noticed_by_its_missing_heartb
         worker.kill()
         await worker.wait()
         await eventually(lambda: not registry._workers, timeout=60)
+
+
+async def test_a_new_registry_adopts_unconsumed_key_queues_through_the_management_api(
+    settings: Settings,
+) -> None:
+    """The rebuild reads the session's vhost, not ``/``: a registry that starts with no
+    state, no worker to answer ``Sync`` and no publisher asking, learns the keys from the
+    broker's listing alone; a worker then handles their messages in order."""
+    handled: dict[str, list[int]] = {"a": [], "b": []}
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled[message.key].append(int(message.body))
+
+    async with running_registry(settings), Publisher(settings) as publisher:
+        for n in range(3):
+            await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in handled))
+    async with running_registry(settings) as fresh:
+        await eventually(lambda: {k.ref.key for k in fresh._keys.values()} == set(handled), 30)
+        async with running_worker(settings, app):
+            await eventually(lambda: sum(map(len, handled.values())) == 6)
+    assert handled == {"a": [0, 1, 2], "b": [0, 1, 2]}
