@@ -18,9 +18,9 @@ import pytest
 from rabbitkeys import Publisher, Settings
 from rabbitkeys._chaos import ChaosReport, _judge, _Timeline
 from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import read_records
+from rabbitkeys._demo import overlapping_handlings, read_records
 
-from .support import eventually
+from .support import eventually, overlapping
 
 KILLED, STOPPED, OTHER = 101, 102, 103
 
@@ -148,3 +148,14 @@ async def test_a_worker_stopped_while_it_holds_a_handled_message(
         assert records[1]["pid"] != first["pid"] and records[1]["redelivered"] is True
     else:
         assert report.duplicates == 0 and len(records) == 1
+
+
+def test_the_overlap_checks_find_overlaps_and_only_those() -> None:
+    """The checks behind "one at a time per key" (in-process intervals and process
+    records) must be able to fail."""
+    spans = {"a": [(0.0, 1.0), (1.0, 2.0)], "b": [(0.0, 1.0), (0.5, 0.7), (0.9, 1.5)]}
+    assert overlapping(spans) == [("b", 0.5, 1.0), ("b", 0.9, 1.0)]
+    records = [record(1, 1.0, OTHER), record(2, 1.05, OTHER), record(3, 1.5, OTHER)]
+    assert [(key, started) for key, started, _ in overlapping_handlings(records)] == [("k", 1.05)]
+    # one after the other, a handling starting as the previous one finishes: no overlap
+    assert overlapping_handlings([record(1, 1.0, OTHER), record(2, 1.1, KILLED)]) == []
