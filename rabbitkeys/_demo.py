@@ -2,7 +2,9 @@
 
 The workers run ``rabbitkeys._demo:app``: each handled message is appended, as a JSON line,
 to a file per worker process in ``$RK_DEMO_DIR``; keys starting with ``slow-`` sleep
-``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per message.
+``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per message; keys starting with ``hold-`` are
+recorded, then held (not acked) until a file named ``release`` appears in ``$RK_DEMO_DIR``:
+the tests use them to kill or stop a worker while it holds a handled message.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ._cluster import LocalCluster
 from ._publisher import Publisher
 from ._settings import Settings
 
-__all__ = ["app", "check_order", "read_records", "run_demo"]
+__all__ = ["app", "check_order", "overlapping_handlings", "read_records", "run_demo"]
 
 app = App()
 
@@ -48,6 +50,9 @@ async def record(message: Message) -> None:
     path = Path(os.environ["RK_DEMO_DIR"]) / f"{os.getpid()}.jsonl"
     with open(path, "a") as output:  # noqa: ASYNC230
         output.write(line + "\n")
+    if message.key.startswith("hold-"):
+        while not (path.parent / "release").exists():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
 
 def read_records(directory: Path) -> list[dict[str, Any]]:
@@ -70,6 +75,24 @@ def check_order(records: list[dict[str, Any]]) -> dict[str, list[int]]:
             seen.add(ident)
             first_seen[record["key"]].append(record["seq"])
     return first_seen
+
+
+def overlapping_handlings(records: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """Handlings of one key that overlapped in time: (key, when the later one started, when
+    the earlier one finished). One at a time per key means none, across workers too (the
+    records' times are the host's clock, shared by every process on it)."""
+    found = []
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record["key"]].append(record)
+    for key, handlings in by_key.items():
+        handlings.sort(key=lambda r: r["started"])
+        busy_until = float("-inf")
+        for record in handlings:
+            if record["started"] < busy_until:
+                found.append((key, record["started"], busy_until))
+            busy_until = max(busy_until, record["finished"])
+    return found
 
 
 async def run_demo(settings: Settings, *, keys: int, messages: int, workers: int) -> int:

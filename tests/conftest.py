@@ -1,8 +1,20 @@
-"""Fixtures: a real RabbitMQ, a namespace per test, and registries/workers run in-process.
+"""Fixtures: a real RabbitMQ, a vhost per test session, a namespace per test, and
+registries/workers run in-process.
 
 The broker is ``RABBITKEYS_TEST_AMQP_URL`` if set, else the one on localhost, else one
-started with testcontainers. Without any, tests skip with the reason, except under
-``CI=true``, where that is a failure.
+started with testcontainers. Its management API is ``RABBITKEYS_TEST_MANAGEMENT_URL`` if
+set, else port 15672 of the broker's host. Without a broker or its management API, tests
+that need them skip with the reason, except under ``CI=true``, where that is a failure.
+
+Each session creates a vhost of its own and deletes it, with everything in it, at the end:
+what a test leaves behind (chaos and bench namespaces, durable queues without expiry) never
+slows a later run. ``amqp_url`` points into that vhost. Nothing is created or deleted in the
+broker's own vhost except by the few tests that need it (``broker.amqp_url``), which remove
+what they created.
+
+Tiers (markers, see pyproject.toml): ``broker`` is added here to every test that uses the
+broker fixtures; ``processes``, ``slow`` and ``disruptive`` are set by the tests themselves.
+``pytest -m "not broker"`` runs the pure tests in seconds.
 """
 
 from __future__ import annotations
@@ -12,12 +24,14 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -25,10 +39,44 @@ import pytest
 
 from rabbitkeys import Settings
 
-from .support import make_settings
+from .support import IN_CI, make_settings, skip_or_fail
 
 LOCAL_URL = "amqp://guest:guest@localhost:5672/"
-MANAGEMENT_URL = os.environ.get("RABBITKEYS_TEST_MANAGEMENT_URL", "http://localhost:15672")
+# vhosts made by a test session carry this description, so that one whose session died
+# (SIGKILL, a lost machine) is removed by the next session on the same host
+_SESSION_MARK = re.compile(r"^rabbitkeys test session: pid (\d+) on (.+)$")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The broker under test, in its own vhost (usually ``/``)."""
+
+    amqp_url: str
+    management_url: str
+
+    def api(self, path: str, method: str = "GET", body: Any = None, timeout: float = 10) -> Any:
+        """Call the management API with the AMQP URL's login (or the management URL's)."""
+        parts = urllib.parse.urlsplit(self.management_url)
+        amqp = urllib.parse.urlsplit(self.amqp_url)
+        user = urllib.parse.unquote(parts.username or amqp.username or "guest")
+        password = urllib.parse.unquote(parts.password or amqp.password or "guest")
+        netloc = parts.hostname or "localhost"
+        if parts.port:
+            netloc += f":{parts.port}"
+        base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{base}/api/{path}", data=data, method=method)
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = response.read()
+        return json.loads(answer) if answer else None
+
+    def url_in(self, vhost: str) -> str:
+        """The AMQP URL with ``vhost`` as its path."""
+        parts = urllib.parse.urlsplit(self.amqp_url)
+        return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, "")))
 
 
 def _answers(url: str) -> bool:
@@ -50,43 +98,107 @@ def _answers(url: str) -> bool:
     return True
 
 
+def _management_url_for(amqp_url: str) -> str:
+    explicit = os.environ.get("RABBITKEYS_TEST_MANAGEMENT_URL")
+    if explicit:
+        return explicit
+    return f"http://{urllib.parse.urlsplit(amqp_url).hostname or 'localhost'}:15672"
+
+
 @pytest.fixture(scope="session")
-def amqp_url() -> Iterator[str]:
+def broker() -> Iterator[Broker]:
     reasons = []
     explicit = os.environ.get("RABBITKEYS_TEST_AMQP_URL")
     if explicit:
         if _answers(explicit):
-            yield explicit
+            yield Broker(explicit, _management_url_for(explicit))
             return
         reasons.append("RABBITKEYS_TEST_AMQP_URL does not answer")
     elif _answers(LOCAL_URL):
-        yield LOCAL_URL
+        yield Broker(LOCAL_URL, _management_url_for(LOCAL_URL))
         return
     else:
         reasons.append("no RabbitMQ on localhost:5672")
         try:
             from testcontainers.rabbitmq import RabbitMqContainer
 
-            with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            container = RabbitMqContainer("rabbitmq:3.13-management").with_exposed_ports(15672)
+            with container, pytest.MonkeyPatch.context() as patch:
                 params = container.get_connection_params()
-                yield (
-                    f"amqp://guest:guest@{params.host}:{params.port}/"  # type: ignore[attr-defined]
-                )
+                url = f"amqp://guest:guest@{params.host}:{params.port}/"  # type: ignore[attr-defined]
+                management = f"http://{params.host}:{container.get_exposed_port(15672)}"  # type: ignore[attr-defined]
+                # make_settings and the processes tests start read it from here
+                patch.setenv("RABBITKEYS_TEST_MANAGEMENT_URL", management)
+                yield Broker(url, management)
                 return
         except Exception as exc:
             reasons.append(f"testcontainers could not start one ({type(exc).__name__}: {exc})")
-    message = "no RabbitMQ broker: " + "; ".join(reasons)
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail("no RabbitMQ broker: " + "; ".join(reasons))
+
+
+@pytest.fixture(scope="session")
+def session_vhost(broker: Broker) -> Iterator[str]:
+    """A vhost for this test session, with full permissions for the tests' user; deleted
+    with everything in it at the end."""
+    try:
+        _remove_vhosts_of_dead_sessions(broker)
+        vhost = f"rabbitkeys-test-{uuid.uuid4().hex[:10]}"
+        quoted = urllib.parse.quote(vhost, safe="")
+        host = socket.gethostname()
+        broker.api(
+            f"vhosts/{quoted}",
+            "PUT",
+            {"description": f"rabbitkeys test session: pid {os.getpid()} on {host}"},
+        )
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        skip_or_fail(
+            f"the tests run in a vhost of their own, made through the management API at "
+            f"{broker.management_url}: {exc} (rabbitmq-plugins enable rabbitmq_management)"
+        )
+    user = urllib.parse.unquote(urllib.parse.urlsplit(broker.amqp_url).username or "guest")
+    try:
+        broker.api(
+            f"permissions/{quoted}/{urllib.parse.quote(user, safe='')}",
+            "PUT",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+        yield vhost
+    finally:
+        # Deleting a vhost deletes its queues and exchanges and closes its connections.
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            broker.api(f"vhosts/{quoted}", "DELETE", timeout=120)
+
+
+def _remove_vhosts_of_dead_sessions(broker: Broker) -> None:
+    host = socket.gethostname()
+    for item in broker.api("vhosts?columns=name,description"):
+        mark = _SESSION_MARK.match(item.get("description") or "")
+        if not (item["name"].startswith("rabbitkeys-test-") and mark and mark[2] == host):
+            continue
+        try:
+            os.kill(int(mark[1]), 0)
+            continue  # that session is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a process of another user: alive
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            broker.api(f"vhosts/{urllib.parse.quote(item['name'], safe='')}", "DELETE", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def amqp_url(broker: Broker, session_vhost: str) -> str:
+    """The AMQP URL of the session's vhost."""
+    return broker.url_in(session_vhost)
 
 
 @pytest.fixture
-def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(request: pytest.FixtureRequest, broker: Broker, session_vhost: str) -> Iterator[str]:
     name = f"t-{request.node.name[:30]}-{uuid.uuid4().hex[:8]}"
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
     yield name
-    _delete_namespace(name)
+    # the vhost goes at the end of the session; until then keep listings short
+    delete_namespace(broker, session_vhost, name)
 
 
 @pytest.fixture
@@ -94,22 +206,13 @@ def settings(amqp_url: str, namespace: str) -> Settings:
     return make_settings(amqp_url, namespace)
 
 
-def _management(path: str, method: str = "GET") -> Any:
-    request = urllib.request.Request(f"{MANAGEMENT_URL}/api/{path}", method=method)
-    token = base64.b64encode(b"guest:guest").decode()
-    request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        body = response.read()
-    return json.loads(body) if body else None
-
-
-def _delete_namespace(namespace: str) -> None:
-    """Remove what a test left on the broker, through the management API when it runs
-    (key queues would otherwise linger until their x-expires)."""
+def delete_namespace(broker: Broker, vhost: str, namespace: str) -> None:
+    """Remove the queues and exchanges of ``namespace`` in ``vhost`` (and nothing else)."""
     prefix = f"{namespace}."
+    quoted_vhost = urllib.parse.quote(vhost, safe="")
     try:
-        queues = _management("queues/%2F?columns=name")
-        exchanges = _management("exchanges/%2F?columns=name")
+        queues = broker.api(f"queues/{quoted_vhost}?columns=name")
+        exchanges = broker.api(f"exchanges/{quoted_vhost}?columns=name")
     except (urllib.error.URLError, OSError):
         return
     for kind, items in (("queues", queues), ("exchanges", exchanges)):
@@ -117,4 +220,27 @@ def _delete_namespace(namespace: str) -> None:
             if item["name"].startswith(prefix):
                 quoted = urllib.parse.quote(item["name"], safe="")
                 with contextlib.suppress(urllib.error.URLError, OSError):
-                    _management(f"{kind}/%2F/{quoted}", method="DELETE")
+                    broker.api(f"{kind}/{quoted_vhost}/{quoted}", method="DELETE")
+
+
+# --------------------------------------------------------------------------- tiers
+
+_BROKER_FIXTURES = {"broker", "amqp_url", "session_vhost"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under ``CI=true`` nothing skips silently: a skip is reported as a failure."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which must run everything: {reason}"

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import pytest
+
 from rabbitkeys import App, Registry, Settings, Worker
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip locally; under ``CI=true`` a missing prerequisite is a failure, never a skip."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
@@ -23,6 +37,10 @@ def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
         "key_queue_expires": 120.0,
         "ensure_timeout": 10.0,
     }
+    # a broker whose management API is not on port 15672 of its host (testcontainers)
+    management_url = os.environ.get("RABBITKEYS_TEST_MANAGEMENT_URL")
+    if management_url:
+        values["management_url"] = management_url
     values.update(overrides)
     return Settings(**values)
 
@@ -59,3 +77,41 @@ async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         await asyncio.sleep(interval)
+
+
+class Handlings:
+    """What in-process handlers did, per key: the values in handling order and when each
+    handling started and finished (one monotonic clock: in-process workers share it)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[int]] = defaultdict(list)
+        self.intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def handling(self, key: str, value: int) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.values[key].append(value)
+            self.intervals[key].append((started, time.monotonic()))
+
+    def total(self) -> int:
+        return sum(map(len, self.values.values()))
+
+    def overlaps(self) -> list[tuple[str, float, float]]:
+        """(key, start of a handling, end of the one before it that was still running)."""
+        return overlapping(self.intervals)
+
+
+def overlapping(
+    intervals: dict[str, list[tuple[float, float]]],
+) -> list[tuple[str, float, float]]:
+    found = []
+    for key, spans in intervals.items():
+        busy_until = float("-inf")
+        for started, finished in sorted(spans):
+            if started < busy_until:
+                found.append((key, started, busy_until))
+            busy_until = max(busy_until, finished)
+    return found

@@ -13,6 +13,7 @@ from rabbitkeys.bench.runner import STRATEGIES, Result
 from .support import make_settings
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_every_strategy_runs_and_ordered_ones_keep_order(
     amqp_url: str, namespace: str, strategy: str

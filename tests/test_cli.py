@@ -15,6 +15,9 @@ from rabbitkeys._cluster import _settings_env
 
 from .support import eventually, running_registry, running_worker
 
+# every test here runs the CLI as a process of its own
+pytestmark = pytest.mark.processes
+
 
 def rabbitkeys_cli(
     *args: str, env: dict[str, str] | None = None
@@ -56,10 +59,11 @@ def test_a_worker_target_that_does_not_import_is_a_clear_error() -> None:
 
 async def test_status_reports_workers_keys_and_backlog_as_json(settings: Settings) -> None:
     app = App()
+    release = asyncio.Event()
 
     @app.handler()
-    async def slow(message: Message) -> None:
-        await asyncio.sleep(30)
+    async def held(message: Message) -> None:
+        await release.wait()  # busy until the test has read the status
 
     async with (
         running_registry(settings) as registry,
@@ -74,6 +78,7 @@ async def test_status_reports_workers_keys_and_backlog_as_json(settings: Setting
             rabbitkeys_cli, "status", "--json", env=_settings_env(settings)
         )
         text = await asyncio.to_thread(rabbitkeys_cli, "status", env=_settings_env(settings))
+        release.set()  # the worker stops at once: nothing holds its keys
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["keys"] == 2

@@ -389,6 +389,8 @@ async def _traffic(publisher: Publisher, stop: asyncio.Event) -> int:
     return sent
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 async def test_every_dashboard_query_returns_data(
     amqp_url: str, namespace: str, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -13,7 +14,7 @@ import pytest
 from rabbitkeys import App, Message, Publisher, Settings
 from rabbitkeys._topology import KeyRef, Names
 
-from .support import eventually, make_settings, running_registry, running_worker
+from .support import Handlings, eventually, make_settings, running_registry, running_worker
 
 
 async def queue_exists(settings: Settings, name: str) -> bool:
@@ -94,3 +95,61 @@ async def test_publishing_across_retirements_loses_and_reorders_nothing(
     assert publisher.returned_messages > 0  # and publishes met retired keys
     for key in keys:
         assert seen[key] == list(range(1, counters[key] + 1)), key
+
+
+async def test_bursts_across_retirements_keep_the_fence_every_message_once_in_order(
+    amqp_url: str, namespace: str
+) -> None:
+    """The routing-key fence with many messages in flight per key: bursts (``gather`` of
+    many publishes per key, several keys) meet retired keys (stale routing keys: all come
+    back) and keys in the middle of their retirement (unbound, the registry holding the
+    lock). Every message is handled once, in call order, one at a time per key."""
+    # a long grace keeps each retirement open long enough for a burst to arrive in it
+    settings = make_settings(amqp_url, namespace, idle_period=0.4, retire_grace=0.5)
+    handlings = Handlings()
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        with handlings.handling(message.key, int(message.body)):
+            await asyncio.sleep(0.001)
+
+    keys = [f"k{i}" for i in range(6)]
+    during, after = keys[:3], keys[3:]  # bursts while retiring / once retired
+    counters = dict.fromkeys(keys, 0)
+    burst = 25
+    async with running_registry(settings) as registry, running_worker(settings, app):
+
+        def state(key: str) -> Any:
+            return next((k for k in registry._keys.values() if k.ref.key == key), None)
+
+        def retiring(key: str) -> bool:
+            found = state(key)
+            return found is not None and found.lock.locked() and not found.routing_keys
+
+        async def send_burst(publisher: Publisher, key: str) -> None:
+            values = range(counters[key], counters[key] + burst)
+            counters[key] += burst
+            await asyncio.gather(*(publisher.publish(key, str(n).encode()) for n in values))
+
+        async def bursts(publisher: Publisher, key: str) -> None:
+            for _ in range(3):
+                await send_burst(publisher, key)
+                await eventually(lambda: len(handlings.values[key]) == counters[key], timeout=30)
+                if key in during:  # the next burst arrives inside the retirement
+                    await eventually(lambda: retiring(key), timeout=30)
+                else:  # the next burst meets a retired key with a stale routing key
+                    await eventually(lambda: state(key) is None, timeout=30)
+            await send_burst(publisher, key)
+
+        async with Publisher(settings) as publisher:
+            await asyncio.gather(*(bursts(publisher, key) for key in keys))
+        await eventually(lambda: handlings.total() == sum(counters.values()), timeout=30)
+    print(f"retired {registry.keys_retired}, returned {publisher.returned_messages}")
+    assert registry.keys_retired >= 3 * len(after)  # the keys waited for did retire
+    # Every burst after the first met an unbound routing key: all its messages came back
+    # (the fence) and were sent again behind the first returned one.
+    assert publisher.returned_messages >= 3 * burst * len(keys)
+    for key in keys:
+        assert handlings.values[key] == list(range(counters[key])), key
+    assert handlings.overlaps() == []

@@ -164,6 +164,7 @@ async def test_health_endpoint_answers_liveness_readiness_and_metrics() -> None:
         await server.close()
 
 
+@pytest.mark.processes
 async def test_worker_and_registry_processes_serve_metrics_and_readiness(
     amqp_url: str, namespace: str
 ) -> None:
@@ -195,6 +196,7 @@ async def test_worker_and_registry_processes_serve_metrics_and_readiness(
         assert await LocalCluster.terminate(worker) == 0
 
 
+@pytest.mark.processes
 async def test_a_taken_metrics_port_stops_the_process_with_a_clear_error(
     amqp_url: str, namespace: str
 ) -> None:
@@ -231,6 +233,7 @@ def test_a_bad_metrics_port_is_a_config_error(port: str, monkeypatch: pytest.Mon
         load_settings()
 
 
+@pytest.mark.processes
 async def test_a_killed_worker_shows_as_a_failover_gap(amqp_url: str, namespace: str) -> None:
     settings = make_settings(amqp_url, namespace)
     port = free_port()

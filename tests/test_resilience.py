@@ -15,12 +15,14 @@ import pytest
 from rabbitkeys import App, Message, Publisher, PublishError
 from rabbitkeys._chaos import run_chaos
 from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import check_order, read_records
+from rabbitkeys._demo import check_order, overlapping_handlings, read_records
 from rabbitkeys._topology import KeyRef, Names
 
 from .support import eventually, make_settings, running_registry, running_worker
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 async def test_chaos_worker_kill_scale_and_registry_kill_lose_and_reorder_nothing(
     amqp_url: str, namespace: str
 ) -> None:
@@ -30,12 +32,20 @@ async def test_chaos_worker_kill_scale_and_registry_kill_lose_and_reorder_nothin
     assert report.sent == 800
     assert report.lost == 0
     assert report.order_violations == 0
-    # graceful moves never duplicate; only the killed worker's in-flight messages may
-    assert report.duplicates <= 20
-    assert report.worker_kill_gap is not None and report.worker_kill_gap < 2.0
-    assert report.registry_failover is not None and report.registry_failover < 5.0
+    # Every copy is tied to its cause: a redelivery whose previous handling was by the
+    # SIGKILLed worker. The SIGTERM, the new workers and the registry kill add none.
+    assert report.unexplained_duplicates == 0
+    assert report.overlaps == 0  # one at a time per key, across every move and kill
+    assert report.ok
+    # the gaps are figures for the report (printed above), not thresholds: the timeline
+    # did happen, and the keys of the killed worker were handled again
+    assert report.worker_kill_gap is not None
+    assert report.registry_failover is not None
 
 
+@pytest.mark.disruptive
+@pytest.mark.processes
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None and os.environ.get("CI") != "true",
     reason="restarting the broker needs rabbitmqctl on this machine",
@@ -46,6 +56,8 @@ async def test_a_broker_restart_loses_and_reorders_nothing(amqp_url: str, namesp
     print(report.format())
     assert report.lost == 0
     assert report.order_violations == 0
+    # copies only from the SIGKILLed worker's redeliveries and across the restart
+    assert report.unexplained_duplicates == 0
     assert report.broker_restart_gap is not None
 
 
@@ -67,7 +79,7 @@ async def test_the_keeper_stops_an_unconsumed_key_queue_from_expiring(
         async with Publisher(settings) as publisher:
             for n in range(5):
                 await publisher.publish("orphan", str(n).encode())
-        await asyncio.sleep(6)
+        await asyncio.sleep(6)  # three x-expires periods with no consumer: a lower bound
         connection = await aio_pika.connect(amqp_url)
         channel = await connection.channel()
         declared = await channel.declare_queue(queue, passive=True)
@@ -105,42 +117,58 @@ def _rabbitmqctl(command: str) -> None:
     subprocess.run(["rabbitmqctl", command], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 async def test_scaling_out_and_in_moves_keys_with_no_duplicate_and_no_reordering(
     amqp_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    """As ``kubectl scale`` does: start workers while traffic flows, then SIGTERM some."""
+    """As ``kubectl scale`` does: start workers while traffic flows, then SIGTERM some.
+    Graceful moves: exactly zero duplicates."""
     settings = make_settings(amqp_url, namespace)
     names = [f"k{i}" for i in range(30)]
-    rounds = 50
+    sent = 0
     env = {"RK_DEMO_DIR": str(tmp_path), "RABBITKEYS_LOG_LEVEL": "WARNING"}
+
+    def pids() -> set[int]:
+        return {r["pid"] for r in read_records(tmp_path)}
+
     async with LocalCluster(settings, extra_env=env) as cluster:
         await cluster.start_registry()
         for _ in range(2):
             await cluster.start_worker("rabbitkeys._demo:app")
         await cluster.wait_for_workers(2)
+        stop = asyncio.Event()
         async with Publisher(settings) as publisher:
 
             async def traffic() -> None:
-                for n in range(rounds):
+                nonlocal sent
+                n = 0
+                while not stop.is_set():
                     await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in names))
+                    sent, n = sent + len(names), n + 1
                     await asyncio.sleep(0.05)
 
             publishing = asyncio.create_task(traffic())
-            await asyncio.sleep(0.5)
+            await eventually(lambda: len(pids()) == 2, timeout=30)  # both handle
             for _ in range(2):
                 await cluster.start_worker("rabbitkeys._demo:app")
             await cluster.wait_for_workers(4)
-            await asyncio.sleep(0.5)
+            await eventually(lambda: len(pids()) == 4, timeout=30)  # keys moved to them
             codes = [await cluster.terminate(p) for p in cluster.workers[:2]]
+            await cluster.wait_for_workers(2)
+            stop.set()  # the moves away from the stopped workers happened under traffic
             await publishing
-        await eventually(lambda: len(read_records(tmp_path)) >= len(names) * rounds, timeout=30)
-        await asyncio.sleep(0.5)  # a duplicate would land now
+        await eventually(lambda: len(read_records(tmp_path)) >= sent, timeout=60)
+        # the other workers exit too: after that no handling (no duplicate) can come
+        codes += await cluster.stop_all()
     records = read_records(tmp_path)
-    assert codes == [0, 0]
-    assert len(records) == len(names) * rounds  # every message once: no loss, no duplicate
+    assert codes and all(code == 0 for code in codes), codes  # every exit was clean
+    rounds = sent // len(names)
+    assert len(records) == sent  # every message once: no loss, no duplicate
     assert {(r["key"], int(r["body"])) for r in records} == {
         (k, n) for k in names for n in range(rounds)
     }
     order = check_order(records)
     assert all(order[k] == sorted(order[k]) for k in names)
+    assert overlapping_handlings(records) == []  # one at a time per key, across the moves
     assert len({r["pid"] for r in records}) == 4

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, defaultdict
+from collections import Counter
 
 import aio_pika
 import pytest
@@ -11,7 +11,7 @@ import pytest
 from rabbitkeys import App, Message, Publisher, Settings
 from rabbitkeys._topology import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, KeyRef, Names
 
-from .support import eventually, make_settings, running_registry, running_worker
+from .support import Handlings, eventually, make_settings, running_registry, running_worker
 
 
 async def dead_letters(settings: Settings) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -87,20 +87,25 @@ async def test_keys_of_a_job_type_without_worker_wait_until_one_serves_it(
         handled.append(message.body.decode())
 
     others = App()
+    wrongly_handled: list[Message] = []
 
     @others.handler("emails")
     async def email(message: Message) -> None:
-        raise AssertionError("an emails worker must never get comments")
+        wrongly_handled.append(message)  # an emails worker must never get comments
 
-    async with running_registry(settings), running_worker(settings, others):
+    async with running_registry(settings) as registry, running_worker(settings, others):
+        await eventually(lambda: len(registry._workers) == 1)
         async with Publisher(settings) as publisher:
             for n in range(5):
                 await publisher.publish("post-1", str(n).encode(), job_type="comments")
-        await asyncio.sleep(0.5)
-        assert handled == []
+        # the registry knows the key and has placed it nowhere: no worker serves comments
+        [key] = registry._keys.values()
+        assert key.ref.job_type == "comments" and key.owner is None
         async with running_worker(settings, comments):
             await eventually(lambda: len(handled) == 5)
+            assert key.owner is not None
     assert handled == ["0", "1", "2", "3", "4"]
+    assert wrongly_handled == []
 
 
 @pytest.mark.parametrize("change", ["join", "leave"])
@@ -108,8 +113,9 @@ async def test_keys_move_between_workers_without_duplicates_or_reordering(
     settings: Settings, change: str
 ) -> None:
     """A worker joins (keys move to it) or leaves gracefully (its keys move away) while
-    messages flow: every message is handled once, each key in order."""
-    seen: dict[str, list[int]] = defaultdict(list)
+    messages flow: every message is handled once, each key in order, and one at a time:
+    no two handlings of a key overlap in time, also across the move."""
+    handlings = Handlings()
     by_worker: Counter[str] = Counter()
 
     def app_for(worker_name: str) -> App:
@@ -117,39 +123,52 @@ async def test_keys_move_between_workers_without_duplicates_or_reordering(
 
         @app.handler()
         async def record(message: Message) -> None:
-            await asyncio.sleep(0.002)
-            seen[message.key].append(int(message.body))
+            with handlings.handling(message.key, int(message.body)):
+                await asyncio.sleep(0.005)  # long enough for a move to meet a running handler
             by_worker[worker_name] += 1
 
         return app
 
     keys = [f"k{i}" for i in range(40)]
-    rounds = 60
+    rounds = 0
+    stop = asyncio.Event()
     async with running_registry(settings) as registry:
         async with running_worker(settings, app_for("a")):
             async with Publisher(settings) as publisher:
 
-                async def publish_all() -> None:
-                    for n in range(rounds):
-                        await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in keys))
+                async def publish_until_stopped() -> None:
+                    nonlocal rounds
+                    while not stop.is_set():
+                        await asyncio.gather(
+                            *(publisher.publish(k, str(rounds).encode()) for k in keys)
+                        )
+                        rounds += 1
                         await asyncio.sleep(0.02)
 
                 if change == "join":
-                    publishing = asyncio.create_task(publish_all())
-                    await asyncio.sleep(0.5)
+                    publishing = asyncio.create_task(publish_until_stopped())
+                    await eventually(lambda: by_worker["a"] > 0)
                     async with running_worker(settings, app_for("b")):
+                        # keys moved to b while messages flowed
+                        await eventually(lambda: by_worker["b"] >= 100, timeout=30)
+                        stop.set()
                         await publishing
-                        await eventually(lambda: sum(map(len, seen.values())) == rounds * len(keys))
+                        await eventually(lambda: handlings.total() == rounds * len(keys))
                 else:
                     async with running_worker(settings, app_for("b")):
                         await eventually(lambda: len(registry._workers) == 2)
-                        publishing = asyncio.create_task(publish_all())
-                        await asyncio.sleep(0.5)
+                        publishing = asyncio.create_task(publish_until_stopped())
+                        await eventually(lambda: by_worker["b"] >= 100, timeout=30)
+                    # b has left; its keys moved to a while messages flowed
+                    handled_by_a = by_worker["a"]
+                    await eventually(lambda: by_worker["a"] >= handled_by_a + 100, timeout=30)
+                    stop.set()
                     await publishing
-                    await eventually(lambda: sum(map(len, seen.values())) == rounds * len(keys))
+                    await eventually(lambda: handlings.total() == rounds * len(keys))
     assert by_worker["a"] > 0 and by_worker["b"] > 0
     for key in keys:
-        assert seen[key] == list(range(rounds)), key
+        assert handlings.values[key] == list(range(rounds)), key
+    assert handlings.overlaps() == []
 
 
 async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
