@@ -105,6 +105,10 @@ def _management_url_for(amqp_url: str) -> str:
     return f"http://{urllib.parse.urlsplit(amqp_url).hostname or 'localhost'}:15672"
 
 
+#: the local broker's management API, for the tests that manage users and vhosts of their own
+MANAGEMENT_URL = _management_url_for(LOCAL_URL)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     reasons = []

@@ -47,7 +47,7 @@ from rabbitkeys import (
 from rabbitkeys._cluster import LocalCluster, _settings_env
 from rabbitkeys._connection import connect
 from rabbitkeys._management import _endpoint, list_queues
-from rabbitkeys._settings import ENV_PREFIX
+from rabbitkeys._settings import ENV_PREFIX, mask_url
 from rabbitkeys._topology import Names
 
 from .conftest import MANAGEMENT_URL
@@ -490,7 +490,8 @@ async def test_a_broker_that_requires_a_client_certificate(
         with pytest.raises(BrokerUnavailableError) as error:
             await connect(without, "test")
     text = str(error.value)
-    assert text.startswith(f"cannot connect to amqps://guest:***@127.0.0.1:{proxy.port}/: ")
+    assert text.startswith(f"cannot connect to {mask_url(url)}: ")
+    assert mask_url(url).startswith(f"amqps://guest:***@127.0.0.1:{proxy.port}/")
     assert "set RABBITKEYS_TLS_CERT_FILE and RABBITKEYS_TLS_KEY_FILE" in text
 
 
