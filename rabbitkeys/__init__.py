@@ -9,6 +9,7 @@ from ._errors import (
     InvalidMessageError,
     ProtocolError,
     PublishError,
+    PublishOutcomeUnknownError,
     RabbitkeysError,
     RegistryUnavailableError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Message",
     "ProtocolError",
     "PublishError",
+    "PublishOutcomeUnknownError",
     "Publisher",
     "RabbitkeysError",
     "Registry",
