@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     def _largest_message_fits_the_bound(self) -> Self:
         if self.max_message_bytes > self.max_pending_bytes:
             raise ValueError(
-                "max_pending_bytes must be at least max_message_bytes, "
+                "RABBITKEYS_MAX_PENDING_BYTES must be at least RABBITKEYS_MAX_MESSAGE_BYTES, "
                 "or a message of the largest allowed size could never be published"
             )
         return self
