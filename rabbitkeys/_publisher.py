@@ -141,8 +141,10 @@ class _Entry:
     #: bytes of its content header frame, when application headers make it worth checking
     header_frame: int = 0
     stage: _Stage = _Stage.ADMITTING
-    #: written to a connection at least once: the broker may have it
-    written: bool = False
+    #: written to a connection and not known to be refused since: the broker may have it
+    may_have_arrived: bool = False
+    #: an earlier send of it went down with its connection, unanswered
+    lost_a_copy: bool = False
     #: times the broker closed the channel or connection while it was on it
     broker_closes: int = 0
     routing_key: str | None = None
@@ -286,7 +288,8 @@ class Publisher:
             closing.cancel()
             lost_wait.cancel()
             if lost.is_set() and not self._closing.is_set():
-                raise ConnectionError("connection to the broker lost")
+                cause = f": {reasons[0]!r}" if reasons else ""
+                raise ConnectionError(f"connection to the broker lost{cause}")
         finally:
             self._connected.clear()
             self._channel = None
@@ -307,6 +310,7 @@ class Publisher:
             abandoned = sorted(lane.in_flight, key=lambda entry: entry.sequence)
             lane.in_flight.clear()
             for entry in abandoned:
+                entry.lost_a_copy = True
                 task, entry.task = entry.task, None
                 if task is not None:
                     task.cancel()
@@ -442,10 +446,11 @@ class Publisher:
         self._pump(entry.lane)
 
     def _give_up(self, entry: _Entry) -> None:
-        """``publish_timeout`` is over: withdraw the message if it was never written, else
-        say that it may still arrive. Either way it is not sent (again)."""
+        """``publish_timeout`` is over: withdraw the message if the broker cannot have it (never
+        written, or returned unrouted), else say that it may still arrive. Either way it is not
+        sent (again)."""
         timeout = self.settings.publish_timeout
-        if entry.written:
+        if entry.may_have_arrived:
             error: PublishError = PublishOutcomeUnknownError(
                 f"the broker did not confirm the message within {timeout:g}s; it was written "
                 f"to the connection and may still be delivered (it is not sent again)"
@@ -584,7 +589,7 @@ class Publisher:
         assert self._channel is not None and lane.routing_key is not None
         entry.routing_key = lane.routing_key
         entry.stage = _Stage.SENT
-        entry.written = True
+        entry.may_have_arrived = True
         lane.in_flight.add(entry)
         # The task starts at once, in call order, and takes the channel's FIFO write lock
         # before any await: frames leave in the order of the publish() calls.
@@ -613,6 +618,7 @@ class Publisher:
             _fail(entry, PublishError(f"the broker refused the message: {error!r}"))
         elif task.cancelled() or error is not None:
             # The channel or connection went away before the confirm: send it again later.
+            entry.lost_a_copy = True
             if self._requeue(entry):
                 self.resent_messages += 1
                 self.metrics.resent.inc()
@@ -623,6 +629,9 @@ class Publisher:
         elif isinstance(task.result(), aiormq.abc.DeliveredMessage):
             # basic.return: no binding for this routing key any more (key retired, queue
             # expired or deleted). The message is not published; it goes back in its place.
+            # No queue took this copy: withdrawing it now is clean, unless an earlier copy
+            # went down with a connection (the broker may have routed that one).
+            entry.may_have_arrived = entry.lost_a_copy
             self._requeue(entry)
             self.returned_messages += 1
             self.metrics.returned.inc()
@@ -664,7 +673,10 @@ class Publisher:
             for entry in failed:
                 # may admit a publish of this lane from the line: it starts an ensure of its own
                 self._done(entry)
-                _fail(entry, failure)
+                if entry.may_have_arrived:
+                    _fail(entry, _outcome_unknown(failure))
+                else:
+                    _fail(entry, failure)
             return
         assert isinstance(reply, Ensured)
         lane.routing_key = reply.routing_key
@@ -675,6 +687,13 @@ class Publisher:
 def _fail(entry: _Entry, error: BaseException) -> None:
     if not entry.future.done():
         entry.future.set_exception(error)
+
+
+def _outcome_unknown(error: PublishError) -> PublishOutcomeUnknownError:
+    return PublishOutcomeUnknownError(
+        f"{error}; an earlier copy was written to a connection that was lost before the "
+        f"broker answered, and may still be delivered (it is not sent again)"
+    )
 
 
 def _header_frame_size(properties: spec.Basic.Properties, body_size: int) -> int:

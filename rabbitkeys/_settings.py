@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         "confirmed); publish() waits for room, in call order, within publish_timeout.",
     )
     max_pending_bytes: int = Field(
-        default=64 * 1024 * 1024,
+        default=32 * 1024 * 1024,
         ge=1,
         description="Bytes (bodies and application headers) a Publisher holds at most; "
         "publish() waits for room. At least max_message_bytes.",
