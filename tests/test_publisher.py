@@ -190,6 +190,39 @@ async def test_a_stalled_broker_bounds_what_is_held_withdraws_the_unsent_and_fla
     assert handled["k"] == [b"0", b"1", b"2", b"3", b"4", b"5", b"after"]
 
 
+async def test_a_cancelled_publish_is_withdrawn_unless_it_was_written(
+    amqp_url: str, namespace: str, proxy: TcpProxy
+) -> None:
+    settings = make_settings(amqp_url, namespace)
+    app, handled = recording_app()
+    publisher_settings = make_settings(proxy.url(amqp_url), namespace, max_pending_messages=2)
+    async with (
+        running_registry(settings),
+        running_worker(settings, app),
+        Publisher(publisher_settings) as publisher,
+    ):
+        await publisher.publish("k", b"0")
+        proxy.stall()
+        written = asyncio.create_task(publisher.publish("k", b"1"))  # on the stalled connection
+        queued = asyncio.create_task(publisher.publish("fresh", b"x"))  # its key awaits a route
+        admitting = asyncio.create_task(publisher.publish("k", b"2"))  # no room left
+        await eventually(lambda: publisher.waiting_for_room == 1)
+        assert publisher.pending_messages == 2
+        for task in (admitting, queued, written):
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # the unwritten two are gone at once; the written one holds its room until answered
+        assert (publisher.pending_messages, publisher.waiting_for_room) == (1, 0)
+        proxy.resume()
+        await eventually(lambda: publisher.pending_messages == 0, timeout=30)
+        await publisher.publish("k", b"3")
+        await publisher.publish("fresh", b"y")
+        await eventually(lambda: b"3" in handled["k"] and b"y" in handled["fresh"], timeout=30)
+    assert handled["k"] == [b"0", b"1", b"3"]  # the written one arrived although cancelled
+    assert handled["fresh"] == [b"y"]
+
+
 async def test_many_publishes_wait_for_room_within_both_bounds_then_all_arrive_in_order(
     amqp_url: str, namespace: str, proxy: TcpProxy
 ) -> None:
