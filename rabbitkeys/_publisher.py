@@ -365,9 +365,16 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish ``body`` for ``key``; return once the broker confirmed it into the key's
-        queue. Raises :class:`InvalidKeyError` / :class:`InvalidMessageError` before sending
-        anything, :class:`RegistryUnavailableError` if a new key could not be routed in
-        ``ensure_timeout``, :class:`PublishError` if the broker refused the message."""
+        queue. Waits for room when the publisher holds ``max_pending_messages`` or
+        ``max_pending_bytes`` already; all waiting counts against ``publish_timeout``.
+
+        Raises :class:`InvalidKeyError` / :class:`InvalidMessageError` before sending
+        anything (a body over ``max_message_bytes``, headers too large for a frame),
+        :class:`RegistryUnavailableError` if a new key could not be routed in
+        ``ensure_timeout``, :class:`PublishError` if the message was not published and never
+        will be (refused by the broker, or withdrawn unsent at ``publish_timeout``), and
+        :class:`PublishOutcomeUnknownError` if it was written but not confirmed in time: it
+        may still be delivered."""
         ref = KeyRef.of(key, job_type)
         if not isinstance(body, bytes | bytearray | memoryview):
             raise InvalidMessageError(f"body must be bytes, got {type(body).__name__}")
