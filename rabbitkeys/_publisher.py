@@ -238,6 +238,7 @@ class Publisher:
     async def start(self) -> None:
         """Connect; raise :class:`BrokerUnavailableError` if the broker does not answer
         within ``publish_timeout``. Later outages are ridden out by reconnecting."""
+        self._hurry.set()  # the caller waits for the first connection
         self._connection_task = asyncio.ensure_future(
             keep_connected(
                 self.settings,

@@ -16,6 +16,7 @@ import pytest
 
 from rabbitkeys import (
     App,
+    BrokerUnavailableError,
     ConfigError,
     InvalidKeyError,
     InvalidMessageError,
@@ -129,6 +130,24 @@ async def test_a_publish_while_the_broker_is_away_is_withdrawn_with_a_clear_erro
         await publisher.publish("k", b"after")  # and it recovers by itself
         await eventually(lambda: b"after" in handled["k"], timeout=30)
     assert handled["k"] == [b"before", b"after"]  # "during" never arrives, not even late
+
+
+async def test_start_waits_for_the_broker_and_fails_clearly_when_it_never_comes(
+    amqp_url: str, namespace: str, proxy: TcpProxy
+) -> None:
+    settings = make_settings(proxy.url(amqp_url), namespace, publish_timeout=2.0)
+    proxy.refuse()
+    with pytest.raises(BrokerUnavailableError, match=r"cannot connect to .* within 2s"):
+        await Publisher(settings).start()
+    assert proxy.connections >= 1
+    publisher = Publisher(make_settings(proxy.url(amqp_url), namespace, publish_timeout=120.0))
+    starting = asyncio.create_task(publisher.start())
+    attempts = proxy.connections
+    await eventually(lambda: proxy.connections >= attempts + 3, timeout=30)
+    proxy.accept()
+    await asyncio.wait_for(starting, 60)
+    assert publisher.connected
+    await publisher.close()
 
 
 async def test_a_waiting_publish_cuts_a_long_reconnect_backoff_short(
