@@ -53,9 +53,14 @@ async def keep_connected(
     session: Callable[[AbstractConnection], Awaitable[None]],
     stopping: asyncio.Event,
     log: logging.Logger,
+    hurry: asyncio.Event | None = None,
 ) -> None:
     """Run ``session`` on a fresh connection until it returns; when the broker goes away,
     reconnect with jittered exponential backoff (0.1 s doubling to 5 s) and run it again.
+
+    ``hurry`` is set while work waits for the connection (a publish): the backoff is then
+    capped at :data:`HURRIED_BACKOFF` seconds, and a longer pause already under way ends
+    at once, so a waiting caller is not made to sit out a backoff grown during a long outage.
 
     Each component rebuilds its own state in a new session (the registry drives recovery:
     there is no library-level redeclare of every key queue on reconnect).
@@ -68,7 +73,7 @@ async def keep_connected(
             failures += 1
             delay = _backoff(failures)
             log.warning("%s; retrying in %.1fs", exc, delay)
-            await _sleep_unless(stopping, delay)
+            await _pause(stopping, delay, hurry)
             continue
         try:
             await session(connection)
@@ -83,11 +88,31 @@ async def keep_connected(
                 await asyncio.wait_for(connection.close(), 5)
             except Exception:  # closing a dead connection: nothing more to do
                 pass
-        await _sleep_unless(stopping, _backoff(failures))
+        await _pause(stopping, _backoff(failures), hurry)
+
+
+#: the longest pause between connection attempts while work waits for the connection
+HURRIED_BACKOFF = 0.25
 
 
 def _backoff(failures: int) -> float:
     return float(min(5.0, 0.1 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0))
+
+
+async def _pause(stopping: asyncio.Event, delay: float, hurry: asyncio.Event | None) -> None:
+    """Sleep ``delay`` seconds, less if work waits (``hurry``); no time if ``stopping``."""
+    if hurry is None:
+        await _sleep_unless(stopping, delay)
+        return
+    if hurry.is_set():
+        await _sleep_unless(stopping, min(delay, HURRIED_BACKOFF * random.uniform(0.5, 1.0)))
+        return
+    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(hurry.wait())]
+    try:
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _sleep_unless(stopping: asyncio.Event, delay: float) -> None:

@@ -7,7 +7,8 @@ RabbitkeysError
 ├── ProtocolError (ValueError)        a control message could not be parsed
 ├── BrokerUnavailableError (ConnectionError)
 │                                     the broker cannot be reached
-├── PublishError                      the broker did not take a message
+├── PublishError                      a message was not published (and never will be)
+│   ├── PublishOutcomeUnknownError    sent, never confirmed: it may still be delivered
 │   ├── QuotaExceededError            a new key would exceed a limit of its namespace
 │   └── RegistryUnavailableError (TimeoutError)
 │                                     no registry answered in time
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidMessageError",
     "ProtocolError",
     "PublishError",
+    "PublishOutcomeUnknownError",
     "QuotaExceededError",
     "RabbitkeysError",
     "RegistryUnavailableError",
@@ -56,7 +58,20 @@ class BrokerUnavailableError(RabbitkeysError, ConnectionError):
 
 
 class PublishError(RabbitkeysError):
-    """The broker did not confirm a message: it must be treated as not published."""
+    """The message was not published and never will be: the publisher withdrew it before
+    writing it to the broker, or the broker refused it. Publishing it again is safe.
+
+    Its subclass :class:`PublishOutcomeUnknownError` is the one exception to "never will be".
+    """
+
+
+class PublishOutcomeUnknownError(PublishError):
+    """The message was written to the broker connection but no confirm came within
+    ``publish_timeout`` (or the broker closed the connection repeatedly while it was on it).
+    The broker may have it and deliver it; the publisher will not send it again. Publishing
+    it again may deliver it twice (workers drop an exact copy only within one publisher's
+    resends, not a new ``publish()``).
+    """
 
 
 class QuotaExceededError(PublishError):

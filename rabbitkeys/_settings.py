@@ -121,6 +121,26 @@ class Settings(BaseSettings):
     metrics_host: str = Field(
         default="0.0.0.0", description="Address the metrics and health endpoint listens on."
     )
+    # --- publisher: what a Publisher holds, and the largest message it sends ---
+    max_pending_messages: int = Field(
+        default=10_000,
+        ge=1,
+        description="Messages a Publisher holds at most (not yet sent, or sent and not yet "
+        "confirmed); publish() waits for room, in call order, within publish_timeout.",
+    )
+    max_pending_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1,
+        description="Bytes (bodies and application headers) a Publisher holds at most; "
+        "publish() waits for room. At least max_message_bytes.",
+    )
+    max_message_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        le=512 * 1024 * 1024,
+        description="Largest body publish() accepts: at most the broker's max_message_size "
+        "(RabbitMQ 4.x default 16 MiB, 3.x 128 MiB; 512 MiB is RabbitMQ's ceiling).",
+    )
 
     # --- secrets from files, and TLS ----------------------------------------------------
     amqp_url_file: Path | None = Field(
@@ -243,6 +263,15 @@ class Settings(BaseSettings):
         if self.max_buffered_messages is not None:
             return self.max_buffered_messages
         return min(65535, self.concurrency * self.prefetch)  # qos counts are 16-bit
+
+    @model_validator(mode="after")
+    def _largest_message_fits_the_bound(self) -> Self:
+        if self.max_message_bytes > self.max_pending_bytes:
+            raise ValueError(
+                "RABBITKEYS_MAX_PENDING_BYTES must be at least RABBITKEYS_MAX_MESSAGE_BYTES, "
+                "or a message of the largest allowed size could never be published"
+            )
+        return self
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.model_dump().items())
