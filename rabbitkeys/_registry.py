@@ -414,7 +414,12 @@ class Registry:
             self._set_owner(key, None)
             key.handing_off, key.target, key.move_started = False, None, None
             del self._keys[key.ref.id]
-        reason = str(error) if isinstance(error, RabbitkeysError) else repr(error)
+        if isinstance(error, RabbitkeysError):
+            reason = str(error)
+        elif isinstance(error, aiormq.exceptions.AMQPError):
+            reason = f"the broker refused it ({error})"
+        else:
+            reason = f"{type(error).__name__}: {error}"
         return Refused(reason=f"cannot declare or bind the key's queue: {reason}"[:1000])
 
     async def _declare_and_bind(self, key: _Key) -> None:
