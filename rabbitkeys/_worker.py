@@ -42,9 +42,10 @@ from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
-from ._errors import HandlerNotFoundError, ProtocolError
+from ._errors import ConfigError, HandlerNotFoundError, ProtocolError
 from ._metrics import WorkerMetrics
 from ._protocol import (
+    MAX_JOB_TYPES,
     MAX_KEYS_PER_MESSAGE,
     Assign,
     ControlMessage,
@@ -114,6 +115,11 @@ class Worker:
         self.app = app
         # checked here: the id names the worker's inbox queue
         self.worker_id = check_worker_id(worker_id) if worker_id else uuid.uuid4().hex[:12]
+        if len(app.job_types) > MAX_JOB_TYPES:
+            raise ConfigError(
+                f"a worker serves at most {MAX_JOB_TYPES} job types; this app has "
+                f"{len(app.job_types)}"
+            )
         self._base_id = self.worker_id
         self._sessions = 0
         self.names = Names(settings.namespace)

@@ -14,9 +14,10 @@ import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rabbitkeys import App, Message, ProtocolError, Publisher, Settings
+from rabbitkeys import App, ConfigError, Message, ProtocolError, Publisher, Settings, Worker
 from rabbitkeys._protocol import (
     MAX_CONTROL_MESSAGE_BYTES,
+    MAX_JOB_TYPES,
     MAX_KEYS_PER_MESSAGE,
     Assign,
     KeyAssignment,
@@ -135,6 +136,27 @@ def test_the_largest_keys_still_fit() -> None:
     for message in split(keys, lambda chunk: Assign(keys=chunk)):
         assert len(encode(message)) <= MAX_CONTROL_MESSAGE_BYTES
         assert decode(encode(message)) == message
+
+
+def test_a_worker_id_that_cannot_name_a_queue_is_a_config_error(settings: Settings) -> None:
+    for worker_id in ("w" * 129, "w 1", "a=b", "é"):
+        with pytest.raises(ConfigError, match="worker id"):
+            Worker(settings, App(), worker_id=worker_id)
+    assert Worker(settings, App(), worker_id="pod-7.zone:a@host_1").worker_id
+
+
+def test_an_app_with_more_job_types_than_a_join_carries_is_a_config_error(
+    settings: Settings,
+) -> None:
+    app = App()
+    for i in range(MAX_JOB_TYPES + 1):
+        app.add_handler(f"t{i}", _noop)
+    with pytest.raises(ConfigError, match="job types"):
+        Worker(settings, app)
+
+
+async def _noop(message: Message) -> None:
+    pass
 
 
 # --- against a live registry and worker ------------------------------------------------------
@@ -276,7 +298,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
         await publisher.publish("after / après", b"2")
         await publisher.publish("before", b"3")
         await eventually(lambda: len(seen) == 3)
-        assert seen == [("before", b"1"), ("after / après", b"2"), ("before", b"3")]
+        assert sorted(seen) == [("after / après", b"2"), ("before", b"1"), ("before", b"3")]
         status = await fetch_status(settings, backlog=False)
         assert [w.worker_id for w in status.workers] == [worker_id]
         assert status.keys == 2 and status.unassigned_keys == 0
