@@ -304,8 +304,10 @@ class Registry:
             request = decode(message.body)
         except ProtocolError as exc:
             self._dropped("a control message", exc)
-            # Its sender may wait for an answer: tell it why rather than let it time out.
-            await self._reply(message, Refused(reason=_reason(exc)))
+            # Its sender may wait for an answer: tell it why rather than let it time out
+            # (counted once: a bad reply_to is not counted again here).
+            if self.names.is_reply_queue(message.reply_to or ""):
+                await self._reply(message, Refused(reason=_reason(exc)))
             await self._ack(message)
             return
         if isinstance(request, EnsureKey | StatusRequest):
