@@ -250,7 +250,14 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                     reply_to=reply_to,
                     correlation_id="status",
                 )
-            expected = len(to_registry) + 1 + 5
+            # malformed and a bad reply_to: counted once, answered nowhere
+            await send(
+                names.registry_queue,
+                b"{not json",
+                reply_to=names.worker_inbox(worker_id),
+                correlation_id="bad",
+            )
+            expected = len(to_registry) + 1 + 5 + 1
             await eventually(lambda: malformed_count(registry_metrics) >= expected, timeout=30)
             refused = await asyncio.wait_for(answers.get(), 10)
             assert refused.correlation_id == "bad-job-type"
