@@ -95,9 +95,8 @@ _WorkerId = Annotated[str, StringConstraints(pattern=f"^{WORKER_ID_PATTERN}$")]
 _Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # the names rabbitkeys builds: namespace, kind, job type and token, joined by dots
 _QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@#-]{1,255}$")]
-_RoutingKey = Annotated[
-    str, StringConstraints(min_length=1, max_length=255), AfterValidator(_check_short_string)
-]
+# any routing key a binding can have (the registry learns some from the broker's listing)
+_RoutingKey = Annotated[str, StringConstraints(max_length=255), AfterValidator(_check_short_string)]
 _Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 _Reason = Annotated[str, StringConstraints(max_length=_MAX_REASON)]
 
