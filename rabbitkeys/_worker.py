@@ -372,7 +372,13 @@ class Worker:
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 # Declared with other arguments (settings differ between processes, say
-                # during a rolling change): it exists, so consume it all the same.
+                # during a rolling change): if it exists, consume it all the same. The same
+                # code also means "no room" (the vhost's max-queues): then there is no
+                # queue, and a consume would close the channel every key is consumed on.
+                if not await self._queue_exists(assignment.queue):
+                    log.error("cannot declare the queue of key %s: %s", key_id, exc)
+                    self._spawn(self._give_back(assignment))
+                    return
                 log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
             except Exception as exc:  # a broker refusal, or a name the client refuses
                 log.error("cannot declare the queue of key %s: %r", key_id, exc)
@@ -396,6 +402,14 @@ class Worker:
                     self._spawn(self._give_back(assignment))
                 return
             owned.consumer_tag = ok.consumer_tag
+
+    async def _queue_exists(self, queue: str) -> bool:
+        assert self._declares is not None
+        try:
+            await (await self._declares.get()).queue_declare(queue, passive=True)
+        except Exception:  # NOT_FOUND, or the channel is gone: not a queue to consume now
+            return False
+        return True
 
     async def _give_back(self, assignment: KeyAssignment) -> None:
         """Tell the registry we do not consume a key it assigned us. After a pause: it may

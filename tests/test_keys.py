@@ -464,3 +464,55 @@ async def test_a_declare_that_fails_leaves_no_key_behind_and_the_publisher_a_cle
         assert isinstance(reply, Refused) and "127" in reply.reason, reply
         assert sorted(registry._keys) == sorted([first, refused])
         assert registry.is_leader
+
+
+async def test_a_worker_that_cannot_declare_its_key_keeps_running_and_takes_it_later(
+    amqp_url: str, namespace: str, own_vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker refuses the worker's declare of an assigned key (the queue vanished and
+    the vhost is full): the worker hands the key back and keeps its session and other keys;
+    once there is room it takes the key."""
+    vhost_url = in_vhost(amqp_url, own_vhost)
+    settings = make_settings(vhost_url, namespace, management_url=MANAGEMENT_URL)
+    seen: dict[str, list[int]] = defaultdict(list)
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        seen[message.key].append(int(message.body))
+
+    vhost = urllib.parse.quote(own_vhost, safe="")
+    lost = KeyRef.of("lost key")
+    async with (
+        running_registry(settings) as registry,
+        running_worker(settings, app) as worker,
+        Publisher(settings) as publisher,
+    ):
+        await asyncio.gather(publisher.publish("lost key", b"1"), publisher.publish("kept", b"1"))
+        await eventually(lambda: seen == {"lost key": [1], "kept": [1]})
+        worker_id = worker.worker_id
+        # no room for one more queue, then the key's queue goes: the broker cancels the
+        # worker's consumer, the registry assigns the key again, the declare is refused
+        queues = management(amqp_url, f"queues/{vhost}")
+        management(amqp_url, f"vhost-limits/{vhost}/max-queues", "PUT", {"value": len(queues) - 1})
+        queue = urllib.parse.quote(Names(namespace).key_queue(lost), safe="")
+        management(amqp_url, f"queues/{vhost}/{queue}", "DELETE")
+        await eventually(lambda: lost.id not in worker.owned_keys)
+
+        def refused_declares() -> int:
+            text = f"cannot declare the queue of key {lost.id}"
+            return sum(text in record.getMessage() for record in caplog.records)
+
+        await eventually(lambda: refused_declares() >= 3, timeout=30)  # handed back, retried
+        assert lost.id not in worker.owned_keys
+        # the worker carries on: same session, its other key flows
+        assert worker.worker_id == worker_id and worker.ready
+        assert registry.is_leader
+        await publisher.publish("kept", b"2")
+        await eventually(lambda: seen["kept"] == [1, 2])
+        # room again: the key comes back to a worker, and its next publish is handled
+        management(amqp_url, f"vhost-limits/{vhost}/max-queues", "DELETE")
+        await eventually(lambda: lost.id in worker.owned_keys, timeout=20)
+        await publisher.publish("lost key", b"2")
+        await eventually(lambda: seen["lost key"] == [1, 2])
+        assert worker.worker_id == worker_id
