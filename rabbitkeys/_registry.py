@@ -623,7 +623,11 @@ class Registry:
         refs = {q.name: ref for q in found if (ref := self.names.key_of_queue(q.name))}
         bindings: dict[str, list[str]] = defaultdict(list)
         for job_type in {ref.job_type for ref in refs.values()}:
-            exchange = self.names.jobs_exchange(job_type)
+            try:
+                exchange = self.names.jobs_exchange(job_type)
+            except InvalidKeyError:  # a queue rabbitkeys cannot have made: not a key's
+                refs = {name: ref for name, ref in refs.items() if ref.job_type != job_type}
+                continue
             for bound_queue, routing_key in await list_bindings(self.settings, exchange):
                 bindings[bound_queue].append(routing_key)
         adopted = 0

@@ -516,3 +516,32 @@ async def test_a_worker_that_cannot_declare_its_key_keeps_running_and_takes_it_l
         await publisher.publish("lost key", b"2")
         await eventually(lambda: seen["lost key"] == [1, 2])
         assert worker.worker_id == worker_id
+
+
+async def test_a_new_registry_adopts_only_key_queues_this_version_can_have_made(
+    amqp_url: str, namespace: str, own_vhost: str
+) -> None:
+    """Queues named by an older token scheme, or for a job type too long for the namespace,
+    are left alone; an unconsumed key queue beside them is adopted (through the management
+    API, as after a failover)."""
+    namespace = namespace.ljust(64, "x")
+    vhost_url = in_vhost(amqp_url, own_vhost)
+    settings = make_settings(vhost_url, namespace, management_url=MANAGEMENT_URL)
+    names = Names(namespace)
+    orphan = KeyRef.of("orphan / été")
+    vhost = urllib.parse.quote(own_vhost, safe="")
+    arguments = {"durable": True, "arguments": key_queue_arguments(600.0)}
+    for queue in (
+        names.key_queue(orphan),
+        f"{names.key_queue_prefix}default.~{'0' * 40}",  # an older hashed token
+        f"{names.key_queue_prefix}default.a+b",  # an older plain token
+        f"{names.key_queue_prefix}{'j' * 64}.k",  # no exchange can be named for it
+    ):
+        path = f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}"
+        management(amqp_url, path, "PUT", arguments)
+    async with running_registry(settings) as registry:
+        await eventually(lambda: orphan.id in registry._keys, timeout=30)
+        status = await fetch_status(settings, backlog=False)
+        assert list(registry._keys) == [orphan.id]
+        assert status.keys == 1
+        assert registry.is_leader
