@@ -324,3 +324,38 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
             await channel.declare_queue(foreign_queue, passive=True)
     finally:
         await connection.close()
+
+
+async def test_a_worker_reports_its_keys_in_several_joins_and_a_new_registry_rebuilds_all(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker with more keys than fit in one message joins in several messages; a
+    registry that starts meanwhile rebuilds every key from them (3 keys per message here,
+    4,096 in production)."""
+    monkeypatch.setattr("rabbitkeys._protocol.MAX_KEYS_PER_MESSAGE", 3)
+    seen: list[tuple[str, bytes]] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        seen.append((message.key, message.body))
+
+    keys = [f"key {i}" for i in range(10)]
+    async with running_worker(settings, app) as worker, Publisher(settings) as publisher:
+        async with running_registry(settings):
+            await asyncio.gather(*(publisher.publish(key, b"1") for key in keys))
+            await eventually(lambda: len(seen) == len(keys))
+            owned = worker.owned_keys
+            assert len(owned) == len(keys)
+        # the registry is gone; the worker keeps consuming; a new one asks it for its keys
+        async with running_registry(settings) as registry:
+            await eventually(lambda: len(registry._keys) == len(keys), timeout=30)
+            status = await fetch_status(settings, backlog=False)
+            assert status.keys == len(keys) and status.unassigned_keys == 0
+            assert [(w.worker_id, w.keys) for w in status.workers] == [
+                (worker.worker_id, len(keys))
+            ]
+            assert worker.owned_keys == owned  # nothing moved
+            await asyncio.gather(*(publisher.publish(key, b"2") for key in keys))
+            await eventually(lambda: len(seen) == 2 * len(keys))
+    assert sorted(seen) == sorted((key, body) for key in keys for body in (b"1", b"2"))
