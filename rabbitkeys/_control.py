@@ -15,7 +15,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from ._errors import RegistryUnavailableError
-from ._protocol import ControlMessage, decode, encode
+from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
 from ._topology import Names
 
 __all__ = ["ControlClient", "control_message", "declare_registry_queue"]
@@ -99,6 +99,6 @@ class ControlClient:
         if future is None or future.done():
             return  # a reply to a request that has already timed out
         try:
-            future.set_result(decode(message.body))
+            future.set_result(decode(message.body, max_bytes=MAX_REPLY_BYTES))
         except Exception as exc:  # a malformed reply fails that request, nothing else
             future.set_exception(exc)

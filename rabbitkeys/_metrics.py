@@ -190,7 +190,9 @@ class WorkerMetrics:
             registry, "rabbitkeys_keys_released", "Keys this worker let go (moves, retirements)."
         )
         self.malformed = _counter(
-            registry, "rabbitkeys_malformed_messages", "Control messages that did not parse."
+            registry,
+            "rabbitkeys_malformed_messages",
+            "Control messages dropped (malformed or invalid).",
         )
         self.handler_duration = _histogram(
             registry, "rabbitkeys_handler_duration_seconds", "Time in the handler, per attempt."
@@ -239,7 +241,9 @@ class RegistryMetrics:
             registry, "rabbitkeys_keys_retired", "Idle keys retired (queue deleted)."
         )
         self.malformed = _counter(
-            registry, "rabbitkeys_malformed_messages", "Control messages that did not parse."
+            registry,
+            "rabbitkeys_malformed_messages",
+            "Control messages dropped (malformed or invalid).",
         )
         self.quota_refusals = _counter(
             registry,

@@ -32,7 +32,7 @@ from . import _assignment
 from ._channel_pool import ChannelPool, open_channel
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
-from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
+from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
 from ._management import list_bindings, list_queues
 from ._metrics import RegistryMetrics
 from ._protocol import (
@@ -53,9 +53,10 @@ from ._protocol import (
     WorkerLeave,
     WorkerStatus,
     decode,
+    split,
 )
 from ._settings import Settings
-from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+from ._topology import KeyRef, Names, key_matches_token, key_queue_arguments, new_routing_key
 
 __all__ = ["Registry"]
 
@@ -314,12 +315,15 @@ class Registry:
         await events.consume(self._on_queue_deleted, no_ack=True)
 
     async def _on_queue_deleted(self, event: AbstractIncomingMessage) -> None:
-        name = (event.headers or {}).get("name")
-        if isinstance(name, bytes):
-            name = name.decode()
-        prefix = self.names.worker_inbox("")
-        if isinstance(name, str) and name.startswith(prefix):
-            self._remove_worker(name[len(prefix) :], reason="disconnected")
+        try:
+            name = (event.headers or {}).get("name")
+            if isinstance(name, bytes):
+                name = name.decode()
+            prefix = self.names.worker_inbox("")
+            if isinstance(name, str) and name.startswith(prefix):
+                self._remove_worker(name[len(prefix) :], reason="disconnected")
+        except Exception as exc:
+            self._dropped("a queue.deleted event", exc)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -329,14 +333,27 @@ class Registry:
 
     # --- control messages -------------------------------------------------------------
 
+    def _dropped(self, what: str, error: BaseException) -> None:
+        """Count, log and drop what remote input broke; the registry carries on."""
+        self.malformed_messages += 1
+        self.metrics.malformed.inc()
+        if isinstance(error, ProtocolError | InvalidKeyError):
+            log.warning("dropped %s: %s", what, error)
+        else:  # not a parse error: show where it failed
+            log.warning("dropped %s: %r", what, error, exc_info=error)
+
     async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
+        """Every control request. Nothing a request holds may end the session: whatever it
+        breaks is counted as malformed, logged and dropped (see ``_protocol`` for limits)."""
         try:
             request = decode(message.body)
         except ProtocolError as exc:
-            self.malformed_messages += 1
-            self.metrics.malformed.inc()
-            log.warning("dropped a control message: %s", exc)
-            await message.ack()
+            self._dropped("a control message", exc)
+            # Its sender may wait for an answer: tell it why rather than let it time out
+            # (counted once: a bad reply_to is not counted again here).
+            if self.names.is_reply_queue(message.reply_to or ""):
+                await self._reply(message, Refused(reason=_reason(exc)))
+            await self._ack(message)
             return
         if isinstance(request, EnsureKey | StatusRequest):
             # Answered in their own task: an ensure may wait for a declare or a retirement.
@@ -344,8 +361,10 @@ class Registry:
             return
         try:
             self._handle_membership(request)
+        except Exception as exc:
+            self._dropped(f"a {request.type} message", exc)
         finally:
-            await message.ack()
+            await self._ack(message)
 
     def _handle_membership(self, request: ControlMessage) -> None:
         if isinstance(request, WorkerJoin):
@@ -357,9 +376,7 @@ class Registry:
         elif isinstance(request, Released):
             self._on_released(request)
         else:
-            self.malformed_messages += 1
-            self.metrics.malformed.inc()
-            log.warning("dropped a control message of unexpected type %r", request.type)
+            raise ProtocolError(f"a {request.type!r} message is not a request")
 
     async def _answer(self, message: AbstractIncomingMessage, request: ControlMessage) -> None:
         reply: Ensured | Refused | Status
@@ -371,15 +388,39 @@ class Registry:
                 reply = await self._status(request.backlog)
         except Exception as exc:
             log.exception("failed to answer %s", request.type)
-            reply = _refusal_for(exc)
+            reply = Refused(reason=_reason(exc))
         if isinstance(reply, Refused) and reply.code == REFUSED_QUOTA_EXCEEDED:
             self.metrics.quota_refusals.inc()
-        if message.reply_to and self._control is not None:
+        await self._reply(message, reply)
+        await self._ack(message)
+
+    async def _reply(
+        self, message: AbstractIncomingMessage, reply: Ensured | Refused | Status
+    ) -> None:
+        """Answer to the request's ``reply_to``, only if it is a reply queue of this
+        namespace: a request must not make the registry write anywhere else."""
+        reply_to = message.reply_to
+        if not reply_to or self._control is None:
+            return
+        if not self.names.is_reply_queue(reply_to):
+            self._dropped(
+                "a reply", ProtocolError(f"reply_to {reply_to[:300]!r} is not a reply queue")
+            )
+            return
+        try:
             await self._control.default_exchange.publish(
                 control_message(reply, correlation_id=message.correlation_id),
-                routing_key=message.reply_to,
+                routing_key=reply_to,
             )
-        await message.ack()
+        except _CHANNEL_ERRORS:
+            raise  # the control channel is gone: the session ends, as it must
+        except Exception as exc:  # e.g. a correlation_id pamqp cannot encode
+            self._dropped("a reply", exc)
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(*_CHANNEL_ERRORS):  # the channel is gone: so is the session
+            await message.ack()
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -404,7 +445,10 @@ class Registry:
                 # (x-expires or an operator). Its bindings went with it.
                 log.warning("key %s lost its queue; declaring it again", ref.id)
                 key.routing_keys.clear()
-            await self._declare_and_bind(key)
+            try:
+                await self._declare_and_bind(key)
+            except Exception as exc:
+                return self._declare_failed(key, exc)
             if key.owner is None or key.owner not in self._workers:
                 self._place(key)
             elif current is not None:
@@ -437,6 +481,34 @@ class Registry:
         else:
             return None
         return Refused(reason=reason, code=REFUSED_QUOTA_EXCEEDED)
+
+    def _declare_failed(self, key: _Key, error: Exception) -> Refused:
+        """A declare or bind failed (the broker refused it, say the vhost's queue limit, or
+        the client library refused a name): a key that nothing routes to is forgotten, so
+        that no worker is told to consume a queue that may not exist."""
+        log.warning("cannot declare or bind the queue of key %s: %r", key.ref.id, error)
+        if not key.routing_keys and self._keys.get(key.ref.id) is key:
+            self._set_owner(key, None)
+            key.handing_off, key.target, key.move_started = False, None, None
+            del self._keys[key.ref.id]
+        if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
+            "queue limit in vhost" in str(error)
+        ):
+            # the broker's own queue limit (the vhost's max-queues) is a quota like ours
+            detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
+            return Refused(
+                reason=f"the broker refused another queue ({detail}): the vhost's max-queues limit"[
+                    :1000
+                ],
+                code=REFUSED_QUOTA_EXCEEDED,
+            )
+        if isinstance(error, RabbitkeysError):
+            reason = str(error)
+        elif isinstance(error, aiormq.exceptions.AMQPError):
+            reason = f"the broker refused it ({error})"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        return Refused(reason=f"cannot declare or bind the key's queue: {reason}"[:1000])
 
     async def _declare_and_bind(self, key: _Key) -> None:
         assert self._pool is not None
@@ -597,10 +669,15 @@ class Registry:
     def _ref_of(self, assignment: KeyAssignment) -> KeyRef | None:
         """The key of an assignment a worker sent back, named after its queue."""
         by_queue = self.names.key_of_queue(assignment.queue)
-        if by_queue is None or by_queue.id != assignment.key_id:
-            self.malformed_messages += 1
-            self.metrics.malformed.inc()
-            log.warning("dropped a report about an unknown queue %r", assignment.queue)
+        if (
+            by_queue is None
+            or by_queue.id != assignment.key_id
+            or not key_matches_token(assignment.key, by_queue.token)
+        ):
+            self._dropped(
+                "a report about a key",
+                ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
+            )
             return None
         return KeyRef(by_queue.job_type, assignment.key, by_queue.token)
 
@@ -632,7 +709,11 @@ class Registry:
         refs = {q.name: ref for q in found if (ref := self.names.key_of_queue(q.name))}
         bindings: dict[str, list[str]] = defaultdict(list)
         for job_type in {ref.job_type for ref in refs.values()}:
-            exchange = self.names.jobs_exchange(job_type)
+            try:
+                exchange = self.names.jobs_exchange(job_type)
+            except InvalidKeyError:  # a queue rabbitkeys cannot have made: not a key's
+                refs = {name: ref for name, ref in refs.items() if ref.job_type != job_type}
+                continue
             for bound_queue, routing_key in await list_bindings(self.settings, exchange):
                 bindings[bound_queue].append(routing_key)
         adopted = 0
@@ -737,6 +818,10 @@ class Registry:
                     continue
                 except _CHANNEL_ERRORS:
                     pass  # RESOURCE_LOCKED: its connection is alive
+                except ValueError as exc:  # an id no queue can have (the protocol checks)
+                    self._dropped(f"worker {worker.worker_id[:200]!r}", exc)
+                    self._remove_worker(worker.worker_id, reason="has an impossible id")
+                    continue
             log.warning("worker %s sends no heartbeat but is still connected", worker.worker_id)
             worker.last_seen = time.monotonic()  # look again after another worker_timeout
 
@@ -746,7 +831,10 @@ class Registry:
             # Joins come in bursts (a scaled deployment): settle them in one rebalance.
             await asyncio.sleep(0.2)
             self._rebalance_wanted.clear()
-            self._rebalance()
+            try:
+                self._rebalance()
+            except Exception:  # a bug; the next event tries again, the registry stays up
+                log.exception("rebalance failed")
 
     def _rebalance(self) -> None:
         """Spread keys over the workers again. A key that moves is first released by its
@@ -778,9 +866,11 @@ class Registry:
                     releases[key.owner].append(key.ref.id)
                     moved += 1
         for worker_id, key_ids in releases.items():
-            self._send(worker_id, Release(key_ids=key_ids))
+            for release in split(key_ids, lambda chunk: Release(key_ids=chunk)):
+                self._send(worker_id, release)
         for worker_id, assignments in assigns.items():
-            self._send(worker_id, Assign(keys=assignments))
+            for assign in split(assignments, lambda chunk: Assign(keys=chunk)):
+                self._send(worker_id, assign)
         if self._workers:  # with no worker left, the keys wait: the gap is not over
             now = time.monotonic()
             for last_seen in self._lost_workers_seen:
@@ -871,18 +961,10 @@ class Registry:
         return counts
 
 
-def _refusal_for(error: Exception) -> Refused:
-    """The answer to a request that failed with ``error``; the broker's own queue limit
-    (the vhost's ``max-queues``) is a quota like ours, and says so."""
-    if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
-        "queue limit in vhost" in str(error)
-    ):
-        detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
-        return Refused(
-            reason=f"the broker refused another queue ({detail}): the vhost's max-queues limit",
-            code=REFUSED_QUOTA_EXCEEDED,
-        )
-    return Refused(reason=f"{type(error).__name__}: {error}")
+def _reason(error: BaseException) -> str:
+    """An error as a Refused reason (bounded)."""
+    text = str(error) if isinstance(error, RabbitkeysError) else f"{type(error).__name__}: {error}"
+    return text[:1000]
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import InvalidKeyError
+from ._errors import ConfigError, InvalidKeyError
 
 __all__ = [
     "DEFAULT_JOB_TYPE",
@@ -33,9 +34,15 @@ __all__ = [
     "HEADER_SEQUENCE",
     "HEADER_WORKER",
     "MAX_KEY_BYTES",
+    "MAX_TOKEN_BYTES",
     "KeyRef",
     "Names",
+    "WORKER_ID_PATTERN",
     "check_job_type",
+    "check_key",
+    "check_worker_id",
+    "is_token",
+    "key_matches_token",
     "key_queue_arguments",
     "new_routing_key",
 ]
@@ -58,10 +65,32 @@ HEADER_WORKER = "x-rabbitkeys-worker"
 
 # Job types name exchanges and queues; dots separate name parts, so they are not allowed.
 _JOB_TYPE = re.compile(r"[A-Za-z0-9_:-]{1,64}")
-# Keys made of these characters, up to this length, are used as they are in queue names
-# (readable in the management UI). Others get a hashed token, which starts with "~", a
-# character plain tokens never contain, so the two kinds cannot collide.
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:@=+-]{1,120}")
+
+# Key tokens go into queue names, which pamqp checks on the client side against a charset
+# that depends on its version: 3.3.0 (aio-pika 9.4-9.x) allows [a-zA-Z0-9-_.:@#,/ ], 4.x
+# adds '+'; none allows '~' or '='. Tokens use the part every version accepts.
+#
+# A key made of these characters, up to this length, is its own token (readable in the
+# management UI). Any other key gets a hashed token: a readable hint (the key without
+# accents, runs of other characters replaced by '_', cut to 32 characters), '#', and a
+# 160-bit BLAKE2b of the key. Plain tokens never contain '#', so the two kinds cannot collide.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:@-]{1,120}")
+_HASHED_TOKEN = re.compile(r"[A-Za-z0-9_.:@-]{0,32}#[0-9a-f]{40}")
+_NOT_PLAIN = re.compile(r"[^A-Za-z0-9_.:@-]+")
+_HINT_CHARS = 32
+
+#: Longest token, in bytes (all ASCII): a key queue name stays within the broker's 255 bytes
+#: with the longest namespace (64) and job type (64).
+MAX_TOKEN_BYTES = 120
+
+#: What a worker id may be: it names the worker's inbox queue (``NS.worker.<id>``).
+WORKER_ID_PATTERN = r"[A-Za-z0-9_.:@-]{1,128}"
+_WORKER_ID = re.compile(WORKER_ID_PATTERN)
+# What rabbitkeys' own clients name their reply queues with (a uuid4 hex).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# AMQP limits exchange names to 127 characters (pamqp checks it before sending).
+_MAX_EXCHANGE_NAME = 127
 
 
 def check_job_type(job_type: object) -> str:
@@ -73,7 +102,19 @@ def check_job_type(job_type: object) -> str:
     return job_type
 
 
-def _check_key(key: object) -> str:
+def check_worker_id(worker_id: object) -> str:
+    """Raises :class:`ConfigError` unless ``worker_id`` can name a worker's inbox."""
+    if not isinstance(worker_id, str) or not _WORKER_ID.fullmatch(worker_id):
+        raise ConfigError(
+            f"worker id must be 1-128 characters of letters, digits, '_', '.', ':', '@' or "
+            f"'-', got {worker_id!r}"
+        )
+    return worker_id
+
+
+def check_key(key: object) -> str:
+    """Validate a key (a non-empty str of at most 1,024 UTF-8 bytes, valid Unicode);
+    raises :class:`InvalidKeyError`."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"key must be a str, got {type(key).__name__}")
     if not key:
@@ -91,7 +132,21 @@ def _check_key(key: object) -> str:
 def _token_for(key: str) -> str:
     if _PLAIN_KEY.fullmatch(key):
         return key
-    return "~" + hashlib.blake2b(key.encode("utf-8"), digest_size=20).hexdigest()
+    # accents dropped ("été" -> "ete"), other runs of characters a name cannot have -> "_"
+    folded = unicodedata.normalize("NFKD", key).encode("ascii", "ignore").decode("ascii")
+    hint = _NOT_PLAIN.sub("_", folded)[:_HINT_CHARS]
+    return f"{hint}#{hashlib.blake2b(key.encode('utf-8'), digest_size=20).hexdigest()}"
+
+
+def is_token(token: str) -> bool:
+    """Whether ``token`` is a token this version makes (plain or hashed)."""
+    return bool(_PLAIN_KEY.fullmatch(token) or _HASHED_TOKEN.fullmatch(token))
+
+
+def key_matches_token(key: str, token: str) -> bool:
+    """Whether ``key`` may stand for ``token``: its own token, or the token itself (what a
+    key adopted from the broker is known by until a publisher names it)."""
+    return key == token or _token_for(key) == token
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +161,7 @@ class KeyRef:
     def of(cls, key: object, job_type: object = DEFAULT_JOB_TYPE) -> KeyRef:
         """Validate ``key`` and ``job_type``; raises :class:`InvalidKeyError`."""
         checked_type = check_job_type(job_type)
-        checked_key = _check_key(key)
+        checked_key = check_key(key)
         return cls(checked_type, checked_key, _token_for(checked_key))
 
     @property
@@ -143,7 +198,16 @@ class Names:
     namespace: str
 
     def jobs_exchange(self, job_type: str) -> str:
-        return f"{self.namespace}.jobs.{job_type}"
+        """Raises :class:`InvalidKeyError` if namespace and job type together are too long
+        for an exchange name (127 characters: namespace + job type <= 121)."""
+        name = f"{self.namespace}.jobs.{job_type}"
+        if len(name) > _MAX_EXCHANGE_NAME:
+            raise InvalidKeyError(
+                f"job type {job_type!r} is too long for namespace {self.namespace!r}: "
+                f"exchange names are limited to {_MAX_EXCHANGE_NAME} characters "
+                f"(namespace + job type <= {_MAX_EXCHANGE_NAME - len('.jobs.')})"
+            )
+        return name
 
     def key_queue(self, ref: KeyRef) -> str:
         return f"{self.namespace}.key.{ref.job_type}.{ref.token}"
@@ -155,11 +219,12 @@ class Names:
     def key_of_queue(self, queue: str) -> KeyRef | None:
         """The key a queue name belongs to, as far as the name tells: a hashed key's
         original text is not in the name, so ``key`` is then the token (messages carry the
-        original in their ``x-rabbitkeys-key`` header)."""
+        original in their ``x-rabbitkeys-key`` header). None for a name this version does
+        not make (another namespace, or a token of an older scheme)."""
         if not queue.startswith(self.key_queue_prefix):
             return None
         job_type, dot, token = queue[len(self.key_queue_prefix) :].partition(".")
-        if not dot or not token or not _JOB_TYPE.fullmatch(job_type):
+        if not dot or not _JOB_TYPE.fullmatch(job_type) or not is_token(token):
             return None
         return KeyRef(job_type, token, token)
 
@@ -178,6 +243,12 @@ class Names:
 
     def reply_queue(self, client_id: str) -> str:
         return f"{self.namespace}.reply.{client_id}"
+
+    def is_reply_queue(self, name: str) -> bool:
+        """Whether ``name`` is a reply queue of this namespace: the only queues the registry
+        answers to (``reply_to`` comes from whoever sent the request)."""
+        prefix = self.reply_queue("")
+        return name.startswith(prefix) and bool(_CLIENT_ID.fullmatch(name[len(prefix) :]))
 
     @property
     def dead_letter_queue(self) -> str:

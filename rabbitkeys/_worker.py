@@ -42,10 +42,13 @@ from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
-from ._errors import HandlerNotFoundError, ProtocolError
+from ._errors import ConfigError, HandlerNotFoundError, ProtocolError
 from ._metrics import WorkerMetrics
 from ._protocol import (
+    MAX_JOB_TYPES,
+    MAX_KEYS_PER_MESSAGE,
     Assign,
+    ControlMessage,
     KeyAssignment,
     Release,
     Released,
@@ -54,6 +57,7 @@ from ._protocol import (
     WorkerJoin,
     WorkerLeave,
     decode,
+    split,
 )
 from ._settings import Settings
 from ._topology import (
@@ -66,6 +70,8 @@ from ._topology import (
     HEADER_SEQUENCE,
     HEADER_WORKER,
     Names,
+    check_worker_id,
+    key_matches_token,
     key_queue_arguments,
 )
 
@@ -107,7 +113,13 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.app = app
-        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        # checked here: the id names the worker's inbox queue
+        self.worker_id = check_worker_id(worker_id) if worker_id else uuid.uuid4().hex[:12]
+        if len(app.job_types) > MAX_JOB_TYPES:
+            raise ConfigError(
+                f"a worker serves at most {MAX_JOB_TYPES} job types; this app has "
+                f"{len(app.job_types)}"
+            )
         self._base_id = self.worker_id
         self._sessions = 0
         self.names = Names(settings.namespace)
@@ -125,6 +137,7 @@ class Worker:
         self.dead_lettered = 0
         self.duplicates_dropped = 0
         self.order_violations = 0
+        self.malformed_messages = 0
         self._in_flight = 0
         self._joined = False
         self.metrics = WorkerMetrics(self, metrics_registry)
@@ -219,29 +232,35 @@ class Worker:
         )
         await inbox.bind(workers)
         await inbox.consume(self._on_command, no_ack=True)
-        await self._send(self._join())
+        await self._send_join()
         self._joined = True
 
     def _on_channel_close(self, *_: Any) -> None:
         self._session_lost.set()
 
-    def _join(self) -> WorkerJoin:
-        return WorkerJoin(
-            worker_id=self.worker_id,
-            inbox=self.names.worker_inbox(self.worker_id),
-            job_types=sorted(self.app.job_types),
-            keys=[owned.assignment for owned in self._keys.values() if not owned.releasing],
-        )
+    async def _send_join(self) -> None:
+        """Join, with the keys we consume: several messages when they do not fit in one."""
+        owned = [owned.assignment for owned in self._keys.values() if not owned.releasing]
+        job_types = sorted(self.app.job_types)
+        inbox = self.names.worker_inbox(self.worker_id)
+        for join in split(
+            owned,
+            lambda keys: WorkerJoin(
+                worker_id=self.worker_id, inbox=inbox, job_types=job_types, keys=keys
+            ),
+        ):
+            await self._send(join)
 
     def _heartbeat(self) -> WorkerHeartbeat:
         now = time.monotonic()
-        idle = []
+        idle: list[str] = []
         for owned in self._keys.values():
             quiet_since = max(owned.last_activity, owned.idle_reported_at)
             if (
                 not owned.buffer
                 and not owned.releasing
                 and now - quiet_since >= self.settings.idle_period
+                and len(idle) < MAX_KEYS_PER_MESSAGE  # the rest go with the next heartbeat
             ):
                 owned.idle_reported_at = now
                 idle.append(owned.key_id)
@@ -268,24 +287,58 @@ class Worker:
 
     # --- commands from the registry -----------------------------------------------------
 
+    def _dropped(self, what: str, error: BaseException) -> None:
+        """Count, log and drop what remote input broke; the worker carries on."""
+        self.malformed_messages += 1
+        self.metrics.malformed.inc()
+        if isinstance(error, ProtocolError):
+            log.warning("dropped %s: %s", what, error)
+        else:  # not a parse error: show where it failed
+            log.warning("dropped %s: %r", what, error, exc_info=error)
+
     async def _on_command(self, message: AbstractIncomingMessage) -> None:
+        """Commands from the registry (anyone can write to our inbox): whatever one breaks
+        is counted as malformed, logged and dropped; the worker keeps its keys."""
         try:
             command = decode(message.body)
         except ProtocolError as exc:
-            log.warning("dropped a command: %s", exc)
-            self.metrics.malformed.inc()
+            self._dropped("a command", exc)
             return
+        try:
+            await self._run_command(command)
+        except _CHANNEL_ERRORS:
+            raise  # the control channel is gone: the session starts over
+        except Exception as exc:
+            self._dropped(f"a {command.type} command", exc)
+
+    async def _run_command(self, command: ControlMessage) -> None:
         if isinstance(command, Assign):
             if self._stopping.is_set():
                 return  # the registry learns from our leave that these keys need a home
             for assignment in command.keys:
-                self._spawn(self._acquire(assignment))
+                if self._is_ours(assignment):
+                    self._spawn(self._acquire(assignment))
         elif isinstance(command, Release):
             self._spawn(self._release_and_report(command.key_ids))
         elif isinstance(command, Sync):
-            await self._send(self._join())
+            await self._send_join()
         else:
-            log.warning("dropped a command of unexpected type %r", command.type)
+            raise ProtocolError(f"a {command.type!r} message is not a command")
+
+    def _is_ours(self, assignment: KeyAssignment) -> bool:
+        """Only key queues of our namespace, named after the key they claim to be."""
+        ref = self.names.key_of_queue(assignment.queue)
+        if (
+            ref is None
+            or ref.id != assignment.key_id
+            or not key_matches_token(assignment.key, ref.token)
+        ):
+            self._dropped(
+                "an assignment",
+                ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
+            )
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, key_id: str) -> AsyncIterator[None]:
@@ -324,20 +377,51 @@ class Worker:
                 )
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 # Declared with other arguments (settings differ between processes, say
-                # during a rolling change): it exists, so consume it all the same.
+                # during a rolling change): if it exists, consume it all the same. The same
+                # code also means "no room" (the vhost's max-queues): then there is no
+                # queue, and a consume would close the channel every key is consumed on.
+                if not await self._queue_exists(assignment.queue):
+                    log.error("cannot declare the queue of key %s: %s", key_id, exc)
+                    self._spawn(self._give_back(assignment))
+                    return
                 log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
-            except _CHANNEL_ERRORS as exc:
-                log.error("cannot declare the queue of key %s: %s", key_id, exc)
-                self._spawn(self._send(Released(worker_id=self.worker_id, keys=[assignment])))
+            except Exception as exc:  # a broker refusal, or a name the client refuses
+                log.error("cannot declare the queue of key %s: %r", key_id, exc)
+                self._spawn(self._give_back(assignment))
                 return
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
             owned = _OwnedKey(assignment, key_id)
             self._keys[key_id] = owned
-            ok = await self._consume.basic_consume(
-                assignment.queue, partial(self._on_delivery, owned)
-            )
+            try:
+                ok = await self._consume.basic_consume(
+                    assignment.queue, partial(self._on_delivery, owned)
+                )
+            except Exception as exc:
+                # On a channel error the channel is gone and the session starts over; else
+                # the key was never ours: hand it back.
+                log.error("cannot consume key %s: %r", key_id, exc)
+                if self._keys.get(key_id) is owned:
+                    del self._keys[key_id]
+                if not isinstance(exc, _CHANNEL_ERRORS):
+                    self._spawn(self._give_back(assignment))
+                return
             owned.consumer_tag = ok.consumer_tag
+
+    async def _queue_exists(self, queue: str) -> bool:
+        assert self._declares is not None
+        try:
+            await (await self._declares.get()).queue_declare(queue, passive=True)
+        except Exception:  # NOT_FOUND, or the channel is gone: not a queue to consume now
+            return False
+        return True
+
+    async def _give_back(self, assignment: KeyAssignment) -> None:
+        """Tell the registry we do not consume a key it assigned us. After a pause: it may
+        assign it to us again at once, and the failure must not turn into a busy loop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+        await self._send(Released(worker_id=self.worker_id, keys=[assignment]))
 
     def _consuming(self, owned: _OwnedKey) -> bool:
         channel = self._consume
@@ -354,7 +438,8 @@ class Worker:
         )
         keys = [assignment for assignment in released if isinstance(assignment, KeyAssignment)]
         if keys:
-            await self._send(Released(worker_id=self.worker_id, keys=keys))
+            for report in split(keys, lambda chunk: Released(worker_id=self.worker_id, keys=chunk)):
+                await self._send(report)
 
     async def _release(self, key_id: str) -> KeyAssignment | None:
         """Let go of a key without reordering it (the four steps in the module docstring)."""

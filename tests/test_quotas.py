@@ -412,11 +412,7 @@ async def test_the_vhost_queue_limit_refuses_a_new_key_and_leaves_no_trace(
             await publisher.publish("first", b"2")
             await eventually(lambda: handled == [("first", b"1"), ("first", b"2")])
             # and the refused key left nothing behind in the registry
-            if [k.ref.key for k in registry._keys.values()] != ["first"]:
-                pytest.xfail(
-                    "the registry keeps a key whose declare failed: cleaned up by the "
-                    "issue 9 item 1 branch (a declare that fails leaves no key behind)"
-                )
+            assert [k.ref.key for k in registry._keys.values()] == ["first"]
             # once the limit is lifted (negative: none), the same key works
             vhost.limit_queues(-1)
             await publisher.publish("second", b"1")

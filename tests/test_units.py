@@ -90,8 +90,9 @@ def test_bad_job_types_are_refused(job_type: object) -> None:
 def test_plain_keys_stay_readable_and_others_are_hashed() -> None:
     assert KeyRef.of("post-42").token == "post-42"
     hashed = KeyRef.of("commentaire/été")
-    assert hashed.token.startswith("~") and len(hashed.token) == 41
+    assert hashed.token.startswith("commentaire_ete#") and len(hashed.token) == 16 + 40
     assert KeyRef.of("commentaire/été").token == hashed.token  # stable
+    assert KeyRef.of("привет").token.startswith("#")
 
 
 @given(
