@@ -34,7 +34,7 @@ class BrokerQueue:
 def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
     """Base URL, user, password and vhost for the management API."""
     amqp = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
-    vhost = urllib.parse.unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
+    vhost = settings.vhost
     unquote = urllib.parse.unquote
     user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
     if settings.management_url is None:

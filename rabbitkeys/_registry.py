@@ -299,14 +299,21 @@ class Registry:
     async def _watch_worker_inboxes(self, connection: AbstractConnection) -> None:
         """A worker's inbox is exclusive: the broker deletes it the moment the worker's
         connection dies. With the event exchange plugin, that deletion tells us at once
-        (a kill -9 is noticed in milliseconds, not after ``worker_timeout``)."""
-        channel = await connection.channel()
+        (a kill -9 is noticed in milliseconds, not after ``worker_timeout``).
+
+        The plugin publishes the events of every vhost into ``amq.rabbitmq.event`` of one
+        vhost (``event_exchange.vhost``, default ``/``; docs/design.md, "Virtual hosts"):
+        in any other vhost the exchange does not exist and only heartbeats tell."""
+        channel = await open_channel(connection)  # closed by NOT_FOUND: a number of its own
         try:
             await channel.declare_exchange(_EVENT_EXCHANGE, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             log.warning(
-                "the rabbitmq_event_exchange plugin is not enabled: a crashed worker is "
-                "noticed after worker_timeout (%gs) without heartbeat",
+                "no %s exchange in vhost %r (the rabbitmq_event_exchange plugin is off, or "
+                "publishes into another vhost: event_exchange.vhost in rabbitmq.conf): a "
+                "crashed worker is noticed after worker_timeout (%gs) without heartbeat",
+                _EVENT_EXCHANGE,
+                self.settings.vhost,
                 self.settings.worker_timeout,
             )
             return
@@ -316,11 +323,12 @@ class Registry:
 
     async def _on_queue_deleted(self, event: AbstractIncomingMessage) -> None:
         try:
-            name = (event.headers or {}).get("name")
-            if isinstance(name, bytes):
-                name = name.decode()
+            headers = event.headers or {}
+            name, vhost = (_text(headers.get(field)) for field in ("name", "vhost"))
+            if vhost is not None and vhost != self.settings.vhost:
+                return  # the same names in another vhost are other workers
             prefix = self.names.worker_inbox("")
-            if isinstance(name, str) and name.startswith(prefix):
+            if name is not None and name.startswith(prefix):
                 self._remove_worker(name[len(prefix) :], reason="disconnected")
         except Exception as exc:
             self._dropped("a queue.deleted event", exc)
@@ -970,3 +978,10 @@ def _reason(error: BaseException) -> str:
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and (error := task.exception()) is not None:
         log.error("registry task failed", exc_info=error)
+
+
+def _text(value: object) -> str | None:
+    """A header value as text (the event exchange sends long strings as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import yarl
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -276,6 +276,12 @@ class Settings(BaseSettings):
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.model_dump().items())
         return f"Settings({fields})"
+
+    @property
+    def vhost(self) -> str:
+        """The virtual host of ``amqp_url`` (``/`` when the URL names none)."""
+        path = urlsplit(self.amqp_url.get_secret_value()).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def amqp_url_masked(self) -> str:

@@ -26,6 +26,9 @@ import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
 from rabbitkeys._cluster import LocalCluster
+from rabbitkeys._control import control_message
+from rabbitkeys._protocol import WorkerJoin
+from rabbitkeys._topology import Names
 
 from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace
 from .support import eventually, make_settings, running_registry, running_worker, skip_or_fail
@@ -153,3 +156,44 @@ async def test_a_new_registry_adopts_unconsumed_key_queues_through_the_managemen
         async with running_worker(settings, app):
             await eventually(lambda: sum(map(len, handled.values())) == 6)
     assert handled == {"a": [0, 1, 2], "b": [0, 1, 2]}
+
+
+async def test_a_registry_ignores_the_events_of_another_vhost(
+    broker: Broker, root_namespace: str, amqp_url: str
+) -> None:
+    """Events carry their vhost: a queue of the same name deleted in another vhost (the same
+    namespace used twice on one broker) must not drop our worker."""
+    settings = make_settings(broker.url_in("/"), root_namespace, worker_timeout=600.0)
+    names = Names(root_namespace)
+    app = App()
+
+    @app.handler()
+    async def handle(message: Message) -> None:
+        pass
+
+    async with running_registry(settings) as registry, running_worker(settings, app) as worker:
+        await eventually(lambda: worker.worker_id in registry._workers, timeout=30)
+        root = await aio_pika.connect(broker.url_in("/"))
+        other = await aio_pika.connect(amqp_url)
+        try:
+            # a marker worker in "/", whose inbox the test deletes last: once the registry has
+            # dropped it, the event before it (the broker emits them in order) was handled
+            in_root = await root.channel()
+            await in_root.declare_queue(names.worker_inbox("marker"))
+            join = WorkerJoin(
+                worker_id="marker", inbox=names.worker_inbox("marker"), job_types=["default"]
+            )
+            await in_root.default_exchange.publish(
+                control_message(join), routing_key=names.registry_queue
+            )
+            await eventually(lambda: "marker" in registry._workers)
+            # the live worker's inbox name, in the session's vhost: created and deleted
+            in_other = await other.channel()
+            await in_other.declare_queue(names.worker_inbox(worker.worker_id))
+            await in_other.queue_delete(names.worker_inbox(worker.worker_id))
+            await in_root.queue_delete(names.worker_inbox("marker"))
+            await eventually(lambda: "marker" not in registry._workers)
+            assert worker.worker_id in registry._workers
+        finally:
+            await root.close()
+            await other.close()
