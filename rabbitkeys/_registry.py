@@ -56,7 +56,7 @@ from ._protocol import (
     split,
 )
 from ._settings import Settings
-from ._topology import KeyRef, Names, key_matches_token, key_queue_arguments, new_routing_key
+from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
 __all__ = ["Registry"]
 
@@ -676,18 +676,13 @@ class Registry:
 
     def _ref_of(self, assignment: KeyAssignment) -> KeyRef | None:
         """The key of an assignment a worker sent back, named after its queue."""
-        by_queue = self.names.key_of_queue(assignment.queue)
-        if (
-            by_queue is None
-            or by_queue.id != assignment.key_id
-            or not key_matches_token(assignment.key, by_queue.token)
-        ):
+        ref = self.names.key_of_report(assignment.queue, assignment.key_id, assignment.key)
+        if ref is None:
             self._dropped(
                 "a report about a key",
                 ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
             )
-            return None
-        return KeyRef(by_queue.job_type, assignment.key, by_queue.token)
+        return ref
 
     async def _rebuild_from_broker(self) -> None:
         """Adopt key queues nobody consumes, and learn every key's bindings, from the

@@ -228,6 +228,15 @@ class Names:
             return None
         return KeyRef(job_type, token, token)
 
+    def key_of_report(self, queue: str, key_id: str, key: str) -> KeyRef | None:
+        """The key a queue, key id and key text sent by another party (an assignment, a
+        release report) stand for, if all three agree and the queue is of this namespace;
+        else None: a report must not make anyone consume or adopt a foreign queue."""
+        ref = self.key_of_queue(queue)
+        if ref is None or ref.id != key_id or not key_matches_token(key, ref.token):
+            return None
+        return KeyRef(ref.job_type, key, ref.token)
+
     @property
     def registry_queue(self) -> str:
         """Control requests to the leading registry: worker membership, publisher ensures."""

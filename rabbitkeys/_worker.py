@@ -71,7 +71,6 @@ from ._topology import (
     HEADER_WORKER,
     Names,
     check_worker_id,
-    key_matches_token,
     key_queue_arguments,
 )
 
@@ -327,12 +326,7 @@ class Worker:
 
     def _is_ours(self, assignment: KeyAssignment) -> bool:
         """Only key queues of our namespace, named after the key they claim to be."""
-        ref = self.names.key_of_queue(assignment.queue)
-        if (
-            ref is None
-            or ref.id != assignment.key_id
-            or not key_matches_token(assignment.key, ref.token)
-        ):
+        if self.names.key_of_report(assignment.queue, assignment.key_id, assignment.key) is None:
             self._dropped(
                 "an assignment",
                 ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
