@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
+from ._amqp import sleep_unless
 from ._errors import BrokerUnavailableError
 from ._settings import Settings
 from ._tls import client_context, failure_hint
@@ -102,10 +103,10 @@ def _backoff(failures: int) -> float:
 async def _pause(stopping: asyncio.Event, delay: float, hurry: asyncio.Event | None) -> None:
     """Sleep ``delay`` seconds, less if work waits (``hurry``); no time if ``stopping``."""
     if hurry is None:
-        await _sleep_unless(stopping, delay)
+        await sleep_unless(stopping, delay)
         return
     if hurry.is_set():
-        await _sleep_unless(stopping, min(delay, HURRIED_BACKOFF * random.uniform(0.5, 1.0)))
+        await sleep_unless(stopping, min(delay, HURRIED_BACKOFF * random.uniform(0.5, 1.0)))
         return
     waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(hurry.wait())]
     try:
@@ -113,10 +114,3 @@ async def _pause(stopping: asyncio.Event, delay: float, hurry: asyncio.Event | N
     finally:
         for wait in waits:
             wait.cancel()
-
-
-async def _sleep_unless(stopping: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stopping.wait(), delay)
-    except TimeoutError:
-        pass

@@ -56,6 +56,7 @@ from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
+from ._amqp import CHANNEL_ERRORS, TaskSet
 from ._connection import keep_connected
 from ._control import ControlClient
 from ._errors import (
@@ -101,7 +102,6 @@ _BROKER_REFUSALS = (
 )
 # Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
 _MAX_IDLE_LANES = 100_000
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
 class _Stage(enum.Enum):
@@ -174,7 +174,7 @@ class Publisher:
         self._lanes: dict[str, _Lane] = {}
         self._channel: aiormq.Channel | None = None
         self._control: ControlClient | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = TaskSet(log, "publisher task")
         self._delivery_mode = 2 if self.settings.durable else 1
         # One counter for all keys: per key the numbers still only grow (what dedup and
         # order checks need), and a dropped idle lane cannot restart them at 1.
@@ -574,9 +574,7 @@ class Publisher:
             return
         if lane.routing_key is None:
             lane.ensuring = True
-            task = asyncio.ensure_future(self._ensure(lane))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._ensure(lane))
             return
         while lane.waiting:
             entry = lane.waiting.popleft()
@@ -673,7 +671,7 @@ class Publisher:
                 raise PublishError(f"unexpected reply from the registry: {reply.type}")
         except (RegistryUnavailableError, PublishError) as exc:
             failure = exc
-        except (*_CHANNEL_ERRORS, ConnectionError) as exc:
+        except (*CHANNEL_ERRORS, ConnectionError) as exc:
             # The connection dropped during the request: ask again once reconnected.
             log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
             return

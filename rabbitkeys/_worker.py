@@ -37,8 +37,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry
 
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
 from ._app import App, Message
-from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
@@ -75,10 +75,6 @@ from ._topology import (
 )
 
 __all__ = ["Worker"]
-
-# What a call on a channel raises once the channel or its connection is gone
-# (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 log = logging.getLogger("rabbitkeys.worker")
 
@@ -126,7 +122,7 @@ class Worker:
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "worker task")
         self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
         self._consume: aiormq.Channel | None = None
@@ -190,8 +186,7 @@ class Worker:
                     # ack...): start over; the broker requeues what we held, in order.
                     raise ConnectionError("a channel of this worker was closed")
                 await self._send(self._heartbeat())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+                await sleep_unless(self._stopping, self.settings.heartbeat_interval)
             await self._drain()
         finally:
             self._joined = False
@@ -278,12 +273,6 @@ class Worker:
             routing_key=self.names.registry_queue,
         )
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-
     # --- commands from the registry -----------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
@@ -305,7 +294,7 @@ class Worker:
             return
         try:
             await self._run_command(command)
-        except _CHANNEL_ERRORS:
+        except CHANNEL_ERRORS:
             raise  # the control channel is gone: the session starts over
         except Exception as exc:
             self._dropped(f"a {command.type} command", exc)
@@ -316,9 +305,9 @@ class Worker:
                 return  # the registry learns from our leave that these keys need a home
             for assignment in command.keys:
                 if self._is_ours(assignment):
-                    self._spawn(self._acquire(assignment))
+                    self._tasks.spawn(self._acquire(assignment))
         elif isinstance(command, Release):
-            self._spawn(self._release_and_report(command.key_ids))
+            self._tasks.spawn(self._release_and_report(command.key_ids))
         elif isinstance(command, Sync):
             await self._send_join()
         else:
@@ -376,12 +365,12 @@ class Worker:
                 # queue, and a consume would close the channel every key is consumed on.
                 if not await self._queue_exists(assignment.queue):
                     log.error("cannot declare the queue of key %s: %s", key_id, exc)
-                    self._spawn(self._give_back(assignment))
+                    self._tasks.spawn(self._give_back(assignment))
                     return
                 log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
             except Exception as exc:  # a broker refusal, or a name the client refuses
                 log.error("cannot declare the queue of key %s: %r", key_id, exc)
-                self._spawn(self._give_back(assignment))
+                self._tasks.spawn(self._give_back(assignment))
                 return
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
@@ -397,8 +386,8 @@ class Worker:
                 log.error("cannot consume key %s: %r", key_id, exc)
                 if self._keys.get(key_id) is owned:
                     del self._keys[key_id]
-                if not isinstance(exc, _CHANNEL_ERRORS):
-                    self._spawn(self._give_back(assignment))
+                if not isinstance(exc, CHANNEL_ERRORS):
+                    self._tasks.spawn(self._give_back(assignment))
                 return
             owned.consumer_tag = ok.consumer_tag
 
@@ -413,8 +402,7 @@ class Worker:
     async def _give_back(self, assignment: KeyAssignment) -> None:
         """Tell the registry we do not consume a key it assigned us. After a pause: it may
         assign it to us again at once, and the failure must not turn into a busy loop."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+        await sleep_unless(self._stopping, self.settings.heartbeat_interval)
         await self._send(Released(worker_id=self.worker_id, keys=[assignment]))
 
     def _consuming(self, owned: _OwnedKey) -> bool:
@@ -458,7 +446,7 @@ class Worker:
         channel = self._consume
         if tag is None or channel is None or channel.is_closed:
             return
-        with contextlib.suppress(*_CHANNEL_ERRORS):
+        with contextlib.suppress(*CHANNEL_ERRORS):
             await channel.basic_cancel(tag)
 
     async def _requeue_buffer(self, owned: _OwnedKey) -> None:
@@ -466,7 +454,7 @@ class Worker:
         if not owned.buffer or channel is None or channel.is_closed:
             owned.buffer.clear()
             return
-        with contextlib.suppress(*_CHANNEL_ERRORS):
+        with contextlib.suppress(*CHANNEL_ERRORS):
             while owned.buffer:
                 delivery = owned.buffer.popleft()
                 await channel.basic_reject(_tag(delivery), requeue=True)
@@ -484,7 +472,7 @@ class Worker:
             if owned.consumer_tag == frame.consumer_tag:
                 log.warning("the broker cancelled our consumer of key %s", owned.key_id)
                 owned.consumer_tag = None
-                self._spawn(self._release_and_report([owned.key_id]))
+                self._tasks.spawn(self._release_and_report([owned.key_id]))
 
     # --- deliveries ---------------------------------------------------------------------
 
@@ -500,7 +488,7 @@ class Worker:
         owned.last_activity = time.monotonic()
         if owned.runner is None and not owned.releasing:
             owned.runner = asyncio.ensure_future(self._run_key(owned))
-            owned.runner.add_done_callback(_log_failure)
+            owned.runner.add_done_callback(self._tasks.log_failure)
 
     async def _run_key(self, owned: _OwnedKey) -> None:
         """Handle the key's buffered deliveries one at a time, oldest first."""
@@ -613,9 +601,7 @@ class Worker:
                 error,
             )
             # The key's later messages wait in its queue meanwhile.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._stopping.is_set():
+            if await sleep_unless(self._stopping, delay):
                 return False
 
     async def _dead_letter(
@@ -673,8 +659,3 @@ def _str_or_none(value: Any) -> str | None:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("worker task failed", exc_info=error)
