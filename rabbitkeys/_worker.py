@@ -42,6 +42,8 @@ from ._app import App, Message
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
+from ._envelope import Envelope, dead_letter_headers
+from ._envelope import decode as decode_envelope
 from ._errors import ConfigError, HandlerNotFoundError, ProtocolError
 from ._metrics import WorkerMetrics
 from ._protocol import (
@@ -60,19 +62,7 @@ from ._protocol import (
     split,
 )
 from ._settings import Settings
-from ._topology import (
-    HEADER_ATTEMPTS,
-    HEADER_ERROR,
-    HEADER_FAILED_AT,
-    HEADER_KEY,
-    HEADER_PUBLISHED_AT,
-    HEADER_PUBLISHER,
-    HEADER_SEQUENCE,
-    HEADER_WORKER,
-    Names,
-    check_worker_id,
-    key_queue_arguments,
-)
+from ._topology import Names, check_worker_id, key_queue_arguments
 
 __all__ = ["Worker"]
 
@@ -495,7 +485,8 @@ class Worker:
         try:
             while owned.buffer and not owned.releasing:
                 delivery = owned.buffer[0]
-                origin = self._origin(delivery)
+                envelope = decode_envelope(delivery.header.properties)
+                origin = envelope.origin if self.settings.dedup else None
                 verdict = owned.history.check(*origin) if origin else Verdict.NEW
                 if verdict is Verdict.DUPLICATE:
                     # the same publisher's same message again (sent twice across a lost
@@ -508,7 +499,7 @@ class Worker:
                         self.metrics.order_violations.inc()
                         log.error("key %s: message %s arrived out of order", owned.key_id, origin)
                     async with self._slots:
-                        finished = await self._handle(owned, delivery)
+                        finished = await self._handle(owned, delivery, envelope)
                     if not finished:
                         return  # shutting down mid-retry: released (requeued) by the drain
                     if origin:
@@ -528,23 +519,18 @@ class Worker:
         finally:
             owned.runner = None
 
-    def _origin(self, delivery: DeliveredMessage) -> tuple[str, int] | None:
-        if not self.settings.dedup:
-            return None
-        headers = delivery.header.properties.headers or {}
-        publisher = _str_or_none(headers.get(HEADER_PUBLISHER))
-        sequence = _int_or_none(headers.get(HEADER_SEQUENCE))
-        return (publisher, sequence) if publisher and sequence is not None else None
-
-    async def _handle(self, owned: _OwnedKey, delivery: DeliveredMessage) -> bool:
+    async def _handle(
+        self, owned: _OwnedKey, delivery: DeliveredMessage, envelope: Envelope
+    ) -> bool:
         """Run the handler with retries; dead-letter after the last. False if shutdown
         interrupted the retries (the delivery must then stay unacked)."""
-        properties = delivery.header.properties
-        headers = dict(properties.headers or {})
+        # one copy for every attempt: what a handler does to it is not the dead letter's
+        headers = dict(envelope.headers)
         job_type = owned.assignment.job_type
-        published_at = _int_or_none(headers.get(HEADER_PUBLISHED_AT))
-        if published_at is not None:
-            self.metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
+        if envelope.published_at is not None:
+            self.metrics.end_to_end_latency.observe(
+                max(0.0, time.time() - envelope.published_at / 1e6)
+            )
         attempt = 0
         while True:
             attempt += 1
@@ -552,19 +538,19 @@ class Worker:
                 self.metrics.retried.inc()
             message = Message(
                 # the header holds the original text even when the queue name is hashed
-                key=_str_or_none(headers.get(HEADER_KEY)) or owned.assignment.key,
+                key=envelope.key or owned.assignment.key,
                 job_type=job_type,
                 body=delivery.body,
                 headers=headers,
-                publisher_id=_str_or_none(headers.get(HEADER_PUBLISHER)),
-                sequence=_int_or_none(headers.get(HEADER_SEQUENCE)),
+                publisher_id=envelope.publisher_id,
+                sequence=envelope.sequence,
                 attempt=attempt,
                 redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
             )
             try:
                 handler = self.app.handler_for(job_type)
             except HandlerNotFoundError as exc:
-                await self._dead_letter(delivery, exc, attempt)
+                await self._dead_letter(delivery, envelope, exc, attempt)
                 return True
             self._in_flight += 1
             started = time.perf_counter()
@@ -587,7 +573,7 @@ class Worker:
                     attempt,
                     error,
                 )
-                await self._dead_letter(delivery, error, attempt)
+                await self._dead_letter(delivery, envelope, error, attempt)
                 return True
             delay = min(
                 self.settings.retry_backoff * 2 ** (attempt - 1),
@@ -605,27 +591,22 @@ class Worker:
                 return False
 
     async def _dead_letter(
-        self, delivery: DeliveredMessage, error: BaseException, attempts: int
+        self,
+        delivery: DeliveredMessage,
+        envelope: Envelope,
+        error: BaseException,
+        attempts: int,
     ) -> None:
         """Copy the message to the namespace's dead-letter queue with the error recorded;
         the caller acks the original only after the broker confirmed the copy."""
         assert self._dead_letters is not None
-        properties = delivery.header.properties
-        headers = dict(properties.headers or {})
-        headers.update(
-            {
-                HEADER_ERROR: f"{type(error).__name__}: {error}"[:4096],
-                HEADER_ATTEMPTS: attempts,
-                HEADER_FAILED_AT: time.time_ns() // 1000,  # epoch microseconds
-                HEADER_WORKER: self.worker_id,
-            }
-        )
-        headers.setdefault(HEADER_KEY, "")
         await self._dead_letters.default_exchange.publish(
             aio_pika.Message(
                 delivery.body,
-                headers=headers,
-                content_type=properties.content_type,
+                headers=dead_letter_headers(
+                    envelope, error=error, attempts=attempts, worker_id=self.worker_id
+                ),
+                content_type=delivery.header.properties.content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=self.names.dead_letter_queue,
@@ -649,13 +630,3 @@ def _tag(delivery: DeliveredMessage) -> int:
     tag = getattr(delivery.delivery, "delivery_tag", None)
     assert isinstance(tag, int)
     return tag
-
-
-def _str_or_none(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
