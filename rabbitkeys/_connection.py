@@ -29,7 +29,11 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
     """
     url = settings.amqp_url.get_secret_value()
     try:
-        tls = client_context(settings) if url.lower().startswith("amqps:") else None
+        tls = (
+            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if url.lower().startswith("amqps:")
+            else None
+        )
         return await aio_pika.connect(
             url,
             ssl_context=tls,
@@ -42,7 +46,9 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
         for secret in {password, unquote(password or "")} - {None, ""}:
             reason = reason.replace(str(secret), "***")
         if url.lower().startswith("amqps:"):
-            reason += failure_hint(settings, reason)
+            reason += failure_hint(
+                reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
+            )
         raise BrokerUnavailableError(
             f"cannot connect to {settings.amqp_url_masked}: {reason}"
         ) from None
