@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
+from ._amqp import sleep_unless
 from ._errors import BrokerUnavailableError
 from ._settings import Settings
 from ._tls import client_context, failure_hint
@@ -28,7 +29,11 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
     """
     url = settings.amqp_url.get_secret_value()
     try:
-        tls = client_context(settings) if url.lower().startswith("amqps:") else None
+        tls = (
+            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if url.lower().startswith("amqps:")
+            else None
+        )
         return await aio_pika.connect(
             url,
             ssl_context=tls,
@@ -41,7 +46,9 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
         for secret in {password, unquote(password or "")} - {None, ""}:
             reason = reason.replace(str(secret), "***")
         if url.lower().startswith("amqps:"):
-            reason += failure_hint(settings, reason)
+            reason += failure_hint(
+                reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
+            )
         raise BrokerUnavailableError(
             f"cannot connect to {settings.amqp_url_masked}: {reason}"
         ) from None
@@ -102,10 +109,10 @@ def _backoff(failures: int) -> float:
 async def _pause(stopping: asyncio.Event, delay: float, hurry: asyncio.Event | None) -> None:
     """Sleep ``delay`` seconds, less if work waits (``hurry``); no time if ``stopping``."""
     if hurry is None:
-        await _sleep_unless(stopping, delay)
+        await sleep_unless(stopping, delay)
         return
     if hurry.is_set():
-        await _sleep_unless(stopping, min(delay, HURRIED_BACKOFF * random.uniform(0.5, 1.0)))
+        await sleep_unless(stopping, min(delay, HURRIED_BACKOFF * random.uniform(0.5, 1.0)))
         return
     waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(hurry.wait())]
     try:
@@ -113,10 +120,3 @@ async def _pause(stopping: asyncio.Event, delay: float, hurry: asyncio.Event | N
     finally:
         for wait in waits:
             wait.cancel()
-
-
-async def _sleep_unless(stopping: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stopping.wait(), delay)
-    except TimeoutError:
-        pass

@@ -57,7 +57,11 @@ def _get(settings: Settings, path: str) -> Any:
     base, user, password, _ = _endpoint(settings)
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     try:
-        tls = client_context(settings) if base.lower().startswith("https:") else None
+        tls = (
+            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if base.lower().startswith("https:")
+            else None
+        )
         request = urllib.request.Request(f"{base}/api/{path}")
         request.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=60, context=tls) as response:
@@ -67,7 +71,9 @@ def _get(settings: Settings, path: str) -> Any:
         for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
             reason = reason.replace(secret, "***")
         if base.lower().startswith("https:"):
-            reason += failure_hint(settings, reason)
+            reason += failure_hint(
+                reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
+            )
         raise BrokerUnavailableError(f"management API {base}: {reason}") from None
 
 

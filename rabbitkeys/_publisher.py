@@ -50,14 +50,14 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 import aiormq
-import pamqp.frame
-import pamqp.header
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
+from ._amqp import CHANNEL_ERRORS, TaskSet
 from ._connection import keep_connected
 from ._control import ControlClient
+from ._envelope import encode, header_frame_size
 from ._errors import (
     BrokerUnavailableError,
     InvalidMessageError,
@@ -71,24 +71,12 @@ from ._metrics import PublisherMetrics
 from ._protocol import REFUSED_QUOTA_EXCEEDED, Ensured, EnsureKey, Refused
 from ._room import Room
 from ._settings import Settings, load_settings
-from ._topology import (
-    DEFAULT_JOB_TYPE,
-    HEADER_JOB_TYPE,
-    HEADER_KEY,
-    HEADER_PUBLISHED_AT,
-    HEADER_PUBLISHER,
-    HEADER_SEQUENCE,
-    KeyRef,
-    Names,
-)
+from ._topology import DEFAULT_JOB_TYPE, KeyRef, Names
 
 __all__ = ["Publisher"]
 
 log = logging.getLogger("rabbitkeys.publisher")
 
-_RESERVED_HEADER_PREFIX = "x-rabbitkeys-"
-# aiormq gives every message a message_id (a short string of 32 hex digits) if it has none.
-_MESSAGE_ID_BYTES = 1 + 32
 # The broker closed the channel or connection over something sent on it this many times
 # while a message was on it: that message is given up rather than sent again forever.
 _MAX_BROKER_CLOSES = 3
@@ -101,7 +89,6 @@ _BROKER_REFUSALS = (
 )
 # Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
 _MAX_IDLE_LANES = 100_000
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
 class _Stage(enum.Enum):
@@ -174,7 +161,7 @@ class Publisher:
         self._lanes: dict[str, _Lane] = {}
         self._channel: aiormq.Channel | None = None
         self._control: ControlClient | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = TaskSet(log, "publisher task")
         self._delivery_mode = 2 if self.settings.durable else 1
         # One counter for all keys: per key the numbers still only grow (what dedup and
         # order checks need), and a dropped idle lane cannot restart them at 1.
@@ -387,13 +374,19 @@ class Publisher:
             )
         if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
-        properties = self._properties(ref, self._next_sequence, headers)
+        properties = encode(
+            ref,
+            publisher_id=self.publisher_id,
+            sequence=self._next_sequence,
+            delivery_mode=self._delivery_mode,
+            headers=headers,
+        )
         size = len(body)
         header_frame = 0
         if headers:
             # Without application headers the frame is small (a key is at most 1,024 bytes)
             # and fits AMQP's minimum frame_max of 4,096: measured only when it may not.
-            header_frame = _header_frame_size(properties, len(body))
+            header_frame = header_frame_size(properties, len(body))
             self._check_header_frame(header_frame)
             size += header_frame
             if size > self.settings.max_pending_bytes:
@@ -529,34 +522,6 @@ class Publisher:
         for key_id in idle[: len(self._lanes) - _MAX_IDLE_LANES * 9 // 10]:
             del self._lanes[key_id]
 
-    def _properties(
-        self, ref: KeyRef, sequence: int, headers: Mapping[str, Any] | None
-    ) -> spec.Basic.Properties:
-        table: dict[str, Any] = {}
-        if headers:
-            for name, value in headers.items():
-                if not isinstance(name, str) or name.startswith(_RESERVED_HEADER_PREFIX):
-                    raise InvalidMessageError(
-                        f"header name {name!r} is not a str or is reserved "
-                        f"({_RESERVED_HEADER_PREFIX}*)"
-                    )
-                table[name] = value
-        table[HEADER_KEY] = ref.key
-        table[HEADER_JOB_TYPE] = ref.job_type
-        table[HEADER_PUBLISHER] = self.publisher_id
-        table[HEADER_SEQUENCE] = sequence
-        # integer microseconds: AMQP tables carry Python floats as 32-bit floats (pamqp),
-        # which would round an epoch timestamp to minutes
-        table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000
-        # aiormq adds a random message_id, which it needs to match a basic.return
-        properties = spec.Basic.Properties(delivery_mode=self._delivery_mode, headers=table)
-        if headers:
-            try:  # fail here, in the caller, rather than as a broken channel later
-                spec.Basic.Properties.marshal(properties)
-            except Exception as exc:
-                raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
-        return properties
-
     def _pump(self, lane: _Lane) -> None:
         """Send what the lane can send now, in sequence order.
 
@@ -574,9 +539,7 @@ class Publisher:
             return
         if lane.routing_key is None:
             lane.ensuring = True
-            task = asyncio.ensure_future(self._ensure(lane))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._ensure(lane))
             return
         while lane.waiting:
             entry = lane.waiting.popleft()
@@ -673,7 +636,7 @@ class Publisher:
                 raise PublishError(f"unexpected reply from the registry: {reply.type}")
         except (RegistryUnavailableError, PublishError) as exc:
             failure = exc
-        except (*_CHANNEL_ERRORS, ConnectionError) as exc:
+        except (*CHANNEL_ERRORS, ConnectionError) as exc:
             # The connection dropped during the request: ask again once reconnected.
             log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
             return
@@ -706,13 +669,6 @@ def _outcome_unknown(error: PublishError) -> PublishOutcomeUnknownError:
         f"{error}; an earlier copy was written to a connection that was lost before the "
         f"broker answered, and may still be delivered (it is not sent again)"
     )
-
-
-def _header_frame_size(properties: spec.Basic.Properties, body_size: int) -> int:
-    """Bytes of the content header frame these properties make (the broker refuses a frame
-    over the connection's frame_max by closing the whole connection)."""
-    frame = pamqp.frame.marshal(pamqp.header.ContentHeader(0, body_size, properties), 1)
-    return len(frame) + (0 if properties.message_id else _MESSAGE_ID_BYTES)
 
 
 def _frame_max_of(channel: aiormq.Channel) -> int:

@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import CollectorRegistry
 
 from . import _assignment
-from ._channel_pool import ChannelPool, open_channel
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, open_channel, sleep_unless
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
@@ -63,10 +63,6 @@ __all__ = ["Registry"]
 log = logging.getLogger("rabbitkeys.registry")
 
 _EVENT_EXCHANGE = "amq.rabbitmq.event"
-
-# What a call on a channel raises once the channel or its connection is gone
-# (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 # How often the leader compares its keys with the broker's key queues (management API).
 _RECONCILE_INTERVAL = 60.0
@@ -178,7 +174,7 @@ class Registry:
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
         self._rebalance_wanted = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "registry task")
         self._connection: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
         self._pool: ChannelPool | None = None
@@ -239,9 +235,10 @@ class Registry:
         finally:
             self._connected = False
             self._leading.clear()
-            for task in list(self._tasks):
+            running = list(self._tasks)
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _run_connected(self, connection: AbstractConnection) -> None:
         self._control = await connection.channel()
@@ -269,12 +266,11 @@ class Registry:
         # Workers that survived a registry restart tell us what they consume; the broker
         # tells us the rest.
         await self._broadcast(Sync())
-        self._spawn(self._rebuild_from_broker())
-        self._spawn(self._rebalance_loop())
-        self._spawn(self._poll_backlog())
+        self._tasks.spawn(self._rebuild_from_broker())
+        self._tasks.spawn(self._rebalance_loop())
+        self._tasks.spawn(self._poll_backlog())
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+            await sleep_unless(self._stopping, self.settings.heartbeat_interval)
             if connection.is_closed:
                 raise aiormq.exceptions.AMQPConnectionError("connection closed")
             await self._drop_silent_workers()
@@ -293,8 +289,7 @@ class Registry:
                 if not waiting_logged:
                     log.info("registry %s is standby: another registry leads", self.registry_id)
                     waiting_logged = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            await sleep_unless(self._stopping, 1.0)
 
     async def _watch_worker_inboxes(self, connection: AbstractConnection) -> None:
         """A worker's inbox is exclusive: the broker deletes it the moment the worker's
@@ -333,12 +328,6 @@ class Registry:
         except Exception as exc:
             self._dropped("a queue.deleted event", exc)
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-
     # --- control messages -------------------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
@@ -365,7 +354,7 @@ class Registry:
             return
         if isinstance(request, EnsureKey | StatusRequest):
             # Answered in their own task: an ensure may wait for a declare or a retirement.
-            self._spawn(self._answer(message, request))
+            self._tasks.spawn(self._answer(message, request))
             return
         try:
             self._handle_membership(request)
@@ -420,14 +409,14 @@ class Registry:
                 control_message(reply, correlation_id=message.correlation_id),
                 routing_key=reply_to,
             )
-        except _CHANNEL_ERRORS:
+        except CHANNEL_ERRORS:
             raise  # the control channel is gone: the session ends, as it must
         except Exception as exc:  # e.g. a correlation_id pamqp cannot encode
             self._dropped("a reply", exc)
 
     @staticmethod
     async def _ack(message: AbstractIncomingMessage) -> None:
-        with contextlib.suppress(*_CHANNEL_ERRORS):  # the channel is gone: so is the session
+        with contextlib.suppress(*CHANNEL_ERRORS):  # the channel is gone: so is the session
             await message.ack()
 
     # --- keys ---------------------------------------------------------------------------
@@ -593,7 +582,7 @@ class Registry:
             except aiormq.exceptions.ChannelNotFoundEntity:
                 self._forget(key)  # deleted meanwhile (x-expires, an operator)
                 return
-            except _CHANNEL_ERRORS as exc:
+            except CHANNEL_ERRORS as exc:
                 log.info("kept key %s: %s", key.ref.id, exc)
         # Something arrived meanwhile: keep the key, consumed and unbound. The next
         # publish comes back, and its ensure binds the key again behind these messages.
@@ -625,7 +614,7 @@ class Registry:
             yield await channel.get_underlay_channel()
         finally:
             if not channel.is_closed:
-                with contextlib.suppress(*_CHANNEL_ERRORS):
+                with contextlib.suppress(*CHANNEL_ERRORS):
                     await channel.close()
 
     async def _renew_unowned_leases(self) -> None:
@@ -693,7 +682,7 @@ class Registry:
         while True:
             try:
                 complete = await self._adopt_from_broker()
-            except (BrokerUnavailableError, *_CHANNEL_ERRORS, KeyError, ValueError) as exc:
+            except (BrokerUnavailableError, *CHANNEL_ERRORS, KeyError, ValueError) as exc:
                 complete = False
                 if failures == 0:
                     log.warning(
@@ -755,7 +744,7 @@ class Registry:
         worker.last_seen = time.monotonic()
         worker.waiting = beat.waiting
         for key_id in beat.idle_keys:
-            self._spawn(self._retire(key_id, beat.worker_id))
+            self._tasks.spawn(self._retire(key_id, beat.worker_id))
 
     def _on_released(self, released: Released) -> None:
         """The owner has settled these keys and no longer consumes them: hand them on."""
@@ -819,7 +808,7 @@ class Registry:
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     self._remove_worker(worker.worker_id, reason="is gone (no heartbeat)")
                     continue
-                except _CHANNEL_ERRORS:
+                except CHANNEL_ERRORS:
                     pass  # RESOURCE_LOCKED: its connection is alive
                 except ValueError as exc:  # an id no queue can have (the protocol checks)
                     self._dropped(f"worker {worker.worker_id[:200]!r}", exc)
@@ -901,7 +890,7 @@ class Registry:
     # --- sending ------------------------------------------------------------------------
 
     def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
-        self._spawn(self._publish(self.names.worker_inbox(worker_id), command))
+        self._tasks.spawn(self._publish(self.names.worker_inbox(worker_id), command))
 
     async def _broadcast(self, command: Sync) -> None:
         assert self._control is not None
@@ -956,7 +945,7 @@ class Registry:
         async def count(key: _Key) -> None:
             async with limit:
                 assert self._probes is not None
-                with contextlib.suppress(*_CHANNEL_ERRORS):
+                with contextlib.suppress(*CHANNEL_ERRORS):
                     ok = await (await self._probes.get()).queue_declare(key.queue, passive=True)
                     counts[key.ref.id] = int(ok.message_count or 0)
 
@@ -968,11 +957,6 @@ def _reason(error: BaseException) -> str:
     """An error as a Refused reason (bounded)."""
     text = str(error) if isinstance(error, RabbitkeysError) else f"{type(error).__name__}: {error}"
     return text[:1000]
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("registry task failed", exc_info=error)
 
 
 def _text(value: object) -> str | None:

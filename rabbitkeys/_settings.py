@@ -204,7 +204,7 @@ class Settings(BaseSettings):
         # Load the files now, so that a wrong path or a bad PEM stops the process at start
         # with the variable's name, not at the first (re)connect.
         try:
-            client_context(self)
+            client_context(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         except ConfigError as exc:
             raise PydanticCustomError("config", str(exc)) from None
         return self

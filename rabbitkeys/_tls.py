@@ -1,30 +1,34 @@
 """TLS for the broker: one client ``ssl.SSLContext`` for ``amqps://`` and the https
-management API, built from the ``tls_*`` settings.
+management API, built from the files of the ``tls_*`` settings.
+
+It takes the three paths, not the settings: ``_settings`` loads them in a validator, and
+this module must not import it back.
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING, NoReturn
+from pathlib import Path
+from typing import NoReturn
 
 from ._errors import ConfigError
-
-if TYPE_CHECKING:
-    from ._settings import Settings
 
 __all__ = ["client_context", "failure_hint"]
 
 
-def client_context(settings: Settings) -> ssl.SSLContext | None:
-    """The context that verifies the broker (against ``tls_ca_file``, else the system's
-    CAs) and presents ``tls_cert_file`` when set; None when no ``tls_*`` setting is given,
-    leaving the client libraries to their defaults (system CAs; for AMQP also the URL's
+def client_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext | None:
+    """The context that verifies the broker (against ``ca_file``, else the system's CAs)
+    and presents ``cert_file`` (its key in ``key_file``, or in the same file) when set;
+    None when none of the three (the ``tls_*`` settings) is given, leaving the client
+    libraries to their defaults (system CAs; for AMQP also the URL's
     ``cafile``/``certfile``/``keyfile`` query options).
 
     Raises :class:`ConfigError` naming the variable when a file cannot be loaded. The files
     are read on each call: a certificate rotated on disk is picked up at the next connect.
     """
-    ca, cert, key = settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+    ca, cert, key = ca_file, cert_file, key_file
     if ca is None and cert is None and key is None:
         return None
     if key is not None and cert is None:
@@ -49,17 +53,18 @@ def client_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def failure_hint(settings: Settings, reason: str) -> str:
+def failure_hint(reason: str, *, ca_file: Path | None, cert_file: Path | None) -> str:
     """What to set, when a TLS connection failed with ``reason`` in a way that usually
-    means a setting (appended to the error message; empty otherwise)."""
+    means a setting (appended to the error message; empty otherwise). ``ca_file`` and
+    ``cert_file`` are the settings in force."""
     lowered = reason.lower()
     if "certificate verify failed" in lowered:
-        action = "set" if settings.tls_ca_file is None else "check"
+        action = "set" if ca_file is None else "check"
         return (
             " (the broker's certificate is not signed by a CA this process trusts: "
             f"{action} RABBITKEYS_TLS_CA_FILE, the PEM bundle of the CA that signed it)"
         )
-    if settings.tls_cert_file is None and (
+    if cert_file is None and (
         "certificate required" in lowered or "unexpectedly closed" in lowered
     ):
         return (

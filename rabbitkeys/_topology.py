@@ -24,15 +24,6 @@ from ._errors import ConfigError, InvalidKeyError
 
 __all__ = [
     "DEFAULT_JOB_TYPE",
-    "HEADER_ATTEMPTS",
-    "HEADER_ERROR",
-    "HEADER_FAILED_AT",
-    "HEADER_JOB_TYPE",
-    "HEADER_KEY",
-    "HEADER_PUBLISHED_AT",
-    "HEADER_PUBLISHER",
-    "HEADER_SEQUENCE",
-    "HEADER_WORKER",
     "MAX_KEY_BYTES",
     "MAX_TOKEN_BYTES",
     "KeyRef",
@@ -52,16 +43,6 @@ DEFAULT_JOB_TYPE = "default"
 #: Longest key accepted, in UTF-8 bytes. Longer keys are refused before anything is sent:
 #: the key travels in every message's headers, so it must stay small.
 MAX_KEY_BYTES = 1024
-
-HEADER_KEY = "x-rabbitkeys-key"
-HEADER_JOB_TYPE = "x-rabbitkeys-job-type"
-HEADER_PUBLISHER = "x-rabbitkeys-publisher"
-HEADER_SEQUENCE = "x-rabbitkeys-seq"
-HEADER_PUBLISHED_AT = "x-rabbitkeys-published-at"
-HEADER_ERROR = "x-rabbitkeys-error"
-HEADER_ATTEMPTS = "x-rabbitkeys-attempts"
-HEADER_FAILED_AT = "x-rabbitkeys-failed-at"
-HEADER_WORKER = "x-rabbitkeys-worker"
 
 # Job types name exchanges and queues; dots separate name parts, so they are not allowed.
 _JOB_TYPE = re.compile(r"[A-Za-z0-9_:-]{1,64}")

@@ -37,11 +37,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.abc import DeliveredMessage
 from prometheus_client import CollectorRegistry
 
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
 from ._app import App, Message
-from ._channel_pool import ChannelPool
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._dedup import SequenceHistory, Verdict
+from ._envelope import Envelope, dead_letter_headers
+from ._envelope import decode as decode_envelope
 from ._errors import ConfigError, HandlerNotFoundError, ProtocolError
 from ._metrics import WorkerMetrics
 from ._protocol import (
@@ -60,25 +62,9 @@ from ._protocol import (
     split,
 )
 from ._settings import Settings
-from ._topology import (
-    HEADER_ATTEMPTS,
-    HEADER_ERROR,
-    HEADER_FAILED_AT,
-    HEADER_KEY,
-    HEADER_PUBLISHED_AT,
-    HEADER_PUBLISHER,
-    HEADER_SEQUENCE,
-    HEADER_WORKER,
-    Names,
-    check_worker_id,
-    key_queue_arguments,
-)
+from ._topology import Names, check_worker_id, key_queue_arguments
 
 __all__ = ["Worker"]
-
-# What a call on a channel raises once the channel or its connection is gone
-# (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 log = logging.getLogger("rabbitkeys.worker")
 
@@ -126,7 +112,7 @@ class Worker:
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "worker task")
         self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
         self._consume: aiormq.Channel | None = None
@@ -190,8 +176,7 @@ class Worker:
                     # ack...): start over; the broker requeues what we held, in order.
                     raise ConnectionError("a channel of this worker was closed")
                 await self._send(self._heartbeat())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+                await sleep_unless(self._stopping, self.settings.heartbeat_interval)
             await self._drain()
         finally:
             self._joined = False
@@ -278,12 +263,6 @@ class Worker:
             routing_key=self.names.registry_queue,
         )
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-
     # --- commands from the registry -----------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
@@ -305,7 +284,7 @@ class Worker:
             return
         try:
             await self._run_command(command)
-        except _CHANNEL_ERRORS:
+        except CHANNEL_ERRORS:
             raise  # the control channel is gone: the session starts over
         except Exception as exc:
             self._dropped(f"a {command.type} command", exc)
@@ -316,9 +295,9 @@ class Worker:
                 return  # the registry learns from our leave that these keys need a home
             for assignment in command.keys:
                 if self._is_ours(assignment):
-                    self._spawn(self._acquire(assignment))
+                    self._tasks.spawn(self._acquire(assignment))
         elif isinstance(command, Release):
-            self._spawn(self._release_and_report(command.key_ids))
+            self._tasks.spawn(self._release_and_report(command.key_ids))
         elif isinstance(command, Sync):
             await self._send_join()
         else:
@@ -376,12 +355,12 @@ class Worker:
                 # queue, and a consume would close the channel every key is consumed on.
                 if not await self._queue_exists(assignment.queue):
                     log.error("cannot declare the queue of key %s: %s", key_id, exc)
-                    self._spawn(self._give_back(assignment))
+                    self._tasks.spawn(self._give_back(assignment))
                     return
                 log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
             except Exception as exc:  # a broker refusal, or a name the client refuses
                 log.error("cannot declare the queue of key %s: %r", key_id, exc)
-                self._spawn(self._give_back(assignment))
+                self._tasks.spawn(self._give_back(assignment))
                 return
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
@@ -397,8 +376,8 @@ class Worker:
                 log.error("cannot consume key %s: %r", key_id, exc)
                 if self._keys.get(key_id) is owned:
                     del self._keys[key_id]
-                if not isinstance(exc, _CHANNEL_ERRORS):
-                    self._spawn(self._give_back(assignment))
+                if not isinstance(exc, CHANNEL_ERRORS):
+                    self._tasks.spawn(self._give_back(assignment))
                 return
             owned.consumer_tag = ok.consumer_tag
 
@@ -413,8 +392,7 @@ class Worker:
     async def _give_back(self, assignment: KeyAssignment) -> None:
         """Tell the registry we do not consume a key it assigned us. After a pause: it may
         assign it to us again at once, and the failure must not turn into a busy loop."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), self.settings.heartbeat_interval)
+        await sleep_unless(self._stopping, self.settings.heartbeat_interval)
         await self._send(Released(worker_id=self.worker_id, keys=[assignment]))
 
     def _consuming(self, owned: _OwnedKey) -> bool:
@@ -458,7 +436,7 @@ class Worker:
         channel = self._consume
         if tag is None or channel is None or channel.is_closed:
             return
-        with contextlib.suppress(*_CHANNEL_ERRORS):
+        with contextlib.suppress(*CHANNEL_ERRORS):
             await channel.basic_cancel(tag)
 
     async def _requeue_buffer(self, owned: _OwnedKey) -> None:
@@ -466,7 +444,7 @@ class Worker:
         if not owned.buffer or channel is None or channel.is_closed:
             owned.buffer.clear()
             return
-        with contextlib.suppress(*_CHANNEL_ERRORS):
+        with contextlib.suppress(*CHANNEL_ERRORS):
             while owned.buffer:
                 delivery = owned.buffer.popleft()
                 await channel.basic_reject(_tag(delivery), requeue=True)
@@ -484,7 +462,7 @@ class Worker:
             if owned.consumer_tag == frame.consumer_tag:
                 log.warning("the broker cancelled our consumer of key %s", owned.key_id)
                 owned.consumer_tag = None
-                self._spawn(self._release_and_report([owned.key_id]))
+                self._tasks.spawn(self._release_and_report([owned.key_id]))
 
     # --- deliveries ---------------------------------------------------------------------
 
@@ -500,14 +478,15 @@ class Worker:
         owned.last_activity = time.monotonic()
         if owned.runner is None and not owned.releasing:
             owned.runner = asyncio.ensure_future(self._run_key(owned))
-            owned.runner.add_done_callback(_log_failure)
+            owned.runner.add_done_callback(self._tasks.log_failure)
 
     async def _run_key(self, owned: _OwnedKey) -> None:
         """Handle the key's buffered deliveries one at a time, oldest first."""
         try:
             while owned.buffer and not owned.releasing:
                 delivery = owned.buffer[0]
-                origin = self._origin(delivery)
+                envelope = decode_envelope(delivery.header.properties)
+                origin = envelope.origin if self.settings.dedup else None
                 verdict = owned.history.check(*origin) if origin else Verdict.NEW
                 if verdict is Verdict.DUPLICATE:
                     # the same publisher's same message again (sent twice across a lost
@@ -520,7 +499,7 @@ class Worker:
                         self.metrics.order_violations.inc()
                         log.error("key %s: message %s arrived out of order", owned.key_id, origin)
                     async with self._slots:
-                        finished = await self._handle(owned, delivery)
+                        finished = await self._handle(owned, delivery, envelope)
                     if not finished:
                         return  # shutting down mid-retry: released (requeued) by the drain
                     if origin:
@@ -540,23 +519,18 @@ class Worker:
         finally:
             owned.runner = None
 
-    def _origin(self, delivery: DeliveredMessage) -> tuple[str, int] | None:
-        if not self.settings.dedup:
-            return None
-        headers = delivery.header.properties.headers or {}
-        publisher = _str_or_none(headers.get(HEADER_PUBLISHER))
-        sequence = _int_or_none(headers.get(HEADER_SEQUENCE))
-        return (publisher, sequence) if publisher and sequence is not None else None
-
-    async def _handle(self, owned: _OwnedKey, delivery: DeliveredMessage) -> bool:
+    async def _handle(
+        self, owned: _OwnedKey, delivery: DeliveredMessage, envelope: Envelope
+    ) -> bool:
         """Run the handler with retries; dead-letter after the last. False if shutdown
         interrupted the retries (the delivery must then stay unacked)."""
-        properties = delivery.header.properties
-        headers = dict(properties.headers or {})
+        # one copy for every attempt: what a handler does to it is not the dead letter's
+        headers = dict(envelope.headers)
         job_type = owned.assignment.job_type
-        published_at = _int_or_none(headers.get(HEADER_PUBLISHED_AT))
-        if published_at is not None:
-            self.metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
+        if envelope.published_at is not None:
+            self.metrics.end_to_end_latency.observe(
+                max(0.0, time.time() - envelope.published_at / 1e6)
+            )
         attempt = 0
         while True:
             attempt += 1
@@ -564,19 +538,19 @@ class Worker:
                 self.metrics.retried.inc()
             message = Message(
                 # the header holds the original text even when the queue name is hashed
-                key=_str_or_none(headers.get(HEADER_KEY)) or owned.assignment.key,
+                key=envelope.key or owned.assignment.key,
                 job_type=job_type,
                 body=delivery.body,
                 headers=headers,
-                publisher_id=_str_or_none(headers.get(HEADER_PUBLISHER)),
-                sequence=_int_or_none(headers.get(HEADER_SEQUENCE)),
+                publisher_id=envelope.publisher_id,
+                sequence=envelope.sequence,
                 attempt=attempt,
                 redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
             )
             try:
                 handler = self.app.handler_for(job_type)
             except HandlerNotFoundError as exc:
-                await self._dead_letter(delivery, exc, attempt)
+                await self._dead_letter(delivery, envelope, exc, attempt)
                 return True
             self._in_flight += 1
             started = time.perf_counter()
@@ -599,7 +573,7 @@ class Worker:
                     attempt,
                     error,
                 )
-                await self._dead_letter(delivery, error, attempt)
+                await self._dead_letter(delivery, envelope, error, attempt)
                 return True
             delay = min(
                 self.settings.retry_backoff * 2 ** (attempt - 1),
@@ -613,33 +587,26 @@ class Worker:
                 error,
             )
             # The key's later messages wait in its queue meanwhile.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._stopping.is_set():
+            if await sleep_unless(self._stopping, delay):
                 return False
 
     async def _dead_letter(
-        self, delivery: DeliveredMessage, error: BaseException, attempts: int
+        self,
+        delivery: DeliveredMessage,
+        envelope: Envelope,
+        error: BaseException,
+        attempts: int,
     ) -> None:
         """Copy the message to the namespace's dead-letter queue with the error recorded;
         the caller acks the original only after the broker confirmed the copy."""
         assert self._dead_letters is not None
-        properties = delivery.header.properties
-        headers = dict(properties.headers or {})
-        headers.update(
-            {
-                HEADER_ERROR: f"{type(error).__name__}: {error}"[:4096],
-                HEADER_ATTEMPTS: attempts,
-                HEADER_FAILED_AT: time.time_ns() // 1000,  # epoch microseconds
-                HEADER_WORKER: self.worker_id,
-            }
-        )
-        headers.setdefault(HEADER_KEY, "")
         await self._dead_letters.default_exchange.publish(
             aio_pika.Message(
                 delivery.body,
-                headers=headers,
-                content_type=properties.content_type,
+                headers=dead_letter_headers(
+                    envelope, error=error, attempts=attempts, worker_id=self.worker_id
+                ),
+                content_type=delivery.header.properties.content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=self.names.dead_letter_queue,
@@ -663,18 +630,3 @@ def _tag(delivery: DeliveredMessage) -> int:
     tag = getattr(delivery.delivery, "delivery_tag", None)
     assert isinstance(tag, int)
     return tag
-
-
-def _str_or_none(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("worker task failed", exc_info=error)

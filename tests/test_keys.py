@@ -37,10 +37,10 @@ from rabbitkeys import (
 from rabbitkeys._cluster import LocalCluster
 from rabbitkeys._control import ControlClient
 from rabbitkeys._demo import check_order, read_records
+from rabbitkeys._envelope import HEADER_KEY
 from rabbitkeys._protocol import EnsureKey, KeyAssignment, Refused, Status, decode, encode
 from rabbitkeys._status import fetch_status
 from rabbitkeys._topology import (
-    HEADER_KEY,
     MAX_KEY_BYTES,
     KeyRef,
     Names,

@@ -9,7 +9,8 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._topology import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, KeyRef, Names
+from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
+from rabbitkeys._topology import KeyRef, Names
 
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
 
@@ -206,6 +207,60 @@ async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
         await eventually(lambda: handled == [b"first", b"second"])
         await eventually(lambda: worker.duplicates_dropped == 1)
     assert worker.order_violations == 0
+
+
+async def test_a_message_published_around_rabbitkeys_is_handled_under_its_queues_key(
+    amqp_url: str, namespace: str
+) -> None:
+    """Anyone who can publish into a key queue can put anything there. A message without
+    rabbitkeys' headers, or with garbled ones, crashes nothing and is no duplicate: it is
+    handled under the key of its queue, and dead-lettered with an empty key header."""
+    settings = make_settings(amqp_url, namespace, max_retries=0)
+    seen: list[Message] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        seen.append(message)
+        if message.body == b"fails":
+            raise ValueError("not a job")
+
+    async with running_registry(settings), running_worker(settings, app) as worker:
+        async with Publisher(settings) as publisher:
+            await publisher.publish("k", b"routed")  # the key's queue exists and is consumed
+            await eventually(lambda: len(seen) == 1)
+            connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+            channel = await connection.channel()  # confirmed: queued before "after" below
+            garbled = {
+                "x-rabbitkeys-key": 42,
+                "x-rabbitkeys-publisher": "",
+                "x-rabbitkeys-seq": "7",
+                "x-rabbitkeys-published-at": 1.5,
+                "tenant": "t1",
+            }
+            for message in (
+                aio_pika.Message(b"bare"),
+                aio_pika.Message(b"garbled", headers=garbled),
+                aio_pika.Message(b"fails"),
+            ):
+                await channel.default_exchange.publish(
+                    message, routing_key=Names(settings.namespace).key_queue(KeyRef.of("k"))
+                )
+            await connection.close()
+            await publisher.publish("k", b"after")
+        await eventually(lambda: len(seen) == 5)
+        await eventually(lambda: worker.dead_lettered == 1)
+    assert [m.body for m in seen] == [b"routed", b"bare", b"garbled", b"fails", b"after"]
+    for message in seen[1:4]:
+        assert message.key == "k"
+        assert not message.publisher_id and message.sequence is None
+    assert seen[2].headers["tenant"] == "t1"
+    assert (worker.duplicates_dropped, worker.order_violations) == (0, 0)
+    [dead] = await dead_letters(settings)
+    assert dead.body == b"fails"
+    assert dead.headers[HEADER_KEY] == ""
+    assert dead.headers[HEADER_ATTEMPTS] == 1
+    assert dead.headers[HEADER_ERROR] == "ValueError: not a job"
 
 
 async def test_a_worker_with_other_queue_settings_still_consumes_its_keys(

@@ -7,7 +7,7 @@ close the whole connection: "CHANNEL_ERROR - second 'channel.open' seen".
     python docs/probes/channel_number_reuse.py [AMQP_URL]
 
 Prints how many of 20 connections lost the connection with automatic numbering, and with
-numbers that are not reused soon (what rabbitkeys does, ``_channel_pool.open_channel``).
+numbers that are not reused soon (what rabbitkeys does, ``_amqp.open_channel``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uuid
 import aio_pika
 import aiormq
 
-from rabbitkeys._channel_pool import open_channel
+from rabbitkeys._amqp import open_channel
 
 URL = sys.argv[1] if len(sys.argv) > 1 else "amqp://guest:guest@localhost/"
 

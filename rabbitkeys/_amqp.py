@@ -1,0 +1,115 @@
+"""Small AMQP helpers shared by the three roles: the one home of what a gone channel raises
+(:data:`CHANNEL_ERRORS`), of opening channels (:func:`open_channel`, :class:`ChannelPool`),
+of background tasks a session spawns (:class:`TaskSet`), and of pausing a loop unless the
+component is stopping (:func:`sleep_unless`).
+
+Channels: a refused call (say PRECONDITION_FAILED) closes the channel it ran on; the pool
+opens a new one in its place on the next call, so one bad key never stops the others.
+
+Channel numbers: aiormq (7.2) frees the number of a channel the broker closed as soon as it
+reads the broker's Channel.Close, and its Channel.CloseOk can be late, or lost: it is
+dropped when the connection's 10-frame write queue is full. The broker keeps such a channel
+open, and a channel opened with the same number makes it close the whole connection
+("second 'channel.open' seen"; docs/probes/channel_number_reuse.py). Channels that may be
+closed by the broker are therefore opened with numbers that cycle through a range of their
+own, so a number comes back only after thousands of other channels. (Channels whose
+CloseOk was lost stay open on the broker until the connection closes; were they ever to
+reach channel_max, the broker closes the connection and rabbitkeys reconnects.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import weakref
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+__all__ = ["CHANNEL_ERRORS", "ChannelPool", "TaskSet", "open_channel", "sleep_unless"]
+
+#: What a call on a channel raises once the channel or its connection is gone
+#: (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
+CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
+# aiormq numbers its own channels upwards from 1; ours live far above them.
+_FIRST, _LAST = 32_768, 65_535
+_counters: weakref.WeakKeyDictionary[AbstractConnection, itertools.cycle[int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def open_channel(
+    connection: AbstractConnection, *, publisher_confirms: bool = False
+) -> AbstractChannel:
+    """A channel whose number was not used recently on this connection."""
+    numbers = _counters.setdefault(connection, itertools.cycle(range(_FIRST, _LAST + 1)))
+    for _ in range(_LAST - _FIRST + 1):
+        number = next(numbers)
+        try:
+            channel = connection.channel(
+                channel_number=number, publisher_confirms=publisher_confirms
+            )
+            await channel.initialize()
+            return channel
+        except ValueError:
+            continue  # in use (a long-lived channel from the last lap)
+    raise aiormq.exceptions.ChannelInvalidStateError("no free channel number")
+
+
+class ChannelPool:
+    """A few channels used round-robin for management calls (declare, bind, delete); a
+    channel the broker closed is replaced on the next call."""
+
+    def __init__(self, connection: AbstractConnection, size: int) -> None:
+        self._connection = connection
+        self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
+        self._turn = itertools.cycle(range(size))
+
+    async def get(self) -> aiormq.abc.AbstractChannel:
+        slot = next(self._turn)
+        channel = self._channels[slot]
+        if channel is None or channel.is_closed:
+            opened = await open_channel(self._connection)
+            channel = self._channels[slot] = await opened.get_underlay_channel()
+        return channel
+
+
+class TaskSet:
+    """The tasks a component spawns and nobody awaits: held until they end (asyncio keeps
+    only a weak reference to a running task), each failure logged as ``"<what> failed"``
+    (else it would surface, if ever, when the task is garbage-collected)."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self.log_failure)
+        return task
+
+    def log_failure(self, task: asyncio.Task[Any]) -> None:
+        """A done-callback, also for a task held elsewhere: logs its exception, if any."""
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._log.error("%s failed", self._what, exc_info=error)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+async def sleep_unless(stopping: asyncio.Event, delay: float) -> bool:
+    """Sleep ``delay`` seconds, less if ``stopping`` is set meanwhile; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), delay)
+    return stopping.is_set()

@@ -1,0 +1,188 @@
+"""The envelope of a job message: the one home of what a publisher writes around a body and
+what a worker reads back from it, ``encode`` beside ``decode``, and of the headers a
+dead-lettered copy gets. A change of the wire format of job messages starts here.
+
+A job message is its body and AMQP properties: ``delivery_mode`` (persistent when the
+namespace is durable) and a headers table holding the application's headers and rabbitkeys'
+own, all named ``x-rabbitkeys-*`` (a prefix applications may not use):
+
+* ``x-rabbitkeys-key``: the key as the publisher wrote it (a hashed queue name cannot give
+  it back), and ``x-rabbitkeys-job-type``;
+* ``x-rabbitkeys-publisher`` and ``x-rabbitkeys-seq``: which publisher sent it, and its
+  place in that publisher's order (what dedup and order checks read);
+* ``x-rabbitkeys-published-at``: when, in integer epoch microseconds (pamqp carries a
+  Python float as a 32-bit float, which would round an epoch timestamp to minutes).
+
+Anyone who can publish into a key queue can put anything there: :func:`decode` never
+raises, and a missing or garbled header reads as None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import pamqp.frame
+import pamqp.header
+from pamqp import commands as spec
+
+from ._errors import InvalidMessageError
+from ._topology import KeyRef
+
+__all__ = [
+    "HEADER_ATTEMPTS",
+    "HEADER_ERROR",
+    "HEADER_FAILED_AT",
+    "HEADER_JOB_TYPE",
+    "HEADER_KEY",
+    "HEADER_PUBLISHED_AT",
+    "HEADER_PUBLISHER",
+    "HEADER_SEQUENCE",
+    "HEADER_WORKER",
+    "RESERVED_HEADER_PREFIX",
+    "Envelope",
+    "dead_letter_headers",
+    "decode",
+    "encode",
+    "header_frame_size",
+]
+
+#: Header names applications may not use: rabbitkeys' own.
+RESERVED_HEADER_PREFIX = "x-rabbitkeys-"
+
+HEADER_KEY = "x-rabbitkeys-key"
+HEADER_JOB_TYPE = "x-rabbitkeys-job-type"
+HEADER_PUBLISHER = "x-rabbitkeys-publisher"
+HEADER_SEQUENCE = "x-rabbitkeys-seq"
+HEADER_PUBLISHED_AT = "x-rabbitkeys-published-at"
+# added to a dead-lettered copy
+HEADER_ERROR = "x-rabbitkeys-error"
+HEADER_ATTEMPTS = "x-rabbitkeys-attempts"
+HEADER_FAILED_AT = "x-rabbitkeys-failed-at"
+HEADER_WORKER = "x-rabbitkeys-worker"
+
+# The error text a dead-lettered copy carries is cut to this many characters.
+_MAX_ERROR_CHARS = 4096
+# aiormq gives every message a message_id (a short string of 32 hex digits) if it has none.
+_MESSAGE_ID_BYTES = 1 + 32
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a delivered job message says about itself, read once per delivery. A field is
+    None when its header is missing or not of its type (a message not published by a
+    :class:`~rabbitkeys.Publisher`)."""
+
+    key: str | None
+    job_type: str | None
+    publisher_id: str | None
+    sequence: int | None
+    #: epoch microseconds
+    published_at: int | None
+    #: the whole headers table, rabbitkeys' own included (what a handler is shown), read-only
+    headers: Mapping[str, Any]
+
+    @property
+    def origin(self) -> tuple[str, int] | None:
+        """(publisher id, sequence number): the message's identity for dedup and order
+        checks; None unless both are there."""
+        if self.publisher_id and self.sequence is not None:
+            return (self.publisher_id, self.sequence)
+        return None
+
+
+def encode(
+    ref: KeyRef,
+    *,
+    publisher_id: str,
+    sequence: int,
+    delivery_mode: int,
+    headers: Mapping[str, Any] | None = None,
+    published_at: int | None = None,
+) -> spec.Basic.Properties:
+    """The properties of a job message for ``ref``: the application's ``headers`` with
+    rabbitkeys' own added. ``published_at`` (epoch microseconds) defaults to now.
+
+    Raises :class:`InvalidMessageError` for a header name that is not a str or is reserved,
+    and for a value AMQP cannot carry: here, in the caller, rather than as a channel the
+    broker closes later."""
+    table: dict[str, Any] = {}
+    if headers:
+        for name, value in headers.items():
+            if not isinstance(name, str) or name.startswith(RESERVED_HEADER_PREFIX):
+                raise InvalidMessageError(
+                    f"header name {name!r} is not a str or is reserved ({RESERVED_HEADER_PREFIX}*)"
+                )
+            table[name] = value
+    table[HEADER_KEY] = ref.key
+    table[HEADER_JOB_TYPE] = ref.job_type
+    table[HEADER_PUBLISHER] = publisher_id
+    table[HEADER_SEQUENCE] = sequence
+    table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000 if published_at is None else published_at
+    # aiormq adds a random message_id, which it needs to match a basic.return
+    properties = spec.Basic.Properties(delivery_mode=delivery_mode, headers=table)
+    if headers:  # rabbitkeys' own headers always encode
+        try:
+            spec.Basic.Properties.marshal(properties)
+        except Exception as exc:
+            raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
+    return properties
+
+
+def decode(properties: spec.Basic.Properties) -> Envelope:
+    """The envelope of a delivered message; never raises."""
+    raw = properties.headers
+    headers = dict(raw) if isinstance(raw, Mapping) else {}
+    return Envelope(
+        key=_text(headers.get(HEADER_KEY)),
+        job_type=_text(headers.get(HEADER_JOB_TYPE)),
+        publisher_id=_text(headers.get(HEADER_PUBLISHER)),
+        sequence=_integer(headers.get(HEADER_SEQUENCE)),
+        published_at=_integer(headers.get(HEADER_PUBLISHED_AT)),
+        headers=MappingProxyType(headers),
+    )
+
+
+def header_frame_size(properties: spec.Basic.Properties, body_size: int) -> int:
+    """Bytes of the content header frame these properties make once sent (the broker
+    refuses a frame over the connection's frame_max by closing the whole connection)."""
+    frame = pamqp.frame.marshal(pamqp.header.ContentHeader(0, body_size, properties), 1)
+    return len(frame) + (0 if properties.message_id else _MESSAGE_ID_BYTES)
+
+
+def dead_letter_headers(
+    envelope: Envelope,
+    *,
+    error: BaseException,
+    attempts: int,
+    worker_id: str,
+    failed_at: int | None = None,
+) -> dict[str, Any]:
+    """The headers of a dead-lettered copy: the original's, with why, how many attempts,
+    when (epoch microseconds, default now) and which worker. The key header is always there
+    (empty when the original had none), so a dead letter can be sorted by key."""
+    headers = dict(envelope.headers)
+    headers.update(
+        {
+            HEADER_ERROR: f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS],
+            HEADER_ATTEMPTS: attempts,
+            HEADER_FAILED_AT: time.time_ns() // 1000 if failed_at is None else failed_at,
+            HEADER_WORKER: worker_id,
+        }
+    )
+    headers.setdefault(HEADER_KEY, "")
+    return headers
+
+
+def _text(value: Any) -> str | None:
+    # pamqp hands back a long string it cannot decode as UTF-8 as bytes
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

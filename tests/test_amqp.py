@@ -1,0 +1,97 @@
+"""The small AMQP helpers of ``rabbitkeys._amqp`` that need no broker: the task set and
+sleeping unless stopping. (Channel opening is tested against the broker in test_channels.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiormq
+import pytest
+
+from rabbitkeys._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
+
+log = logging.getLogger("rabbitkeys.test")
+
+
+async def test_sleep_unless_sleeps_out_the_delay_when_not_stopping() -> None:
+    stopping = asyncio.Event()
+    assert await sleep_unless(stopping, 0.01) is False
+
+
+async def test_sleep_unless_ends_when_stopping_is_set() -> None:
+    stopping = asyncio.Event()
+    # an hour: only the event can end this sleep within the test's timeout
+    sleeping = asyncio.ensure_future(sleep_unless(stopping, 3600))
+    await asyncio.sleep(0)
+    assert not sleeping.done()
+    stopping.set()
+    assert await asyncio.wait_for(sleeping, 30) is True
+
+
+async def test_sleep_unless_returns_at_once_when_already_stopping() -> None:
+    stopping = asyncio.Event()
+    stopping.set()
+    assert await asyncio.wait_for(sleep_unless(stopping, 3600), 30) is True
+
+
+async def test_a_task_set_holds_its_tasks_until_they_end() -> None:
+    tasks = TaskSet(log, "test task")
+    release = asyncio.Event()
+    task = tasks.spawn(release.wait())
+    assert list(tasks) == [task] and len(tasks) == 1 and tasks
+    release.set()
+    await task
+    await asyncio.sleep(0)  # done-callbacks run in the next loop iteration
+    assert list(tasks) == [] and len(tasks) == 0 and not tasks
+
+
+async def test_a_task_set_logs_a_failure_once_and_not_a_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = TaskSet(log, "test task")
+
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    failing = tasks.spawn(fail())
+    cancelled = tasks.spawn(asyncio.Event().wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with caplog.at_level(logging.ERROR, logger="rabbitkeys.test"):
+        await asyncio.gather(failing, cancelled, return_exceptions=True)
+        await asyncio.sleep(0)
+    failures = [r for r in caplog.records if r.name == "rabbitkeys.test"]
+    assert [r.getMessage() for r in failures] == ["test task failed"]
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], ValueError)
+    assert len(tasks) == 0
+
+
+async def test_log_failure_serves_a_task_held_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    tasks = TaskSet(log, "runner")
+
+    async def fail() -> None:
+        raise RuntimeError("lost")
+
+    task = asyncio.ensure_future(fail())
+    task.add_done_callback(tasks.log_failure)
+    with caplog.at_level(logging.ERROR, logger="rabbitkeys.test"):
+        with pytest.raises(RuntimeError):
+            await task
+        await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records if r.name == "rabbitkeys.test"] == [
+        "runner failed"
+    ]
+    assert len(tasks) == 0  # logged, not held
+
+
+def test_channel_errors_cover_a_closed_channel_and_a_gone_connection() -> None:
+    # ChannelInvalidStateError is a RuntimeError, not an AMQPError: both must be caught
+    assert not issubclass(aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError)
+    for error in (
+        aiormq.exceptions.ChannelInvalidStateError("closed"),
+        aiormq.exceptions.ChannelClosed(),
+        aiormq.exceptions.ConnectionClosed(320, "gone"),
+    ):
+        assert isinstance(error, CHANNEL_ERRORS)

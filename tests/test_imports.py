@@ -1,0 +1,124 @@
+"""What the package imports: its modules import one another without cycles (imports only
+for type checking included), so a reader can take each module after those it uses; and
+every other library it imports is declared in pyproject.toml. No broker."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import rabbitkeys
+
+PACKAGE = Path(rabbitkeys.__file__).parent
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.with_suffix("").relative_to(PACKAGE.parent).parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports, wherever the import statement is."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
+            # `from . import _x` imports the submodule; `from ._x import y` the module _x
+            found.update(submodules or ({base} & modules))
+    found.discard(name)
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_of_the_package_imports_itself_back() -> None:
+    files = module_files()
+    graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    assert graph["rabbitkeys._settings"] >= {"rabbitkeys._tls"}  # the reader sees imports
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def distribution(requirement: str) -> str:
+    """The normalised distribution name of a requirement (PEP 503)."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name is not None, requirement
+    return re.sub(r"[-_.]+", "-", name.group()).lower()
+
+
+def test_every_library_the_package_imports_is_declared() -> None:
+    """A library that comes in only through another's dependencies can go away with a
+    release of that other one (aiormq and pamqp through aio-pika, say)."""
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    required = {distribution(r) for r in project["dependencies"]}
+    optional = {
+        distribution(r)
+        for extra in ("uvloop", "plots")  # imported only where the extra is asked for
+        for r in project["optional-dependencies"][extra]
+    }
+    providers = importlib.metadata.packages_distributions()
+    imported: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.partition(".")[0])
+    libraries = imported - set(sys.stdlib_module_names) - {"rabbitkeys"}
+    assert {"aio_pika", "aiormq", "pamqp", "pydantic"} <= libraries
+    undeclared = {
+        module: providers.get(module)
+        for module in libraries
+        if not {distribution(d) for d in providers.get(module, [module])} & (required | optional)
+    }
+    assert undeclared == {}
