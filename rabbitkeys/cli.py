@@ -236,7 +236,7 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from ._app import load_app
     from ._worker import Worker
 
-    worker = Worker(settings, load_app(args.target), worker_id=args.worker_id)
+    worker = Worker(load_app(args.target), settings, worker_id=args.worker_id)
     _on_signals(worker.stop)
     async with _metrics_endpoint(settings, lambda: worker.ready):
         await worker.run()

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from rabbitkeys import App, Message, Publisher, Settings
+from rabbitkeys import App, Message, Publisher, Settings, __version__
 from rabbitkeys._metrics_server import MetricsServer
 from rabbitkeys.tools.cluster import LocalCluster
 
@@ -82,7 +82,7 @@ async def test_publisher_worker_and_registry_count_what_happens(settings: Settin
         assert value(metrics, "rabbitkeys_live_keys") == 20
         assert value(metrics, "rabbitkeys_owned_keys") == 20
         assert value(metrics, "rabbitkeys_keys_created_total") == 20
-        assert value(metrics, "rabbitkeys_info", role="worker", version="0.1.0") == 1
+        assert value(metrics, "rabbitkeys_info", role="worker", version=__version__) == 1
         assert registry.is_leader
 
 
