@@ -18,9 +18,8 @@ from ._publisher import Publisher
 from ._registry import Registry
 from ._settings import Settings, load_settings
 from ._topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
+from ._version import __version__
 from ._worker import Worker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "App",

@@ -12,7 +12,6 @@ scrape time add up over all of them, so a process always exports one series per 
 
 from __future__ import annotations
 
-import importlib.metadata
 import weakref
 from collections.abc import Iterable
 from typing import Any, Protocol, TypeVar
@@ -20,6 +19,8 @@ from typing import Any, Protocol, TypeVar
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ._version import __version__
 
 __all__ = ["PublisherMetrics", "RegistryMetrics", "WorkerMetrics"]
 
@@ -67,10 +68,6 @@ def _histogram(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
 
 
 def _mark_role(registry: CollectorRegistry, role: str) -> None:
-    try:
-        version = importlib.metadata.version("rabbitkeys")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     info = _metric(
         registry,
         Gauge,
@@ -78,7 +75,7 @@ def _mark_role(registry: CollectorRegistry, role: str) -> None:
         "1 per role this process plays; the version in a label.",
         labelnames=["role", "version"],
     )
-    info.labels(role=role, version=version).set(1)
+    info.labels(role=role, version=__version__).set(1)
 
 
 class StateSource(Protocol):

@@ -33,6 +33,7 @@ from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, open_channel, sleep_unl
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
+from ._lifecycle import Background
 from ._management import list_bindings, list_queues
 from ._metrics import RegistryMetrics
 from ._protocol import (
@@ -55,7 +56,7 @@ from ._protocol import (
     decode,
     split,
 )
-from ._settings import Settings
+from ._settings import Settings, load_settings
 from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
 __all__ = ["Registry"]
@@ -158,13 +159,22 @@ class _KeyTable(dict[str, _Key]):
         raise NotImplementedError
 
 
-class Registry:
-    """Run with ``await Registry(settings).run()``; stops when ``stop()`` is called.
-    Metrics go to ``metrics_registry`` (default: prometheus_client's global registry)."""
+class Registry(Background):
+    """Leads (or stands by) for a namespace: ``async with Registry():`` in the background, or
+    ``await Registry().run()`` until ``stop()`` (see :mod:`._lifecycle`).
+
+    ``Registry()`` reads its settings from the ``RABBITKEYS_*`` environment; pass a
+    :class:`Settings` to choose them in code. Metrics go to ``metrics_registry`` (default:
+    prometheus_client's global registry).
+    """
 
     def __init__(
-        self, settings: Settings, *, metrics_registry: CollectorRegistry | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
+        settings = settings if settings is not None else load_settings()
         self.settings = settings
         self.registry_id = uuid.uuid4().hex[:12]
         self.names = Names(settings.namespace)

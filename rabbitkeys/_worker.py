@@ -45,6 +45,7 @@ from ._dedup import SequenceHistory, Verdict
 from ._envelope import Envelope, dead_letter_headers
 from ._envelope import decode as decode_envelope
 from ._errors import ConfigError, HandlerNotFoundError, ProtocolError
+from ._lifecycle import Background
 from ._metrics import WorkerMetrics
 from ._protocol import (
     MAX_JOB_TYPES,
@@ -61,7 +62,7 @@ from ._protocol import (
     decode,
     split,
 )
-from ._settings import Settings
+from ._settings import Settings, load_settings
 from ._topology import Names, check_worker_id, key_queue_arguments
 
 __all__ = ["Worker"]
@@ -83,19 +84,34 @@ class _OwnedKey:
     history: SequenceHistory = field(default_factory=SequenceHistory)
 
 
-class Worker:
-    """Runs an :class:`App`'s handlers. ``await Worker(settings, app).run()``; ``stop()``
-    starts a graceful shutdown (finish and ack in-flight messages, tell the registry).
-    Metrics go to ``metrics_registry`` (default: prometheus_client's global registry)."""
+class Worker(Background):
+    """Runs an :class:`App`'s handlers: ``async with Worker(app):`` in the background, or
+    ``await Worker(app).run()`` until ``stop()`` (see :mod:`._lifecycle`). Stopping is
+    graceful: finish and ack in-flight messages, tell the registry.
 
+    ``Worker(app)`` reads its settings from the ``RABBITKEYS_*`` environment; pass a
+    :class:`Settings` to choose them in code. Metrics go to ``metrics_registry`` (default:
+    prometheus_client's global registry).
+    """
+
+    # The app first, settings second and optional, as in Publisher(settings=None) and
+    # Registry(settings=None): a worker cannot exist without an app, and can without
+    # settings. The former order Worker(settings, app) binds the two the wrong way round;
+    # it is caught below with a TypeError that says what to write instead.
     def __init__(
         self,
-        settings: Settings,
         app: App,
+        settings: Settings | None = None,
         *,
         worker_id: str | None = None,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
+        if isinstance(app, Settings) or isinstance(settings, App):
+            raise TypeError(
+                "Worker takes the app first: Worker(app, settings) (settings are optional, "
+                "RABBITKEYS_* by default), not Worker(settings, app)"
+            )
+        settings = settings if settings is not None else load_settings()
         self.settings = settings
         self.app = app
         # checked here: the id names the worker's inbox queue

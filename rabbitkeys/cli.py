@@ -236,7 +236,7 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from ._app import load_app
     from ._worker import Worker
 
-    worker = Worker(settings, load_app(args.target), worker_id=args.worker_id)
+    worker = Worker(load_app(args.target), settings, worker_id=args.worker_id)
     _on_signals(worker.stop)
     async with _metrics_endpoint(settings, lambda: worker.ready):
         await worker.run()
@@ -255,13 +255,13 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from ._demo import run_demo
+    from .tools.demo import run_demo
 
     return await run_demo(settings, keys=args.keys, messages=args.messages, workers=args.workers)
 
 
 async def _chaos(settings: Settings, args: argparse.Namespace) -> int:
-    from ._chaos import run_chaos
+    from .tools.chaos import run_chaos
 
     report = await run_chaos(
         settings,
@@ -275,7 +275,7 @@ async def _chaos(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from .bench import (
+    from .tools.bench import (
         machine_description,
         make_workload,
         markdown,
@@ -284,7 +284,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     )
 
     if args.scale:
-        from .bench.scale import HEADER, run_scale
+        from .tools.bench.scale import HEADER, run_scale
 
         rows = []
         for keys in args.scale.split(","):
@@ -333,7 +333,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"\nFAILED: {failure}")
     if args.plot:
-        from .bench.plots import write_plots
+        from .tools.bench.plots import write_plots
 
         for path in write_plots(results, args.plot):
             print(f"wrote {path}", file=sys.stderr)

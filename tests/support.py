@@ -48,26 +48,24 @@ def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def running_registry(settings: Settings, **options: Any) -> AsyncIterator[Registry]:
     registry = Registry(settings, **options)
-    task = asyncio.create_task(registry.run())
+    await registry.start()
     try:
         await asyncio.wait_for(registry.wait_leading(), 10)
         yield registry
     finally:
-        registry.stop()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(registry.close(), 10)
 
 
 @contextlib.asynccontextmanager
 async def running_worker(
     settings: Settings, app: App, worker_id: str | None = None, **options: Any
 ) -> AsyncIterator[Worker]:
-    worker = Worker(settings, app, worker_id=worker_id, **options)
-    task = asyncio.create_task(worker.run())
+    worker = Worker(app, settings, worker_id=worker_id, **options)
+    await worker.start()
     try:
         yield worker
     finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(worker.close(), 30)
 
 
 async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rabbitkeys.bench import make_workload, markdown, run_strategy
-from rabbitkeys.bench.plots import write_plots
-from rabbitkeys.bench.runner import STRATEGIES, Result
+from rabbitkeys.tools.bench import make_workload, markdown, run_strategy
+from rabbitkeys.tools.bench.plots import write_plots
+from rabbitkeys.tools.bench.runner import STRATEGIES, Result
 
 from .support import make_settings
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from rabbitkeys import Publisher, Settings
-from rabbitkeys._chaos import ChaosReport, _judge, _Timeline
-from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import overlapping_handlings, read_records
+from rabbitkeys.tools.chaos import ChaosReport, _judge, _Timeline
+from rabbitkeys.tools.cluster import LocalCluster
+from rabbitkeys.tools.demo import overlapping_handlings, read_records
 
 from .support import eventually, overlapping
 
@@ -117,7 +117,7 @@ async def test_a_worker_stopped_while_it_holds_a_handled_message(
         await cluster.start_registry()
         ports = {}  # pid -> metrics port, for its readiness
         for port in free_ports(2):
-            worker = await cluster.start_worker("rabbitkeys._demo:app", metrics_port=port)
+            worker = await cluster.start_worker("rabbitkeys.tools.demo:app", metrics_port=port)
             ports[worker.pid] = port
         await cluster.wait_for_workers(2)
         async with Publisher(settings) as publisher:

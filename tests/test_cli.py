@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._cluster import _settings_env
+from rabbitkeys.tools.cluster import _settings_env
 
 from .support import eventually, running_registry, running_worker
 

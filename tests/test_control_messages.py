@@ -138,21 +138,24 @@ def test_the_largest_keys_still_fit() -> None:
         assert decode(encode(message)) == message
 
 
-def test_a_worker_id_that_cannot_name_a_queue_is_a_config_error(settings: Settings) -> None:
+def _offline() -> Settings:
+    """Checked when the worker is built, before it connects: no broker (the fast tier)."""
+    return Settings(amqp_url="amqp://guest:guest@127.0.0.1:1/", namespace="offline")
+
+
+def test_a_worker_id_that_cannot_name_a_queue_is_a_config_error() -> None:
     for worker_id in ("w" * 129, "w 1", "a=b", "é"):
         with pytest.raises(ConfigError, match="worker id"):
-            Worker(settings, App(), worker_id=worker_id)
-    assert Worker(settings, App(), worker_id="pod-7.zone:a@host_1").worker_id
+            Worker(App(), _offline(), worker_id=worker_id)
+    assert Worker(App(), _offline(), worker_id="pod-7.zone:a@host_1").worker_id
 
 
-def test_an_app_with_more_job_types_than_a_join_carries_is_a_config_error(
-    settings: Settings,
-) -> None:
+def test_an_app_with_more_job_types_than_a_join_carries_is_a_config_error() -> None:
     app = App()
     for i in range(MAX_JOB_TYPES + 1):
         app.add_handler(f"t{i}", _noop)
     with pytest.raises(ConfigError, match="job types"):
-        Worker(settings, app)
+        Worker(app, _offline())
 
 
 async def _noop(message: Message) -> None:

@@ -38,8 +38,8 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from rabbitkeys import Publisher, Settings
-from rabbitkeys._cluster import LocalCluster
 from rabbitkeys._metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
+from rabbitkeys.tools.cluster import LocalCluster
 
 from .support import make_settings
 

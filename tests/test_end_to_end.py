@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rabbitkeys import Publisher, Settings
-from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import check_order, overlapping_handlings, read_records
+from rabbitkeys.tools.cluster import LocalCluster
+from rabbitkeys.tools.demo import check_order, overlapping_handlings, read_records
 
 from .support import eventually
 
@@ -30,7 +30,7 @@ async def test_cli_processes_keep_per_key_order_and_spread_keys(
     async with LocalCluster(settings, extra_env=env) as cluster:
         await cluster.start_registry()
         for _ in range(3):
-            await cluster.start_worker("rabbitkeys._demo:app")
+            await cluster.start_worker("rabbitkeys.tools.demo:app")
         await cluster.wait_for_workers(3)
 
         async with Publisher(settings) as publisher:

@@ -25,10 +25,10 @@ import aiormq
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._cluster import LocalCluster
 from rabbitkeys._control import control_message
 from rabbitkeys._protocol import WorkerJoin
 from rabbitkeys._topology import Names
+from rabbitkeys.tools.cluster import LocalCluster
 
 from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace
 from .support import eventually, make_settings, running_registry, running_worker, skip_or_fail
@@ -115,7 +115,7 @@ async def test_in_the_default_vhost_a_killed_worker_is_noticed_through_the_event
     connection) can tell the registry that the worker is gone."""
     settings = make_settings(broker.url_in("/"), root_namespace, worker_timeout=600.0)
     async with running_registry(settings) as registry, LocalCluster(settings) as cluster:
-        worker = await cluster.start_worker("rabbitkeys._demo:app")
+        worker = await cluster.start_worker("rabbitkeys.tools.demo:app")
         await eventually(lambda: len(registry._workers) == 1, timeout=30)
         worker.kill()
         await worker.wait()
@@ -128,7 +128,7 @@ async def test_in_another_vhost_a_killed_worker_is_noticed_by_its_missing_heartb
 ) -> None:
     settings = make_settings(amqp_url, namespace)  # worker_timeout 1.5 s
     async with running_registry(settings) as registry, LocalCluster(settings) as cluster:
-        worker = await cluster.start_worker("rabbitkeys._demo:app")
+        worker = await cluster.start_worker("rabbitkeys.tools.demo:app")
         await eventually(lambda: len(registry._workers) == 1, timeout=30)
         worker.kill()
         await worker.wait()

@@ -34,9 +34,7 @@ from rabbitkeys import (
     RabbitkeysError,
     Settings,
 )
-from rabbitkeys._cluster import LocalCluster
 from rabbitkeys._control import ControlClient
-from rabbitkeys._demo import check_order, read_records
 from rabbitkeys._envelope import HEADER_KEY
 from rabbitkeys._protocol import EnsureKey, KeyAssignment, Refused, Status, decode, encode
 from rabbitkeys._status import fetch_status
@@ -48,6 +46,8 @@ from rabbitkeys._topology import (
     key_queue_arguments,
     new_routing_key,
 )
+from rabbitkeys.tools.cluster import LocalCluster
+from rabbitkeys.tools.demo import check_order, read_records
 
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -239,7 +239,7 @@ async def test_keys_as_people_write_them_work_through_cli_processes(
     async with LocalCluster(settings, extra_env={"RK_DEMO_DIR": str(tmp_path)}) as cluster:
         await cluster.start_registry()
         for _ in range(3):
-            await cluster.start_worker("rabbitkeys._demo:app")
+            await cluster.start_worker("rabbitkeys.tools.demo:app")
         await cluster.wait_for_workers(3)
         async with Publisher(settings) as publisher:
             half = E2E_MESSAGES // 2

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._cluster import LocalCluster
+from rabbitkeys import App, Message, Publisher, Settings, __version__
 from rabbitkeys._metrics_server import MetricsServer
+from rabbitkeys.tools.cluster import LocalCluster
 
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -82,7 +82,7 @@ async def test_publisher_worker_and_registry_count_what_happens(settings: Settin
         assert value(metrics, "rabbitkeys_live_keys") == 20
         assert value(metrics, "rabbitkeys_owned_keys") == 20
         assert value(metrics, "rabbitkeys_keys_created_total") == 20
-        assert value(metrics, "rabbitkeys_info", role="worker", version="0.1.0") == 1
+        assert value(metrics, "rabbitkeys_info", role="worker", version=__version__) == 1
         assert registry.is_leader
 
 
@@ -172,7 +172,9 @@ async def test_worker_and_registry_processes_serve_metrics_and_readiness(
     registry_port, worker_port = free_port(), free_port()
     async with LocalCluster(settings) as cluster:
         await cluster.start_registry(metrics_port=registry_port)
-        worker = await cluster.start_worker("rabbitkeys.bench.app:app", metrics_port=worker_port)
+        worker = await cluster.start_worker(
+            "rabbitkeys.tools.bench.app:app", metrics_port=worker_port
+        )
         await cluster.wait_for_workers(1)
 
         async def ready(port: int) -> bool:
@@ -246,8 +248,8 @@ async def test_a_killed_worker_shows_as_a_failover_gap(amqp_url: str, namespace:
 
     async with LocalCluster(settings) as cluster:
         await cluster.start_registry(metrics_port=port)
-        doomed = await cluster.start_worker("rabbitkeys.bench.app:app")
-        await cluster.start_worker("rabbitkeys.bench.app:app")
+        doomed = await cluster.start_worker("rabbitkeys.tools.bench.app:app")
+        await cluster.start_worker("rabbitkeys.tools.bench.app:app")
         await cluster.wait_for_workers(2)
         async with Publisher(settings, metrics_registry=CollectorRegistry()) as publisher:
             await asyncio.gather(*(publisher.publish(f"k{n}", b"x") for n in range(20)))

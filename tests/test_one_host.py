@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from rabbitkeys import Publisher, RabbitkeysError
-from rabbitkeys._demo import read_records
 from rabbitkeys._settings import DEFAULT_METRICS_PORT, ENV_PREFIX
 from rabbitkeys._status import fetch_status
+from rabbitkeys.tools.demo import read_records
 
 from .support import eventually, make_settings
 
@@ -127,7 +127,7 @@ async def test_two_registries_and_two_workers_share_a_host_with_nothing_configur
             for _ in range(2):
                 started.append(await Shell.start("registry", env=env))
             for _ in range(2):
-                started.append(await Shell.start("worker", "rabbitkeys._demo:app", env=env))
+                started.append(await Shell.start("worker", "rabbitkeys.tools.demo:app", env=env))
             registries, workers = started[:2], started[2:]
             await eventually(lambda: all(s.metrics_url() for s in started), timeout=60)
             urls = [str(s.metrics_url()) for s in started]
@@ -179,7 +179,7 @@ async def test_two_registries_and_two_workers_share_a_host_with_nothing_configur
         assert b"Traceback" not in shell.stderr, shell.stderr.decode(errors="replace")
 
 
-@pytest.mark.parametrize("command", [["registry"], ["worker", "rabbitkeys._demo:app"]])
+@pytest.mark.parametrize("command", [["registry"], ["worker", "rabbitkeys.tools.demo:app"]])
 async def test_an_explicit_metrics_port_that_is_taken_stops_the_process(
     amqp_url: str, namespace: str, command: list[str]
 ) -> None:

@@ -12,10 +12,10 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher
-from rabbitkeys._chaos import run_chaos
-from rabbitkeys._cluster import LocalCluster
-from rabbitkeys._demo import check_order, overlapping_handlings, read_records
 from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys.tools.chaos import run_chaos
+from rabbitkeys.tools.cluster import LocalCluster
+from rabbitkeys.tools.demo import check_order, overlapping_handlings, read_records
 
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -107,7 +107,7 @@ async def test_scaling_out_and_in_moves_keys_with_no_duplicate_and_no_reordering
     async with LocalCluster(settings, extra_env=env) as cluster:
         await cluster.start_registry()
         for _ in range(2):
-            await cluster.start_worker("rabbitkeys._demo:app")
+            await cluster.start_worker("rabbitkeys.tools.demo:app")
         await cluster.wait_for_workers(2)
         stop = asyncio.Event()
         async with Publisher(settings) as publisher:
@@ -123,7 +123,7 @@ async def test_scaling_out_and_in_moves_keys_with_no_duplicate_and_no_reordering
             publishing = asyncio.create_task(traffic())
             await eventually(lambda: len(pids()) == 2, timeout=30)  # both handle
             for _ in range(2):
-                await cluster.start_worker("rabbitkeys._demo:app")
+                await cluster.start_worker("rabbitkeys.tools.demo:app")
             await cluster.wait_for_workers(4)
             await eventually(lambda: len(pids()) == 4, timeout=30)  # keys moved to them
             codes = [await cluster.terminate(p) for p in cluster.workers[:2]]

@@ -44,11 +44,11 @@ from rabbitkeys import (
     Settings,
     load_settings,
 )
-from rabbitkeys._cluster import LocalCluster, _settings_env
 from rabbitkeys._connection import connect
 from rabbitkeys._management import _endpoint, list_queues
 from rabbitkeys._settings import ENV_PREFIX, mask_url
 from rabbitkeys._topology import Names
+from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
 from .conftest import MANAGEMENT_URL
 from .proxy import TcpProxy
@@ -588,7 +588,7 @@ async def rabbitkeys_processes(env: dict[str, str]) -> AsyncIterator[list[Proces
 
     try:
         await start("registry")
-        await start("worker", "rabbitkeys._demo:app")
+        await start("worker", "rabbitkeys.tools.demo:app")
         yield started
     finally:
         for process in reversed(started):
@@ -707,7 +707,7 @@ async def test_processes_started_with_a_url_file_get_the_file(
         env = {"RK_DEMO_DIR": str(tmp_path), "RABBITKEYS_AMQP_URL": "amqp://also:stale@h/"}
         async with LocalCluster(settings, extra_env=env) as cluster:
             await cluster.start_registry()
-            await cluster.start_worker("rabbitkeys._demo:app")
+            await cluster.start_worker("rabbitkeys.tools.demo:app")
             await cluster.wait_for_workers(1)
             codes = await cluster.stop_all()
     assert codes == [0, 0]

@@ -17,9 +17,9 @@ from typing import Self
 
 from pydantic import SecretStr
 
-from ._errors import RabbitkeysError
-from ._settings import ENV_PREFIX, Settings
-from ._status import fetch_status
+from .._errors import RabbitkeysError
+from .._settings import ENV_PREFIX, Settings
+from .._status import fetch_status
 
 __all__ = ["LocalCluster"]
 

@@ -1,6 +1,6 @@
 """A worker process for the baseline strategies, on plain aio-pika (the same client library).
 
-``python -m rabbitkeys.bench.baseline_worker MODE QUEUE [QUEUE ...]``
+``python -m rabbitkeys.tools.bench.baseline_worker MODE QUEUE [QUEUE ...]``
 
 * ``concurrent``: one shared queue, handlers run concurrently up to the prefetch (the usual
   "many workers on one queue" setup: fastest, and it breaks per-key order);

@@ -1,10 +1,12 @@
 """``rabbitkeys demo``: a registry, workers and a publisher, showing per-key order and spread.
 
-The workers run ``rabbitkeys._demo:app``: each handled message is appended, as a JSON line,
-to a file per worker process in ``$RK_DEMO_DIR``; keys starting with ``slow-`` sleep
-``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per message; keys starting with ``hold-`` are
-recorded, then held (not acked) until a file named ``release`` appears in ``$RK_DEMO_DIR``:
-the tests use them to kill or stop a worker while it holds a handled message.
+``app`` here is the public demo app, ``rabbitkeys worker rabbitkeys.tools.demo:app``: what the
+images and manifests in ``deploy/`` run until you give them your own app. Each message it
+handles is appended, as a JSON line, to a file per worker process in ``$RK_DEMO_DIR`` (which
+must be set); keys starting with ``slow-`` sleep ``$RK_DEMO_SLOW_SECONDS`` (default 0.2 s) per
+message; keys starting with ``hold-`` are recorded, then held (not acked) until a file named
+``release`` appears in ``$RK_DEMO_DIR``: the tests use them to kill or stop a worker while it
+holds a handled message.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from ._app import App, Message
-from ._cluster import LocalCluster
-from ._publisher import Publisher
-from ._settings import Settings
+from .._app import App, Message
+from .._publisher import Publisher
+from .._settings import Settings
+from .cluster import LocalCluster
 
 __all__ = ["app", "check_order", "overlapping_handlings", "read_records", "run_demo"]
 
@@ -108,7 +110,7 @@ async def run_demo(settings: Settings, *, keys: int, messages: int, workers: int
             print(f"namespace {namespace}: starting a registry and {workers} workers ...")
             await cluster.start_registry()
             for _ in range(workers):
-                await cluster.start_worker("rabbitkeys._demo:app")
+                await cluster.start_worker("rabbitkeys.tools.demo:app")
             await cluster.wait_for_workers(workers)
             print(f"publishing {keys} keys x {messages} messages ({slow_keys} slow keys) ...")
             started = time.monotonic()

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._cluster import LocalCluster
-from .._publisher import Publisher
-from .._settings import Settings
-from .._status import fetch_status
+from ..._publisher import Publisher
+from ..._settings import Settings
+from ..._status import fetch_status
+from ..cluster import LocalCluster
 from .recording import count_all
 from .runner import _broker_memory, _delete_key_queues, _rss, cpu_seconds
 
@@ -94,7 +94,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
             async with LocalCluster(settings, extra_env=env) as cluster:
                 registry = await cluster.start_registry(metrics_port=registry_port)
                 for _ in range(workers):
-                    await cluster.start_worker("rabbitkeys.bench.app:app")
+                    await cluster.start_worker("rabbitkeys.tools.bench.app:app")
                 await cluster.wait_for_workers(workers)
                 broker_before = _broker_memory(settings)
                 rss_before = _rss([p.pid for p in cluster.workers])
@@ -117,7 +117,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
                 moved_before = _metrics(registry_port)["rabbitkeys_keys_moved_total"]
                 joined = time.monotonic()
                 cpu_before_join = cpu_seconds(registry.pid)
-                await cluster.start_worker("rabbitkeys.bench.app:app")
+                await cluster.start_worker("rabbitkeys.tools.bench.app:app")
                 settle = await _settled(settings, registry_port, workers + 1, moved_before)
                 settle_seconds = settle - joined
                 rebalance_cpu = cpu_seconds(registry.pid) - cpu_before_join

@@ -3,7 +3,7 @@
 Runs real processes through the CLI (``LocalCluster``) on the local broker, publishes
 ``keys x messages`` in rounds, and on a timeline kills a worker (SIGKILL), starts workers,
 stops one (SIGTERM, as ``kubectl scale`` does), kills the leading registry and optionally
-restarts the broker. Then it counts what the workers handled (``rabbitkeys._demo:app`` writes
+restarts the broker. Then it counts what the workers handled (``rabbitkeys.tools.demo:app`` writes
 one record per handling, with the worker's pid and the delivery's ``redelivered`` flag) and
 reports loss, duplicates, order violations and failover gaps.
 
@@ -27,16 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._cluster import LocalCluster
-from ._demo import overlapping_handlings, read_records
-from ._errors import RabbitkeysError
-from ._publisher import Publisher
-from ._settings import Settings
-from ._status import fetch_status
+from .._errors import RabbitkeysError
+from .._publisher import Publisher
+from .._settings import Settings
+from .._status import fetch_status
+from .cluster import LocalCluster
+from .demo import overlapping_handlings, read_records
 
 __all__ = ["ChaosReport", "run_chaos"]
 
-WORKER_APP = "rabbitkeys._demo:app"
+WORKER_APP = "rabbitkeys.tools.demo:app"
 
 
 @dataclass

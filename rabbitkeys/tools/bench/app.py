@@ -1,10 +1,10 @@
-"""The rabbitkeys benchmark handler: ``rabbitkeys worker rabbitkeys.bench.app:app``."""
+"""The rabbitkeys benchmark handler: ``rabbitkeys worker rabbitkeys.tools.bench.app:app``."""
 
 from __future__ import annotations
 
 import atexit
 
-from .._app import App, Message
+from ..._app import App, Message
 from .recording import HEADER_PUBLISHED, Recorder
 
 __all__ = ["app"]

@@ -27,12 +27,12 @@ from typing import Any
 
 import aio_pika
 
-from .._cluster import LocalCluster
-from .._errors import BrokerUnavailableError
-from .._management import _get, list_queues
-from .._publisher import Publisher
-from .._settings import Settings
-from .._topology import Names
+from ..._errors import BrokerUnavailableError
+from ..._management import _get, list_queues
+from ..._publisher import Publisher
+from ..._settings import Settings
+from ..._topology import Names
+from ..cluster import LocalCluster
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Record, count_all, read_all
 from .workloads import Workload
 
@@ -150,7 +150,7 @@ async def _run_baseline(
         per_worker = [queues] * (workers if strategy == "shared" else 1)
     processes = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rabbitkeys.bench.baseline_worker", mode, *names, env=env
+            sys.executable, "-m", "rabbitkeys.tools.bench.baseline_worker", mode, *names, env=env
         )
         for names in per_worker
     ]
@@ -215,7 +215,7 @@ async def _run_rabbitkeys(
     async with LocalCluster(settings, extra_env=cluster_env) as cluster:
         await cluster.start_registry()
         for _ in range(workers):
-            await cluster.start_worker("rabbitkeys.bench.app:app")
+            await cluster.start_worker("rabbitkeys.tools.bench.app:app")
         await cluster.wait_for_workers(workers)
         broker_before = _broker_memory(settings)
         rss_before = _rss([p.pid for p in cluster.workers])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from .runner import STRATEGIES, Result
 
 __all__ = ["write_plots"]

@@ -1,0 +1,12 @@
+"""rabbitkeys' tooling: the one home of what runs *around* the runtime, never inside it.
+
+``rabbitkeys demo`` (:mod:`.demo`), ``rabbitkeys chaos`` (:mod:`.chaos`) and ``rabbitkeys
+bench`` (:mod:`.bench`), and :mod:`.cluster`, which starts real registry and worker processes
+for them and for the tests. The runtime (every other module of ``rabbitkeys``) imports nothing
+from here (``tests/test_units.py`` checks it), so a worker never loads the benchmark.
+
+Public here: ``rabbitkeys.tools.demo:app``, the demo app that ``deploy/`` runs
+(``rabbitkeys worker rabbitkeys.tools.demo:app``). The rest is tooling, not library API.
+"""
+
+__all__: list[str] = []
