@@ -1,11 +1,15 @@
-"""Running one delivery, without a broker: the verdict (new / copy / out of order) and the
-executor's handler slots, retries and dedup, fed deliveries as the worker's runner would."""
+"""Running one delivery: the verdict (new / copy / out of order) and the executor's handler
+slots, retries and dedup, fed deliveries as the worker's runner would, without a broker; its
+dead letters against the real broker."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import aio_pika
+import pytest
 from aiormq.abc import DeliveredMessage
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
 from rabbitkeys._dedup import SequenceHistory, Verdict
-from rabbitkeys._envelope import encode
+from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER, encode
 from rabbitkeys._execution import Executor, verdict
 from rabbitkeys._metrics import WorkerMetrics
 from rabbitkeys._protocol import KeyAssignment
@@ -140,3 +144,35 @@ async def test_retries_run_as_the_policy_says_and_each_attempt_is_numbered() -> 
     run = executor(app, asyncio.Event(), max_retries=5, retry_backoff=0.0)
     assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", b"", 1))
     assert attempts == [1, 2, 3] and run.dead_lettered == 0
+
+
+async def test_a_delivery_of_a_job_type_without_handler_is_dead_lettered_at_once(
+    amqp_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No retry can add a handler: the first attempt dead-letters it, and says so."""
+    app = App()
+
+    @app.handler("comments")
+    async def comment(message: Message) -> None:
+        raise AssertionError("not this job type's handler")
+
+    run = executor(app, asyncio.Event(), namespace=namespace, max_retries=5)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(Names(namespace).dead_letter_queue, durable=True)
+        run.begin(channel, "w-1")
+        with caplog.at_level(logging.ERROR, "rabbitkeys.worker"):
+            assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", b"b", 1))
+        assert run.dead_lettered == 1
+        dead = await queue.get(fail=False, no_ack=True)
+        assert dead is not None and dead.body == b"b"
+        assert dead.headers[HEADER_ATTEMPTS] == 1
+        assert dead.headers[HEADER_KEY] == "k" and dead.headers[HEADER_WORKER] == "w-1"
+        assert dead.headers[HEADER_ERROR] == (
+            "HandlerNotFoundError: no handler for job type 'default'"
+        )
+        assert "key default/k: not retried, dead-lettering" in caplog.text
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
