@@ -262,7 +262,7 @@ class Handoff:
 
     async def _on_delivery(self, owned: OwnedKey, delivery: DeliveredMessage) -> None:
         if owned.state is KeyState.RELEASED:
-            # Arrived after we let go of the key (should not happen: see the worker's
+            # Arrived after we let go of the key (should not happen: see Worker._start on the
             # consume channel). Hand it straight back rather than sit on it and block the key.
             assert self._consume is not None
             await self._consume.basic_reject(_tag(delivery), requeue=True)
