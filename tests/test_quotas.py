@@ -212,7 +212,7 @@ def _held(worker: Worker) -> int:
     """Deliveries the worker holds now: handlers running plus those waiting behind them."""
     gauges = worker.gauge_values()
     held = int(gauges["rabbitkeys_buffered_messages"] + gauges["rabbitkeys_in_flight_messages"])
-    assert held == sum(len(owned.buffer) for owned in worker._keys.values())
+    assert held == sum(len(owned.buffer) for owned in worker._handoff.holds())
     return held
 
 

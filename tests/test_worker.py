@@ -283,3 +283,48 @@ async def test_a_worker_with_other_queue_settings_still_consumes_its_keys(
             await publisher.publish("k", b"one")
             await publisher.publish("k", b"two")
         await eventually(lambda: handled == [b"one", b"two"])
+
+
+async def test_a_retry_waiting_out_its_backoff_holds_no_handler_slot(
+    amqp_url: str, namespace: str
+) -> None:
+    """One handler slot. Key "failing" fails and waits a minute for its retry; meanwhile the
+    other key's messages take the slot and are handled, while the failing key's later
+    message waits behind it (order per key). Stopped mid-wait, the worker hands the failing
+    message back, and the next worker handles both of that key's messages, in order."""
+    settings = make_settings(
+        amqp_url, namespace, concurrency=1, retry_backoff=60.0, retry_backoff_max=60.0
+    )
+    calls: list[tuple[str, bytes, int]] = []
+    app = App()
+
+    @app.handler()
+    async def fails_first_time_round(message: Message) -> None:
+        calls.append((message.key, message.body, message.attempt))
+        if message.key == "failing":
+            raise RuntimeError("database busy")
+
+    async with running_registry(settings):
+        async with running_worker(settings, app) as worker, Publisher(settings) as publisher:
+            await publisher.publish("failing", b"1")
+            await publisher.publish("failing", b"2")
+            await eventually(lambda: calls == [("failing", b"1", 1)])
+            # the retry now waits its minute: the slot is free for the other key
+            for n in (1, 2, 3):
+                await publisher.publish("other", str(n).encode())
+            await eventually(lambda: len(calls) == 4, timeout=30)
+            assert calls[1:] == [("other", b"1", 1), ("other", b"2", 1), ("other", b"3", 1)]
+            assert worker.gauge_values()["rabbitkeys_in_flight_messages"] == 0
+        # stopped mid-wait: the failing key's messages went back to its queue, in order
+        assert [call for call in calls if call[0] == "failing"] == [("failing", b"1", 1)]
+
+        handled: list[bytes] = []
+        recovered = App()
+
+        @recovered.handler()
+        async def record(message: Message) -> None:
+            handled.append(message.body)
+
+        async with running_worker(settings, recovered):
+            await eventually(lambda: handled == [b"1", b"2"], timeout=30)
+    assert await dead_letters(settings) == []

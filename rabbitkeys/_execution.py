@@ -1,0 +1,194 @@
+"""The worker's execution of one delivery: the one home of what happens between a delivery's
+turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack: the dedup and
+order check (:func:`verdict`), the handler call under the worker's concurrency limit, the
+retries the retry policy (:mod:`._retry`) asks for, and the dead-lettered copy after the
+last attempt.
+
+A concurrency slot is held only while a handler runs. A retry waiting out its backoff holds
+none, so a failing key does not keep the other keys from running; it still holds its own
+key: the key's later deliveries wait behind it, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import DeliveredMessage
+
+from ._amqp import sleep_unless
+from ._app import App, Message
+from ._dedup import SequenceHistory, Verdict
+from ._envelope import Envelope, dead_letter_headers
+from ._envelope import decode as decode_envelope
+from ._errors import HandlerNotFoundError
+from ._metrics import WorkerMetrics
+from ._protocol import KeyAssignment
+from ._retry import DeadLetter, RetryPolicy
+from ._settings import Settings
+from ._topology import Names
+
+__all__ = ["Executor", "verdict"]
+
+log = logging.getLogger("rabbitkeys.worker")
+
+
+def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict:
+    """What a delivery is for its key: new, a copy of one handled already, or out of order.
+    A delivery without an origin (not sent by a Publisher, or dedup turned off) is new."""
+    return Verdict.NEW if origin is None else history.check(*origin)
+
+
+class Executor:
+    """Runs deliveries for a worker: one per key at a time (the key's runner calls
+    :meth:`execute` in turn), up to ``concurrency`` handlers at once over all keys. Lives as
+    long as the worker; :meth:`begin` gives it each session's dead-letter channel."""
+
+    def __init__(
+        self, app: App, settings: Settings, metrics: WorkerMetrics, stopping: asyncio.Event
+    ) -> None:
+        self.app = app
+        self.policy = RetryPolicy.from_settings(settings)
+        self._dedup = settings.dedup
+        self._dead_letter_queue = Names(settings.namespace).dead_letter_queue
+        self._metrics = metrics
+        self._stopping = stopping
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._dead_letters: AbstractChannel | None = None
+        self._worker_id = ""
+        self.dead_lettered = 0
+        self.duplicates_dropped = 0
+        self.order_violations = 0
+        #: handlers running now
+        self.in_flight = 0
+
+    def begin(self, dead_letters: AbstractChannel, worker_id: str) -> None:
+        """A new session: dead letters go out on its channel, under its worker id."""
+        self._dead_letters = dead_letters
+        self._worker_id = worker_id
+
+    async def execute(
+        self, assignment: KeyAssignment, history: SequenceHistory, delivery: DeliveredMessage
+    ) -> bool:
+        """Run a delivery to its end: handled, dropped as a copy, or dead-lettered; the
+        caller acks it then. False if shutdown interrupted its retries: it must then stay
+        unacked (the drain hands it back). Raises if the dead-letter copy cannot be made."""
+        envelope = decode_envelope(delivery.header.properties)
+        origin = envelope.origin if self._dedup else None
+        match verdict(history, origin):
+            case Verdict.DUPLICATE:
+                # the same publisher's same message again (sent twice across a lost
+                # connection, or redelivered after a crash): handled already
+                self.duplicates_dropped += 1
+                self._metrics.duplicates_dropped.inc()
+                return True
+            case Verdict.OUT_OF_ORDER:
+                self.order_violations += 1
+                self._metrics.order_violations.inc()
+                log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
+        if not await self._handle(assignment, delivery, envelope):
+            return False
+        if origin:
+            history.record(*origin)
+        return True
+
+    async def _handle(
+        self, assignment: KeyAssignment, delivery: DeliveredMessage, envelope: Envelope
+    ) -> bool:
+        """Run the handler as often as the retry policy says; dead-letter after the last
+        attempt. False if shutdown interrupted the wait for a retry."""
+        # one copy for every attempt: what a handler does to it is not the dead letter's
+        headers = dict(envelope.headers)
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > 1:
+                self._metrics.retried.inc()
+            message = Message(
+                # the header holds the original text even when the queue name is hashed
+                key=envelope.key or assignment.key,
+                job_type=assignment.job_type,
+                body=delivery.body,
+                headers=headers,
+                publisher_id=envelope.publisher_id,
+                sequence=envelope.sequence,
+                attempt=attempt,
+                redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
+            )
+            error = await self._attempt(message, envelope)
+            if error is None:
+                return True
+            step = self.policy.after_failure(attempt, error)
+            if isinstance(step, DeadLetter):
+                if self.policy.retries(error):
+                    log.error(
+                        "key %s: handler failed %d times, dead-lettering: %r",
+                        assignment.key_id,
+                        attempt,
+                        error,
+                    )
+                else:
+                    log.error("key %s: not retried, dead-lettering: %r", assignment.key_id, error)
+                await self._dead_letter(delivery, envelope, error, step.attempts)
+                return True
+            log.warning(
+                "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                assignment.key_id,
+                attempt,
+                step.delay,
+                error,
+            )
+            # Outside the slot: other keys run meanwhile; this key's later messages wait.
+            if await sleep_unless(self._stopping, step.delay):
+                return False
+
+    async def _attempt(self, message: Message, envelope: Envelope) -> Exception | None:
+        """One handler call in a concurrency slot; what it raised, if anything."""
+        async with self._slots:
+            if message.attempt == 1 and envelope.published_at is not None:
+                self._metrics.end_to_end_latency.observe(
+                    max(0.0, time.time() - envelope.published_at / 1e6)
+                )
+            try:
+                handler = self.app.handler_for(message.job_type)
+            except HandlerNotFoundError as exc:
+                return exc
+            self.in_flight += 1
+            started = time.perf_counter()
+            try:
+                await handler(message)
+            except Exception as exc:
+                self._metrics.handler_failures.inc()
+                return exc
+            finally:
+                self.in_flight -= 1
+                self._metrics.handler_duration.observe(time.perf_counter() - started)
+        self._metrics.handled.inc()
+        return None
+
+    async def _dead_letter(
+        self,
+        delivery: DeliveredMessage,
+        envelope: Envelope,
+        error: BaseException,
+        attempts: int,
+    ) -> None:
+        """Copy the message to the namespace's dead-letter queue with the error recorded;
+        the caller acks the original only after the broker confirmed the copy."""
+        assert self._dead_letters is not None
+        await self._dead_letters.default_exchange.publish(
+            aio_pika.Message(
+                delivery.body,
+                headers=dead_letter_headers(
+                    envelope, error=error, attempts=attempts, worker_id=self._worker_id
+                ),
+                content_type=delivery.header.properties.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=self._dead_letter_queue,
+        )
+        self.dead_lettered += 1
+        self._metrics.dead_lettered.inc()

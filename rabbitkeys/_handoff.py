@@ -1,0 +1,371 @@
+"""A worker's hold on its keys: the one home of taking a key (declare, consume), of the
+key's buffer and runner, and of letting it go without reordering it. Each key the worker
+holds is an :class:`OwnedKey` in a named :class:`KeyState`; :meth:`OwnedKey.move` is the one
+place a state changes, and refuses a change the table :data:`TRANSITIONS` does not list.
+
+Each key is a consumer of its own queue with a small prefetch (``prefetch`` deliveries held
+per key). Deliveries of a key land in that key's buffer, in delivery order, and one runner
+task per key hands them to the executor (:mod:`._execution`) one after the other.
+
+Letting go of a key (a rebalance, a retirement, a shutdown, the broker cancelling our
+consumer) never breaks its order, and the next owner starts only after this one has let go
+(see docs/design.md, "Handoff"):
+
+1. the runner finishes the message it is handling and acks it;
+2. the consumer is cancelled; deliveries already on their way land in the buffer;
+3. what the buffer holds (delivered, never started) is rejected with requeue, which puts
+   those messages back in their original places in the queue;
+4. only then does the worker report the key released; the registry assigns it elsewhere.
+
+There is no standby consumer: on RabbitMQ before 3.10.13 a single-active-consumer switch to
+a standby can crash the queue (docs/probes/sac_switch_crashes_queue.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
+from ._dedup import SequenceHistory
+from ._execution import Executor
+from ._metrics import WorkerMetrics
+from ._protocol import KeyAssignment
+from ._settings import Settings
+from ._topology import key_queue_arguments
+
+__all__ = ["TRANSITIONS", "Handoff", "KeyState", "OwnedKey"]
+
+log = logging.getLogger("rabbitkeys.worker")
+
+
+class KeyState(enum.Enum):
+    """Where a worker's hold on one key stands. Declaring the queue comes before: until
+    it is declared, the key is not held."""
+
+    #: consume sent, consume-ok not yet back; deliveries may already arrive and are run
+    ACQUIRING = "acquiring"
+    #: consumed: deliveries land in the buffer and the runner hands them on one by one
+    CONSUMING = "consuming"
+    #: letting go (a Release, the drain, the broker cancelled our consumer): the runner
+    #: stops after the message it is handling; no new runner starts
+    RELEASING = "releasing"
+    #: let go, or lost with the session's channel; out of the worker's book for good
+    RELEASED = "released"
+
+    @property
+    def held(self) -> bool:
+        """Ours to run and to report in a join (not on its way out)."""
+        return self in (KeyState.ACQUIRING, KeyState.CONSUMING)
+
+
+#: The changes a hold may go through. Any state can end in RELEASED with its session (the
+#: channel is gone; the broker requeues what the hold had, in order).
+TRANSITIONS: dict[KeyState, frozenset[KeyState]] = {
+    KeyState.ACQUIRING: frozenset({KeyState.CONSUMING, KeyState.RELEASED}),
+    KeyState.CONSUMING: frozenset({KeyState.RELEASING, KeyState.RELEASED}),
+    KeyState.RELEASING: frozenset({KeyState.RELEASED}),
+    KeyState.RELEASED: frozenset(),
+}
+
+
+@dataclass(eq=False)
+class OwnedKey:
+    """A key this worker holds, from its consume to its release."""
+
+    assignment: KeyAssignment
+    state: KeyState = KeyState.ACQUIRING
+    consumer_tag: str | None = None
+    #: delivered and not yet acked, in delivery order; the head is the one being handled
+    buffer: deque[DeliveredMessage] = field(default_factory=deque)
+    runner: asyncio.Task[None] | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+    idle_reported_at: float = 0.0
+    history: SequenceHistory = field(default_factory=SequenceHistory)
+
+    @property
+    def key_id(self) -> str:
+        return self.assignment.key_id
+
+    def move(self, to: KeyState) -> None:
+        """The one place a hold changes state."""
+        if to not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"key {self.key_id}: no transition {self.state.name} -> {to.name}")
+        self.state = to
+
+
+class Handoff:
+    """Takes and lets go of a worker's keys. Lives as long as the worker; :meth:`begin`
+    gives it each session's consume channel, :meth:`end` drops the holds of a session
+    that is over. ``report`` tells the registry which keys the worker let go."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        executor: Executor,
+        metrics: WorkerMetrics,
+        tasks: TaskSet,
+        stopping: asyncio.Event,
+        report: Callable[[list[KeyAssignment]], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._executor = executor
+        self._metrics = metrics
+        self._tasks = tasks
+        self._stopping = stopping
+        self._report = report
+        #: the keys held now, in any state but RELEASED
+        self._book: dict[str, OwnedKey] = {}
+        self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._consume: aiormq.Channel | None = None
+        self._declares: ChannelPool | None = None
+        self._lost = asyncio.Event()
+        #: deliveries run to their end and acked, over all sessions
+        self.handled = 0
+
+    def begin(self, consume: aiormq.Channel, declares: ChannelPool, lost: asyncio.Event) -> None:
+        """A new session: keys are consumed on ``consume``; ``lost`` is set when a delivery
+        cannot be settled (the session must start over)."""
+        self._consume = consume
+        self._declares = declares
+        self._lost = lost
+        consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+
+    def end(self) -> None:
+        """The session is over (its runners are done): every hold went with its channel."""
+        for owned in list(self._book.values()):
+            self._drop(owned)
+
+    def holds(self) -> list[OwnedKey]:
+        return list(self._book.values())
+
+    def runners(self) -> list[asyncio.Task[None]]:
+        return [owned.runner for owned in self._book.values() if owned.runner is not None]
+
+    def _drop(self, owned: OwnedKey) -> None:
+        """RELEASED and out of the book: the two go together."""
+        owned.move(KeyState.RELEASED)
+        if self._book.get(owned.key_id) is owned:
+            del self._book[owned.key_id]
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key_id: str) -> AsyncIterator[None]:
+        """Commands for one key run one after the other, in the order they came. The lock
+        is dropped when nobody holds or waits for it, so key churn does not grow memory."""
+        entry = self._key_locks.get(key_id)
+        if entry is None:
+            entry = self._key_locks[key_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._key_locks[key_id]
+
+    # --- taking a key -------------------------------------------------------------------
+
+    async def acquire(self, assignment: KeyAssignment) -> None:
+        key_id = assignment.key_id
+        async with self._key_lock(key_id):
+            owned = self._book.get(key_id)
+            if owned is not None:
+                if owned.state is KeyState.RELEASING:
+                    return  # the broker cancelled it: its release reports it, then it comes back
+                if self._consuming(owned):
+                    owned.assignment = assignment  # a new routing key after a rebind
+                    return
+                # its consumer is gone: settle what it held before consuming afresh, so
+                # two runners never share the key
+                await self._let_go(owned)
+            if self._stopping.is_set():
+                return
+            assert self._declares is not None and self._consume is not None
+            # Declaring (same arguments) first means a consume never hits a missing queue,
+            # which would close the channel every key is consumed on.
+            try:
+                await (await self._declares.get()).queue_declare(
+                    assignment.queue,
+                    durable=self._settings.durable,
+                    arguments=key_queue_arguments(self._settings.key_queue_expires),
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                # Declared with other arguments (settings differ between processes, say
+                # during a rolling change): if it exists, consume it all the same. The same
+                # code also means "no room" (the vhost's max-queues): then there is no
+                # queue, and a consume would close the channel every key is consumed on.
+                if not await self._queue_exists(assignment.queue):
+                    log.error("cannot declare the queue of key %s: %s", key_id, exc)
+                    self._tasks.spawn(self._give_back(assignment))
+                    return
+                log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
+            except Exception as exc:  # a broker refusal, or a name the client refuses
+                log.error("cannot declare the queue of key %s: %r", key_id, exc)
+                self._tasks.spawn(self._give_back(assignment))
+                return
+            if self._stopping.is_set():
+                return  # stop() came while we declared: we must not consume after leaving
+            owned = self._book[key_id] = OwnedKey(assignment)
+            try:
+                ok = await self._consume.basic_consume(
+                    assignment.queue, partial(self._on_delivery, owned)
+                )
+            except Exception as exc:
+                # On a channel error the channel is gone and the session starts over; else
+                # the key was never ours: hand it back.
+                log.error("cannot consume key %s: %r", key_id, exc)
+                self._drop(owned)
+                if not isinstance(exc, CHANNEL_ERRORS):
+                    self._tasks.spawn(self._give_back(assignment))
+                return
+            owned.consumer_tag = ok.consumer_tag
+            owned.move(KeyState.CONSUMING)
+
+    async def _queue_exists(self, queue: str) -> bool:
+        assert self._declares is not None
+        try:
+            await (await self._declares.get()).queue_declare(queue, passive=True)
+        except Exception:  # NOT_FOUND, or the channel is gone: not a queue to consume now
+            return False
+        return True
+
+    async def _give_back(self, assignment: KeyAssignment) -> None:
+        """Tell the registry we do not consume a key it assigned us. After a pause: it may
+        assign it to us again at once, and the failure must not turn into a busy loop."""
+        await sleep_unless(self._stopping, self._settings.heartbeat_interval)
+        await self._report([assignment])
+
+    def _consuming(self, owned: OwnedKey) -> bool:
+        channel = self._consume
+        return (
+            owned.state is KeyState.CONSUMING
+            and owned.consumer_tag is not None
+            and channel is not None
+            and not channel.is_closed
+            and owned.consumer_tag in channel.consumers
+        )
+
+    # --- deliveries ---------------------------------------------------------------------
+
+    async def _on_delivery(self, owned: OwnedKey, delivery: DeliveredMessage) -> None:
+        if owned.state is KeyState.RELEASED:
+            # Arrived after we let go of the key (should not happen: see Worker._start on the
+            # consume channel). Hand it straight back rather than sit on it and block the key.
+            assert self._consume is not None
+            await self._consume.basic_reject(_tag(delivery), requeue=True)
+            return
+        # No await before this append: deliveries enter the buffer in delivery order.
+        owned.buffer.append(delivery)
+        owned.last_activity = time.monotonic()
+        if owned.runner is None and owned.state.held:
+            owned.runner = asyncio.ensure_future(self._run(owned))
+            owned.runner.add_done_callback(self._tasks.log_failure)
+
+    async def _run(self, owned: OwnedKey) -> None:
+        """Hand the key's buffered deliveries to the executor one at a time, oldest first,
+        while the key is held."""
+        try:
+            while owned.buffer and owned.state.held:
+                delivery = owned.buffer[0]
+                if not await self._executor.execute(owned.assignment, owned.history, delivery):
+                    return  # shutting down mid-retry: released (requeued) by the drain
+                assert self._consume is not None
+                # no drain wait: acks leave in order on the channel anyway, and waiting for
+                # the socket write per message halved throughput (docs/benchmarks.md)
+                await self._consume.basic_ack(_tag(delivery), wait=False)
+                owned.buffer.popleft()
+                self.handled += 1
+                owned.last_activity = time.monotonic()
+        except Exception:
+            # The channel is gone, or the dead-letter copy could not be made: we cannot
+            # settle this delivery. Start over: the broker requeues all we held, in order.
+            log.exception("key %s: cannot settle a delivery; reconnecting", owned.key_id)
+            self._lost.set()
+        finally:
+            owned.runner = None
+
+    # --- letting go ---------------------------------------------------------------------
+
+    async def release_and_report(self, key_ids: list[str]) -> None:
+        released = await asyncio.gather(
+            *(self.release(key_id) for key_id in key_ids), return_exceptions=True
+        )
+        keys = [assignment for assignment in released if isinstance(assignment, KeyAssignment)]
+        if keys:
+            await self._report(keys)
+
+    async def release(self, key_id: str) -> KeyAssignment | None:
+        """Let go of a key without reordering it; what it was, if it was held."""
+        async with self._key_lock(key_id):
+            owned = self._book.get(key_id)
+            if owned is None:
+                return None
+            await self._let_go(owned)
+            return owned.assignment
+
+    async def _let_go(self, owned: OwnedKey) -> None:
+        """The four steps in the module docstring; the caller holds the key's lock."""
+        if owned.state is not KeyState.RELEASING:
+            owned.move(KeyState.RELEASING)
+        started = time.perf_counter()
+        if owned.runner is not None:
+            await asyncio.wait([owned.runner])
+        await self._cancel(owned)
+        await self._requeue_buffer(owned)
+        self._drop(owned)
+        self._metrics.keys_released.inc()
+        self._metrics.release_duration.observe(time.perf_counter() - started)
+
+    async def _cancel(self, owned: OwnedKey) -> None:
+        tag, owned.consumer_tag = owned.consumer_tag, None
+        channel = self._consume
+        if tag is None or channel is None or channel.is_closed:
+            return
+        with contextlib.suppress(*CHANNEL_ERRORS):
+            await channel.basic_cancel(tag)
+
+    async def _requeue_buffer(self, owned: OwnedKey) -> None:
+        channel = self._consume
+        if not owned.buffer or channel is None or channel.is_closed:
+            owned.buffer.clear()
+            return
+        with contextlib.suppress(*CHANNEL_ERRORS):
+            while owned.buffer:
+                delivery = owned.buffer.popleft()
+                await channel.basic_reject(_tag(delivery), requeue=True)
+            # A round trip on the same channel: the broker has taken the rejects in before
+            # we tell the registry (and so the next owner) that the key is free. The
+            # channel-wide cap again: a per-consumer qos here would lift it.
+            await channel.basic_qos(
+                prefetch_count=self._settings.buffered_messages_cap, global_=True
+            )
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        """The broker dropped one of our consumers (its queue was deleted or crashed): let
+        go of the key as in a release, and tell the registry, which assigns it again."""
+        for owned in list(self._book.values()):
+            if owned.consumer_tag == frame.consumer_tag:
+                log.warning("the broker cancelled our consumer of key %s", owned.key_id)
+                owned.consumer_tag = None  # nothing left for our own cancel to do
+                if owned.state is KeyState.CONSUMING:  # else a release is under way already
+                    owned.move(KeyState.RELEASING)
+                    self._tasks.spawn(self.release_and_report([owned.key_id]))
+
+
+def _tag(delivery: DeliveredMessage) -> int:
+    tag = getattr(delivery.delivery, "delivery_tag", None)
+    assert isinstance(tag, int)
+    return tag

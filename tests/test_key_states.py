@@ -1,0 +1,80 @@
+"""A worker's hold on a key: its named states and the one table of transitions (no broker)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rabbitkeys._handoff import TRANSITIONS, KeyState, OwnedKey
+from rabbitkeys._protocol import KeyAssignment
+from rabbitkeys._topology import KeyRef, Names
+
+A, C, RG, RD = KeyState.ACQUIRING, KeyState.CONSUMING, KeyState.RELEASING, KeyState.RELEASED
+
+
+def hold() -> OwnedKey:
+    ref = KeyRef.of("post 42")
+    return OwnedKey(
+        KeyAssignment(
+            key_id=ref.id, job_type=ref.job_type, key=ref.key, queue=Names("ns").key_queue(ref)
+        )
+    )
+
+
+def test_the_transitions_are_the_documented_ones() -> None:
+    """The table in docs/design.md ("A worker's hold on a key")."""
+    assert {(old, new) for old, targets in TRANSITIONS.items() for new in targets} == {
+        (A, C),  # consume-ok
+        (A, RD),  # the consume was refused, or the session ended
+        (C, RG),  # a Release, the drain, the broker cancelled the consumer
+        (C, RD),  # the session ended
+        (RG, RD),  # the buffer is requeued; or the session ended
+    }
+
+
+def test_a_hold_starts_acquiring_and_only_the_first_two_states_are_held() -> None:
+    owned = hold()
+    assert owned.state is A and owned.key_id == KeyRef.of("post 42").id
+    assert [state for state in KeyState if state.held] == [A, C]
+
+
+def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None:
+    owned = hold()
+    with pytest.raises(RuntimeError, match="no transition ACQUIRING -> RELEASING"):
+        owned.move(RG)
+    assert owned.state is A
+
+
+@given(st.lists(st.sampled_from(list(KeyState)), max_size=12))
+def test_any_sequence_of_moves_follows_the_table_and_released_is_final(
+    moves: list[KeyState],
+) -> None:
+    owned = hold()
+    path = [owned.state]
+    for to in moves:
+        before = owned.state
+        try:
+            owned.move(to)
+        except RuntimeError:
+            assert to not in TRANSITIONS[before] and owned.state is before
+        else:
+            assert to in TRANSITIONS[before]
+            path.append(to)
+    # states are only ever left forwards, and once released a hold stays released
+    order = list(KeyState)
+    assert [order.index(state) for state in path] == sorted(order.index(s) for s in path)
+    assert len(set(path)) == len(path)
+    if RD in path:
+        assert path[-1] is RD
+
+
+def test_every_state_can_end_released() -> None:
+    for state in KeyState:
+        reachable, frontier = {state}, [state]
+        while frontier:
+            for nxt in TRANSITIONS[frontier.pop()]:
+                if nxt not in reachable:
+                    reachable.add(nxt)
+                    frontier.append(nxt)
+        assert RD in reachable
