@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _assignment
-from ._protocol import REFUSED_QUOTA_EXCEEDED, KeyAssignment
+from ._protocol import REFUSED_QUOTA_EXCEEDED, KeyAssignment, Status, WorkerStatus
 from ._topology import KeyRef
 
 __all__ = [
@@ -299,12 +299,9 @@ class KeyTable(dict[str, Key]):
 # --- the book ---------------------------------------------------------------------------
 
 
-class KeyBook:
-    """What the leading registry knows; each event returns the commands that follow.
-
-    ``queue_of`` names a key's queue (``Names.key_queue``); ``max_keys`` and
-    ``max_job_types`` are the quotas an ensure of a new key is checked against.
-    """
+class _Ledger:
+    """The records (keys and workers), what is read from them, and the one place a key
+    changes state (:meth:`_enter`). The events are :class:`KeyBook`'s."""
 
     def __init__(
         self,
@@ -331,6 +328,38 @@ class KeyBook:
 
     def retiring(self) -> int:
         return self.count(*RETIRING)
+
+    def status(self, registry_id: str, backlog: dict[str, int] | None, now: float) -> Status:
+        """The leader's view for ``rabbitkeys status``; ``backlog``: ready messages per key,
+        if asked for (what workers hold but have not started is backlog too)."""
+        counted = backlog or {}
+        workers = [
+            WorkerStatus(
+                worker_id=w.worker_id,
+                job_types=sorted(w.job_types),
+                keys=len(w.keys),
+                backlog=(
+                    sum(counted.get(k, 0) for k in w.keys) + w.waiting
+                    if backlog is not None
+                    else None
+                ),
+                last_seen_seconds=round(now - w.last_seen, 3),
+            )
+            for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
+        ]
+        return Status(
+            namespace=self._namespace,
+            registry_id=registry_id,
+            workers=workers,
+            keys=len(self.keys),
+            unassigned_keys=self.unassigned(),
+            retiring_keys=self.retiring(),
+            backlog=(
+                sum(counted.values()) + sum(w.waiting for w in self.workers.values())
+                if backlog is not None
+                else None
+            ),
+        )
 
     def leases_due(self, now: float, period: float) -> list[Key]:
         """Keys no worker consumes whose queue's ``x-expires`` lease wants renewing."""
@@ -390,6 +419,50 @@ class KeyBook:
             return []
         self._enter(key, KeyState.OWNED)
         return [AssignKeys(owner, (key.assignment(),))]
+
+    def still_connected(self, worker_id: str, now: float) -> None:
+        """Its heartbeats are late but its connection lives: look again later."""
+        if worker_id in self.workers:
+            self.workers[worker_id].last_seen = now
+
+    # --- the broker's view ----------------------------------------------------------------
+
+    def adopt_listed(self, ref: KeyRef, consumers: int, bound: list[str]) -> bool:
+        """A key queue the broker lists: adopt it if nobody consumes it (whether it was
+        adopted) and learn its bindings. Merge, never replace: a binding made after the
+        listing must not be forgotten, or a retirement would delete a queue that still
+        routes."""
+        key = self.keys.get(ref.id)
+        adopted = False
+        if key is None:
+            if consumers:
+                return False  # a worker consumes it; it reports it on its next join
+            key = self._new_key(ref, KeyState.UNOWNED)
+            adopted = True
+        if key.state in _PLACEABLE:
+            key.routing_keys[:0] = [rk for rk in bound if rk not in key.routing_keys]
+        return adopted
+
+    def lease_renewed(self, key_id: str, now: float) -> None:
+        if (key := self.keys.get(key_id)) is not None:
+            key.last_lease_renewal = now
+
+    def queue_lost(self, key_id: str) -> bool:
+        """A key's queue is not there (expired, or deleted by an operator). Only a key in
+        no declare or retirement is ours to drop (a retirement may have just deleted it)."""
+        key = self.keys.get(key_id)
+        if key is None or key.state not in _PLACEABLE:
+            return False
+        self._forget(key)
+        return True
+
+
+class KeyBook(_Ledger):
+    """What the leading registry knows; each event returns the commands that follow.
+
+    ``queue_of`` names a key's queue (``Names.key_queue``); ``max_keys`` and
+    ``max_job_types`` are the quotas an ensure of a new key is checked against.
+    """
 
     # --- ensures and declares ------------------------------------------------------------
 
@@ -601,11 +674,6 @@ class KeyBook:
         worker.waiting = waiting
         return [c for key_id in idle for c in self._retire(key_id, worker_id)]
 
-    def still_connected(self, worker_id: str, now: float) -> None:
-        """Its heartbeats are late but its connection lives: look again later."""
-        if worker_id in self.workers:
-            self.workers[worker_id].last_seen = now
-
     def gone(self, worker_id: str) -> list[Command]:
         """A worker left or was lost. Its connection is gone (or it let go of every key
         before leaving), so nothing consumes its keys any more: they can go elsewhere."""
@@ -695,34 +763,3 @@ class KeyBook:
         commands: list[Command] = [ReleaseKeys(w, tuple(ids)) for w, ids in releases.items()]
         commands += [AssignKeys(w, tuple(a)) for w, a in assigns.items()]
         return commands
-
-    # --- the broker's view ----------------------------------------------------------------
-
-    def adopt_listed(self, ref: KeyRef, consumers: int, bound: list[str]) -> bool:
-        """A key queue the broker lists: adopt it if nobody consumes it (whether it was
-        adopted) and learn its bindings. Merge, never replace: a binding made after the
-        listing must not be forgotten, or a retirement would delete a queue that still
-        routes."""
-        key = self.keys.get(ref.id)
-        adopted = False
-        if key is None:
-            if consumers:
-                return False  # a worker consumes it; it reports it on its next join
-            key = self._new_key(ref, KeyState.UNOWNED)
-            adopted = True
-        if key.state in _PLACEABLE:
-            key.routing_keys[:0] = [rk for rk in bound if rk not in key.routing_keys]
-        return adopted
-
-    def lease_renewed(self, key_id: str, now: float) -> None:
-        if (key := self.keys.get(key_id)) is not None:
-            key.last_lease_renewal = now
-
-    def queue_lost(self, key_id: str) -> bool:
-        """A key's queue is not there (expired, or deleted by an operator). Only a key in
-        no declare or retirement is ours to drop (a retirement may have just deleted it)."""
-        key = self.keys.get(key_id)
-        if key is None or key.state not in _PLACEABLE:
-            return False
-        self._forget(key)
-        return True

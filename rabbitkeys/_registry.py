@@ -3,10 +3,11 @@
 The registry is the only party that binds, unbinds and deletes key queues (see
 ``_topology``), which is what lets it retire a key without losing a message. *What* to do
 with a key, and when, is decided by the key book (``_keybook``: a key's states, pure and
-property-tested); this module carries the book's commands out over AMQP and feeds their
-outcomes back to it, dispatches the control messages the roles send, and answers ensures
-and status requests. Leadership is ``_leadership``; what is learnt from the broker itself
-(adoption, backlog, leases, workers that are gone) is ``_reconcile``.
+property-tested); this module runs the leading session, dispatches the control messages the
+roles send to the book, answers ensures and status requests, and decides when to rebalance.
+The book's commands are carried out over AMQP by ``_commands``; leadership is
+``_leadership``; what is learnt from the broker itself (adoption, backlog, leases, workers
+that are gone) is ``_reconcile``.
 
 State lives in memory and is rebuilt from the workers (each reports the keys it consumes)
 and from the broker when a registry starts leading.
@@ -16,50 +17,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
+from ._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
+from ._commands import CommandRunner
 from ._connection import keep_connected
 from ._control import control_message, declare_registry_queue
 from ._errors import InvalidKeyError, ProtocolError, RabbitkeysError
 from ._keybook import (
-    RELEASE_WAIT,
-    AssignKeys,
-    CheckAndDelete,
     Command,
-    DeclareAndBind,
-    HandoffDone,
     KeyBook,
-    Rebalance,
     ReleaseKeys,
-    Reply,
-    Retired,
-    SyncWorker,
-    Unbind,
-    WaitGrace,
-    WaitRelease,
 )
 from ._leadership import take_leadership
 from ._lifecycle import Background
 from ._metrics import RegistryMetrics
 from ._protocol import (
     REFUSED_QUOTA_EXCEEDED,
-    Assign,
     ControlMessage,
     Ensured,
     EnsureKey,
     KeyAssignment,
     Refused,
-    Release,
     Released,
     Status,
     StatusRequest,
@@ -67,13 +53,11 @@ from ._protocol import (
     WorkerHeartbeat,
     WorkerJoin,
     WorkerLeave,
-    WorkerStatus,
     decode,
-    split,
 )
-from ._reconcile import Reconciler, fresh_channel
+from ._reconcile import Reconciler
 from ._settings import Settings, load_settings
-from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+from ._topology import KeyRef, Names
 
 __all__ = ["Registry"]
 
@@ -100,18 +84,13 @@ class Registry(Background):
         self.registry_id = uuid.uuid4().hex[:12]
         self.names = Names(settings.namespace)
         self._book = self._new_book()
-        self._declared_exchanges: set[str] = set()
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
         self._rebalance_wanted = asyncio.Event()
         self._tasks = TaskSet(log, "registry task")
-        self._connection: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
-        self._pool: ChannelPool | None = None
+        self._runner: CommandRunner | None = None
         self._reconciler: Reconciler | None = None
-        #: ensures waiting for the book's answer, by waiter number
-        self._waiters: dict[int, asyncio.Future[Reply]] = {}
-        self._waiter_numbers = itertools.count()
         self.malformed_messages = 0
         self.keys_retired = 0
         #: last sign of life of each worker lost since the last rebalance (failover gap)
@@ -165,9 +144,7 @@ class Registry(Background):
     async def _session(self, connection: AbstractConnection) -> None:
         # Each connection starts from nothing: state is rebuilt from the workers.
         self._book = self._new_book()
-        self._declared_exchanges.clear()
         self._leading.clear()
-        self._connection = connection
         self._connected = True
         try:
             await self._run_connected(connection)
@@ -184,7 +161,16 @@ class Registry(Background):
         await take_leadership(connection, self.names, self.registry_id, self._stopping)
         if self._stopping.is_set():
             return
-        self._pool = ChannelPool(connection, size=8)
+        self._runner = CommandRunner(
+            self.settings,
+            connection,
+            self._control,
+            self._book,
+            tasks=self._tasks,
+            metrics=self.metrics,
+            rebalance=self._rebalance_wanted.set,
+            retired=self._count_retired,
+        )
         reconciler = self._reconciler = Reconciler(
             self.settings,
             connection,
@@ -334,13 +320,8 @@ class Registry(Background):
             ref = KeyRef.of(request.key, request.job_type)
         except InvalidKeyError as exc:
             return Refused(reason=str(exc))
-        waiter = next(self._waiter_numbers)
-        answer = self._waiters[waiter] = asyncio.get_running_loop().create_future()
-        try:
-            self._do(self._book.ensure(ref, request.stale_routing_key, waiter))
-            reply = await answer
-        finally:
-            del self._waiters[waiter]
+        assert self._runner is not None
+        reply = await self._runner.ensure(ref, request.stale_routing_key)
         if reply.routing_key is not None:
             return Ensured(routing_key=reply.routing_key)
         if reply.code is not None:
@@ -348,36 +329,10 @@ class Registry(Background):
         return Refused(reason=reply.reason or "refused")
 
     async def _status(self, with_backlog: bool) -> Status:
-        backlog: dict[str, int] = {}
+        backlog = None
         if with_backlog and self._reconciler is not None:
             backlog = await self._reconciler.backlog()
-        now = time.monotonic()
-        workers = [
-            WorkerStatus(
-                worker_id=w.worker_id,
-                job_types=sorted(w.job_types),
-                keys=len(w.keys),
-                # what workers hold but have not started (their heartbeats say) is backlog too
-                backlog=(
-                    sum(backlog.get(k, 0) for k in w.keys) + w.waiting if with_backlog else None
-                ),
-                last_seen_seconds=round(now - w.last_seen, 3),
-            )
-            for w in sorted(self._book.workers.values(), key=lambda w: w.worker_id)
-        ]
-        return Status(
-            namespace=self.names.namespace,
-            registry_id=self.registry_id,
-            workers=workers,
-            keys=len(self._book.keys),
-            unassigned_keys=self._book.unassigned(),
-            retiring_keys=self._book.retiring(),
-            backlog=(
-                sum(backlog.values()) + sum(w.waiting for w in self._book.workers.values())
-                if with_backlog
-                else None
-            ),
-        )
+        return self._book.status(self.registry_id, backlog, time.monotonic())
 
     # --- membership ---------------------------------------------------------------------
 
@@ -415,149 +370,20 @@ class Registry(Background):
             self.metrics.keys_moved.inc(moved)
             log.info("rebalancing: %d keys move over %d workers", moved, len(self._book.workers))
 
-    # --- carrying out the book's commands ---------------------------------------------------
-
     def _do(self, commands: list[Command]) -> None:
-        book = self._book  # this session's: a later session has its own
-        for command in commands:
-            match command:
-                case Reply(waiter=waiter):
-                    answer = self._waiters.get(waiter)
-                    if answer is not None and not answer.done():
-                        answer.set_result(command)
-                case AssignKeys(worker_id=worker_id, keys=keys):
-                    for assign in split(list(keys), lambda chunk: Assign(keys=chunk)):
-                        self._send(worker_id, assign)
-                case ReleaseKeys(worker_id=worker_id, key_ids=key_ids):
-                    for release in split(list(key_ids), lambda chunk: Release(key_ids=chunk)):
-                        self._send(worker_id, release)
-                case SyncWorker(worker_id=worker_id):
-                    self._send(worker_id, Sync())
-                case Rebalance():
-                    self._rebalance_wanted.set()
-                case Retired():
-                    self.keys_retired += 1
-                    self.metrics.keys_retired.inc()
-                case HandoffDone(seconds=seconds):
-                    self.metrics.handoff_duration.observe(seconds)
-                case DeclareAndBind():
-                    self._tasks.spawn(self._declare(command))
-                case Unbind():
-                    self._tasks.spawn(self._unbind(command))
-                case WaitGrace(key_id=key_id, epoch=epoch):
-                    wait = self.settings.retire_grace
-                    self._tasks.spawn(self._after(wait, lambda: book.grace_over(key_id, epoch)))
-                case WaitRelease(key_id=key_id, epoch=epoch):
-                    later = self._after(RELEASE_WAIT, lambda: book.release_wait_over(key_id, epoch))
-                    self._tasks.spawn(later)
-                case CheckAndDelete():
-                    self._tasks.spawn(self._check_and_delete(command))
+        assert self._runner is not None  # control messages are consumed once it exists
+        self._runner.do(commands)
 
-    async def _after(self, delay: float, event: Callable[[], list[Command]]) -> None:
-        await asyncio.sleep(delay)
-        self._do(event())
+    def _count_retired(self) -> None:
+        self.keys_retired += 1
+        self.metrics.keys_retired.inc()
 
-    async def _declare(self, command: DeclareAndBind) -> None:
-        book = self._book
-        try:
-            routing_key = await self._declare_and_bind(command.ref, command.queue)
-        except Exception as exc:
-            log.warning("cannot declare or bind the queue of key %s: %r", command.key_id, exc)
-            refused = _declare_refusal(exc)
-            self._do(book.declare_failed(command.key_id, command.epoch, *refused))
-            return
-        self.metrics.keys_created.inc()
-        now = time.monotonic()
-        self._do(book.declared(command.key_id, command.epoch, routing_key, now))
-
-    async def _declare_and_bind(self, ref: KeyRef, queue: str) -> str:
-        assert self._pool is not None
-        exchange = self.names.jobs_exchange(ref.job_type)
-        channel = await self._pool.get()
-        if exchange not in self._declared_exchanges:
-            await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
-            self._declared_exchanges.add(exchange)
-        await channel.queue_declare(
-            queue,
-            durable=self.settings.durable,
-            arguments=key_queue_arguments(self.settings.key_queue_expires),
-        )
-        routing_key = new_routing_key(ref)
-        await channel.queue_bind(queue, exchange, routing_key=routing_key)
-        return routing_key
-
-    async def _unbind(self, command: Unbind) -> None:
-        """Retiring, 1: stop routing; from here on, publishes come back to their publisher."""
-        assert self._pool is not None
-        book = self._book
-        removed: list[str] = []
-        try:
-            exchange = self.names.jobs_exchange(command.ref.job_type)
-            channel = await self._pool.get()
-            for routing_key in command.routing_keys:
-                await channel.queue_unbind(command.queue, exchange, routing_key=routing_key)
-                removed.append(routing_key)
-        except Exception as exc:
-            log.warning("cannot unbind key %s; not retired: %r", command.key_id, exc)
-            self._do(book.unbound(command.key_id, command.epoch, removed, ok=False))
-            return
-        self._do(book.unbound(command.key_id, command.epoch, removed, ok=True))
-
-    async def _check_and_delete(self, command: CheckAndDelete) -> None:
-        """Retiring, 4: delete only an empty, unconsumed queue; the broker checks both
-        atomically."""
-        assert self._connection is not None
-        book = self._book
-        deleted = False
-        try:
-            async with fresh_channel(self._connection) as probe:
-                try:
-                    ok = await probe.queue_declare(command.queue, passive=True)
-                    if not ok.message_count and not ok.consumer_count:
-                        await probe.queue_delete(command.queue, if_empty=True, if_unused=True)
-                        deleted = True
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    deleted = True  # deleted meanwhile (x-expires, an operator)
-                except CHANNEL_ERRORS as exc:
-                    log.info("kept key %s: %s", command.key_id, exc)
-        except CHANNEL_ERRORS as exc:  # no channel to ask on: keep it
-            log.info("kept key %s: %s", command.key_id, exc)
-        self._do(book.delete_outcome(command.key_id, command.epoch, deleted))
-
-    # --- sending ------------------------------------------------------------------------
-
-    def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
-        self._tasks.spawn(self._publish(self.names.worker_inbox(worker_id), command))
+    # --- sending ---------------------------------------------------------------------
 
     async def _broadcast(self, command: Sync) -> None:
         assert self._control is not None
         exchange = await self._control.get_exchange(self.names.workers_exchange, ensure=False)
         await exchange.publish(control_message(command), routing_key="")
-
-    async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
-        assert self._control is not None
-        await self._control.default_exchange.publish(
-            control_message(command), routing_key=routing_key
-        )
-
-
-def _declare_refusal(error: Exception) -> tuple[str, str | None]:
-    """Why a declare or bind failed, as a Refused reason and code: the broker refused it (say
-    the vhost's queue limit), or the client library refused a name."""
-    if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
-        "queue limit in vhost" in str(error)
-    ):
-        # the broker's own queue limit (the vhost's max-queues) is a quota like ours
-        detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
-        reason = f"the broker refused another queue ({detail}): the vhost's max-queues limit"
-        return reason[:1000], REFUSED_QUOTA_EXCEEDED
-    if isinstance(error, RabbitkeysError):
-        reason = str(error)
-    elif isinstance(error, aiormq.exceptions.AMQPError):
-        reason = f"the broker refused it ({error})"
-    else:
-        reason = f"{type(error).__name__}: {error}"
-    return f"cannot declare or bind the key's queue: {reason}"[:1000], None
 
 
 def _reason(error: BaseException) -> str:
