@@ -16,7 +16,7 @@ A key's life (:class:`KeyState`; docs/design.md has the table)::
                                                 │ still busy after RELEASE_WAIT: MOVING
                                                                  └─ not empty: OWNED (kept)
 
-Transitions happen only in :meth:`KeyBook._enter`. The rules they keep:
+Transitions happen only in :meth:`_Ledger._enter`. The rules they keep:
 
 * a key has at most one owner, and a new owner is assigned a key only once the old one has
   reported it released (or is gone): never two consumers;
@@ -362,9 +362,12 @@ class _Ledger:
         )
 
     def leases_due(self, now: float, period: float) -> list[Key]:
-        """Keys no worker consumes whose queue's ``x-expires`` lease wants renewing."""
+        """Keys no worker consumes whose queue's ``x-expires`` lease wants renewing (a key
+        being declared or retired is looked after by that)."""
         return [
-            k for k in self.keys.values() if k.owner is None and now - k.last_lease_renewal > period
+            k
+            for k in self.keys.values()
+            if k.state is KeyState.UNOWNED and now - k.last_lease_renewal > period
         ]
 
     def silent_workers(self, seen_before: float) -> list[WorkerRecord]:
@@ -388,8 +391,11 @@ class _Ledger:
         if owner is not None:
             self.workers[owner].keys.add(key.ref.id)
 
-    def _new_key(self, ref: KeyRef, state: KeyState, routing_key: str | None = None) -> Key:
-        key = self.keys[ref.id] = Key(ref, self._queue_of(ref), state)
+    def _new_key(
+        self, ref: KeyRef, state: KeyState, routing_key: str | None = None, now: float = 0.0
+    ) -> Key:
+        """A key new to the book; ``now``: when its queue is known to exist (its lease)."""
+        key = self.keys[ref.id] = Key(ref, self._queue_of(ref), state, last_lease_renewal=now)
         if routing_key:
             key.routing_keys.append(routing_key)
         return key
@@ -427,7 +433,7 @@ class _Ledger:
 
     # --- the broker's view ----------------------------------------------------------------
 
-    def adopt_listed(self, ref: KeyRef, consumers: int, bound: list[str]) -> bool:
+    def adopt_listed(self, ref: KeyRef, consumers: int, bound: list[str], now: float) -> bool:
         """A key queue the broker lists: adopt it if nobody consumes it (whether it was
         adopted) and learn its bindings. Merge, never replace: a binding made after the
         listing must not be forgotten, or a retirement would delete a queue that still
@@ -437,7 +443,7 @@ class _Ledger:
         if key is None:
             if consumers:
                 return False  # a worker consumes it; it reports it on its next join
-            key = self._new_key(ref, KeyState.UNOWNED)
+            key = self._new_key(ref, KeyState.UNOWNED, now=now)
             adopted = True
         if key.state in _PLACEABLE:
             key.routing_keys[:0] = [rk for rk in bound if rk not in key.routing_keys]
@@ -654,7 +660,7 @@ class KeyBook(_Ledger):
         worker.last_seen = now
         commands: list[Command] = [Rebalance()]
         for ref, routing_key in reported:
-            key = self.keys.get(ref.id) or self._new_key(ref, KeyState.UNOWNED, routing_key)
+            key = self.keys.get(ref.id) or self._new_key(ref, KeyState.UNOWNED, routing_key, now)
             if key.owner is None or key.owner not in self.workers:
                 self._set_owner(key, worker_id)
                 if key.state is KeyState.UNOWNED:
@@ -706,7 +712,7 @@ class KeyBook(_Ledger):
             if key is None:
                 # Released to a registry that led before us: adopt the key, or it would sit
                 # unconsumed until its queue expires.
-                key = self._new_key(ref, KeyState.UNOWNED, routing_key)
+                key = self._new_key(ref, KeyState.UNOWNED, routing_key, now)
                 commands += self._place(key)
                 continue
             if key.owner != worker_id:

@@ -126,7 +126,7 @@ class Reconciler:
             ref = refs.get(queue.name)
             if ref is not None:
                 bound = bindings.get(queue.name, [])
-                adopted += book.adopt_listed(ref, queue.consumers or 0, bound)
+                adopted += book.adopt_listed(ref, queue.consumers or 0, bound, time.monotonic())
         if adopted:
             log.info("adopted %d unconsumed keys from the broker", adopted)
             self._adopted()

@@ -546,12 +546,14 @@ def test_an_outcome_of_an_earlier_declare_or_retirement_is_ignored() -> None:
 
 def test_keys_listed_by_the_broker_are_adopted_only_if_unconsumed_and_bindings_merged() -> None:
     book = new_book()
-    assert not book.adopt_listed(ref("busy"), consumers=1, bound=["rk1"])
-    assert book.adopt_listed(ref("idle"), consumers=0, bound=["rk1"])
+    assert not book.adopt_listed(ref("busy"), consumers=1, bound=["rk1"], now=5.0)
+    assert book.adopt_listed(ref("idle"), consumers=0, bound=["rk1"], now=5.0)
     key = book.keys[ref("idle").id]
     key.routing_keys.append("rk2")  # bound after the listing
-    assert not book.adopt_listed(ref("idle"), consumers=0, bound=["rk1", "rk0"])
+    assert not book.adopt_listed(ref("idle"), consumers=0, bound=["rk1", "rk0"], now=6.0)
     assert key.routing_keys == ["rk0", "rk1", "rk2"] and key.state is KeyState.UNOWNED
+    assert book.leases_due(now=10.0, period=10.0) == []  # its queue was listed at 5.0
+    assert book.leases_due(now=16.0, period=10.0) == [key]
     assert book.queue_lost(key.ref.id) and not book.keys
 
 
