@@ -535,32 +535,39 @@ class KeyBook(_Ledger):
             return []
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = now
-        commands: list[Command] = []
-        if key.owner is not None and key.owner in self.workers:
-            self._enter(key, key.resume)
-            if key.recreated and key.resume is KeyState.OWNED:
-                # the queue was recreated: its old consumer was cancelled by the broker
-                commands.append(AssignKeys(key.owner, (key.assignment(),)))
-        else:
-            commands += self._place(key)
-        key.recreated = False
-        commands += self._answer(key, routing_key)
-        return commands
+        recreated, key.recreated = key.recreated, False
+        commands = self._resume(key)
+        if recreated and key.state is KeyState.OWNED and not commands:
+            # the queue was recreated: its old consumer was cancelled by the broker
+            assert key.owner is not None
+            commands.append(AssignKeys(key.owner, (key.assignment(),)))
+        return commands + self._answer(key, routing_key)
 
     def declare_failed(
         self, key_id: str, epoch: int, reason: str, code: str | None
     ) -> list[Command]:
-        """A key nothing routes to is forgotten, so that no worker is told to consume a
-        queue that may not exist; every ensure waiting for it gets the reason."""
+        """A key nothing routes to and no worker consumes is forgotten, so that no worker is
+        told to consume a queue that may not exist; one a worker consumes stays as it was
+        (forgetting it would let a later ensure give it a second consumer). Every ensure
+        waiting for it gets the reason."""
         key = self._current(key_id, epoch, KeyState.DECLARING)
         if key is None:
             return []
         waiters, key.waiters = key.waiters, []
-        if not key.routing_keys:
-            self._forget(key)
-        else:
-            self._enter(key, key.resume)
-        return [Reply(w, reason=reason, code=code) for w in waiters]
+        key.recreated = False
+        commands: list[Command] = [Reply(w, reason=reason, code=code) for w in waiters]
+        if key.routing_keys or (key.owner is not None and key.owner in self.workers):
+            return self._resume(key) + commands
+        self._forget(key)
+        return commands
+
+    def _resume(self, key: Key) -> list[Command]:
+        """Out of DECLARING: held as before (its owner, a move under way), or placed."""
+        if key.owner is not None and key.owner in self.workers:
+            moving = key.resume is KeyState.MOVING
+            self._enter(key, KeyState.MOVING if moving else KeyState.OWNED)
+            return []
+        return self._place(key)
 
     def _answer(self, key: Key, routing_key: str) -> list[Command]:
         waiters, key.waiters = key.waiters, []
