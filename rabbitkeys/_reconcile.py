@@ -136,7 +136,7 @@ class Reconciler:
 
     async def poll_backlog(self) -> None:
         """Messages waiting in key queues, for the metric an autoscaler reads. One listing
-        through the management API (all its pages), not a declare per key."""
+        through the management API (unpaged, filtered here), not a declare per key."""
         while True:
             started = time.monotonic()
             with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError):
