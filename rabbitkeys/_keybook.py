@@ -479,10 +479,9 @@ class KeyBook(_Ledger):
             refused = self._beyond_quota(ref)
             if refused is not None:
                 return [Reply(waiter, reason=refused, code=REFUSED_QUOTA_EXCEEDED)]
-            key = self._new_key(ref, KeyState.DECLARING)
+            key = self._new_key(ref, KeyState.UNOWNED)
             key.waiters.append(waiter)
-            self._enter(key, KeyState.DECLARING)
-            return [DeclareAndBind(ref.id, ref, key.queue, key.epoch)]
+            return self._declare(key)
         if key.state is KeyState.DECLARING or key.state in RETIRING:
             key.waiters.append(waiter)  # answered when that ends
             return []
@@ -499,9 +498,9 @@ class KeyBook(_Ledger):
         return self._declare(key)
 
     def _declare(self, key: Key) -> list[Command]:
-        key.resume = (
-            key.state if key.state in (KeyState.OWNED, KeyState.MOVING) else (KeyState.UNOWNED)
-        )
+        # how the key is held now, to go back to once declared (see _resume)
+        held = key.state in (KeyState.OWNED, KeyState.MOVING)
+        key.resume = key.state if held else KeyState.UNOWNED
         self._enter(key, KeyState.DECLARING)
         return [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
 
@@ -629,10 +628,9 @@ class KeyBook(_Ledger):
         self._forget(key)
         commands: list[Command] = [Retired(key_id), Rebalance()]
         if waiters:  # ensures that waited for the retirement: a new key, from the start
-            fresh = self._new_key(key.ref, KeyState.DECLARING)
+            fresh = self._new_key(key.ref, KeyState.UNOWNED)
             fresh.waiters = waiters
-            self._enter(fresh, KeyState.DECLARING)
-            commands.append(DeclareAndBind(key_id, fresh.ref, fresh.queue, fresh.epoch))
+            commands += self._declare(fresh)
         return commands
 
     def _end_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
