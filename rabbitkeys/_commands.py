@@ -10,6 +10,7 @@ the session ended goes to a book nobody reads any more.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -117,15 +118,11 @@ class CommandRunner:
                 case Unbind():
                     self._tasks.spawn(self._unbind(command))
                 case WaitGrace(key_id=key_id, epoch=epoch):
-                    wait = self._settings.retire_grace
-                    self._tasks.spawn(
-                        self._after(wait, lambda: self._book.grace_over(key_id, epoch))
-                    )
+                    grace_over = functools.partial(self._book.grace_over, key_id, epoch)
+                    self._tasks.spawn(self._after(self._settings.retire_grace, grace_over))
                 case WaitRelease(key_id=key_id, epoch=epoch):
-                    later = self._after(
-                        RELEASE_WAIT, lambda: self._book.release_wait_over(key_id, epoch)
-                    )
-                    self._tasks.spawn(later)
+                    wait_over = functools.partial(self._book.release_wait_over, key_id, epoch)
+                    self._tasks.spawn(self._after(RELEASE_WAIT, wait_over))
                 case CheckAndDelete():
                     self._tasks.spawn(self._check_and_delete(command))
 
