@@ -73,7 +73,7 @@ async def test_status_reports_workers_keys_and_backlog_as_json(settings: Setting
             for n in range(4):
                 await publisher.publish("busy", str(n).encode())
             await publisher.publish("other", b"x")
-        await eventually(lambda: registry._workers["w-one"].waiting == 3)
+        await eventually(lambda: registry._book.workers["w-one"].waiting == 3)
         result = await asyncio.to_thread(
             rabbitkeys_cli, "status", "--json", env=_settings_env(settings)
         )

@@ -352,7 +352,7 @@ async def test_a_worker_reports_its_keys_in_several_joins_and_a_new_registry_reb
             assert len(owned) == len(keys)
         # the registry is gone; the worker keeps consuming; a new one asks it for its keys
         async with running_registry(settings) as registry:
-            await eventually(lambda: len(registry._keys) == len(keys), timeout=30)
+            await eventually(lambda: len(registry._book.keys) == len(keys), timeout=30)
             status = await fetch_status(settings, backlog=False)
             assert status.keys == len(keys) and status.unassigned_keys == 0
             assert [(w.worker_id, w.keys) for w in status.workers] == [

@@ -12,6 +12,7 @@ import aiormq
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
+from rabbitkeys._keybook import RETIRING
 from rabbitkeys._topology import KeyRef, Names
 
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
@@ -51,7 +52,7 @@ async def test_idle_key_is_retired_and_revived_by_a_later_publish(
             for n in range(1, 6):
                 await publisher.publish("post-1", str(n).encode())
             await eventually(lambda: len(seen) == 5)
-            await eventually(lambda: not registry._keys, timeout=10)
+            await eventually(lambda: not registry._book.keys, timeout=10)
             assert not await queue_exists(settings, queue)
             # The publisher still holds the old routing key: the message comes back, the
             # key is ensured again, and the message is routed in its place.
@@ -121,11 +122,11 @@ async def test_bursts_across_retirements_keep_the_fence_every_message_once_in_or
     async with running_registry(settings) as registry, running_worker(settings, app):
 
         def state(key: str) -> Any:
-            return next((k for k in registry._keys.values() if k.ref.key == key), None)
+            return next((k for k in registry._book.keys.values() if k.ref.key == key), None)
 
         def retiring(key: str) -> bool:
             found = state(key)
-            return found is not None and found.lock.locked() and not found.routing_keys
+            return found is not None and found.state in RETIRING and not found.routing_keys
 
         async def send_burst(publisher: Publisher, key: str) -> None:
             values = range(counters[key], counters[key] + burst)

@@ -116,10 +116,10 @@ async def test_in_the_default_vhost_a_killed_worker_is_noticed_through_the_event
     settings = make_settings(broker.url_in("/"), root_namespace, worker_timeout=600.0)
     async with running_registry(settings) as registry, LocalCluster(settings) as cluster:
         worker = await cluster.start_worker("rabbitkeys.tools.demo:app")
-        await eventually(lambda: len(registry._workers) == 1, timeout=30)
+        await eventually(lambda: len(registry._book.workers) == 1, timeout=30)
         worker.kill()
         await worker.wait()
-        await eventually(lambda: not registry._workers, timeout=60)
+        await eventually(lambda: not registry._book.workers, timeout=60)
 
 
 @pytest.mark.processes
@@ -129,10 +129,10 @@ async def test_in_another_vhost_a_killed_worker_is_noticed_by_its_missing_heartb
     settings = make_settings(amqp_url, namespace)  # worker_timeout 1.5 s
     async with running_registry(settings) as registry, LocalCluster(settings) as cluster:
         worker = await cluster.start_worker("rabbitkeys.tools.demo:app")
-        await eventually(lambda: len(registry._workers) == 1, timeout=30)
+        await eventually(lambda: len(registry._book.workers) == 1, timeout=30)
         worker.kill()
         await worker.wait()
-        await eventually(lambda: not registry._workers, timeout=60)
+        await eventually(lambda: not registry._book.workers, timeout=60)
 
 
 async def test_a_new_registry_adopts_unconsumed_key_queues_through_the_management_api(
@@ -152,7 +152,7 @@ async def test_a_new_registry_adopts_unconsumed_key_queues_through_the_managemen
         for n in range(3):
             await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in handled))
     async with running_registry(settings) as fresh:
-        await eventually(lambda: {k.ref.key for k in fresh._keys.values()} == set(handled), 30)
+        await eventually(lambda: {k.ref.key for k in fresh._book.keys.values()} == set(handled), 30)
         async with running_worker(settings, app):
             await eventually(lambda: sum(map(len, handled.values())) == 6)
     assert handled == {"a": [0, 1, 2], "b": [0, 1, 2]}
@@ -172,7 +172,7 @@ async def test_a_registry_ignores_the_events_of_another_vhost(
         pass
 
     async with running_registry(settings) as registry, running_worker(settings, app) as worker:
-        await eventually(lambda: worker.worker_id in registry._workers, timeout=30)
+        await eventually(lambda: worker.worker_id in registry._book.workers, timeout=30)
         root = await aio_pika.connect(broker.url_in("/"))
         other = await aio_pika.connect(amqp_url)
         try:
@@ -186,14 +186,14 @@ async def test_a_registry_ignores_the_events_of_another_vhost(
             await in_root.default_exchange.publish(
                 control_message(join), routing_key=names.registry_queue
             )
-            await eventually(lambda: "marker" in registry._workers)
+            await eventually(lambda: "marker" in registry._book.workers)
             # the live worker's inbox name, in the session's vhost: created and deleted
             in_other = await other.channel()
             await in_other.declare_queue(names.worker_inbox(worker.worker_id))
             await in_other.queue_delete(names.worker_inbox(worker.worker_id))
             await in_root.queue_delete(names.worker_inbox("marker"))
-            await eventually(lambda: "marker" not in registry._workers)
-            assert worker.worker_id in registry._workers
+            await eventually(lambda: "marker" not in registry._book.workers)
+            assert worker.worker_id in registry._book.workers
         finally:
             await root.close()
             await other.close()

@@ -420,7 +420,7 @@ async def test_a_declare_that_fails_leaves_no_key_behind_and_the_publisher_a_cle
         await publisher.publish("user/1", b"1")
         await eventually(lambda: seen["user/1"] == [1])
         first = KeyRef.of("user/1").id
-        assert list(registry._keys) == [first]
+        assert list(registry._book.keys) == [first]
 
         # 1. the broker refuses: no room for one more queue in the vhost
         queues = management(amqp_url, f"queues/{urllib.parse.quote(own_vhost, safe='')}")
@@ -436,7 +436,7 @@ async def test_a_declare_that_fails_leaves_no_key_behind_and_the_publisher_a_cle
             assert "queue limit" in str(failure), failure
         refused = KeyRef.of("post A").id
         # nothing left behind: not known, not counted, not assigned to any worker
-        assert refused not in registry._keys
+        assert refused not in registry._book.keys
         assert registry.gauge_values()["rabbitkeys_live_keys"] == 1
         assert worker.owned_keys == [first]
         # the key that exists is not disturbed
@@ -451,7 +451,7 @@ async def test_a_declare_that_fails_leaves_no_key_behind_and_the_publisher_a_cle
         # the same key now works, from a fresh start
         await asyncio.gather(*(publisher.publish("post A", str(n).encode()) for n in (4, 5, 6)))
         await eventually(lambda: seen["post A"] == [4, 5, 6])
-        assert sorted(registry._keys) == sorted([first, refused])
+        assert sorted(registry._book.keys) == sorted([first, refused])
 
         # 2. the client library refuses the name: the publisher says so before sending...
         with pytest.raises(InvalidKeyError, match="127"):
@@ -462,7 +462,7 @@ async def test_a_declare_that_fails_leaves_no_key_behind_and_the_publisher_a_cle
             await client.start()
             reply = await client.request(EnsureKey(job_type="j" * 64, key="k"), timeout=10)
         assert isinstance(reply, Refused) and "127" in reply.reason, reply
-        assert sorted(registry._keys) == sorted([first, refused])
+        assert sorted(registry._book.keys) == sorted([first, refused])
         assert registry.is_leader
 
 
@@ -540,8 +540,8 @@ async def test_a_new_registry_adopts_only_key_queues_this_version_can_have_made(
         path = f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}"
         management(amqp_url, path, "PUT", arguments)
     async with running_registry(settings) as registry:
-        await eventually(lambda: orphan.id in registry._keys, timeout=30)
+        await eventually(lambda: orphan.id in registry._book.keys, timeout=30)
         status = await fetch_status(settings, backlog=False)
-        assert list(registry._keys) == [orphan.id]
+        assert list(registry._book.keys) == [orphan.id]
         assert status.keys == 1
         assert registry.is_leader

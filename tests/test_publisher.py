@@ -53,7 +53,7 @@ async def test_bad_input_is_refused_and_nothing_is_sent(
             await publisher.publish(**arguments)
         # and the publisher still works afterwards
         await publisher.publish("k", b"fine")
-        assert list(registry._keys) == ["default/k"]
+        assert list(registry._book.keys) == ["default/k"]
 
 
 async def test_without_a_registry_publish_raises_registry_unavailable(

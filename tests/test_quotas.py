@@ -34,8 +34,8 @@ from rabbitkeys import (
     QuotaExceededError,
     Worker,
 )
+from rabbitkeys._keybook import RETIRING, Key, KeyState, KeyTable
 from rabbitkeys._protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused, decode
-from rabbitkeys._registry import _Key, _KeyTable
 from rabbitkeys._settings import load_settings
 from rabbitkeys._topology import KeyRef, Names
 
@@ -95,13 +95,13 @@ _operations = st.lists(
 def test_the_key_table_counts_job_types_through_every_change(
     operations: list[tuple[str, int, str]],
 ) -> None:
-    table = _KeyTable()
+    table = KeyTable()
     names = Names("t")
     for operation, n, job_type in operations:
         key_id = f"k{n}"
         if operation == "set":
             ref = KeyRef(job_type, key_id, key_id)
-            table[key_id] = _Key(ref, names.key_queue(ref))
+            table[key_id] = Key(ref, names.key_queue(ref), KeyState.UNOWNED)
         elif operation == "del" and key_id in table:
             del table[key_id]
         elif operation == "pop":
@@ -147,7 +147,7 @@ async def test_a_new_key_beyond_max_keys_is_refused_and_existing_keys_keep_worki
             assert published == [None] * 4
             with pytest.raises(QuotaExceededError):
                 await publisher.publish("k4", b"again")
-            assert sorted(k.ref.key for k in registry._keys.values()) == ["k1", "k2", "k3"]
+            assert sorted(k.ref.key for k in registry._book.keys.values()) == ["k1", "k2", "k3"]
             assert metrics.get_sample_value("rabbitkeys_quota_refusals_total") == 2
         await eventually(lambda: sum(map(len, handled.values())) == 7)
     assert handled == {"k1": [1, 2, 3], "k2": [1], "k3": [1, 2, 3]}
@@ -169,13 +169,13 @@ async def test_a_retiring_key_counts_until_it_is_gone_then_frees_its_place(
         async with Publisher(settings) as publisher:
             await publisher.publish("old", b"x")
             await eventually(lambda: handled == ["old"])
-            [old] = registry._keys.values()
-            await eventually(lambda: old.lock.locked(), timeout=20)  # retiring now
+            [old] = registry._book.keys.values()
+            await eventually(lambda: old.state in RETIRING, timeout=20)
             with pytest.raises(QuotaExceededError, match="RABBITKEYS_MAX_KEYS=1"):
                 await publisher.publish("new", b"y")
             assert registry.keys_retired == 0, "the retirement outlived its grace: test void"
             await eventually(lambda: registry.keys_retired == 1, timeout=30)
-            assert not registry._keys
+            assert not registry._book.keys
             await publisher.publish("new", b"y")
         await eventually(lambda: handled == ["old", "new"])
 
@@ -200,7 +200,7 @@ async def test_a_key_of_a_new_job_type_beyond_max_job_types_is_refused(
                 await publisher.publish("k1", b"", job_type="c")
             # more keys of a job type that has live keys are no new job type
             await publisher.publish("k2", b"", job_type="a")
-            assert registry._keys.job_types == Counter({"a": 2, "b": 1})
+            assert registry._book.keys.job_types == Counter({"a": 2, "b": 1})
         await eventually(lambda: len(handled) == 3)
     assert sorted(handled) == [("a", "k1"), ("a", "k2"), ("b", "k1")]
 
@@ -268,13 +268,13 @@ async def test_a_worker_holds_no_more_than_its_cap_over_all_keys_also_across_a_h
 
                 async with running_worker(settings, app, worker_id="second") as second:
                     workers.append(second)
-                    await eventually(lambda: "second" in registry._workers)
+                    await eventually(lambda: "second" in registry._book.workers)
 
                     # let handlers finish one at a time until keys have moved to the second
                     # worker (each release requeues a buffer and makes the qos round trip)
                     def moved() -> bool:
                         return bool(second.owned_keys) and not any(
-                            key.handing_off for key in registry._keys.values()
+                            key.state is KeyState.MOVING for key in registry._book.keys.values()
                         )
 
                     async def finish_handlers_until_moved() -> None:
@@ -412,7 +412,7 @@ async def test_the_vhost_queue_limit_refuses_a_new_key_and_leaves_no_trace(
             await publisher.publish("first", b"2")
             await eventually(lambda: handled == [("first", b"1"), ("first", b"2")])
             # and the refused key left nothing behind in the registry
-            assert [k.ref.key for k in registry._keys.values()] == ["first"]
+            assert [k.ref.key for k in registry._book.keys.values()] == ["first"]
             # once the limit is lifted (negative: none), the same key works
             vhost.limit_queues(-1)
             await publisher.publish("second", b"1")

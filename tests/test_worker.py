@@ -95,12 +95,12 @@ async def test_keys_of_a_job_type_without_worker_wait_until_one_serves_it(
         wrongly_handled.append(message)  # an emails worker must never get comments
 
     async with running_registry(settings) as registry, running_worker(settings, others):
-        await eventually(lambda: len(registry._workers) == 1)
+        await eventually(lambda: len(registry._book.workers) == 1)
         async with Publisher(settings) as publisher:
             for n in range(5):
                 await publisher.publish("post-1", str(n).encode(), job_type="comments")
         # the registry knows the key and has placed it nowhere: no worker serves comments
-        [key] = registry._keys.values()
+        [key] = registry._book.keys.values()
         assert key.ref.job_type == "comments" and key.owner is None
         async with running_worker(settings, comments):
             await eventually(lambda: len(handled) == 5)
@@ -157,7 +157,7 @@ async def test_keys_move_between_workers_without_duplicates_or_reordering(
                         await eventually(lambda: handlings.total() == rounds * len(keys))
                 else:
                     async with running_worker(settings, app_for("b")):
-                        await eventually(lambda: len(registry._workers) == 2)
+                        await eventually(lambda: len(registry._book.workers) == 2)
                         publishing = asyncio.create_task(publish_until_stopped())
                         await eventually(lambda: by_worker["b"] >= 100, timeout=30)
                     # b has left; its keys moved to a while messages flowed

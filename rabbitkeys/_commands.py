@@ -1,0 +1,221 @@
+"""The registry's hands: the one home of carrying out the key book's commands over AMQP
+(declare and bind a key's queue, unbind it, wait out the grace, check it empty and delete
+it, tell workers to take or release keys, answer waiting ensures) and of feeding each
+outcome back to the book as its next event.
+
+One runner per leading session, with that session's book: an outcome that arrives after
+the session ended goes to a book nobody reads any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet
+from ._control import control_message
+from ._errors import RabbitkeysError
+from ._keybook import (
+    RELEASE_WAIT,
+    AssignKeys,
+    CheckAndDelete,
+    Command,
+    DeclareAndBind,
+    HandoffDone,
+    KeyBook,
+    Rebalance,
+    ReleaseKeys,
+    Reply,
+    Retired,
+    SyncWorker,
+    Unbind,
+    WaitGrace,
+    WaitRelease,
+)
+from ._metrics import RegistryMetrics
+from ._protocol import REFUSED_QUOTA_EXCEEDED, Assign, Release, Sync, split
+from ._reconcile import fresh_channel
+from ._settings import Settings
+from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+
+__all__ = ["CommandRunner"]
+
+log = logging.getLogger("rabbitkeys.registry")
+
+
+class CommandRunner:
+    """Carries out ``book``'s commands for one leading session. ``rebalance`` is called when
+    the book wants a rebalance, ``retired`` when a key's queue is gone for good."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: AbstractConnection,
+        control: AbstractChannel,
+        book: KeyBook,
+        *,
+        tasks: TaskSet,
+        metrics: RegistryMetrics,
+        rebalance: Callable[[], None],
+        retired: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._names = Names(settings.namespace)
+        self._connection = connection
+        self._control = control
+        self._book = book
+        self._tasks = tasks
+        self._metrics = metrics
+        self._rebalance = rebalance
+        self._retired = retired
+        self._pool = ChannelPool(connection, size=8)
+        self._declared_exchanges: set[str] = set()
+        #: ensures waiting for the book's answer, by waiter number
+        self._waiters: dict[int, asyncio.Future[Reply]] = {}
+        self._waiter_numbers = itertools.count()
+
+    async def ensure(self, ref: KeyRef, stale_routing_key: str | None) -> Reply:
+        """The book's answer to an ensure, once it has one (after a declare or retirement)."""
+        waiter = next(self._waiter_numbers)
+        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = answer
+        try:
+            self.do(self._book.ensure(ref, stale_routing_key, waiter))
+            return await answer
+        finally:
+            del self._waiters[waiter]
+
+    def do(self, commands: list[Command]) -> None:
+        for command in commands:
+            match command:
+                case Reply(waiter=waiter):
+                    answer = self._waiters.get(waiter)
+                    if answer is not None and not answer.done():
+                        answer.set_result(command)
+                case AssignKeys(worker_id=worker_id, keys=keys):
+                    for assign in split(list(keys), lambda chunk: Assign(keys=chunk)):
+                        self._send(worker_id, assign)
+                case ReleaseKeys(worker_id=worker_id, key_ids=key_ids):
+                    for release in split(list(key_ids), lambda chunk: Release(key_ids=chunk)):
+                        self._send(worker_id, release)
+                case SyncWorker(worker_id=worker_id):
+                    self._send(worker_id, Sync())
+                case Rebalance():
+                    self._rebalance()
+                case Retired():
+                    self._retired()
+                case HandoffDone(seconds=seconds):
+                    self._metrics.handoff_duration.observe(seconds)
+                case DeclareAndBind():
+                    self._tasks.spawn(self._declare(command))
+                case Unbind():
+                    self._tasks.spawn(self._unbind(command))
+                case WaitGrace(key_id=key_id, epoch=epoch):
+                    grace_over = functools.partial(self._book.grace_over, key_id, epoch)
+                    self._tasks.spawn(self._after(self._settings.retire_grace, grace_over))
+                case WaitRelease(key_id=key_id, epoch=epoch):
+                    wait_over = functools.partial(self._book.release_wait_over, key_id, epoch)
+                    self._tasks.spawn(self._after(RELEASE_WAIT, wait_over))
+                case CheckAndDelete():
+                    self._tasks.spawn(self._check_and_delete(command))
+
+    async def _after(self, delay: float, event: Callable[[], list[Command]]) -> None:
+        await asyncio.sleep(delay)
+        self.do(event())
+
+    async def _declare(self, command: DeclareAndBind) -> None:
+        try:
+            routing_key = await self._declare_and_bind(command.ref, command.queue)
+        except Exception as exc:
+            log.warning("cannot declare or bind the queue of key %s: %r", command.key_id, exc)
+            refused = _declare_refusal(exc)
+            self.do(self._book.declare_failed(command.key_id, command.epoch, *refused))
+            return
+        self._metrics.keys_created.inc()
+        now = time.monotonic()
+        self.do(self._book.declared(command.key_id, command.epoch, routing_key, now))
+
+    async def _declare_and_bind(self, ref: KeyRef, queue: str) -> str:
+        exchange = self._names.jobs_exchange(ref.job_type)
+        channel = await self._pool.get()
+        if exchange not in self._declared_exchanges:
+            await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+            self._declared_exchanges.add(exchange)
+        await channel.queue_declare(
+            queue,
+            durable=self._settings.durable,
+            arguments=key_queue_arguments(self._settings.key_queue_expires),
+        )
+        routing_key = new_routing_key(ref)
+        await channel.queue_bind(queue, exchange, routing_key=routing_key)
+        return routing_key
+
+    async def _unbind(self, command: Unbind) -> None:
+        """Retiring, 1: stop routing; from here on, publishes come back to their publisher."""
+        removed: list[str] = []
+        try:
+            exchange = self._names.jobs_exchange(command.ref.job_type)
+            channel = await self._pool.get()
+            for routing_key in command.routing_keys:
+                await channel.queue_unbind(command.queue, exchange, routing_key=routing_key)
+                removed.append(routing_key)
+        except Exception as exc:
+            log.warning("cannot unbind key %s; not retired: %r", command.key_id, exc)
+            self.do(self._book.unbound(command.key_id, command.epoch, removed, ok=False))
+            return
+        self.do(self._book.unbound(command.key_id, command.epoch, removed, ok=True))
+
+    async def _check_and_delete(self, command: CheckAndDelete) -> None:
+        """Retiring, 4: delete only an empty, unconsumed queue; the broker checks both
+        atomically."""
+        deleted = False
+        try:
+            async with fresh_channel(self._connection) as probe:
+                try:
+                    ok = await probe.queue_declare(command.queue, passive=True)
+                    if not ok.message_count and not ok.consumer_count:
+                        await probe.queue_delete(command.queue, if_empty=True, if_unused=True)
+                        deleted = True
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    deleted = True  # deleted meanwhile (x-expires, an operator)
+                except CHANNEL_ERRORS as exc:
+                    log.info("kept key %s: %s", command.key_id, exc)
+        except CHANNEL_ERRORS as exc:  # no channel to ask on: keep it
+            log.info("kept key %s: %s", command.key_id, exc)
+        self.do(self._book.delete_outcome(command.key_id, command.epoch, deleted))
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
+        self._tasks.spawn(self._publish(self._names.worker_inbox(worker_id), command))
+
+    async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
+        await self._control.default_exchange.publish(
+            control_message(command), routing_key=routing_key
+        )
+
+
+def _declare_refusal(error: Exception) -> tuple[str, str | None]:
+    """Why a declare or bind failed, as a Refused reason and code: the broker refused it (say
+    the vhost's queue limit), or the client library refused a name."""
+    if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
+        "queue limit in vhost" in str(error)
+    ):
+        # the broker's own queue limit (the vhost's max-queues) is a quota like ours
+        detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
+        reason = f"the broker refused another queue ({detail}): the vhost's max-queues limit"
+        return reason[:1000], REFUSED_QUOTA_EXCEEDED
+    if isinstance(error, RabbitkeysError):
+        reason = str(error)
+    elif isinstance(error, aiormq.exceptions.AMQPError):
+        reason = f"the broker refused it ({error})"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return f"cannot declare or bind the key's queue: {reason}"[:1000], None

@@ -1,0 +1,249 @@
+"""The leading registry's view checked against the broker's: the one home of what the
+registry learns by asking the broker rather than the workers.
+
+* key queues nobody consumes, and every key's bindings (management API listing), adopted
+  into the key book once workers had a moment to report theirs, then every minute;
+* the backlog metric (one listing, never a declare per key) and a status's backlog per key;
+* leases of key queues no worker consumes (a passive declare renews ``x-expires``);
+* which workers are gone: the event exchange's ``queue.deleted`` for a worker's exclusive
+  inbox, or, without it, a worker silent for ``worker_timeout`` whose inbox is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+
+import aiormq
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from ._amqp import CHANNEL_ERRORS, ChannelPool, open_channel
+from ._errors import BrokerUnavailableError, InvalidKeyError
+from ._keybook import KeyBook
+from ._management import list_bindings, list_queues
+from ._settings import Settings
+from ._topology import Names
+
+__all__ = ["Reconciler", "fresh_channel"]
+
+log = logging.getLogger("rabbitkeys.registry")
+
+_EVENT_EXCHANGE = "amq.rabbitmq.event"
+
+# How often the leader compares its keys with the broker's key queues (management API).
+_RECONCILE_INTERVAL = 60.0
+# How often the leader reads the key queues' depths for the backlog metric.
+_BACKLOG_INTERVAL = 15.0
+
+
+@contextlib.asynccontextmanager
+async def fresh_channel(
+    connection: AbstractConnection,
+) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A channel of its own, for calls whose error must not fail anyone else's."""
+    # the broker closes it on NOT_FOUND / RESOURCE_LOCKED: a number of its own
+    channel = await open_channel(connection)
+    try:
+        yield await channel.get_underlay_channel()
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(*CHANNEL_ERRORS):
+                await channel.close()
+
+
+class Reconciler:
+    """One leading session's checks against the broker, for its key book. It tells the
+    registry of a worker that is gone (``worker_gone``), of remote input it dropped
+    (``dropped``) and of keys it adopted (``adopted``: they want a rebalance)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: AbstractConnection,
+        book: KeyBook,
+        *,
+        worker_gone: Callable[..., None],
+        dropped: Callable[[str, BaseException], None],
+        adopted: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._names = Names(settings.namespace)
+        self._connection = connection
+        self._book = book
+        self._worker_gone = worker_gone
+        self._dropped = dropped
+        self._adopted = adopted
+        # passive declares (leases, backlog) fail with NOT_FOUND now and then: their own
+        # channels, so that never fails a declare or bind of an ensure
+        self._probes = ChannelPool(connection, size=2)
+        self.backlog_messages = 0
+        self.key_queue_count = 0
+
+    # --- adoption -----------------------------------------------------------------------
+
+    async def rebuild_from_broker(self) -> None:
+        """Adopt key queues nobody consumes, and learn every key's bindings, from the
+        broker itself: once workers had a moment to answer ``Sync``, then every
+        ``_RECONCILE_INTERVAL`` as a safety net for keys that fell between the cracks."""
+        await asyncio.sleep(2 * self._settings.heartbeat_interval)
+        failures = 0
+        while True:
+            try:
+                complete = await self._adopt_from_broker()
+            except (BrokerUnavailableError, *CHANNEL_ERRORS, KeyError, ValueError) as exc:
+                complete = False
+                if failures == 0:
+                    log.warning(
+                        "cannot list the broker's key queues (%s): keys no worker consumes "
+                        "are not adopted until it answers; enable rabbitmq_management",
+                        exc,
+                    )
+            failures = 0 if complete else failures + 1
+            # right after a broker restart its statistics are incomplete: retry soon
+            await asyncio.sleep(_RECONCILE_INTERVAL if complete else min(30.0, failures))
+
+    async def _adopt_from_broker(self) -> bool:
+        found = await list_queues(self._settings, self._names.key_queue_prefix)
+        if any(queue.consumers is None for queue in found):
+            return False
+        refs = {q.name: ref for q in found if (ref := self._names.key_of_queue(q.name))}
+        bindings: dict[str, list[str]] = defaultdict(list)
+        for job_type in {ref.job_type for ref in refs.values()}:
+            try:
+                exchange = self._names.jobs_exchange(job_type)
+            except InvalidKeyError:  # a queue rabbitkeys cannot have made: not a key's
+                refs = {name: ref for name, ref in refs.items() if ref.job_type != job_type}
+                continue
+            for bound_queue, routing_key in await list_bindings(self._settings, exchange):
+                bindings[bound_queue].append(routing_key)
+        book = self._book
+        adopted = 0
+        for queue in found:
+            ref = refs.get(queue.name)
+            if ref is not None:
+                bound = bindings.get(queue.name, [])
+                adopted += book.adopt_listed(ref, queue.consumers or 0, bound, time.monotonic())
+        if adopted:
+            log.info("adopted %d unconsumed keys from the broker", adopted)
+            self._adopted()
+        return True
+
+    # --- backlog and leases ---------------------------------------------------------------
+
+    async def poll_backlog(self) -> None:
+        """Messages waiting in key queues, for the metric an autoscaler reads. One listing
+        through the management API (unpaged, filtered here), not a declare per key."""
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError):
+                found = await list_queues(self._settings, self._names.key_queue_prefix)
+                self.backlog_messages = sum(queue.messages for queue in found)
+                self.key_queue_count = len(found)
+            # A listing of 100,000 queues takes the broker tens of seconds: keep its share
+            # of the management API's time under a tenth.
+            took = time.monotonic() - started
+            await asyncio.sleep(max(_BACKLOG_INTERVAL, 10 * took))
+
+    async def backlog(self) -> dict[str, int]:
+        """Ready messages per key, by passive declares (a few at a time)."""
+        limit = asyncio.Semaphore(32)
+        counts: dict[str, int] = {}
+
+        async def count(key_id: str, queue: str) -> None:
+            async with limit:
+                with contextlib.suppress(*CHANNEL_ERRORS):
+                    ok = await (await self._probes.get()).queue_declare(queue, passive=True)
+                    counts[key_id] = int(ok.message_count or 0)
+
+        keys = list(self._book.keys.values())
+        await asyncio.gather(*(count(k.ref.id, k.queue) for k in keys))
+        return counts
+
+    async def renew_unowned_leases(self) -> None:
+        """A key queue without consumer expires with its messages (x-expires): while no
+        worker can take a key, renew its lease with a passive declare."""
+        book = self._book
+        now = time.monotonic()
+        for key in book.leases_due(now, self._settings.key_queue_expires / 3):
+            try:
+                await (await self._probes.get()).queue_declare(key.queue, passive=True)
+                book.lease_renewed(key.ref.id, now)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                # Retired meanwhile (the awaits above let a retirement finish), or really
+                # lost: only the latter is news, and only then is it ours to drop.
+                if book.keys.get(key.ref.id) is key and book.queue_lost(key.ref.id):
+                    log.error("unowned key %s lost its queue (expired or deleted)", key.ref.id)
+
+    # --- workers that are gone ------------------------------------------------------------
+
+    async def watch_worker_inboxes(self) -> None:
+        """A worker's inbox is exclusive: the broker deletes it the moment the worker's
+        connection dies. With the event exchange plugin, that deletion tells us at once
+        (a kill -9 is noticed in milliseconds, not after ``worker_timeout``).
+
+        The plugin publishes the events of every vhost into ``amq.rabbitmq.event`` of one
+        vhost (``event_exchange.vhost``, default ``/``; docs/design.md, "Virtual hosts"):
+        in any other vhost the exchange does not exist and only heartbeats tell."""
+        channel = await open_channel(self._connection)  # closed by NOT_FOUND: its own number
+        try:
+            await channel.declare_exchange(_EVENT_EXCHANGE, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            log.warning(
+                "no %s exchange in vhost %r (the rabbitmq_event_exchange plugin is off, or "
+                "publishes into another vhost: event_exchange.vhost in rabbitmq.conf): a "
+                "crashed worker is noticed after worker_timeout (%gs) without heartbeat",
+                _EVENT_EXCHANGE,
+                self._settings.vhost,
+                self._settings.worker_timeout,
+            )
+            return
+        events = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await events.bind(_EVENT_EXCHANGE, routing_key="queue.deleted")
+        await events.consume(self._on_queue_deleted, no_ack=True)
+
+    async def _on_queue_deleted(self, event: AbstractIncomingMessage) -> None:
+        try:
+            headers = event.headers or {}
+            name, vhost = (_text(headers.get(field)) for field in ("name", "vhost"))
+            if vhost is not None and vhost != self._settings.vhost:
+                return  # the same names in another vhost are other workers
+            prefix = self._names.worker_inbox("")
+            if name is not None and name.startswith(prefix):
+                self._worker_gone(name[len(prefix) :], reason="disconnected")
+        except Exception as exc:
+            self._dropped("a queue.deleted event", exc)
+
+    async def drop_silent_workers(self) -> None:
+        """A worker without heartbeat for ``worker_timeout`` is dropped only once the broker
+        confirms its connection is gone (its exclusive inbox no longer exists): heartbeats
+        can be late in a busy queue, and moving a key a live worker still consumes would
+        give it two consumers."""
+        book = self._book
+        for worker in book.silent_workers(time.monotonic() - self._settings.worker_timeout):
+            async with fresh_channel(self._connection) as probe:
+                try:
+                    await probe.queue_declare(
+                        self._names.worker_inbox(worker.worker_id), passive=True
+                    )
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    self._worker_gone(worker.worker_id, reason="is gone (no heartbeat)")
+                    continue
+                except CHANNEL_ERRORS:
+                    pass  # RESOURCE_LOCKED: its connection is alive
+                except ValueError as exc:  # an id no queue can have (the protocol checks)
+                    self._dropped(f"worker {worker.worker_id[:200]!r}", exc)
+                    self._worker_gone(worker.worker_id, reason="has an impossible id")
+                    continue
+            log.warning("worker %s sends no heartbeat but is still connected", worker.worker_id)
+            book.still_connected(worker.worker_id, time.monotonic())  # look again later
+
+
+def _text(value: object) -> str | None:
+    """A header value as text (the event exchange sends long strings as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
