@@ -10,9 +10,11 @@ bookkeeping at every step.
 
 from __future__ import annotations
 
+import ast
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -606,3 +608,26 @@ def test_idle_lanes_beyond_the_limit_are_dropped_busy_ones_kept(
         lanes.lane(KeyRef.of(f"k{number}", "default"), "jobs")
     assert len(lanes) <= 10
     assert lanes.lane(KeyRef.of("busy", "default"), "jobs") is busy
+
+
+def test_the_lanes_import_no_amqp_and_no_event_loop() -> None:
+    """The lanes, and what they import of the package, stay pure: no AMQP client, no
+    asyncio (futures and timers are the Publisher's)."""
+    package = Path(_lane.__file__).parent
+    seen: set[str] = set()
+    todo = ["_lane"]
+    outside: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo.append(node.module or "")
+            elif isinstance(node, ast.ImportFrom):
+                outside.add((node.module or "").split(".")[0])
+            elif isinstance(node, ast.Import):
+                outside.update(alias.name.split(".")[0] for alias in node.names)
+    assert seen == {"_lane", "_errors", "_topology"}
+    assert not outside & {"aiormq", "aio_pika", "pamqp", "asyncio"}, outside
