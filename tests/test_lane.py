@@ -519,6 +519,33 @@ def test_a_lost_connection_sends_again_in_order_on_the_next_one() -> None:
     assert world.queues[lane.ref.id] == [1, 1, 2, 3]  # the copy is the worker's to drop
 
 
+def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -> None:
+    world = _routed_world()
+    world.publish(0)
+    world.publish(0)
+    world.admit()
+    world.admit()
+    world.ensure(0, "ok")
+    world.arrive(1)  # the first copy of the first message reaches the queue, unanswered
+    world.lose(1)
+    world.connect(1)
+    first, second = world.entries
+    world.arrive(0)  # value % 6 == 0: the broker nacks the second copy
+    world.arrive(0)  # ... and the never-arrived second message
+    world.answer(0)
+    world.answer(0)
+    assert isinstance(world.callers[first].answers[0], PublishOutcomeUnknownError)
+    assert world.queues[first.lane.ref.id] == [first.sequence]  # it did arrive
+    # the second's first copy never arrived, but the publisher cannot know that
+    assert isinstance(world.callers[second].answers[0], PublishOutcomeUnknownError)
+    world.publish(0)
+    world.admit()
+    world.arrive(0)
+    world.answer(0)
+    [error] = world.callers[world.entries[2]].answers
+    assert type(error) is PublishError  # refused, and no copy of it went anywhere else
+
+
 def test_a_message_on_three_broker_closes_is_given_up_as_outcome_unknown() -> None:
     world = _routed_world()
     world.publish(0)
