@@ -3,13 +3,13 @@
 Per key, messages reach the key's queue in the order ``publish()`` was *called*, also when
 calls overlap. Each key has a lane:
 
-* steady: the lane knows the routing key of the key's binding; a publish is written to the
-  channel at once (frames leave in call order) and its confirm is awaited in the background,
-  so publishes pipeline across and within keys with no extra round trip;
-* waiting: the lane has no routing key yet (first use) or lost it (a message came back with
-  ``basic.return``). New publishes queue up behind the returned ones; once every message in
-  flight on the lane is settled, the lane asks the registry to ensure the key and resends
-  the queue, oldest first.
+* steady (ROUTED): the lane knows the routing key of the key's binding; a publish is written
+  to the channel at once (frames leave in call order) and its confirm is awaited in the
+  background, so publishes pipeline across and within keys with no extra round trip;
+* waiting (UNROUTED, ENSURING, DRAINING): the lane has no routing key yet (first use) or lost
+  it (a message came back with ``basic.return``). New publishes queue up behind the returned
+  ones; once every message in flight on the lane is settled, the lane asks the registry to
+  ensure the key and resends the queue, oldest first.
 
 When the connection drops, every unconfirmed message goes back to its lane the same way and
 is sent again, in order, once the publisher has reconnected; ``publish()`` waits for that up
@@ -232,9 +232,9 @@ class Publisher:
         channel.close_callbacks.add(on_close)
         control = ControlClient(connection, self._names)
         await control.start()
+        self._control = control
         # The underlying aiormq channel: its basic_publish writes frames in call order
         # (one FIFO lock), which is what keeps overlapping publishes of a key in order.
-        self._control = control
         self._carrier.connected(cast(aiormq.Channel, await channel.get_underlay_channel()), control)
         self._connected.set()
         self._hurry.clear()
