@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher
+from rabbitkeys._management import list_queues
 from rabbitkeys._topology import KeyRef, Names
 from rabbitkeys.tools.chaos import run_chaos
 from rabbitkeys.tools.cluster import LocalCluster
@@ -40,6 +41,9 @@ async def test_chaos_worker_kill_scale_and_registry_kill_lose_and_reorder_nothin
     # did happen, and the keys of the killed worker were handled again
     assert report.worker_kill_gap is not None
     assert report.registry_failover is not None
+    # the run removed its own namespace: nothing of it is left on the broker
+    left = await list_queues(settings, f"{namespace}-chaos-")
+    assert left == []
 
 
 @pytest.mark.disruptive

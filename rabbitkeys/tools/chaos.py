@@ -33,6 +33,7 @@ from .._settings import Settings
 from .._status import fetch_status
 from .cluster import LocalCluster
 from .demo import overlapping_handlings, read_records
+from .namespace import remove_namespace
 
 __all__ = ["ChaosReport", "run_chaos"]
 
@@ -111,14 +112,17 @@ async def run_chaos(
         directory = output or Path(scratch)
         env = {"RK_DEMO_DIR": str(directory), "RABBITKEYS_LOG_LEVEL": "WARNING"}
         report = ChaosReport()
-        async with LocalCluster(settings, extra_env=env) as cluster:
-            timeline = await _scenario(
-                report, cluster, settings, directory, keys, messages, workers, round_interval,
-                broker_restart,
-            )  # fmt: skip
-            # Every worker stops (SIGTERM) before the records are read: once they have
-            # exited nothing more can be handled, so a late duplicate cannot be missed.
-            await cluster.stop_all()
+        try:
+            async with LocalCluster(settings, extra_env=env) as cluster:
+                timeline = await _scenario(
+                    report, cluster, settings, directory, keys, messages, workers,
+                    round_interval, broker_restart,
+                )  # fmt: skip
+                # Every worker stops (SIGTERM) before the records are read: once they have
+                # exited nothing more can be handled, so a late duplicate cannot be missed.
+                await cluster.stop_all()
+        finally:
+            await remove_namespace(settings)
         return _judge(report, read_records(directory), timeline)
 
 

@@ -25,6 +25,7 @@ from .._app import App, Message
 from .._publisher import Publisher
 from .._settings import Settings
 from .cluster import LocalCluster
+from .namespace import remove_namespace
 
 __all__ = ["app", "check_order", "overlapping_handlings", "read_records", "run_demo"]
 
@@ -106,29 +107,32 @@ async def run_demo(settings: Settings, *, keys: int, messages: int, workers: int
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-demo-") as directory:
         # the demo prints its own summary; the processes only speak up when something is wrong
         env = {"RK_DEMO_DIR": directory, "RABBITKEYS_LOG_LEVEL": "WARNING"}
-        async with LocalCluster(demo_settings, extra_env=env) as cluster:
-            print(f"namespace {namespace}: starting a registry and {workers} workers ...")
-            await cluster.start_registry()
-            for _ in range(workers):
-                await cluster.start_worker("rabbitkeys.tools.demo:app")
-            await cluster.wait_for_workers(workers)
-            print(f"publishing {keys} keys x {messages} messages ({slow_keys} slow keys) ...")
-            started = time.monotonic()
-            async with Publisher(demo_settings) as publisher:
-                await asyncio.gather(
-                    *(
-                        publisher.publish(name, f"comment {n} of {name}".encode())
-                        for n in range(1, messages + 1)
-                        for name in names
+        try:
+            async with LocalCluster(demo_settings, extra_env=env) as cluster:
+                print(f"namespace {namespace}: starting a registry and {workers} workers ...")
+                await cluster.start_registry()
+                for _ in range(workers):
+                    await cluster.start_worker("rabbitkeys.tools.demo:app")
+                await cluster.wait_for_workers(workers)
+                print(f"publishing {keys} keys x {messages} messages ({slow_keys} slow keys) ...")
+                started = time.monotonic()
+                async with Publisher(demo_settings) as publisher:
+                    await asyncio.gather(
+                        *(
+                            publisher.publish(name, f"comment {n} of {name}".encode())
+                            for n in range(1, messages + 1)
+                            for name in names
+                        )
                     )
-                )
-            total = keys * messages
-            while len(read_records(Path(directory))) < total:
-                if time.monotonic() - started > 120:
-                    print("timed out waiting for the workers")
-                    return 1
-                await asyncio.sleep(0.2)
-            records = read_records(Path(directory))
+                total = keys * messages
+                while len(read_records(Path(directory))) < total:
+                    if time.monotonic() - started > 120:
+                        print("timed out waiting for the workers")
+                        return 1
+                    await asyncio.sleep(0.2)
+                records = read_records(Path(directory))
+        finally:
+            await remove_namespace(demo_settings)
         return _report(records, names, started)
 
 
