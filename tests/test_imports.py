@@ -122,3 +122,43 @@ def test_every_library_the_package_imports_is_declared() -> None:
         if not {distribution(d) for d in providers.get(module, [module])} & (required | optional)
     }
     assert undeclared == {}
+
+
+# The pure cores decide order and ownership; the shells around them do the I/O. A core that
+# imported the AMQP client or asyncio could no longer be tested (and read) without a broker.
+PURE_CORES = [
+    "rabbitkeys._assignment",
+    "rabbitkeys._dedup",
+    "rabbitkeys._keybook",
+    "rabbitkeys._lane",
+    "rabbitkeys._retry",
+    "rabbitkeys._room",
+]
+IO_LIBRARIES = {"aio_pika", "aiormq", "pamqp", "asyncio", "socket", "urllib.request"}
+
+
+def test_the_pure_cores_import_no_io_at_all_not_even_through_the_package() -> None:
+    files = module_files()
+    modules = set(files)
+    for core in PURE_CORES:
+        seen, todo = set(), [core]
+        while todo:  # everything the core reaches through the package's own modules
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(imports_of(name, files[name], modules))
+        for name in sorted(seen):
+            tree = ast.parse(files[name].read_text())
+            top = {
+                alias.name.split(".")[0]
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for alias in node.names
+            } | {
+                (node.module or "").split(".")[0]
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and not node.level
+            }
+            assert not top & IO_LIBRARIES, (
+                f"{core} reaches {name}, which imports {top & IO_LIBRARIES}"
+            )
