@@ -345,7 +345,7 @@ class Lane:
         """basic.ack: the message is in the key's queue."""
         if not self._answers(entry, attempt):
             return []
-        return [*self._done(entry), *self._answer(entry, None), *self._advance()]
+        return [*self._settle(entry, None), *self._advance()]
 
     def refused(self, entry: Entry, attempt: int, what: str) -> list[Action]:
         """basic.nack (the broker could not take it: an internal error, a full queue), or an
@@ -355,7 +355,7 @@ class Lane:
         error = PublishError(f"the broker refused the message: {what}")
         if entry.lost_a_copy:  # this copy was refused; an earlier one may have arrived
             error = _outcome_unknown(error)
-        return [*self._done(entry), *self._answer(entry, error), *self._advance()]
+        return [*self._settle(entry, error), *self._advance()]
 
     def returned_unrouted(self, entry: Entry, attempt: int) -> list[Action]:
         """basic.return: no binding for its routing key any more (key retired, queue expired
@@ -402,8 +402,7 @@ class Lane:
         self.waiting.clear()
         actions: list[Action] = []
         for entry in failed:
-            actions += self._done(entry)
-            actions += self._answer(
+            actions += self._settle(
                 entry, _outcome_unknown(error) if entry.may_have_arrived else error
             )
         return actions
@@ -428,8 +427,7 @@ class Lane:
             if broker_closed is not None:
                 entry.broker_closes += 1
                 if entry.broker_closes >= MAX_BROKER_CLOSES:
-                    actions += self._done(entry)
-                    actions += self._answer(
+                    actions += self._settle(
                         entry,
                         PublishOutcomeUnknownError(
                             f"the broker closed the connection {entry.broker_closes} times "
@@ -478,8 +476,7 @@ class Lane:
             if entry.caller_gone:  # cancelled: publish() withdraws it soon; never sent now
                 actions += self._done(entry)
             elif entry.header_frame > frame_max > 0:  # a new connection, a smaller limit
-                actions += self._done(entry)
-                actions += self._answer(
+                actions += self._settle(
                     entry,
                     InvalidMessageError(
                         f"the headers make a content header frame of {entry.header_frame} "
@@ -521,6 +518,10 @@ class Lane:
             return []
         self.live -= 1
         return [Release(entry, admitted=stage is not Stage.ADMITTING)]
+
+    def _settle(self, entry: Entry, error: RabbitkeysError | None) -> list[Action]:
+        """The message is done and its caller gets ``error`` (None: published)."""
+        return [*self._done(entry), *self._answer(entry, error)]
 
     @staticmethod
     def _answer(entry: Entry, error: RabbitkeysError | None) -> list[Action]:
