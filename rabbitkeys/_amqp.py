@@ -1,5 +1,6 @@
 """Small AMQP helpers shared by the three roles: the one home of what a gone channel raises
-(:data:`CHANNEL_ERRORS`), of opening channels (:func:`open_channel`, :class:`ChannelPool`),
+(:data:`CHANNEL_ERRORS`), of opening channels (:func:`open_channel`, :func:`fresh_channel`,
+:class:`ChannelPool`),
 of background tasks a session spawns (:class:`TaskSet`), and of pausing a loop unless the
 component is stopping (:func:`sleep_unless`).
 
@@ -24,13 +25,20 @@ import contextlib
 import itertools
 import logging
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-__all__ = ["CHANNEL_ERRORS", "ChannelPool", "TaskSet", "open_channel", "sleep_unless"]
+__all__ = [
+    "CHANNEL_ERRORS",
+    "ChannelPool",
+    "TaskSet",
+    "fresh_channel",
+    "open_channel",
+    "sleep_unless",
+]
 
 #: What a call on a channel raises once the channel or its connection is gone
 #: (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
@@ -113,3 +121,18 @@ async def sleep_unless(stopping: asyncio.Event, delay: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stopping.wait(), delay)
     return stopping.is_set()
+
+
+@contextlib.asynccontextmanager
+async def fresh_channel(
+    connection: AbstractConnection,
+) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A channel of its own, for calls whose error must not fail anyone else's."""
+    # the broker closes it on NOT_FOUND / RESOURCE_LOCKED: a number of its own
+    channel = await open_channel(connection)
+    try:
+        yield await channel.get_underlay_channel()
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(*CHANNEL_ERRORS):
+                await channel.close()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, fresh_channel
 from ._control import control_message
 from ._errors import RabbitkeysError
 from ._keybook import (
@@ -41,7 +41,6 @@ from ._keybook import (
 )
 from ._metrics import RegistryMetrics
 from ._protocol import REFUSED_QUOTA_EXCEEDED, Assign, Release, Sync, split
-from ._reconcile import fresh_channel
 from ._settings import Settings
 from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 

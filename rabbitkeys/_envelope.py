@@ -48,6 +48,7 @@ __all__ = [
     "decode",
     "encode",
     "header_frame_size",
+    "header_text",
 ]
 
 #: Header names applications may not use: rabbitkeys' own.
@@ -137,9 +138,9 @@ def decode(properties: spec.Basic.Properties) -> Envelope:
     raw = properties.headers
     headers = dict(raw) if isinstance(raw, Mapping) else {}
     return Envelope(
-        key=_text(headers.get(HEADER_KEY)),
-        job_type=_text(headers.get(HEADER_JOB_TYPE)),
-        publisher_id=_text(headers.get(HEADER_PUBLISHER)),
+        key=header_text(headers.get(HEADER_KEY)),
+        job_type=header_text(headers.get(HEADER_JOB_TYPE)),
+        publisher_id=header_text(headers.get(HEADER_PUBLISHER)),
         sequence=_integer(headers.get(HEADER_SEQUENCE)),
         published_at=_integer(headers.get(HEADER_PUBLISHED_AT)),
         headers=MappingProxyType(headers),
@@ -177,8 +178,9 @@ def dead_letter_headers(
     return headers
 
 
-def _text(value: Any) -> str | None:
-    # pamqp hands back a long string it cannot decode as UTF-8 as bytes
+def header_text(value: Any) -> str | None:
+    """A header value as text: pamqp hands back a long string it cannot decode as UTF-8
+    as bytes (and the event exchange sends its strings as bytes)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else None

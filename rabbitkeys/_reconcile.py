@@ -16,19 +16,20 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, open_channel
+from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel
+from ._envelope import header_text
 from ._errors import BrokerUnavailableError, InvalidKeyError
 from ._keybook import KeyBook
 from ._management import list_bindings, list_queues
 from ._settings import Settings
 from ._topology import Names
 
-__all__ = ["Reconciler", "fresh_channel"]
+__all__ = ["Reconciler"]
 
 log = logging.getLogger("rabbitkeys.registry")
 
@@ -38,21 +39,6 @@ _EVENT_EXCHANGE = "amq.rabbitmq.event"
 _RECONCILE_INTERVAL = 60.0
 # How often the leader reads the key queues' depths for the backlog metric.
 _BACKLOG_INTERVAL = 15.0
-
-
-@contextlib.asynccontextmanager
-async def fresh_channel(
-    connection: AbstractConnection,
-) -> AsyncIterator[aiormq.abc.AbstractChannel]:
-    """A channel of its own, for calls whose error must not fail anyone else's."""
-    # the broker closes it on NOT_FOUND / RESOURCE_LOCKED: a number of its own
-    channel = await open_channel(connection)
-    try:
-        yield await channel.get_underlay_channel()
-    finally:
-        if not channel.is_closed:
-            with contextlib.suppress(*CHANNEL_ERRORS):
-                await channel.close()
 
 
 class Reconciler:
@@ -208,7 +194,7 @@ class Reconciler:
     async def _on_queue_deleted(self, event: AbstractIncomingMessage) -> None:
         try:
             headers = event.headers or {}
-            name, vhost = (_text(headers.get(field)) for field in ("name", "vhost"))
+            name, vhost = (header_text(headers.get(field)) for field in ("name", "vhost"))
             if vhost is not None and vhost != self._settings.vhost:
                 return  # the same names in another vhost are other workers
             prefix = self._names.worker_inbox("")
@@ -240,10 +226,3 @@ class Reconciler:
                     continue
             log.warning("worker %s sends no heartbeat but is still connected", worker.worker_id)
             book.still_connected(worker.worker_id, time.monotonic())  # look again later
-
-
-def _text(value: object) -> str | None:
-    """A header value as text (the event exchange sends long strings as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
