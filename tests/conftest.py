@@ -107,6 +107,8 @@ def _management_url_for(amqp_url: str) -> str:
 
 #: the local broker's management API, for the tests that manage users and vhosts of their own
 MANAGEMENT_URL = _management_url_for(LOCAL_URL)
+#: the local broker in its own vhost, for those tests' management API calls
+LOCAL_BROKER = Broker(LOCAL_URL, MANAGEMENT_URL)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ all its keys (basic.qos global), and the broker's own vhost queue limit."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -17,7 +16,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -39,7 +37,7 @@ from rabbitkeys._protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused,
 from rabbitkeys._settings import load_settings
 from rabbitkeys._topology import KeyRef, Names
 
-from .conftest import MANAGEMENT_URL
+from .conftest import LOCAL_BROKER
 from .support import eventually, make_settings, running_registry, running_worker
 
 # --- pure parts ---------------------------------------------------------------------------
@@ -303,14 +301,7 @@ async def test_a_worker_holds_no_more_than_its_cap_over_all_keys_also_across_a_h
 # --- the broker's queue limit (a vhost of our own) ----------------------------------------
 
 
-def _management(path: str, method: str = "GET", body: Any = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{MANAGEMENT_URL}/api/{path}", data=data, method=method)
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        answer = response.read()
-    return json.loads(answer) if answer else None
+_management = LOCAL_BROKER.api
 
 
 class _Vhost:

@@ -9,7 +9,6 @@ left alone.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -23,7 +22,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
@@ -50,7 +48,7 @@ from rabbitkeys._settings import ENV_PREFIX, mask_url
 from rabbitkeys._topology import Names
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
-from .conftest import MANAGEMENT_URL
+from .conftest import LOCAL_BROKER, MANAGEMENT_URL
 from .proxy import TcpProxy
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -115,14 +113,7 @@ def tls_proxy(url: str, default_port: int, context: ssl.SSLContext) -> Iterator[
         yield proxy
 
 
-def _management_request(path: str, method: str = "GET", body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{MANAGEMENT_URL}/api/{path}", data=data, method=method)
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        text = response.read()
-    return json.loads(text) if text else None
+_management_request = LOCAL_BROKER.api
 
 
 @pytest.fixture
