@@ -102,12 +102,15 @@ _BROKER_REFUSALS = (
 
 @dataclass(eq=False, kw_only=True)
 class _Message(Entry):
-    """An entry of this publisher's lanes, with what goes on the wire and its caller's future
-    (also its ``caller``)."""
+    """An entry of this publisher's lanes, with what goes on the wire; its ``caller`` is the
+    future its ``publish()`` awaits."""
 
     body: bytes
     properties: spec.Basic.Properties
-    future: asyncio.Future[None]
+
+    @property
+    def future(self) -> asyncio.Future[None]:
+        return cast(asyncio.Future[None], self.caller)
 
 
 class Publisher:
@@ -338,7 +341,6 @@ class Publisher:
             header_frame=header_frame,
             body=bytes(body),
             properties=properties,
-            future=future,
         )
         self._next_sequence += 1
         lane.enter(entry)
