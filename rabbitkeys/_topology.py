@@ -218,15 +218,57 @@ class Names:
             return None
         return KeyRef(ref.job_type, key, ref.token)
 
+    # Control traffic: one named exchange per direction, so that the right to write on it
+    # (see _permissions) is the role that may send on it. Nothing uses the default exchange.
+
     @property
     def registry_queue(self) -> str:
-        """Control requests to the leading registry: worker membership, publisher ensures."""
+        """What the leading registry consumes: bound to the requests and membership
+        exchanges (a delivery's exchange tells which one, so which role, sent it)."""
         return f"{self.namespace}.registry"
 
     @property
-    def workers_exchange(self) -> str:
-        """Fanout from the registry to every worker (e.g. 'report your keys')."""
-        return f"{self.namespace}.workers"
+    def leader_lock(self) -> str:
+        """The exclusive queue whose holder leads the namespace (:mod:`._leadership`)."""
+        return f"{self.namespace}.registry.leader"
+
+    @property
+    def events_queue(self) -> str:
+        """The leader's exclusive queue on the broker's event exchange."""
+        return f"{self.namespace}.registry.events"
+
+    @property
+    def requests_exchange(self) -> str:
+        """Publishers (and the CLI) to the registry: ensure a key, status (fanout)."""
+        return f"{self.namespace}.requests"
+
+    @property
+    def membership_exchange(self) -> str:
+        """Workers to the registry: join, heartbeat, released, leave (fanout)."""
+        return f"{self.namespace}.membership"
+
+    @property
+    def commands_exchange(self) -> str:
+        """The registry to workers (direct): routing key :meth:`worker_route` for one
+        worker, :attr:`all_workers_route` for every worker."""
+        return f"{self.namespace}.commands"
+
+    @staticmethod
+    def worker_route(worker_id: str) -> str:
+        return f"worker.{worker_id}"
+
+    #: the commands routing key every worker's inbox is bound with (a broadcast)
+    all_workers_route = "all"
+
+    @property
+    def replies_exchange(self) -> str:
+        """The registry's answers (direct): the routing key is the reply queue's name."""
+        return f"{self.namespace}.replies"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Workers' dead letters, to :attr:`dead_letter_queue` (fanout)."""
+        return f"{self.namespace}.dead-letters"
 
     def worker_inbox(self, worker_id: str) -> str:
         return f"{self.namespace}.worker.{worker_id}"

@@ -1,0 +1,104 @@
+"""What each role may do on the broker: the one home of the permission table.
+
+RabbitMQ grants a user three regular expressions per vhost, matched against the names of
+the queues and exchanges an operation touches (docs: access-control):
+
+* **configure**: declare (not passive) and delete a queue or exchange;
+* **write**: publish to an exchange; bind a queue (write on the queue, read on the exchange);
+* **read**: consume from or purge a queue, ``basic.get``; be the exchange a queue binds to.
+
+Control traffic travels on named exchanges, one per direction, so that write permission on
+an exchange *is* the role that may send on it (write access to the default exchange would
+reach every queue: no role gets it). Each role configures only its own queues, so no
+role can delete, squat or bind another's. The table, with the reasons per row, is in
+docs/design.md ("The trust model"); tests/test_trust.py tries each line against the broker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from ._topology import Names
+
+__all__ = ["Permissions", "Role", "permissions_for"]
+
+
+class Role(Enum):
+    PUBLISHER = "publisher"
+    WORKER = "worker"
+    REGISTRY = "registry"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """One role's three regular expressions, as ``rabbitmqctl set_permissions`` takes them."""
+
+    configure: str
+    write: str
+    read: str
+
+
+# The parts of names, as in _topology (namespaces have no dot, job types no dot, worker ids
+# and client ids their own patterns, key tokens anything after the job type).
+_JOB_TYPE = r"[A-Za-z0-9_:-]+"
+_WORKER_ID = r"[A-Za-z0-9_.:@-]+"
+_CLIENT_ID = r"[A-Za-z0-9_-]+"
+
+
+def _only(namespace: str, *alternatives: str) -> str:
+    """A regex matching exactly ``<namespace>.<one of alternatives>``."""
+    return rf"^{re.escape(namespace)}\.({'|'.join(alternatives)})$"
+
+
+def permissions_for(role: Role, names: Names) -> Permissions:
+    """The least a ``role`` needs in ``names``' namespace (nothing outside it)."""
+    ns = names.namespace
+    key_queue = rf"key\.{_JOB_TYPE}\..+"
+    if role is Role.PUBLISHER:
+        return Permissions(
+            # its own exclusive reply queue
+            configure=_only(ns, rf"reply\.{_CLIENT_ID}"),
+            # jobs and requests to the registry; binding its reply queue (write on the queue)
+            write=_only(ns, rf"jobs\.{_JOB_TYPE}", "requests", rf"reply\.{_CLIENT_ID}"),
+            # its reply queue, and the replies exchange it binds that queue to
+            read=_only(ns, "replies", rf"reply\.{_CLIENT_ID}"),
+        )
+    if role is Role.WORKER:
+        return Permissions(
+            # its own exclusive inbox; key queues only passively (which needs no right)
+            configure=_only(ns, rf"worker\.{_WORKER_ID}"),
+            # membership reports, dead letters; binding its inbox to the commands exchange
+            write=_only(ns, "membership", "dead-letters", rf"worker\.{_WORKER_ID}"),
+            # key queues (consuming is reading), its inbox, the commands exchange to bind to
+            read=_only(ns, key_queue, rf"worker\.{_WORKER_ID}", "commands"),
+        )
+    # The registry: every shared name of the namespace, and nothing that is a worker's or a
+    # client's own queue (their inboxes and reply queues).
+    return Permissions(
+        configure=_only(
+            ns,
+            rf"jobs\.{_JOB_TYPE}",
+            key_queue,
+            "registry",
+            "registry\\.leader",
+            "registry\\.events",
+            "requests",
+            "membership",
+            "commands",
+            "replies",
+            "dead-letters",
+            "dead-letter",
+        ),
+        # binding key queues, its own queues and the dead-letter queue; commands and replies
+        write=_only(
+            ns, key_queue, "registry", "registry\\.events", "commands", "replies", "dead-letter"
+        ),
+        # the exchanges its queues bind to, its request queue, and the broker's events
+        # (amq.rabbitmq.event: a worker's inbox deleted means the worker died)
+        read=(
+            rf"^({re.escape(ns)}\.(jobs\.{_JOB_TYPE}|registry|registry\.events|requests"
+            r"|membership|dead-letters)|amq\.rabbitmq\.event)$"
+        ),
+    )
