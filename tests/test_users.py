@@ -427,3 +427,16 @@ def test_the_command_line_permissions_need_no_broker() -> None:
     assert script.returncode == 0
     assert script.stdout == format_rabbitmqctl(role_users("shop", "v")) + "\n"
     assert "s3cr3t" not in script.stdout + table.stdout
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("action", ["", "permissions", "create", "delete"])
+def test_every_users_command_has_help_naming_the_settings(action: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys", "users", *filter(None, [action]), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RABBITKEYS_AMQP_URL" in result.stdout
