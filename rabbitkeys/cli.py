@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also stop and start the local RabbitMQ (rabbitmqctl) during the run",
     )
+    chaos.add_argument(
+        "--users",
+        choices=("per-role", "guest"),
+        help="per-role: the run creates its namespace's publisher, worker and registry users "
+        "and runs each process as its role's user (needs an administrator's login and the "
+        "management API), deleting them at the end; guest: every process with "
+        "RABBITKEYS_AMQP_URL's login. Default: per-role when the management API answers",
+    )
     chaos.add_argument("--json", action="store_true", help="print the report as JSON")
     chaos.set_defaults(handler=_chaos)
 
@@ -356,6 +364,7 @@ async def _chaos(settings: Settings, args: argparse.Namespace) -> int:
         messages=args.messages,
         workers=args.workers,
         broker_restart=args.broker_restart,
+        users=args.users,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     return EXIT_OK if report.ok else EXIT_ERROR

@@ -40,7 +40,8 @@ from rabbitkeys._users import (
     url_file,
     write_url_file,
 )
-from rabbitkeys.tools.cluster import _settings_env
+from rabbitkeys.tools.chaos import ChaosReport, _role_settings
+from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
 from .conftest import Broker
 from .support import make_settings
@@ -440,3 +441,56 @@ def test_every_users_command_has_help_naming_the_settings(action: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "RABBITKEYS_AMQP_URL" in result.stdout
+
+
+# --------------------------------------------------------------------------- rabbitkeys chaos
+
+
+async def test_chaos_runs_each_role_as_its_own_user(
+    broker: Broker, settings: Settings, made_users: dict[Role, str], tmp_path: Path
+) -> None:
+    """What ``rabbitkeys chaos`` starts: registries with the registry's URL file, workers
+    with the worker's, and publishes and asks for status with the publisher's."""
+    report = ChaosReport()
+    roles = await _role_settings(settings, tmp_path / "secrets", None, report)
+    assert report.users == "per-role" and set(roles) == set(Role)
+    for role, given in roles.items():
+        assert given.namespace == settings.namespace
+        path = given.amqp_url_file
+        assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o600
+        url = Settings(amqp_url_file=path).amqp_url.get_secret_value()
+        assert url == given.amqp_url.get_secret_value()
+        assert urllib.parse.unquote(urllib.parse.urlsplit(url).username or "") == made_users[role]
+        assert await _can_log_in(url)
+        # the management API with the role's own login, never the administrator's
+        if given.management_url is not None:
+            assert "@" not in given.management_url.get_secret_value()
+    cluster = LocalCluster(
+        roles[Role.PUBLISHER],
+        role_settings={"registry": roles[Role.REGISTRY], "worker": roles[Role.WORKER]},
+    )
+    assert cluster.settings is roles[Role.PUBLISHER]
+    for command, role in (
+        ("registry", Role.REGISTRY),
+        ("worker", Role.WORKER),
+        ("x", Role.PUBLISHER),
+    ):
+        env = cluster._role_env.get(command, cluster._env)
+        assert env["RABBITKEYS_AMQP_URL_FILE"] == str(roles[role].amqp_url_file), command
+        assert "RABBITKEYS_AMQP_URL" not in env, command
+    assert await delete_users(settings) == [made_users[role] for role in Role]
+
+
+async def test_chaos_falls_back_to_one_login_only_when_not_asked_for_per_role_users(
+    settings: Settings, made_users: dict[Role, str], tmp_path: Path
+) -> None:
+    done = {item.user.role: item for item in await create_users(settings)}
+    url = done[Role.PUBLISHER].amqp_url
+    assert url is not None
+    not_admin = make_settings(url.get_secret_value(), f"{settings.namespace}-x")
+    report = ChaosReport()
+    assert await _role_settings(not_admin, tmp_path, None, report) == {}
+    assert report.users == "guest"
+    assert "one login for every process" in report.events[0]
+    with pytest.raises(ConfigError, match="administrator"):
+        await _role_settings(not_admin, tmp_path, "per-role", ChaosReport())
