@@ -18,6 +18,21 @@ from ._tls import client_context, failure_hint
 
 __all__ = ["connect", "keep_connected"]
 
+_log = logging.getLogger("rabbitkeys")
+_guest_warned = False
+
+
+def _warn_if_guest(settings: Settings) -> None:
+    """Once per process: guest is an administrator, so every party could do anything."""
+    global _guest_warned
+    if settings.amqp_user == "guest" and not _guest_warned:
+        _guest_warned = True
+        _log.warning(
+            "connected as 'guest', an administrator: any process with this login can do "
+            "anything to the namespace; fine for trying rabbitkeys, not for production "
+            "(README, 'Per-role users': rabbitkeys users create)"
+        )
+
 
 async def connect(settings: Settings, role: str) -> AbstractConnection:
     """A plain (not robust) connection: rabbitkeys decides itself what to redeclare after a
@@ -28,6 +43,7 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
     unreachable broker, and the next attempt reads it again.
     """
     url = settings.amqp_url.get_secret_value()
+    _warn_if_guest(settings)
     try:
         tls = (
             client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)

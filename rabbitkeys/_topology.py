@@ -3,8 +3,9 @@
 Who may do what to a key queue (the lifecycle protocol, see docs/design.md):
 
 * the **registry** declares it, binds and unbinds it, and is the only party that deletes it;
-* a **worker** re-declares it (idempotent, same arguments) before it consumes, so that a
-  consume never hits a missing queue, and never binds, unbinds or deletes it;
+* a **worker** checks it with a passive declare before it consumes, so that a consume never
+  hits a missing queue, and never declares, binds, unbinds or deletes it (its user may not:
+  :mod:`._permissions`);
 * a **publisher** never declares anything: it publishes with ``mandatory`` and asks the
   registry when a message comes back.
 
