@@ -412,10 +412,12 @@ async def test_a_worker_cannot_bind_unbind_or_delete_a_key_queue(scene: Scene) -
     queue, key_queue = names.registry_queue, scene.key_queue
 
     async def bind(channel: AbstractChannel) -> None:
-        await channel.get_queue(key_queue, ensure=False).bind(jobs, routing_key="stolen")
+        await (await channel.get_queue(key_queue, ensure=False)).bind(jobs, routing_key="stolen")
 
     async def unbind(channel: AbstractChannel) -> None:
-        await channel.get_queue(key_queue, ensure=False).unbind(jobs, routing_key=routing_key)
+        await (await channel.get_queue(key_queue, ensure=False)).unbind(
+            jobs, routing_key=routing_key
+        )
 
     actions = [
         bind,
@@ -579,16 +581,16 @@ def _queue_takeovers(queue: str, exchange: str) -> list[Any]:
         async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             pass
 
-        await channel.get_queue(queue, ensure=False).consume(ignore)
+        await (await channel.get_queue(queue, ensure=False)).consume(ignore)
 
     async def get(channel: AbstractChannel) -> None:
-        await channel.get_queue(queue, ensure=False).get(fail=False)
+        await (await channel.get_queue(queue, ensure=False)).get(fail=False)
 
     async def purge(channel: AbstractChannel) -> None:
-        await channel.get_queue(queue, ensure=False).purge()
+        await (await channel.get_queue(queue, ensure=False)).purge()
 
     async def bind(channel: AbstractChannel) -> None:
-        await channel.get_queue(queue, ensure=False).bind(exchange, routing_key="stolen")
+        await (await channel.get_queue(queue, ensure=False)).bind(exchange, routing_key="stolen")
 
     return [
         consume,
