@@ -526,6 +526,32 @@ async def test_a_worker_refuses_a_job_type_it_does_not_serve(scene: Scene) -> No
     await scene.unaffected()
 
 
+async def test_a_registry_cannot_read_inboxes_or_reply_queues_nor_speak_for_a_worker(
+    scene: Scene,
+) -> None:
+    """The registry's credential configures every shared name but no worker's inbox and no
+    client's reply queue (it only sends to them, through NS.commands and NS.replies), and
+    it may not write NS.membership or NS.requests: it cannot pass for a worker or a client."""
+    names = scene.names
+    control_client = scene.publisher._control
+    assert control_client is not None
+    forged = forged_messages(names, scene.worker.worker_id, VICTIM_KEY)
+    async with attacker(scene.users.registry, names) as registry:
+        for queue in (names.worker_inbox(scene.worker.worker_id), control_client._reply_queue):
+            for action in _queue_takeovers(queue, names.commands_exchange):
+                error = await registry.refused(action)
+                assert isinstance(error, aiormq.exceptions.ChannelAccessRefused)
+        for exchange, kind in [
+            (names.membership_exchange, "worker_leave"),
+            (names.requests_exchange, "ensure_key"),
+            ("", "worker_leave"),
+        ]:
+            message = control(forged[kind], user_id=registry.user.name)
+            error = await registry.publish_refused(exchange, message, names.registry_queue)
+            assert isinstance(error, aiormq.exceptions.ChannelAccessRefused), exchange
+    await scene.unaffected()
+
+
 # --- what stays within a principal (docs/design.md, "The trust model": limits) ------------
 
 
