@@ -377,7 +377,7 @@ async def test_a_publisher_cannot_publish_as_another_user(scene: Scene, mallory:
     await scene.unaffected()
 
 
-@pytest.mark.parametrize("role", [Role.PUBLISHER, Role.WORKER])
+@pytest.mark.parametrize("role", [Role.PUBLISHER, Role.WORKER], ids=["publisher", "worker"])
 async def test_no_publisher_or_worker_can_take_the_leader_lock(
     role_users: RoleUsers, namespace: str, role: Role
 ) -> None:
