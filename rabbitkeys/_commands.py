@@ -193,11 +193,12 @@ class CommandRunner:
     # --- sending ------------------------------------------------------------------------
 
     def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
-        self._tasks.spawn(self._publish(self._names.worker_inbox(worker_id), command))
+        self._tasks.spawn(self._publish(self._names.worker_route(worker_id), command))
 
     async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
-        await self._control.default_exchange.publish(
-            control_message(command), routing_key=routing_key
+        commands = await self._control.get_exchange(self._names.commands_exchange, ensure=False)
+        await commands.publish(
+            control_message(command, user_id=self._settings.amqp_user), routing_key=routing_key
         )
 
 

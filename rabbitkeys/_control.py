@@ -1,38 +1,87 @@
-"""Request/reply with the registry over AMQP, and the control queue's declaration.
+"""Control traffic over AMQP: the shared topology the registry declares, how control
+messages are built, and request/reply with the registry.
 
-Requests go to the registry queue, which every party declares the same way so that a
-request made before any registry runs waits there (each carries an expiration, so a
-registry that starts late does not act on requests whose caller has given up).
+Every control message travels on a named exchange of its direction (``_topology.Names``)
+and carries ``user_id``, which the broker checks against the connection's user: the
+receiver learns the sender's role from the exchange and its identity from ``user_id``
+(``_senders``). Only the registry declares the shared names; a client that finds them
+missing waits for a registry to have started once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from ._amqp import fresh_channel
 from ._errors import RegistryUnavailableError
 from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
 from ._topology import Names
 
-__all__ = ["ControlClient", "control_message", "declare_registry_queue"]
+__all__ = [
+    "ControlClient",
+    "control_message",
+    "declare_control_topology",
+    "wait_for_topology",
+]
+
+# How often a party that found the namespace's control names missing looks again.
+_TOPOLOGY_POLL = 0.5
 
 
-async def declare_registry_queue(channel: AbstractChannel, names: Names) -> None:
-    await channel.declare_queue(names.registry_queue, durable=True)
+async def declare_control_topology(channel: AbstractChannel, names: Names) -> None:
+    """The registry's part: every shared control name (idempotent, durable)."""
+    fanout, direct = aio_pika.ExchangeType.FANOUT, aio_pika.ExchangeType.DIRECT
+    requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
+    membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
+    await channel.declare_exchange(names.commands_exchange, direct, durable=True)
+    await channel.declare_exchange(names.replies_exchange, direct, durable=True)
+    dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
+    registry = await channel.declare_queue(names.registry_queue, durable=True)
+    await registry.bind(requests)
+    await registry.bind(membership)
+    dead_letter = await channel.declare_queue(names.dead_letter_queue, durable=True)
+    await dead_letter.bind(dead_letters)
+
+
+async def topology_exists(connection: AbstractConnection, exchange: str) -> bool:
+    """Whether ``exchange`` exists (a passive declare: no permission needed)."""
+    with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+        async with fresh_channel(connection) as probe:
+            await probe.exchange_declare(exchange, passive=True)
+            return True
+    return False
+
+
+async def wait_for_topology(
+    connection: AbstractConnection, exchange: str, *, timeout: float | None = None
+) -> bool:
+    """Wait until a registry has declared ``exchange``; False if ``timeout`` passed first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not await topology_exists(connection, exchange):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_TOPOLOGY_POLL)
+    return True
 
 
 def control_message(
-    payload: Any, *, expiration: float | None = None, **properties: Any
+    payload: Any, *, user_id: str, expiration: float | None = None, **properties: Any
 ) -> aio_pika.Message:
+    """``user_id``: the connection's user (the broker refuses any other)."""
     return aio_pika.Message(
         encode(payload),
         content_type="application/json",
         expiration=expiration,
         delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        user_id=user_id,
         **properties,
     )
 
@@ -40,9 +89,11 @@ def control_message(
 class ControlClient:
     """Sends requests to the registry and waits for the matching reply."""
 
-    def __init__(self, connection: AbstractConnection, names: Names) -> None:
+    def __init__(self, connection: AbstractConnection, names: Names, user_id: str) -> None:
         self._connection = connection
         self._names = names
+        self._user_id = user_id
+        self._registry_seen = False
         self._pending: dict[str, asyncio.Future[ControlMessage]] = {}
         self._channel: AbstractChannel | None = None
         self._reply_queue = names.reply_queue(uuid.uuid4().hex)
@@ -50,11 +101,18 @@ class ControlClient:
     async def start(self) -> None:
         self._channel = await self._connection.channel()
         self._channel.close_callbacks.add(self._on_channel_close)
-        await declare_registry_queue(self._channel, self._names)
         queue = await self._channel.declare_queue(
             self._reply_queue, exclusive=True, auto_delete=True
         )
+        if await topology_exists(self._connection, self._names.replies_exchange):
+            await self._bind_reply_queue()
         await queue.consume(self._on_reply, no_ack=True)
+
+    async def _bind_reply_queue(self) -> None:
+        assert self._channel is not None
+        queue = await self._channel.get_queue(self._reply_queue, ensure=False)
+        await queue.bind(self._names.replies_exchange, routing_key=self._reply_queue)
+        self._registry_seen = True
 
     async def close(self) -> None:
         for future in self._pending.values():
@@ -69,17 +127,30 @@ class ControlClient:
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[ControlMessage] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
+        deadline = time.monotonic() + timeout
         try:
-            await self._channel.default_exchange.publish(
+            if not self._registry_seen:
+                # No registry has ever run in this namespace (or not when we started): its
+                # exchanges appear when one does.
+                exists = await wait_for_topology(
+                    self._connection, self._names.requests_exchange, timeout=timeout
+                )
+                if not exists:
+                    raise TimeoutError
+                await self._bind_reply_queue()
+            remaining = max(0.001, deadline - time.monotonic())
+            requests = await self._channel.get_exchange(self._names.requests_exchange, ensure=False)
+            await requests.publish(
                 control_message(
                     payload,
-                    expiration=timeout,
+                    user_id=self._user_id,
+                    expiration=remaining,
                     reply_to=self._reply_queue,
                     correlation_id=correlation_id,
                 ),
-                routing_key=self._names.registry_queue,
+                routing_key="",
             )
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, remaining)
         except TimeoutError:
             raise RegistryUnavailableError(
                 f"no registry answered within {timeout:g}s "
@@ -95,6 +166,9 @@ class ControlClient:
                 future.set_exception(ConnectionError("control channel closed"))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        # Only the registry writes on the replies exchange (permissions).
+        if message.exchange != self._names.replies_exchange or not message.user_id:
+            return
         future = self._pending.get(message.correlation_id or "")
         if future is None or future.done():
             return  # a reply to a request that has already timed out

@@ -80,6 +80,8 @@ class Envelope:
     key: str | None
     job_type: str | None
     publisher_id: str | None
+    #: the publishing connection's user, as the broker checked it (the ``user_id`` property)
+    user_id: str | None
     sequence: int | None
     #: epoch microseconds
     published_at: int | None
@@ -88,11 +90,15 @@ class Envelope:
 
     @property
     def origin(self) -> tuple[str, int] | None:
-        """(publisher id, sequence number): the message's identity for dedup and order
-        checks; None unless both are there."""
-        if self.publisher_id and self.sequence is not None:
+        """(publisher, sequence number): the message's identity for dedup and order checks;
+        None unless both are there. The publisher is its id *within its user*: a publisher
+        id is chosen by the publisher, the user is vouched for by the broker, so one user
+        cannot make another's messages count as duplicates (length-prefixed: unambiguous)."""
+        if not self.publisher_id or self.sequence is None:
+            return None
+        if not self.user_id:
             return (self.publisher_id, self.sequence)
-        return None
+        return (f"{len(self.user_id)}:{self.user_id}/{self.publisher_id}", self.sequence)
 
 
 def encode(
@@ -101,6 +107,7 @@ def encode(
     publisher_id: str,
     sequence: int,
     delivery_mode: int,
+    user_id: str | None = None,
     headers: Mapping[str, Any] | None = None,
     published_at: int | None = None,
 ) -> spec.Basic.Properties:
@@ -124,7 +131,9 @@ def encode(
     table[HEADER_SEQUENCE] = sequence
     table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000 if published_at is None else published_at
     # aiormq adds a random message_id, which it needs to match a basic.return
-    properties = spec.Basic.Properties(delivery_mode=delivery_mode, headers=table)
+    # user_id: the broker refuses the message unless it is the connection's user, so the
+    # worker can trust it (the publisher's identity for dedup, Envelope.origin)
+    properties = spec.Basic.Properties(delivery_mode=delivery_mode, headers=table, user_id=user_id)
     if headers:  # rabbitkeys' own headers always encode
         try:
             spec.Basic.Properties.marshal(properties)
@@ -141,6 +150,7 @@ def decode(properties: spec.Basic.Properties) -> Envelope:
         key=header_text(headers.get(HEADER_KEY)),
         job_type=header_text(headers.get(HEADER_JOB_TYPE)),
         publisher_id=header_text(headers.get(HEADER_PUBLISHER)),
+        user_id=properties.user_id or None,
         sequence=_integer(headers.get(HEADER_SEQUENCE)),
         published_at=_integer(headers.get(HEADER_PUBLISHED_AT)),
         headers=MappingProxyType(headers),

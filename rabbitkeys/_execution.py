@@ -29,7 +29,7 @@ from ._metrics import WorkerMetrics
 from ._protocol import KeyAssignment
 from ._retry import DeadLetter, RetryPolicy
 from ._settings import Settings
-from ._topology import Names
+from ._topology import Names, key_matches_token
 
 __all__ = ["Executor", "verdict"]
 
@@ -40,6 +40,19 @@ def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict
     """What a delivery is for its key: new, a copy of one handled already, or out of order.
     A delivery without an origin (not sent by a Publisher, or dedup turned off) is new."""
     return Verdict.NEW if origin is None else history.check(*origin)
+
+
+def _key_of(assignment: KeyAssignment, envelope: Envelope) -> str:
+    """A message's key comes from the queue it was delivered from (its assignment), never
+    from what the message says. The header only gives the original text of a key the
+    registry adopted from the broker, which knows a hashed key by its token alone, and
+    only when that text hashes to the queue's token."""
+    claimed = envelope.key
+    if claimed is None or claimed == assignment.key:
+        return assignment.key
+    token = assignment.key_id.partition("/")[2]
+    adopted = assignment.key == token
+    return claimed if adopted and key_matches_token(claimed, token) else assignment.key
 
 
 class Executor:
@@ -53,22 +66,25 @@ class Executor:
         self.app = app
         self.policy = RetryPolicy.from_settings(settings)
         self._dedup = settings.dedup
-        self._dead_letter_queue = Names(settings.namespace).dead_letter_queue
+        self._dead_letter_exchange = Names(settings.namespace).dead_letter_exchange
         self._metrics = metrics
         self._stopping = stopping
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._dead_letters: AbstractChannel | None = None
         self._worker_id = ""
+        self._user_id = ""
         self.dead_lettered = 0
         self.duplicates_dropped = 0
         self.order_violations = 0
         #: handlers running now
         self.in_flight = 0
 
-    def begin(self, dead_letters: AbstractChannel, worker_id: str) -> None:
-        """A new session: dead letters go out on its channel, under its worker id."""
+    def begin(self, dead_letters: AbstractChannel, worker_id: str, user_id: str) -> None:
+        """A new session: dead letters go out on its channel, under its worker id and the
+        connection's user."""
         self._dead_letters = dead_letters
         self._worker_id = worker_id
+        self._user_id = user_id
 
     async def execute(
         self, assignment: KeyAssignment, history: SequenceHistory, delivery: DeliveredMessage
@@ -108,8 +124,7 @@ class Executor:
             if attempt > 1:
                 self._metrics.retried.inc()
             message = Message(
-                # the header holds the original text even when the queue name is hashed
-                key=envelope.key or assignment.key,
+                key=_key_of(assignment, envelope),
                 job_type=assignment.job_type,
                 body=delivery.body,
                 headers=headers,
@@ -179,7 +194,8 @@ class Executor:
         """Copy the message to the namespace's dead-letter queue with the error recorded;
         the caller acks the original only after the broker confirmed the copy."""
         assert self._dead_letters is not None
-        await self._dead_letters.default_exchange.publish(
+        exchange = await self._dead_letters.get_exchange(self._dead_letter_exchange, ensure=False)
+        await exchange.publish(
             aio_pika.Message(
                 delivery.body,
                 headers=dead_letter_headers(
@@ -187,8 +203,9 @@ class Executor:
                 ),
                 content_type=delivery.header.properties.content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=self._user_id,
             ),
-            routing_key=self._dead_letter_queue,
+            routing_key="",
         )
         self.dead_lettered += 1
         self._metrics.dead_lettered.inc()

@@ -1,4 +1,4 @@
-"""A worker's hold on its keys: the one home of taking a key (declare, consume), of the
+"""A worker's hold on its keys: the one home of taking a key (check its queue, consume), of the
 key's buffer and runner, and of letting it go without reordering it. Each key the worker
 holds is an :class:`OwnedKey` in a named :class:`KeyState`; :meth:`OwnedKey.move` is the one
 place a state changes, and refuses a change the table :data:`TRANSITIONS` does not list.
@@ -43,7 +43,6 @@ from ._execution import Executor
 from ._metrics import WorkerMetrics
 from ._protocol import KeyAssignment
 from ._settings import Settings
-from ._topology import key_queue_arguments
 
 __all__ = ["TRANSITIONS", "Handoff", "KeyState", "OwnedKey"]
 
@@ -194,26 +193,12 @@ class Handoff:
             if self._stopping.is_set():
                 return
             assert self._declares is not None and self._consume is not None
-            # Declaring (same arguments) first means a consume never hits a missing queue,
-            # which would close the channel every key is consumed on.
-            try:
-                await (await self._declares.get()).queue_declare(
-                    assignment.queue,
-                    durable=self._settings.durable,
-                    arguments=key_queue_arguments(self._settings.key_queue_expires),
-                )
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                # Declared with other arguments (settings differ between processes, say
-                # during a rolling change): if it exists, consume it all the same. The same
-                # code also means "no room" (the vhost's max-queues): then there is no
-                # queue, and a consume would close the channel every key is consumed on.
-                if not await self._queue_exists(assignment.queue):
-                    log.error("cannot declare the queue of key %s: %s", key_id, exc)
-                    self._tasks.spawn(self._give_back(assignment))
-                    return
-                log.warning("key %s: %s; consuming the queue as it is", key_id, exc)
-            except Exception as exc:  # a broker refusal, or a name the client refuses
-                log.error("cannot declare the queue of key %s: %r", key_id, exc)
+            # Only the registry declares key queues (a worker may not: the right to declare
+            # is the right to delete). A passive declare first means a consume never hits a
+            # missing queue, which would close the channel every key is consumed on; it
+            # also renews the queue's x-expires lease until the consume takes over.
+            if not await self._queue_exists(assignment.queue):
+                log.error("key %s: its queue %s does not exist", key_id, assignment.queue)
                 self._tasks.spawn(self._give_back(assignment))
                 return
             if self._stopping.is_set():

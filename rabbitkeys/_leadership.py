@@ -1,6 +1,7 @@
 """Which registry leads a namespace: the one home of the leader lock.
 
-Leadership is an exclusive queue, ``<namespace>.registry.leader``: the broker gives it to
+Leadership is an exclusive queue, ``<namespace>.registry.leader`` (only registries may
+declare it: :mod:`._permissions`): the broker gives it to
 one connection and frees it the moment that connection dies, so a standby takes over
 without any lease to expire or clock to trust.
 """
@@ -29,7 +30,7 @@ async def take_leadership(
 ) -> None:
     """Hold the namespace's leader lock (until ``connection`` closes), or return once
     ``stopping`` is set."""
-    lock_name = f"{names.namespace}.registry.leader"
+    lock_name = names.leader_lock
     waiting_logged = False
     while not stopping.is_set():
         channel = await open_channel(connection)  # closed by RESOURCE_LOCKED

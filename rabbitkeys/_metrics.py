@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._senders import REFUSAL_REASONS
 from ._version import __version__
 
 __all__ = ["PublisherMetrics", "RegistryMetrics", "WorkerMetrics"]
@@ -61,6 +62,22 @@ def _metric(registry: CollectorRegistry, kind: type[_M], name: str, doc: str, **
 
 def _counter(registry: CollectorRegistry, name: str, doc: str) -> Counter:
     return _metric(registry, Counter, name, doc)
+
+
+def _refusals(registry: CollectorRegistry) -> Counter:
+    """Control messages refused, by reason (``_senders.REFUSAL_REASONS``, a closed set);
+    every reason pre-created, so a rate over it is 0, not absent, until the first one."""
+    counter = _metric(
+        registry,
+        Counter,
+        "rabbitkeys_refused_control_messages",
+        "Control messages refused, by reason: malformed, from a sender that may not send "
+        "them, or asking for what the receiver may not do.",
+        labelnames=("reason",),
+    )
+    for reason in REFUSAL_REASONS:
+        counter.labels(reason=reason)
+    return counter
 
 
 def _histogram(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
@@ -191,6 +208,7 @@ class WorkerMetrics:
             "rabbitkeys_malformed_messages",
             "Control messages dropped (malformed or invalid).",
         )
+        self.refused = _refusals(registry)
         self.handler_duration = _histogram(
             registry, "rabbitkeys_handler_duration_seconds", "Time in the handler, per attempt."
         )
@@ -242,6 +260,7 @@ class RegistryMetrics:
             "rabbitkeys_malformed_messages",
             "Control messages dropped (malformed or invalid).",
         )
+        self.refused = _refusals(registry)
         self.quota_refusals = _counter(
             registry,
             "rabbitkeys_quota_refusals",

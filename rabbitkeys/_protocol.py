@@ -95,6 +95,8 @@ _KeyId = Annotated[
 ]
 _WorkerId = Annotated[str, StringConstraints(pattern=f"^{WORKER_ID_PATTERN}$")]
 _Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# a worker's secret for one connection (see WorkerJoin.session)
+_Session = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 # the names rabbitkeys builds: namespace, kind, job type and token, joined by dots
 _QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@#-]{1,255}$")]
 # any routing key a binding can have (the registry learns some from the broker's listing)
@@ -164,6 +166,10 @@ class WorkerJoin(_Model):
 
     type: Literal["worker_join"] = "worker_join"
     worker_id: _WorkerId
+    #: a random secret of this worker's connection, sent in each of its messages: only the
+    #: registry reads them (permissions), so a message for this worker id carrying another
+    #: session is someone else speaking for it (the registry refuses it while it lives)
+    session: _Session
     inbox: _QueueName
     job_types: Annotated[list[_JobType], Field(max_length=MAX_JOB_TYPES)]
     #: a worker with more keys than fit in one message sends several joins (:func:`split`)
@@ -175,6 +181,7 @@ class WorkerJoin(_Model):
 class WorkerHeartbeat(_Model):
     type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker_id: _WorkerId
+    session: _Session
     owned: _Count = 0
     #: deliveries held in the worker's buffers that no handler has started yet
     waiting: _Count = 0
@@ -191,6 +198,7 @@ class Released(_Model):
 
     type: Literal["released"] = "released"
     worker_id: _WorkerId
+    session: _Session
     #: full assignments, so a registry that took over meanwhile can adopt keys it never knew
     keys: Annotated[list[KeyAssignment], Field(max_length=MAX_KEYS_PER_MESSAGE)]
 
@@ -198,6 +206,7 @@ class Released(_Model):
 class WorkerLeave(_Model):
     type: Literal["worker_leave"] = "worker_leave"
     worker_id: _WorkerId
+    session: _Session
 
 
 class StatusRequest(_Model):

@@ -131,6 +131,8 @@ class Publisher:
         #: travels in every message, so a worker can tell publishers apart (dedup, order checks)
         self.publisher_id = uuid.uuid4().hex
         self._names = Names(self.settings.namespace)
+        # every message carries it; the broker refuses any other than the connection's user
+        self._user_id = self.settings.amqp_user
         self.metrics = PublisherMetrics(metrics_registry)
         self._carrier = _Carrier(self.settings, self.metrics)
         self._lanes = self._carrier.lanes
@@ -233,7 +235,7 @@ class Publisher:
         channel = await connection.channel(publisher_confirms=True)
         # A channel the broker closed (say, a refused frame) is as good as a lost connection.
         channel.close_callbacks.add(on_close)
-        control = ControlClient(connection, self._names)
+        control = ControlClient(connection, self._names, self._user_id)
         await control.start()
         self._control = control
         # The underlying aiormq channel: its basic_publish writes frames in call order
@@ -316,6 +318,7 @@ class Publisher:
             publisher_id=self.publisher_id,
             sequence=self._next_sequence,
             delivery_mode=self._delivery_mode,
+            user_id=self._user_id,
             headers=headers,
         )
         size = len(body)

@@ -187,7 +187,9 @@ class Reconciler:
                 self._settings.worker_timeout,
             )
             return
-        events = await channel.declare_queue(exclusive=True, auto_delete=True)
+        events = await channel.declare_queue(
+            self._names.events_queue, exclusive=True, auto_delete=True
+        )
         await events.bind(_EVENT_EXCHANGE, routing_key="queue.deleted")
         await events.consume(self._on_queue_deleted, no_ack=True)
 

@@ -16,12 +16,12 @@ and from the broker when a registry starts leading.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 import uuid
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from ._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
 from ._commands import CommandRunner
 from ._connection import keep_connected
-from ._control import control_message, declare_registry_queue
+from ._control import control_message, declare_control_topology
 from ._errors import InvalidKeyError, ProtocolError, RabbitkeysError
 from ._keybook import (
     Command,
@@ -56,6 +56,7 @@ from ._protocol import (
     decode,
 )
 from ._reconcile import Reconciler
+from ._senders import Refusal, WorkerSessions, check_request
 from ._settings import Settings, load_settings
 from ._topology import KeyRef, Names
 
@@ -92,6 +93,10 @@ class Registry(Background):
         self._runner: CommandRunner | None = None
         self._reconciler: Reconciler | None = None
         self.malformed_messages = 0
+        #: control messages refused, by reason (``_senders.REFUSAL_REASONS``)
+        self.refused: collections.Counter[str] = collections.Counter()
+        #: which user and session speak for each live worker
+        self._sessions = WorkerSessions()
         self.keys_retired = 0
         #: last sign of life of each worker lost since the last rebalance (failover gap)
         self._lost_workers_seen: list[float] = []
@@ -144,6 +149,7 @@ class Registry(Background):
     async def _session(self, connection: AbstractConnection) -> None:
         # Each connection starts from nothing: state is rebuilt from the workers.
         self._book = self._new_book()
+        self._sessions.clear()
         self._leading.clear()
         self._connected = True
         try:
@@ -179,11 +185,7 @@ class Registry(Background):
             dropped=self._dropped,
             adopted=self._rebalance_wanted.set,
         )
-        await declare_registry_queue(self._control, self.names)
-        await self._control.declare_exchange(
-            self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        await self._control.declare_queue(self.names.dead_letter_queue, durable=True)
+        await declare_control_topology(self._control, self.names)
         # Generous: answers can wait for a declare or a retirement, and heartbeats must not
         # starve behind them. Control messages are small.
         await self._control.set_qos(prefetch_count=10_000)
@@ -209,10 +211,14 @@ class Registry(Background):
     # --- control messages -------------------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
-        """Count, log and drop what remote input broke; the registry carries on."""
+        """Count, log and drop what remote input broke or was refused; the registry carries
+        on."""
+        reason = error.reason if isinstance(error, Refusal) else "malformed"
         self.malformed_messages += 1
+        self.refused[reason] += 1
         self.metrics.malformed.inc()
-        if isinstance(error, ProtocolError | InvalidKeyError):
+        self.metrics.refused.labels(reason=reason).inc()
+        if isinstance(error, ProtocolError | InvalidKeyError | Refusal):
             log.warning("dropped %s: %s", what, error)
         else:  # not a parse error: show where it failed
             log.warning("dropped %s: %r", what, error, exc_info=error)
@@ -228,6 +234,14 @@ class Registry(Background):
             # (counted once: a bad reply_to is not counted again here).
             if self.names.is_reply_queue(message.reply_to or ""):
                 await self._reply(message, Refused(reason=_reason(exc)))
+            await self._ack(message)
+            return
+        try:
+            # the exchange it came through is the sender's role; user_id, the sender
+            check_request(self.names, message.exchange or "", message.user_id, request)
+            self._sessions.check(request, message.user_id or "")
+        except Refusal as refusal:
+            self._dropped(f"a {request.type} message", refusal)
             await self._ack(message)
             return
         if isinstance(request, EnsureKey | StatusRequest):
@@ -265,7 +279,10 @@ class Registry(Background):
             if ref is None:
                 self._dropped(
                     "a report about a key",
-                    ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
+                    Refusal(
+                        "foreign_queue",
+                        f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s",
+                    ),
                 )
             else:
                 refs.append((ref, assignment.routing_key))
@@ -297,12 +314,16 @@ class Registry(Background):
             return
         if not self.names.is_reply_queue(reply_to):
             self._dropped(
-                "a reply", ProtocolError(f"reply_to {reply_to[:300]!r} is not a reply queue")
+                "a reply",
+                Refusal("bad_reply_to", f"reply_to {reply_to[:300]!r} is not a reply queue"),
             )
             return
         try:
-            await self._control.default_exchange.publish(
-                control_message(reply, correlation_id=message.correlation_id),
+            replies = await self._control.get_exchange(self.names.replies_exchange, ensure=False)
+            await replies.publish(
+                control_message(
+                    reply, user_id=self.settings.amqp_user, correlation_id=message.correlation_id
+                ),
                 routing_key=reply_to,
             )
         except CHANNEL_ERRORS:
@@ -337,6 +358,7 @@ class Registry(Background):
     # --- membership ---------------------------------------------------------------------
 
     def _remove_worker(self, worker_id: str, *, reason: str) -> None:
+        self._sessions.forget(worker_id)  # whoever joins as this id next is let in
         worker = self._book.workers.get(worker_id)
         if worker is None:
             return
@@ -382,8 +404,11 @@ class Registry(Background):
 
     async def _broadcast(self, command: Sync) -> None:
         assert self._control is not None
-        exchange = await self._control.get_exchange(self.names.workers_exchange, ensure=False)
-        await exchange.publish(control_message(command), routing_key="")
+        exchange = await self._control.get_exchange(self.names.commands_exchange, ensure=False)
+        await exchange.publish(
+            control_message(command, user_id=self.settings.amqp_user),
+            routing_key=self.names.all_workers_route,
+        )
 
 
 def _reason(error: BaseException) -> str:

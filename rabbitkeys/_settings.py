@@ -284,6 +284,13 @@ class Settings(BaseSettings):
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
+    def amqp_user(self) -> str:
+        """The user ``amqp_url`` logs in as (``guest`` when it names none): what every
+        message this process sends carries as ``user_id``, which the broker checks."""
+        user = urlsplit(self.amqp_url.get_secret_value()).username
+        return unquote(user) if user else "guest"
+
+    @property
     def amqp_url_masked(self) -> str:
         """The broker URL with the password replaced, safe for logs."""
         return mask_url(self.amqp_url.get_secret_value())

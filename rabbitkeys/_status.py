@@ -17,7 +17,7 @@ async def fetch_status(
 ) -> Status:
     connection = await connect(settings, "status")
     try:
-        client = ControlClient(connection, Names(settings.namespace))
+        client = ControlClient(connection, Names(settings.namespace), settings.amqp_user)
         await client.start()
         reply = await client.request(StatusRequest(backlog=backlog), timeout=timeout)
     finally:

@@ -270,6 +270,17 @@ class Names:
         """Workers' dead letters, to :attr:`dead_letter_queue` (fanout)."""
         return f"{self.namespace}.dead-letters"
 
+    @property
+    def control_exchanges(self) -> tuple[str, ...]:
+        """Every exchange of the namespace but the jobs exchanges."""
+        return (
+            self.requests_exchange,
+            self.membership_exchange,
+            self.commands_exchange,
+            self.replies_exchange,
+            self.dead_letter_exchange,
+        )
+
     def worker_inbox(self, worker_id: str) -> str:
         return f"{self.namespace}.worker.{worker_id}"
 

@@ -11,13 +11,14 @@ holding no keys (the registry reassigns the old id's keys when its inbox vanishe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from typing import Any, cast
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
 from ._app import App
 from ._connection import keep_connected
-from ._control import control_message, declare_registry_queue
+from ._control import control_message, topology_exists
 from ._errors import ConfigError, ProtocolError
 from ._execution import Executor
 from ._handoff import Handoff
@@ -46,6 +47,7 @@ from ._protocol import (
     decode,
     split,
 )
+from ._senders import Refusal, check_command
 from ._settings import Settings, load_settings
 from ._topology import Names, check_worker_id
 
@@ -99,6 +101,11 @@ class Worker(Background):
         self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
         self.malformed_messages = 0
+        #: commands refused, by reason (``_senders.REFUSAL_REASONS``)
+        self.refused: collections.Counter[str] = collections.Counter()
+        # Sent in every message to the registry, which only the registry reads: what tells
+        # it that a message for our worker id is ours (``_senders.WorkerSessions``).
+        self._secret = secrets.token_hex(16)
         self._joined = False
         self.metrics = WorkerMetrics(self, metrics_registry)
         self._executor = Executor(app, settings, self.metrics, self._stopping)
@@ -186,13 +193,13 @@ class Worker(Background):
             self._handoff.end()
 
     async def _start(self, connection: AbstractConnection) -> None:
+        if not await self._wait_for_registry(connection):
+            return
         self._control = await connection.channel()
         self._control.close_callbacks.add(self._on_channel_close)
-        await declare_registry_queue(self._control, self.names)
         dead_letters = await connection.channel(publisher_confirms=True)
         dead_letters.close_callbacks.add(self._on_channel_close)
-        await dead_letters.declare_queue(self.names.dead_letter_queue, durable=True)
-        self._executor.begin(dead_letters, self.worker_id)
+        self._executor.begin(dead_letters, self.worker_id, self.settings.amqp_user)
         consume = await connection.channel()
         consume.close_callbacks.add(self._on_channel_close)
         # Applies to each consumer made on this channel afterwards, i.e. to each key.
@@ -210,16 +217,34 @@ class Worker(Background):
             ChannelPool(connection, size=4),
             self._session_lost,
         )
-        workers = await self._control.declare_exchange(
-            self.names.workers_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+        # Exclusive: no other connection can consume, bind or delete it.
         inbox = await self._control.declare_queue(
             self.names.worker_inbox(self.worker_id), exclusive=True, auto_delete=True
         )
-        await inbox.bind(workers)
+        commands = self.names.commands_exchange
+        await inbox.bind(commands, routing_key=self.names.worker_route(self.worker_id))
+        await inbox.bind(commands, routing_key=self.names.all_workers_route)
         await inbox.consume(self._on_command, no_ack=True)
         await self._send_join()
         self._joined = True
+
+    async def _wait_for_registry(self, connection: AbstractConnection) -> bool:
+        """Wait until a registry has declared the namespace's control names (only it may);
+        False if stopped first."""
+        exchange = self.names.membership_exchange
+        if await topology_exists(connection, exchange):
+            return True
+        log.warning(
+            "worker %s: namespace %r has no %s exchange yet; waiting for a registry "
+            "(`rabbitkeys registry`) to start",
+            self.worker_id,
+            self.names.namespace,
+            exchange,
+        )
+        while not await sleep_unless(self._stopping, 0.5):
+            if await topology_exists(connection, exchange):
+                return True
+        return False
 
     def _on_channel_close(self, *_: Any) -> None:
         self._session_lost.set()
@@ -232,7 +257,11 @@ class Worker(Background):
         for join in split(
             held,
             lambda keys: WorkerJoin(
-                worker_id=self.worker_id, inbox=inbox, job_types=job_types, keys=keys
+                worker_id=self.worker_id,
+                session=self._secret,
+                inbox=inbox,
+                job_types=job_types,
+                keys=keys,
             ),
         ):
             await self._send(join)
@@ -256,39 +285,59 @@ class Worker(Background):
             for owned in holds
         )
         return WorkerHeartbeat(
-            worker_id=self.worker_id, owned=len(holds), waiting=waiting, idle_keys=idle
+            worker_id=self.worker_id,
+            session=self._secret,
+            owned=len(holds),
+            waiting=waiting,
+            idle_keys=idle,
         )
 
     async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released) -> None:
         assert self._control is not None
-        await self._control.default_exchange.publish(
-            control_message(message, expiration=self.settings.worker_timeout),
-            routing_key=self.names.registry_queue,
+        membership = await self._control.get_exchange(self.names.membership_exchange, ensure=False)
+        await membership.publish(
+            control_message(
+                message, user_id=self.settings.amqp_user, expiration=self.settings.worker_timeout
+            ),
+            routing_key="",
         )
 
     async def _released(self, keys: list[KeyAssignment]) -> None:
         """Tell the registry we let go of these keys (or never took them)."""
-        for report in split(keys, lambda chunk: Released(worker_id=self.worker_id, keys=chunk)):
+
+        def released(chunk: list[KeyAssignment]) -> Released:
+            return Released(worker_id=self.worker_id, session=self._secret, keys=chunk)
+
+        for report in split(keys, released):
             await self._send(report)
 
     # --- commands from the registry -----------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
-        """Count, log and drop what remote input broke; the worker carries on."""
+        """Count, log and drop what remote input broke or was refused; the worker carries
+        on."""
+        reason = error.reason if isinstance(error, Refusal) else "malformed"
         self.malformed_messages += 1
+        self.refused[reason] += 1
         self.metrics.malformed.inc()
-        if isinstance(error, ProtocolError):
+        self.metrics.refused.labels(reason=reason).inc()
+        if isinstance(error, ProtocolError | Refusal):
             log.warning("dropped %s: %s", what, error)
         else:  # not a parse error: show where it failed
             log.warning("dropped %s: %r", what, error, exc_info=error)
 
     async def _on_command(self, message: AbstractIncomingMessage) -> None:
-        """Commands from the registry (anyone can write to our inbox): whatever one breaks
-        is counted as malformed, logged and dropped; the worker keeps its keys."""
+        """Commands, obeyed only from the registry (``_senders``): whatever one breaks or
+        is refused for is counted, logged and dropped; the worker keeps its keys."""
         try:
             command = decode(message.body)
         except ProtocolError as exc:
             self._dropped("a command", exc)
+            return
+        try:
+            check_command(self.names, message.exchange or "", message.user_id, command)
+        except Refusal as refusal:
+            self._dropped(f"a {command.type} command", refusal)
             return
         try:
             await self._run_command(command)
@@ -312,11 +361,21 @@ class Worker(Background):
             raise ProtocolError(f"a {command.type!r} message is not a command")
 
     def _is_ours(self, assignment: KeyAssignment) -> bool:
-        """Only key queues of our namespace, named after the key they claim to be."""
+        """Only key queues of our namespace, named after the key they claim to be, of a job
+        type we serve."""
         if self.names.key_of_report(assignment.queue, assignment.key_id, assignment.key) is None:
             self._dropped(
                 "an assignment",
-                ProtocolError(f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s"),
+                Refusal(
+                    "foreign_queue",
+                    f"queue {assignment.queue!r} is not key {assignment.key_id!r}'s",
+                ),
+            )
+            return False
+        if assignment.job_type not in self.app.job_types:
+            self._dropped(
+                "an assignment",
+                Refusal("job_type_not_served", f"job type {assignment.job_type!r} is not served"),
             )
             return False
         return True
@@ -330,5 +389,5 @@ class Worker(Background):
         log.info("worker %s stopping: settling %d keys", self.worker_id, len(holds))
         await asyncio.gather(*(self._handoff.release(owned.key_id) for owned in holds))
         with contextlib.suppress(Exception):
-            await self._send(WorkerLeave(worker_id=self.worker_id))
+            await self._send(WorkerLeave(worker_id=self.worker_id, session=self._secret))
         log.info("worker %s stopped after %d messages", self.worker_id, self.handled)

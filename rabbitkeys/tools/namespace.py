@@ -30,7 +30,7 @@ async def remove_namespace(settings: Settings) -> int:
         return 0
     job_types = {DEFAULT_JOB_TYPE}
     job_types.update(ref.job_type for q in queues if (ref := names.key_of_queue(q.name)))
-    exchanges = [names.workers_exchange, *(names.jobs_exchange(t) for t in sorted(job_types))]
+    exchanges = [*names.control_exchanges, *(names.jobs_exchange(t) for t in sorted(job_types))]
     try:
         connection = await connect(settings, "cleanup")
     except BrokerUnavailableError:
