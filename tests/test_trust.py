@@ -95,12 +95,24 @@ class Scene:
         return {key_id: key.owner for key_id, key in self.registry._book.keys.items()}
 
     async def consumer_users(self, queue: str) -> list[str]:
-        """The user of each consumer of ``queue``, per the management API."""
+        """The user of each consumer of ``queue``, per the management API (which lists
+        consumers from its statistics: seconds late)."""
         vhost = urllib.parse.quote(self.vhost, safe="")
         consumers = await asyncio.to_thread(self.broker.api, f"consumers/{vhost}")
         return sorted(
             c["channel_details"]["user"] for c in consumers if c["queue"]["name"] == queue
         )
+
+    async def consumer_count(self, queue: str) -> int:
+        """How many consumers ``queue`` has now, per the broker (a passive declare)."""
+        connection = await aio_pika.connect(self.users.registry.url)
+        try:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.consumer_count is not None
+            return declared.declaration_result.consumer_count
+        finally:
+            await connection.close()
 
     async def unaffected(self) -> None:
         """Leadership, ownership, order and data are what they were before the attack."""
@@ -108,7 +120,7 @@ class Scene:
         assert self.worker.worker_id in self.registry._book.workers
         assert self.ownership() == self.owners
         assert self.worker.owned_keys == [KEY_ID]
-        assert await self.consumer_users(self.key_queue) == [self.users.worker.name]
+        assert await self.consumer_count(self.key_queue) == 1
         await self.send()
         await self.settled()
         assert self.ownership() == self.owners
@@ -181,6 +193,7 @@ async def scene(
         await eventually(lambda: worker.owned_keys == [KEY_ID])
         scene.owners = scene.ownership()
         assert scene.owners == {KEY_ID: worker.worker_id}
+        assert await scene.consumer_count(scene.key_queue) == 1
         yield scene
 
 
@@ -514,7 +527,7 @@ async def test_a_worker_refuses_to_consume_a_queue_not_named_for_the_key(scene: 
     before = scene.worker_refused("foreign_queue")
     await _command(scene, {"type": "assign", "keys": foreign}, user_id=registry_user)
     await eventually(lambda: scene.worker_refused("foreign_queue") == before + len(foreign))
-    assert await scene.consumer_users(names.registry_queue) == [registry_user]
+    assert await scene.consumer_count(names.registry_queue) == 1  # the registry's
     await scene.unaffected()
 
 
@@ -569,8 +582,9 @@ async def test_within_its_role_a_worker_credential_can_consume_any_key_queue(
             pass
 
         tag = await queue.consume(ignore)
+        assert await scene.consumer_count(scene.key_queue) == 2
         # the broker lists it beside the owner's consumer, as the same user's
-        assert await scene.consumer_users(scene.key_queue) == [scene.users.worker.name] * 2
+        await _until(scene.consumer_users, scene.key_queue, [scene.users.worker.name] * 2)
         await queue.cancel(tag)
         await channel.close()
     await scene.unaffected()
@@ -598,6 +612,14 @@ async def test_within_its_role_a_publisher_credential_can_bind_for_another_publi
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+async def _until(read: Any, queue: str, expected: list[str]) -> None:
+    """Wait until the management API lists ``expected`` as ``queue``'s consumers' users."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while (found := await read(queue)) != expected:
+        assert asyncio.get_running_loop().time() < deadline, (queue, found, expected)
+        await asyncio.sleep(0.5)
 
 
 def _queue_takeovers(queue: str, exchange: str) -> list[Any]:
