@@ -42,6 +42,7 @@ from .trust_support import (
     attacker,
     control,
     forged_messages,
+    session,
 )
 
 #: the victim's key: its messages must be handled once each, in order, whatever is forged
@@ -491,6 +492,92 @@ async def test_a_worker_speaks_only_for_itself(scene: Scene, kind: str, same_use
         await eventually(lambda: scene.registry_refused("impersonation") == before + 1)
     assert scene.registry._book.workers[scene.worker.worker_id].job_types == {"default"}
     await scene.unaffected()
+
+
+async def test_a_worker_cannot_release_retire_or_claim_a_key_it_does_not_own(
+    scene: Scene,
+) -> None:
+    """A worker speaking for itself (its own id and session, joined with a job type of its
+    own) reports the victim's key idle, released, and among the keys it consumes: the
+    registry acts on reports about a key only from the key's owner."""
+    names = scene.names
+    user = scene.users.add(Role.WORKER, "mallory")
+    own = {"worker_id": "mallory", "session": session()}
+    victim_key = [assignment(names, VICTIM_KEY)]
+    reports = [
+        {"type": "worker_join", **own, "inbox": names.worker_inbox("mallory")}
+        | {"job_types": ["other"], "keys": []},
+        {"type": "worker_heartbeat", **own, "idle_keys": [KEY_ID]},
+        {"type": "released", **own, "keys": victim_key},
+        {"type": "worker_join", **own, "inbox": names.worker_inbox("mallory")}
+        | {"job_types": ["other"], "keys": victim_key},
+        {"type": "worker_leave", **own},
+    ]
+    async with attacker(user, names) as mallory:
+        for report in reports:
+            await mallory.publish(names.membership_exchange, control(report, user_id=user.name))
+            if report["type"] == "worker_join":
+                await eventually(lambda: "mallory" in scene.registry._book.workers)
+    # the registry takes one message at a time, in order: the leave came last
+    await eventually(lambda: "mallory" not in scene.registry._book.workers)
+    assert sum(scene.registry.refused.values()) == 0
+    await scene.unaffected()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="runtime defect: worker session pins live only in the leading registry's memory; "
+    "after a failover the first join for a live worker's id wins, so a worker credential "
+    "that queues a join while no registry leads takes the id and the real worker's reports "
+    "are refused as impersonation",
+)
+async def test_a_worker_keeps_its_id_across_a_registry_failover(
+    role_users: RoleUsers, namespace: str
+) -> None:
+    names = Names(namespace)
+    app = App()
+
+    @app.handler()
+    async def ignore(message: Message) -> None:
+        pass
+
+    registry_settings = make_settings(role_users.registry.url, namespace)
+    async with running_worker(
+        make_settings(role_users.worker.url, namespace), app, metrics_registry=CollectorRegistry()
+    ) as worker:
+        async with running_registry(registry_settings, metrics_registry=CollectorRegistry()) as a:
+            await eventually(lambda: worker.worker_id in a._book.workers)
+        # no registry leads: a join for the live worker's id, from another session of the
+        # same worker user, waits in NS.registry for the next leader
+        stolen = {"worker_id": worker.worker_id, "session": session()}
+        join = {"type": "worker_join", **stolen, "inbox": names.worker_inbox(worker.worker_id)}
+        async with attacker(role_users.worker, names) as impostor:
+            message = control(join | {"job_types": ["default"]}, user_id=role_users.worker.name)
+            await impostor.publish(names.membership_exchange, message)
+            async with running_registry(
+                registry_settings, metrics_registry=CollectorRegistry()
+            ) as b:
+                real = (role_users.worker.name, worker._secret)
+                # the impostor keeps the id alive, as a live worker would
+                beat = {"type": "worker_heartbeat", **stolen}
+
+                async def keep_alive() -> None:
+                    while True:
+                        await impostor.publish(
+                            names.membership_exchange,
+                            control(beat, user_id=role_users.worker.name),
+                        )
+                        await asyncio.sleep(0.2)
+
+                beating = asyncio.create_task(keep_alive())
+                try:
+                    await eventually(
+                        lambda: b._sessions._pins.get(worker.worker_id) == real, timeout=5
+                    )
+                finally:
+                    beating.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beating
 
 
 # --- what a worker obeys (commands come only from a registry's user) -----------------------
