@@ -39,11 +39,12 @@ _TOPOLOGY_POLL = 0.5
 async def declare_control_topology(channel: AbstractChannel, names: Names) -> None:
     """The registry's part: every shared control name (idempotent, durable)."""
     fanout, direct = aio_pika.ExchangeType.FANOUT, aio_pika.ExchangeType.DIRECT
-    requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
-    membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
-    await channel.declare_exchange(names.commands_exchange, direct, durable=True)
+    # Clients wait for the requests and membership exchanges: those come last.
     await channel.declare_exchange(names.replies_exchange, direct, durable=True)
+    await channel.declare_exchange(names.commands_exchange, direct, durable=True)
     dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
+    membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
+    requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
     registry = await channel.declare_queue(names.registry_queue, durable=True)
     await registry.bind(requests)
     await registry.bind(membership)
@@ -130,27 +131,35 @@ class ControlClient:
         deadline = time.monotonic() + timeout
         try:
             if not self._registry_seen:
-                # No registry has ever run in this namespace (or not when we started): its
-                # exchanges appear when one does.
-                exists = await wait_for_topology(
-                    self._connection, self._names.requests_exchange, timeout=timeout
-                )
-                if not exists:
-                    raise TimeoutError
+                # No registry had run in this namespace when we started: its exchanges
+                # appear when one does.
+                for exchange in (self._names.requests_exchange, self._names.replies_exchange):
+                    remaining = deadline - time.monotonic()
+                    if not await wait_for_topology(self._connection, exchange, timeout=remaining):
+                        raise TimeoutError
                 await self._bind_reply_queue()
-            remaining = max(0.001, deadline - time.monotonic())
             requests = await self._channel.get_exchange(self._names.requests_exchange, ensure=False)
-            await requests.publish(
-                control_message(
-                    payload,
-                    user_id=self._user_id,
-                    expiration=remaining,
-                    reply_to=self._reply_queue,
-                    correlation_id=correlation_id,
-                ),
-                routing_key="",
-            )
-            return await asyncio.wait_for(future, remaining)
+            while True:
+                remaining = max(0.001, deadline - time.monotonic())
+                sent = await requests.publish(
+                    control_message(
+                        payload,
+                        user_id=self._user_id,
+                        expiration=remaining,
+                        reply_to=self._reply_queue,
+                        correlation_id=correlation_id,
+                    ),
+                    routing_key="",
+                    mandatory=True,
+                )
+                if isinstance(sent, aiormq.spec.Basic.Ack):
+                    break
+                # Returned: the registry's queue is not bound yet (a registry starting for
+                # the first time declares the exchange a moment before it binds).
+                if time.monotonic() + _TOPOLOGY_POLL >= deadline:
+                    raise TimeoutError
+                await asyncio.sleep(_TOPOLOGY_POLL)
+            return await asyncio.wait_for(future, max(0.001, deadline - time.monotonic()))
         except TimeoutError:
             raise RegistryUnavailableError(
                 f"no registry answered within {timeout:g}s "

@@ -109,6 +109,7 @@ def test_a_worker_with_100_000_keys_reports_them_in_messages_that_fit() -> None:
         keys,
         lambda chunk: WorkerJoin(
             worker_id=worker_id,
+            session="0" * 32,
             inbox=Names(namespace).worker_inbox(worker_id),
             job_types=["default"],
             keys=chunk,
@@ -120,7 +121,7 @@ def test_a_worker_with_100_000_keys_reports_them_in_messages_that_fit() -> None:
         encoded = encode(message)
         assert len(encoded) <= MAX_CONTROL_MESSAGE_BYTES
         assert decode(encoded) == message
-    released = split(keys[:10], lambda chunk: Released(worker_id="w", keys=chunk))
+    released = split(keys[:10], lambda chunk: Released(worker_id="w", session="0" * 32, keys=chunk))
     assert len(released) == 1 and released[0].keys == keys[:10]
     ids = [key.key_id for key in keys]
     releases = split(ids, lambda chunk: Release(key_ids=chunk))
@@ -200,11 +201,18 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 names.reply_queue(uuid.uuid4().hex), exclusive=True, auto_delete=True
             )
             answers: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+            await replies.bind(names.replies_exchange, routing_key=replies.name)
             await replies.consume(answers.put, no_ack=True)
 
-            async def send(queue: str, payload: bytes, **properties: Any) -> None:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(payload, **properties), routing_key=queue
+            async def send(
+                exchange: str, payload: bytes, routing_key: str = "", **properties: Any
+            ) -> None:
+                """Through the exchange a party of that role writes on, as that party: only
+                what is in the message is wrong (senders: tests/test_trust.py)."""
+                target = await channel.get_exchange(exchange)
+                await target.publish(
+                    aio_pika.Message(payload, user_id="guest", **properties),
+                    routing_key=routing_key,
                 )
 
             # --- to the registry ---
@@ -215,6 +223,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                     {
                         "type": "released",
                         "worker_id": worker_id,
+                        "session": worker._secret,
                         "keys": [assignment(settings.namespace, "k") | {"queue": foreign_queue}],
                     }
                 ),
@@ -223,6 +232,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                     {
                         "type": "released",
                         "worker_id": worker_id,
+                        "session": worker._secret,
                         "keys": [assignment(settings.namespace, "post A") | {"key": "not post A"}],
                     }
                 ),
@@ -230,10 +240,10 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 body({"type": "sync"}),
             ]
             for payload in to_registry:
-                await send(names.registry_queue, payload)
+                await send(names.membership_exchange, payload)
             # a request with a bad field and a reply queue: refused with the reason
             await send(
-                names.registry_queue,
+                names.requests_exchange,
                 body({"type": "ensure_key", "job_type": "a b", "key": "k"}),
                 reply_to=replies.name,
                 correlation_id="bad-job-type",
@@ -248,14 +258,14 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 names.reply_queue("x" * 65),
             ):
                 await send(
-                    names.registry_queue,
+                    names.requests_exchange,
                     body({"type": "status_request", "backlog": False}),
                     reply_to=reply_to,
                     correlation_id="status",
                 )
             # malformed and a bad reply_to: counted once, answered nowhere
             await send(
-                names.registry_queue,
+                names.requests_exchange,
                 b"{not json",
                 reply_to=names.worker_inbox(worker_id),
                 correlation_id="bad",
@@ -271,7 +281,6 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
             assert malformed_count(worker_metrics) == 0
 
             # --- to the worker's inbox ---
-            inbox = names.worker_inbox(worker_id)
             to_worker = [
                 *MALFORMED.values(),
                 # a queue of another namespace: never declared nor consumed
@@ -295,7 +304,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 encode(Refused(reason="not a command")),
             ]
             for payload in to_worker:
-                await send(inbox, payload)
+                await send(names.commands_exchange, payload, names.worker_route(worker_id))
             await eventually(lambda: malformed_count(worker_metrics) >= len(to_worker), timeout=30)
         finally:
             await connection.close()

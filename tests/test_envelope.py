@@ -143,7 +143,7 @@ def test_headers_an_application_may_not_send_are_refused(
 def test_a_message_without_headers_decodes_to_an_empty_envelope() -> None:
     for properties in (spec.Basic.Properties(), spec.Basic.Properties(headers={})):
         envelope = decode(over_the_wire(properties))
-        assert envelope == Envelope(None, None, None, None, None, {})
+        assert envelope == Envelope(None, None, None, None, None, None, {})
         assert envelope.origin is None
 
 

@@ -18,6 +18,7 @@ from pamqp.header import ContentHeader
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
+from rabbitkeys._control import declare_control_topology
 from rabbitkeys._dedup import SequenceHistory, Verdict
 from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER, encode
 from rabbitkeys._execution import Executor, verdict
@@ -160,13 +161,15 @@ async def test_a_delivery_of_a_job_type_without_handler_is_dead_lettered_at_once
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(Names(namespace).dead_letter_queue, durable=True)
-        run.begin(channel, "w-1")
+        await declare_control_topology(channel, Names(namespace))  # the registry's part
+        queue = await channel.get_queue(Names(namespace).dead_letter_queue)
+        run.begin(channel, "w-1", "guest")
         with caplog.at_level(logging.ERROR, "rabbitkeys.worker"):
             assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", b"b", 1))
         assert run.dead_lettered == 1
         dead = await queue.get(fail=False, no_ack=True)
         assert dead is not None and dead.body == b"b"
+        assert dead.user_id == "guest"  # the broker checked who sent it
         assert dead.headers[HEADER_ATTEMPTS] == 1
         assert dead.headers[HEADER_KEY] == "k" and dead.headers[HEADER_WORKER] == "w-1"
         assert dead.headers[HEADER_ERROR] == (

@@ -21,7 +21,7 @@ from rabbitkeys._execution import Executor
 from rabbitkeys._handoff import Handoff, KeyState
 from rabbitkeys._metrics import WorkerMetrics
 from rabbitkeys._protocol import KeyAssignment
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
 
 from .support import eventually
 
@@ -87,6 +87,12 @@ async def rig(settings: Settings) -> AsyncIterator[Rig]:
         asyncio.Event(),
     )
     rig.side = await connection.channel()
+    # the registry's part: a worker only checks that the queue exists
+    await rig.side.declare_queue(
+        rig.assignment.queue,
+        durable=settings.durable,
+        arguments=key_queue_arguments(settings.key_queue_expires),
+    )
     try:
         yield rig
     finally:

@@ -181,11 +181,13 @@ async def test_a_registry_ignores_the_events_of_another_vhost(
             in_root = await root.channel()
             await in_root.declare_queue(names.worker_inbox("marker"))
             join = WorkerJoin(
-                worker_id="marker", inbox=names.worker_inbox("marker"), job_types=["default"]
+                worker_id="marker",
+                session="0" * 32,
+                inbox=names.worker_inbox("marker"),
+                job_types=["default"],
             )
-            await in_root.default_exchange.publish(
-                control_message(join), routing_key=names.registry_queue
-            )
+            membership = await in_root.get_exchange(names.membership_exchange)
+            await membership.publish(control_message(join, user_id="guest"), routing_key="")
             await eventually(lambda: "marker" in registry._book.workers)
             # the live worker's inbox name, in the session's vhost: created and deleted
             in_other = await other.channel()

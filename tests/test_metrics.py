@@ -110,7 +110,8 @@ async def test_no_metric_has_a_label_per_key(settings: Settings) -> None:
             for sample in family.samples
         }
     label_names = {name for _, labels in series for name in labels}
-    assert label_names <= {"le", "role", "version"}
+    # reason: the refused control messages' closed set of reasons (_senders.REFUSAL_REASONS)
+    assert label_names <= {"le", "role", "version", "reason"}
     assert len(series) < 150
 
 

@@ -129,7 +129,7 @@ def test_each_binding_gets_a_fresh_routing_key() -> None:
 
 
 def test_control_messages_round_trip() -> None:
-    join = WorkerJoin(worker_id="w1", inbox="ns.worker.w1", job_types=["default"])
+    join = WorkerJoin(worker_id="w1", session="0" * 32, inbox="ns.worker.w1", job_types=["default"])
     assert decode(encode(join)) == join
     assert decode(encode(EnsureKey(job_type="j", key="k"))) == EnsureKey(job_type="j", key="k")
 

@@ -188,7 +188,7 @@ async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
         async with Publisher(settings) as publisher:
             await publisher.publish("k", b"first")
             await eventually(lambda: handled == [b"first"])
-            # the copy, as a resend would put it in the key's queue
+            # the copy, as a resend would put it in the key's queue (from the same user)
             connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
             channel = await connection.channel()
             await channel.default_exchange.publish(
@@ -199,6 +199,7 @@ async def test_an_exact_copy_of_a_handled_message_is_dropped_and_counted(
                         "x-rabbitkeys-publisher": publisher.publisher_id,
                         "x-rabbitkeys-seq": 1,
                     },
+                    user_id=settings.amqp_user,
                 ),
                 routing_key=Names(settings.namespace).key_queue(KeyRef.of("k")),
             )

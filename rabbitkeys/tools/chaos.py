@@ -7,6 +7,12 @@ restarts the broker. Then it counts what the workers handled (``rabbitkeys.tools
 one record per handling, with the worker's pid and the delivery's ``redelivered`` flag) and
 reports loss, duplicates, order violations and failover gaps.
 
+Each role runs as its own RabbitMQ user by default (``users="per-role"`` when the management
+API answers to an administrator's login): the run creates the three users of its namespace,
+starts registries with the registry's URL, workers with the worker's, publishes and asks
+for status with the publisher's, and deletes the users at the end. ``users="guest"`` runs
+everything with the settings' own login.
+
 A duplicate is explained only by a crash: the copy was a redelivery and the delivery before
 it was by a worker that was SIGKILLed, or the broker restarted between the two (it requeues
 what was unacked, and publishers resend what was unconfirmed). Any other duplicate (after a
@@ -21,16 +27,21 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import SecretStr
 
 from .._errors import RabbitkeysError
+from .._permissions import Role
 from .._publisher import Publisher
 from .._settings import Settings
 from .._status import fetch_status
+from .._users import create_users, delete_users, write_url_file
 from .cluster import LocalCluster
 from .demo import overlapping_handlings, read_records
 from .namespace import remove_namespace
@@ -59,6 +70,8 @@ class ChaosReport:
     registry_kill_gap: float | None = None
     #: longest wait of any key for its next handling once the restarted broker was back
     broker_restart_gap: float | None = None
+    #: "per-role": each role connected as its own user; "guest": all with the settings' login
+    users: str = "guest"
     events: list[str] = field(default_factory=list)
 
     @property
@@ -86,6 +99,7 @@ class ChaosReport:
             f"registry failover {seconds(self.registry_failover)}  (until another registry led)",
             f"registry kill gap {seconds(self.registry_kill_gap)}  (worst key)",
             f"broker restart    {seconds(self.broker_restart_gap)}  (worst key, once back)",
+            f"users             {self.users}",
             "",
             "OK"
             if self.ok
@@ -103,7 +117,11 @@ async def run_chaos(
     round_interval: float = 0.1,
     broker_restart: bool = False,
     output: Path | None = None,
+    users: Literal["per-role", "guest"] | None = None,
 ) -> ChaosReport:
+    """``users``: "per-role" (each role its own user; needs an administrator's login and the
+    management API), "guest" (every process with the settings' login), or None: per-role
+    when the management API answers, else guest."""
     namespace = f"{settings.namespace}-chaos-{uuid.uuid4().hex[:6]}"
     # nobody retires its key queues after the run: let them expire within minutes
     expires = min(settings.key_queue_expires, 300.0)
@@ -112,10 +130,17 @@ async def run_chaos(
         directory = output or Path(scratch)
         env = {"RK_DEMO_DIR": str(directory), "RABBITKEYS_LOG_LEVEL": "WARNING"}
         report = ChaosReport()
+        roles: dict[Role, Settings] = {}
         try:
-            async with LocalCluster(settings, extra_env=env) as cluster:
+            if users != "guest":
+                roles = await _role_settings(settings, Path(scratch) / "secrets", users, report)
+            publisher = roles.get(Role.PUBLISHER, settings)
+            role_settings = {role.value: roles[role] for role in (Role.REGISTRY, Role.WORKER)}
+            async with LocalCluster(
+                publisher, extra_env=env, role_settings=role_settings if roles else None
+            ) as cluster:
                 timeline = await _scenario(
-                    report, cluster, settings, directory, keys, messages, workers,
+                    report, cluster, publisher, directory, keys, messages, workers,
                     round_interval, broker_restart,
                 )  # fmt: skip
                 # Every worker stops (SIGTERM) before the records are read: once they have
@@ -123,7 +148,51 @@ async def run_chaos(
                 await cluster.stop_all()
         finally:
             await remove_namespace(settings)
+            if users != "guest":  # also after a failure halfway through creating them
+                with contextlib.suppress(RabbitkeysError):
+                    await delete_users(settings)
         return _judge(report, read_records(directory), timeline)
+
+
+async def _role_settings(
+    settings: Settings,
+    secrets_dir: Path,
+    users: Literal["per-role"] | None,
+    report: ChaosReport,
+) -> dict[Role, Settings]:
+    """Create the namespace's three users; each role's settings, its URL in a file (as in
+    production). Empty, when ``users`` is None and the management API does not answer or
+    the login is no administrator's: the run goes on with the settings' login."""
+    try:
+        made = await create_users(settings)
+    except RabbitkeysError as exc:
+        if users == "per-role":
+            raise
+        report.events.append(f"one login for every process (no per-role users: {exc})")
+        return {}
+    # the management API with each role's own login (a login in the URL would be the admin's)
+    management = settings.management_url
+    if management is not None:
+        management = SecretStr(_without_login(management.get_secret_value()))
+    roles = {}
+    for item in made:
+        assert item.amqp_url is not None  # a new namespace: new users, passwords known
+        path = write_url_file(secrets_dir, item.user, item.amqp_url)
+        roles[item.user.role] = settings.model_copy(
+            update={"amqp_url": item.amqp_url, "amqp_url_file": path, "management_url": management}
+        )
+    report.users = "per-role"
+    report.events.append("each role with its own user: " + ", ".join(i.user.name for i in made))
+    return roles
+
+
+def _without_login(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "localhost"
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Self
 
@@ -25,17 +26,26 @@ __all__ = ["LocalCluster"]
 
 
 class LocalCluster:
-    """Start and stop ``rabbitkeys registry`` / ``rabbitkeys worker`` processes."""
+    """Start and stop ``rabbitkeys registry`` / ``rabbitkeys worker`` processes.
 
-    def __init__(self, settings: Settings, *, extra_env: dict[str, str] | None = None) -> None:
+    ``settings`` are the processes' settings, and what the cluster asks the registry for its
+    status with; ``role_settings`` replaces them for one command (``"registry"``,
+    ``"worker"``), e.g. to run each as its own RabbitMQ user.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extra_env: dict[str, str] | None = None,
+        role_settings: Mapping[str, Settings] | None = None,
+    ) -> None:
         self.settings = settings
-        # The settings object is the whole truth: a variable inherited from this process
-        # (RABBITKEYS_AMQP_URL beside the settings' RABBITKEYS_AMQP_URL_FILE) must not add to it.
-        inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_VARIABLES}
-        self._env = {**inherited, **_settings_env(settings), **(extra_env or {})}
-        for name in ("amqp_url", "management_url"):
-            if getattr(settings, f"{name}_file") is not None:  # the file, not the value too
-                self._env.pop(f"{ENV_PREFIX}{name.upper()}", None)
+        self._extra_env = dict(extra_env or {})
+        self._env = self._env_for(settings)
+        self._role_env = {
+            command: self._env_for(given) for command, given in (role_settings or {}).items()
+        }
         self.registries: list[asyncio.subprocess.Process] = []
         self.workers: list[asyncio.subprocess.Process] = []
 
@@ -50,8 +60,21 @@ class LocalCluster:
     ) -> None:
         await self.stop_all()
 
+    def _env_for(self, settings: Settings) -> dict[str, str]:
+        # The settings object is the whole truth: a variable inherited from this process
+        # (RABBITKEYS_AMQP_URL beside the settings' RABBITKEYS_AMQP_URL_FILE) must not add to it.
+        inherited = {k: v for k, v in os.environ.items() if k.upper() not in _SETTING_VARIABLES}
+        env = {**inherited, **_settings_env(settings), **self._extra_env}
+        for name in ("amqp_url", "management_url"):
+            if getattr(settings, f"{name}_file") is not None:  # the file, not the value too
+                env.pop(f"{ENV_PREFIX}{name.upper()}", None)
+        return env
+
     async def _spawn(self, *args: str, metrics_port: int) -> asyncio.subprocess.Process:
-        env = {**self._env, f"{ENV_PREFIX}METRICS_PORT": str(metrics_port)}
+        env = {
+            **self._role_env.get(args[0], self._env),
+            f"{ENV_PREFIX}METRICS_PORT": str(metrics_port),
+        }
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "rabbitkeys", *args, env=env
         )
