@@ -374,6 +374,18 @@ async def test_raw_publishes_without_user_id_cannot_pass_for_the_victims_message
     await scene.unaffected()
 
 
+async def test_a_publisher_claiming_the_victims_binding_stale_costs_it_order_nothing(
+    scene: Scene, mallory: Attacker
+) -> None:
+    """An EnsureKey may name a routing key as stale (what a publisher whose message came
+    back sends); any publisher may name the victim's. At worst the binding is renewed and
+    the victim's next messages come back and are sent again: still each once, in order."""
+    current = scene.registry._book.keys[KEY_ID].routing_key
+    assert current is not None
+    await mallory.ensure(VICTIM_KEY, stale_routing_key=current)
+    await scene.unaffected()
+
+
 async def test_a_publisher_cannot_publish_as_another_user(scene: Scene, mallory: Attacker) -> None:
     """A ``user_id`` naming anyone but the connection's user: the broker closes the channel
     (PRECONDITION_FAILED), for requests and for job messages alike."""

@@ -257,7 +257,9 @@ class Attacker:
 
         return await self.refused(send)
 
-    async def ensure(self, key: str, job_type: str = "default") -> str:
+    async def ensure(
+        self, key: str, job_type: str = "default", stale_routing_key: str | None = None
+    ) -> str:
         """Ask the registry for ``key``'s routing key as any publisher may (its own reply
         queue, its own user_id); returns the routing key."""
         reply_queue = self.names.reply_queue(uuid.uuid4().hex)
@@ -268,6 +270,8 @@ class Attacker:
             await queue.bind(replies, routing_key=reply_queue)
             requests = await channel.get_exchange(self.names.requests_exchange, ensure=False)
             request = {"type": "ensure_key", "job_type": job_type, "key": key}
+            if stale_routing_key is not None:
+                request["stale_routing_key"] = stale_routing_key
             await requests.publish(
                 control(
                     request,
