@@ -38,8 +38,10 @@ import aio_pika
 import pytest
 
 from rabbitkeys import Settings
+from rabbitkeys._permissions import Role
 
 from .support import IN_CI, make_settings, skip_or_fail
+from .trust_support import RoleUsers
 
 LOCAL_URL = "amqp://guest:guest@localhost:5672/"
 # vhosts made by a test session carry this description, so that one whose session died
@@ -250,3 +252,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which must run everything: {reason}"
+
+
+@pytest.fixture
+def role_users(broker: Broker, session_vhost: str, namespace: str) -> Iterator[RoleUsers]:
+    """Three RabbitMQ users for the test's namespace, one per role (publisher, worker,
+    registry), each with exactly ``permissions_for`` its role; a test may add more with
+    ``role_users.add(role, label)``. All are deleted afterwards, also when the test fails."""
+    users = RoleUsers(broker, session_vhost, namespace)
+    try:
+        for role in (Role.PUBLISHER, Role.WORKER, Role.REGISTRY):
+            users.add(role)
+        yield users
+    finally:
+        users.remove_all()
