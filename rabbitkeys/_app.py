@@ -33,13 +33,17 @@ class Message:
     job_type: str
     body: bytes
     headers: Mapping[str, Any]
-    #: the Publisher that sent it, and its place in that publisher's order for this key
+    #: the Publisher that sent it (as its header says: unique within its user, not proof of
+    #: anything), and its place in that publisher's order for this key
     publisher_id: str | None
     sequence: int | None
     #: 1 on the first run; higher when the handler failed before and this is a retry
     attempt: int
     #: the broker delivered it before (a worker crashed or let go while holding it)
     redelivered: bool
+    #: the RabbitMQ user that published it, as the broker checked it (the ``user_id``
+    #: property: a Publisher always sets it); None if the message carried none
+    user_id: str | None = None
 
 
 Handler = Callable[[Message], Awaitable[Any]]

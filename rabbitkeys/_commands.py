@@ -64,6 +64,7 @@ class CommandRunner:
         metrics: RegistryMetrics,
         rebalance: Callable[[], None],
         retired: Callable[[], None],
+        route: Callable[[str], str | None],
     ) -> None:
         self._settings = settings
         self._names = Names(settings.namespace)
@@ -74,6 +75,7 @@ class CommandRunner:
         self._metrics = metrics
         self._rebalance = rebalance
         self._retired = retired
+        self._route = route
         self._pool = ChannelPool(connection, size=8)
         self._declared_exchanges: set[str] = set()
         #: ensures waiting for the book's answer, by waiter number
@@ -193,7 +195,10 @@ class CommandRunner:
     # --- sending ------------------------------------------------------------------------
 
     def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
-        self._tasks.spawn(self._publish(self._names.worker_route(worker_id), command))
+        route = self._route(worker_id)
+        if route is None:  # a worker we never heard from: nothing reaches it (and the book
+            return  # only commands workers that reported)
+        self._tasks.spawn(self._publish(route, command))
 
     async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
         commands = await self._control.get_exchange(self._names.commands_exchange, ensure=False)

@@ -132,6 +132,7 @@ class Executor:
                 sequence=envelope.sequence,
                 attempt=attempt,
                 redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
+                user_id=envelope.user_id,
             )
             error = await self._attempt(message, envelope)
             if error is None:

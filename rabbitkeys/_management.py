@@ -20,7 +20,7 @@ from ._errors import BrokerUnavailableError
 from ._settings import Settings
 from ._tls import client_context, failure_hint
 
-__all__ = ["BrokerQueue", "list_bindings", "list_queues"]
+__all__ = ["BrokerQueue", "list_bindings", "list_queues", "routing_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,18 @@ def _list_bindings(settings: Settings, exchange: str) -> list[tuple[str, str]]:
     name = urllib.parse.quote(exchange, safe="")
     body = _get(settings, f"exchanges/{_vhost(settings)}/{name}/bindings/source")
     return [(b["destination"], b["routing_key"]) for b in body if b["destination_type"] == "queue"]
+
+
+def _routing_keys(settings: Settings, exchange: str, queue: str) -> list[str]:
+    quote = urllib.parse.quote
+    path = f"bindings/{_vhost(settings)}/e/{quote(exchange, safe='')}/q/{quote(queue, safe='')}"
+    return [str(binding["routing_key"]) for binding in _get(settings, path)]
+
+
+async def routing_keys(settings: Settings, exchange: str, queue: str) -> list[str]:
+    """The routing keys ``queue`` is bound to ``exchange`` with. Raises
+    :class:`BrokerUnavailableError`."""
+    return await asyncio.to_thread(_routing_keys, settings, exchange, queue)
 
 
 async def list_queues(settings: Settings, prefix: str) -> list[BrokerQueue]:

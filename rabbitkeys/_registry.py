@@ -30,14 +30,16 @@ from ._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
 from ._commands import CommandRunner
 from ._connection import keep_connected
 from ._control import control_message, declare_control_topology
-from ._errors import InvalidKeyError, ProtocolError, RabbitkeysError
+from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
 from ._keybook import (
     Command,
     KeyBook,
     ReleaseKeys,
+    SyncWorker,
 )
 from ._leadership import take_leadership
 from ._lifecycle import Background
+from ._management import routing_keys
 from ._metrics import RegistryMetrics
 from ._protocol import (
     REFUSED_QUOTA_EXCEEDED,
@@ -56,7 +58,7 @@ from ._protocol import (
     decode,
 )
 from ._reconcile import Reconciler
-from ._senders import Refusal, WorkerSessions, check_request
+from ._senders import Refusal, WorkerReport, WorkerSessions, check_request
 from ._settings import Settings, load_settings
 from ._topology import KeyRef, Names
 
@@ -96,7 +98,7 @@ class Registry(Background):
         #: control messages refused, by reason (``_senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         #: which user and session speak for each live worker
-        self._sessions = WorkerSessions()
+        self._sessions = WorkerSessions(self.names)
         self.keys_retired = 0
         #: last sign of life of each worker lost since the last rebalance (failover gap)
         self._lost_workers_seen: list[float] = []
@@ -176,6 +178,7 @@ class Registry(Background):
             metrics=self.metrics,
             rebalance=self._rebalance_wanted.set,
             retired=self._count_retired,
+            route=self._sessions.route,
         )
         reconciler = self._reconciler = Reconciler(
             self.settings,
@@ -239,10 +242,14 @@ class Registry(Background):
         try:
             # the exchange it came through is the sender's role; user_id, the sender
             check_request(self.names, message.exchange or "", message.user_id, request)
-            self._sessions.check(request, message.user_id or "")
+            if isinstance(request, WorkerReport):
+                speaks = await self._speaks_for_itself(request, message.user_id or "")
         except Refusal as refusal:
             self._dropped(f"a {request.type} message", refusal)
             await self._ack(message)
+            return
+        if isinstance(request, WorkerReport) and not speaks:
+            await self._ack(message)  # the worker's own, sent before it took its id over
             return
         if isinstance(request, EnsureKey | StatusRequest):
             # Answered in their own task: an ensure may wait for a declare or a retirement.
@@ -254,6 +261,42 @@ class Registry(Background):
             self._dropped(f"a {request.type} message", exc)
         finally:
             await self._ack(message)
+
+    async def _speaks_for_itself(self, report: WorkerReport, user_id: str) -> bool:
+        """Whether to act on a worker's report. Raises :class:`Refusal` if another session
+        holds the worker id and the sender does not own the worker's inbox; False for a
+        report of the inbox's owner that must first take the id over (it is asked to join)."""
+        if self._sessions.check(report, user_id):
+            return True
+        worker_id = report.worker_id
+        route = self.names.worker_route(worker_id, report.session)
+        try:
+            owned = route in await routing_keys(
+                self.settings, self.names.commands_exchange, self.names.worker_inbox(worker_id)
+            )
+        except BrokerUnavailableError as exc:
+            raise Refusal(
+                "impersonation",
+                f"another session holds worker {worker_id!r}; cannot ask the broker whose "
+                f"its inbox is: {exc}",
+            ) from None
+        if not owned:
+            raise Refusal(
+                "impersonation",
+                f"a {report.type} for worker {worker_id!r} (user {user_id!r}) from a session "
+                f"that does not own its inbox",
+            )
+        self._sessions.take_over(report, user_id)
+        if not isinstance(report, WorkerJoin):
+            self._do([SyncWorker(worker_id)])  # its join says which keys it really holds
+            return False
+        # What the other session said about this id (the keys it claimed) goes: the join
+        # reports which keys the worker really consumes.
+        log.warning(
+            "worker %s: its inbox's owner takes its id over from another session", worker_id
+        )
+        self._do(self._book.gone(worker_id))
+        return True
 
     def _handle_membership(self, request: ControlMessage) -> None:
         now = time.monotonic()

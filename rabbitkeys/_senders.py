@@ -12,14 +12,13 @@ exchange a message came through names the sender's role, and ``user_id`` names t
 
 What the broker cannot tell is which worker a worker's message speaks for, when several
 workers share a user: :class:`WorkerSessions` pins each live worker id to the user and
-secret session that joined it.
+secret session first heard for it, and settles a conflict by the worker's inbox.
 """
 
 from __future__ import annotations
 
 from ._protocol import (
     Assign,
-    ControlMessage,
     EnsureKey,
     Release,
     Released,
@@ -34,6 +33,7 @@ from ._topology import Names
 __all__ = [
     "REFUSAL_REASONS",
     "Refusal",
+    "WorkerReport",
     "WorkerSessions",
     "check_command",
     "check_request",
@@ -102,37 +102,36 @@ def check_command(names: Names, exchange: str, user_id: str | None, command: obj
 
 
 class WorkerSessions:
-    """Which user and session speak for each live worker id.
+    """Which user and session speak for each worker id, and where its commands go.
 
-    A join pins a worker id that is not pinned; from then on, every report for that id must
-    come from the same user with the same session, until :meth:`forget` (the worker left,
-    died or fell silent). A worker keeps its session for its process's life, so a worker
-    that reconnects is still itself; a restarted process with the same id is let in once its
-    predecessor is gone. Reports for an id nobody pinned go through as before: the key book
-    decides what a report of an unknown worker means (it asks it to join).
+    The first report heard for a worker id pins it to its sender's user and session; from
+    then on a report for that id from anyone else is a conflict, until :meth:`forget` (the
+    worker left, died or fell silent). A conflict is not decided here: only the broker
+    knows who owns the worker's exclusive inbox, and the session bound to it
+    (:meth:`~._topology.Names.worker_route`) is the worker's own. The registry asks the
+    broker and either refuses the report as impersonation or lets the inbox's owner
+    :meth:`take_over` (an impostor that spoke first after a failover, or a restarted process
+    with the same id). A worker keeps its session for its process's life.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: Names) -> None:
+        self._names = names
         self._pins: dict[str, tuple[str, str]] = {}
 
-    def check(self, report: ControlMessage, user_id: str) -> None:
-        """Raises :class:`Refusal` if ``report`` speaks for a worker pinned to another
-        user or session; pins the worker of a join."""
-        if not isinstance(report, WorkerReport):
-            return
+    def check(self, report: WorkerReport, user_id: str) -> bool:
+        """Whether ``report`` may speak for its worker (pinning an id heard first); False
+        if another user or session holds the id."""
         speaker = (user_id, report.session)
-        pinned = self._pins.get(report.worker_id)
-        if pinned is None:
-            if isinstance(report, WorkerJoin):
-                self._pins[report.worker_id] = speaker
-            return
-        if pinned != speaker:
-            who = "another user" if pinned[0] != user_id else "another session"
-            raise Refusal(
-                "impersonation",
-                f"a {report.type} for worker {report.worker_id!r} from {who} "
-                f"(user {user_id!r}) while that worker is live",
-            )
+        pinned = self._pins.setdefault(report.worker_id, speaker)
+        return pinned == speaker
+
+    def take_over(self, report: WorkerReport, user_id: str) -> None:
+        self._pins[report.worker_id] = (user_id, report.session)
+
+    def route(self, worker_id: str) -> str | None:
+        """The routing key of the worker's commands, if we have heard from it."""
+        pinned = self._pins.get(worker_id)
+        return None if pinned is None else self._names.worker_route(worker_id, pinned[1])
 
     def forget(self, worker_id: str) -> None:
         self._pins.pop(worker_id, None)

@@ -255,8 +255,12 @@ class Names:
         return f"{self.namespace}.commands"
 
     @staticmethod
-    def worker_route(worker_id: str) -> str:
-        return f"worker.{worker_id}"
+    def worker_route(worker_id: str, session: str) -> str:
+        """One worker's commands. The session is a secret only the worker and the registry
+        know, so no one else can bind a queue that receives them; and the binding of this
+        route to the worker's exclusive inbox, which only the inbox's connection can make,
+        proves which session owns the worker id (``_senders.WorkerSessions``)."""
+        return f"worker.{worker_id}.{session}"
 
     #: the commands routing key every worker's inbox is bound with (a broadcast)
     all_workers_route = "all"

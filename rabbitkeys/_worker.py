@@ -222,7 +222,9 @@ class Worker(Background):
             self.names.worker_inbox(self.worker_id), exclusive=True, auto_delete=True
         )
         commands = self.names.commands_exchange
-        await inbox.bind(commands, routing_key=self.names.worker_route(self.worker_id))
+        await inbox.bind(
+            commands, routing_key=self.names.worker_route(self.worker_id, self._secret)
+        )
         await inbox.bind(commands, routing_key=self.names.all_workers_route)
         await inbox.consume(self._on_command, no_ack=True)
         await self._send_join()

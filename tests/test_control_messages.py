@@ -304,7 +304,9 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 encode(Refused(reason="not a command")),
             ]
             for payload in to_worker:
-                await send(names.commands_exchange, payload, names.worker_route(worker_id))
+                await send(
+                    names.commands_exchange, payload, names.worker_route(worker_id, worker._secret)
+                )
             await eventually(lambda: malformed_count(worker_metrics) >= len(to_worker), timeout=30)
         finally:
             await connection.close()

@@ -68,6 +68,8 @@ class Scene:
     publisher: Publisher
     #: (key, body, publisher id) of every handling, in handling order
     handled: list[tuple[str, bytes, str | None]]
+    #: the broker-checked user each body was published by (Message.user_id)
+    users_of: dict[bytes, str | None]
     sent: int = 0
     owners: dict[str, str | None] = field(default_factory=dict)
 
@@ -151,9 +153,12 @@ async def scene(
     handled: list[tuple[str, bytes, str | None]] = []
     app = App()
 
+    users: dict[bytes, str | None] = {}
+
     @app.handler()
     async def record(message: Message) -> None:
         handled.append((message.key, message.body, message.publisher_id))
+        users[message.body] = message.user_id
 
     registry_metrics, worker_metrics = CollectorRegistry(), CollectorRegistry()
     async with contextlib.AsyncExitStack() as stack:
@@ -188,6 +193,7 @@ async def scene(
             worker_metrics,
             publisher,
             handled,
+            users,
         )
         await scene.send()
         await scene.settled()
@@ -218,7 +224,7 @@ async def test_a_publisher_can_send_no_control_message_on_any_other_exchange(
     inbox = names.worker_inbox(scene.worker.worker_id)
     destinations = [
         (names.membership_exchange, ""),
-        (names.commands_exchange, names.worker_route(scene.worker.worker_id)),
+        (names.commands_exchange, names.worker_route(scene.worker.worker_id, scene.worker._secret)),
         (names.commands_exchange, names.all_workers_route),
         (names.replies_exchange, names.reply_queue("0123456789abcdef")),
         (names.dead_letter_exchange, ""),
@@ -350,6 +356,9 @@ async def test_raw_publishes_into_a_key_queue_cannot_pass_for_the_victims_messag
     forged_runs = [(key, body) for key, body, _ in scene.handled if body.startswith(b"f")]
     assert forged_runs == [(VICTIM_KEY, f"f{n}".encode()) for n in range(BATCH)]
     assert scene.worker.duplicates_dropped == 0
+    # a handler sees who really sent each: the header's publisher id, the broker's user
+    assert {scene.users_of[f"f{n}".encode()] for n in range(BATCH)} == {mallory.user.name}
+    assert scene.users_of[b"v0"] == scene.users.publisher.name
     await scene.unaffected()
 
 
@@ -472,7 +481,11 @@ async def test_a_worker_cannot_read_the_registry_queue_nor_send_requests_command
         sends = [
             (names.requests_exchange, "", "ensure_key"),
             (names.requests_exchange, "", "status_request"),
-            (names.commands_exchange, names.worker_route(scene.worker.worker_id), "assign"),
+            (
+                names.commands_exchange,
+                names.worker_route(scene.worker.worker_id, scene.worker._secret),
+                "assign",
+            ),
             (names.commands_exchange, names.all_workers_route, "release"),
             (names.commands_exchange, names.all_workers_route, "sync"),
             (names.replies_exchange, names.reply_queue("0123456789abcdef"), "ensured"),
@@ -536,16 +549,14 @@ async def test_a_worker_cannot_release_retire_or_claim_a_key_it_does_not_own(
     await scene.unaffected()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime defect: worker session pins live only in the leading registry's memory; "
-    "after a failover the first join for a live worker's id wins, so a worker credential "
-    "that queues a join while no registry leads takes the id and the real worker's reports "
-    "are refused as impersonation",
-)
 async def test_a_worker_keeps_its_id_across_a_registry_failover(
     role_users: RoleUsers, namespace: str
 ) -> None:
+    """A new leader knows no sessions: a join queued by an impostor (the same worker user,
+    another session) while no registry led is heard first and pins the id. The real
+    worker's own reports then conflict; its session is the one bound to the worker's
+    exclusive inbox (which only the inbox's connection can bind), so it takes the id over
+    and the impostor's heartbeats are refused from then on."""
     names = Names(namespace)
     app = App()
 
@@ -586,6 +597,8 @@ async def test_a_worker_keeps_its_id_across_a_registry_failover(
                     await eventually(
                         lambda: b._sessions._pins.get(worker.worker_id) == real, timeout=5
                     )
+                    await eventually(lambda: b.refused["impersonation"] >= 1)
+                    assert worker.worker_id in b._book.workers and worker.ready
                 finally:
                     beating.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -602,7 +615,7 @@ async def _command(scene: Scene, payload: dict[str, Any], **properties: Any) -> 
         await registry.publish(
             scene.names.commands_exchange,
             control(payload, **properties),
-            scene.names.worker_route(scene.worker.worker_id),
+            scene.names.worker_route(scene.worker.worker_id, scene.worker._secret),
         )
 
 
