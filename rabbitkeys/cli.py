@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,7 +220,7 @@ def _add_users_parser(commands: Any) -> None:
     permissions.add_argument(
         "--format", choices=("table", "rabbitmqctl", "json"), default="table", help="(table)"
     )
-    permissions.set_defaults(handler=_users_permissions)
+    permissions.set_defaults(handler=_config_errors_are_usage(_users_permissions))
 
     create = actions.add_parser(
         "create",
@@ -247,7 +247,7 @@ def _add_users_parser(commands: Any) -> None:
         action="store_true",
         help="give existing users new passwords too (their processes must get the new URLs)",
     )
-    create.set_defaults(handler=_users_create)
+    create.set_defaults(handler=_config_errors_are_usage(_users_create))
 
     delete = actions.add_parser(
         "delete",
@@ -258,7 +258,7 @@ def _add_users_parser(commands: Any) -> None:
         epilog=_SETTINGS_HELP,
     )
     common(delete)
-    delete.set_defaults(handler=_users_delete)
+    delete.set_defaults(handler=_config_errors_are_usage(_users_delete))
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -383,14 +383,27 @@ def _role_users(settings: Settings, args: argparse.Namespace) -> list[RoleUser]:
     )
 
 
+_Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+
+def _config_errors_are_usage(command: _Command) -> _Command:
+    """The users commands: a ConfigError (a vhost that does not exist, a login that is no
+    administrator's) is a usage error, exit 2."""
+
+    async def run(settings: Settings, args: argparse.Namespace) -> int:
+        try:
+            return await command(settings, args)
+        except ConfigError as exc:
+            print(f"rabbitkeys: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
 async def _users_permissions(settings: Settings, args: argparse.Namespace) -> int:
     from ._users import format_json, format_rabbitmqctl, format_table
 
-    try:
-        users = _role_users(settings, args)
-    except ConfigError as exc:
-        print(f"rabbitkeys: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    users = _role_users(settings, args)
     formats = {"table": format_table, "json": format_json, "rabbitmqctl": format_rabbitmqctl}
     print(formats[args.format](users))
     return EXIT_OK
@@ -399,17 +412,13 @@ async def _users_permissions(settings: Settings, args: argparse.Namespace) -> in
 async def _users_create(settings: Settings, args: argparse.Namespace) -> int:
     from ._users import create_users, url_file, write_url_file
 
-    try:
-        done = await create_users(
-            settings,
-            namespace=args.namespace,
-            vhost=args.vhost,
-            user_names=_role_user_names(args),
-            reset_passwords=args.reset_passwords,
-        )
-    except ConfigError as exc:
-        print(f"rabbitkeys: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    done = await create_users(
+        settings,
+        namespace=args.namespace,
+        vhost=args.vhost,
+        user_names=_role_user_names(args),
+        reset_passwords=args.reset_passwords,
+    )
     unknown = []
     for item in done:
         state = "created" if item.created else "updated"
@@ -444,16 +453,9 @@ async def _users_create(settings: Settings, args: argparse.Namespace) -> int:
 async def _users_delete(settings: Settings, args: argparse.Namespace) -> int:
     from ._users import delete_users
 
-    try:
-        deleted = await delete_users(
-            settings,
-            namespace=args.namespace,
-            vhost=args.vhost,
-            user_names=_role_user_names(args),
-        )
-    except ConfigError as exc:
-        print(f"rabbitkeys: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    deleted = await delete_users(
+        settings, namespace=args.namespace, vhost=args.vhost, user_names=_role_user_names(args)
+    )
     print("deleted: " + (", ".join(deleted) or "none (no such users)"))
     return EXIT_OK
 
