@@ -209,6 +209,8 @@ class Registry(Background):
             if connection.is_closed:
                 raise aiormq.exceptions.AMQPConnectionError("connection closed")
             await reconciler.drop_silent_workers()
+            # ids heard of that never joined (or are gone) hold no pin: they are free
+            self._sessions.retain(self._book.workers)
             await reconciler.renew_unowned_leases()
 
     # --- control messages -------------------------------------------------------------
@@ -239,6 +241,7 @@ class Registry(Background):
                 await self._reply(message, Refused(reason=_reason(exc)))
             await self._ack(message)
             return
+        speaks = True
         try:
             # the exchange it came through is the sender's role; user_id, the sender
             check_request(self.names, message.exchange or "", message.user_id, request)
@@ -248,7 +251,7 @@ class Registry(Background):
             self._dropped(f"a {request.type} message", refusal)
             await self._ack(message)
             return
-        if isinstance(request, WorkerReport) and not speaks:
+        if not speaks:
             await self._ack(message)  # the worker's own, sent before it took its id over
             return
         if isinstance(request, EnsureKey | StatusRequest):

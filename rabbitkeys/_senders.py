@@ -17,6 +17,8 @@ secret session first heard for it, and settles a conflict by the worker's inbox.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from ._protocol import (
     Assign,
     EnsureKey,
@@ -135,6 +137,12 @@ class WorkerSessions:
 
     def forget(self, worker_id: str) -> None:
         self._pins.pop(worker_id, None)
+
+    def retain(self, worker_ids: Collection[str]) -> None:
+        """Forget every id but ``worker_ids`` (the workers the key book knows): reports for
+        ids that never joined must not pile up pins."""
+        for worker_id in [w for w in self._pins if w not in worker_ids]:
+            del self._pins[worker_id]
 
     def clear(self) -> None:
         self._pins.clear()

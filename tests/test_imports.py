@@ -131,8 +131,10 @@ PURE_CORES = [
     "rabbitkeys._dedup",
     "rabbitkeys._keybook",
     "rabbitkeys._lane",
+    "rabbitkeys._permissions",
     "rabbitkeys._retry",
     "rabbitkeys._room",
+    "rabbitkeys._senders",
 ]
 IO_LIBRARIES = {"aio_pika", "aiormq", "pamqp", "asyncio", "socket", "urllib.request"}
 
