@@ -24,6 +24,7 @@ __all__ = [
     "HandlerNotFoundError",
     "InvalidKeyError",
     "InvalidMessageError",
+    "PayloadError",
     "ProtocolError",
     "PublishError",
     "PublishOutcomeUnknownError",
@@ -87,3 +88,8 @@ class RegistryUnavailableError(PublishError, TimeoutError):
 
 class HandlerNotFoundError(RabbitkeysError, LookupError):
     """A message arrived for a job type the worker's app has no handler for."""
+
+
+class PayloadError(RabbitkeysError, ValueError):
+    """A message's body is not what its handler declared (``Message[Comment]``): that
+    message fails (dead-lettered at once with the reason: no retry can change the body)."""
