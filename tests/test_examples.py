@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -261,3 +262,19 @@ async def test_worker_with_pool_inserts_rows_in_order_per_post(
         per_post.setdefault(row["post"], []).append(row["text"])
     assert per_post == expected_comments()
     assert exit_codes == [0, 0]
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+def test_every_example_has_a_readme_naming_its_test_here() -> None:
+    folders = sorted(p for p in (ROOT / "examples").iterdir() if (p / "__init__.py").exists())
+    assert [p.name for p in folders] == ["django_site", "fastapi_app", "worker_with_pool"]
+    index = (ROOT / "examples" / "README.md").read_text()
+    for folder in folders:
+        readme = (folder / "README.md").read_text()
+        named = re.findall(r"tests/test_examples\.py::(\w+)", readme)
+        assert named, f"{folder.name}/README.md names no test"
+        for test in named:
+            assert test in globals(), f"{folder.name}/README.md names {test}, not a test here"
+        assert f"({folder.name}/)" in index, f"examples/README.md does not link {folder.name}/"
