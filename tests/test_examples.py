@@ -3,7 +3,7 @@ PostgreSQL for the worker with a pool).
 
 The examples read rabbitkeys' settings from the ``RABBITKEYS_*`` environment, as an
 application does: each test points that environment at its own namespace. Their extra
-libraries (FastAPI, httpx, Django, asyncpg: the ``examples`` extra) are imported inside the
+libraries (FastAPI, httpx2, Django, asyncpg: the ``examples`` extra) are imported inside the
 tests, so that a missing one skips locally and fails under ``CI=true`` like a missing broker.
 """
 
@@ -81,7 +81,7 @@ async def test_fastapi_app_publishes_comments_handled_in_order_per_post(
     settings_env: Settings,
 ) -> None:
     import_or_skip("fastapi")
-    import_or_skip("httpx")
+    import_or_skip("httpx2")  # FastAPI's TestClient runs on it
     from fastapi.testclient import TestClient
 
     from examples.fastapi_app import worker
