@@ -86,6 +86,7 @@ async def test_fastapi_app_publishes_comments_handled_in_order_per_post(
 
     from examples.fastapi_app import worker
     from examples.fastapi_app.app import app as web_app
+    from examples.fastapi_app.models import Comment
 
     settings = settings_env
     worker.saved.clear()
@@ -113,7 +114,7 @@ async def test_fastapi_app_publishes_comments_handled_in_order_per_post(
         expected_comments()
     )
     assert all(
-        type(c).__name__ == "Comment" and c.post == post and c.author == "tester"
+        isinstance(c, Comment) and c.post == post and c.author == "tester"
         for post, comments in worker.saved.items()
         for c in comments
     )
@@ -124,28 +125,31 @@ async def test_fastapi_app_publishes_comments_handled_in_order_per_post(
 
 @pytest.fixture
 def django_client(settings_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Django's test Client for examples/django_site, configured in this process; the
-    default publisher its view makes is closed afterwards (it points into this test's
-    namespace)."""
+    """Django's test Client for examples/django_site, configured in this process. The
+    default publisher its view uses is made for this test (with the environment above) and
+    closed afterwards."""
     django = import_or_skip("django")
     from django.test import Client
     from django.test.utils import setup_test_environment, teardown_test_environment
 
-    import rabbitkeys
-
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "examples.django_site.settings")
     django.setup()
     setup_test_environment()  # allows the test client's host, "testserver"
+    close_default_publisher()  # one made by an earlier test publishes elsewhere
     try:
         yield Client()
     finally:
         teardown_test_environment()
-        close_default_publisher(rabbitkeys)
+        close_default_publisher()
 
 
-def close_default_publisher(rabbitkeys: Any) -> None:
-    """Close the process's default SyncPublisher, so that the next use makes a new one."""
-    raise NotImplementedError("wait for issue12-syncpub")
+def close_default_publisher() -> None:
+    """Close the process's default SyncPublisher if there is one: the next
+    ``rabbitkeys.publish`` makes a new one, with the ``RABBITKEYS_*`` environment of then."""
+    from rabbitkeys import _sync
+
+    if _sync._default is not None:
+        _sync._default.close()
 
 
 async def test_django_view_publishes_comments_handled_in_order_per_post(
