@@ -282,3 +282,26 @@ def test_every_example_has_a_readme_naming_its_test_here() -> None:
         for test in named:
             assert test in globals(), f"{folder.name}/README.md names {test}, not a test here"
         assert f"({folder.name}/)" in index, f"examples/README.md does not link {folder.name}/"
+
+
+@pytest.mark.processes
+async def test_worker_with_pool_stops_with_a_clear_error_when_the_database_is_down(
+    settings: Settings,
+) -> None:
+    import_or_skip("asyncpg")
+    # nothing listens on port 1: the startup hook fails, and the worker must not join
+    extra = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/test", "PYTHONPATH": str(ROOT)}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rabbitkeys",
+        "worker",
+        "examples.worker_with_pool.app:app",
+        env={**environment_for(settings), **extra, f"{ENV_PREFIX}METRICS_PORT": "0"},
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, errors = await asyncio.wait_for(worker.communicate(), 60)
+    print(errors.decode()[-2000:])
+    assert worker.returncode == 1
+    assert "open_pool" in errors.decode()
