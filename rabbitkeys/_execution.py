@@ -24,7 +24,7 @@ import functools
 import inspect
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import aio_pika
@@ -87,6 +87,8 @@ class Executor:
         self.policy = RetryPolicy.from_settings(settings)
         self.context = context if context is not None else Context()
         self.threads: ThreadPoolExecutor | None = None
+        #: sync handlers still running in a thread after their session ended, by key
+        self._abandoned: dict[tuple[str, str], Future[Any]] = {}
         self._dedup = settings.dedup
         self._dead_letter_exchange = Names(settings.namespace).dead_letter_exchange
         self._metrics = metrics
@@ -238,11 +240,26 @@ class Executor:
     async def _call(self, route: Route, message: Message[Any]) -> Any:
         if route.is_async:
             return await route.function(message)
+        if self.threads is None:
+            raise RuntimeError("the worker's thread pool is not running")
+        key = (message.job_type, message.key)
+        earlier = self._abandoned.get(key)
+        if earlier is not None:
+            # This key's handler of a lost session still runs in its thread (threads cannot
+            # be cancelled): the key's next message waits for it, as order wants.
+            if not earlier.done():
+                await asyncio.wait([asyncio.wrap_future(earlier)])
+            del self._abandoned[key]
         # The thread runs in a copy of this task's context (what middleware set for
         # tracing), as asyncio.to_thread would, in the worker's pool.
-        run = contextvars.copy_context().run
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.threads, run, route.function, message)
+        running = self.threads.submit(contextvars.copy_context().run, route.function, message)
+        try:
+            result = await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if not running.done():  # the session ended under it; the thread goes on
+                self._abandoned = {k: f for k, f in self._abandoned.items() if not f.done()}
+                self._abandoned[key] = running
+            raise
         if inspect.isawaitable(result):  # an async callable that did not look like one
             if inspect.iscoroutine(result):
                 result.close()

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,40 @@ async def test_a_sync_handler_runs_in_a_thread_with_the_middlewares_context() ->
 
     run = executor(app, asyncio.Event())
     body, _ = encode(Comment(post="k", text="hello"))
-    assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", bytes(body), 1))
+    with ThreadPoolExecutor(1) as run.threads:  # the worker's, while it runs
+        assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", bytes(body), 1))
     assert seen == [("hello", "span-k", False)]
+
+
+async def test_a_key_waits_for_its_sync_handler_left_running_by_a_lost_session() -> None:
+    """A session's end cancels its runners, but not a thread: the key's next message (in
+    the next session) starts only when that thread is done."""
+    gate = threading.Event()
+    events: list[str] = []
+    app = App()
+
+    @app.handler()
+    def blocking(message: Message) -> None:
+        events.append(f"{message.body.decode()} start")
+        if message.body == b"1":
+            assert gate.wait(60)
+        events.append(f"{message.body.decode()} end")
+
+    run = executor(app, asyncio.Event())
+    with ThreadPoolExecutor(2) as run.threads:
+        first = asyncio.create_task(
+            run.execute(assignment("k"), SequenceHistory(), delivery("k", b"1", 1))
+        )
+        await eventually(lambda: events == ["1 start"])
+        first.cancel()  # what the end of a session does to the key's runner
+        await asyncio.gather(first, return_exceptions=True)
+        second = asyncio.create_task(
+            run.execute(assignment("k"), SequenceHistory(), delivery("k", b"2", 2))
+        )
+        await asyncio.sleep(0.2)  # room for a wrong start; the order below holds anyway
+        gate.set()
+        assert await second
+    assert events == ["1 start", "1 end", "2 start", "2 end"]
 
 
 # --- against the real broker --------------------------------------------------------------
