@@ -1,6 +1,6 @@
 """rabbitkeys: strict order per key, full concurrency across keys, on RabbitMQ."""
 
-from ._app import App, Handler, Message
+from ._app import App, Context, Handler, Message
 from ._errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -14,6 +14,7 @@ from ._errors import (
     QuotaExceededError,
     RabbitkeysError,
     RegistryUnavailableError,
+    StartupError,
 )
 from ._publisher import Publisher
 from ._registry import Registry
@@ -26,6 +27,7 @@ __all__ = [
     "App",
     "BrokerUnavailableError",
     "ConfigError",
+    "Context",
     "DEFAULT_JOB_TYPE",
     "Handler",
     "HandlerNotFoundError",
@@ -43,6 +45,7 @@ __all__ = [
     "Registry",
     "RegistryUnavailableError",
     "Settings",
+    "StartupError",
     "Worker",
     "__version__",
     "load_settings",
