@@ -264,6 +264,7 @@ class SyncPublisher:
 
     async def _flush_and_disconnect(self, timeout: float | None) -> None:
         self._take()  # what was submitted before close and not taken yet
+        late: set[asyncio.Task[None]] = set()
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=timeout)
             for task in late:
@@ -271,7 +272,12 @@ class SyncPublisher:
             if late:
                 await asyncio.wait(late)
         assert self._publisher is not None
-        await self._publisher.close()
+        if late:
+            # out of time: do not wait for the registry requests of the withdrawn messages
+            # either (Publisher.close would, up to publish_timeout); the loop's end stops them
+            await self._publisher._stop_connection()
+        else:
+            await self._publisher.close()
 
     def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` on the loop; block until it is done; raise what it raised."""

@@ -195,6 +195,20 @@ async def test_close_flushes_what_was_submitted(settings: Settings) -> None:
         assert [body["n"] for body in handled.bodies[f"k{n}"]] == list(range(n, 500, 10))
 
 
+def test_close_with_a_timeout_cancels_what_is_still_waiting(amqp_url: str, namespace: str) -> None:
+    # no registry: the key is never routed, so the message waits in its lane, unsent
+    settings = make_settings(amqp_url, namespace, ensure_timeout=2)
+    publisher = SyncPublisher(settings)
+    publisher.start()
+    future = publisher.submit("k", b"x")
+    started = time.perf_counter()
+    publisher.close(timeout=0.2)
+    print(f"close(timeout=0.2) took {time.perf_counter() - started:.2f}s")
+    assert future.cancelled()  # withdrawn: it was never written
+    assert not publisher.running
+    publisher.close()  # again: nothing to do
+
+
 def test_publish_before_start_is_a_clear_error(settings: Settings) -> None:
     with pytest.raises(PublishError, match="not started"):
         SyncPublisher(settings).publish("k", b"x")
