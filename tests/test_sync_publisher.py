@@ -27,6 +27,7 @@ import pytest
 import rabbitkeys
 from rabbitkeys import (
     App,
+    BrokerUnavailableError,
     InvalidKeyError,
     InvalidMessageError,
     Message,
@@ -207,6 +208,15 @@ def test_close_with_a_timeout_cancels_what_is_still_waiting(amqp_url: str, names
     assert future.cancelled()  # withdrawn: it was never written
     assert not publisher.running
     publisher.close()  # again: nothing to do
+
+
+def test_start_raises_in_the_caller_when_the_broker_is_unreachable(namespace: str) -> None:
+    settings = make_settings("amqp://guest:guest@127.0.0.1:1/", namespace, publish_timeout=1)
+    publisher = SyncPublisher(settings)
+    with pytest.raises(BrokerUnavailableError, match="within 1s"):
+        publisher.start()
+    assert not publisher.running
+    assert "rabbitkeys-sync-publisher" not in [t.name for t in threading.enumerate()]
 
 
 def test_publish_before_start_is_a_clear_error(settings: Settings) -> None:
