@@ -19,6 +19,7 @@ from ._errors import (
 from ._publisher import Publisher
 from ._registry import Registry
 from ._settings import Settings, load_settings
+from ._sync import SyncPublisher, default_publisher, publish
 from ._topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
 from ._version import __version__
 from ._worker import Worker
@@ -46,7 +47,10 @@ __all__ = [
     "RegistryUnavailableError",
     "Settings",
     "StartupError",
+    "SyncPublisher",
     "Worker",
     "__version__",
+    "default_publisher",
     "load_settings",
+    "publish",
 ]
