@@ -1,6 +1,6 @@
 """rabbitkeys: strict order per key, full concurrency across keys, on RabbitMQ."""
 
-from ._app import App, Handler, Message
+from ._app import App, Context, Handler, Message
 from ._errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -14,10 +14,12 @@ from ._errors import (
     QuotaExceededError,
     RabbitkeysError,
     RegistryUnavailableError,
+    StartupError,
 )
 from ._publisher import Publisher
 from ._registry import Registry
 from ._settings import Settings, load_settings
+from ._sync import SyncPublisher, default_publisher, publish
 from ._topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
 from ._version import __version__
 from ._worker import Worker
@@ -26,6 +28,7 @@ __all__ = [
     "App",
     "BrokerUnavailableError",
     "ConfigError",
+    "Context",
     "DEFAULT_JOB_TYPE",
     "Handler",
     "HandlerNotFoundError",
@@ -43,7 +46,11 @@ __all__ = [
     "Registry",
     "RegistryUnavailableError",
     "Settings",
+    "StartupError",
+    "SyncPublisher",
     "Worker",
     "__version__",
+    "default_publisher",
     "load_settings",
+    "publish",
 ]

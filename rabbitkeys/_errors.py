@@ -12,8 +12,10 @@ RabbitkeysError
 │   ├── QuotaExceededError            a new key would exceed a limit of its namespace
 │   └── RegistryUnavailableError (TimeoutError)
 │                                     no registry answered in time
-└── HandlerNotFoundError (LookupError)
-                                      no handler serves a job type
+├── HandlerNotFoundError (LookupError)
+│                                     no handler serves a job type
+├── PayloadError (ValueError)         a body is not what its handler declared
+└── StartupError                      a worker's startup hook failed: it did not join
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "QuotaExceededError",
     "RabbitkeysError",
     "RegistryUnavailableError",
+    "StartupError",
 ]
 
 
@@ -93,3 +96,9 @@ class HandlerNotFoundError(RabbitkeysError, LookupError):
 class PayloadError(RabbitkeysError, ValueError):
     """A message's body is not what its handler declared (``Message[Comment]``): that
     message fails (dead-lettered at once with the reason: no retry can change the body)."""
+
+
+class StartupError(RabbitkeysError):
+    """A startup hook of the worker's app (``@app.on_startup``) raised: the worker stopped
+    before joining the registry. The message names the hook and the cause, which is also
+    chained (``__cause__``)."""

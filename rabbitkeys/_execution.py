@@ -1,30 +1,42 @@
 """The worker's execution of one delivery: the one home of what happens between a delivery's
 turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack: the dedup and
-order check (:func:`verdict`), the handler call under the worker's concurrency limit, the
-retries the retry policy (:mod:`._retry`) asks for, and the dead-lettered copy after the
-last attempt.
+order check (:func:`verdict`), the body decoded as the handler declared it, the handler
+call (through the app's middleware) under the worker's concurrency limit, the retries the
+retry policy (:mod:`._retry`) asks for, and the dead-lettered copy after the last attempt.
 
 A concurrency slot is held only while a handler runs. A retry waiting out its backoff holds
 none, so a failing key does not keep the other keys from running; it still holds its own
 key: the key's later deliveries wait behind it, in order.
+
+A plain ``def`` handler runs in the worker's thread pool (``sync_handler_threads``), so the
+event loop (heartbeats, other keys' async handlers) never waits for it. It takes a thread
+before a concurrency slot: sync handlers waiting for a thread hold no slot that an async
+handler could use. Middleware runs on the loop around it, in the handler's context
+variables (``contextvars``), which the thread gets a copy of.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
 
 from ._amqp import sleep_unless
-from ._app import App, Message
+from ._app import App, CallNext, Context, Message, Middleware, Route
 from ._dedup import SequenceHistory, Verdict
 from ._envelope import Envelope, dead_letter_headers
 from ._envelope import decode as decode_envelope
-from ._errors import HandlerNotFoundError
+from ._errors import HandlerNotFoundError, PayloadError
 from ._metrics import WorkerMetrics
 from ._protocol import KeyAssignment
 from ._retry import DeadLetter, RetryPolicy
@@ -58,18 +70,31 @@ def _key_of(assignment: KeyAssignment, envelope: Envelope) -> str:
 class Executor:
     """Runs deliveries for a worker: one per key at a time (the key's runner calls
     :meth:`execute` in turn), up to ``concurrency`` handlers at once over all keys. Lives as
-    long as the worker; :meth:`begin` gives it each session's dead-letter channel."""
+    long as the worker; :meth:`begin` gives it each session's dead-letter channel.
+
+    Plain ``def`` handlers run in ``threads`` (the worker's pool, set while it runs; without
+    one, asyncio's default executor), at most ``sync_handler_threads`` at once."""
 
     def __init__(
-        self, app: App, settings: Settings, metrics: WorkerMetrics, stopping: asyncio.Event
+        self,
+        app: App,
+        settings: Settings,
+        metrics: WorkerMetrics,
+        stopping: asyncio.Event,
+        context: Context | None = None,
     ) -> None:
         self.app = app
         self.policy = RetryPolicy.from_settings(settings)
+        self.context = context if context is not None else Context()
+        self.threads: ThreadPoolExecutor | None = None
+        #: sync handlers still running in a thread after their session ended, by key
+        self._abandoned: dict[tuple[str, str], Future[Any]] = {}
         self._dedup = settings.dedup
         self._dead_letter_exchange = Names(settings.namespace).dead_letter_exchange
         self._metrics = metrics
         self._stopping = stopping
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._free_threads = asyncio.Semaphore(settings.sync_handler_threads)
         self._dead_letters: AbstractChannel | None = None
         self._worker_id = ""
         self._user_id = ""
@@ -111,6 +136,17 @@ class Executor:
             history.record(*origin)
         return True
 
+    def _prepare(
+        self, job_type: str, delivery: DeliveredMessage
+    ) -> tuple[Route, Any] | HandlerNotFoundError | PayloadError:
+        """The handler and the payload it declared, once per delivery (a body is the same
+        for every attempt); or why no attempt can succeed."""
+        try:
+            route = self.app.route(job_type)
+            return route, route.payload(delivery.body, delivery.header.properties.content_type)
+        except (HandlerNotFoundError, PayloadError) as exc:
+            return exc
+
     async def _handle(
         self, assignment: KeyAssignment, delivery: DeliveredMessage, envelope: Envelope
     ) -> bool:
@@ -118,23 +154,31 @@ class Executor:
         attempt. False if shutdown interrupted the wait for a retry."""
         # one copy for every attempt: what a handler does to it is not the dead letter's
         headers = dict(envelope.headers)
+        prepared = self._prepare(assignment.job_type, delivery)
         attempt = 0
         while True:
             attempt += 1
             if attempt > 1:
                 self._metrics.retried.inc()
-            message = Message(
-                key=_key_of(assignment, envelope),
-                job_type=assignment.job_type,
-                body=delivery.body,
-                headers=headers,
-                publisher_id=envelope.publisher_id,
-                sequence=envelope.sequence,
-                attempt=attempt,
-                redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
-                user_id=envelope.user_id,
-            )
-            error = await self._attempt(message, envelope)
+            if isinstance(prepared, Exception):
+                error: Exception | None = prepared  # not retried: the policy says so
+            else:
+                route, payload = prepared
+                message: Message[Any] = Message(
+                    key=_key_of(assignment, envelope),
+                    job_type=assignment.job_type,
+                    body=delivery.body,
+                    headers=headers,
+                    publisher_id=envelope.publisher_id,
+                    sequence=envelope.sequence,
+                    attempt=attempt,
+                    redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
+                    user_id=envelope.user_id,
+                    payload=payload,
+                    content_type=delivery.header.properties.content_type,
+                    context=self.context,
+                )
+                error = await self._attempt(route, message, envelope)
             if error is None:
                 return True
             step = self.policy.after_failure(attempt, error)
@@ -161,21 +205,21 @@ class Executor:
             if await sleep_unless(self._stopping, step.delay):
                 return False
 
-    async def _attempt(self, message: Message, envelope: Envelope) -> Exception | None:
-        """One handler call in a concurrency slot; what it raised, if anything."""
-        async with self._slots:
+    async def _attempt(
+        self, route: Route, message: Message[Any], envelope: Envelope
+    ) -> Exception | None:
+        """One handler call (through the middleware) in a concurrency slot, and for a sync
+        handler a thread; what it raised, if anything."""
+        thread = contextlib.nullcontext() if route.is_async else self._free_threads
+        async with thread, self._slots:
             if message.attempt == 1 and envelope.published_at is not None:
                 self._metrics.end_to_end_latency.observe(
                     max(0.0, time.time() - envelope.published_at / 1e6)
                 )
-            try:
-                handler = self.app.handler_for(message.job_type)
-            except HandlerNotFoundError as exc:
-                return exc
             self.in_flight += 1
             started = time.perf_counter()
             try:
-                await handler(message)
+                await self._through_middleware(route, message)
             except Exception as exc:
                 self._metrics.handler_failures.inc()
                 return exc
@@ -184,6 +228,46 @@ class Executor:
                 self._metrics.handler_duration.observe(time.perf_counter() - started)
         self._metrics.handled.inc()
         return None
+
+    def _through_middleware(self, route: Route, message: Message[Any]) -> Any:
+        """The handler's call, wrapped in the app's middleware, the first registered
+        outermost. No middleware: the handler's call itself."""
+        call: CallNext = functools.partial(self._call, route)
+        for middleware in reversed(self.app.middlewares):
+            call = _wrap(middleware, call)
+        return call(message)
+
+    async def _call(self, route: Route, message: Message[Any]) -> Any:
+        if route.is_async:
+            return await route.function(message)
+        if self.threads is None:
+            raise RuntimeError("the worker's thread pool is not running")
+        key = (message.job_type, message.key)
+        earlier = self._abandoned.get(key)
+        if earlier is not None:
+            # This key's handler of a lost session still runs in its thread (threads cannot
+            # be cancelled): the key's next message waits for it, as order wants.
+            if not earlier.done():
+                await asyncio.wait([asyncio.wrap_future(earlier)])
+            del self._abandoned[key]
+        # The thread runs in a copy of this task's context (what middleware set for
+        # tracing), as asyncio.to_thread would, in the worker's pool.
+        running = self.threads.submit(contextvars.copy_context().run, route.function, message)
+        try:
+            result = await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            if not running.done():  # the session ended under it; the thread goes on
+                self._abandoned = {k: f for k, f in self._abandoned.items() if not f.done()}
+                self._abandoned[key] = running
+            raise
+        if inspect.isawaitable(result):  # an async callable that did not look like one
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(
+                f"handler {route.name} returned an awaitable from a thread; make it an "
+                "`async def` so the worker awaits it"
+            )
+        return result
 
     async def _dead_letter(
         self,
@@ -210,3 +294,10 @@ class Executor:
         )
         self.dead_lettered += 1
         self._metrics.dead_lettered.inc()
+
+
+def _wrap(middleware: Middleware, call_next: CallNext) -> CallNext:
+    async def call(message: Message[Any]) -> Any:
+        return await middleware(message, call_next)
+
+    return call

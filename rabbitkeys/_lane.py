@@ -292,14 +292,16 @@ class Lane:
         self.waiting.append(entry)
         return self._advance()
 
-    def give_up(self, entry: Entry) -> list[Action]:
-        """``publish_timeout`` is over: withdraw the message if the broker cannot have it
-        (never written, or returned unrouted), else say that it may still arrive. Either way
-        it is not sent (again); a SENT one keeps its room until the broker answers for it or
-        the connection is gone (its bytes may still sit in the socket's buffers)."""
+    def give_up(self, entry: Entry, timeout: float | None = None) -> list[Action]:
+        """``publish_timeout`` (or the publish's own ``timeout``) is over: withdraw the
+        message if the broker cannot have it (never written, or returned unrouted), else say
+        that it may still arrive. Either way it is not sent (again); a SENT one keeps its room
+        until the broker answers for it or the connection is gone (its bytes may still sit in
+        the socket's buffers)."""
         if entry.stage is Stage.DONE or entry.answered:
             return []
-        timeout = self._lanes.publish_timeout
+        if timeout is None:
+            timeout = self._lanes.publish_timeout
         error: PublishError
         if entry.may_have_arrived:
             error = PublishOutcomeUnknownError(

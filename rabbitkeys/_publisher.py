@@ -79,6 +79,7 @@ from ._lane import (
     Send,
 )
 from ._metrics import PublisherMetrics
+from ._payload import encode as encode_payload
 from ._protocol import REFUSED_QUOTA_EXCEEDED, Ensured, EnsureKey, Refused
 from ._room import Room
 from ._settings import Settings, load_settings
@@ -287,30 +288,42 @@ class Publisher:
     async def publish(
         self,
         key: str,
-        body: bytes,
+        payload: object,
         *,
         job_type: str = DEFAULT_JOB_TYPE,
         headers: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Publish ``body`` for ``key``; return once the broker confirmed it into the key's
-        queue. Waits for room when the publisher holds ``max_pending_messages`` or
-        ``max_pending_bytes`` already; all waiting counts against ``publish_timeout``.
+        """Publish ``payload`` for ``key``; return once the broker confirmed it into the
+        key's queue. Waits for room when the publisher holds ``max_pending_messages`` or
+        ``max_pending_bytes`` already; all waiting counts against ``publish_timeout`` (or
+        ``timeout`` seconds, if given, for this message).
+
+        ``payload``: ``bytes`` (sent as is, no content type), ``str`` (UTF-8,
+        ``text/plain``), a pydantic model or another JSON-able object (JSON,
+        ``application/json``); the content type travels in the message's ``content_type``.
 
         Raises :class:`InvalidKeyError` / :class:`InvalidMessageError` before sending
-        anything (a body over ``max_message_bytes``, headers too large for a frame),
-        :class:`RegistryUnavailableError` if a new key could not be routed in
-        ``ensure_timeout``, :class:`PublishError` if the message was not published and never
-        will be (refused by the broker, or withdrawn unsent at ``publish_timeout``), and
-        :class:`PublishOutcomeUnknownError` if it was written but not confirmed in time: it
-        may still be delivered."""
+        anything (a payload that cannot be encoded, a body over ``max_message_bytes``,
+        headers too large for a frame), :class:`RegistryUnavailableError` if a new key could
+        not be routed in ``ensure_timeout``, :class:`PublishError` if the message was not
+        published and never will be (refused by the broker, or withdrawn unsent at
+        ``publish_timeout``), and :class:`PublishOutcomeUnknownError` if it was written but
+        not confirmed in time: it may still be delivered."""
         ref = KeyRef.of(key, job_type)
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise InvalidMessageError(f"body must be bytes, got {type(body).__name__}")
-        if len(body) > self.settings.max_message_bytes:
-            raise InvalidMessageError(
-                f"body is {len(body)} bytes; the maximum is {self.settings.max_message_bytes} "
-                f"(RABBITKEYS_MAX_MESSAGE_BYTES)"
-            )
+        body, content_type = encode_body(payload, self.settings.max_message_bytes)
+        await self._publish(ref, body, content_type, headers, timeout)
+
+    async def _publish(
+        self,
+        ref: KeyRef,
+        body: bytes,
+        content_type: str | None,
+        headers: Mapping[str, Any] | None,
+        timeout: float | None,
+    ) -> None:
+        """``publish`` of a body :func:`encode_body` made (the sync publisher encodes in its
+        caller's thread and comes in here)."""
         if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
         properties = encode(
@@ -321,6 +334,8 @@ class Publisher:
             user_id=self._user_id,
             headers=headers,
         )
+        if content_type is not None:
+            properties.content_type = content_type
         size = len(body)
         header_frame = 0
         if headers:
@@ -342,7 +357,7 @@ class Publisher:
             caller=future,
             size=size,
             header_frame=header_frame,
-            body=bytes(body),
+            body=body,
             properties=properties,
         )
         self._next_sequence += 1
@@ -356,7 +371,8 @@ class Publisher:
         # A timer, not asyncio.wait_for: no extra task per message on the hot path.
         started = time.perf_counter()
         timer = asyncio.get_running_loop().call_later(
-            self.settings.publish_timeout, self._carrier.give_up, entry
+            self.settings.publish_timeout if timeout is None else timeout,
+            partial(self._carrier.give_up, entry, timeout),
         )
         try:
             await entry.future
@@ -429,9 +445,9 @@ class _Carrier:
         """The Room took the entry (also called by the Room when its turn comes)."""
         self.carry_out(entry.lane.admit(entry))
 
-    def give_up(self, entry: _Message) -> None:
-        """``publish_timeout`` is over (a timer)."""
-        self.carry_out(entry.lane.give_up(entry))
+    def give_up(self, entry: _Message, timeout: float | None = None) -> None:
+        """``publish_timeout`` (or the publish's own ``timeout``) is over (a timer)."""
+        self.carry_out(entry.lane.give_up(entry, timeout))
 
     def carry_out(self, actions: list[Action]) -> None:
         """Do what the lanes said, in the order they said it.
@@ -540,6 +556,21 @@ class _Carrier:
             raise
         else:
             self.carry_out(lane.ensured(reply.routing_key))
+
+
+def encode_body(payload: object, max_message_bytes: int) -> tuple[bytes, str | None]:
+    """The body and content type ``payload`` is sent as (:func:`._payload.encode`), checked
+    against ``max_message_bytes``. Bytes pass through untouched (no copy); a bytearray or
+    memoryview is copied here, so a caller that changes it afterwards changes nothing sent.
+    Raises :class:`InvalidMessageError`."""
+    encoded, content_type = encode_payload(payload)
+    body = encoded if type(encoded) is bytes else bytes(encoded)
+    if len(body) > max_message_bytes:
+        raise InvalidMessageError(
+            f"body is {len(body)} bytes; the maximum is {max_message_bytes} "
+            f"(RABBITKEYS_MAX_MESSAGE_BYTES)"
+        )
+    return body, content_type
 
 
 def _frame_max_of(channel: aiormq.Channel) -> int:

@@ -25,7 +25,7 @@ from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel
 from ._envelope import header_text
 from ._errors import BrokerUnavailableError, InvalidKeyError
 from ._keybook import KeyBook
-from ._management import list_bindings, list_queues
+from ._management import list_bindings, list_queues, routing_keys
 from ._settings import Settings
 from ._topology import Names
 
@@ -204,6 +204,15 @@ class Reconciler:
                 self._worker_gone(name[len(prefix) :], reason="disconnected")
         except Exception as exc:
             self._dropped("a queue.deleted event", exc)
+
+    async def owns_inbox(self, worker_id: str, session: str) -> bool:
+        """Whether ``session`` is bound to the worker's exclusive inbox: only the inbox's
+        own connection can bind it, so this is the broker saying which session is that
+        worker (``_senders.WorkerSessions``). Raises :class:`BrokerUnavailableError`
+        without the management API."""
+        route = self._names.worker_route(worker_id, session)
+        inbox = self._names.worker_inbox(worker_id)
+        return route in await routing_keys(self._settings, self._names.commands_exchange, inbox)
 
     async def drop_silent_workers(self) -> None:
         """A worker without heartbeat for ``worker_timeout`` is dropped only once the broker

@@ -39,7 +39,6 @@ from ._keybook import (
 )
 from ._leadership import take_leadership
 from ._lifecycle import Background
-from ._management import routing_keys
 from ._metrics import RegistryMetrics
 from ._protocol import (
     REFUSED_QUOTA_EXCEEDED,
@@ -272,11 +271,9 @@ class Registry(Background):
         if self._sessions.check(report, user_id):
             return True
         worker_id = report.worker_id
-        route = self.names.worker_route(worker_id, report.session)
+        assert self._reconciler is not None  # control messages are consumed once it exists
         try:
-            owned = route in await routing_keys(
-                self.settings, self.names.commands_exchange, self.names.worker_inbox(worker_id)
-            )
+            owned = await self._reconciler.owns_inbox(worker_id, report.session)
         except BrokerUnavailableError as exc:
             raise Refusal(
                 "impersonation",

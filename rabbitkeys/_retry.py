@@ -5,15 +5,16 @@ waits and dead-letters.
 
 Every exception a handler raises is retried, up to ``max_retries`` retries after the first
 attempt; the wait before retry ``n`` is ``retry_backoff * 2 ** (n - 1)``, at most
-``retry_backoff_max``. A delivery whose job type has no handler is dead-lettered at once: no
-retry can add a handler.
+``retry_backoff_max``. Two failures are dead-lettered at once: a delivery whose job type has
+no handler (no retry can add a handler), and one whose body is not what its handler declared
+(:class:`~rabbitkeys.PayloadError`: no retry can change the body).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._errors import HandlerNotFoundError
+from ._errors import HandlerNotFoundError, PayloadError
 from ._settings import Settings
 
 __all__ = ["DeadLetter", "Retry", "RetryPolicy"]
@@ -46,7 +47,7 @@ class RetryPolicy:
     @staticmethod
     def retries(error: BaseException) -> bool:
         """Whether an attempt that failed with ``error`` may be tried again."""
-        return not isinstance(error, HandlerNotFoundError)
+        return not isinstance(error, HandlerNotFoundError | PayloadError)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1 for the first)."""

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     concurrency: int = Field(
         default=64, ge=1, description="Handlers a worker runs at once (one per key at most)."
     )
+    sync_handler_threads: int = Field(
+        default=8,
+        ge=1,
+        description="Threads a worker runs plain `def` handlers (and sync hooks) in: at most "
+        "this many sync handlers at once, within the concurrency.",
+    )
     idle_period: float = Field(
         default=60.0,
         gt=0,

@@ -6,6 +6,10 @@ delivery: dedup, handler, retries, dead letter (:mod:`._execution`, :mod:`._retr
 
 A session is one connection. After losing it the worker joins again under a new worker id,
 holding no keys (the registry reassigns the old id's keys when its inbox vanishes).
+
+Around all its sessions, once per run: the app's startup hooks before the first connect (one
+that raises stops the worker with :class:`StartupError`, never joined), the thread pool for
+plain ``def`` handlers and sync hooks, and the shutdown hooks after the drain.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import aiormq
@@ -24,10 +29,10 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from prometheus_client import CollectorRegistry
 
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
-from ._app import App
+from ._app import App, Context, Hook, hook_name, is_async
 from ._connection import keep_connected
 from ._control import control_message, topology_exists
-from ._errors import ConfigError, ProtocolError
+from ._errors import ConfigError, ProtocolError, StartupError
 from ._execution import Executor
 from ._handoff import Handoff
 from ._lifecycle import Background
@@ -108,7 +113,9 @@ class Worker(Background):
         self._secret = secrets.token_hex(16)
         self._joined = False
         self.metrics = WorkerMetrics(self, metrics_registry)
-        self._executor = Executor(app, settings, self.metrics, self._stopping)
+        #: shared by the app's hooks and handlers (``message.context``) in this worker
+        self.context = Context()
+        self._executor = Executor(app, settings, self.metrics, self._stopping, self.context)
         self._handoff = Handoff(
             settings, self._executor, self.metrics, self._tasks, self._stopping, self._released
         )
@@ -156,11 +163,73 @@ class Worker(Background):
         self._stopping.set()
 
     async def run(self) -> None:
-        """Work until ``stop()``; after losing the broker, reconnect and join again under a
-        new worker id (the registry reassigns our keys when the old id's inbox vanishes)."""
-        await keep_connected(
-            self.settings, f"worker {self._base_id}", self._session, self._stopping, log
+        """Run the startup hooks, then work until ``stop()``, then the shutdown hooks. After
+        losing the broker, reconnect and join again under a new worker id (the registry
+        reassigns our keys when the old id's inbox vanishes). Raises :class:`StartupError`
+        if a startup hook fails: the worker never connected."""
+        threads = ThreadPoolExecutor(
+            max_workers=self.settings.sync_handler_threads,
+            thread_name_prefix=f"rabbitkeys-worker-{self._base_id}",
         )
+        self._executor.threads = threads
+        try:
+            if not await self._start_up():
+                return  # stopped while starting up
+            try:
+                await keep_connected(
+                    self.settings, f"worker {self._base_id}", self._session, self._stopping, log
+                )
+            finally:
+                await self._shut_down()
+        finally:
+            # Threads cannot be cancelled: wait for the ones still running (a sync handler
+            # of a session that was lost), off the loop.
+            await asyncio.get_running_loop().run_in_executor(None, threads.shutdown)
+            self._executor.threads = None
+
+    async def _call_hook(self, hook: Hook) -> None:
+        if is_async(hook):
+            await hook(self.context)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor.threads, hook, self.context)
+
+    async def _start_up(self) -> bool:
+        """The app's startup hooks, in order; False if ``stop()`` came first (an async hook
+        still running is cancelled). Raises :class:`StartupError` naming the hook."""
+        for hook in self.app.startup_hooks:
+            running = asyncio.ensure_future(self._call_hook(hook))
+            stopped = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait([running, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            if not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+                log.info("worker %s stopped during startup hook %s", self._base_id, hook_name(hook))
+                return False
+            error = running.exception()
+            if error is not None:
+                log.error(
+                    "worker %s: startup hook %s failed; not joining",
+                    self._base_id,
+                    hook_name(hook),
+                    exc_info=error,
+                )
+                raise StartupError(
+                    f"startup hook {hook_name(hook)} failed: {type(error).__name__}: {error}"
+                ) from error
+        return not self._stopping.is_set()
+
+    async def _shut_down(self) -> None:
+        """The app's shutdown hooks, in order, each once; what one raises is logged and the
+        next runs."""
+        for hook in self.app.shutdown_hooks:
+            try:
+                await self._call_hook(hook)
+            except Exception:
+                log.exception("worker %s: shutdown hook %s failed", self._base_id, hook_name(hook))
 
     async def _session(self, connection: AbstractConnection) -> None:
         self._sessions += 1

@@ -75,9 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker",
         help="run a worker",
-        description="Run a worker for MODULE:ATTR, a rabbitkeys.App or an `async def "
-        "handler(message)` serving job type 'default'. SIGINT/SIGTERM: finish and ack "
-        "in-flight messages, tell the registry, exit 0.",
+        description="Run a worker for MODULE:ATTR, a rabbitkeys.App or a "
+        "handler(message) serving job type 'default'. The app's startup hooks run first; "
+        "one that fails: exit 1 naming it, before joining. SIGINT/SIGTERM: finish and ack "
+        "in-flight messages, tell the registry, run the shutdown hooks, exit 0.",
         epilog=_SETTINGS_HELP,
     )
     worker.add_argument("target", metavar="MODULE:ATTR", help="the app or handler to run")

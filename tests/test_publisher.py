@@ -39,7 +39,7 @@ from .support import eventually, make_settings, running_registry, running_worker
         ({"key": ""}, InvalidKeyError),
         ({"key": 7}, InvalidKeyError),
         ({"key": "k", "job_type": "has.dot"}, InvalidKeyError),
-        ({"key": "k", "body": "not bytes"}, InvalidMessageError),
+        ({"key": "k", "payload": object()}, InvalidMessageError),
         ({"key": "k", "headers": {"x-rabbitkeys-seq": 1}}, InvalidMessageError),
         ({"key": "k", "headers": {"when": object()}}, InvalidMessageError),
     ],
@@ -47,7 +47,7 @@ from .support import eventually, make_settings, running_registry, running_worker
 async def test_bad_input_is_refused_and_nothing_is_sent(
     settings: Settings, kwargs: dict[str, Any], error: type[Exception]
 ) -> None:
-    arguments = {"body": b"x", **kwargs}
+    arguments = {"payload": b"x", **kwargs}
     async with running_registry(settings) as registry, Publisher(settings) as publisher:
         with pytest.raises(error):
             await publisher.publish(**arguments)
