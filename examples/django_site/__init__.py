@@ -1,0 +1,1 @@
+"""Django: a view publishes with ``rabbitkeys.publish`` (sync); a plain ``def`` handler."""
