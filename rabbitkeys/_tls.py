@@ -64,9 +64,11 @@ def failure_hint(reason: str, *, ca_file: Path | None, cert_file: Path | None) -
             " (the broker's certificate is not signed by a CA this process trusts: "
             f"{action} RABBITKEYS_TLS_CA_FILE, the PEM bundle of the CA that signed it)"
         )
-    if cert_file is None and (
-        "certificate required" in lowered or "unexpectedly closed" in lowered
-    ):
+    # With TLS 1.3 the broker checks the client's certificate after the client's side of the
+    # handshake is done: its refusal arrives as an alert, or, when the client wrote first,
+    # as a closed or reset connection (seen under load here). The hint says "if".
+    closed = ("certificate required", "unexpectedly closed", "connection reset")
+    if cert_file is None and any(sign in lowered for sign in closed):
         return (
             " (the broker closed the TLS connection: if it requires a client certificate, "
             "set RABBITKEYS_TLS_CERT_FILE and RABBITKEYS_TLS_KEY_FILE)"
