@@ -19,7 +19,7 @@ from ._errors import (
 from ._publisher import Publisher
 from ._registry import Registry
 from ._settings import Settings, load_settings
-from ._sync import SyncPublisher, default_publisher, publish
+from ._sync import SyncPublisher, close_default_publisher, default_publisher, publish
 from ._topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
 from ._version import __version__
 from ._worker import Worker
@@ -50,6 +50,7 @@ __all__ = [
     "SyncPublisher",
     "Worker",
     "__version__",
+    "close_default_publisher",
     "default_publisher",
     "load_settings",
     "publish",

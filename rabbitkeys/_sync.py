@@ -42,7 +42,7 @@ from ._publisher import Publisher, encode_body
 from ._settings import Settings, load_settings
 from ._topology import DEFAULT_JOB_TYPE, KeyRef
 
-__all__ = ["SyncPublisher", "default_publisher", "publish"]
+__all__ = ["SyncPublisher", "close_default_publisher", "default_publisher", "publish"]
 
 
 class _State(enum.Enum):
@@ -392,6 +392,17 @@ def publish(
     """:meth:`SyncPublisher.publish` on the :func:`default_publisher`: blocks until the
     broker confirmed the message; raises what :meth:`Publisher.publish` raises."""
     default_publisher().publish(key, payload, job_type=job_type, headers=headers, timeout=timeout)
+
+
+def close_default_publisher(timeout: float | None = None) -> None:
+    """Close the process's default publisher, if one was made (waiting for what was
+    submitted, at most ``timeout`` seconds): the next :func:`publish` makes a new one with
+    the ``RABBITKEYS_*`` environment of then (tests, an application that changes settings)."""
+    with _default_lock:
+        publisher = _default
+        _set_default(None)
+    if publisher is not None:
+        publisher.close(timeout=timeout)
 
 
 def _set_default(publisher: SyncPublisher | None) -> None:

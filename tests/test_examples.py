@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
+import rabbitkeys
 from rabbitkeys import Settings
 from rabbitkeys._settings import ENV_PREFIX
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
@@ -144,12 +145,9 @@ def django_client(settings_env: Settings, monkeypatch: pytest.MonkeyPatch) -> It
 
 
 def close_default_publisher() -> None:
-    """Close the process's default SyncPublisher if there is one: the next
-    ``rabbitkeys.publish`` makes a new one, with the ``RABBITKEYS_*`` environment of then."""
-    from rabbitkeys import _sync
-
-    if _sync._default is not None:
-        _sync._default.close()
+    """The next ``rabbitkeys.publish`` makes a new default publisher, with the
+    ``RABBITKEYS_*`` environment of then."""
+    rabbitkeys.close_default_publisher()
 
 
 async def test_django_view_publishes_comments_handled_in_order_per_post(

@@ -274,10 +274,7 @@ def default_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Iterator
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     yield env
-    from rabbitkeys import _sync
-
-    if _sync._default is not None:
-        _sync._default.close()
+    rabbitkeys.close_default_publisher()
 
 
 async def test_the_default_publisher_is_made_once_and_reused(
