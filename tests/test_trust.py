@@ -26,9 +26,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
-from rabbitkeys import App, Message, Publisher, Registry, Worker
+from rabbitkeys import App, Message, Publisher, Registry, SyncPublisher, Worker
 from rabbitkeys._envelope import HEADER_JOB_TYPE, HEADER_KEY, HEADER_PUBLISHER, HEADER_SEQUENCE
 from rabbitkeys._permissions import Role
+from rabbitkeys._status import fetch_status
 from rabbitkeys._topology import Names
 
 from .conftest import Broker
@@ -760,3 +761,53 @@ def _queue_takeovers(queue: str, exchange: str) -> list[Any]:
         lambda channel: channel.declare_queue(queue, durable=True),
         lambda channel: channel.queue_delete(queue),
     ]
+
+
+# --- least privilege is enough ------------------------------------------------------------
+
+
+async def test_each_role_does_its_whole_job_with_nothing_but_its_permissions(
+    role_users: RoleUsers, namespace: str, amqp_url: str
+) -> None:
+    """The other side of the table: with exactly ``permissions_for`` their role, the three
+    parties do everything users ask of them: typed publishes from async and sync code, a
+    sync handler, a retry and a dead letter, status. Nothing needs more rights."""
+    handled: list[tuple[str, int]] = []
+    app = App()
+
+    @app.handler()
+    def record(message: Message[dict[str, int]]) -> None:  # a sync handler, typed
+        if message.payload["n"] < 0:
+            raise ValueError("negative")
+        handled.append((message.key, message.payload["n"]))
+
+    worker_settings = make_settings(role_users.worker.url, namespace, max_retries=1)
+    publisher_settings = make_settings(role_users.publisher.url, namespace)
+    async with (
+        running_registry(make_settings(role_users.registry.url, namespace)),
+        running_worker(worker_settings, app) as worker,
+        Publisher(publisher_settings) as publisher,
+    ):
+        await asyncio.gather(*(publisher.publish("post A", {"n": n}) for n in range(5)))
+
+        def publish_from_sync_code() -> None:
+            with SyncPublisher(publisher_settings) as sync:
+                for n in range(5, 10):
+                    sync.publish("post A", {"n": n})
+
+        await asyncio.to_thread(publish_from_sync_code)
+        await publisher.publish("post B", {"n": -1})  # fails twice: dead-lettered
+        await eventually(lambda: len(handled) == 10 and worker.dead_lettered == 1)
+        assert handled == [("post A", n) for n in range(10)]
+        status = await fetch_status(publisher_settings, backlog=False)
+        assert [w.worker_id for w in status.workers] == [worker.worker_id]
+    # the dead letter, written by the worker's user (read here as the tests' admin)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(Names(namespace).dead_letter_queue)
+        dead = await queue.get(fail=True, no_ack=True)
+        assert dead is not None and json.loads(dead.body) == {"n": -1}
+        assert dead.user_id == role_users.worker.name
+    finally:
+        await connection.close()
