@@ -57,7 +57,7 @@ from ._protocol import (
     decode,
 )
 from ._reconcile import Reconciler
-from ._senders import Refusal, WorkerReport, WorkerSessions, check_request
+from ._senders import Refusal, WorkerReport, WorkerSessions, check_request, record_drop
 from ._settings import Settings, load_settings
 from ._topology import KeyRef, Names
 
@@ -93,7 +93,6 @@ class Registry(Background):
         self._control: AbstractChannel | None = None
         self._runner: CommandRunner | None = None
         self._reconciler: Reconciler | None = None
-        self.malformed_messages = 0
         #: control messages refused, by reason (``_senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         #: which user and session speak for each live worker
@@ -125,6 +124,11 @@ class Registry(Background):
             "rabbitkeys_backlog_messages": broker.backlog_messages if broker else 0,
             "rabbitkeys_key_queues": broker.key_queue_count if broker else 0,
         }
+
+    @property
+    def malformed_messages(self) -> int:
+        """Control messages dropped, whatever the reason."""
+        return sum(self.refused.values())
 
     @property
     def ready(self) -> bool:
@@ -217,15 +221,7 @@ class Registry(Background):
     def _dropped(self, what: str, error: BaseException) -> None:
         """Count, log and drop what remote input broke or was refused; the registry carries
         on."""
-        reason = error.reason if isinstance(error, Refusal) else "malformed"
-        self.malformed_messages += 1
-        self.refused[reason] += 1
-        self.metrics.malformed.inc()
-        self.metrics.refused.labels(reason=reason).inc()
-        if isinstance(error, ProtocolError | InvalidKeyError | Refusal):
-            log.warning("dropped %s: %s", what, error)
-        else:  # not a parse error: show where it failed
-            log.warning("dropped %s: %r", what, error, exc_info=error)
+        record_drop(log, self.refused, self.metrics, what, error)
 
     async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
         """Every control request. Nothing a request holds may end the session: whatever it

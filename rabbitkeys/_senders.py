@@ -17,8 +17,12 @@ secret session first heard for it, and settles a conflict by the worker's inbox.
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Collection
+from typing import Any, Protocol
 
+from ._errors import InvalidKeyError, ProtocolError
 from ._protocol import (
     Assign,
     EnsureKey,
@@ -39,6 +43,7 @@ __all__ = [
     "WorkerSessions",
     "check_command",
     "check_request",
+    "record_drop",
 ]
 
 #: Every ``reason`` label of ``rabbitkeys_refused_control_messages_total`` (a closed set:
@@ -101,6 +106,32 @@ def check_command(names: Names, exchange: str, user_id: str | None, command: obj
             f"a command through {exchange or 'the default exchange'!r}, "
             f"not {names.commands_exchange!r}",
         )
+
+
+class DropMetrics(Protocol):
+    """The two counters a receiver keeps of what it dropped (``_metrics``)."""
+
+    malformed: Any
+    refused: Any
+
+
+def record_drop(
+    log: logging.Logger,
+    refused: collections.Counter[str],
+    metrics: DropMetrics,
+    what: str,
+    error: BaseException,
+) -> None:
+    """Count and log what remote input broke or was refused; the receiver (registry or
+    worker) drops it and carries on. ``refused`` counts by reason."""
+    reason = error.reason if isinstance(error, Refusal) else "malformed"
+    refused[reason] += 1
+    metrics.malformed.inc()
+    metrics.refused.labels(reason=reason).inc()
+    if isinstance(error, ProtocolError | InvalidKeyError | Refusal):
+        log.warning("dropped %s: %s", what, error)
+    else:  # not a parse error: show where it failed
+        log.warning("dropped %s: %r", what, error, exc_info=error)
 
 
 class WorkerSessions:

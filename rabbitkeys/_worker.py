@@ -52,7 +52,7 @@ from ._protocol import (
     decode,
     split,
 )
-from ._senders import Refusal, check_command
+from ._senders import Refusal, check_command, record_drop
 from ._settings import Settings, load_settings
 from ._topology import Names, check_worker_id
 
@@ -105,7 +105,6 @@ class Worker(Background):
         self._tasks = TaskSet(log, "worker task")
         self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
-        self.malformed_messages = 0
         #: commands refused, by reason (``_senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         # Sent in every message to the registry, which only the registry reads: what tells
@@ -149,6 +148,11 @@ class Worker(Background):
                 0, sum(len(owned.buffer) for owned in holds) - in_flight
             ),
         }
+
+    @property
+    def malformed_messages(self) -> int:
+        """Control messages dropped, whatever the reason."""
+        return sum(self.refused.values())
 
     @property
     def ready(self) -> bool:
@@ -387,15 +391,7 @@ class Worker(Background):
     def _dropped(self, what: str, error: BaseException) -> None:
         """Count, log and drop what remote input broke or was refused; the worker carries
         on."""
-        reason = error.reason if isinstance(error, Refusal) else "malformed"
-        self.malformed_messages += 1
-        self.refused[reason] += 1
-        self.metrics.malformed.inc()
-        self.metrics.refused.labels(reason=reason).inc()
-        if isinstance(error, ProtocolError | Refusal):
-            log.warning("dropped %s: %s", what, error)
-        else:  # not a parse error: show where it failed
-            log.warning("dropped %s: %r", what, error, exc_info=error)
+        record_drop(log, self.refused, self.metrics, what, error)
 
     async def _on_command(self, message: AbstractIncomingMessage) -> None:
         """Commands, obeyed only from the registry (``_senders``): whatever one breaks or
