@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ._errors import BrokerUnavailableError
 from ._settings import Settings
 from ._tls import client_context, failure_hint
 
-__all__ = ["BrokerQueue", "list_bindings", "list_queues", "routing_keys"]
+__all__ = ["BrokerQueue", "endpoint", "list_bindings", "list_queues", "request", "routing_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ class BrokerQueue:
     consumers: int | None
 
 
-def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
+def endpoint(settings: Settings) -> tuple[str, str, str, str]:
     """Base URL, user, password and vhost for the management API."""
     amqp = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
     vhost = settings.vhost
@@ -53,19 +54,27 @@ def _endpoint(settings: Settings) -> tuple[str, str, str, str]:
     return base, unquote(given.username or user), unquote(given.password or password), vhost
 
 
-def _get(settings: Settings, path: str) -> Any:
-    base, user, password, _ = _endpoint(settings)
+def request(settings: Settings, path: str, *, method: str = "GET", body: Any = None) -> Any:
+    """One management API call: its JSON answer (None if empty). Raises
+    :class:`BrokerUnavailableError` when the API cannot be reached (the password masked),
+    and lets ``urllib.error.HTTPError`` through for the caller to read its status."""
+    base, user, password, _ = endpoint(settings)
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    call = urllib.request.Request(f"{base}/api/{path}", data=data, method=method)
+    call.add_header("Authorization", f"Basic {token}")
+    call.add_header("Content-Type", "application/json")
     try:
         tls = (
             client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
             if base.lower().startswith("https:")
             else None
         )
-        request = urllib.request.Request(f"{base}/api/{path}")
-        request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=60, context=tls) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(call, timeout=60, context=tls) as response:
+            answer = response.read()
+        return json.loads(answer) if answer else None
+    except urllib.error.HTTPError:
+        raise
     except (OSError, ValueError) as exc:  # ConfigError: a certificate file mid-rotation
         reason = str(exc)
         for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
@@ -77,8 +86,15 @@ def _get(settings: Settings, path: str) -> Any:
         raise BrokerUnavailableError(f"management API {base}: {reason}") from None
 
 
+def _get(settings: Settings, path: str) -> Any:
+    try:
+        return request(settings, path)
+    except urllib.error.HTTPError as exc:  # a refusal: the API is not there for us
+        raise BrokerUnavailableError(f"management API {endpoint(settings)[0]}: {exc}") from None
+
+
 def _vhost(settings: Settings) -> str:
-    return urllib.parse.quote(_endpoint(settings)[3], safe="")
+    return urllib.parse.quote(endpoint(settings)[3], safe="")
 
 
 def _list_queues(settings: Settings, prefix: str) -> list[BrokerQueue]:

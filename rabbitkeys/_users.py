@@ -20,7 +20,6 @@ is sent back.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import secrets
@@ -35,11 +34,10 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from ._errors import BrokerUnavailableError, ConfigError, RabbitkeysError
-from ._management import _endpoint
+from ._errors import ConfigError, RabbitkeysError
+from ._management import endpoint, request
 from ._permissions import Permissions, Role, permissions_for
 from ._settings import Settings
-from ._tls import client_context, failure_hint
 from ._topology import Names
 
 __all__ = [
@@ -306,7 +304,7 @@ def url_file(directory: Path, user: RoleUser) -> Path:
 def _create(
     settings: Settings, plan: list[RoleUser], passwords: dict[Role, str], reset: bool
 ) -> list[CreatedUser]:
-    admin = _endpoint(settings)[1]
+    admin = endpoint(settings)[1]
     _check_vhost(settings, plan[0].vhost)
     done = []
     for user in plan:
@@ -355,7 +353,7 @@ def _create(
 
 
 def _delete(settings: Settings, plan: list[RoleUser]) -> list[str]:
-    admin = _endpoint(settings)[1]
+    admin = endpoint(settings)[1]
     deleted = []
     for user in plan:
         if user.name == admin:
@@ -389,42 +387,20 @@ def _tags(user: dict[str, Any]) -> set[str]:
 
 def _call(settings: Settings, method: str, path: str, body: Any = None) -> Any:
     """One management API request; its JSON answer, or None for 404 (or an empty answer)."""
-    base, user, password, _ = _endpoint(settings)
-    https = base.lower().startswith("https:")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{base}/api/{path}", data=data, method=method)
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
     try:
-        tls = (
-            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-            if https
-            else None
-        )
-        with urllib.request.urlopen(request, timeout=60, context=tls) as response:
-            answer = response.read()
-        return json.loads(answer) if answer else None
+        return request(settings, path, method=method, body=body)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
         detail = _reason(exc)
         if exc.code in (401, 403):
+            base, user = endpoint(settings)[:2]
             raise ConfigError(
                 f"the management API at {base} refused {user!r} ({detail}): creating users "
                 "needs an administrator's login (RABBITKEYS_AMQP_URL, or "
                 "RABBITKEYS_MANAGEMENT_URL with the login in it)"
             ) from None
         raise RabbitkeysError(f"management API {method} {path}: {exc.code} {detail}") from None
-    except (OSError, ValueError) as exc:  # ConfigError: a certificate file mid-rotation
-        reason = str(exc)
-        for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
-            reason = reason.replace(secret, "***")
-        if https:
-            reason += failure_hint(
-                reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
-            )
-        raise BrokerUnavailableError(f"management API {base}: {reason}") from None
 
 
 def _reason(exc: urllib.error.HTTPError) -> str:

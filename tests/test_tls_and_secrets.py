@@ -43,7 +43,7 @@ from rabbitkeys import (
     load_settings,
 )
 from rabbitkeys._connection import connect
-from rabbitkeys._management import _endpoint, list_queues
+from rabbitkeys._management import endpoint, list_queues
 from rabbitkeys._settings import ENV_PREFIX, mask_url
 from rabbitkeys._topology import Names
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
@@ -181,7 +181,7 @@ def test_urls_come_from_files_without_their_trailing_newline(
     assert settings.management_url is not None
     assert settings.management_url.get_secret_value() == f"https://app:{SECRET}@broker:15671"
     assert SECRET not in repr(settings) and SECRET not in str(settings)
-    assert _endpoint(settings)[0] == "https://broker:15671"
+    assert endpoint(settings)[0] == "https://broker:15671"
     # a child process gets the files, not the password
     env = _settings_env(settings)
     assert env["RABBITKEYS_AMQP_URL_FILE"] == str(amqp_file)
@@ -305,8 +305,8 @@ def test_ipv6_and_amqps_urls_are_accepted_and_masked() -> None:
     settings = Settings(amqp_url=f"amqps://app:{SECRET}@[::1]:5671/prod")
     assert settings.amqp_url_masked == "amqps://app:***@[::1]:5671/prod"
     # with amqps, the management API is https on RabbitMQ's TLS port
-    assert _endpoint(settings)[0] == "https://[::1]:15671"
-    assert _endpoint(Settings(amqp_url="amqp://broker/"))[0] == "http://broker:15672"
+    assert endpoint(settings)[0] == "https://[::1]:15671"
+    assert endpoint(Settings(amqp_url="amqp://broker/"))[0] == "http://broker:15672"
 
 
 @pytest.mark.parametrize(
