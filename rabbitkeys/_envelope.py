@@ -108,11 +108,13 @@ def encode(
     sequence: int,
     delivery_mode: int,
     user_id: str | None = None,
+    content_type: str | None = None,
     headers: Mapping[str, Any] | None = None,
     published_at: int | None = None,
 ) -> spec.Basic.Properties:
     """The properties of a job message for ``ref``: the application's ``headers`` with
-    rabbitkeys' own added. ``published_at`` (epoch microseconds) defaults to now.
+    rabbitkeys' own added, the publishing user and the payload's content type.
+    ``published_at`` (epoch microseconds) defaults to now.
 
     Raises :class:`InvalidMessageError` for a header name that is not a str or is reserved,
     and for a value AMQP cannot carry: here, in the caller, rather than as a channel the
@@ -132,8 +134,11 @@ def encode(
     table[HEADER_PUBLISHED_AT] = time.time_ns() // 1000 if published_at is None else published_at
     # aiormq adds a random message_id, which it needs to match a basic.return
     # user_id: the broker refuses the message unless it is the connection's user, so the
-    # worker can trust it (the publisher's identity for dedup, Envelope.origin)
-    properties = spec.Basic.Properties(delivery_mode=delivery_mode, headers=table, user_id=user_id)
+    # worker can trust it (the publisher's identity for dedup, Envelope.origin);
+    # content_type: what _payload made of the payload (None for bytes)
+    properties = spec.Basic.Properties(
+        delivery_mode=delivery_mode, headers=table, user_id=user_id, content_type=content_type
+    )
     if headers:  # rabbitkeys' own headers always encode
         try:
             spec.Basic.Properties.marshal(properties)

@@ -332,10 +332,9 @@ class Publisher:
             sequence=self._next_sequence,
             delivery_mode=self._delivery_mode,
             user_id=self._user_id,
+            content_type=content_type,
             headers=headers,
         )
-        if content_type is not None:
-            properties.content_type = content_type
         size = len(body)
         header_frame = 0
         if headers:
