@@ -13,6 +13,13 @@ own, all named ``x-rabbitkeys-*`` (a prefix applications may not use):
 * ``x-rabbitkeys-published-at``: when, in integer epoch microseconds (pamqp carries a
   Python float as a 32-bit float, which would round an epoch timestamp to minutes).
 
+A **batch** (several jobs of one key in one message, :mod:`._batch`) has the same headers,
+the sequence number and time of its first job, and two more: ``x-rabbitkeys-batch``, the
+format version of its body (1), and ``x-rabbitkeys-jobs``, how many jobs it holds. Its
+content type is ``application/x-rabbitkeys-batch``; each job's own is in its record.
+:func:`jobs_of` gives the jobs of any delivery: one for a plain message, each of a batch,
+with the headers each would have had as a plain message.
+
 Anyone who can publish into a key queue can put anything there: :func:`decode` never
 raises, and a missing or garbled header reads as None.
 """
@@ -29,13 +36,17 @@ import pamqp.frame
 import pamqp.header
 from pamqp import commands as spec
 
+from ._batch import BATCH_FORMAT_VERSION, BatchFormatError, Record, pack, unpack
 from ._errors import InvalidMessageError
 from ._topology import KeyRef
 
 __all__ = [
+    "BATCH_CONTENT_TYPE",
     "HEADER_ATTEMPTS",
+    "HEADER_BATCH",
     "HEADER_ERROR",
     "HEADER_FAILED_AT",
+    "HEADER_JOBS",
     "HEADER_JOB_TYPE",
     "HEADER_KEY",
     "HEADER_PUBLISHED_AT",
@@ -44,11 +55,14 @@ __all__ = [
     "HEADER_WORKER",
     "RESERVED_HEADER_PREFIX",
     "Envelope",
+    "Job",
     "dead_letter_headers",
     "decode",
     "encode",
+    "encode_batch",
     "header_frame_size",
     "header_text",
+    "jobs_of",
 ]
 
 #: Header names applications may not use: rabbitkeys' own.
@@ -59,6 +73,10 @@ HEADER_JOB_TYPE = "x-rabbitkeys-job-type"
 HEADER_PUBLISHER = "x-rabbitkeys-publisher"
 HEADER_SEQUENCE = "x-rabbitkeys-seq"
 HEADER_PUBLISHED_AT = "x-rabbitkeys-published-at"
+# a batch's
+HEADER_BATCH = "x-rabbitkeys-batch"
+HEADER_JOBS = "x-rabbitkeys-jobs"
+BATCH_CONTENT_TYPE = "application/x-rabbitkeys-batch"
 # added to a dead-lettered copy
 HEADER_ERROR = "x-rabbitkeys-error"
 HEADER_ATTEMPTS = "x-rabbitkeys-attempts"
@@ -160,6 +178,86 @@ def decode(properties: spec.Basic.Properties) -> Envelope:
         published_at=_integer(headers.get(HEADER_PUBLISHED_AT)),
         headers=MappingProxyType(headers),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job of a delivery: its envelope (the headers it would have had as a message of
+    its own), body and content type."""
+
+    envelope: Envelope
+    body: bytes
+    content_type: str | None
+
+
+def encode_batch(
+    ref: KeyRef,
+    records: list[Record],
+    *,
+    publisher_id: str,
+    delivery_mode: int,
+    user_id: str | None = None,
+) -> tuple[bytes, spec.Basic.Properties]:
+    """The body and properties of one message carrying ``records`` (jobs of ``ref``, in
+    order; at least one). Each record's headers were checked when it was published."""
+    first = records[0]
+    table: dict[str, Any] = {
+        HEADER_KEY: ref.key,
+        HEADER_JOB_TYPE: ref.job_type,
+        HEADER_PUBLISHER: publisher_id,
+        HEADER_SEQUENCE: first.sequence,
+        HEADER_PUBLISHED_AT: first.published_at,
+        HEADER_BATCH: BATCH_FORMAT_VERSION,
+        HEADER_JOBS: len(records),
+    }
+    properties = spec.Basic.Properties(
+        delivery_mode=delivery_mode,
+        headers=table,
+        user_id=user_id,
+        content_type=BATCH_CONTENT_TYPE,
+    )
+    return pack(records), properties
+
+
+def jobs_of(properties: spec.Basic.Properties, body: bytes) -> list[Job]:
+    """The jobs a delivered message carries, in order: itself for a plain message, each
+    record of a batch. Raises :class:`~rabbitkeys._batch.BatchFormatError` for a batch that
+    cannot be read (an unknown version, a count or body that do not match): the caller
+    dead-letters it whole, never drops it."""
+    envelope = decode(properties)
+    raw = envelope.headers
+    if HEADER_BATCH not in raw:
+        return [Job(envelope, body, properties.content_type)]
+    version, count = raw.get(HEADER_BATCH), _integer(raw.get(HEADER_JOBS))
+    if version != BATCH_FORMAT_VERSION:
+        raise BatchFormatError(
+            f"batch format version {version!r}; this worker reads {BATCH_FORMAT_VERSION}"
+        )
+    if count is None or count < 1:
+        raise BatchFormatError(f"{HEADER_JOBS} is {raw.get(HEADER_JOBS)!r}")
+    shared = {name: value for name, value in raw.items() if name not in (HEADER_BATCH, HEADER_JOBS)}
+    jobs = []
+    for record in unpack(body, count):
+        headers = record.decoded_headers()
+        headers.update(shared)
+        headers[HEADER_SEQUENCE] = record.sequence
+        headers[HEADER_PUBLISHED_AT] = record.published_at
+        jobs.append(
+            Job(
+                Envelope(
+                    key=envelope.key,
+                    job_type=envelope.job_type,
+                    publisher_id=envelope.publisher_id,
+                    user_id=envelope.user_id,
+                    sequence=record.sequence,
+                    published_at=record.published_at,
+                    headers=MappingProxyType(headers),
+                ),
+                record.body,
+                record.content_type,
+            )
+        )
+    return jobs
 
 
 def header_frame_size(properties: spec.Basic.Properties, body_size: int) -> int:

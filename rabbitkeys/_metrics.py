@@ -44,6 +44,9 @@ SECONDS_BUCKETS = (
     60.0,
 )
 
+#: Jobs per AMQP message: 1 unbatched, up to batch_max_jobs.
+JOBS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
 # Metric objects by registry and name: a second container on the same registry reuses them
@@ -162,6 +165,13 @@ class PublisherMetrics:
             "rabbitkeys_publish_duration_seconds",
             "From the publish() call to the broker's confirm.",
         )
+        self.batch_jobs = _metric(
+            registry,
+            Histogram,
+            "rabbitkeys_publish_batch_jobs",
+            "Jobs per AMQP message sent (1: a message of its own; more: a batch of one key).",
+            buckets=JOBS_BUCKETS,
+        )
 
 
 class WorkerMetrics:
@@ -221,6 +231,13 @@ class WorkerMetrics:
             registry,
             "rabbitkeys_release_duration_seconds",
             "Letting go of a key: finish the running message, cancel, hand back the rest.",
+        )
+        self.delivery_jobs = _metric(
+            registry,
+            Histogram,
+            "rabbitkeys_delivery_jobs",
+            "Jobs per delivery received (1: a message of its own; more: a batch of one key).",
+            buckets=JOBS_BUCKETS,
         )
 
 

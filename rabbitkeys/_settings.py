@@ -147,6 +147,32 @@ class Settings(BaseSettings):
         description="Largest body publish() accepts: at most the broker's max_message_size "
         "(RabbitMQ 4.x default 16 MiB, 3.x 128 MiB; 512 MiB is RabbitMQ's ceiling).",
     )
+    # --- publisher: batches of one key's jobs (docs/design.md, "Batches") ---
+    batch_max_jobs: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Jobs of one key a Publisher sends in one AMQP message at most, when "
+        "several wait in the key's lane; 1 sends every job as a message of its own.",
+    )
+    batch_max_bytes: int = Field(
+        default=256 * 1024,
+        ge=1,
+        description="Bytes of jobs a batch holds at most (a larger job goes alone).",
+    )
+    batch_linger: float = Field(
+        default=0.0,
+        ge=0,
+        le=10.0,
+        description="Seconds a key's job may wait for more of its key to join its batch; 0: "
+        "none, batches form only from what waits anyway.",
+    )
+    max_in_flight_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="AMQP messages of one key a Publisher has sent and not yet had "
+        "confirmed; what a key publishes meanwhile waits and forms its next batch.",
+    )
 
     # --- secrets from files, and TLS ----------------------------------------------------
     amqp_url_file: Path | None = Field(
