@@ -39,6 +39,10 @@ class SequenceHistory:
     def __init__(self) -> None:
         self._publishers: OrderedDict[str, _Publisher] = OrderedDict()
 
+    def __bool__(self) -> bool:
+        """Whether any job was recorded."""
+        return bool(self._publishers)
+
     def check(self, publisher: str, sequence: int) -> Verdict:
         seen = self._publishers.get(publisher)
         if seen is None or sequence > seen.highest:

@@ -1,8 +1,13 @@
 """The worker's execution of one delivery: the one home of what happens between a delivery's
-turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack: the dedup and
-order check (:func:`verdict`), the body decoded as the handler declared it, the handler
-call (through the app's middleware) under the worker's concurrency limit, the retries the
-retry policy (:mod:`._retry`) asks for, and the dead-lettered copy after the last attempt.
+turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack.
+
+A delivery carries one job (a plain message) or several jobs of its key (a batch,
+:func:`~._envelope.jobs_of`). Each job, in order, goes through the dedup and order check
+(:func:`verdict`), the body decoded as the handler declared it, the handler call (through
+the app's middleware) under the worker's concurrency limit, the retries the retry policy
+(:mod:`._retry`) asks for, and, after the last attempt, a dead-lettered copy of that job
+alone; then the next job. The delivery is acked once, after its last job. A batch that
+cannot be read is dead-lettered whole, as received.
 
 A concurrency slot is held only while a handler runs. A retry waiting out its backoff holds
 none, so a failing key does not keep the other keys from running; it still holds its own
@@ -33,8 +38,9 @@ from aiormq.abc import DeliveredMessage
 
 from ._amqp import sleep_unless
 from ._app import App, CallNext, Context, Message, Middleware, Route
+from ._batch import BatchFormatError
 from ._dedup import SequenceHistory, Verdict
-from ._envelope import Envelope, dead_letter_headers
+from ._envelope import Envelope, Job, dead_letter_headers, jobs_of
 from ._envelope import decode as decode_envelope
 from ._errors import HandlerNotFoundError, PayloadError
 from ._metrics import WorkerMetrics
@@ -114,47 +120,63 @@ class Executor:
     async def execute(
         self, assignment: KeyAssignment, history: SequenceHistory, delivery: DeliveredMessage
     ) -> bool:
-        """Run a delivery to its end: handled, dropped as a copy, or dead-lettered; the
-        caller acks it then. False if shutdown interrupted its retries: it must then stay
-        unacked (the drain hands it back). Raises if the dead-letter copy cannot be made."""
-        envelope = decode_envelope(delivery.header.properties)
-        origin = envelope.origin if self._dedup else None
-        match verdict(history, origin):
-            case Verdict.DUPLICATE:
-                # the same publisher's same message again (sent twice across a lost
-                # connection, or redelivered after a crash): handled already
-                self.duplicates_dropped += 1
-                self._metrics.duplicates_dropped.inc()
-                return True
-            case Verdict.OUT_OF_ORDER:
-                self.order_violations += 1
-                self._metrics.order_violations.inc()
-                log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
-        if not await self._handle(assignment, delivery, envelope):
-            return False
-        if origin:
-            history.record(*origin)
+        """Run a delivery to its end, job by job in order (one job for a plain message, each
+        job of a batch): each handled, dropped as a copy, or dead-lettered alone. The caller
+        acks the delivery then, once for all its jobs. False if shutdown interrupted a
+        job's retries: the delivery must then stay unacked (the drain hands it back, and
+        the jobs before that one run again at the next owner). Raises if a dead-letter copy
+        cannot be made."""
+        properties = delivery.header.properties
+        try:
+            jobs = jobs_of(properties, delivery.body)
+        except BatchFormatError as exc:
+            # a batch this worker cannot read: kept whole, as received, never dropped
+            log.error(
+                "key %s: unreadable batch, dead-lettering it whole: %s", assignment.key_id, exc
+            )
+            await self._dead_letter(
+                delivery.body, properties.content_type, decode_envelope(properties), exc, 1
+            )
+            return True
+        self._metrics.delivery_jobs.observe(len(jobs))
+        redelivered = bool(getattr(delivery.delivery, "redelivered", False))
+        dedup = self._dedup
+        for job in jobs:
+            origin = job.envelope.origin if dedup else None
+            match verdict(history, origin):
+                case Verdict.DUPLICATE:
+                    # the same publisher's same job again (sent twice across a lost
+                    # connection, or redelivered after a crash): handled already
+                    self.duplicates_dropped += 1
+                    self._metrics.duplicates_dropped.inc()
+                    continue
+                case Verdict.OUT_OF_ORDER:
+                    self.order_violations += 1
+                    self._metrics.order_violations.inc()
+                    log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
+            if not await self._handle(assignment, job, redelivered):
+                return False
+            if origin is not None:
+                history.record(*origin)
         return True
 
     def _prepare(
-        self, job_type: str, delivery: DeliveredMessage
+        self, job_type: str, job: Job
     ) -> tuple[Route, Any] | HandlerNotFoundError | PayloadError:
-        """The handler and the payload it declared, once per delivery (a body is the same
-        for every attempt); or why no attempt can succeed."""
+        """The handler and the payload it declared, once per job (a body is the same for
+        every attempt); or why no attempt can succeed."""
         try:
             route = self.app.route(job_type)
-            return route, route.payload(delivery.body, delivery.header.properties.content_type)
+            return route, route.payload(job.body, job.content_type)
         except (HandlerNotFoundError, PayloadError) as exc:
             return exc
 
-    async def _handle(
-        self, assignment: KeyAssignment, delivery: DeliveredMessage, envelope: Envelope
-    ) -> bool:
-        """Run the handler as often as the retry policy says; dead-letter after the last
-        attempt. False if shutdown interrupted the wait for a retry."""
-        # one copy for every attempt: what a handler does to it is not the dead letter's
-        headers = dict(envelope.headers)
-        prepared = self._prepare(assignment.job_type, delivery)
+    async def _handle(self, assignment: KeyAssignment, job: Job, redelivered: bool) -> bool:
+        """Run the handler on one job as often as the retry policy says; dead-letter the
+        job alone after the last attempt. False if shutdown interrupted the wait for a
+        retry."""
+        envelope = job.envelope
+        prepared = self._prepare(assignment.job_type, job)
         attempt = 0
         while True:
             attempt += 1
@@ -167,15 +189,16 @@ class Executor:
                 message: Message[Any] = Message(
                     key=_key_of(assignment, envelope),
                     job_type=assignment.job_type,
-                    body=delivery.body,
-                    headers=headers,
+                    body=job.body,
+                    # read-only: what a handler sees is what a dead letter would carry
+                    headers=envelope.headers,
                     publisher_id=envelope.publisher_id,
                     sequence=envelope.sequence,
                     attempt=attempt,
-                    redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
+                    redelivered=redelivered,
                     user_id=envelope.user_id,
                     payload=payload,
-                    content_type=delivery.header.properties.content_type,
+                    content_type=job.content_type,
                     context=self.context,
                 )
                 error = await self._attempt(route, message, envelope)
@@ -192,7 +215,7 @@ class Executor:
                     )
                 else:
                     log.error("key %s: not retried, dead-lettering: %r", assignment.key_id, error)
-                await self._dead_letter(delivery, envelope, error, step.attempts)
+                await self._dead_letter(job.body, job.content_type, envelope, error, step.attempts)
                 return True
             log.warning(
                 "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
@@ -201,7 +224,7 @@ class Executor:
                 step.delay,
                 error,
             )
-            # Outside the slot: other keys run meanwhile; this key's later messages wait.
+            # Outside the slot: other keys run meanwhile; this key's later jobs wait.
             if await sleep_unless(self._stopping, step.delay):
                 return False
 
@@ -271,22 +294,24 @@ class Executor:
 
     async def _dead_letter(
         self,
-        delivery: DeliveredMessage,
+        body: bytes,
+        content_type: str | None,
         envelope: Envelope,
         error: BaseException,
         attempts: int,
     ) -> None:
-        """Copy the message to the namespace's dead-letter queue with the error recorded;
-        the caller acks the original only after the broker confirmed the copy."""
+        """Copy a job (or a batch that cannot be read, whole) to the namespace's
+        dead-letter queue with the error recorded; the caller acks the delivery only after
+        the broker confirmed the copy."""
         assert self._dead_letters is not None
         exchange = await self._dead_letters.get_exchange(self._dead_letter_exchange, ensure=False)
         await exchange.publish(
             aio_pika.Message(
-                delivery.body,
+                body,
                 headers=dead_letter_headers(
                     envelope, error=error, attempts=attempts, worker_id=self._worker_id
                 ),
-                content_type=delivery.header.properties.content_type,
+                content_type=content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 user_id=self._user_id,
             ),
