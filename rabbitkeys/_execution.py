@@ -23,8 +23,8 @@ variables (``contextvars``), which the thread gets a copy of.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
+import enum
 import functools
 import inspect
 import logging
@@ -52,6 +52,15 @@ from ._topology import Names, key_matches_token
 __all__ = ["Executor", "verdict"]
 
 log = logging.getLogger("rabbitkeys.worker")
+
+
+class _Outcome(enum.Enum):
+    """How one job's run ended."""
+
+    HANDLED = "handled"
+    DEAD_LETTERED = "dead_lettered"
+    #: shutdown came during a wait for a retry: the delivery must stay unacked
+    INTERRUPTED = "interrupted"
 
 
 def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict:
@@ -140,43 +149,62 @@ class Executor:
             return True
         self._metrics.delivery_jobs.observe(len(jobs))
         redelivered = bool(getattr(delivery.delivery, "redelivered", False))
+        try:
+            route: Route | HandlerNotFoundError = self.app.route(assignment.job_type)
+        except HandlerNotFoundError as exc:
+            route = exc
         dedup = self._dedup
-        for job in jobs:
-            origin = job.envelope.origin if dedup else None
-            match verdict(history, origin):
-                case Verdict.DUPLICATE:
-                    # the same publisher's same job again (sent twice across a lost
-                    # connection, or redelivered after a crash): handled already
-                    self.duplicates_dropped += 1
-                    self._metrics.duplicates_dropped.inc()
-                    continue
-                case Verdict.OUT_OF_ORDER:
-                    self.order_violations += 1
-                    self._metrics.order_violations.inc()
-                    log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
-            if not await self._handle(assignment, job, redelivered):
-                return False
-            if origin is not None:
-                history.record(*origin)
+        handled = 0
+        try:
+            for job in jobs:
+                origin = job.envelope.origin if dedup else None
+                match verdict(history, origin):
+                    case Verdict.DUPLICATE:
+                        # the same publisher's same job again (sent twice across a lost
+                        # connection, or redelivered after a crash): handled already
+                        self.duplicates_dropped += 1
+                        self._metrics.duplicates_dropped.inc()
+                        continue
+                    case Verdict.OUT_OF_ORDER:
+                        self.order_violations += 1
+                        self._metrics.order_violations.inc()
+                        log.error(
+                            "key %s: message %s arrived out of order", assignment.key_id, origin
+                        )
+                match await self._handle(assignment, route, job, redelivered):
+                    case _Outcome.HANDLED:
+                        handled += 1
+                    case _Outcome.INTERRUPTED:
+                        return False
+                if origin is not None:
+                    history.record(*origin)
+        finally:
+            if handled:  # once per delivery: a metric call per job is a cost per job
+                self._metrics.handled.inc(handled)
         return True
 
-    def _prepare(
-        self, job_type: str, job: Job
-    ) -> tuple[Route, Any] | HandlerNotFoundError | PayloadError:
-        """The handler and the payload it declared, once per job (a body is the same for
-        every attempt); or why no attempt can succeed."""
-        try:
-            route = self.app.route(job_type)
-            return route, route.payload(job.body, job.content_type)
-        except (HandlerNotFoundError, PayloadError) as exc:
-            return exc
-
-    async def _handle(self, assignment: KeyAssignment, job: Job, redelivered: bool) -> bool:
+    async def _handle(
+        self,
+        assignment: KeyAssignment,
+        route: Route | HandlerNotFoundError,
+        job: Job,
+        redelivered: bool,
+    ) -> _Outcome:
         """Run the handler on one job as often as the retry policy says; dead-letter the
-        job alone after the last attempt. False if shutdown interrupted the wait for a
-        retry."""
+        job alone after the last attempt."""
         envelope = job.envelope
-        prepared = self._prepare(assignment.job_type, job)
+        # The payload once per job (a body is the same for every attempt); a job type
+        # without handler or a body that is not what the handler declared: no attempt
+        # can succeed.
+        prepared: Any | Exception
+        if isinstance(route, HandlerNotFoundError):
+            prepared = route
+        else:
+            try:
+                prepared = route.payload(job.body, job.content_type)
+            except PayloadError as exc:
+                prepared = exc
+        key = _key_of(assignment, envelope)
         attempt = 0
         while True:
             attempt += 1
@@ -185,9 +213,9 @@ class Executor:
             if isinstance(prepared, Exception):
                 error: Exception | None = prepared  # not retried: the policy says so
             else:
-                route, payload = prepared
+                assert isinstance(route, Route)
                 message: Message[Any] = Message(
-                    key=_key_of(assignment, envelope),
+                    key=key,
                     job_type=assignment.job_type,
                     body=job.body,
                     # read-only: what a handler sees is what a dead letter would carry
@@ -197,13 +225,13 @@ class Executor:
                     attempt=attempt,
                     redelivered=redelivered,
                     user_id=envelope.user_id,
-                    payload=payload,
+                    payload=prepared,
                     content_type=job.content_type,
                     context=self.context,
                 )
-                error = await self._attempt(route, message, envelope)
+                error = await self._attempt(route, message, envelope.published_at)
             if error is None:
-                return True
+                return _Outcome.HANDLED
             step = self.policy.after_failure(attempt, error)
             if isinstance(step, DeadLetter):
                 if self.policy.retries(error):
@@ -216,7 +244,7 @@ class Executor:
                 else:
                     log.error("key %s: not retried, dead-lettering: %r", assignment.key_id, error)
                 await self._dead_letter(job.body, job.content_type, envelope, error, step.attempts)
-                return True
+                return _Outcome.DEAD_LETTERED
             log.warning(
                 "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
                 assignment.key_id,
@@ -226,30 +254,38 @@ class Executor:
             )
             # Outside the slot: other keys run meanwhile; this key's later jobs wait.
             if await sleep_unless(self._stopping, step.delay):
-                return False
+                return _Outcome.INTERRUPTED
 
     async def _attempt(
-        self, route: Route, message: Message[Any], envelope: Envelope
+        self, route: Route, message: Message[Any], published_at: int | None
     ) -> Exception | None:
         """One handler call (through the middleware) in a concurrency slot, and for a sync
         handler a thread; what it raised, if anything."""
-        thread = contextlib.nullcontext() if route.is_async else self._free_threads
-        async with thread, self._slots:
-            if message.attempt == 1 and envelope.published_at is not None:
-                self._metrics.end_to_end_latency.observe(
-                    max(0.0, time.time() - envelope.published_at / 1e6)
-                )
-            self.in_flight += 1
-            started = time.perf_counter()
-            try:
+        if route.is_async:
+            async with self._slots:
+                return await self._timed(route, message, published_at)
+        async with self._free_threads, self._slots:
+            return await self._timed(route, message, published_at)
+
+    async def _timed(
+        self, route: Route, message: Message[Any], published_at: int | None
+    ) -> Exception | None:
+        metrics = self._metrics
+        if message.attempt == 1 and published_at is not None:
+            metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            if route.is_async and not self.app.middlewares:
+                await route.function(message)  # the common case, without a call in between
+            else:
                 await self._through_middleware(route, message)
-            except Exception as exc:
-                self._metrics.handler_failures.inc()
-                return exc
-            finally:
-                self.in_flight -= 1
-                self._metrics.handler_duration.observe(time.perf_counter() - started)
-        self._metrics.handled.inc()
+        except Exception as exc:
+            metrics.handler_failures.inc()
+            return exc
+        finally:
+            self.in_flight -= 1
+            metrics.handler_duration.observe(time.perf_counter() - started)
         return None
 
     def _through_middleware(self, route: Route, message: Message[Any]) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 from pamqp import commands as spec
+from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
 from rabbitkeys._batch import Record, encode_headers
@@ -150,7 +151,8 @@ async def test_jobs_of_batches_and_plain_messages_run_one_at_a_time_in_order(
             Record(6, 1, b"6", "text/plain", encode_headers({"trace": "t-6"})),
             Record(7, 2, b"7"),
         )
-        async with running_worker(settings, recording_app(handled, handlings)) as worker:
+        app = recording_app(handled, handlings)
+        async with running_worker(settings, app, metrics_registry=CollectorRegistry()) as worker:
             await eventually(lambda: len(handled) == 7)
             assert [m.body for m in handled] == [str(n).encode() for n in range(1, 8)]
             assert [m.sequence for m in handled] == list(range(1, 8))
