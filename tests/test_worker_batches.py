@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from rabbitkeys._topology import KeyRef, Names
 from rabbitkeys.tools.cluster import LocalCluster
 from rabbitkeys.tools.demo import read_records
 
+from .conftest import Broker
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
 from .test_worker import dead_letters
 
@@ -252,6 +254,63 @@ async def test_a_batch_the_worker_cannot_read_is_dead_lettered_whole(settings: S
     assert newer.headers[HEADER_KEY] == "k"
     assert str(newer.headers[HEADER_ERROR]).startswith("BatchFormatError: batch format version 2")
     assert str(broken.headers[HEADER_ERROR]).startswith("BatchFormatError: record 2 of 2")
+
+
+async def close_connections(broker: Broker, vhost: str, name_prefix: str) -> None:
+    """Close (as an operator would) the connections whose name starts with ``name_prefix``;
+    the management API lists a connection once its first statistics are in (seconds)."""
+    quoted_vhost = urllib.parse.quote(vhost, safe="")
+    closed = 0
+
+    def close_them() -> bool:
+        nonlocal closed
+        for connection in broker.api(f"vhosts/{quoted_vhost}/connections"):
+            name = connection.get("client_properties", {}).get("connection_name", "")
+            if name.startswith(name_prefix):
+                broker.api(
+                    f"connections/{urllib.parse.quote(connection['name'], safe='')}", "DELETE"
+                )
+                closed += 1
+        return closed > 0
+
+    await eventually(close_them, timeout=20, interval=0.5)
+
+
+async def test_a_batch_redelivered_to_the_same_worker_skips_the_jobs_it_handled(
+    broker: Broker, session_vhost: str, settings: Settings
+) -> None:
+    """The worker's connection is closed mid-batch (by an operator, here through the
+    management API): the broker requeues the batch, the worker reconnects and takes the key
+    back, and it still knows the jobs it handled: only the interrupted one runs again."""
+    seen: list[tuple[bytes, bool]] = []
+    blocked = asyncio.Event()
+    app = App()
+
+    @app.handler()
+    async def blocks_on_3_once(message: Message) -> None:
+        seen.append((message.body, message.redelivered))
+        if message.body == b"3" and not message.redelivered:
+            blocked.set()
+            await asyncio.Event().wait()  # until the session goes
+
+    async with running_registry(settings), raw_key(settings, "k") as key:
+        await key.batch(*((n, str(n).encode()) for n in range(1, 6)))
+        async with running_worker(settings, app) as worker:
+            await asyncio.wait_for(blocked.wait(), 10)
+            await close_connections(
+                broker, session_vhost, f"rabbitkeys {settings.namespace} worker "
+            )
+            await eventually(lambda: len(seen) == 6, timeout=30)
+            assert seen == [
+                (b"1", False),
+                (b"2", False),
+                (b"3", False),
+                (b"3", True),  # interrupted: run again
+                (b"4", True),
+                (b"5", True),
+            ]
+            assert worker.duplicates_dropped == 2  # 1 and 2, handled before the loss
+        assert await key.messages_ready() == 0
 
 
 @pytest.mark.processes
