@@ -59,7 +59,8 @@ class SequenceHistory:
                 self._publishers.popitem(last=False)
         else:
             self._publishers.move_to_end(publisher)
-        seen.highest = max(seen.highest, sequence)
+        if sequence > seen.highest:
+            seen.highest = sequence
         seen.recent.append(sequence)
         seen.recent_set.add(sequence)
         if len(seen.recent) > _MAX_SEQUENCES:

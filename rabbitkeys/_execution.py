@@ -23,6 +23,7 @@ variables (``contextvars``), which the thread gets a copy of.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import functools
@@ -52,6 +53,10 @@ from ._topology import Names, key_matches_token
 __all__ = ["Executor", "verdict"]
 
 log = logging.getLogger("rabbitkeys.worker")
+
+
+#: what an async handler holds instead of a thread (reusable: it holds nothing)
+_NO_THREAD = contextlib.nullcontext()
 
 
 class _Outcome(enum.Enum):
@@ -261,31 +266,23 @@ class Executor:
     ) -> Exception | None:
         """One handler call (through the middleware) in a concurrency slot, and for a sync
         handler a thread; what it raised, if anything."""
-        if route.is_async:
-            async with self._slots:
-                return await self._timed(route, message, published_at)
-        async with self._free_threads, self._slots:
-            return await self._timed(route, message, published_at)
-
-    async def _timed(
-        self, route: Route, message: Message[Any], published_at: int | None
-    ) -> Exception | None:
         metrics = self._metrics
-        if message.attempt == 1 and published_at is not None:
-            metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
-        self.in_flight += 1
-        started = time.perf_counter()
-        try:
-            if route.is_async and not self.app.middlewares:
-                await route.function(message)  # the common case, without a call in between
-            else:
-                await self._through_middleware(route, message)
-        except Exception as exc:
-            metrics.handler_failures.inc()
-            return exc
-        finally:
-            self.in_flight -= 1
-            metrics.handler_duration.observe(time.perf_counter() - started)
+        async with _NO_THREAD if route.is_async else self._free_threads, self._slots:
+            if message.attempt == 1 and published_at is not None:
+                metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
+            self.in_flight += 1
+            started = time.perf_counter()
+            try:
+                if route.is_async and not self.app.middlewares:
+                    await route.function(message)  # the common case, without a call between
+                else:
+                    await self._through_middleware(route, message)
+            except Exception as exc:
+                metrics.handler_failures.inc()
+                return exc
+            finally:
+                self.in_flight -= 1
+                metrics.handler_duration.observe(time.perf_counter() - started)
         return None
 
     def _through_middleware(self, route: Route, message: Message[Any]) -> Any:
