@@ -48,8 +48,10 @@ __all__ = ["TRANSITIONS", "Handoff", "KeyState", "OwnedKey"]
 
 log = logging.getLogger("rabbitkeys.worker")
 
-# How many let-go keys' dedup histories a worker keeps (a few KB each at most).
-_FORMER_HISTORIES = 4096
+# How many let-go keys' dedup histories a worker keeps: as much memory as this many more
+# held keys' histories at most. A history only holds jobs this worker handled, so an old
+# one is never wrong about a job, whatever other workers did with the key meanwhile.
+_FORMER_HISTORIES = 1024
 
 
 class KeyState(enum.Enum):
