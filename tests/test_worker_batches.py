@@ -30,6 +30,7 @@ from rabbitkeys._envelope import (
     encode,
     encode_batch,
 )
+from rabbitkeys._payload import encode as encode_payload
 from rabbitkeys._protocol import Ensured, EnsureKey
 from rabbitkeys._topology import KeyRef, Names
 from rabbitkeys.tools.cluster import LocalCluster
@@ -37,6 +38,7 @@ from rabbitkeys.tools.demo import read_records
 
 from .conftest import Broker
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
+from .test_handlers import Comment
 from .test_worker import dead_letters
 
 PUBLISHER = "raw-publisher"
@@ -204,6 +206,38 @@ async def test_a_failing_job_is_dead_lettered_alone_and_the_rest_of_its_batch_ru
     assert dead.headers[HEADER_ATTEMPTS] == 3
     assert dead.headers[HEADER_ERROR] == "ValueError: cannot parse comment"
     assert HEADER_BATCH not in dead.headers and HEADER_JOBS not in dead.headers
+
+
+async def test_a_job_of_a_batch_whose_body_does_not_fit_its_handler_goes_alone(
+    settings: Settings,
+) -> None:
+    """A typed handler (``Message[Comment]``) in a plain ``def`` (a thread): each job's
+    body is decoded on its own; one that does not fit is dead-lettered at once, alone."""
+    comments: list[str] = []
+    app = App()
+
+    @app.handler()
+    def create_comment(message: Message[Comment]) -> None:
+        comments.append(message.payload.text)
+
+    def job(sequence: int, payload: object) -> Record:
+        body, content_type = encode_payload(payload)
+        return Record(sequence, 1, bytes(body), content_type)
+
+    async with running_registry(settings), raw_key(settings, "post A") as key:
+        await key.batch(
+            job(1, Comment(post="post A", text="first")),
+            job(2, {"post": "post A"}),
+            job(3, Comment(post="post A", text="third")),
+        )
+        async with running_worker(settings, app) as worker:
+            await eventually(lambda: len(comments) == 2 and worker.dead_lettered == 1)
+        assert comments == ["first", "third"]
+        assert await key.messages_ready() == 0
+    [dead] = await dead_letters(settings)
+    assert dead.body == b'{"post":"post A"}' and dead.content_type == "application/json"
+    assert dead.headers[HEADER_SEQUENCE] == 2 and dead.headers[HEADER_ATTEMPTS] == 1
+    assert str(dead.headers[HEADER_ERROR]).startswith("PayloadError: body is not a valid Comment")
 
 
 async def test_a_job_sent_again_in_a_later_batch_is_skipped(settings: Settings) -> None:
