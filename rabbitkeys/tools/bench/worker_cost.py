@@ -287,6 +287,7 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
             namespace="cost",
             heartbeat_interval=1.0,
             worker_timeout=600.0,  # the worker is stopped (SIGSTOP) while the queues fill
+            idle_period=3600.0,  # no key retired between two variants
         )
         registry = Registry(settings)
         await registry.start()
@@ -334,7 +335,14 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
         finally:
             await registry.close()
     finally:
-        _api(management, f"vhosts/{vhost}", "DELETE")
+        for attempt in range(5):  # the management API can drop a request under load
+            try:
+                _api(management, f"vhosts/{vhost}", "DELETE")
+                break
+            except OSError:
+                if attempt == 4:
+                    print(f"could not delete vhost {vhost}: delete it by hand", file=sys.stderr)
+                await asyncio.sleep(2)
     return results
 
 
