@@ -183,6 +183,7 @@ async def _run_variant(
     env["RABBITKEYS_LOG_LEVEL"] = "WARNING"
     path = [app_dir, *([code[variant]] if variant in code else [])]
     env["PYTHONPATH"] = os.pathsep.join([*path, env.get("PYTHONPATH", "")])
+    ready: Callable[[], bool]
     handled: Callable[[], float]
     if variant == "raw":
         queue_file = Path(app_dir) / "queues.txt"
@@ -205,9 +206,8 @@ async def _run_variant(
             async for line in process.stdout:
                 counted[0] = float(line)
 
-        reader = asyncio.create_task(read())
-        await _until(lambda: counted[0] >= 0, 120, "raw: the consumer did not start")
-        await asyncio.sleep(1)
+        reader: asyncio.Task[None] | None = asyncio.create_task(read())
+        ready = lambda: counted[0] >= 0  # noqa: E731
         handled = lambda: counted[0]  # noqa: E731
     else:
         port = _free_port()
@@ -226,11 +226,12 @@ async def _run_variant(
             except OSError:
                 return False
 
-        await _until(owned, 120, f"{variant}: the worker did not take every key")
-        await asyncio.sleep(1)
+        ready = owned
         handled = lambda: _scrape(port).get("rabbitkeys_handled_messages_total", 0)  # noqa: E731
         reader = None
     try:
+        await _until(ready, 120, f"{variant}: the worker did not take every key")
+        await asyncio.sleep(1)
         # Stopped while the queues fill: the jobs then come as fast as the worker takes
         # them, and nothing else (the feeding here) shares the CPU with it.
         before_count = handled()
@@ -242,6 +243,7 @@ async def _run_variant(
         seconds = time.monotonic() - started
         cpu = _cpu(process.pid) - before_cpu
     finally:
+        process.send_signal(signal.SIGCONT)  # a stopped process takes no SIGTERM
         process.send_signal(signal.SIGTERM)
         await process.wait()
         if reader is not None:
