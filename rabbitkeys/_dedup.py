@@ -39,6 +39,10 @@ class SequenceHistory:
     def __init__(self) -> None:
         self._publishers: OrderedDict[str, _Publisher] = OrderedDict()
 
+    def __bool__(self) -> bool:
+        """Whether any job was recorded."""
+        return bool(self._publishers)
+
     def check(self, publisher: str, sequence: int) -> Verdict:
         seen = self._publishers.get(publisher)
         if seen is None or sequence > seen.highest:
@@ -55,7 +59,8 @@ class SequenceHistory:
                 self._publishers.popitem(last=False)
         else:
             self._publishers.move_to_end(publisher)
-        seen.highest = max(seen.highest, sequence)
+        if sequence > seen.highest:
+            seen.highest = sequence
         seen.recent.append(sequence)
         seen.recent_set.add(sequence)
         if len(seen.recent) > _MAX_SEQUENCES:

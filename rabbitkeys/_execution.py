@@ -1,8 +1,13 @@
 """The worker's execution of one delivery: the one home of what happens between a delivery's
-turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack: the dedup and
-order check (:func:`verdict`), the body decoded as the handler declared it, the handler
-call (through the app's middleware) under the worker's concurrency limit, the retries the
-retry policy (:mod:`._retry`) asks for, and the dead-lettered copy after the last attempt.
+turn coming (the head of its key's buffer, see :mod:`._handoff`) and its ack.
+
+A delivery carries one job (a plain message) or several jobs of its key (a batch,
+:func:`~._envelope.jobs_of`). Each job, in order, goes through the dedup and order check
+(:func:`verdict`), the body decoded as the handler declared it, the handler call (through
+the app's middleware) under the worker's concurrency limit, the retries the retry policy
+(:mod:`._retry`) asks for, and, after the last attempt, a dead-lettered copy of that job
+alone; then the next job. The delivery is acked once, after its last job. A batch that
+cannot be read is dead-lettered whole, as received.
 
 A concurrency slot is held only while a handler runs. A retry waiting out its backoff holds
 none, so a failing key does not keep the other keys from running; it still holds its own
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import functools
 import inspect
 import logging
@@ -33,8 +39,9 @@ from aiormq.abc import DeliveredMessage
 
 from ._amqp import sleep_unless
 from ._app import App, CallNext, Context, Message, Middleware, Route
+from ._batch import BatchFormatError
 from ._dedup import SequenceHistory, Verdict
-from ._envelope import Envelope, dead_letter_headers
+from ._envelope import Envelope, Job, dead_letter_headers, jobs_of
 from ._envelope import decode as decode_envelope
 from ._errors import HandlerNotFoundError, PayloadError
 from ._metrics import WorkerMetrics
@@ -46,6 +53,19 @@ from ._topology import Names, key_matches_token
 __all__ = ["Executor", "verdict"]
 
 log = logging.getLogger("rabbitkeys.worker")
+
+
+#: what an async handler holds instead of a thread (reusable: it holds nothing)
+_NO_THREAD = contextlib.nullcontext()
+
+
+class _Outcome(enum.Enum):
+    """How one job's run ended."""
+
+    HANDLED = "handled"
+    DEAD_LETTERED = "dead_lettered"
+    #: shutdown came during a wait for a retry: the delivery must stay unacked
+    INTERRUPTED = "interrupted"
 
 
 def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict:
@@ -114,47 +134,82 @@ class Executor:
     async def execute(
         self, assignment: KeyAssignment, history: SequenceHistory, delivery: DeliveredMessage
     ) -> bool:
-        """Run a delivery to its end: handled, dropped as a copy, or dead-lettered; the
-        caller acks it then. False if shutdown interrupted its retries: it must then stay
-        unacked (the drain hands it back). Raises if the dead-letter copy cannot be made."""
-        envelope = decode_envelope(delivery.header.properties)
-        origin = envelope.origin if self._dedup else None
-        match verdict(history, origin):
-            case Verdict.DUPLICATE:
-                # the same publisher's same message again (sent twice across a lost
-                # connection, or redelivered after a crash): handled already
-                self.duplicates_dropped += 1
-                self._metrics.duplicates_dropped.inc()
-                return True
-            case Verdict.OUT_OF_ORDER:
-                self.order_violations += 1
-                self._metrics.order_violations.inc()
-                log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
-        if not await self._handle(assignment, delivery, envelope):
-            return False
-        if origin:
-            history.record(*origin)
+        """Run a delivery to its end, job by job in order (one job for a plain message, each
+        job of a batch): each handled, dropped as a copy, or dead-lettered alone. The caller
+        acks the delivery then, once for all its jobs. False if shutdown interrupted a
+        job's retries: the delivery must then stay unacked (the drain hands it back, and
+        the jobs before that one run again at the next owner). Raises if a dead-letter copy
+        cannot be made."""
+        properties = delivery.header.properties
+        try:
+            jobs = jobs_of(properties, delivery.body)
+        except BatchFormatError as exc:
+            # a batch this worker cannot read: kept whole, as received, never dropped
+            log.error(
+                "key %s: unreadable batch, dead-lettering it whole: %s", assignment.key_id, exc
+            )
+            await self._dead_letter(
+                delivery.body, properties.content_type, decode_envelope(properties), exc, 1
+            )
+            return True
+        self._metrics.delivery_jobs.observe(len(jobs))
+        redelivered = bool(getattr(delivery.delivery, "redelivered", False))
+        try:
+            route: Route | HandlerNotFoundError = self.app.route(assignment.job_type)
+        except HandlerNotFoundError as exc:
+            route = exc
+        dedup = self._dedup
+        handled = 0
+        try:
+            for job in jobs:
+                origin = job.envelope.origin if dedup else None
+                match verdict(history, origin):
+                    case Verdict.DUPLICATE:
+                        # the same publisher's same job again (sent twice across a lost
+                        # connection, or redelivered after a crash): handled already
+                        self.duplicates_dropped += 1
+                        self._metrics.duplicates_dropped.inc()
+                        continue
+                    case Verdict.OUT_OF_ORDER:
+                        self.order_violations += 1
+                        self._metrics.order_violations.inc()
+                        log.error(
+                            "key %s: message %s arrived out of order", assignment.key_id, origin
+                        )
+                match await self._handle(assignment, route, job, redelivered):
+                    case _Outcome.HANDLED:
+                        handled += 1
+                    case _Outcome.INTERRUPTED:
+                        return False
+                if origin is not None:
+                    history.record(*origin)
+        finally:
+            if handled:  # once per delivery: a metric call per job is a cost per job
+                self._metrics.handled.inc(handled)
         return True
 
-    def _prepare(
-        self, job_type: str, delivery: DeliveredMessage
-    ) -> tuple[Route, Any] | HandlerNotFoundError | PayloadError:
-        """The handler and the payload it declared, once per delivery (a body is the same
-        for every attempt); or why no attempt can succeed."""
-        try:
-            route = self.app.route(job_type)
-            return route, route.payload(delivery.body, delivery.header.properties.content_type)
-        except (HandlerNotFoundError, PayloadError) as exc:
-            return exc
-
     async def _handle(
-        self, assignment: KeyAssignment, delivery: DeliveredMessage, envelope: Envelope
-    ) -> bool:
-        """Run the handler as often as the retry policy says; dead-letter after the last
-        attempt. False if shutdown interrupted the wait for a retry."""
-        # one copy for every attempt: what a handler does to it is not the dead letter's
-        headers = dict(envelope.headers)
-        prepared = self._prepare(assignment.job_type, delivery)
+        self,
+        assignment: KeyAssignment,
+        route: Route | HandlerNotFoundError,
+        job: Job,
+        redelivered: bool,
+    ) -> _Outcome:
+        """Run the handler on one job as often as the retry policy says; dead-letter the
+        job alone after the last attempt."""
+        envelope = job.envelope
+        # The payload once per job (a body is the same for every attempt); a job type
+        # without handler or a body that is not what the handler declared: no attempt
+        # can succeed.
+        prepared: Any | Exception
+        if isinstance(route, HandlerNotFoundError):
+            prepared = route
+        else:
+            try:
+                prepared = route.payload(job.body, job.content_type)
+            except PayloadError as exc:
+                prepared = exc
+        key = _key_of(assignment, envelope)
         attempt = 0
         while True:
             attempt += 1
@@ -163,24 +218,25 @@ class Executor:
             if isinstance(prepared, Exception):
                 error: Exception | None = prepared  # not retried: the policy says so
             else:
-                route, payload = prepared
+                assert isinstance(route, Route)
                 message: Message[Any] = Message(
-                    key=_key_of(assignment, envelope),
+                    key=key,
                     job_type=assignment.job_type,
-                    body=delivery.body,
-                    headers=headers,
+                    body=job.body,
+                    # read-only: what a handler sees is what a dead letter would carry
+                    headers=envelope.headers,
                     publisher_id=envelope.publisher_id,
                     sequence=envelope.sequence,
                     attempt=attempt,
-                    redelivered=bool(getattr(delivery.delivery, "redelivered", False)),
+                    redelivered=redelivered,
                     user_id=envelope.user_id,
-                    payload=payload,
-                    content_type=delivery.header.properties.content_type,
+                    payload=prepared,
+                    content_type=job.content_type,
                     context=self.context,
                 )
-                error = await self._attempt(route, message, envelope)
+                error = await self._attempt(route, message, envelope.published_at)
             if error is None:
-                return True
+                return _Outcome.HANDLED
             step = self.policy.after_failure(attempt, error)
             if isinstance(step, DeadLetter):
                 if self.policy.retries(error):
@@ -192,8 +248,8 @@ class Executor:
                     )
                 else:
                     log.error("key %s: not retried, dead-lettering: %r", assignment.key_id, error)
-                await self._dead_letter(delivery, envelope, error, step.attempts)
-                return True
+                await self._dead_letter(job.body, job.content_type, envelope, error, step.attempts)
+                return _Outcome.DEAD_LETTERED
             log.warning(
                 "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
                 assignment.key_id,
@@ -201,32 +257,32 @@ class Executor:
                 step.delay,
                 error,
             )
-            # Outside the slot: other keys run meanwhile; this key's later messages wait.
+            # Outside the slot: other keys run meanwhile; this key's later jobs wait.
             if await sleep_unless(self._stopping, step.delay):
-                return False
+                return _Outcome.INTERRUPTED
 
     async def _attempt(
-        self, route: Route, message: Message[Any], envelope: Envelope
+        self, route: Route, message: Message[Any], published_at: int | None
     ) -> Exception | None:
         """One handler call (through the middleware) in a concurrency slot, and for a sync
         handler a thread; what it raised, if anything."""
-        thread = contextlib.nullcontext() if route.is_async else self._free_threads
-        async with thread, self._slots:
-            if message.attempt == 1 and envelope.published_at is not None:
-                self._metrics.end_to_end_latency.observe(
-                    max(0.0, time.time() - envelope.published_at / 1e6)
-                )
+        metrics = self._metrics
+        async with _NO_THREAD if route.is_async else self._free_threads, self._slots:
+            if message.attempt == 1 and published_at is not None:
+                metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
             self.in_flight += 1
             started = time.perf_counter()
             try:
-                await self._through_middleware(route, message)
+                if route.is_async and not self.app.middlewares:
+                    await route.function(message)  # the common case, without a call between
+                else:
+                    await self._through_middleware(route, message)
             except Exception as exc:
-                self._metrics.handler_failures.inc()
+                metrics.handler_failures.inc()
                 return exc
             finally:
                 self.in_flight -= 1
-                self._metrics.handler_duration.observe(time.perf_counter() - started)
-        self._metrics.handled.inc()
+                metrics.handler_duration.observe(time.perf_counter() - started)
         return None
 
     def _through_middleware(self, route: Route, message: Message[Any]) -> Any:
@@ -271,22 +327,24 @@ class Executor:
 
     async def _dead_letter(
         self,
-        delivery: DeliveredMessage,
+        body: bytes,
+        content_type: str | None,
         envelope: Envelope,
         error: BaseException,
         attempts: int,
     ) -> None:
-        """Copy the message to the namespace's dead-letter queue with the error recorded;
-        the caller acks the original only after the broker confirmed the copy."""
+        """Copy a job (or a batch that cannot be read, whole) to the namespace's
+        dead-letter queue with the error recorded; the caller acks the delivery only after
+        the broker confirmed the copy."""
         assert self._dead_letters is not None
         exchange = await self._dead_letters.get_exchange(self._dead_letter_exchange, ensure=False)
         await exchange.publish(
             aio_pika.Message(
-                delivery.body,
+                body,
                 headers=dead_letter_headers(
                     envelope, error=error, attempts=attempts, worker_id=self._worker_id
                 ),
-                content_type=delivery.header.properties.content_type,
+                content_type=content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 user_id=self._user_id,
             ),

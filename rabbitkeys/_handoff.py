@@ -11,7 +11,7 @@ Letting go of a key (a rebalance, a retirement, a shutdown, the broker cancellin
 consumer) never breaks its order, and the next owner starts only after this one has let go
 (see docs/design.md, "Handoff"):
 
-1. the runner finishes the message it is handling and acks it;
+1. the runner finishes the delivery it is handling (every job of a batch) and acks it;
 2. the consumer is cancelled; deliveries already on their way land in the buffer;
 3. what the buffer holds (delivered, never started) is rejected with requeue, which puts
    those messages back in their original places in the queue;
@@ -28,7 +28,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,6 +47,11 @@ from ._settings import Settings
 __all__ = ["TRANSITIONS", "Handoff", "KeyState", "OwnedKey"]
 
 log = logging.getLogger("rabbitkeys.worker")
+
+# How many let-go keys' dedup histories a worker keeps: as much memory as this many more
+# held keys' histories at most. A history only holds jobs this worker handled, so an old
+# one is never wrong about a job, whatever other workers did with the key meanwhile.
+_FORMER_HISTORIES = 1024
 
 
 class KeyState(enum.Enum):
@@ -130,6 +135,10 @@ class Handoff:
         self._consume: aiormq.Channel | None = None
         self._declares: ChannelPool | None = None
         self._lost = asyncio.Event()
+        #: the dedup histories of keys let go of lately, most recent last: a key that comes
+        #: back to this worker (its session started over, a rebalance undone) still knows
+        #: the jobs it handled, and skips them in a redelivered batch
+        self._former_histories: OrderedDict[str, SequenceHistory] = OrderedDict()
         #: deliveries run to their end and acked, over all sessions
         self.handled = 0
 
@@ -157,6 +166,12 @@ class Handoff:
         owned.move(KeyState.RELEASED)
         if self._book.get(owned.key_id) is owned:
             del self._book[owned.key_id]
+        if owned.history:
+            former = self._former_histories
+            former[owned.key_id] = owned.history
+            former.move_to_end(owned.key_id)
+            if len(former) > _FORMER_HISTORIES:
+                former.popitem(last=False)
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, key_id: str) -> AsyncIterator[None]:
@@ -262,6 +277,10 @@ class Handoff:
     async def _run(self, owned: OwnedKey) -> None:
         """Hand the key's buffered deliveries to the executor one at a time, oldest first,
         while the key is held."""
+        if self._former_histories:
+            former = self._former_histories.pop(owned.key_id, None)
+            if former is not None and not owned.history:  # the key is back before any job ran
+                owned.history = former
         try:
             while owned.buffer and owned.state.held:
                 delivery = owned.buffer[0]

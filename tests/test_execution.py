@@ -18,9 +18,17 @@ from pamqp.header import ContentHeader
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
+from rabbitkeys._batch import Record, encode_headers
 from rabbitkeys._control import declare_control_topology
 from rabbitkeys._dedup import SequenceHistory, Verdict
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER, encode
+from rabbitkeys._envelope import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_KEY,
+    HEADER_WORKER,
+    encode,
+    encode_batch,
+)
 from rabbitkeys._execution import Executor, verdict
 from rabbitkeys._metrics import WorkerMetrics
 from rabbitkeys._protocol import KeyAssignment
@@ -85,6 +93,66 @@ def delivery(key: str, body: bytes, sequence: int, publisher: str = "p") -> Deli
         body=body,
         channel=None,  # type: ignore[arg-type]  # the executor never touches it
     )
+
+
+def batch(
+    key: str, jobs: list[tuple[int, bytes]], redelivered: bool = False, publisher: str = "p"
+) -> DeliveredMessage:
+    records = [Record(n, n, body, "text/plain", encode_headers({"n": n})) for n, body in jobs]
+    body, properties = encode_batch(
+        KeyRef.of(key), records, publisher_id=publisher, delivery_mode=2
+    )
+    return DeliveredMessage(
+        delivery=spec.Basic.Deliver("ctag", jobs[0][0], redelivered, "", "q"),
+        header=ContentHeader(0, len(body), properties),
+        body=body,
+        channel=None,  # type: ignore[arg-type]  # the executor never touches it
+    )
+
+
+async def test_the_jobs_of_a_batch_run_in_order_each_as_if_it_had_come_alone() -> None:
+    seen: list[Message] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        seen.append(message)
+
+    run, history, key = executor(app, asyncio.Event()), SequenceHistory(), assignment("k")
+    assert await run.execute(key, history, delivery("k", b"1", 1))
+    assert await run.execute(key, history, batch("k", [(2, b"2"), (3, b"3")], redelivered=True))
+    assert [(m.body, m.sequence, m.redelivered) for m in seen] == [
+        (b"1", 1, False),
+        (b"2", 2, True),  # the delivery's flag, on each of its jobs
+        (b"3", 3, True),
+    ]
+    assert seen[2].headers["n"] == 3 and seen[2].content_type == "text/plain"
+    assert seen[2].key == "k" and seen[2].publisher_id == "p"
+
+
+async def test_a_stop_in_a_retry_of_a_batch_leaves_it_unacked_and_its_handled_jobs_known() -> None:
+    """Shutdown interrupts the retry wait of job 2: the delivery stays unacked. Run again
+    on the same worker (its history still there), job 1 is a known copy and skipped."""
+    stopping = asyncio.Event()
+    calls: list[tuple[bytes, int]] = []
+    app = App()
+
+    @app.handler()
+    async def fails_once_on_2(message: Message) -> None:
+        calls.append((message.body, message.attempt))
+        if message.body == b"2" and not message.redelivered:
+            raise RuntimeError("busy")
+
+    run = executor(app, stopping, retry_backoff=3600.0, retry_backoff_max=3600.0)
+    history, key = SequenceHistory(), assignment("k")
+    running = asyncio.create_task(run.execute(key, history, batch("k", [(1, b"1"), (2, b"2")])))
+    await eventually(lambda: calls == [(b"1", 1), (b"2", 1)])
+    stopping.set()
+    assert await running is False
+    stopping.clear()
+    again = batch("k", [(1, b"1"), (2, b"2"), (3, b"3")], redelivered=True)
+    assert await run.execute(key, history, again)
+    assert calls[2:] == [(b"2", 1), (b"3", 1)] and run.duplicates_dropped == 1
 
 
 async def test_a_retry_waiting_out_its_backoff_leaves_the_only_slot_to_other_keys() -> None:
