@@ -116,6 +116,8 @@ class _Message(Entry):
 
     record: Record
     properties: spec.Basic.Properties | None = None
+    #: the event loop's time its publish_timeout ends (0: the call has its own timeout)
+    deadline: float = 0.0
 
     @property
     def future(self) -> asyncio.Future[None]:
@@ -164,6 +166,11 @@ class Publisher:
         # order checks need), and a dropped idle lane cannot restart them at 1.
         self._next_sequence = 1
         self._unsettled: set[asyncio.Future[None]] = set()
+        #: the publishes with the default publish_timeout, oldest first: their deadlines are
+        #: in this order, so one timer (for the oldest live one) covers them all
+        self._deadlines: deque[_Message] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._exchanges: dict[str, str] = {}
         self._room = self._carrier.room
         self._connected = asyncio.Event()
         #: set while publishes wait for a connection: reconnect without a long backoff
@@ -378,8 +385,12 @@ class Publisher:
                     f"{self.settings.max_pending_bytes} (RABBITKEYS_MAX_PENDING_BYTES)"
                 )
         record = Record(sequence, published_at, body, content_type, table)
-        lane = self._lanes.lane(ref, self._names.jobs_exchange(ref.job_type))
-        future = asyncio.get_running_loop().create_future()
+        exchange = self._exchanges.get(ref.job_type)
+        if exchange is None:
+            exchange = self._exchanges[ref.job_type] = self._names.jobs_exchange(ref.job_type)
+        lane = self._lanes.lane(ref, exchange)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         entry = _Message(
             sequence=sequence,
             lane=lane,
@@ -392,20 +403,22 @@ class Publisher:
         )
         self._next_sequence += 1
         lane.enter(entry)
-        self._unsettled.add(entry.future)
-        entry.future.add_done_callback(self._unsettled.discard)
+        self._unsettled.add(future)
         if self._room.ask(entry, size):
             self._carrier.admit(entry)
         if not self._connected.is_set():
             self._hurry.set()
-        # A timer, not asyncio.wait_for: no extra task per message on the hot path.
         started = time.perf_counter()
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.publish_timeout if timeout is None else timeout,
-            partial(self._carrier.give_up, entry, timeout),
-        )
+        # No timer (nor asyncio.wait_for task) per message on the hot path: the deadlines
+        # of the default publish_timeout come in call order, one timer serves them all.
+        timer = None
+        if timeout is None:
+            entry.deadline = loop.time() + self.settings.publish_timeout
+            self._watch_deadline(entry, loop)
+        else:
+            timer = loop.call_later(timeout, partial(self._carrier.give_up, entry, timeout))
         try:
-            await entry.future
+            await future
         except asyncio.CancelledError:
             # the caller gave up: a message not yet written never is
             self._carrier.carry_out(lane.withdraw(entry))
@@ -414,9 +427,35 @@ class Publisher:
             self.metrics.publish_failures.inc()
             raise
         finally:
-            timer.cancel()
-        self.metrics.published.inc()
+            self._unsettled.discard(future)
+            if timer is not None:
+                timer.cancel()
         self.metrics.publish_duration.observe(time.perf_counter() - started)
+
+    def _watch_deadline(self, entry: _Message, loop: asyncio.AbstractEventLoop) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].caller.done():
+            deadlines.popleft()
+        if len(deadlines) > 2 * len(self._unsettled) + 1024:  # a long-lived one at the front
+            self._deadlines = deadlines = deque(e for e in deadlines if not e.caller.done())
+        deadlines.append(entry)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0].deadline, self._deadlines_over)
+
+    def _deadlines_over(self) -> None:
+        """The oldest publish's ``publish_timeout`` is over: give up every one whose is."""
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            entry = deadlines[0]
+            if not entry.caller.done():
+                if entry.deadline > now:
+                    self._deadline_timer = loop.call_at(entry.deadline, self._deadlines_over)
+                    return
+                self._carrier.give_up(entry)
+            deadlines.popleft()
 
     def _check_header_frame(self, header_frame: int) -> None:
         frame_max = self._lanes.frame_max
@@ -504,6 +543,7 @@ class _Carrier:
         if self._carrying_out:
             return
         self._carrying_out = True
+        published = 0
         try:
             while self._todo:
                 action = self._todo.popleft()
@@ -514,6 +554,7 @@ class _Carrier:
                     if not future.done():
                         if action.error is None:
                             future.set_result(None)
+                            published += 1
                         else:
                             future.set_exception(action.error)
                 elif isinstance(action, Release):
@@ -539,6 +580,8 @@ class _Carrier:
                         self._metrics.resent.inc()
         finally:
             self._carrying_out = False
+            if published:  # counted once per answer from the broker, not per job
+                self._metrics.published.inc(published)
 
     def _send(self, send: Send) -> None:
         """Write one message: a job alone as a plain message, several as a batch."""
