@@ -4,8 +4,10 @@ Per key, messages reach the key's queue in the order ``publish()`` was *called*,
 calls overlap. Each key has a lane:
 
 * steady (ROUTED): the lane knows the routing key of the key's binding; a publish is written
-  to the channel at once (frames leave in call order) and its confirm is awaited in the
-  background, so publishes pipeline across and within keys with no extra round trip;
+  to the channel at once (frames leave in call order) unless ``max_in_flight_per_key`` of the
+  key's messages await their confirm: then it waits, and what waits leaves as one batch (one
+  AMQP message, docs/design.md "Batches") when one is confirmed. Publishes pipeline across
+  keys, and within a key up to that bound;
 * waiting (UNROUTED, ENSURING, DRAINING): the lane has no routing key yet (first use) or lost
   it (a message came back with ``basic.return``). New publishes queue up behind the returned
   ones; once every message in flight on the lane is settled, the lane asks the registry to
@@ -397,7 +399,11 @@ class Publisher:
             caller=future,
             size=size,
             header_frame=header_frame,
-            wire_size=RECORD_OVERHEAD + len(body) + len(table) + len(content_type or ""),
+            # its record's size in a batch (RECORD_OVERHEAD counts the table's length field)
+            wire_size=RECORD_OVERHEAD
+            + len(body)
+            + (len(table) - 4 if table else 0)
+            + len(content_type or ""),
             record=record,
             properties=properties,
         )
