@@ -42,6 +42,18 @@ SENT (written to the current connection, unanswered) → DONE. A SENT message go
 QUEUED when it must be sent again. Only :meth:`Lane._done` ends a message, with a
 :class:`Release`; each caller gets at most one :class:`Answer`.
 
+**Batches.** A lane sends what waits as few AMQP messages as it can: each carries the
+entries waiting at the front of the lane, in order, up to ``batch_max_jobs`` and
+``batch_max_bytes`` (a larger entry goes alone), and at most ``max_in_flight_per_key`` of a
+lane's messages are unconfirmed at a time. What arrives meanwhile waits and leaves as the
+next batch once one is answered (the rule of Kafka's producer, per partition), so batches
+form by themselves under load and a lone publish still leaves at once. A :class:`Batch` is
+one send: the broker's one answer for it answers every entry in it (an ack confirms them
+all, a nack fails them all, a return or a cut puts them all back in front, in order, to be
+regrouped when sent again). With ``batch_linger`` > 0 a lane with fewer than
+``batch_max_jobs`` waiting and nothing in flight holds them up to that long (a
+:class:`Linger` timer the publisher runs).
+
 Why a returned message can be put back in its place: every binding the registry makes gets a
 fresh routing key, so once one message on a routing key comes back, every later message on
 it comes back too (docs/design.md, "Routing keys are fenced").
@@ -67,6 +79,7 @@ __all__ = [
     "MAX_BROKER_CLOSES",
     "Action",
     "Answer",
+    "Batch",
     "Caller",
     "Count",
     "Counted",
@@ -75,6 +88,7 @@ __all__ = [
     "Lane",
     "LaneState",
     "Lanes",
+    "Linger",
     "Release",
     "Send",
     "Stage",
@@ -132,6 +146,8 @@ class Entry:
     lost_a_copy: bool = False
     #: times the broker closed the channel or connection while it was on it
     broker_closes: int = 0
+    #: bytes it takes in a batch (0: ``size``); what ``batch_max_bytes`` bounds
+    wire_size: int = 0
     #: the routing key of its latest send
     routing_key: str | None = None
     #: sends so far; an answer names the send it answers, so one for an older send is ignored
@@ -144,14 +160,40 @@ class Entry:
         return self.answered or self.caller.done()
 
 
+@dataclass(eq=False, slots=True)
+class Batch:
+    """One AMQP message of a lane: its entries, in order (one: a plain message), sent once
+    on ``routing_key``. Every answer names it; one for a batch no longer in flight (its
+    connection was given up) is ignored."""
+
+    entries: list[Entry]
+    routing_key: str
+
+
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Write these messages (in this order) with this routing key, each with mandatory and
-    a confirm; report each one's answer with its ``attempt``."""
+    """Write ``batch`` as one message with its routing key, mandatory and with a confirm;
+    report its answer (``acked``, ``refused``, ``returned_unrouted`` or ``cut_off``)."""
 
     lane: Lane
-    routing_key: str
-    entries: list[Entry]
+    batch: Batch
+
+    @property
+    def routing_key(self) -> str:
+        return self.batch.routing_key
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.batch.entries
+
+
+@dataclass(frozen=True, slots=True)
+class Linger:
+    """Call ``lane.linger_over(token)`` in ``delay`` seconds (``batch_linger``)."""
+
+    lane: Lane
+    delay: float
+    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,15 +234,30 @@ class Count:
     what: Counted
 
 
-Action = Send | Ensure | Answer | Release | Count
+Action = Send | Ensure | Answer | Release | Count | Linger
 
 
 class Lanes:
     """A publisher's lanes, and what they share: the state of its connection, and the limits
     their timeout errors name."""
 
-    def __init__(self, *, publish_timeout: float, room_bounds: str) -> None:
+    def __init__(
+        self,
+        *,
+        publish_timeout: float,
+        room_bounds: str,
+        batch_max_jobs: int = 100,
+        batch_max_bytes: int = 262_144,
+        batch_linger: float = 0.0,
+        max_in_flight_per_key: int = 1,
+    ) -> None:
+        if batch_max_jobs < 1 or batch_max_bytes < 1 or max_in_flight_per_key < 1:
+            raise ValueError("batches need room for one job, and one message in flight")
         self.publish_timeout = publish_timeout
+        self.batch_max_jobs = batch_max_jobs
+        self.batch_max_bytes = batch_max_bytes
+        self.batch_linger = batch_linger
+        self.max_in_flight_per_key = max_in_flight_per_key
         #: names the Room's bounds, for a publish that never got room
         self.room_bounds = room_bounds
         self._lanes: dict[str, Lane] = {}
@@ -259,8 +316,9 @@ class Lane:
         self.routing_key: str | None = None
         #: the routing key that came back, for the next EnsureKey
         self.stale_routing_key: str | None = None
-        #: SENT on the current connection, awaiting an answer
-        self.in_flight: set[Entry] = set()
+        #: messages sent on the current connection, awaiting an answer, oldest first (their
+        #: entries are SENT); at most ``max_in_flight_per_key``
+        self.in_flight: list[Batch] = []
         #: QUEUED, to be sent in this order
         self.waiting: deque[Entry] = deque()
         #: QUEUED, to be sent again once nothing is in flight (returned, or cut off)
@@ -269,6 +327,11 @@ class Lane:
         self.live = 0
         #: the connection the outstanding EnsureKey went out on
         self._ensure_session = 0
+        #: names the latest Linger timer (an older one is ignored); whether it is running;
+        #: whether it ran out, so what waits goes now whatever its number
+        self._linger_token = 0
+        self._lingering = False
+        self._lingered = False
 
     def __repr__(self) -> str:
         return f"<Lane {self.ref.id!r} {self.state.name} live={self.live}>"
@@ -341,48 +404,59 @@ class Lane:
             actions = self._done(entry)
         return [*actions, *self._advance()]
 
-    # -- the broker's answer to one send -----------------------------------------------
+    # -- the broker's answer to one message (a batch answers for all its entries) ------
 
-    def acked(self, entry: Entry, attempt: int) -> list[Action]:
-        """basic.ack: the message is in the key's queue."""
-        if not self._answers(entry, attempt):
+    def acked(self, batch: Batch) -> list[Action]:
+        """basic.ack: the message, and so each of its jobs, is in the key's queue."""
+        if not self._answers(batch):
             return []
-        return [*self._settle(entry, None), *self._advance()]
+        actions: list[Action] = []
+        for entry in batch.entries:
+            actions += self._settle(entry, None)
+        return [*actions, *self._advance()]
 
-    def refused(self, entry: Entry, attempt: int, what: str) -> list[Action]:
+    def refused(self, batch: Batch, what: str) -> list[Action]:
         """basic.nack (the broker could not take it: an internal error, a full queue), or an
-        answer that is none of ack, nack or return."""
-        if not self._answers(entry, attempt):
+        answer that is none of ack, nack or return: every job of the message fails."""
+        if not self._answers(batch):
             return []
         error = PublishError(f"the broker refused the message: {what}")
-        if entry.lost_a_copy:  # this copy was refused; an earlier one may have arrived
-            error = _outcome_unknown(error)
-        return [*self._settle(entry, error), *self._advance()]
-
-    def returned_unrouted(self, entry: Entry, attempt: int) -> list[Action]:
-        """basic.return: no binding for its routing key any more (key retired, queue expired
-        or deleted). The message is not published; it goes back in its place, and the lane
-        asks for a routing key once nothing of it is in flight."""
-        if not self._answers(entry, attempt):
-            return []
-        # No queue took this copy: withdrawing it now is clean, unless an earlier copy went
-        # down with a connection (the broker may have routed that one).
-        entry.may_have_arrived = entry.lost_a_copy
-        actions = self._requeue(entry)
-        if self.routing_key == entry.routing_key:
-            self.stale_routing_key, self.routing_key = self.routing_key, None
-        return [*actions, Count(Counted.RETURNED), *self._advance()]
-
-    def cut_off(self, entry: Entry, attempt: int) -> list[Action]:
-        """The channel or connection went away before the broker answered: send it again
-        (the broker may have it: a worker drops the copy)."""
-        if not self._answers(entry, attempt):
-            return []
-        entry.lost_a_copy = True
-        actions = self._requeue(entry)
-        if entry.stage is Stage.QUEUED:
-            actions.append(Count(Counted.RESENT))
+        actions: list[Action] = []
+        for entry in batch.entries:
+            # this copy was refused; an earlier one may have arrived
+            actions += self._settle(entry, _outcome_unknown(error) if entry.lost_a_copy else error)
         return [*actions, *self._advance()]
+
+    def returned_unrouted(self, batch: Batch) -> list[Action]:
+        """basic.return: no binding for its routing key any more (key retired, queue expired
+        or deleted). Its jobs are not published; they go back in their place, and the lane
+        asks for a routing key once nothing of it is in flight."""
+        if not self._answers(batch):
+            return []
+        actions: list[Action] = []
+        for entry in batch.entries:
+            # No queue took this copy: withdrawing it now is clean, unless an earlier copy
+            # went down with a connection (the broker may have routed that one).
+            entry.may_have_arrived = entry.lost_a_copy
+            actions += self._requeue(entry)
+            actions.append(Count(Counted.RETURNED))
+        if self.routing_key == batch.routing_key:
+            self.stale_routing_key, self.routing_key = self.routing_key, None
+        return [*actions, *self._advance()]
+
+    def cut_off(self, batch: Batch) -> list[Action]:
+        """The channel or connection went away before the broker answered: send its jobs
+        again (the broker may have them: a worker drops the copies)."""
+        if not self._answers(batch):
+            return []
+        return [*self._resend(batch, None), *self._advance()]
+
+    def linger_over(self, token: int) -> list[Action]:
+        """The ``batch_linger`` timer ran out: what waits goes, however few."""
+        if token != self._linger_token or not self._lingering:
+            return []
+        self._lingering, self._lingered = False, True
+        return self._advance()
 
     # -- the registry's answer to an Ensure --------------------------------------------
 
@@ -423,8 +497,16 @@ class Lane:
 
     def _connection_lost(self, broker_closed: str | None) -> list[Action]:
         actions: list[Action] = []
-        for entry in sorted(self.in_flight, key=_by_sequence):
-            self.in_flight.discard(entry)
+        in_flight, self.in_flight = self.in_flight, []
+        for batch in in_flight:
+            actions += self._resend(batch, broker_closed)
+        return [*actions, *self._advance()]
+
+    def _resend(self, batch: Batch, broker_closed: str | None) -> list[Action]:
+        """The jobs of a message cut off unanswered go back to be sent again; one on which the
+        broker closed the connection ``MAX_BROKER_CLOSES`` times is given up."""
+        actions: list[Action] = []
+        for entry in batch.entries:
             entry.lost_a_copy = True
             if broker_closed is not None:
                 entry.broker_closes += 1
@@ -441,7 +523,7 @@ class Lane:
             actions += self._requeue(entry)
             if entry.stage is Stage.QUEUED:
                 actions.append(Count(Counted.RESENT))
-        return [*actions, *self._advance()]
+        return actions
 
     # -- the one place the lane's state changes -----------------------------------------
 
@@ -468,40 +550,72 @@ class Lane:
         return self._send_waiting()
 
     def _send_waiting(self) -> list[Action]:
+        """Send what waits, front first, as batches, while fewer than
+        ``max_in_flight_per_key`` messages of the lane are unanswered."""
         assert self.state is LaneState.ROUTED and self.routing_key is not None
+        lanes = self._lanes
         routing_key = self.routing_key
-        frame_max = self._lanes.frame_max
-        sends: list[Entry] = []
+        frame_max = lanes.frame_max
+        max_jobs, max_bytes = lanes.batch_max_jobs, lanes.batch_max_bytes
+        waiting = self.waiting
         actions: list[Action] = []
-        while self.waiting:
-            entry = self.waiting.popleft()
-            if entry.caller_gone:  # cancelled: publish() withdraws it soon; never sent now
-                actions += self._done(entry)
-            elif entry.header_frame > frame_max > 0:  # a new connection, a smaller limit
-                actions += self._settle(
-                    entry,
-                    InvalidMessageError(
-                        f"the headers make a content header frame of {entry.header_frame} "
-                        f"bytes; the connection's frame_max is now {frame_max} bytes"
-                    ),
-                )
-            else:
+        while waiting and len(self.in_flight) < lanes.max_in_flight_per_key:
+            if (
+                lanes.batch_linger > 0
+                and not self.in_flight
+                and not self._lingered
+                and len(waiting) < max_jobs
+            ):
+                if not self._lingering:
+                    self._lingering = True
+                    self._linger_token += 1
+                    actions.append(Linger(self, lanes.batch_linger, self._linger_token))
+                break
+            entries: list[Entry] = []
+            size = 0
+            while waiting and len(entries) < max_jobs:
+                entry = waiting[0]
+                if entry.caller_gone:  # cancelled: publish() withdraws it soon; never sent now
+                    waiting.popleft()
+                    actions += self._done(entry)
+                    continue
+                if entry.header_frame > frame_max > 0:  # a new connection, a smaller limit
+                    waiting.popleft()
+                    actions += self._settle(
+                        entry,
+                        InvalidMessageError(
+                            f"the headers make a content header frame of "
+                            f"{entry.header_frame} bytes; the connection's frame_max is now "
+                            f"{frame_max} bytes"
+                        ),
+                    )
+                    continue
+                size += entry.wire_size or entry.size
+                if entries and size > max_bytes:
+                    break
+                waiting.popleft()
                 entry.stage = Stage.SENT
                 entry.routing_key = routing_key
                 entry.may_have_arrived = True
                 entry.attempt += 1
-                self.in_flight.add(entry)
-                sends.append(entry)
-        return [Send(self, routing_key, sends), *actions] if sends else actions
+                entries.append(entry)
+            if not entries:
+                continue
+            batch = Batch(entries, routing_key)
+            self.in_flight.append(batch)
+            actions.append(Send(self, batch))
+            self._lingering = self._lingered = False
+        return actions
 
     # -- one message -------------------------------------------------------------------
 
-    def _answers(self, entry: Entry, attempt: int) -> bool:
-        """Whether an answer is for the entry's current send (not one abandoned with its
-        connection): then the entry is no longer in flight."""
-        if entry.stage is not Stage.SENT or entry.attempt != attempt:
+    def _answers(self, batch: Batch) -> bool:
+        """Whether an answer is for a message in flight (not one abandoned with its
+        connection): then it no longer is."""
+        try:
+            self.in_flight.remove(batch)
+        except ValueError:
             return False
-        self.in_flight.discard(entry)
         return True
 
     def _requeue(self, entry: Entry) -> list[Action]:

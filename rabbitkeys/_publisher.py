@@ -4,8 +4,10 @@ Per key, messages reach the key's queue in the order ``publish()`` was *called*,
 calls overlap. Each key has a lane:
 
 * steady (ROUTED): the lane knows the routing key of the key's binding; a publish is written
-  to the channel at once (frames leave in call order) and its confirm is awaited in the
-  background, so publishes pipeline across and within keys with no extra round trip;
+  to the channel at once (frames leave in call order) unless ``max_in_flight_per_key`` of the
+  key's messages await their confirm: then it waits, and what waits leaves as one batch (one
+  AMQP message, docs/design.md "Batches") when one is confirmed. Publishes pipeline across
+  keys, and within a key up to that bound;
 * waiting (UNROUTED, ENSURING, DRAINING): the lane has no routing key yet (first use) or lost
   it (a message came back with ``basic.return``). New publishes queue up behind the returned
   ones; once every message in flight on the lane is settled, the lane asks the registry to
@@ -55,9 +57,10 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from ._amqp import CHANNEL_ERRORS, TaskSet
+from ._batch import RECORD_OVERHEAD, Record, encode_headers
 from ._connection import keep_connected
 from ._control import ControlClient
-from ._envelope import encode, header_frame_size
+from ._envelope import encode, encode_batch, header_frame_size
 from ._errors import (
     BrokerUnavailableError,
     InvalidMessageError,
@@ -69,12 +72,14 @@ from ._errors import (
 from ._lane import (
     Action,
     Answer,
+    Batch,
     Count,
     Counted,
     Ensure,
     Entry,
     Lane,
     Lanes,
+    Linger,
     Release,
     Send,
 )
@@ -104,14 +109,28 @@ _BROKER_REFUSALS = (
 @dataclass(eq=False, kw_only=True)
 class _Message(Entry):
     """An entry of this publisher's lanes, with what goes on the wire; its ``caller`` is the
-    future its ``publish()`` awaits."""
+    future its ``publish()`` awaits.
 
-    body: bytes
-    properties: spec.Basic.Properties
+    ``record`` is the job as a batch carries it, made once when ``publish()`` is called
+    (its application headers encoded then); the properties of a message of its own are
+    made only if it is sent alone (``properties`` is kept from the call when it has
+    application headers: their frame was measured then)."""
+
+    record: Record
+    properties: spec.Basic.Properties | None = None
+    #: the event loop's time its publish_timeout ends (0: the call has its own timeout)
+    deadline: float = 0.0
 
     @property
     def future(self) -> asyncio.Future[None]:
         return cast(asyncio.Future[None], self.caller)
+
+    @property
+    def body(self) -> bytes:
+        return self.record.body
+
+
+_NO_RECORD = Record(sequence=0, published_at=0, body=b"")
 
 
 class Publisher:
@@ -135,14 +154,25 @@ class Publisher:
         # every message carries it; the broker refuses any other than the connection's user
         self._user_id = self.settings.amqp_user
         self.metrics = PublisherMetrics(metrics_registry)
-        self._carrier = _Carrier(self.settings, self.metrics)
+        self._delivery_mode = 2 if self.settings.durable else 1
+        self._carrier = _Carrier(
+            self.settings,
+            self.metrics,
+            publisher_id=self.publisher_id,
+            delivery_mode=self._delivery_mode,
+            user_id=self._user_id,
+        )
         self._lanes = self._carrier.lanes
         self._control: ControlClient | None = None
-        self._delivery_mode = 2 if self.settings.durable else 1
         # One counter for all keys: per key the numbers still only grow (what dedup and
         # order checks need), and a dropped idle lane cannot restart them at 1.
         self._next_sequence = 1
         self._unsettled: set[asyncio.Future[None]] = set()
+        #: the publishes with the default publish_timeout, oldest first: their deadlines are
+        #: in this order, so one timer (for the oldest live one) covers them all
+        self._deadlines: deque[_Message] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._exchanges: dict[str, str] = {}
         self._room = self._carrier.room
         self._connected = asyncio.Event()
         #: set while publishes wait for a connection: reconnect without a long backoff
@@ -326,20 +356,28 @@ class Publisher:
         caller's thread and comes in here)."""
         if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
-        properties = encode(
-            ref,
-            publisher_id=self.publisher_id,
-            sequence=self._next_sequence,
-            delivery_mode=self._delivery_mode,
-            user_id=self._user_id,
-            content_type=content_type,
-            headers=headers,
-        )
+        sequence = self._next_sequence
+        published_at = time.time_ns() // 1000
         size = len(body)
         header_frame = 0
+        properties = None
+        table = b""
         if headers:
-            # Without application headers the frame is small (a key is at most 1,024 bytes)
-            # and fits AMQP's minimum frame_max of 4,096: measured only when it may not.
+            # The plain properties now (they check the names and values): the frame they
+            # make is measured against frame_max, and they are what goes if the job is sent
+            # alone. Without application headers the frame is small (a key is at most 1,024
+            # bytes) and fits AMQP's minimum frame_max of 4,096: nothing to measure.
+            properties = encode(
+                ref,
+                publisher_id=self.publisher_id,
+                sequence=sequence,
+                delivery_mode=self._delivery_mode,
+                user_id=self._user_id,
+                content_type=content_type,
+                headers=headers,
+                published_at=published_at,
+            )
+            table = encode_headers(headers)  # as a batch carries them; encodable: checked
             header_frame = header_frame_size(properties, len(body))
             self._check_header_frame(header_frame)
             size += header_frame
@@ -348,33 +386,45 @@ class Publisher:
                     f"body and headers are {size} bytes; max_pending_bytes is "
                     f"{self.settings.max_pending_bytes} (RABBITKEYS_MAX_PENDING_BYTES)"
                 )
-        lane = self._lanes.lane(ref, self._names.jobs_exchange(ref.job_type))
-        future = asyncio.get_running_loop().create_future()
+        record = Record(sequence, published_at, body, content_type, table)
+        exchange = self._exchanges.get(ref.job_type)
+        if exchange is None:
+            exchange = self._exchanges[ref.job_type] = self._names.jobs_exchange(ref.job_type)
+        lane = self._lanes.lane(ref, exchange)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         entry = _Message(
-            sequence=self._next_sequence,
+            sequence=sequence,
             lane=lane,
             caller=future,
             size=size,
             header_frame=header_frame,
-            body=body,
+            # its record's size in a batch (RECORD_OVERHEAD counts the table's length field)
+            wire_size=RECORD_OVERHEAD
+            + len(body)
+            + (len(table) - 4 if table else 0)
+            + len(content_type or ""),
+            record=record,
             properties=properties,
         )
         self._next_sequence += 1
         lane.enter(entry)
-        self._unsettled.add(entry.future)
-        entry.future.add_done_callback(self._unsettled.discard)
+        self._unsettled.add(future)
         if self._room.ask(entry, size):
             self._carrier.admit(entry)
         if not self._connected.is_set():
             self._hurry.set()
-        # A timer, not asyncio.wait_for: no extra task per message on the hot path.
         started = time.perf_counter()
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.publish_timeout if timeout is None else timeout,
-            partial(self._carrier.give_up, entry, timeout),
-        )
+        # No timer (nor asyncio.wait_for task) per message on the hot path: the deadlines
+        # of the default publish_timeout come in call order, one timer serves them all.
+        timer = None
+        if timeout is None:
+            entry.deadline = loop.time() + self.settings.publish_timeout
+            self._watch_deadline(entry, loop)
+        else:
+            timer = loop.call_later(timeout, partial(self._carrier.give_up, entry, timeout))
         try:
-            await entry.future
+            await future
         except asyncio.CancelledError:
             # the caller gave up: a message not yet written never is
             self._carrier.carry_out(lane.withdraw(entry))
@@ -383,9 +433,35 @@ class Publisher:
             self.metrics.publish_failures.inc()
             raise
         finally:
-            timer.cancel()
-        self.metrics.published.inc()
+            self._unsettled.discard(future)
+            if timer is not None:
+                timer.cancel()
         self.metrics.publish_duration.observe(time.perf_counter() - started)
+
+    def _watch_deadline(self, entry: _Message, loop: asyncio.AbstractEventLoop) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].caller.done():
+            deadlines.popleft()
+        if len(deadlines) > 2 * len(self._unsettled) + 1024:  # a long-lived one at the front
+            self._deadlines = deadlines = deque(e for e in deadlines if not e.caller.done())
+        deadlines.append(entry)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0].deadline, self._deadlines_over)
+
+    def _deadlines_over(self) -> None:
+        """The oldest publish's ``publish_timeout`` is over: give up every one whose is."""
+        self._deadline_timer = None
+        deadlines = self._deadlines
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while deadlines:
+            entry = deadlines[0]
+            if not entry.caller.done():
+                if entry.deadline > now:
+                    self._deadline_timer = loop.call_at(entry.deadline, self._deadlines_over)
+                    return
+                self._carrier.give_up(entry)
+            deadlines.popleft()
 
     def _check_header_frame(self, header_frame: int) -> None:
         frame_max = self._lanes.frame_max
@@ -401,15 +477,30 @@ class _Carrier:
     answer, asks the registry, answers callers, frees room; holds the lanes, the Room and
     the current channel. No decision is taken here: they are all in :mod:`._lane`."""
 
-    def __init__(self, settings: Settings, metrics: PublisherMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: PublisherMetrics,
+        *,
+        publisher_id: str,
+        delivery_mode: int,
+        user_id: str | None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._publisher_id = publisher_id
+        self._delivery_mode = delivery_mode
+        self._user_id = user_id
         self.lanes = Lanes(
             publish_timeout=settings.publish_timeout,
             room_bounds=(
                 f"max_pending_messages ({settings.max_pending_messages}) or "
                 f"max_pending_bytes ({settings.max_pending_bytes})"
             ),
+            batch_max_jobs=settings.batch_max_jobs,
+            batch_max_bytes=settings.batch_max_bytes,
+            batch_linger=settings.batch_linger,
+            max_in_flight_per_key=settings.max_in_flight_per_key,
         )
         self.room: Room[_Message] = Room(
             settings.max_pending_messages, settings.max_pending_bytes, self.admit
@@ -458,6 +549,7 @@ class _Carrier:
         if self._carrying_out:
             return
         self._carrying_out = True
+        published = 0
         try:
             while self._todo:
                 action = self._todo.popleft()
@@ -468,17 +560,23 @@ class _Carrier:
                     if not future.done():
                         if action.error is None:
                             future.set_result(None)
+                            published += 1
                         else:
                             future.set_exception(action.error)
                 elif isinstance(action, Release):
                     message = cast(_Message, action.entry)
-                    message.body = b""  # what the caller may still hold is theirs, not ours
+                    # what the caller may still hold is theirs, not ours
+                    message.record, message.properties = _NO_RECORD, None
                     if action.admitted:
                         self.room.give_back(message.size)
                     else:
                         self.room.withdraw(message)
                 elif isinstance(action, Ensure):
                     self.background.spawn(self._ensure(action.lane, action.stale_routing_key))
+                elif isinstance(action, Linger):
+                    asyncio.get_running_loop().call_later(
+                        action.delay, self._linger_over, action.lane, action.token
+                    )
                 elif isinstance(action, Count):
                     if action.what is Counted.RETURNED:
                         self.returned_messages += 1
@@ -488,42 +586,73 @@ class _Carrier:
                         self._metrics.resent.inc()
         finally:
             self._carrying_out = False
+            if published:  # counted once per answer from the broker, not per job
+                self._metrics.published.inc(published)
 
     def _send(self, send: Send) -> None:
+        """Write one message: a job alone as a plain message, several as a batch."""
         assert self._channel is not None
-        for entry in send.entries:
-            message = cast(_Message, entry)  # every entry of this publisher's lanes is one
-            # The task starts at once, in call order, and takes the channel's FIFO write
-            # lock before any await: frames leave in the order of the publish() calls.
-            task = asyncio.ensure_future(
-                self._channel.basic_publish(
-                    message.body,
-                    exchange=send.lane.exchange,
-                    routing_key=send.routing_key,
-                    properties=message.properties,
-                    mandatory=True,
-                    wait=False,
-                )
+        entries = cast(list[_Message], send.batch.entries)  # every entry here is one
+        lane = send.lane
+        if len(entries) == 1:
+            message = entries[0]
+            body = message.record.body
+            properties = message.properties or self._properties_of(lane, message)
+        else:
+            body, properties = encode_batch(
+                lane.ref,
+                [message.record for message in entries],
+                publisher_id=self._publisher_id,
+                delivery_mode=self._delivery_mode,
+                user_id=self._user_id,
             )
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-            task.add_done_callback(partial(self._on_answer, message, message.attempt))
+        self._metrics.batch_jobs.observe(len(entries))
+        # The task starts at once, in the order the lanes decided, and takes the channel's
+        # FIFO write lock before any await: frames leave in the order of the publish() calls.
+        task = asyncio.ensure_future(
+            self._channel.basic_publish(
+                body,
+                exchange=lane.exchange,
+                routing_key=send.batch.routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        )
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(partial(self._on_answer, lane, send.batch))
 
-    def _on_answer(self, entry: _Message, attempt: int, task: asyncio.Future[Any]) -> None:
-        """The broker answered for one send (or its channel went away): tell the lane."""
-        lane = entry.lane
+    def _properties_of(self, lane: Lane, message: _Message) -> spec.Basic.Properties:
+        """The properties of a job sent alone, without application headers."""
+        record = message.record
+        return encode(
+            lane.ref,
+            publisher_id=self._publisher_id,
+            sequence=record.sequence,
+            delivery_mode=self._delivery_mode,
+            user_id=self._user_id,
+            content_type=record.content_type,
+            published_at=record.published_at,
+        )
+
+    def _on_answer(self, lane: Lane, batch: Batch, task: asyncio.Future[Any]) -> None:
+        """The broker answered for one message (or its channel went away): tell the lane."""
         error = None if task.cancelled() else task.exception()
         if isinstance(error, aiormq.exceptions.DeliveryError):
-            actions = lane.refused(entry, attempt, repr(error))  # basic.nack
+            actions = lane.refused(batch, repr(error))  # basic.nack
         elif task.cancelled() or error is not None:
-            actions = lane.cut_off(entry, attempt)
+            actions = lane.cut_off(batch)
         elif isinstance(task.result(), spec.Basic.Ack):
-            actions = lane.acked(entry, attempt)
+            actions = lane.acked(batch)
         elif isinstance(task.result(), aiormq.abc.DeliveredMessage):
-            actions = lane.returned_unrouted(entry, attempt)  # basic.return
+            actions = lane.returned_unrouted(batch)  # basic.return
         else:
-            actions = lane.refused(entry, attempt, repr(task.result()))
+            actions = lane.refused(batch, repr(task.result()))
         self.carry_out(actions)
+
+    def _linger_over(self, lane: Lane, token: int) -> None:
+        self.carry_out(lane.linger_over(token))
 
     async def _ensure(self, lane: Lane, stale_routing_key: str | None) -> None:
         """Ask the registry to ensure the lane's key; tell the lane how that went."""

@@ -4,8 +4,9 @@ A small model of everything around the lanes (the Room's line, the callers, a co
 whose frames arrive in order, a broker that routes on the current binding, a registry that
 binds with fresh routing keys, timers and cancellations) drives two lanes through random
 interleavings of publishes, answers (ack, nack, return), cut and lost connections,
-reconnects, ensure results and callers giving up, and checks the ordering guarantee and the
-bookkeeping at every step.
+reconnects, ensure results, callers giving up and linger timers, under random batch bounds
+(jobs, bytes, messages in flight per key), and checks the ordering guarantee, the bounds and
+the bookkeeping at every step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -30,6 +32,7 @@ from rabbitkeys._errors import (
 from rabbitkeys._lane import (
     Action,
     Answer,
+    Batch,
     Count,
     Counted,
     Ensure,
@@ -37,6 +40,7 @@ from rabbitkeys._lane import (
     Lane,
     Lanes,
     LaneState,
+    Linger,
     Release,
     Send,
     Stage,
@@ -59,10 +63,10 @@ class FakeCaller:
 
 @dataclass(eq=False)
 class Record:
-    """One send of one message: its frames on the wire, then the broker's answer."""
+    """One send of one message (a batch of one or more entries): its frames on the wire,
+    then the broker's answer."""
 
-    entry: Entry
-    attempt: int
+    batch: Batch
     routing_key: str
     session: int
     #: "ack" | "nack" | "return" once arrived (what the broker did with it)
@@ -73,13 +77,22 @@ class Record:
     reported: str | None = None
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A publisher's batch settings."""
+
+    max_jobs: int = 100
+    max_bytes: int = 262_144
+    max_in_flight: int = 1
+    linger: float = 0.0
+
+
 @dataclass
 class World:
     """The lanes' surroundings, and what the properties are checked against."""
 
-    lanes: Lanes = field(
-        default_factory=lambda: Lanes(publish_timeout=1.0, room_bounds="the room's bounds")
-    )
+    bounds: Bounds = field(default_factory=Bounds)
+    lanes: Lanes = field(init=False)
     keys: list[Lane] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     callers: dict[Entry, FakeCaller] = field(default_factory=dict)
@@ -102,6 +115,10 @@ class World:
     #: lane -> session its Ensure went out on
     ensures: dict[Lane, int] = field(default_factory=dict)
     records: dict[Entry, list[Record]] = field(default_factory=dict)
+    #: lane -> token of its running linger timer
+    lingers: dict[Lane, int] = field(default_factory=dict)
+    #: messages sent, and jobs in them
+    messages: int = 0
     released: dict[Entry, int] = field(default_factory=dict)
     first_sent: dict[Lane, int] = field(default_factory=dict)
     counted: list[Counted] = field(default_factory=list)
@@ -109,6 +126,14 @@ class World:
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
+        self.lanes = Lanes(
+            publish_timeout=1.0,
+            room_bounds="the room's bounds",
+            batch_max_jobs=self.bounds.max_jobs,
+            batch_max_bytes=self.bounds.max_bytes,
+            batch_linger=self.bounds.linger,
+            max_in_flight_per_key=self.bounds.max_in_flight,
+        )
         for name in ("a", "b"):
             ref = KeyRef.of(name, "default")
             self.keys.append(self.lanes.lane(ref, "jobs"))
@@ -122,8 +147,11 @@ class World:
         while todo:
             action = todo.popleft()
             if isinstance(action, Send):
-                for entry in action.entries:
-                    self.sent(entry, action.lane, action.routing_key)
+                self.sent(action.batch, action.lane)
+            elif isinstance(action, Linger):
+                assert self.bounds.linger > 0 and action.delay == self.bounds.linger
+                assert not action.lane.in_flight
+                self.lingers[action.lane] = action.token
             elif isinstance(action, Ensure):
                 assert action.lane not in self.ensures, "two ensures at once"
                 assert action.lane.state is LaneState.ENSURING
@@ -133,7 +161,7 @@ class World:
                 assert not caller.done(), "a caller answered twice, or after cancelling"
                 if action.error is None:
                     latest = self.records[action.entry][-1]
-                    assert latest.attempt == action.entry.attempt
+                    assert action.entry in latest.batch.entries
                     assert latest.reported == "ack", "published without an ack of its latest send"
                 caller.answers.append(action.error)
             elif isinstance(action, Release):
@@ -147,23 +175,36 @@ class World:
                 self.counted.append(action.what)
         self.check()
 
-    def sent(self, entry: Entry, lane: Lane, routing_key: str) -> None:
+    def sent(self, batch: Batch, lane: Lane) -> None:
         assert self.lanes.connected
-        assert not self.callers[entry].done(), "sent after its caller gave up"
-        assert entry.stage is Stage.SENT and entry.lane is lane
-        assert entry.header_frame <= self.lanes.frame_max
-        if entry.attempt == 1:  # first sends follow call order
-            assert self.first_sent.get(lane, 0) < entry.sequence
-            self.first_sent[lane] = entry.sequence
-        for earlier in self.entries:
-            if earlier.lane is lane and earlier.sequence < entry.sequence:
-                # nothing earlier of the lane waits to be sent (again): it would be overtaken
-                assert earlier.stage in (Stage.DONE, Stage.SENT), (earlier, entry)
-                if earlier.stage is Stage.SENT:
-                    latest = self.records[earlier][-1]
-                    assert (latest.session, latest.routing_key) == (self.session, routing_key)
-        record = Record(entry, entry.attempt, routing_key, self.session)
-        self.records.setdefault(entry, []).append(record)
+        routing_key = batch.routing_key
+        entries = batch.entries
+        # the bounds: jobs and bytes per message (a bigger job alone), messages in flight
+        assert 1 <= len(entries) <= self.bounds.max_jobs
+        assert len(entries) == 1 or sum(e.size for e in entries) <= self.bounds.max_bytes
+        assert batch in lane.in_flight and len(lane.in_flight) <= self.bounds.max_in_flight
+        self.messages += 1
+        for entry in entries:
+            assert not self.callers[entry].done(), "sent after its caller gave up"
+            assert entry.stage is Stage.SENT and entry.lane is lane
+            assert entry.header_frame <= self.lanes.frame_max
+            if entry.attempt == 1:  # first sends follow call order
+                assert self.first_sent.get(lane, 0) < entry.sequence
+                self.first_sent[lane] = entry.sequence
+            for earlier in self.entries:
+                if earlier in entries or earlier.lane is not lane:
+                    continue
+                if earlier.sequence < entry.sequence:
+                    # nothing earlier of the lane waits to be sent (again): it would be overtaken
+                    assert earlier.stage in (Stage.DONE, Stage.SENT), (earlier, entry)
+                    if earlier.stage is Stage.SENT:
+                        latest = self.records[earlier][-1]
+                        assert (latest.session, latest.routing_key) == (self.session, routing_key)
+        # in order within the message
+        assert [e.sequence for e in entries] == sorted(e.sequence for e in entries)
+        record = Record(batch, routing_key, self.session)
+        for entry in entries:
+            self.records.setdefault(entry, []).append(record)
         if self.dying:
             record.cut = True
             self.answers.append(record)
@@ -180,7 +221,7 @@ class World:
             sequence=next(self.sequence),
             lane=lane,
             caller=caller,
-            size=1,
+            size=1 + value % 3,
             header_frame=header_frame,
         )
         self.entries.append(entry)
@@ -197,14 +238,14 @@ class World:
         if not self.wire:
             return
         record = self.wire.popleft()
-        key = record.entry.lane.ref.id
+        key = record.batch.entries[0].lane.ref.id
         if self.bound[key] != record.routing_key:
             record.fate = "return"
         elif value % 6 == 0:
             record.fate = "nack"
         else:
             record.fate = "ack"
-            self.queues[key].append(record.entry.sequence)
+            self.queues[key].extend(entry.sequence for entry in record.batch.entries)
         self.answers.append(record)
 
     def answer(self, value: int, *, stale: bool = False) -> None:
@@ -212,18 +253,27 @@ class World:
         if not pending:
             return
         record = pending.pop(value % len(pending))
-        entry, attempt, lane = record.entry, record.attempt, record.entry.lane
+        batch, lane = record.batch, record.batch.entries[0].lane
         if stale and record.fate is not None and value % 2:
             record.cut = False  # its answer was read just before the loss was noticed
         record.reported = "cut" if record.cut else record.fate
         if record.cut:
-            self.run(lane.cut_off(entry, attempt))
+            self.run(lane.cut_off(batch))
         elif record.fate == "ack":
-            self.run(lane.acked(entry, attempt))
+            self.run(lane.acked(batch))
         elif record.fate == "nack":
-            self.run(lane.refused(entry, attempt, "nack"))
+            self.run(lane.refused(batch, "nack"))
         else:
-            self.run(lane.returned_unrouted(entry, attempt))
+            self.run(lane.returned_unrouted(batch))
+
+    def linger_over(self, value: int) -> None:
+        """A linger timer fires (maybe one the lane no longer runs: it ignores that)."""
+        if self.lingers:
+            lane = list(self.lingers)[value % len(self.lingers)]
+            token = self.lingers.pop(lane)
+            if value % 3 == 0:
+                assert lane.linger_over(token - 1) == [], "an older timer is ignored"
+            self.run(lane.linger_over(token))
 
     def cut(self) -> None:
         """The channel dies: frames not arrived never will; every send is cut off."""
@@ -295,7 +345,8 @@ class World:
         for lane in self.keys:
             assert all(entry.stage is Stage.QUEUED for entry in lane.waiting)
             assert all(entry.stage is Stage.QUEUED for entry in lane.returned)
-            assert all(entry.stage is Stage.SENT for entry in lane.in_flight)
+            assert all(e.stage is Stage.SENT for batch in lane.in_flight for e in batch.entries)
+            assert len(lane.in_flight) <= self.bounds.max_in_flight
             mine = [entry for entry in self.entries if entry.lane is lane]
             assert lane.live == sum(entry.stage is not Stage.DONE for entry in mine)
             state = lane.state
@@ -307,7 +358,7 @@ class World:
                 assert lane.in_flight and (lane.returned or lane.routing_key is None)
             assert (state is LaneState.ENSURING) == (lane in self.ensures)
             if lane.routing_key is not None:
-                assert all(entry.routing_key == lane.routing_key for entry in lane.in_flight)
+                assert all(batch.routing_key == lane.routing_key for batch in lane.in_flight)
         for entry in self.entries:
             assert (entry.stage is Stage.DONE) == (entry in self.released)
 
@@ -331,6 +382,8 @@ class World:
                 self.answer(0)
             while self.stale:
                 self.answer(0, stale=True)
+            while self.lingers:
+                self.linger_over(0)
             after = (len(self.line), len(self.wire), len(self.answers), len(self.ensures))
             if before == after == (0, 0, 0, 0):
                 break
@@ -355,6 +408,7 @@ WEIGHTS = {
     "retire": 2,
     "time_out": 1,
     "cancel": 1,
+    "linger": 2,
 }
 OPERATIONS = [op for op, weight in WEIGHTS.items() for _ in range(weight)]
 
@@ -391,15 +445,26 @@ def play(world: World, ops: list[tuple[str, int]]) -> None:
             world.cancel(value)
         elif op == "withdraw":
             world.withdraw()
+        elif op == "linger":
+            world.linger_over(value)
         world.check()
 
 
+bounds = st.builds(
+    Bounds,
+    max_jobs=st.sampled_from([1, 2, 3, 100]),
+    max_bytes=st.sampled_from([1, 3, 5, 262_144]),
+    max_in_flight=st.sampled_from([1, 2, 4]),
+    linger=st.sampled_from([0.0, 0.0, 0.005]),
+)
+
+
 @settings(max_examples=600, deadline=None)
-@given(events)
+@given(bounds, events)
 def test_every_interleaving_keeps_call_order_settles_each_message_once_and_ends_idle(
-    ops: list[tuple[str, int]],
+    bounds: Bounds, ops: list[tuple[str, int]]
 ) -> None:
-    world = World()
+    world = World(bounds)
     play(world, ops)
     world.settle()
     for lane in world.keys:
@@ -414,10 +479,11 @@ def test_every_interleaving_keeps_call_order_settles_each_message_once_and_ends_
     # later ones the broker took: beyond any lane (it never hears of the nack), so those
     # messages are left out of the order check (docs/design.md, "Known limits").
     nacked = {
-        record.entry.sequence
+        entry.sequence
         for records in world.records.values()
         for record in records
         if record.fate == "nack"
+        for entry in record.batch.entries
     }
     for key, queue in world.queues.items():
         # a worker drops copies: the first one counts
@@ -438,10 +504,15 @@ def test_every_interleaving_keeps_call_order_settles_each_message_once_and_ends_
 # -- cases worth naming -----------------------------------------------------------------
 
 
-def _routed_world() -> World:
-    world = World()
+def _routed_world(**bounds: Any) -> World:
+    world = World(Bounds(**bounds))
     world.connect(1)
     return world
+
+
+def on_wire(world: World) -> list[list[int]]:
+    """The messages written and not arrived yet, as the sequence numbers of their jobs."""
+    return [[entry.sequence for entry in record.batch.entries] for record in world.wire]
 
 
 def test_a_first_publish_asks_for_the_routing_key_then_sends_in_call_order() -> None:
@@ -453,11 +524,11 @@ def test_a_first_publish_asks_for_the_routing_key_then_sends_in_call_order() -> 
     assert lane.state is LaneState.ENSURING and len(lane.waiting) == 3
     world.ensure(0, "ok")
     assert lane.state is LaneState.ROUTED
-    assert [record.entry.sequence for record in world.wire] == [1, 2, 3]
+    assert on_wire(world) == [[1, 2, 3]]  # what waited leaves as one batch
 
 
 def test_a_return_holds_the_lane_until_the_rest_in_flight_is_answered() -> None:
-    world = _routed_world()
+    world = _routed_world(max_in_flight=2)
     lane = world.keys[0]
     world.publish(0)
     world.admit()
@@ -482,7 +553,7 @@ def test_a_return_holds_the_lane_until_the_rest_in_flight_is_answered() -> None:
 def test_a_withdrawn_return_does_not_let_a_later_message_overtake_one_still_in_flight() -> None:
     """A comes back, B is still in flight on the same (dead) routing key, A's caller gives
     up: C must not go out on a new routing key before B has come back and gone again."""
-    world = _routed_world()
+    world = _routed_world(max_jobs=1, max_in_flight=2)
     lane = world.keys[0]
     for _ in range(2):
         world.publish(0)
@@ -514,13 +585,13 @@ def test_a_lost_connection_sends_again_in_order_on_the_next_one() -> None:
     assert [entry.sequence for entry in lane.waiting] == [1, 2, 3]
     assert world.counted == [Counted.RESENT] * 3
     world.connect(1)
-    assert [record.entry.sequence for record in world.wire] == [1, 2, 3]
+    assert on_wire(world) == [[1, 2, 3]]
     world.settle()
-    assert world.queues[lane.ref.id] == [1, 1, 2, 3]  # the copy is the worker's to drop
+    assert world.queues[lane.ref.id] == [1, 2, 3, 1, 2, 3]  # the copies are the worker's to drop
 
 
 def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -> None:
-    world = _routed_world()
+    world = _routed_world(max_jobs=1, max_in_flight=2)
     world.publish(0)
     world.publish(0)
     world.admit()
@@ -621,7 +692,110 @@ def test_headers_too_large_for_a_new_connections_frame_max_fail_alone() -> None:
     big, small = world.entries
     [error] = world.callers[big].answers
     assert isinstance(error, InvalidMessageError)
-    assert [record.entry for record in world.wire] == [small]
+    assert on_wire(world) == [[small.sequence]]
+
+
+def test_what_arrives_while_a_message_is_in_flight_leaves_as_the_next_batch() -> None:
+    world = _routed_world()  # one message of a key in flight at a time
+    lane = world.keys[0]
+    world.publish(0)
+    world.admit()
+    world.ensure(0, "ok")
+    assert on_wire(world) == [[1]]  # a lone job goes at once
+    for _ in range(4):
+        world.publish(0)
+        world.admit()
+    assert on_wire(world) == [[1]] and len(lane.waiting) == 4
+    world.arrive(1)
+    world.answer(0)
+    assert world.callers[world.entries[0]].answers == [None]
+    assert on_wire(world) == [[2, 3, 4, 5]]
+    world.settle()
+    assert all(world.callers[entry].answers == [None] for entry in world.entries)
+
+
+def test_batches_are_bounded_in_jobs_bytes_and_messages_in_flight() -> None:
+    world = _routed_world(max_jobs=3, max_bytes=4, max_in_flight=2)
+    lane = world.keys[0]
+    for value in (0, 0, 0, 0, 4, 2, 0):  # sizes 1, 1, 1, 1, 2, 3, 1 (value % 3 + 1)
+        world.publish(value)
+        world.admit()
+    world.ensure(0, "ok")
+    # three jobs at most, then four bytes at most: two messages in flight, the rest waits
+    assert on_wire(world) == [[1, 2, 3], [4, 5]]
+    assert [entry.sequence for entry in lane.waiting] == [6, 7]
+    world.arrive(1)
+    world.answer(0)
+    assert on_wire(world) == [[4, 5], [6, 7]]
+
+
+def test_a_job_bigger_than_a_batch_goes_alone() -> None:
+    world = _routed_world(max_bytes=2, max_in_flight=4)
+    for value in (0, 2, 0):  # sizes 1, 3, 1
+        world.publish(value)
+        world.admit()
+    world.ensure(0, "ok")
+    assert on_wire(world) == [[1], [2], [3]]
+
+
+def test_a_nack_fails_every_job_of_its_message_a_return_regroups_them() -> None:
+    world = _routed_world()
+    lane = world.keys[0]
+    for _ in range(3):
+        world.publish(0)
+        world.admit()
+    world.ensure(0, "ok")
+    world.arrive(0)  # nacked
+    world.answer(0)
+    assert all(type(world.callers[e].answers[0]) is PublishError for e in world.entries)
+    for _ in range(3):
+        world.publish(0)
+        world.admit()
+    assert on_wire(world) == [[4]]  # a lone job goes alone; 5 and 6 wait behind it
+    world.retire(0)
+    world.arrive(1)
+    world.answer(0)  # came back: it goes back in front of them
+    assert lane.state is LaneState.ENSURING
+    world.publish(0)
+    world.admit()
+    assert [entry.sequence for entry in lane.waiting] == [4, 5, 6, 7]
+    world.ensure(0, "ok")
+    assert on_wire(world) == [[4, 5, 6, 7]]  # regrouped with what came meanwhile
+    assert world.counted == [Counted.RETURNED]
+    world.retire(0)
+    world.arrive(1)
+    world.answer(0)
+    assert world.counted == [Counted.RETURNED] * 5  # counted per job
+    assert [entry.sequence for entry in lane.waiting] == [4, 5, 6, 7]
+
+
+def test_linger_holds_a_short_batch_until_its_timer_or_a_full_one() -> None:
+    world = _routed_world(max_jobs=3, linger=0.005)
+    lane = world.keys[0]
+    world.publish(0)
+    world.admit()
+    world.ensure(0, "ok")
+    assert not world.wire and lane in world.lingers  # held, a timer runs
+    world.publish(0)
+    world.admit()
+    assert not world.wire
+    world.linger_over(1)
+    assert on_wire(world) == [[1, 2]]
+    for _ in range(3):  # a full batch does not wait, even with nothing in flight
+        world.publish(0)
+        world.admit()
+    world.arrive(1)
+    world.answer(0)
+    assert on_wire(world) == [[3, 4, 5]]
+    world.settle()
+
+
+def test_without_linger_no_timer_is_asked_for() -> None:
+    world = _routed_world(max_jobs=3)
+    world.publish(0)
+    world.admit()
+    world.ensure(0, "ok")
+    assert on_wire(world) == [[1]] and not world.lingers
 
 
 def test_idle_lanes_beyond_the_limit_are_dropped_busy_ones_kept(
