@@ -148,9 +148,10 @@ async def test_bursts_across_retirements_keep_the_fence_every_message_once_in_or
         await eventually(lambda: handlings.total() == sum(counters.values()), timeout=30)
     print(f"retired {registry.keys_retired}, returned {publisher.returned_messages}")
     assert registry.keys_retired >= 3 * len(after)  # the keys waited for did retire
-    # Every burst after the first met an unbound routing key: all its messages came back
-    # (the fence) and were sent again behind the first returned one.
-    assert publisher.returned_messages >= 3 * burst * len(keys)
+    # Every burst after the first met an unbound routing key: what it had sent came back
+    # (the fence) and was sent again, with what waited behind it (max_in_flight_per_key
+    # holds the rest of a burst in the lane until the first message is answered).
+    assert publisher.returned_messages >= 3 * len(keys)
     for key in keys:
         assert handlings.values[key] == list(range(counters[key])), key
     assert handlings.overlaps() == []

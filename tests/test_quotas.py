@@ -221,8 +221,9 @@ async def test_a_worker_holds_no_more_than_its_cap_over_all_keys_also_across_a_h
     With a cap of 5 it holds 5, also after keys were handed to a second worker (whose
     release path issues a qos round trip: a per-consumer qos there would lift the cap)."""
     cap, keys, per_key = 5, [f"key-{n}" for n in range(12)], 8
+    # The cap counts deliveries: one job per message, so that 96 jobs are 96 deliveries.
     settings = make_settings(
-        amqp_url, namespace, concurrency=3, prefetch=4, max_buffered_messages=cap
+        amqp_url, namespace, concurrency=3, prefetch=4, max_buffered_messages=cap, batch_max_jobs=1
     )
     tickets = asyncio.Semaphore(0)  # one per handler the test lets finish
     handled: dict[str, list[int]] = defaultdict(list)
