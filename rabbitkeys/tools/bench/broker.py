@@ -1,0 +1,140 @@
+"""What the benchmark reads from and does to the broker beside the runs themselves: a vhost
+of its own per run, CPU time from /proc, the broker's memory.
+
+Each run gets a vhost of its own and deletes it at the end, with everything in it, also when
+the run fails or is interrupted: queues, exchanges and bindings of every strategy go with it.
+A run killed outright (SIGKILL) leaves its vhost behind, marked with its pid and host; the
+next run on the same host removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import urllib.error
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from ..._errors import BrokerUnavailableError
+from ..._management import _get, request
+from ..._settings import Settings
+
+__all__ = ["broker_cpu_seconds", "broker_memory", "cpu_seconds", "processes_cpu", "run_vhost"]
+
+logger = logging.getLogger(__name__)
+
+_MARK = "rabbitkeys bench: pid {pid} on {host}"
+
+
+@contextlib.asynccontextmanager
+async def run_vhost(settings: Settings, label: str) -> AsyncIterator[Settings]:
+    """``settings`` pointing into a new vhost (named after ``label``), deleted on exit.
+
+    Where the login may not create vhosts (or there is no management API), the run uses
+    the given vhost and cleans up after itself by name, as it always did.
+    """
+    _remove_abandoned(settings)
+    vhost = f"rabbitkeys-bench-{label}-{uuid.uuid4().hex[:6]}"
+    quoted = urllib.parse.quote(vhost, safe="")
+    try:
+        request(
+            settings,
+            f"vhosts/{quoted}",
+            method="PUT",
+            body={"description": _MARK.format(pid=os.getpid(), host=socket.gethostname())},
+        )
+    except (urllib.error.HTTPError, BrokerUnavailableError) as exc:
+        logger.warning("no vhost of its own for the run (%s); using %s", exc, settings.vhost)
+        yield settings
+        return
+    try:
+        user = urllib.parse.quote(settings.amqp_user, safe="")
+        request(
+            settings,
+            f"permissions/{quoted}/{user}",
+            method="PUT",
+            body={"configure": ".*", "write": ".*", "read": ".*"},
+        )
+        parts = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
+        url = urllib.parse.urlunsplit(parts._replace(path=f"/{quoted}"))
+        # the URL itself, not a file that names the old vhost
+        yield settings.model_copy(update={"amqp_url": SecretStr(url), "amqp_url_file": None})
+    finally:
+        _delete_vhost(settings, quoted)
+
+
+def _delete_vhost(settings: Settings, quoted: str) -> None:
+    try:
+        request(settings, f"vhosts/{quoted}", method="DELETE")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            logger.warning("could not delete vhost %s: %s", urllib.parse.unquote(quoted), exc)
+    except BrokerUnavailableError as exc:
+        logger.warning("could not delete vhost %s: %s", urllib.parse.unquote(quoted), exc)
+
+
+def _remove_abandoned(settings: Settings) -> None:
+    """Delete the vhosts of bench runs on this host whose process is gone."""
+    try:
+        vhosts = _get(settings, "vhosts?columns=name,description")
+    except BrokerUnavailableError:
+        return
+    host = socket.gethostname()
+    for vhost in vhosts:
+        description = str(vhost.get("description") or "")
+        prefix, _, rest = description.partition("rabbitkeys bench: pid ")
+        pid, _, on_host = rest.partition(" on ")
+        if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)):
+            continue
+        logger.warning("removing vhost %s, left by an interrupted run", vhost["name"])
+        _delete_vhost(settings, urllib.parse.quote(vhost["name"], safe=""))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def broker_cpu_seconds() -> float | None:
+    """CPU time of the RabbitMQ node on this host (``beam.smp``), or None if not found."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if "(beam.smp)" in stat.read_text():
+                return cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes together (one that is gone counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def broker_memory(settings: Settings) -> float | None:
+    try:
+        nodes = _get(settings, "nodes?columns=mem_used")
+        return float(sum(node["mem_used"] for node in nodes))
+    except Exception:
+        return None
