@@ -84,6 +84,10 @@ def test_bursts_interleaved_and_slow_are_the_same_jobs() -> None:
     assert interleaved != bursts
     # slow is interleaved with 1 % of its keys slow: the interleaved row is its baseline
     assert slow.keys == interleaved and len(slow.slow_keys) == 10
+    # the paced phase (200 keys) meets known keys, 1 % of them slow
+    paced = make_workload("slow", 10_000, paced_messages=2000)
+    assert len(set(paced.paced_keys)) == 200 and set(paced.paced_keys) <= set(paced.keys)
+    assert len(set(paced.paced_keys) & paced.slow_keys) == 2
     assert len(set(make_workload("churn", 500).keys)) == 500
     assert not applies("raw", "churn") and applies("raw", "bursts")
 

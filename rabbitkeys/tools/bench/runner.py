@@ -119,11 +119,12 @@ async def run_strategy(
     rate: float = 200.0,
     timeout: float = 300.0,
 ) -> Result:
-    async with run_vhost(settings, f"{strategy}-{workload.name}") as settings:
+    async with run_vhost(settings, f"{strategy}-{workload.name}") as run_settings:
         return await _run_strategy(
             strategy,
             workload,
-            settings,
+            run_settings,
+            own_vhost=run_settings.vhost != settings.vhost,
             workers=workers,
             partitions=partitions,
             work_ms=work_ms,
@@ -137,6 +138,7 @@ async def _run_strategy(
     workload: Workload,
     settings: Settings,
     *,
+    own_vhost: bool,
     workers: int,
     partitions: int,
     work_ms: float,
@@ -172,7 +174,8 @@ async def _run_strategy(
                     settings, workload, workers, env, directory, rate, timeout, extra
                 )
             finally:
-                await _delete_key_queues(settings)
+                if not own_vhost:  # else they go with the vhost
+                    await _delete_key_queues(settings)
         else:
             phases = await _run_baseline(
                 strategy, settings, workload, workers, partitions, env, directory, rate, timeout
@@ -360,25 +363,60 @@ async def _run_rabbitkeys(
         await cluster.start_registry()
         for _ in range(workers):
             await cluster.start_worker("rabbitkeys.tools.bench.app:app")
-        await cluster.wait_for_workers(workers)
-        broker_before = broker_memory(settings)
-        rss_before = _rss([p.pid for p in cluster.workers])
-        # a registry of its own: the batch sizes of this run only
-        metrics = CollectorRegistry()
-        async with Publisher(settings, metrics_registry=metrics) as publisher:
-            limit = asyncio.Semaphore(IN_FLIGHT)
+        try:
+            await cluster.wait_for_workers(workers)
+            phases = await _measure_rabbitkeys(
+                settings, cluster, workload, directory, rate, timeout, extra
+            )
+        except BaseException:
+            # interrupted or failed: no graceful stop (up to 30 s each; a worker finishing
+            # its keys without a registry), the run's vhost and queues go anyway
+            for process in cluster.workers + cluster.registries:
+                if process.returncode is None:
+                    process.kill()
+            raise
+    return phases
 
-            async def publish(key: str) -> None:
-                async with limit:
-                    await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
 
-            pids = [p.pid for p in cluster.workers + cluster.registries]
-            phases = await _measure(publish, workload, directory, rate, timeout, pids, metrics)
-        keys = workload.distinct_keys
-        if broker_before is not None and (after := broker_memory(settings)) is not None:
-            extra["broker_bytes_per_key"] = (after - broker_before) / keys
-        extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
-        extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
+async def _measure_rabbitkeys(
+    settings: Settings,
+    cluster: LocalCluster,
+    workload: Workload,
+    directory: Path,
+    rate: float,
+    timeout: float,
+    extra: dict[str, float],
+) -> _Phases:
+    broker_before = broker_memory(settings)
+    rss_before = _rss([p.pid for p in cluster.workers])
+    # a registry of its own: the batch sizes of this run only
+    metrics = CollectorRegistry()
+    publisher = Publisher(settings, metrics_registry=metrics)
+    await publisher.start()
+    limit = asyncio.Semaphore(IN_FLIGHT)
+
+    async def publish(key: str) -> None:
+        async with limit:
+            await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
+
+    pids = [p.pid for p in cluster.workers + cluster.registries]
+    measured = False
+    try:
+        phases = await _measure(publish, workload, directory, rate, timeout, pids, metrics)
+        measured = True
+    finally:
+        # close() waits up to publish_timeout for publishes already called to settle:
+        # right after a complete run, but not after Ctrl-C or a failure, when what is
+        # unsettled may wait for a registry that is gone
+        try:
+            await asyncio.wait_for(publisher.close(), None if measured else 5.0)
+        except TimeoutError:
+            await publisher._stop_connection()
+    keys = workload.distinct_keys
+    if broker_before is not None and (after := broker_memory(settings)) is not None:
+        extra["broker_bytes_per_key"] = (after - broker_before) / keys
+    extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
+    extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
     return phases
 
 

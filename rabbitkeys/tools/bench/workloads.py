@@ -113,4 +113,17 @@ def make_workload(name: str, messages: int, paced_messages: int = 0, seed: int =
     ``paced_messages`` more at a fixed rate (latency, free of queueing behind the first)."""
     workload = WORKLOADS[name](messages, random.Random(seed))
     paced = WORKLOADS[name](paced_messages, random.Random(seed + 1)).keys
+    if name in _BURSTY:
+        paced = _spread(paced, workload.distinct_keys)
     return dataclasses.replace(workload, paced_keys=paced)
+
+
+_BURSTY = frozenset({"bursts", "interleaved", "slow"})
+
+
+def _spread(keys: list[str], key_count: int) -> list[str]:
+    """Fewer paced keys than fast-phase ones, renamed to keys spread evenly over those
+    (b0, b5, b10, ... of 1,000): the paced phase meets known keys, and 1 % of them slow."""
+    paced_count = len(set(keys))
+    step = max(1, key_count // max(1, paced_count))
+    return [f"b{int(key[1:]) * step}" for key in keys]
