@@ -9,10 +9,12 @@ import itertools
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from rabbitkeys._metrics import PublisherMetrics
 from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strategy
 from rabbitkeys.tools.bench.plots import write_plots
-from rabbitkeys.tools.bench.runner import STRATEGIES, Result
+from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
 
 from .conftest import Broker
 from .support import make_settings
@@ -43,7 +45,7 @@ async def test_every_strategy_runs_and_ordered_ones_keep_order(
     assert result.throughput > 0 and result.p99_ms >= result.p50_ms
     # one AMQP message carries one job or more
     assert 0 < result.amqp_rate <= result.throughput * 1.0001
-    assert 1 <= result.batch_mean <= result.batch_p99
+    assert result.batch_mean >= 1 and result.batch_p99 >= result.batch_p50 >= 1
     assert result.total_cpu_ms is not None and result.broker_cpu_ms is not None
     assert result.total_cpu_ms > result.broker_cpu_ms > 0
     if strategy != "shared":
@@ -151,3 +153,18 @@ def test_the_report_and_plots_show_every_row_column_and_target(tmp_path: Path) -
         "latency_p99.png",
     ]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_batch_sizes_are_read_from_the_publishers_histogram() -> None:
+    registry = CollectorRegistry()
+    metrics = PublisherMetrics(registry)
+    metrics.batch_jobs.observe(1)  # before the phase
+    before = _Batches.read(registry)
+    for size in [1] * 50 + [10] * 49 + [100]:
+        metrics.batch_jobs.observe(size)
+    phase = _Batches.read(registry).since(before)
+    assert phase.count == 100 and phase.total == 50 + 490 + 100
+    assert phase.quantile(0.5) == 1 and phase.quantile(0.99) == 10
+    assert phase.quantile(1.0) == 100
+    # a publisher that records nothing: one job per message
+    assert _Batches.read(CollectorRegistry()).quantile(0.99) == 1
