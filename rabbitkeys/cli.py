@@ -158,6 +158,13 @@ def _parser() -> argparse.ArgumentParser:
         default=10_000,
         help="per run (default 10000: bursts of 10 on 1,000 keys)",
     )
+    bench.add_argument(
+        "--churn-messages",
+        type=int,
+        default=2_000,
+        help="of the churn workload, each a new key, and as many queues for the raw declare "
+        "+ bind rate; its paced phase is scaled down alike (default 2000)",
+    )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
     bench.add_argument("--work-ms", type=float, default=1.0, help="handler time (default 1 ms)")
@@ -501,7 +508,12 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     results = []
     failures: list[str] = []
     for workload_name in args.workloads.split(","):
-        workload = make_workload(workload_name, args.messages, args.paced_messages)
+        if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
+            count = args.churn_messages
+            paced = args.paced_messages * count // max(1, args.messages)
+        else:
+            count, paced = args.messages, args.paced_messages
+        workload = make_workload(workload_name, count, paced)
         for strategy in args.strategies.split(","):
             if not applies(strategy, workload_name):
                 continue
@@ -527,11 +539,16 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             results.append(result)
-    declare_rate = await measure_declare_rate(settings) if "churn" in args.workloads else None
+    declare_rate = (
+        await measure_declare_rate(settings, queues=args.churn_messages)
+        if "churn" in args.workloads
+        else None
+    )
     print(f"Machine: {machine_description()}")
     print(
         f"{args.workers} worker processes, {args.messages:,} messages per run then "
-        f"{args.paced_messages:,} at {args.rate:,.0f}/s; "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
         f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
     )
     print(markdown(results, declare_rate=declare_rate))

@@ -121,6 +121,11 @@ def _targets(results: list[Result], declare_rate: float | None) -> list[str]:
                     f"{theirs.fast_p99_ms / max(theirs_calm.p99_ms, 1e-9):.2f} x | - |"
                 )
     churn = _find(results, "rabbitkeys", "churn")
+    if declare_rate and not churn:
+        lines.append(
+            f"| raw declare + bind (durable SAC queues, 16 channels) | {declare_rate:,.0f} per s "
+            "| - |"
+        )
     if churn and declare_rate:
         rate = churn.extra.get("new_keys_per_second", 0.0)
         lines.append(

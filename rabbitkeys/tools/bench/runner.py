@@ -146,13 +146,15 @@ async def _run_strategy(
     timeout: float,
 ) -> Result:
     namespace = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
-    # Short x-expires as a backstop, and every key queue deleted at the end: thousands of
-    # durable queues left behind make the broker's next boot crawl.
+    # Thousands of durable queues left behind make the broker's next boot crawl: they go
+    # with the run's vhost; in a vhost not the run's own, by name at the end, and a short
+    # x-expires as a backstop. Not in its own vhost: under load a worker may start
+    # consuming a new key later than that, and its queue would expire with its messages.
     settings = settings.model_copy(
         update={
             "namespace": namespace,
             "log_level": "WARNING",
-            "key_queue_expires": 60.0,
+            "key_queue_expires": settings.key_queue_expires if own_vhost else 60.0,
             # an overloaded registry (key churn) shows as latency, not as failed publishes
             "ensure_timeout": timeout,
             "publish_timeout": timeout,
