@@ -54,7 +54,7 @@ def write_plots(results: list[Result], directory: str | Path) -> list[Path]:
         axes.set_xticks([w + width * (len(strategies) - 1) / 2 for w in range(len(workloads))])
         axes.set_xticklabels(workloads)
         axes.set_title(title)
-        if filename.startswith("latency"):
+        if filename.startswith(("latency", "cpu")):  # key churn is 10-100 x the others
             axes.set_yscale("log")
         axes.legend()
         figure.tight_layout()
