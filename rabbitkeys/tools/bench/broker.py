@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import urllib.error
 import urllib.parse
 import uuid
@@ -69,14 +70,25 @@ async def run_vhost(settings: Settings, label: str) -> AsyncIterator[Settings]:
         _delete_vhost(settings, quoted)
 
 
-def _delete_vhost(settings: Settings, quoted: str) -> None:
-    try:
-        request(settings, f"vhosts/{quoted}", method="DELETE")
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            logger.warning("could not delete vhost %s: %s", urllib.parse.unquote(quoted), exc)
-    except BrokerUnavailableError as exc:
-        logger.warning("could not delete vhost %s: %s", urllib.parse.unquote(quoted), exc)
+def _delete_vhost(settings: Settings, quoted: str, attempts: int = 6) -> None:
+    # a broker restarting (or too busy to answer) gets about a minute
+    for attempt in range(attempts):
+        try:
+            request(settings, f"vhosts/{quoted}", method="DELETE")
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return
+            error: Exception = exc
+        except BrokerUnavailableError as exc:
+            error = exc
+        if attempt + 1 < attempts:
+            time.sleep(2.0 * 2**attempt if attempt < 4 else 30.0)
+    logger.warning(
+        "could not delete vhost %s (%s): the next run on this host deletes it",
+        urllib.parse.unquote(quoted),
+        error,
+    )
 
 
 def _remove_abandoned(settings: Settings) -> None:
