@@ -70,8 +70,8 @@ async def run_vhost(settings: Settings, label: str) -> AsyncIterator[Settings]:
         _delete_vhost(settings, quoted)
 
 
-def _delete_vhost(settings: Settings, quoted: str, attempts: int = 6) -> None:
-    # a broker restarting (or too busy to answer) gets about a minute
+def _delete_vhost(settings: Settings, quoted: str, attempts: int = 4) -> None:
+    # a broker restarting (or too busy to answer) gets some time: 2 + 4 + 8 s between tries
     for attempt in range(attempts):
         try:
             request(settings, f"vhosts/{quoted}", method="DELETE")
@@ -83,7 +83,7 @@ def _delete_vhost(settings: Settings, quoted: str, attempts: int = 6) -> None:
         except BrokerUnavailableError as exc:
             error = exc
         if attempt + 1 < attempts:
-            time.sleep(2.0 * 2**attempt if attempt < 4 else 30.0)
+            time.sleep(2.0 * 2**attempt)
     logger.warning(
         "could not delete vhost %s (%s): the next run on this host deletes it",
         urllib.parse.unquote(quoted),
