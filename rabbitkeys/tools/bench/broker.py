@@ -105,7 +105,8 @@ def _remove_abandoned(settings: Settings) -> None:
         if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)):
             continue
         logger.warning("removing vhost %s, left by an interrupted run", vhost["name"])
-        _delete_vhost(settings, urllib.parse.quote(vhost["name"], safe=""))
+        # one try: a run must not wait minutes on a busy broker for another run's leftovers
+        _delete_vhost(settings, urllib.parse.quote(vhost["name"], safe=""), attempts=1)
 
 
 def _alive(pid: int) -> bool:
