@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -91,8 +92,13 @@ def _delete_vhost(settings: Settings, quoted: str, attempts: int = 4) -> None:
     )
 
 
+#: abandoned vhosts this process is deleting (in the background: on a busy broker
+#: deleting one takes minutes, and a run must not wait for another run's leftovers)
+_sweeping: set[str] = set()
+
+
 def _remove_abandoned(settings: Settings) -> None:
-    """Delete the vhosts of bench runs on this host whose process is gone."""
+    """Start deleting the vhosts of bench runs on this host whose process is gone."""
     try:
         vhosts = _get(settings, "vhosts?columns=name,description")
     except BrokerUnavailableError:
@@ -102,11 +108,15 @@ def _remove_abandoned(settings: Settings) -> None:
         description = str(vhost.get("description") or "")
         prefix, _, rest = description.partition("rabbitkeys bench: pid ")
         pid, _, on_host = rest.partition(" on ")
-        if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)):
+        name = vhost["name"]
+        if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)) or name in _sweeping:
             continue
-        logger.warning("removing vhost %s, left by an interrupted run", vhost["name"])
-        # one try: a run must not wait minutes on a busy broker for another run's leftovers
-        _delete_vhost(settings, urllib.parse.quote(vhost["name"], safe=""), attempts=1)
+        logger.warning("removing vhost %s, left by an interrupted run", name)
+        _sweeping.add(name)
+        quoted = urllib.parse.quote(name, safe="")
+        threading.Thread(
+            target=_delete_vhost, args=(settings, quoted, 1), name=f"delete {name}", daemon=True
+        ).start()
 
 
 def _alive(pid: int) -> bool:
