@@ -27,7 +27,14 @@ from ..._errors import BrokerUnavailableError
 from ..._management import _get, request
 from ..._settings import Settings
 
-__all__ = ["broker_cpu_seconds", "broker_memory", "cpu_seconds", "processes_cpu", "run_vhost"]
+__all__ = [
+    "broker_cpu_seconds",
+    "broker_memory",
+    "broker_pid",
+    "cpu_seconds",
+    "processes_cpu",
+    "run_vhost",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +136,47 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def broker_cpu_seconds() -> float | None:
-    """CPU time of the RabbitMQ node on this host (``beam.smp``), or None if not found."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if "(beam.smp)" in stat.read_text():
-                return cpu_seconds(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return None
+def broker_pid(settings: Settings) -> int | None:
+    """The OS pid of the broker node on this host, as its management API tells; with no
+    API, the one ``beam.smp`` on this host (None if there are several: a second node for
+    cluster tests must not be taken for the broker)."""
+    try:
+        nodes = _get(settings, "nodes?columns=name,os_pid")
+        for node in nodes:
+            pid = int(node.get("os_pid") or 0)
+            if pid and _is_beam(pid):
+                return pid
+    except (BrokerUnavailableError, ValueError, TypeError):
+        pass
+    beams = [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if _is_beam(int(stat.parent.name))
+    ]
+    return beams[0] if len(beams) == 1 else None
+
+
+def _is_beam(pid: int) -> bool:
+    try:
+        return "(beam.smp)" in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+def broker_cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time of the broker node ``pid`` (by default the one ``beam.smp`` on this host),
+    or None if not found."""
+    if pid is None:
+        beams = [
+            stat for stat in Path("/proc").glob("[0-9]*/stat") if _is_beam(int(stat.parent.name))
+        ]
+        if len(beams) != 1:
+            return None
+        pid = int(beams[0].parent.name)
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError):
+        return None
 
 
 def cpu_seconds(pid: int) -> float:

@@ -47,6 +47,7 @@ from ..cluster import LocalCluster
 from .broker import (
     broker_cpu_seconds,
     broker_memory,
+    broker_pid,
     cpu_seconds,
     processes_cpu,
     run_vhost,
@@ -270,7 +271,13 @@ async def _run_baseline(
                     await exchange.publish(message, routing_key=routing(key))
 
             phases = await _measure(
-                publish, workload, directory, rate, timeout, [p.pid for p in processes]
+                publish,
+                workload,
+                directory,
+                rate,
+                timeout,
+                broker_pid(settings),
+                [p.pid for p in processes],
             )
         finally:
             for process in processes:
@@ -404,7 +411,9 @@ async def _measure_rabbitkeys(
     pids = [p.pid for p in cluster.workers + cluster.registries]
     measured = False
     try:
-        phases = await _measure(publish, workload, directory, rate, timeout, pids, metrics)
+        phases = await _measure(
+            publish, workload, directory, rate, timeout, broker_pid(settings), pids, metrics
+        )
         measured = True
     finally:
         # close() waits up to publish_timeout for publishes already called to settle:
@@ -474,9 +483,13 @@ class _Snapshot:
     batches: _Batches
 
     @classmethod
-    def take(cls, pids: list[int], metrics: CollectorRegistry | None) -> _Snapshot:
+    def take(
+        cls, broker: int | None, pids: list[int], metrics: CollectorRegistry | None
+    ) -> _Snapshot:
         return cls(
-            broker_cpu_seconds(), processes_cpu([os.getpid(), *pids]), _Batches.read(metrics)
+            None if broker is None else broker_cpu_seconds(broker),
+            processes_cpu([os.getpid(), *pids]),
+            _Batches.read(metrics),
         )
 
 
@@ -496,6 +509,7 @@ async def _measure(
     directory: Path,
     rate: float,
     timeout: float,
+    broker: int | None,
     pids: list[int],
     metrics: CollectorRegistry | None = None,
 ) -> _Phases:
@@ -504,18 +518,18 @@ async def _measure(
 
     The warm-up is one message per key, so that keyed workloads are measured in steady
     state (keys known); key churn is measured cold, that being its point. CPU and batch
-    sizes are taken over the fast phase; ``pids`` are the run's processes besides this one
-    (workers, registry) and the broker.
+    sizes are taken over the fast phase; ``broker`` is the broker's pid, ``pids`` the run's
+    processes besides this one (workers, registry).
     """
     warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
     await _publish_all(publish, warmup)
     await _wait_handled(directory, len(warmup), timeout)
-    before = _Snapshot.take(pids, metrics)
+    before = _Snapshot.take(broker, pids, metrics)
     started = time.time()
     await _publish_all(publish, workload.keys)
     handled = len(warmup) + len(workload.keys)
     fast_done = await _wait_handled(directory, handled, timeout)
-    after = _Snapshot.take(pids, metrics)
+    after = _Snapshot.take(broker, pids, metrics)
     paced_started = time.time()
     if workload.paced_keys:
         await _publish_all(publish, workload.paced_keys, rate=rate)
