@@ -143,20 +143,41 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="measure rabbitkeys against a shared queue, one worker and fixed partitions",
+        help="measure rabbitkeys against a shared queue, partitions and raw per-key queues",
         description="Run each strategy (shared queue, single worker, consistent-hash "
-        "partitions, rabbitkeys) on each workload (uniform, zipf, slow, churn) on the local "
-        "broker with the same client library and worker count; print a Markdown table.",
+        "partitions, raw aio-pika on per-key queues, rabbitkeys) on each workload (bursts, "
+        "interleaved, slow, churn; also uniform, zipf) on the local broker with the same "
+        "client library and worker count, each run in a vhost of its own that is deleted "
+        "afterwards; print a Markdown table: jobs/s, AMQP messages/s, batch sizes, latency, "
+        "CPU per job, and issue 13's targets as ratios measured in the run.",
         epilog=_SETTINGS_HELP,
     )
-    bench.add_argument("--messages", type=int, default=20_000, help="per run (default 20000)")
+    bench.add_argument(
+        "--messages",
+        type=int,
+        default=10_000,
+        help="per run (default 10000: bursts of 10 on 1,000 keys)",
+    )
+    bench.add_argument(
+        "--churn-messages",
+        type=int,
+        default=2_000,
+        help="of the churn workload, each a new key, and as many queues for the raw declare "
+        "+ bind rate; its paced phase is scaled down alike (default 2000)",
+    )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
     bench.add_argument("--work-ms", type=float, default=1.0, help="handler time (default 1 ms)")
     bench.add_argument(
-        "--strategies", default="shared,single,partitions,rabbitkeys", help="comma-separated"
+        "--strategies",
+        default="shared,partitions,raw,rabbitkeys",
+        help="comma-separated, of shared,single,partitions,raw,rabbitkeys",
     )
-    bench.add_argument("--workloads", default="uniform,zipf,slow,churn", help="comma-separated")
+    bench.add_argument(
+        "--workloads",
+        default="bursts,interleaved,slow,churn",
+        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf",
+    )
     bench.add_argument(
         "--paced-messages",
         type=int,
@@ -463,6 +484,7 @@ async def _users_delete(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from .tools.bench import (
+        applies,
         machine_description,
         make_workload,
         markdown,
@@ -486,8 +508,15 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     results = []
     failures: list[str] = []
     for workload_name in args.workloads.split(","):
-        workload = make_workload(workload_name, args.messages, args.paced_messages)
+        if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
+            count = args.churn_messages
+            paced = args.paced_messages * count // max(1, args.messages)
+        else:
+            count, paced = args.messages, args.paced_messages
+        workload = make_workload(workload_name, count, paced)
         for strategy in args.strategies.split(","):
+            if not applies(strategy, workload_name):
+                continue
             try:
                 result = await run_strategy(
                     strategy,
@@ -500,20 +529,26 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
                 )
             except (RabbitkeysError, RuntimeError, TimeoutError) as exc:
                 # one failed run must not throw away the others' figures
-                print(f"{workload_name:>8} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
+                print(f"{workload_name:>11} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
                 failures.append(f"{workload_name} / {strategy}: {exc}")
                 continue
             print(
-                f"{workload_name:>8} {strategy:>10}: {result.throughput:8,.0f} msg/s  "
-                f"p99 {result.p99_ms:8,.1f} ms  violations {result.order_violations}",
+                f"{workload_name:>11} {strategy:>10}: {result.throughput:8,.0f} jobs/s "
+                f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
+                f"violations {result.order_violations}",
                 file=sys.stderr,
             )
             results.append(result)
-    declare_rate = await measure_declare_rate(settings) if "churn" in args.workloads else None
+    declare_rate = (
+        await measure_declare_rate(settings, queues=args.churn_messages)
+        if "churn" in args.workloads
+        else None
+    )
     print(f"Machine: {machine_description()}")
     print(
         f"{args.workers} worker processes, {args.messages:,} messages per run then "
-        f"{args.paced_messages:,} at {args.rate:,.0f}/s; "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
         f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
     )
     print(markdown(results, declare_rate=declare_rate))

@@ -5,7 +5,9 @@
 * ``concurrent``: one shared queue, handlers run concurrently up to the prefetch (the usual
   "many workers on one queue" setup: fastest, and it breaks per-key order);
 * ``sequential``: each queue handled one message at a time, in order (one queue with one
-  worker; or Kafka-style partitions, single-active-consumer queues, one at a time each).
+  worker; or Kafka-style partitions, single-active-consumer queues, one at a time each);
+* ``raw``: the same on many per-key queues, as rabbitkeys consumes them: one channel, one
+  consumer per queue with a prefetch of 4 (``RAW_PREFETCH``), each queue one at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Recorder
 
 PREFETCH = 100
+#: per consumer in ``raw`` mode: rabbitkeys' default ``prefetch`` per key
+RAW_PREFETCH = 4
 
 
 async def main(mode: str, queues: list[str]) -> None:
@@ -47,6 +51,12 @@ async def main(mode: str, queues: list[str]) -> None:
     if mode == "concurrent":
         for name in queues:
             await (await channel.get_queue(name, ensure=False)).consume(handle)
+    elif mode == "raw":
+        # basic.qos without global applies to each consumer the channel starts afterwards
+        await channel.set_qos(prefetch_count=RAW_PREFETCH)
+        for name in queues:
+            queue = await channel.get_queue(name, ensure=False)
+            readers.append(loop.create_task(_in_order(queue, handle)))
     else:
         for name in queues:
             queue_channel = await connection.channel()

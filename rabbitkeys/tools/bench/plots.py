@@ -1,5 +1,6 @@
 """PNG plots of a benchmark run (``rabbitkeys bench --plot DIR``; needs matplotlib, the
-``plots`` extra): throughput and fast-key p99 latency per workload and strategy."""
+``plots`` extra): jobs/s, AMQP messages/s, CPU per job and fast-key p99 latency per workload
+and strategy."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ def write_plots(results: list[Result], directory: str | Path) -> list[Path]:
     workloads = list(dict.fromkeys(r.workload for r in results))
     strategies = [s for s in STRATEGIES if any(r.strategy == s for r in results)]
     figures: dict[str, tuple[str, Callable[[Result], float]]] = {
-        "throughput.png": ("messages per second (as fast as confirmed)", lambda r: r.throughput),
+        "throughput.png": ("jobs per second (as fast as confirmed)", lambda r: r.throughput),
+        "amqp_messages.png": (
+            "AMQP messages per second (fewer than jobs once batches form)",
+            lambda r: r.amqp_rate,
+        ),
+        "cpu_per_job.png": (
+            "CPU ms per job, all processes (broker, publisher, workers, registry)",
+            lambda r: r.total_cpu_ms or 0.0,
+        ),
         "latency_p99.png": (
             "p99 latency of fast keys, ms (paced)",
             lambda r: r.fast_p99_ms if r.fast_p99_ms is not None else r.p99_ms,
@@ -45,7 +54,7 @@ def write_plots(results: list[Result], directory: str | Path) -> list[Path]:
         axes.set_xticks([w + width * (len(strategies) - 1) / 2 for w in range(len(workloads))])
         axes.set_xticklabels(workloads)
         axes.set_title(title)
-        if filename.startswith("latency"):
+        if filename.startswith(("latency", "cpu")):  # key churn is 10-100 x the others
             axes.set_yscale("log")
         axes.legend()
         figure.tight_layout()

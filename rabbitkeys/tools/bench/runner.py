@@ -6,9 +6,18 @@ Strategies:
 * ``single``: one queue, one worker, one message at a time: ordered, the article's simple way;
 * ``partitions``: a consistent-hash exchange into P single-active-consumer queues, N workers,
   one message at a time per queue: ordered, Kafka-like;
+* ``raw``: plain aio-pika on pre-declared durable single-active-consumer queues, one per key,
+  one consumer each (prefetch 4) spread over the N workers, one message at a time per key:
+  rabbitkeys' design without rabbitkeys, the ceiling without batching;
 * ``rabbitkeys``: a registry and N workers through the CLI.
 
-Every handler awaits ``work_ms`` (1 ms: an I/O-bound job); slow keys 100 ms.
+Every handler awaits ``work_ms`` (1 ms: an I/O-bound job); slow keys 100 ms. Each run has a
+vhost of its own (``broker.run_vhost``), deleted at the end.
+
+A job is one ``publish()``; an AMQP message carries one job, or several of one key when the
+publisher batches them. Rates and CPU are per job; ``amqp_rate`` is AMQP messages per second,
+counted by the publisher (rabbitkeys' ``rabbitkeys_publish_batch_jobs``; one per job for the
+others).
 """
 
 from __future__ import annotations
@@ -21,25 +30,54 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+from prometheus_client import CollectorRegistry
 
 from ..._errors import BrokerUnavailableError
-from ..._management import _get, list_queues
+from ..._management import list_queues
 from ..._publisher import Publisher
 from ..._settings import Settings
 from ..._topology import Names
 from ..cluster import LocalCluster
+from .broker import (
+    broker_cpu_seconds,
+    broker_memory,
+    broker_pid,
+    cpu_seconds,
+    processes_cpu,
+    run_vhost,
+)
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Record, count_all, read_all
 from .workloads import Workload
 
-__all__ = ["STRATEGIES", "Result", "measure_declare_rate", "run_strategy"]
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "STRATEGIES",
+    "Result",
+    "applies",
+    "broker_cpu_seconds",
+    "cpu_seconds",
+    "measure_declare_rate",
+    "run_strategy",
+]
 
-STRATEGIES = ("shared", "single", "partitions", "rabbitkeys")
+STRATEGIES = ("shared", "single", "partitions", "raw", "rabbitkeys")
+#: what ``rabbitkeys bench`` runs unless told otherwise ("single" is slow and says little)
+DEFAULT_STRATEGIES = ("shared", "partitions", "raw", "rabbitkeys")
 IN_FLIGHT = 1000  # publishes awaiting their confirm at once, for every strategy
+#: channels the raw strategy and the raw declare rate declare queues over
+DECLARE_CHANNELS = 16
+
+
+def applies(strategy: str, workload: str) -> bool:
+    """Whether a row means anything: ``raw`` declares its queues before it is timed, so on
+    key churn it would time nothing of new keys (the raw declare rate stands there)."""
+    return not (strategy == "raw" and workload == "churn")
 
 
 @dataclass
@@ -48,6 +86,7 @@ class Result:
     workload: str
     messages: int
     seconds: float
+    #: jobs per second, fast phase
     throughput: float
     #: publish call -> handler start, in the paced phase (in the fast one if none)
     p50_ms: float
@@ -59,6 +98,15 @@ class Result:
     order_violations: int
     lost: int
     extra: dict[str, float]
+    #: AMQP messages per second, fast phase (= throughput without batches)
+    amqp_rate: float = 0.0
+    #: jobs per AMQP message in the fast phase: mean, p50, p99 (bucket bounds)
+    batch_mean: float = 1.0
+    batch_p50: float = 1.0
+    batch_p99: float = 1.0
+    #: CPU ms per job in the fast phase: the broker's, and all processes' together
+    broker_cpu_ms: float | None = None
+    total_cpu_ms: float | None = None
 
 
 async def run_strategy(
@@ -72,14 +120,42 @@ async def run_strategy(
     rate: float = 200.0,
     timeout: float = 300.0,
 ) -> Result:
+    async with run_vhost(settings, f"{strategy}-{workload.name}") as run_settings:
+        return await _run_strategy(
+            strategy,
+            workload,
+            run_settings,
+            own_vhost=run_settings.vhost != settings.vhost,
+            workers=workers,
+            partitions=partitions,
+            work_ms=work_ms,
+            rate=rate,
+            timeout=timeout,
+        )
+
+
+async def _run_strategy(
+    strategy: str,
+    workload: Workload,
+    settings: Settings,
+    *,
+    own_vhost: bool,
+    workers: int,
+    partitions: int,
+    work_ms: float,
+    rate: float,
+    timeout: float,
+) -> Result:
     namespace = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
-    # Short x-expires as a backstop, and every key queue deleted at the end: thousands of
-    # durable queues left behind make the broker's next boot crawl.
+    # Thousands of durable queues left behind make the broker's next boot crawl: they go
+    # with the run's vhost; in a vhost not the run's own, by name at the end, and a short
+    # x-expires as a backstop. Not in its own vhost: under load a worker may start
+    # consuming a new key later than that, and its queue would expire with its messages.
     settings = settings.model_copy(
         update={
             "namespace": namespace,
             "log_level": "WARNING",
-            "key_queue_expires": 60.0,
+            "key_queue_expires": settings.key_queue_expires if own_vhost else 60.0,
             # an overloaded registry (key churn) shows as latency, not as failed publishes
             "ensure_timeout": timeout,
             "publish_timeout": timeout,
@@ -101,7 +177,8 @@ async def run_strategy(
                     settings, workload, workers, env, directory, rate, timeout, extra
                 )
             finally:
-                await _delete_key_queues(settings)
+                if not own_vhost:  # else they go with the vhost
+                    await _delete_key_queues(settings)
         else:
             phases = await _run_baseline(
                 strategy, settings, workload, workers, partitions, env, directory, rate, timeout
@@ -128,71 +205,150 @@ async def _run_baseline(
     durable = settings.durable
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     channel = await connection.channel(publisher_confirms=True)
-    if strategy == "partitions":
-        exchange = await channel.declare_exchange(
-            f"{ns}.partitions", "x-consistent-hash", durable=durable, auto_delete=True
-        )
-        queues = [f"{ns}.p{i}" for i in range(partitions)]
-        for name in queues:
-            queue = await channel.declare_queue(
-                name,
-                durable=durable,
-                auto_delete=True,
-                arguments={"x-single-active-consumer": True},
-            )
-            await queue.bind(exchange, routing_key="1")
-        mode, per_worker = "sequential", [queues] * workers
-    else:
-        queues = [f"{ns}.{strategy}"]
-        await channel.declare_queue(queues[0], durable=durable, auto_delete=True)
-        exchange = channel.default_exchange
-        mode = "concurrent" if strategy == "shared" else "sequential"
-        per_worker = [queues] * (workers if strategy == "shared" else 1)
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rabbitkeys.tools.bench.baseline_worker", mode, *names, env=env
-        )
-        for names in per_worker
-    ]
+    routing: Callable[[str], str]
+    declared: list[str] = []  # what to delete, however far the run got
     try:
-        await _wait_consumed(channel, queues)
-        sequences: dict[str, int] = {}
-        limit = asyncio.Semaphore(IN_FLIGHT)
-
-        async def publish(key: str) -> None:
-            sequences[key] = seq = sequences.get(key, 0) + 1
-            message = aio_pika.Message(
-                b"x",
-                delivery_mode=(
-                    aio_pika.DeliveryMode.PERSISTENT
-                    if durable
-                    else aio_pika.DeliveryMode.NOT_PERSISTENT
-                ),
-                headers={"bench-key": key, HEADER_SEQ: seq, HEADER_PUBLISHED: _now_us()},
+        if strategy == "partitions":
+            exchange = await channel.declare_exchange(
+                f"{ns}.partitions", "x-consistent-hash", durable=durable, auto_delete=True
             )
-            routing_key = key if strategy == "partitions" else queues[0]
-            async with limit:
-                await exchange.publish(message, routing_key=routing_key)
+            queues = [f"{ns}.p{i}" for i in range(partitions)]
+            for name in queues:
+                queue = await channel.declare_queue(
+                    name,
+                    durable=durable,
+                    auto_delete=True,
+                    arguments={"x-single-active-consumer": True},
+                )
+                declared.append(name)
+                await queue.bind(exchange, routing_key="1")
+            mode, per_worker = "sequential", [queues] * workers
+            routing = str  # the key, hashed by the exchange
+        elif strategy == "raw":
+            # one queue per key, bound by its key to a direct exchange, as rabbitkeys does
+            exchange = await channel.declare_exchange(f"{ns}.raw", "direct", durable=durable)
+            keys = list(dict.fromkeys(workload.keys + workload.paced_keys))
+            queues = [f"{ns}.k.{key}" for key in keys]
+            await _declare_bound(connection, exchange.name, keys, queues, durable, declared)
+            mode, per_worker = "raw", [queues[i::workers] for i in range(workers)]
+            routing = str
+        else:
+            queues = [f"{ns}.{strategy}"]
+            await channel.declare_queue(queues[0], durable=durable, auto_delete=True)
+            declared.append(queues[0])
+            exchange = channel.default_exchange
+            mode = "concurrent" if strategy == "shared" else "sequential"
+            per_worker = [queues] * (workers if strategy == "shared" else 1)
+            routing = lambda key: queues[0]  # noqa: E731
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "rabbitkeys.tools.bench.baseline_worker",
+                mode,
+                *names,
+                env=env,
+            )
+            for names in per_worker
+        ]
+        try:
+            await _wait_consumed(channel, queues)
+            sequences: dict[str, int] = {}
+            limit = asyncio.Semaphore(IN_FLIGHT)
 
-        phases = await _measure(publish, workload, directory, rate, timeout)
+            async def publish(key: str) -> None:
+                sequences[key] = seq = sequences.get(key, 0) + 1
+                message = aio_pika.Message(
+                    b"x",
+                    delivery_mode=(
+                        aio_pika.DeliveryMode.PERSISTENT
+                        if durable
+                        else aio_pika.DeliveryMode.NOT_PERSISTENT
+                    ),
+                    headers={"bench-key": key, HEADER_SEQ: seq, HEADER_PUBLISHED: _now_us()},
+                )
+                async with limit:
+                    await exchange.publish(message, routing_key=routing(key))
+
+            phases = await _measure(
+                publish,
+                workload,
+                directory,
+                rate,
+                timeout,
+                broker_pid(settings),
+                [p.pid for p in processes],
+            )
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.terminate()
+            for process in processes:
+                await process.wait()
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            await process.wait()
-        for name in queues:
-            await channel.queue_delete(name)
+        # the run's vhost goes too; this is for a run in a vhost it may not delete
+        await _delete_queues(connection, declared)
         await connection.close()
     return phases
 
 
+async def _declare_bound(
+    connection: aio_pika.abc.AbstractConnection,
+    exchange: str,
+    keys: list[str],
+    queues: list[str],
+    durable: bool,
+    declared: list[str],
+) -> None:
+    """Single-active-consumer queues bound by their key, over several channels; each
+    added to ``declared`` once it exists."""
+    channels = [await connection.channel() for _ in range(DECLARE_CHANNELS)]
+
+    async def declare_some(channel: aio_pika.abc.AbstractChannel, part: range) -> None:
+        for i in part:
+            queue = await channel.declare_queue(
+                queues[i], durable=durable, arguments={"x-single-active-consumer": True}
+            )
+            declared.append(queues[i])
+            await queue.bind(exchange, routing_key=keys[i])
+
+    try:
+        await asyncio.gather(
+            *(
+                declare_some(channel, range(i, len(queues), DECLARE_CHANNELS))
+                for i, channel in enumerate(channels)
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def _delete_queues(connection: aio_pika.abc.AbstractConnection, queues: list[str]) -> None:
+    if not queues or connection.is_closed:
+        return
+    channels = [await connection.channel() for _ in range(min(DECLARE_CHANNELS, len(queues)))]
+
+    async def delete_some(channel: aio_pika.abc.AbstractChannel, part: list[str]) -> None:
+        for name in part:
+            await channel.queue_delete(name)
+
+    await asyncio.gather(
+        *(delete_some(channel, queues[i :: len(channels)]) for i, channel in enumerate(channels))
+    )
+
+
 async def _wait_consumed(channel: aio_pika.abc.AbstractChannel, queues: list[str]) -> None:
+    waiting = list(queues)
     for _ in range(200):
-        counts = [
-            (await channel.declare_queue(name, passive=True)).declaration_result.consumer_count
-            for name in queues
+        waiting = [
+            name
+            for name in waiting
+            if not (
+                await channel.declare_queue(name, passive=True)
+            ).declaration_result.consumer_count
         ]
-        if all(counts):
+        if not waiting:
             return
         await asyncio.sleep(0.05)
     raise RuntimeError("benchmark workers did not start consuming")
@@ -216,26 +372,125 @@ async def _run_rabbitkeys(
         await cluster.start_registry()
         for _ in range(workers):
             await cluster.start_worker("rabbitkeys.tools.bench.app:app")
-        await cluster.wait_for_workers(workers)
-        broker_before = _broker_memory(settings)
-        rss_before = _rss([p.pid for p in cluster.workers])
-        async with Publisher(settings) as publisher:
-            limit = asyncio.Semaphore(IN_FLIGHT)
+        try:
+            await cluster.wait_for_workers(workers)
+            phases = await _measure_rabbitkeys(
+                settings, cluster, workload, directory, rate, timeout, extra
+            )
+        except BaseException:
+            # interrupted or failed: no graceful stop (up to 30 s each; a worker finishing
+            # its keys without a registry), the run's vhost and queues go anyway
+            for process in cluster.workers + cluster.registries:
+                if process.returncode is None:
+                    process.kill()
+            raise
+    return phases
 
-            async def publish(key: str) -> None:
-                async with limit:
-                    await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
 
-            phases = await _measure(publish, workload, directory, rate, timeout)
-        keys = workload.distinct_keys
-        if broker_before is not None and (after := _broker_memory(settings)) is not None:
-            extra["broker_bytes_per_key"] = (after - broker_before) / keys
-        extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
-        extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
+async def _measure_rabbitkeys(
+    settings: Settings,
+    cluster: LocalCluster,
+    workload: Workload,
+    directory: Path,
+    rate: float,
+    timeout: float,
+    extra: dict[str, float],
+) -> _Phases:
+    broker_before = broker_memory(settings)
+    rss_before = _rss([p.pid for p in cluster.workers])
+    # a registry of its own: the batch sizes of this run only
+    metrics = CollectorRegistry()
+    publisher = Publisher(settings, metrics_registry=metrics)
+    await publisher.start()
+    limit = asyncio.Semaphore(IN_FLIGHT)
+
+    async def publish(key: str) -> None:
+        async with limit:
+            await publisher.publish(key, b"x", headers={HEADER_PUBLISHED: _now_us()})
+
+    pids = [p.pid for p in cluster.workers + cluster.registries]
+    measured = False
+    try:
+        phases = await _measure(
+            publish, workload, directory, rate, timeout, broker_pid(settings), pids, metrics
+        )
+        measured = True
+    finally:
+        # close() waits up to publish_timeout for publishes already called to settle:
+        # right after a complete run, but not after Ctrl-C or a failure, when what is
+        # unsettled may wait for a registry that is gone
+        try:
+            await asyncio.wait_for(publisher.close(), None if measured else 5.0)
+        except TimeoutError:
+            await publisher._stop_connection()
+    keys = workload.distinct_keys
+    if broker_before is not None and (after := broker_memory(settings)) is not None:
+        extra["broker_bytes_per_key"] = (after - broker_before) / keys
+    extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
+    extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
     return phases
 
 
 # --- shared -------------------------------------------------------------------------------
+
+BATCH_METRIC = "rabbitkeys_publish_batch_jobs"
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """The publisher's jobs-per-AMQP-message histogram at one moment (cumulative)."""
+
+    buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> count <= it
+    total: float = 0.0  # jobs in them
+    count: float = 0.0  # AMQP messages
+
+    @classmethod
+    def read(cls, registry: CollectorRegistry | None) -> _Batches:
+        if registry is None:
+            return cls()
+        buckets, total, count = {}, 0.0, 0.0
+        for metric in registry.collect():
+            if metric.name != BATCH_METRIC:
+                continue
+            for sample in metric.samples:
+                if sample.name.endswith("_bucket"):
+                    buckets[float(sample.labels["le"])] = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+                elif sample.name.endswith("_count"):
+                    count = sample.value
+        return cls(buckets, total, count)
+
+    def since(self, before: _Batches) -> _Batches:
+        return _Batches(
+            {le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+            self.total - before.total,
+            self.count - before.count,
+        )
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding the q-quantile (1 if nothing recorded)."""
+        for bound, below in sorted(self.buckets.items()):
+            if self.count and below >= q * self.count:
+                return bound
+        return 1.0
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    broker_cpu: float | None  # the RabbitMQ node on this host, if found
+    clients_cpu: float  # this process (the publisher) and the run's other processes
+    batches: _Batches
+
+    @classmethod
+    def take(
+        cls, broker: int | None, pids: list[int], metrics: CollectorRegistry | None
+    ) -> _Snapshot:
+        return cls(
+            None if broker is None else broker_cpu_seconds(broker),
+            processes_cpu([os.getpid(), *pids]),
+            _Batches.read(metrics),
+        )
 
 
 @dataclass(frozen=True)
@@ -243,38 +498,43 @@ class _Phases:
     started: float  # the fast phase's first publish
     fast_done: float  # all of the fast phase handled
     paced_started: float
-    #: CPU seconds the broker (on this host) spent during the fast phase, if readable
-    broker_cpu: float | None = None
+    #: at the start and at the end of the fast phase
+    before: _Snapshot
+    after: _Snapshot
 
 
 async def _measure(
-    publish: Any, workload: Workload, directory: Path, rate: float, timeout: float
+    publish: Any,
+    workload: Workload,
+    directory: Path,
+    rate: float,
+    timeout: float,
+    broker: int | None,
+    pids: list[int],
+    metrics: CollectorRegistry | None = None,
 ) -> _Phases:
     """Warm up; publish the workload as fast as it is confirmed (throughput); then publish
     its paced part at ``rate`` per second (latency without the queueing of the first).
 
     The warm-up is one message per key, so that keyed workloads are measured in steady
-    state (keys known); key churn is measured cold, that being its point.
+    state (keys known); key churn is measured cold, that being its point. CPU and batch
+    sizes are taken over the fast phase; ``broker`` is the broker's pid, ``pids`` the run's
+    processes besides this one (workers, registry).
     """
     warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
     await _publish_all(publish, warmup)
     await _wait_handled(directory, len(warmup), timeout)
-    broker_cpu_before = broker_cpu_seconds()
+    before = _Snapshot.take(broker, pids, metrics)
     started = time.time()
     await _publish_all(publish, workload.keys)
     handled = len(warmup) + len(workload.keys)
     fast_done = await _wait_handled(directory, handled, timeout)
-    broker_cpu_after = broker_cpu_seconds()
-    broker_cpu = (
-        broker_cpu_after - broker_cpu_before
-        if broker_cpu_before is not None and broker_cpu_after is not None
-        else None
-    )
+    after = _Snapshot.take(broker, pids, metrics)
     paced_started = time.time()
     if workload.paced_keys:
         await _publish_all(publish, workload.paced_keys, rate=rate)
         await _wait_handled(directory, handled + len(workload.paced_keys), timeout)
-    return _Phases(started, fast_done, paced_started, broker_cpu)
+    return _Phases(started, fast_done, paced_started, before, after)
 
 
 async def _publish_all(publish: Any, keys: list[str], *, rate: float | None = None) -> None:
@@ -321,14 +581,25 @@ def _summarise(
         (r.started - r.published) * 1000 for r in timed if r.key not in workload.slow_keys
     )
     expected = len(workload.keys) + len(workload.paced_keys)
-    if phases.broker_cpu is not None:
-        extra["broker_cpu_ms_per_message"] = phases.broker_cpu * 1000 / len(fast_phase)
+    jobs = len(fast_phase)
+    before, after = phases.before, phases.after
+    batches = after.batches.since(before.batches)
+    # a publisher that records no batch sizes (the baselines) sends one message per job
+    amqp_messages = batches.count if batches.count else jobs
+    broker_cpu = (
+        after.broker_cpu - before.broker_cpu
+        if after.broker_cpu is not None and before.broker_cpu is not None
+        else None
+    )
+    clients_cpu = after.clients_cpu - before.clients_cpu
+    if broker_cpu is not None:
+        extra["broker_cpu_ms_per_message"] = broker_cpu * 1000 / jobs
     return Result(
         strategy=strategy,
         workload=workload.name,
         messages=len(records),
         seconds=seconds,
-        throughput=len(fast_phase) / seconds,
+        throughput=jobs / seconds,
         p50_ms=statistics.median(latencies),
         p99_ms=_percentile(latencies, 0.99),
         fast_p99_ms=_percentile(fast, 0.99) if workload.slow_keys else None,
@@ -336,6 +607,12 @@ def _summarise(
         order_violations=count_order_violations(records),
         lost=expected - len({(r.key, r.seq) for r in records}),
         extra=extra,
+        amqp_rate=amqp_messages / seconds,
+        batch_mean=batches.total / batches.count if batches.count else 1.0,
+        batch_p50=batches.quantile(0.5),
+        batch_p99=batches.quantile(0.99),
+        broker_cpu_ms=None if broker_cpu is None else broker_cpu * 1000 / jobs,
+        total_cpu_ms=None if broker_cpu is None else (broker_cpu + clients_cpu) * 1000 / jobs,
     )
 
 
@@ -362,9 +639,8 @@ async def _delete_key_queues(settings: Settings) -> None:
         return  # no management API: x-expires removes them within a minute
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     try:
+        await _delete_queues(connection, [queue.name for queue in queues])
         channel = await connection.channel()
-        for queue in queues:
-            await channel.queue_delete(queue.name)
         for job_type in {"default"}:
             await channel.exchange_delete(names.jobs_exchange(job_type))
     finally:
@@ -380,29 +656,8 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
-def _broker_memory(settings: Settings) -> float | None:
-    try:
-        nodes = _get(settings, "nodes?columns=mem_used")
-        return float(sum(node["mem_used"] for node in nodes))
-    except Exception:
-        return None
-
-
-def broker_cpu_seconds() -> float | None:
-    """CPU time of the RabbitMQ node on this host (``beam.smp``), or None if not found."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if "(beam.smp)" in stat.read_text():
-                return cpu_seconds(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+#: kept under its old name for the scale run
+_broker_memory = broker_memory
 
 
 def _rss(pids: list[int]) -> float:
@@ -417,29 +672,37 @@ def _rss(pids: list[int]) -> float:
     return total
 
 
-async def measure_declare_rate(settings: Settings, queues: int = 2000, channels: int = 16) -> float:
-    """The broker's raw rate of declaring a new queue and binding it, over 16 channels."""
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    prefix = f"bench-raw-{uuid.uuid4().hex[:6]}"
-    try:
-        opened = [await connection.channel() for _ in range(channels)]
-        exchange = await opened[0].declare_exchange(f"{prefix}.x", "direct", auto_delete=True)
+async def measure_declare_rate(
+    settings: Settings, queues: int = 2000, channels: int = DECLARE_CHANNELS
+) -> float:
+    """The broker's raw rate of declaring a new durable single-active-consumer queue and
+    binding it, over 16 channels (then deleted): what new keys are compared with."""
+    async with run_vhost(settings, "declare") as settings:
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        prefix = f"bench-raw-{uuid.uuid4().hex[:6]}"
         names = [f"{prefix}.q{i}" for i in range(queues)]
+        declared: list[str] = []
+        try:
+            opened = [await connection.channel() for _ in range(channels)]
+            exchange = await opened[0].declare_exchange(f"{prefix}.x", "direct", auto_delete=True)
 
-        async def declare_some(channel: aio_pika.abc.AbstractChannel, part: list[str]) -> None:
-            for name in part:
-                queue = await channel.declare_queue(
-                    name,
-                    durable=settings.durable,
-                    arguments={"x-expires": 60_000, "x-single-active-consumer": True},
-                )
-                await queue.bind(exchange, routing_key=name)
+            async def declare_some(channel: aio_pika.abc.AbstractChannel, part: list[str]) -> None:
+                for name in part:
+                    queue = await channel.declare_queue(
+                        name,
+                        durable=settings.durable,
+                        arguments={"x-expires": 60_000, "x-single-active-consumer": True},
+                    )
+                    declared.append(name)
+                    await queue.bind(exchange, routing_key=name)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(declare_some(ch, names[i::channels]) for i, ch in enumerate(opened)))
-        rate = queues / (time.perf_counter() - started)
-        for i, name in enumerate(names):
-            await opened[i % channels].queue_delete(name)
-        return rate
-    finally:
-        await connection.close()
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(declare_some(ch, names[i::channels]) for i, ch in enumerate(opened))
+            )
+            return queues / (time.perf_counter() - started)
+        finally:
+            try:
+                await _delete_queues(connection, declared)
+            finally:
+                await connection.close()

@@ -1,0 +1,202 @@
+"""What the benchmark reads from and does to the broker beside the runs themselves: a vhost
+of its own per run, CPU time from /proc, the broker's memory.
+
+Each run gets a vhost of its own and deletes it at the end, with everything in it, also when
+the run fails or is interrupted: queues, exchanges and bindings of every strategy go with it.
+A run killed outright (SIGKILL) leaves its vhost behind, marked with its pid and host; the
+next run on the same host removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from ..._errors import BrokerUnavailableError
+from ..._management import _get, request
+from ..._settings import Settings
+
+__all__ = [
+    "broker_cpu_seconds",
+    "broker_memory",
+    "broker_pid",
+    "cpu_seconds",
+    "processes_cpu",
+    "run_vhost",
+]
+
+logger = logging.getLogger(__name__)
+
+_MARK = "rabbitkeys bench: pid {pid} on {host}"
+
+
+@contextlib.asynccontextmanager
+async def run_vhost(settings: Settings, label: str) -> AsyncIterator[Settings]:
+    """``settings`` pointing into a new vhost (named after ``label``), deleted on exit.
+
+    Where the login may not create vhosts (or there is no management API), the run uses
+    the given vhost and cleans up after itself by name, as it always did.
+    """
+    _remove_abandoned(settings)
+    vhost = f"rabbitkeys-bench-{label}-{uuid.uuid4().hex[:6]}"
+    quoted = urllib.parse.quote(vhost, safe="")
+    try:
+        request(
+            settings,
+            f"vhosts/{quoted}",
+            method="PUT",
+            body={"description": _MARK.format(pid=os.getpid(), host=socket.gethostname())},
+        )
+    except (urllib.error.HTTPError, BrokerUnavailableError) as exc:
+        logger.warning("no vhost of its own for the run (%s); using %s", exc, settings.vhost)
+        yield settings
+        return
+    try:
+        user = urllib.parse.quote(settings.amqp_user, safe="")
+        request(
+            settings,
+            f"permissions/{quoted}/{user}",
+            method="PUT",
+            body={"configure": ".*", "write": ".*", "read": ".*"},
+        )
+        parts = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
+        url = urllib.parse.urlunsplit(parts._replace(path=f"/{quoted}"))
+        # the URL itself, not a file that names the old vhost
+        yield settings.model_copy(update={"amqp_url": SecretStr(url), "amqp_url_file": None})
+    finally:
+        _delete_vhost(settings, quoted)
+
+
+def _delete_vhost(settings: Settings, quoted: str, attempts: int = 4) -> None:
+    # a broker restarting (or too busy to answer) gets some time: 2 + 4 + 8 s between tries
+    for attempt in range(attempts):
+        try:
+            request(settings, f"vhosts/{quoted}", method="DELETE")
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return
+            error: Exception = exc
+        except BrokerUnavailableError as exc:
+            error = exc
+        if attempt + 1 < attempts:
+            time.sleep(2.0 * 2**attempt)
+    logger.warning(
+        "could not delete vhost %s (%s): the next run on this host deletes it",
+        urllib.parse.unquote(quoted),
+        error,
+    )
+
+
+#: abandoned vhosts this process is deleting (in the background: on a busy broker
+#: deleting one takes minutes, and a run must not wait for another run's leftovers)
+_sweeping: set[str] = set()
+
+
+def _remove_abandoned(settings: Settings) -> None:
+    """Start deleting the vhosts of bench runs on this host whose process is gone."""
+    try:
+        vhosts = _get(settings, "vhosts?columns=name,description")
+    except BrokerUnavailableError:
+        return
+    host = socket.gethostname()
+    for vhost in vhosts:
+        description = str(vhost.get("description") or "")
+        prefix, _, rest = description.partition("rabbitkeys bench: pid ")
+        pid, _, on_host = rest.partition(" on ")
+        name = vhost["name"]
+        if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)) or name in _sweeping:
+            continue
+        logger.warning("removing vhost %s, left by an interrupted run", name)
+        _sweeping.add(name)
+        quoted = urllib.parse.quote(name, safe="")
+        threading.Thread(
+            target=_delete_vhost, args=(settings, quoted, 1), name=f"delete {name}", daemon=True
+        ).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def broker_pid(settings: Settings) -> int | None:
+    """The OS pid of the broker node on this host, as its management API tells; with no
+    API, the one ``beam.smp`` on this host (None if there are several: a second node for
+    cluster tests must not be taken for the broker)."""
+    try:
+        nodes = _get(settings, "nodes?columns=name,os_pid")
+        for node in nodes:
+            pid = int(node.get("os_pid") or 0)
+            if pid and _is_beam(pid):
+                return pid
+    except (BrokerUnavailableError, ValueError, TypeError):
+        pass
+    beams = [
+        int(stat.parent.name)
+        for stat in Path("/proc").glob("[0-9]*/stat")
+        if _is_beam(int(stat.parent.name))
+    ]
+    return beams[0] if len(beams) == 1 else None
+
+
+def _is_beam(pid: int) -> bool:
+    try:
+        return "(beam.smp)" in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+def broker_cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time of the broker node ``pid`` (by default the one ``beam.smp`` on this host),
+    or None if not found."""
+    if pid is None:
+        beams = [
+            stat for stat in Path("/proc").glob("[0-9]*/stat") if _is_beam(int(stat.parent.name))
+        ]
+        if len(beams) != 1:
+            return None
+        pid = int(beams[0].parent.name)
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes_cpu(pids: list[int]) -> float:
+    """CPU seconds of these processes together (one that is gone counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def broker_memory(settings: Settings) -> float | None:
+    try:
+        nodes = _get(settings, "nodes?columns=mem_used")
+        return float(sum(node["mem_used"] for node in nodes))
+    except Exception:
+        return None
