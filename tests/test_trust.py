@@ -100,11 +100,14 @@ class Scene:
 
     async def consumer_users(self, queue: str) -> list[str]:
         """The user of each consumer of ``queue``, per the management API (which lists
-        consumers from its statistics: seconds late)."""
+        consumers from its statistics: seconds late; a consumer whose channel's statistics
+        have not come in yet has empty ``channel_details`` and is left out until they do)."""
         vhost = urllib.parse.quote(self.vhost, safe="")
         consumers = await asyncio.to_thread(self.broker.api, f"consumers/{vhost}")
         return sorted(
-            c["channel_details"]["user"] for c in consumers if c["queue"]["name"] == queue
+            c["channel_details"]["user"]
+            for c in consumers
+            if c["queue"]["name"] == queue and isinstance(c["channel_details"], dict)
         )
 
     async def consumer_count(self, queue: str) -> int:
