@@ -126,6 +126,16 @@ class Worker(Background):
         return self._handoff.handled
 
     @property
+    def queues_checked(self) -> int:
+        """Keys whose queue was checked (passive declare) before consuming it."""
+        return self._handoff.queues_checked
+
+    @property
+    def checks_skipped(self) -> int:
+        """Keys consumed without a check: the registry had just declared their queue."""
+        return self._handoff.checks_skipped
+
+    @property
     def dead_lettered(self) -> int:
         return self._executor.dead_lettered
 
