@@ -20,7 +20,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, fresh_channel
-from ._control import control_message
+from ._control import control_message, publish_control
 from ._errors import RabbitkeysError
 from ._keybook import (
     RELEASE_WAIT,
@@ -236,9 +236,11 @@ class CommandRunner:
             del self._outboxes[worker_id]
 
     async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
-        commands = await self._control.get_exchange(self._names.commands_exchange, ensure=False)
-        await commands.publish(
-            control_message(command, user_id=self._settings.amqp_user), routing_key=routing_key
+        await publish_control(
+            self._control,
+            self._names.commands_exchange,
+            control_message(command, user_id=self._settings.amqp_user),
+            routing_key,
         )
 
 
