@@ -76,14 +76,21 @@ class ChannelPool:
     def __init__(self, connection: AbstractConnection, size: int) -> None:
         self._connection = connection
         self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
+        # One opening per slot at a time: a burst of calls (a thousand new keys at once)
+        # would otherwise each open a channel for the same empty slot, and all but the
+        # last would stay open, unused, until the connection closes.
+        self._opening = [asyncio.Lock() for _ in range(size)]
         self._turn = itertools.cycle(range(size))
 
     async def get(self) -> aiormq.abc.AbstractChannel:
         slot = next(self._turn)
         channel = self._channels[slot]
         if channel is None or channel.is_closed:
-            opened = await open_channel(self._connection)
-            channel = self._channels[slot] = await opened.get_underlay_channel()
+            async with self._opening[slot]:
+                channel = self._channels[slot]
+                if channel is None or channel.is_closed:
+                    opened = await open_channel(self._connection)
+                    channel = self._channels[slot] = await opened.get_underlay_channel()
         return channel
 
 

@@ -20,7 +20,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, fresh_channel
-from ._control import control_message
+from ._control import control_message, publish_control
 from ._errors import RabbitkeysError
 from ._keybook import (
     RELEASE_WAIT,
@@ -44,9 +44,14 @@ from ._protocol import REFUSED_QUOTA_EXCEEDED, Assign, Release, Sync, split
 from ._settings import Settings
 from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
-__all__ = ["CommandRunner"]
+__all__ = ["DECLARE_CHANNELS", "CommandRunner"]
 
 log = logging.getLogger("rabbitkeys.registry")
+
+#: Channels the registry declares and binds key queues on. A channel carries one call at a
+#: time (the client waits for each answer), so new keys are declared this many at a time;
+#: the broker's own declare rate levels off around 16 (docs/design.md, "A new key").
+DECLARE_CHANNELS = 32
 
 
 class CommandRunner:
@@ -76,8 +81,10 @@ class CommandRunner:
         self._rebalance = rebalance
         self._retired = retired
         self._route = route
-        self._pool = ChannelPool(connection, size=8)
+        self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
         self._declared_exchanges: set[str] = set()
+        #: commands waiting to be sent to each worker, in order (see :meth:`_send`)
+        self._outboxes: dict[str, list[Assign | Release | Sync]] = {}
         #: ensures waiting for the book's answer, by waiter number
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._waiter_numbers = itertools.count()
@@ -101,11 +108,10 @@ class CommandRunner:
                     if answer is not None and not answer.done():
                         answer.set_result(command)
                 case AssignKeys(worker_id=worker_id, keys=keys):
-                    for assign in split(list(keys), lambda chunk: Assign(keys=chunk)):
-                        self._send(worker_id, assign)
+                    # unbounded here (a rebalance of 100,000 keys): split when sent
+                    self._send(worker_id, Assign.model_construct(keys=list(keys)))
                 case ReleaseKeys(worker_id=worker_id, key_ids=key_ids):
-                    for release in split(list(key_ids), lambda chunk: Release(key_ids=chunk)):
-                        self._send(worker_id, release)
+                    self._send(worker_id, Release.model_construct(key_ids=list(key_ids)))
                 case SyncWorker(worker_id=worker_id):
                     self._send(worker_id, Sync())
                 case Rebalance():
@@ -149,10 +155,16 @@ class CommandRunner:
         if exchange not in self._declared_exchanges:
             await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
             self._declared_exchanges.add(exchange)
+        # One round trip, not two: the declare goes without waiting for its declare-ok, the
+        # bind right behind it on the same channel. The broker handles a channel's methods
+        # in order, so the bind-ok means the queue was declared; a refused declare (the
+        # vhost's queue limit, other arguments) closes the channel, and the bind raises the
+        # declare's error.
         await channel.queue_declare(
             queue,
             durable=self._settings.durable,
             arguments=key_queue_arguments(self._settings.key_queue_expires),
+            nowait=True,
         )
         routing_key = new_routing_key(ref)
         await channel.queue_bind(queue, exchange, routing_key=routing_key)
@@ -195,16 +207,62 @@ class CommandRunner:
     # --- sending ------------------------------------------------------------------------
 
     def _send(self, worker_id: str, command: Assign | Release | Sync) -> None:
-        route = self._route(worker_id)
-        if route is None:  # a worker we never heard from: nothing reaches it (and the book
-            return  # only commands workers that reported)
-        self._tasks.spawn(self._publish(route, command))
+        """Queue ``command`` in the worker's outbox. One message per worker is in flight
+        (sent, not yet confirmed); what is queued meanwhile goes next, consecutive
+        ``Assign``s (or ``Release``s) merged into one message: a burst of new keys costs a
+        worker a few commands, not one per key. The order of commands to a worker is kept
+        (a ``Release`` must not overtake the ``Assign`` of the same key)."""
+        outbox = self._outboxes.get(worker_id)
+        if outbox is None:
+            outbox = self._outboxes[worker_id] = []
+            self._tasks.spawn(self._deliver(worker_id, outbox))
+        merge_commands(outbox, command)
+
+    async def _deliver(self, worker_id: str, outbox: list[Assign | Release | Sync]) -> None:
+        try:
+            while outbox:
+                command = outbox.pop(0)
+                route = self._route(worker_id)
+                if route is None:  # a worker we never heard from (or gone): nothing
+                    continue  # reaches it, and the book only commands workers that reported
+                for message in split_command(command):
+                    try:
+                        await self._publish(route, message)
+                    except CHANNEL_ERRORS:
+                        raise  # the control channel is gone: so is this session
+                    except Exception:
+                        log.exception("cannot send a %s to worker %s", message.type, worker_id)
+        finally:
+            del self._outboxes[worker_id]
 
     async def _publish(self, routing_key: str, command: Assign | Release | Sync) -> None:
-        commands = await self._control.get_exchange(self._names.commands_exchange, ensure=False)
-        await commands.publish(
-            control_message(command, user_id=self._settings.amqp_user), routing_key=routing_key
+        await publish_control(
+            self._control,
+            self._names.commands_exchange,
+            control_message(command, user_id=self._settings.amqp_user),
+            routing_key,
         )
+
+
+def merge_commands(outbox: list[Assign | Release | Sync], command: Assign | Release | Sync) -> None:
+    """Append ``command`` to a worker's outbox, merged into the last one if both are
+    ``Assign``s or both ``Release``s (their order within the merged list is kept)."""
+    last = outbox[-1] if outbox else None
+    if isinstance(last, Assign) and isinstance(command, Assign):
+        outbox[-1] = Assign.model_construct(keys=[*last.keys, *command.keys])
+    elif isinstance(last, Release) and isinstance(command, Release):
+        outbox[-1] = Release.model_construct(key_ids=[*last.key_ids, *command.key_ids])
+    elif not (isinstance(last, Sync) and isinstance(command, Sync)):
+        outbox.append(command)
+
+
+def split_command(command: Assign | Release | Sync) -> list[Assign | Release | Sync]:
+    """``command`` as messages within the protocol's bounds (:func:`._protocol.split`)."""
+    if isinstance(command, Assign):
+        return list(split(command.keys, lambda chunk: Assign(keys=chunk)))
+    if isinstance(command, Release):
+        return list(split(command.key_ids, lambda chunk: Release(key_ids=chunk)))
+    return [command]
 
 
 def _declare_refusal(error: Exception) -> tuple[str, str | None]:

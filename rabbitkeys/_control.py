@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -29,6 +29,7 @@ __all__ = [
     "ControlClient",
     "control_message",
     "declare_control_topology",
+    "publish_control",
     "wait_for_topology",
 ]
 
@@ -87,6 +88,31 @@ def control_message(
     )
 
 
+async def publish_control(
+    channel: AbstractChannel,
+    exchange: str,
+    message: aio_pika.Message,
+    routing_key: str,
+    *,
+    mandatory: bool = False,
+) -> Any:
+    """Publish a control message and wait for the broker's confirm (or return), not for
+    the socket write: aio-pika's ``publish`` holds the channel's lock until its frames are
+    written out, so publishes on one channel leave one per event-loop turn, and a burst of
+    a thousand new keys waited seconds for it (requests, replies and assignments alike).
+    Frames still leave in call order (the write queue is FIFO)."""
+    # aiormq's Channel has ``wait``; its abstract base does not declare it
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    return await underlay.basic_publish(
+        message.body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=message.properties,
+        mandatory=mandatory,
+        wait=False,
+    )
+
+
 class ControlClient:
     """Sends requests to the registry and waits for the matching reply."""
 
@@ -138,10 +164,11 @@ class ControlClient:
                     if not await wait_for_topology(self._connection, exchange, timeout=remaining):
                         raise TimeoutError
                 await self._bind_reply_queue()
-            requests = await self._channel.get_exchange(self._names.requests_exchange, ensure=False)
             while True:
                 remaining = max(0.001, deadline - time.monotonic())
-                sent = await requests.publish(
+                sent = await publish_control(
+                    self._channel,
+                    self._names.requests_exchange,
                     control_message(
                         payload,
                         user_id=self._user_id,
@@ -149,7 +176,7 @@ class ControlClient:
                         reply_to=self._reply_queue,
                         correlation_id=correlation_id,
                     ),
-                    routing_key="",
+                    "",
                     mandatory=True,
                 )
                 if isinstance(sent, aiormq.spec.Basic.Ack):

@@ -141,6 +141,11 @@ class Handoff:
         self._former_histories: OrderedDict[str, SequenceHistory] = OrderedDict()
         #: deliveries run to their end and acked, over all sessions
         self.handled = 0
+        #: keys whose queue was checked (a passive declare) before consuming it, and keys
+        #: consumed unchecked because the registry had just declared them
+        #: (``KeyAssignment.fresh``), over all sessions
+        self.queues_checked = 0
+        self.checks_skipped = 0
 
     def begin(self, consume: aiormq.Channel, declares: ChannelPool, lost: asyncio.Event) -> None:
         """A new session: keys are consumed on ``consume``; ``lost`` is set when a delivery
@@ -211,11 +216,18 @@ class Handoff:
             # Only the registry declares key queues (a worker may not: the right to declare
             # is the right to delete). A passive declare first means a consume never hits a
             # missing queue, which would close the channel every key is consumed on; it
-            # also renews the queue's x-expires lease until the consume takes over.
-            if not await self._queue_exists(assignment.queue):
-                log.error("key %s: its queue %s does not exist", key_id, assignment.queue)
-                self._tasks.spawn(self._give_back(assignment))
-                return
+            # also renews the queue's x-expires lease until the consume takes over. A key
+            # the registry has just declared (``fresh``: it had the declare-ok when it sent
+            # the assignment, and only it deletes key queues, never an owned key) is
+            # consumed at once: a new key costs one round trip here, not two.
+            if assignment.fresh:
+                self.checks_skipped += 1
+            else:
+                self.queues_checked += 1
+                if not await self._queue_exists(assignment.queue):
+                    log.error("key %s: its queue %s does not exist", key_id, assignment.queue)
+                    self._tasks.spawn(self._give_back(assignment))
+                    return
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
             owned = self._book[key_id] = OwnedKey(assignment)

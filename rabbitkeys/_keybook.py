@@ -243,13 +243,15 @@ class Key:
     def routing_key(self) -> str | None:
         return self.routing_keys[-1] if self.routing_keys else None
 
-    def assignment(self) -> KeyAssignment:
+    def assignment(self, *, fresh: bool = False) -> KeyAssignment:
+        """What a worker is told; ``fresh`` only right after the queue's declare-ok."""
         return KeyAssignment(
             key_id=self.ref.id,
             job_type=self.ref.job_type,
             key=self.ref.key,
             queue=self.queue,
             routing_key=self.routing_key,
+            fresh=fresh,
         )
 
 
@@ -411,20 +413,20 @@ class _Ledger:
             return None
         return key
 
-    def _place(self, key: Key) -> list[Command]:
+    def _place(self, key: Key, *, fresh: bool = False) -> list[Command]:
         """Give an unowned key to a worker, without moving any other key."""
         eligible = [w for w, s in self.workers.items() if key.ref.job_type in s.job_types]
         loads = {w: len(self.workers[w].keys) for w in eligible}
         owner = _assignment.pick(key.ref.id, eligible, loads, sum(loads.values()) + 1)
-        return self._give(key, owner)
+        return self._give(key, owner, fresh=fresh)
 
-    def _give(self, key: Key, owner: str | None) -> list[Command]:
+    def _give(self, key: Key, owner: str | None, *, fresh: bool = False) -> list[Command]:
         self._set_owner(key, owner)
         if owner is None:
             self._enter(key, KeyState.UNOWNED)
             return []
         self._enter(key, KeyState.OWNED)
-        return [AssignKeys(owner, (key.assignment(),))]
+        return [AssignKeys(owner, (key.assignment(fresh=fresh),))]
 
     def still_connected(self, worker_id: str, now: float) -> None:
         """Its heartbeats are late but its connection lives: look again later."""
@@ -535,11 +537,13 @@ class KeyBook(_Ledger):
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = now
         recreated, key.recreated = key.recreated, False
-        commands = self._resume(key)
+        # The queue exists as of this declare-ok: a worker given the key now need not check
+        # it (``KeyAssignment.fresh``).
+        commands = self._resume(key, fresh=True)
         if recreated and key.state is KeyState.OWNED and not commands:
             # the queue was recreated: its old consumer was cancelled by the broker
             assert key.owner is not None
-            commands.append(AssignKeys(key.owner, (key.assignment(),)))
+            commands.append(AssignKeys(key.owner, (key.assignment(fresh=True),)))
         return commands + self._answer(key, routing_key)
 
     def declare_failed(
@@ -560,13 +564,13 @@ class KeyBook(_Ledger):
         self._forget(key)
         return commands
 
-    def _resume(self, key: Key) -> list[Command]:
+    def _resume(self, key: Key, *, fresh: bool = False) -> list[Command]:
         """Out of DECLARING: held as before (its owner, a move under way), or placed."""
         if key.owner is not None and key.owner in self.workers:
             moving = key.resume is KeyState.MOVING
             self._enter(key, KeyState.MOVING if moving else KeyState.OWNED)
             return []
-        return self._place(key)
+        return self._place(key, fresh=fresh)
 
     def _answer(self, key: Key, routing_key: str) -> list[Command]:
         waiters, key.waiters = key.waiters, []

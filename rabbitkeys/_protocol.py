@@ -112,13 +112,18 @@ class _Model(BaseModel):
 
 
 class KeyAssignment(_Model):
-    """A key a worker must consume: everything it needs to declare and consume its queue."""
+    """A key a worker must consume: everything it needs to check and consume its queue."""
 
     key_id: _KeyId
     job_type: _JobType
     key: _Key
     queue: _QueueName
     routing_key: _RoutingKey | None = None
+    #: the registry declared the queue just before this assignment (it had the declare-ok):
+    #: the worker may consume without checking it first (a passive declare: a round trip
+    #: per new key). Absent (False) for keys adopted, moved or reassigned, whose queue may
+    #: be gone; a party that does not know the field checks, as before.
+    fresh: bool = False
 
     @model_validator(mode="after")
     def _same_job_type(self) -> Self:

@@ -2,8 +2,10 @@
 registry learns by asking the broker rather than the workers.
 
 * key queues nobody consumes, and every key's bindings (management API listing), adopted
-  into the key book once workers had a moment to report theirs, then every minute;
-* the backlog metric (one listing, never a declare per key) and a status's backlog per key;
+  into the key book once workers had a moment to report theirs, then every minute or so
+  (less often the longer a listing takes);
+* the backlog metric (one listing without statistics, never a declare per key) and a
+  status's backlog per key;
 * leases of key queues no worker consumes (a passive declare renews ``x-expires``);
 * which workers are gone: the event exchange's ``queue.deleted`` for a worker's exclusive
   inbox, or, without it, a worker silent for ``worker_timeout`` whose inbox is gone.
@@ -35,10 +37,17 @@ log = logging.getLogger("rabbitkeys.registry")
 
 _EVENT_EXCHANGE = "amq.rabbitmq.event"
 
-# How often the leader compares its keys with the broker's key queues (management API).
+# How often the leader compares its keys with the broker's key queues (management API), at
+# least; and at most what share of the time its listings may take (at 100,000 keys a
+# listing of queues and bindings takes seconds: it runs at most a twentieth of the time).
 _RECONCILE_INTERVAL = 60.0
-# How often the leader reads the key queues' depths for the backlog metric.
+_RECONCILE_SHARE = 20
+# How often the leader reads the key queues' depths for the backlog metric, at least; and
+# the same bound on the listing's share of the time.
 _BACKLOG_INTERVAL = 15.0
+_BACKLOG_SHARE = 10
+# Passive declares at once when the adoption asks about queues the book does not know.
+_PROBES_IN_FLIGHT = 32
 
 
 class Reconciler:
@@ -78,6 +87,7 @@ class Reconciler:
         await asyncio.sleep(2 * self._settings.heartbeat_interval)
         failures = 0
         while True:
+            started = time.monotonic()
             try:
                 complete = await self._adopt_from_broker()
             except (BrokerUnavailableError, *CHANNEL_ERRORS, KeyError, ValueError) as exc:
@@ -89,13 +99,15 @@ class Reconciler:
                         exc,
                     )
             failures = 0 if complete else failures + 1
-            # right after a broker restart its statistics are incomplete: retry soon
-            await asyncio.sleep(_RECONCILE_INTERVAL if complete else min(30.0, failures))
+            took = time.monotonic() - started
+            interval = max(_RECONCILE_INTERVAL, _RECONCILE_SHARE * took)
+            # right after a broker restart it may not answer: retry soon
+            await asyncio.sleep(interval if complete else min(30.0, failures))
 
     async def _adopt_from_broker(self) -> bool:
-        found = await list_queues(self._settings, self._names.key_queue_prefix)
-        if any(queue.consumers is None for queue in found):
-            return False
+        # Names only: the broker's per-queue statistics (consumers) cost it most at 100,000
+        # queues, and only the few queues the book does not know need a consumer count.
+        found = await list_queues(self._settings, self._names.key_queue_prefix, statistics=False)
         refs = {q.name: ref for q in found if (ref := self._names.key_of_queue(q.name))}
         bindings: dict[str, list[str]] = defaultdict(list)
         for job_type in {ref.job_type for ref in refs.values()}:
@@ -107,32 +119,51 @@ class Reconciler:
             for bound_queue, routing_key in await list_bindings(self._settings, exchange):
                 bindings[bound_queue].append(routing_key)
         book = self._book
+        unknown = [(name, ref) for name, ref in refs.items() if ref.id not in book.keys]
+        consumers = await self._consumer_counts([name for name, _ in unknown])
         adopted = 0
-        for queue in found:
-            ref = refs.get(queue.name)
-            if ref is not None:
-                bound = bindings.get(queue.name, [])
-                adopted += book.adopt_listed(ref, queue.consumers or 0, bound, time.monotonic())
+        for name, ref in refs.items():
+            if name in consumers or ref.id in book.keys:
+                bound = bindings.get(name, [])
+                count = consumers.get(name, 0)
+                adopted += book.adopt_listed(ref, count, bound, time.monotonic())
         if adopted:
             log.info("adopted %d unconsumed keys from the broker", adopted)
             self._adopted()
         return True
 
+    async def _consumer_counts(self, queues: list[str]) -> dict[str, int]:
+        """Each queue's consumer count, by a passive declare (a few at a time); a queue
+        that is gone meanwhile is left out."""
+        limit = asyncio.Semaphore(_PROBES_IN_FLIGHT)
+        counts: dict[str, int] = {}
+
+        async def count(queue: str) -> None:
+            async with limit:
+                with contextlib.suppress(*CHANNEL_ERRORS):
+                    ok = await (await self._probes.get()).queue_declare(queue, passive=True)
+                    counts[queue] = int(ok.consumer_count or 0)
+
+        await asyncio.gather(*(count(queue) for queue in queues))
+        return counts
+
     # --- backlog and leases ---------------------------------------------------------------
 
     async def poll_backlog(self) -> None:
-        """Messages waiting in key queues, for the metric an autoscaler reads. One listing
-        through the management API (unpaged, filtered here), not a declare per key."""
+        """Messages in key queues (ready and unacknowledged, AMQP messages: a batch counts
+        once), for the metric an autoscaler reads. One listing through the management API
+        (unpaged, filtered here, without statistics), not a declare per key."""
         while True:
             started = time.monotonic()
             with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError):
-                found = await list_queues(self._settings, self._names.key_queue_prefix)
+                found = await list_queues(
+                    self._settings, self._names.key_queue_prefix, statistics=False
+                )
                 self.backlog_messages = sum(queue.messages for queue in found)
                 self.key_queue_count = len(found)
-            # A listing of 100,000 queues takes the broker tens of seconds: keep its share
-            # of the management API's time under a tenth.
+            # Keep the listing's share of the management API's time under a tenth.
             took = time.monotonic() - started
-            await asyncio.sleep(max(_BACKLOG_INTERVAL, 10 * took))
+            await asyncio.sleep(max(_BACKLOG_INTERVAL, _BACKLOG_SHARE * took))
 
     async def backlog(self) -> dict[str, int]:
         """Ready messages per key, by passive declares (a few at a time)."""

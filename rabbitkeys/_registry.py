@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from ._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
 from ._commands import CommandRunner
 from ._connection import keep_connected
-from ._control import control_message, declare_control_topology
+from ._control import control_message, declare_control_topology, publish_control
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
 from ._keybook import (
     Command,
@@ -358,12 +358,13 @@ class Registry(Background):
             )
             return
         try:
-            replies = await self._control.get_exchange(self.names.replies_exchange, ensure=False)
-            await replies.publish(
+            await publish_control(
+                self._control,
+                self.names.replies_exchange,
                 control_message(
                     reply, user_id=self.settings.amqp_user, correlation_id=message.correlation_id
                 ),
-                routing_key=reply_to,
+                reply_to,
             )
         except CHANNEL_ERRORS:
             raise  # the control channel is gone: the session ends, as it must
@@ -443,10 +444,11 @@ class Registry(Background):
 
     async def _broadcast(self, command: Sync) -> None:
         assert self._control is not None
-        exchange = await self._control.get_exchange(self.names.commands_exchange, ensure=False)
-        await exchange.publish(
+        await publish_control(
+            self._control,
+            self.names.commands_exchange,
             control_message(command, user_id=self.settings.amqp_user),
-            routing_key=self.names.all_workers_route,
+            self.names.all_workers_route,
         )
 
 

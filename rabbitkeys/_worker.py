@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
 from ._app import App, Context, Hook, hook_name, is_async
 from ._connection import keep_connected
-from ._control import control_message, topology_exists
+from ._control import control_message, publish_control, topology_exists
 from ._errors import ConfigError, ProtocolError, StartupError
 from ._execution import Executor
 from ._handoff import Handoff
@@ -124,6 +124,16 @@ class Worker(Background):
     def handled(self) -> int:
         """Deliveries run to their end and acked (handled, dropped as copies, dead-lettered)."""
         return self._handoff.handled
+
+    @property
+    def queues_checked(self) -> int:
+        """Keys whose queue was checked (passive declare) before consuming it."""
+        return self._handoff.queues_checked
+
+    @property
+    def checks_skipped(self) -> int:
+        """Keys consumed without a check: the registry had just declared their queue."""
+        return self._handoff.checks_skipped
 
     @property
     def dead_lettered(self) -> int:
@@ -369,12 +379,13 @@ class Worker(Background):
 
     async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released) -> None:
         assert self._control is not None
-        membership = await self._control.get_exchange(self.names.membership_exchange, ensure=False)
-        await membership.publish(
+        await publish_control(
+            self._control,
+            self.names.membership_exchange,
             control_message(
                 message, user_id=self.settings.amqp_user, expiration=self.settings.worker_timeout
             ),
-            routing_key="",
+            "",
         )
 
     async def _released(self, keys: list[KeyAssignment]) -> None:

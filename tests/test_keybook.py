@@ -76,6 +76,8 @@ class Sim:
     rebalance_wanted: bool = False
     refs: dict[str, KeyRef] = field(default_factory=dict)
     time: float = 0.0
+    #: the key whose declare-ok is being reported now: the only one that may be fresh
+    just_declared: str | None = None
 
     # --- carrying out commands ---------------------------------------------------------
 
@@ -89,6 +91,9 @@ class Sim:
                         owned = (KeyState.OWNED, KeyState.DECLARING)
                         if key.state not in owned or key.owner != worker:
                             raise Violation(f"assigned {assignment.key_id} in {key.state}")
+                        if assignment.fresh and assignment.key_id != self.just_declared:
+                            # the worker would consume it unchecked: its queue may be gone
+                            raise Violation(f"{assignment.key_id} assigned fresh, not declared")
                         if worker not in self.holds:
                             continue  # it has left (or is leaving): its inbox is gone
                         # The worker consumes at once (the earliest it could): nobody else may.
@@ -126,7 +131,11 @@ class Sim:
             case DeclareAndBind(key_id=key_id, epoch=epoch):
                 if success:
                     routing_key = f"rk{next(self.routing_keys)}"
-                    self.do(book.declared(key_id, epoch, routing_key, self.time))
+                    self.just_declared = key_id
+                    try:
+                        self.do(book.declared(key_id, epoch, routing_key, self.time))
+                    finally:
+                        self.just_declared = None
                 else:
                     self.do(book.declare_failed(key_id, epoch, "refused", None))
             case Unbind(key_id=key_id, epoch=epoch, routing_keys=routing_keys):
@@ -406,6 +415,37 @@ def test_a_new_key_is_declared_then_owned_and_its_ensure_answered() -> None:
     assert sim.holds["w1"] == {key.ref.id}
 
 
+def test_only_a_key_just_declared_is_assigned_fresh() -> None:
+    """A worker consumes a fresh key without checking its queue: only the declare-ok the
+    registry has just had may say so, never an adoption, a move or a rebalance."""
+    sim = Sim()
+    sim.join("w1", frozenset("a"))
+    sim.ensure("new", "a", False)
+    declared = sim.book.declared(*_declaring(sim), "rk0", 1.0)
+    [assigned] = [c for c in declared if isinstance(c, AssignKeys)]
+    assert [a.fresh for a in assigned.keys] == [True]
+    sim.book.adopt_listed(ref("adopted"), consumers=0, bound=["rk1"], now=1.0)
+    placed = sim.book.rebalance(2.0)
+    assert [a.fresh for c in placed if isinstance(c, AssignKeys) for a in c.keys] == [False]
+    sim.holds["w1"] = set(sim.book.keys)
+    sim.join("w2", frozenset("a"))  # some keys move: assigned to w2 once w1 released them
+    sim.do(sim.book.rebalance(3.0))
+    moved = [
+        a
+        for worker, key_id in list(sim.releases)
+        for c in sim.book.released(worker, [(sim.refs.get(key_id) or ref(key_id[2:]), None)], 4)
+        if isinstance(c, AssignKeys)
+        for a in c.keys
+    ]
+    assert all(not a.fresh for a in moved)
+
+
+def _declaring(sim: Sim) -> tuple[str, int]:
+    [command] = [c for c in sim.pending if isinstance(c, DeclareAndBind)]
+    sim.pending.remove(command)
+    return command.key_id, command.epoch
+
+
 def test_a_declare_that_fails_leaves_no_key_and_refuses_every_waiter() -> None:
     sim = Sim()
     waiters = [sim.ensure("k", "a", False) for _ in range(3)]
@@ -539,7 +579,8 @@ def test_a_lost_queue_is_declared_again_and_its_owner_told_to_consume_it_again()
     assert key.state is KeyState.DECLARING and key.routing_keys == []
     assert commands == [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
     assigned = sim.book.declared(key.ref.id, key.epoch, "rk9", 5.0)
-    assert AssignKeys("w1", (key.assignment(),)) in assigned
+    # just declared again: the owner may consume it without checking it first
+    assert AssignKeys("w1", (key.assignment(fresh=True),)) in assigned
     assert Reply(100, routing_key="rk9") in assigned and key.state is KeyState.OWNED
 
 
