@@ -92,7 +92,11 @@ async def main(keys: int, durable: bool) -> None:
                 await queue.consume(on_message)
 
         async def publish(lane: int) -> None:
-            mode = aio_pika.DeliveryMode.PERSISTENT if durable else aio_pika.DeliveryMode.NOT_PERSISTENT
+            mode = (
+                aio_pika.DeliveryMode.PERSISTENT
+                if durable
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            )
             await asyncio.gather(
                 *(
                     publish_exchange.publish(
