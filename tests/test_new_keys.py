@@ -120,6 +120,7 @@ async def test_a_burst_of_new_keys_is_consumed_unchecked_in_few_commands_each_me
     ):
         # both joined before the burst: no key moves (a moved key is checked by its target)
         await eventually(lambda: len(registry._book.workers) == 2)
+        moved_before = registry.metrics.keys_moved._value.get()
         # every key new, three messages each, all 900 publishes at once
         await asyncio.gather(
             *(publisher.publish(key, str(n).encode()) for n in range(3) for key in keys)
@@ -129,9 +130,11 @@ async def test_a_burst_of_new_keys_is_consumed_unchecked_in_few_commands_each_me
         assert {key: handled[key] for key in keys} == {key: [0, 1, 2] for key in keys}
         workers = (one, two)
         assert sum(len(w.owned_keys) for w in workers) == 300
-        # the registry had just declared each queue: no worker checked one
+        # the registry had just declared each queue: no worker checked one on its first
+        # assignment; a key a rebalance moved during the burst is checked by its target
+        moved = registry.metrics.keys_moved._value.get() - moved_before
         assert sum(w.checks_skipped for w in workers) == 300
-        assert sum(w.queues_checked for w in workers) == 0
+        assert sum(w.queues_checked for w in workers) == moved
         # while one command to a worker was in flight, the next keys' Assigns merged
         assert sum(spy.sizes) == 300 and len(spy.sizes) < 300, spy.sizes
 
