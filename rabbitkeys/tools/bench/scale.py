@@ -106,7 +106,7 @@ async def run_scale(settings: Settings, *, keys: int, workers: int = 4) -> Scale
             "max_keys": max(settings.max_keys, keys),  # the run sets its own scale
         }
     )
-    registry_port = _free_port()
+    registry_port = free_port()
     with tempfile.TemporaryDirectory(prefix="rabbitkeys-scale-") as scratch:
         env = {"RK_BENCH_DIR": scratch, "RK_BENCH_WORK_MS": "0"}
         try:
@@ -254,7 +254,7 @@ async def _wait_until(predicate: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]

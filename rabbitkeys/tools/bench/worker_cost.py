@@ -3,10 +3,10 @@
 ``python -m rabbitkeys.tools.bench.worker_cost [--keys 1000] [--jobs 10] [--batch 10]
 [--rounds 2] [--code NAME=DIR ...] [--variants rabbitkeys,raw,NAME] [--profile DIR]``
 
-In a vhost of its own (made through the management API and deleted at the end, with all
-its queues), a registry runs in this process and ensures ``--keys`` keys. Then, for each
-variant in turn, one worker process is started and left to take every key, then stopped
-(SIGSTOP) while ``--jobs`` jobs per key are put into the key queues (plain messages, or
+In a vhost of its own (``broker.run_vhost``: made through the management API and deleted
+at the end, with all its queues), a registry runs in this process and ensures ``--keys``
+keys. Then, for each variant in turn, one worker process is started and left to take every
+key, then stopped (SIGSTOP) while ``--jobs`` jobs per key are put into the key queues (plain messages, or
 batches of ``--batch``); its CPU time (``/proc``) is read, it is woken (SIGCONT), and its
 CPU time is read again once it handled them all:
 
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import json
 import os
 import signal
 import sys
@@ -34,7 +32,6 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +49,8 @@ from ..._registry import Registry
 from ..._settings import Settings
 from ..._topology import KeyRef, Names
 from ..cluster import _settings_env
+from .broker import cpu_seconds, run_vhost
+from .scale import free_port
 
 __all__ = ["main"]
 
@@ -82,26 +81,6 @@ class Measured:
             f"{1000 * self.cpu_seconds / self.jobs:6.3f} ms CPU/job  "
             f"{self.jobs / self.seconds:8.0f} jobs/s"
         )
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _api(base: str, path: str, method: str = "GET", body: Any = None) -> Any:
-    parts = urllib.parse.urlsplit(base)
-    request = urllib.request.Request(
-        f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api/{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-    )
-    token = base64.b64encode(b"guest:guest").decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=120) as response:
-        answer = response.read()
-    return json.loads(answer) if answer else None
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -210,7 +189,7 @@ async def _run_variant(
         ready = lambda: counted[0] >= 0  # noqa: E731
         handled = lambda: counted[0]  # noqa: E731
     else:
-        port = _free_port()
+        port = free_port()
         env["RABBITKEYS_METRICS_PORT"] = str(port)
         command = ["-m", "rabbitkeys", "worker", "cost_app:app"]
         if profile:
@@ -237,11 +216,11 @@ async def _run_variant(
         before_count = handled()
         process.send_signal(signal.SIGSTOP)
         total = await feeder.feed(jobs, batch)
-        before_cpu, started = _cpu(process.pid), time.monotonic()
+        before_cpu, started = cpu_seconds(process.pid), time.monotonic()
         process.send_signal(signal.SIGCONT)
         await _until(lambda: handled() - before_count >= total, 300, f"{variant}: not all handled")
         seconds = time.monotonic() - started
-        cpu = _cpu(process.pid) - before_cpu
+        cpu = cpu_seconds(process.pid) - before_cpu
     finally:
         process.send_signal(signal.SIGCONT)  # a stopped process takes no SIGTERM
         process.send_signal(signal.SIGTERM)
@@ -249,14 +228,6 @@ async def _run_variant(
         if reader is not None:
             reader.cancel()
     return Measured(variant, batch, total, cpu, seconds)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _reads_batches(directory: str | None) -> bool:
@@ -272,30 +243,21 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
     for variant in variants:
         if variant not in ("rabbitkeys", "raw", *code):
             raise SystemExit(f"{variant}: not rabbitkeys, raw or a --code NAME")
-    base = "amqp://guest:guest@127.0.0.1:5672/"
-    vhost = f"rk-worker-cost-{uuid.uuid4().hex[:8]}"
-    management = "http://127.0.0.1:15672"
-    _api(management, f"vhosts/{vhost}", "PUT", {"description": "rabbitkeys worker_cost run"})
-    _api(
-        management,
-        f"permissions/{vhost}/guest",
-        "PUT",
-        {"configure": ".*", "write": ".*", "read": ".*"},
-    )
     results: list[Measured] = []
-    try:
-        settings = Settings(
-            amqp_url=SecretStr(base + vhost),
-            namespace="cost",
-            heartbeat_interval=1.0,
-            worker_timeout=600.0,  # the worker is stopped (SIGSTOP) while the queues fill
-            idle_period=3600.0,  # no key retired between two variants
-        )
+    local = Settings(
+        amqp_url=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+        namespace="cost",
+        heartbeat_interval=1.0,
+        worker_timeout=600.0,  # the worker is stopped (SIGSTOP) while the queues fill
+        idle_period=3600.0,  # no key retired between two variants
+    )
+    async with run_vhost(local, "worker-cost") as settings:
+        url = settings.amqp_url.get_secret_value()
         registry = Registry(settings)
         await registry.start()
         try:
             await asyncio.wait_for(registry.wait_leading(), 30)
-            connection = await aio_pika.connect(base + vhost)
+            connection = await aio_pika.connect(url)
             client = ControlClient(connection, Names("cost"), "guest")
             await client.start()
             keys = [f"key-{n}" for n in range(args.keys)]
@@ -308,7 +270,7 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
 
             for start in range(0, len(keys), 100):
                 await asyncio.gather(*(ensure(k) for k in keys[start : start + 100]))
-            raw = await aiormq.connect(base + vhost)
+            raw = await aiormq.connect(url)
             channel = await raw.channel(publisher_confirms=True)
             feeder = _Feeder(settings, routing, channel)
             queues = [Names("cost").key_queue(KeyRef.of(k)) for k in keys]
@@ -336,15 +298,6 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
             await connection.close()
         finally:
             await registry.close()
-    finally:
-        for attempt in range(5):  # the management API can drop a request under load
-            try:
-                _api(management, f"vhosts/{vhost}", "DELETE")
-                break
-            except OSError:
-                if attempt == 4:
-                    print(f"could not delete vhost {vhost}: delete it by hand", file=sys.stderr)
-                await asyncio.sleep(2)
     return results
 
 
