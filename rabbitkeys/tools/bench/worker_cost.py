@@ -6,9 +6,9 @@
 In a vhost of its own (``broker.run_vhost``: made through the management API and deleted
 at the end, with all its queues), a registry runs in this process and ensures ``--keys``
 keys. Then, for each variant in turn, one worker process is started and left to take every
-key, then stopped (SIGSTOP) while ``--jobs`` jobs per key are put into the key queues (plain messages, or
-batches of ``--batch``); its CPU time (``/proc``) is read, it is woken (SIGCONT), and its
-CPU time is read again once it handled them all:
+key, then stopped (SIGSTOP) while ``--jobs`` jobs per key are put into the key queues
+(plain messages, or batches of ``--batch``); its CPU time (``/proc``) is read, it is woken
+(SIGCONT), and its CPU time is read again once it handled them all:
 
 * ``rabbitkeys``: ``rabbitkeys worker`` with an async handler that does nothing;
 * ``NAME`` of ``--code NAME=DIR``: the same with the package found in ``DIR`` (e.g. an
