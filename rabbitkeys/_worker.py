@@ -468,4 +468,4 @@ class Worker(Background):
         await asyncio.gather(*(self._handoff.release(owned.key_id) for owned in holds))
         with contextlib.suppress(Exception):
             await self._send(WorkerLeave(worker_id=self.worker_id, session=self._secret))
-        log.info("worker %s stopped after %d messages", self.worker_id, self.handled)
+        log.info("worker %s stopped after %d deliveries", self.worker_id, self.handled)
