@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import yarl
@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Seconds a key queue without consumer survives (x-expires backstop).",
     )
     durable: bool = Field(default=True, description="Durable key queues and persistent messages.")
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="Type of the namespace's key queues, registry queue and dead-letter queue: "
+        "'classic' (one node holds each; a key whose node is down waits for it) or 'quorum' "
+        "(replicated over the cluster's nodes: keys flow through the loss of a node; "
+        "needs durable).",
+    )
     prefetch: int = Field(
         default=4,
         ge=1,
@@ -275,6 +282,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "worker_timeout must exceed twice heartbeat_interval, "
                 "or a single late heartbeat drops a live worker"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_is_durable(self) -> Self:
+        if self.queue_type == "quorum" and not self.durable:
+            raise ValueError(
+                f"{ENV_PREFIX}QUEUE_TYPE=quorum needs {ENV_PREFIX}DURABLE=true: quorum queues "
+                "are always durable"
             )
         return self
 
