@@ -35,14 +35,40 @@ __all__ = [
     "CHANNEL_ERRORS",
     "ChannelPool",
     "TaskSet",
+    "broker_version",
     "fresh_channel",
     "open_channel",
+    "queue_unavailable",
     "sleep_unless",
 ]
 
 #: What a call on a channel raises once the channel or its connection is gone
 #: (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
 CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
+
+def queue_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says a queue exists but cannot be reached: on a cluster, a classic
+    queue whose node is down answers a (passive) declare with NOT_FOUND "home node ... is
+    down or inaccessible". Unlike a real NOT_FOUND, the queue and its messages come back
+    with the node, so it must be waited for, never given up or declared anew."""
+    return isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and (
+        "down or inaccessible" in str(error)
+    )
+
+
+def broker_version(connection: AbstractConnection) -> tuple[int, int]:
+    """The broker's major and minor version, from the server properties of ``connection``
+    ((0, 0) if it does not say)."""
+    properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
+    version = properties.get("version", b"") if properties else b""
+    text = version.decode() if isinstance(version, bytes) else str(version)
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return 0, 0
+
 
 # aiormq numbers its own channels upwards from 1; ours live far above them.
 _FIRST, _LAST = 32_768, 65_535

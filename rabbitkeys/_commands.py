@@ -19,7 +19,14 @@ from collections.abc import Callable
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, fresh_channel
+from ._amqp import (
+    CHANNEL_ERRORS,
+    ChannelPool,
+    TaskSet,
+    broker_version,
+    fresh_channel,
+    queue_unavailable,
+)
 from ._control import control_message, publish_control
 from ._errors import RabbitkeysError
 from ._keybook import (
@@ -40,7 +47,14 @@ from ._keybook import (
     WaitRelease,
 )
 from ._metrics import RegistryMetrics
-from ._protocol import REFUSED_QUOTA_EXCEEDED, Assign, Release, Sync, split
+from ._protocol import (
+    REFUSED_QUOTA_EXCEEDED,
+    REFUSED_UNAVAILABLE,
+    Assign,
+    Release,
+    Sync,
+    split,
+)
 from ._settings import Settings
 from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
@@ -82,6 +96,9 @@ class CommandRunner:
         self._retired = retired
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
+        self._queue_arguments = key_queue_arguments(
+            settings.key_queue_expires, settings.queue_type, broker_version(connection)
+        )
         self._declared_exchanges: set[str] = set()
         #: commands waiting to be sent to each worker, in order (see :meth:`_send`)
         self._outboxes: dict[str, list[Assign | Release | Sync]] = {}
@@ -160,14 +177,26 @@ class CommandRunner:
         # in order, so the bind-ok means the queue was declared; a refused declare (the
         # vhost's queue limit, other arguments) closes the channel, and the bind raises the
         # declare's error.
-        await channel.queue_declare(
-            queue,
-            durable=self._settings.durable,
-            arguments=key_queue_arguments(self._settings.key_queue_expires),
-            nowait=True,
-        )
         routing_key = new_routing_key(ref)
-        await channel.queue_bind(queue, exchange, routing_key=routing_key)
+        try:
+            await channel.queue_declare(
+                queue,
+                durable=self._settings.durable,
+                arguments=self._queue_arguments,
+                nowait=True,
+            )
+            await channel.queue_bind(queue, exchange, routing_key=routing_key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if "inequivalent arg" not in str(exc):
+                raise
+            # The queue exists with other arguments: declared by an earlier version, before
+            # a RABBITKEYS_QUEUE_TYPE change, or on another broker version's placement
+            # argument. It is the key's queue all the same: keep it as it is (its type
+            # changes when it is retired and declared anew).
+            log.info("key %s keeps its queue as it is: %s", ref.id, exc)
+            channel = await self._pool.get()
+            await channel.queue_declare(queue, passive=True)
+            await channel.queue_bind(queue, exchange, routing_key=routing_key)
         return routing_key
 
     async def _unbind(self, command: Unbind) -> None:
@@ -194,15 +223,31 @@ class CommandRunner:
                 try:
                     ok = await probe.queue_declare(command.queue, passive=True)
                     if not ok.message_count and not ok.consumer_count:
-                        await probe.queue_delete(command.queue, if_empty=True, if_unused=True)
+                        await self._delete(probe, command.queue)
                         deleted = True
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    deleted = True  # deleted meanwhile (x-expires, an operator)
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    # deleted meanwhile (x-expires, an operator); or its node is down, and
+                    # it comes back with the node, messages and all: keep that one
+                    deleted = not queue_unavailable(exc)
                 except CHANNEL_ERRORS as exc:
                     log.info("kept key %s: %s", command.key_id, exc)
         except CHANNEL_ERRORS as exc:  # no channel to ask on: keep it
             log.info("kept key %s: %s", command.key_id, exc)
         self.do(self._book.delete_outcome(command.key_id, command.epoch, deleted))
+
+    async def _delete(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        """Delete a key queue just found empty and unconsumed. A classic queue is deleted
+        only if it still is (the broker checks both with the delete). A quorum queue refuses
+        those checks (NOT_IMPLEMENTED, which closes the connection), so it is deleted as
+        it is: safe all the same, because nothing can fill or consume it between the check
+        and the delete. It is unbound, the grace for messages routed before the unbind is
+        over, the registry is the only party that binds it, and no worker may consume it
+        (the book assigns a retiring key to nobody, and its last owner settled every
+        delivery before it cancelled: docs/design.md, "Retiring a quorum key queue")."""
+        if self._settings.queue_type == "quorum":
+            await channel.queue_delete(queue)
+        else:
+            await channel.queue_delete(queue, if_empty=True, if_unused=True)
 
     # --- sending ------------------------------------------------------------------------
 
@@ -267,7 +312,8 @@ def split_command(command: Assign | Release | Sync) -> list[Assign | Release | S
 
 def _declare_refusal(error: Exception) -> tuple[str, str | None]:
     """Why a declare or bind failed, as a Refused reason and code: the broker refused it (say
-    the vhost's queue limit), or the client library refused a name."""
+    the vhost's queue limit), the queue's node is down, or the client library refused a
+    name."""
     if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) and (
         "queue limit in vhost" in str(error)
     ):
@@ -275,6 +321,9 @@ def _declare_refusal(error: Exception) -> tuple[str, str | None]:
         detail = str(error).rpartition("PRECONDITION_FAILED - ")[2].rstrip('"')
         reason = f"the broker refused another queue ({detail}): the vhost's max-queues limit"
         return reason[:1000], REFUSED_QUOTA_EXCEEDED
+    if queue_unavailable(error):
+        detail = str(error).rpartition("NOT_FOUND - ")[2].rstrip('"')
+        return f"the key's queue is unavailable ({detail})"[:1000], REFUSED_UNAVAILABLE
     if isinstance(error, RabbitkeysError):
         reason = str(error)
     elif isinstance(error, aiormq.exceptions.AMQPError):

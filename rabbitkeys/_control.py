@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any, cast
@@ -20,10 +21,12 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import fresh_channel
+from ._amqp import broker_version, fresh_channel
 from ._errors import RegistryUnavailableError
 from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
-from ._topology import Names
+from ._topology import Names, control_queue_arguments
+
+log = logging.getLogger("rabbitkeys")
 
 __all__ = [
     "ControlClient",
@@ -37,8 +40,12 @@ __all__ = [
 _TOPOLOGY_POLL = 0.5
 
 
-async def declare_control_topology(channel: AbstractChannel, names: Names) -> None:
-    """The registry's part: every shared control name (idempotent, durable)."""
+async def declare_control_topology(
+    connection: AbstractConnection, channel: AbstractChannel, names: Names, queue_type: str
+) -> None:
+    """The registry's part: every shared control name (idempotent, durable). The registry
+    and dead-letter queues are of ``queue_type`` (RABBITKEYS_QUEUE_TYPE): a quorum registry
+    queue keeps new keys and membership flowing through the loss of a node."""
     fanout, direct = aio_pika.ExchangeType.FANOUT, aio_pika.ExchangeType.DIRECT
     # Clients wait for the requests and membership exchanges: those come last.
     await channel.declare_exchange(names.replies_exchange, direct, durable=True)
@@ -46,11 +53,32 @@ async def declare_control_topology(channel: AbstractChannel, names: Names) -> No
     dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
     membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
     requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
-    registry = await channel.declare_queue(names.registry_queue, durable=True)
-    await registry.bind(requests)
-    await registry.bind(membership)
-    dead_letter = await channel.declare_queue(names.dead_letter_queue, durable=True)
-    await dead_letter.bind(dead_letters)
+    arguments = control_queue_arguments(queue_type, broker_version(connection))
+    for queue, sources in (
+        (names.registry_queue, (requests, membership)),
+        (names.dead_letter_queue, (dead_letters,)),
+    ):
+        await _declare_durable(connection, queue, arguments)
+        declared = await channel.get_queue(queue, ensure=False)
+        for source in sources:
+            await declared.bind(source)
+
+
+async def _declare_durable(
+    connection: AbstractConnection, queue: str, arguments: dict[str, Any]
+) -> None:
+    """Declare a durable control queue; one that exists with other arguments (declared
+    before a RABBITKEYS_QUEUE_TYPE change) is kept as it is, with a warning: its type
+    changes only if an operator deletes it (it holds messages)."""
+    try:
+        async with fresh_channel(connection) as channel:
+            await channel.queue_declare(queue, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        if "inequivalent arg" not in str(exc):
+            raise
+        log.warning("queue %s is kept as it is, not as RABBITKEYS_QUEUE_TYPE says: %s", queue, exc)
+        async with fresh_channel(connection) as channel:
+            await channel.queue_declare(queue, passive=True)
 
 
 async def topology_exists(connection: AbstractConnection, exchange: str) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, queue_unavailable, sleep_unless
 from ._dedup import SequenceHistory
 from ._execution import Executor
 from ._metrics import WorkerMetrics
@@ -224,8 +224,15 @@ class Handoff:
                 self.checks_skipped += 1
             else:
                 self.queues_checked += 1
-                if not await self._queue_exists(assignment.queue):
-                    log.error("key %s: its queue %s does not exist", key_id, assignment.queue)
+                problem = await self._check_queue(assignment.queue)
+                if problem is not None:
+                    log.log(
+                        logging.WARNING if "unavailable" in problem else logging.ERROR,
+                        "key %s: its queue %s %s; handing it back",
+                        key_id,
+                        assignment.queue,
+                        problem,
+                    )
                     self._tasks.spawn(self._give_back(assignment))
                     return
             if self._stopping.is_set():
@@ -246,13 +253,18 @@ class Handoff:
             owned.consumer_tag = ok.consumer_tag
             owned.move(KeyState.CONSUMING)
 
-    async def _queue_exists(self, queue: str) -> bool:
+    async def _check_queue(self, queue: str) -> str | None:
+        """None if ``queue`` can be consumed now, else why not: it does not exist, or (on a
+        cluster) it is unavailable, its node down; the registry assigns it again after the
+        pause of :meth:`_give_back`, so the key resumes once its node is back."""
         assert self._declares is not None
         try:
             await (await self._declares.get()).queue_declare(queue, passive=True)
-        except Exception:  # NOT_FOUND, or the channel is gone: not a queue to consume now
-            return False
-        return True
+        except Exception as exc:  # NOT_FOUND, or the channel is gone: not a queue to consume now
+            if queue_unavailable(exc):
+                return "is unavailable (its node is down)"
+            return f"cannot be consumed ({type(exc).__name__})"
+        return None
 
     async def _give_back(self, assignment: KeyAssignment) -> None:
         """Tell the registry we do not consume a key it assigned us. After a pause: it may

@@ -493,9 +493,12 @@ class KeyBook(_Ledger):
         key.recreated = current is not None
         if key.recreated:
             # A message came back on the newest binding: the queue was deleted under us
-            # (x-expires or an operator). Its bindings went with it.
-            log.warning("key %s lost its queue; declaring it again", ref.id)
-            key.routing_keys.clear()
+            # (x-expires or an operator), or, on a cluster, its node is down (then the
+            # declare fails "unavailable", and the queue comes back with the node, bindings
+            # and all). Its routing keys stay in the book either way: a retirement unbinds
+            # every one it knows (unbinding a binding that is gone is a no-op), and one it
+            # forgot could route a publish into a queue being deleted.
+            log.warning("key %s: a message came back on its binding; declaring it again", ref.id)
         key.waiters.append(waiter)
         return self._declare(key)
 

@@ -49,8 +49,8 @@ lane's messages are unconfirmed at a time. What arrives meanwhile waits and leav
 next batch once one is answered (the rule of Kafka's producer, per partition), so batches
 form by themselves under load and a lone publish still leaves at once. A :class:`Batch` is
 one send: the broker's one answer for it answers every entry in it (an ack confirms them
-all, a nack fails them all, a return or a cut puts them all back in front, in order, to be
-regrouped when sent again). With ``batch_linger`` > 0 a lane with fewer than
+all; a nack, a return or a cut puts them all back in front, in order, to be regrouped when
+sent again). With ``batch_linger`` > 0 a lane with fewer than
 ``batch_max_jobs`` waiting and nothing in flight holds them up to that long (a
 :class:`Linger` timer the publisher runs).
 
@@ -77,6 +77,7 @@ from ._topology import KeyRef
 
 __all__ = [
     "MAX_BROKER_CLOSES",
+    "MAX_NACKS",
     "Action",
     "Answer",
     "Batch",
@@ -97,6 +98,9 @@ __all__ = [
 #: The broker closed the channel or connection over something sent on it this many times
 #: while a message was on it: that message is given up rather than sent again forever.
 MAX_BROKER_CLOSES = 3
+#: The broker nacked a message this many times in a row: it is given up (a node that went
+#: down nacks what it held once; the next send of it is returned, not nacked).
+MAX_NACKS = 5
 # Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
 _MAX_IDLE_LANES = 100_000
 
@@ -146,6 +150,8 @@ class Entry:
     lost_a_copy: bool = False
     #: times the broker closed the channel or connection while it was on it
     broker_closes: int = 0
+    #: times in a row the broker nacked it
+    nacks: int = 0
     #: bytes it takes in a batch (0: ``size``); what ``batch_max_bytes`` bounds
     wire_size: int = 0
     #: the routing key of its latest send
@@ -327,6 +333,9 @@ class Lane:
         self.live = 0
         #: the connection the outstanding EnsureKey went out on
         self._ensure_session = 0
+        #: why the registry could not route the key the last time it was asked (its queue
+        #: is unavailable), until it routes it
+        self.unavailable: str | None = None
         #: names the latest Linger timer (an older one is ignored); whether it is running;
         #: whether it ran out, so what waits goes now whatever its number
         self._linger_token = 0
@@ -376,6 +385,8 @@ class Lane:
                 why = f"the publisher held {self._lanes.room_bounds} all along"
             elif not self._lanes.connected:
                 why = "no connection to the broker"
+            elif self.unavailable is not None:
+                why = self.unavailable
             elif self.routing_key is None:
                 why = "the key was not routed yet"
             else:
@@ -416,15 +427,32 @@ class Lane:
         return [*actions, *self._advance()]
 
     def refused(self, batch: Batch, what: str) -> list[Action]:
-        """basic.nack (the broker could not take it: an internal error, a full queue), or an
-        answer that is none of ack, nack or return: every job of the message fails."""
+        """basic.nack, or an answer that is none of ack, nack or return: the message was not
+        confirmed. A nack is what a queue that went down with its cluster node answers for
+        what it held unconfirmed (often one ``multiple`` nack that covers other keys'
+        messages too), so the jobs go back in their place and are sent again, on the same
+        routing key, once nothing of the lane is in flight (a queue that is down returns
+        the next send, and the lane asks the registry, which waits for the node). A job
+        refused :data:`MAX_NACKS` times in a row fails: the broker means it (say a queue
+        at its length limit)."""
         if not self._answers(batch):
             return []
-        error = PublishError(f"the broker refused the message: {what}")
         actions: list[Action] = []
         for entry in batch.entries:
-            # this copy was refused; an earlier one may have arrived
-            actions += self._settle(entry, _outcome_unknown(error) if entry.lost_a_copy else error)
+            entry.nacks += 1
+            if entry.nacks >= MAX_NACKS:
+                error = PublishError(
+                    f"the broker refused the message {entry.nacks} times (last: {what})"
+                )
+                # this copy was refused; an earlier one may have arrived
+                actions += self._settle(
+                    entry, _outcome_unknown(error) if entry.lost_a_copy else error
+                )
+                continue
+            entry.may_have_arrived = entry.lost_a_copy  # the broker did not take this copy
+            actions += self._requeue(entry)
+            if entry.stage is Stage.QUEUED:
+                actions.append(Count(Counted.RESENT))
         return [*actions, *self._advance()]
 
     def returned_unrouted(self, batch: Batch) -> list[Action]:
@@ -463,9 +491,23 @@ class Lane:
     def ensured(self, routing_key: str) -> list[Action]:
         if self.state is not LaneState.ENSURING:
             return []
+        self.unavailable = None
         self.routing_key, self.stale_routing_key = routing_key, None
         self.state = LaneState.ROUTED
         return self._advance()
+
+    def ensure_unavailable(self, reason: str) -> bool:
+        """The registry says the key's queue exists but cannot be reached now (its cluster
+        node is down): the lane keeps ENSURING, and the publisher asks again after a pause,
+        while something waits (each message gives up at its own publish timeout, saying
+        ``reason``). False once nothing waits: then the lane is UNROUTED again."""
+        if self.state is not LaneState.ENSURING:
+            return False
+        self.unavailable = reason
+        if self.waiting:
+            return True
+        self.state = LaneState.UNROUTED
+        return False
 
     def ensure_failed(self, error: PublishError) -> list[Action]:
         """The registry refused the key or did not answer in time: every message waiting for

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_REPLY_BYTES",
     "REFUSED_ERROR",
     "REFUSED_QUOTA_EXCEEDED",
+    "REFUSED_UNAVAILABLE",
     "Assign",
     "ControlMessage",
     "EnsureKey",
@@ -155,6 +156,9 @@ REFUSED_ERROR = "error"
 #: ``Refused.code``: a new key beyond the namespace's limits (the publisher raises
 #: :class:`~rabbitkeys.QuotaExceededError`)
 REFUSED_QUOTA_EXCEEDED = "quota_exceeded"
+#: ``Refused.code``: the key's queue exists but cannot be reached now (on a cluster, its
+#: node is down); the publisher asks again until the message's publish timeout
+REFUSED_UNAVAILABLE = "unavailable"
 
 
 class Refused(_Model):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -85,7 +86,7 @@ from ._lane import (
 )
 from ._metrics import PublisherMetrics
 from ._payload import encode as encode_payload
-from ._protocol import REFUSED_QUOTA_EXCEEDED, Ensured, EnsureKey, Refused
+from ._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE, Ensured, EnsureKey, Refused
 from ._room import Room
 from ._settings import Settings, load_settings
 from ._topology import DEFAULT_JOB_TYPE, KeyRef, Names
@@ -131,6 +132,12 @@ class _Message(Entry):
 
 
 _NO_RECORD = Record(sequence=0, published_at=0, body=b"")
+
+# Seconds between asking the registry again for a key whose queue is unavailable (its node
+# is down): doubling from the first to the last, with jitter, so that thousands of such
+# keys do not ask in step.
+_UNAVAILABLE_PAUSE = 0.25
+_UNAVAILABLE_PAUSE_MAX = 2.0
 
 
 class Publisher:
@@ -655,17 +662,27 @@ class _Carrier:
         self.carry_out(lane.linger_over(token))
 
     async def _ensure(self, lane: Lane, stale_routing_key: str | None) -> None:
-        """Ask the registry to ensure the lane's key; tell the lane how that went."""
+        """Ask the registry to ensure the lane's key; tell the lane how that went. While the
+        key's queue is unavailable (its cluster node is down) ask again after a pause, as
+        long as a message of the key waits: it comes back with its node."""
         try:
             assert self._control is not None
-            reply = await self._control.request(
-                EnsureKey(
-                    job_type=lane.ref.job_type,
-                    key=lane.ref.key,
-                    stale_routing_key=stale_routing_key,
-                ),
-                timeout=self._settings.ensure_timeout,
-            )
+            pause = _UNAVAILABLE_PAUSE
+            while True:
+                reply = await self._control.request(
+                    EnsureKey(
+                        job_type=lane.ref.job_type,
+                        key=lane.ref.key,
+                        stale_routing_key=stale_routing_key,
+                    ),
+                    timeout=self._settings.ensure_timeout,
+                )
+                if not (isinstance(reply, Refused) and reply.code == REFUSED_UNAVAILABLE):
+                    break
+                if not lane.ensure_unavailable(reply.reason):
+                    return  # nothing waits any more: the next publish asks again
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(_UNAVAILABLE_PAUSE_MAX, pause * 2)
             if isinstance(reply, Refused):
                 refusal = (
                     QuotaExceededError if reply.code == REFUSED_QUOTA_EXCEEDED else PublishError

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel
+from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel, queue_unavailable
 from ._envelope import header_text
 from ._errors import BrokerUnavailableError, InvalidKeyError
 from ._keybook import KeyBook
@@ -189,7 +189,9 @@ class Reconciler:
             try:
                 await (await self._probes.get()).queue_declare(key.queue, passive=True)
                 book.lease_renewed(key.ref.id, now)
-            except aiormq.exceptions.ChannelNotFoundEntity:
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                if queue_unavailable(exc):
+                    continue  # its node is down: the queue comes back with it
                 # Retired meanwhile (the awaits above let a retirement finish), or really
                 # lost: only the latter is news, and only then is it ours to drop.
                 if book.keys.get(key.ref.id) is key and book.queue_lost(key.ref.id):

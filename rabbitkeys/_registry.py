@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
+from typing import cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -191,12 +192,15 @@ class Registry(Background):
             dropped=self._dropped,
             adopted=self._rebalance_wanted.set,
         )
-        await declare_control_topology(self._control, self.names)
+        await declare_control_topology(
+            connection, self._control, self.names, self.settings.queue_type
+        )
         # Generous: answers can wait for a declare or a retirement, and heartbeats must not
         # starve behind them. Control messages are small.
         await self._control.set_qos(prefetch_count=10_000)
         queue = await self._control.get_queue(self.names.registry_queue, ensure=False)
-        await queue.consume(self._on_control_message)
+        consumer_tag = await queue.consume(self._on_control_message)
+        underlay = cast(aiormq.Channel, await self._control.get_underlay_channel())
         await reconciler.watch_worker_inboxes()
         log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
         self._leading.set()
@@ -211,6 +215,10 @@ class Registry(Background):
             await sleep_unless(self._stopping, self.settings.heartbeat_interval)
             if connection.is_closed:
                 raise aiormq.exceptions.AMQPConnectionError("connection closed")
+            if consumer_tag not in underlay.consumers:
+                # The broker cancelled our consumer: the registry queue's node is down (a
+                # classic queue on a cluster). Start over; the declare waits for the node.
+                raise aiormq.exceptions.AMQPConnectionError("the registry queue went away")
             await reconciler.drop_silent_workers()
             # ids heard of that never joined (or are gone) hold no pin: they are free
             self._sessions.retain(self._book.workers)

@@ -33,10 +33,12 @@ __all__ = [
     "check_job_type",
     "check_key",
     "check_worker_id",
+    "control_queue_arguments",
     "is_token",
     "key_matches_token",
     "key_queue_arguments",
     "new_routing_key",
+    "placement_arguments",
 ]
 
 DEFAULT_JOB_TYPE = "default"
@@ -163,14 +165,39 @@ def new_routing_key(ref: KeyRef) -> str:
     return f"{ref.token}|{secrets.token_hex(8)}"
 
 
-def key_queue_arguments(expires_seconds: float) -> dict[str, Any]:
+def key_queue_arguments(
+    expires_seconds: float, queue_type: str = "classic", broker: tuple[int, int] = (3, 10)
+) -> dict[str, Any]:
+    """A key queue's arguments: it expires unconsumed (the backstop), one consumer at a
+    time receives (single active consumer), of ``queue_type``, and placed on the cluster's
+    least loaded node (:func:`placement_arguments`)."""
     return {
         "x-expires": int(expires_seconds * 1000),
         "x-single-active-consumer": True,
         # Classic queues: on cancel with unacked deliveries the standby waits for them to be
-        # settled (measured on 3.10); quorum queues activate it at once and reorder.
-        "x-queue-type": "classic",
+        # settled (measured on 3.10); quorum queues activate it at once and reorder, which
+        # is why a worker settles every delivery before it cancels (_handoff).
+        "x-queue-type": queue_type,
+        **placement_arguments(queue_type, broker),
     }
+
+
+def control_queue_arguments(queue_type: str, broker: tuple[int, int] = (3, 10)) -> dict[str, Any]:
+    """The durable control queues' (registry, dead letters) arguments. Classic ones keep
+    none, as every earlier version declared them (a redeclare must be equivalent)."""
+    if queue_type == "classic":
+        return {}
+    return {"x-queue-type": queue_type, **placement_arguments(queue_type, broker)}
+
+
+def placement_arguments(queue_type: str, broker: tuple[int, int]) -> dict[str, Any]:
+    """Which node leads a new queue. The broker's default is the declaring connection's
+    node: every key of a namespace on the registry's node. Balanced spreads them by the
+    number of queues each node leads. Classic queues before RabbitMQ 3.12 know only the
+    older argument (``min-masters``: the same rule); later versions deprecate it."""
+    if queue_type == "classic" and broker < (3, 12):
+        return {"x-queue-master-locator": "min-masters"}
+    return {"x-queue-leader-locator": "balanced"}
 
 
 @dataclass(frozen=True, slots=True)

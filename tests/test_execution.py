@@ -229,7 +229,8 @@ async def test_a_delivery_of_a_job_type_without_handler_is_dead_lettered_at_once
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=True)
-        await declare_control_topology(channel, Names(namespace))  # the registry's part
+        # the registry's part
+        await declare_control_topology(connection, channel, Names(namespace), "classic")
         queue = await channel.get_queue(Names(namespace).dead_letter_queue)
         run.begin(channel, "w-1", "guest")
         with caplog.at_level(logging.ERROR, "rabbitkeys.worker"):

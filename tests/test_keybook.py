@@ -35,7 +35,7 @@ from rabbitkeys._keybook import (
     WaitGrace,
     WaitRelease,
 )
-from rabbitkeys._protocol import REFUSED_QUOTA_EXCEEDED
+from rabbitkeys._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE
 from rabbitkeys._topology import KeyRef, Names
 
 JOB_TYPES = ("a", "b")
@@ -576,12 +576,30 @@ def test_a_lost_queue_is_declared_again_and_its_owner_told_to_consume_it_again()
     [key] = sim.book.keys.values()
     assert sim.book.ensure(key.ref, "an older one", 99) == [Reply(99, routing_key="rk0")]
     commands = sim.book.ensure(key.ref, "rk0", 100)  # came back on the newest: queue lost
-    assert key.state is KeyState.DECLARING and key.routing_keys == []
+    # its routing key stays known: a retirement must unbind it if it still exists
+    assert key.state is KeyState.DECLARING and key.routing_keys == ["rk0"]
     assert commands == [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
     assigned = sim.book.declared(key.ref.id, key.epoch, "rk9", 5.0)
     # just declared again: the owner may consume it without checking it first
     assert AssignKeys("w1", (key.assignment(fresh=True),)) in assigned
     assert Reply(100, routing_key="rk9") in assigned and key.state is KeyState.OWNED
+    assert key.routing_keys == ["rk0", "rk9"]
+
+
+def test_an_unavailable_queue_keeps_its_key_and_bindings_and_the_publisher_is_told() -> None:
+    # On a cluster, a classic queue whose node is down returns what is published to it and
+    # refuses declares ("unavailable"); it comes back with the node, bindings and messages.
+    sim = Sim()
+    sim.ensure("k", "a", False)  # no worker serves "a": the key stays unowned
+    sim.complete(0, success=True)
+    [key] = sim.book.keys.values()
+    commands = sim.book.ensure(key.ref, "rk0", 100)
+    assert commands == [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
+    why = "the key's queue is unavailable (home node 'rk2@localhost' ... is down)"
+    replies = sim.book.declare_failed(key.ref.id, key.epoch, why, REFUSED_UNAVAILABLE)
+    assert Reply(100, reason=why, code=REFUSED_UNAVAILABLE) in replies
+    assert sim.book.keys[key.ref.id] is key and key.routing_keys == ["rk0"]
+    assert key.state is KeyState.UNOWNED
 
 
 def test_a_declare_that_fails_for_a_consumed_key_keeps_it_with_its_owner() -> None:

@@ -601,20 +601,23 @@ def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -
     world.lose(1)
     world.connect(1)
     first, second = world.entries
-    world.arrive(0)  # value % 6 == 0: the broker nacks the second copy
-    world.arrive(0)  # ... and the never-arrived second message
-    world.answer(0)
-    world.answer(0)
+    for _ in range(_lane.MAX_NACKS):  # value % 6 == 0: the broker nacks every later copy
+        world.arrive(0)
+        world.arrive(0)
+        world.answer(0)
+        world.answer(0)
     assert isinstance(world.callers[first].answers[0], PublishOutcomeUnknownError)
     assert world.queues[first.lane.ref.id] == [first.sequence]  # it did arrive
     # the second's first copy never arrived, but the publisher cannot know that
     assert isinstance(world.callers[second].answers[0], PublishOutcomeUnknownError)
     world.publish(0)
     world.admit()
-    world.arrive(0)
-    world.answer(0)
+    for _ in range(_lane.MAX_NACKS):
+        world.arrive(0)
+        world.answer(0)
     [error] = world.callers[world.entries[2]].answers
     assert type(error) is PublishError  # refused, and no copy of it went anywhere else
+    assert f"{_lane.MAX_NACKS} times" in str(error)
 
 
 def test_a_message_on_three_broker_closes_is_given_up_as_outcome_unknown() -> None:
@@ -738,16 +741,21 @@ def test_a_job_bigger_than_a_batch_goes_alone() -> None:
     assert on_wire(world) == [[1], [2], [3]]
 
 
-def test_a_nack_fails_every_job_of_its_message_a_return_regroups_them() -> None:
+def test_a_nack_sends_every_job_of_its_message_again_a_return_regroups_them() -> None:
     world = _routed_world()
     lane = world.keys[0]
     for _ in range(3):
         world.publish(0)
         world.admit()
     world.ensure(0, "ok")
-    world.arrive(0)  # nacked
+    world.arrive(0)  # nacked (a queue whose node went down): not confirmed, sent again
     world.answer(0)
-    assert all(type(world.callers[e].answers[0]) is PublishError for e in world.entries)
+    assert not any(world.callers[e].answers for e in world.entries)
+    assert on_wire(world) == [[1, 2, 3]] and world.counted == [Counted.RESENT] * 3
+    world.arrive(1)
+    world.answer(0)
+    assert all(world.callers[e].answers == [None] for e in world.entries)
+    world.counted.clear()
     for _ in range(3):
         world.publish(0)
         world.admit()
@@ -767,6 +775,22 @@ def test_a_nack_fails_every_job_of_its_message_a_return_regroups_them() -> None:
     world.answer(0)
     assert world.counted == [Counted.RETURNED] * 5  # counted per job
     assert [entry.sequence for entry in lane.waiting] == [4, 5, 6, 7]
+
+
+def test_the_registry_saying_unavailable_keeps_the_lane_waiting_until_it_routes() -> None:
+    world = _routed_world()
+    lane = world.keys[0]
+    world.publish(0)
+    world.admit()
+    assert lane.state is LaneState.ENSURING
+    assert lane.ensure_unavailable("the key's queue is unavailable (node rk2 is down)")
+    assert lane.state is LaneState.ENSURING and len(lane.waiting) == 1
+    entry = world.entries[0]
+    world.run(lane.give_up(entry, timeout=1.0))  # its publish timeout
+    [error] = world.callers[entry].answers
+    assert type(error) is PublishError and "node rk2 is down" in str(error)
+    assert not lane.ensure_unavailable("still down")  # nothing waits: stop asking
+    assert lane.state is LaneState.UNROUTED and lane.idle
 
 
 def test_linger_holds_a_short_batch_until_its_timer_or_a_full_one() -> None:
