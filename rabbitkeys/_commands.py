@@ -158,7 +158,8 @@ class CommandRunner:
         try:
             routing_key = await self._declare_and_bind(command.ref, command.queue)
         except Exception as exc:
-            log.warning("cannot declare or bind the queue of key %s: %r", command.key_id, exc)
+            if not queue_unavailable(exc):  # the book says that one, once
+                log.warning("cannot declare or bind the queue of key %s: %r", command.key_id, exc)
             refused = _declare_refusal(exc)
             self.do(self._book.declare_failed(command.key_id, command.epoch, *refused))
             return

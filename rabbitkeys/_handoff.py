@@ -376,10 +376,14 @@ class Handoff:
                 await channel.basic_reject(_tag(delivery), requeue=True)
             # A round trip on the same channel: the broker has taken the rejects in before
             # we tell the registry (and so the next owner) that the key is free. The
-            # channel-wide cap again: a per-consumer qos here would lift it.
-            await channel.basic_qos(
-                prefetch_count=self._settings.buffered_messages_cap, global_=True
-            )
+            # channel-wide cap again: a per-consumer qos here would lift it (quorum queues
+            # have no channel-wide cap, and refuse one).
+            if self._settings.queue_type == "classic":
+                await channel.basic_qos(
+                    prefetch_count=self._settings.buffered_messages_cap, global_=True
+                )
+            else:
+                await channel.basic_qos(prefetch_count=self._settings.prefetch)
 
     def _on_broker_cancel(self, frame: Any) -> None:
         """The broker dropped one of our consumers (its queue was deleted or crashed): let

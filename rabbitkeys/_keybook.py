@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _assignment
-from ._protocol import REFUSED_QUOTA_EXCEEDED, KeyAssignment, Status, WorkerStatus
+from ._protocol import (
+    REFUSED_QUOTA_EXCEEDED,
+    REFUSED_UNAVAILABLE,
+    KeyAssignment,
+    Status,
+    WorkerStatus,
+)
 from ._topology import KeyRef
 
 __all__ = [
@@ -231,6 +237,8 @@ class Key:
     resume: KeyState = KeyState.UNOWNED
     #: DECLARING: the queue had been lost; its owner must be assigned it again
     recreated: bool = False
+    #: its last declare found the queue unavailable (on a cluster, its node is down)
+    unavailable: bool = False
     #: ensures waiting for a declare or a retirement to end
     waiters: list[int] = field(default_factory=list)
     #: counts declares and retirements: a late outcome of an earlier one is ignored
@@ -491,7 +499,7 @@ class KeyBook(_Ledger):
         if current is not None and current != stale_routing_key:
             return [Reply(waiter, routing_key=current)]
         key.recreated = current is not None
-        if key.recreated:
+        if key.recreated and not key.unavailable:
             # A message came back on the newest binding: the queue was deleted under us
             # (x-expires or an operator), or, on a cluster, its node is down (then the
             # declare fails "unavailable", and the queue comes back with the node, bindings
@@ -539,6 +547,9 @@ class KeyBook(_Ledger):
             return []
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = now
+        if key.unavailable:
+            key.unavailable = False
+            log.warning("key %s: its queue is available again", key_id)
         recreated, key.recreated = key.recreated, False
         # The queue exists as of this declare-ok: a worker given the key now need not check
         # it (``KeyAssignment.fresh``).
@@ -561,6 +572,9 @@ class KeyBook(_Ledger):
             return []
         waiters, key.waiters = key.waiters, []
         key.recreated = False
+        if code == REFUSED_UNAVAILABLE and not key.unavailable:
+            key.unavailable = True
+            log.warning("key %s: %s; its publishes wait for it", key_id, reason)
         commands: list[Command] = [Reply(w, reason=reason, code=code) for w in waiters]
         if key.routing_keys or (key.owner is not None and key.owner in self.workers):
             return self._resume(key) + commands

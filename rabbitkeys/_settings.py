@@ -292,6 +292,12 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}QUEUE_TYPE=quorum needs {ENV_PREFIX}DURABLE=true: quorum queues "
                 "are always durable"
             )
+        if self.queue_type == "quorum" and self.max_buffered_messages is not None:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_BUFFERED_MESSAGES cannot be applied to quorum queues (they "
+                "refuse a cap shared by a channel's consumers): each key holds up to "
+                f"{ENV_PREFIX}PREFETCH deliveries; unset it"
+            )
         return self
 
     @model_validator(mode="after")

@@ -291,7 +291,10 @@ class Worker(Background):
         # of the per-key prefetch: what this worker holds over all its keys. It must come
         # second, and no qos(global=False) may follow: that lifts the cap (probe:
         # docs/probes/global_qos_cap.py).
-        await consume.set_qos(prefetch_count=self.settings.buffered_messages_cap, global_=True)
+        if self.settings.queue_type == "classic":
+            # Quorum queues refuse a global qos (NOT_IMPLEMENTED closes the connection):
+            # there, each key holds up to its prefetch, with no cap over all keys.
+            await consume.set_qos(prefetch_count=self.settings.buffered_messages_cap, global_=True)
         # Consumed through aiormq directly: its callback starts (in a task scheduled when the
         # frame is read) before a later cancel-ok wakes the releasing task. aio-pika's wrapper
         # adds a second task hop, which would let a delivery slip past a release.
