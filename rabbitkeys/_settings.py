@@ -466,11 +466,12 @@ def _list_problem(text: str, schemes: tuple[str, ...], where: str = "") -> str |
             return f"URL {number} of {count}{where} {problem} {_COMMA_HINT}"
     first = urlsplit(urls[0])
     aspects: list[tuple[str, Callable[[SplitResult], str]]] = [
-        ("scheme", lambda parts: parts.scheme.lower()),
-        ("user", _user_of),
+        ("scheme", lambda parts: parts.scheme.lower())
     ]
     if schemes == _AMQP_SCHEMES:
-        aspects.append(("vhost", _vhost_of))
+        aspects += [("user", _user_of), ("vhost", _vhost_of)]
+    else:  # no login in a management URL: the AMQP URL's
+        aspects.append(("user", lambda parts: unquote(parts.username or "") or "none"))
     for number, url in enumerate(urls[1:], 2):
         parts = urlsplit(url)
         for aspect, of in aspects:
