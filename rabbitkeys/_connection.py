@@ -13,10 +13,10 @@ from aio_pika.abc import AbstractConnection
 
 from ._amqp import sleep_unless
 from ._errors import BrokerUnavailableError
-from ._settings import Settings
+from ._settings import Settings, mask_url
 from ._tls import client_context, failure_hint
 
-__all__ = ["connect", "keep_connected"]
+__all__ = ["NODE_CONNECT_TIMEOUT", "connect", "connected_node", "keep_connected", "nodes_in_order"]
 
 _log = logging.getLogger("rabbitkeys")
 _guest_warned = False
@@ -38,12 +38,61 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
     """A plain (not robust) connection: rabbitkeys decides itself what to redeclare after a
     reconnect, because aio-pika's robust channel would redeclare every key queue at once.
 
+    With several URLs (a cluster's nodes), the nodes are tried in list order from a random
+    one, so that processes and reconnects spread over the cluster; each gets
+    :data:`NODE_CONNECT_TIMEOUT` seconds, so that a node that is gone without refusing
+    (its address blackholed) does not hold up the move to the next. Raises
+    :class:`BrokerUnavailableError` naming every node tried when none could be reached.
+
     ``amqps://`` uses the context of the ``tls_*`` settings (:func:`client_context`); a
     certificate file that cannot be loaded (mid-rotation) fails this connect like an
     unreachable broker, and the next attempt reads it again.
     """
-    url = settings.amqp_url.get_secret_value()
+    urls = settings.amqp_urls
+    return await _connect_in_order(
+        settings, role, nodes_in_order(urls, random.randrange(len(urls)))
+    )
+
+
+def nodes_in_order(urls: list[str], start: int) -> list[str]:
+    """``urls`` from ``start`` on, then from the beginning: the order one attempt tries."""
+    return urls[start:] + urls[:start]
+
+
+def connected_node(connection: AbstractConnection) -> str:
+    """``host:port`` of the node ``connection`` reached (no login: safe for logs)."""
+    url = getattr(connection, "url", None)
+    if url is None or url.host is None:
+        return "an unknown node"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{host}:{url.port}" if url.port is not None else host
+
+
+#: seconds one node gets to accept the connection and finish the AMQP handshake
+NODE_CONNECT_TIMEOUT = 5.0
+
+
+async def _connect_in_order(settings: Settings, role: str, urls: list[str]) -> AbstractConnection:
     _warn_if_guest(settings)
+    failures = []
+    for url in urls:
+        try:
+            connection = await _connect_one(settings, role, url)
+        except BrokerUnavailableError as exc:
+            failures.append(str(exc))
+            continue
+        if len(settings.amqp_urls) > 1:
+            _log.info("%s connected to node %s", role, connected_node(connection))
+        return connection
+    if len(failures) == 1:
+        raise BrokerUnavailableError(f"cannot connect to {failures[0]}")
+    raise BrokerUnavailableError(
+        f"cannot connect to any of the {len(failures)} nodes: {'; '.join(failures)}"
+    )
+
+
+async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConnection:
+    """One node; raises :class:`BrokerUnavailableError` with its masked URL and the reason."""
     try:
         tls = (
             client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -53,11 +102,15 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
         return await aio_pika.connect(
             url,
             ssl_context=tls,
+            timeout=NODE_CONNECT_TIMEOUT,
             client_properties={"connection_name": f"rabbitkeys {settings.namespace} {role}"},
         )
     except Exception as exc:
         # The original exception is not chained: some carry the URL, password included.
-        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):  # asyncio's says nothing
+            reason = f"no connection within {NODE_CONNECT_TIMEOUT:g}s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
         password = urlsplit(url).password
         for secret in {password, unquote(password or "")} - {None, ""}:
             reason = reason.replace(str(secret), "***")
@@ -65,9 +118,7 @@ async def connect(settings: Settings, role: str) -> AbstractConnection:
             reason += failure_hint(
                 reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
             )
-        raise BrokerUnavailableError(
-            f"cannot connect to {settings.amqp_url_masked}: {reason}"
-        ) from None
+        raise BrokerUnavailableError(f"{mask_url(url)}: {reason}") from None
 
 
 async def keep_connected(

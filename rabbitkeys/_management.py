@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +23,15 @@ from ._errors import BrokerUnavailableError
 from ._settings import Settings
 from ._tls import client_context, failure_hint
 
-__all__ = ["BrokerQueue", "endpoint", "list_bindings", "list_queues", "request", "routing_keys"]
+__all__ = [
+    "BrokerQueue",
+    "endpoint",
+    "endpoints",
+    "list_bindings",
+    "list_queues",
+    "request",
+    "routing_keys",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,58 +42,146 @@ class BrokerQueue:
     consumers: int | None
 
 
-def endpoint(settings: Settings) -> tuple[str, str, str, str]:
-    """Base URL, user, password and vhost for the management API."""
-    amqp = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
-    vhost = settings.vhost
+def endpoints(settings: Settings) -> list[tuple[str, str, str, str]]:
+    """Base URL, user, password and vhost of each management endpoint (one per node of a
+    cluster), in the order ``settings.management_urls`` lists them."""
+    amqp = urllib.parse.urlsplit(settings.amqp_urls[0])
     unquote = urllib.parse.unquote
+    # every AMQP URL has the same user (Settings checks it), and a cluster shares its users
     user, password = unquote(amqp.username or "guest"), unquote(amqp.password or "guest")
-    if settings.management_url is None:
-        # RabbitMQ's customary ports: 15672 plain, 15671 behind TLS
-        https = amqp.scheme.lower() == "amqps"
-        host = amqp.hostname or "localhost"
-        host = f"[{host}]" if ":" in host else host
-        base = f"https://{host}:15671" if https else f"http://{host}:15672"
-        return base, user, password, vhost
-    given = urllib.parse.urlsplit(settings.management_url.get_secret_value())
-    netloc = given.hostname or "localhost"
-    netloc = f"[{netloc}]" if ":" in netloc else netloc
-    if given.port:
-        netloc += f":{given.port}"
-    base = urllib.parse.urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
-    return base, unquote(given.username or user), unquote(given.password or password), vhost
+    found = []
+    for url in settings.management_urls:
+        given = urllib.parse.urlsplit(url)
+        netloc = given.hostname or "localhost"
+        netloc = f"[{netloc}]" if ":" in netloc else netloc
+        if given.port:
+            netloc += f":{given.port}"
+        base = urllib.parse.urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
+        login = unquote(given.username or user), unquote(given.password or password)
+        found.append((base, *login, settings.vhost))
+    return found
+
+
+def endpoint(settings: Settings) -> tuple[str, str, str, str]:
+    """Base URL, user, password and vhost of the management endpoint :func:`request` tries
+    first: the one that last answered, else the first listed."""
+    return _in_order(endpoints(settings))[0]
+
+
+#: the base URL that last answered, per list of endpoints: a node that went down costs one
+#: failed attempt, not one per request. Shared by the threads requests run in; a stale
+#: entry only changes which endpoint is tried first.
+_answered: dict[tuple[str, ...], str] = {}
+
+#: seconds to open a connection to an endpoint: a node that is down (its address
+#: blackholed) must not hold a request for the whole :data:`_ANSWER_TIMEOUT` before the
+#: next node is tried
+_CONNECT_TIMEOUT = 5.0
+#: seconds to wait for an answer once connected: an unpaged listing of 100,000 queues takes
+#: the broker a while
+_ANSWER_TIMEOUT = 60.0
+
+
+def _in_order(found: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:
+    bases = [base for base, *_ in found]
+    last = _answered.get(tuple(bases))
+    start = bases.index(last) if last in bases else 0
+    return found[start:] + found[:start]
 
 
 def request(settings: Settings, path: str, *, method: str = "GET", body: Any = None) -> Any:
-    """One management API call: its JSON answer (None if empty). Raises
-    :class:`BrokerUnavailableError` when the API cannot be reached (the password masked),
-    and lets ``urllib.error.HTTPError`` through for the caller to read its status."""
-    base, user, password, _ = endpoint(settings)
+    """One management API call: its JSON answer (None if empty). Tries each endpoint in
+    turn, starting with the one that last answered: one that cannot be reached, times out
+    or answers 5xx (a node going down) hands the call to the next. A 4xx is the API's
+    answer: ``urllib.error.HTTPError`` goes through for the caller to read its status.
+    Raises :class:`BrokerUnavailableError` naming every endpoint (passwords masked) when
+    none answered."""
+    found = endpoints(settings)
+    key = tuple(base for base, *_ in found)
+    failures = []
+    for base, user, password, _ in _in_order(found):
+        try:
+            answer = _call(settings, base, user, password, path, method, body)
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                _answered[key] = base
+                raise
+            exc.close()
+            failures.append(f"{base}: HTTP {exc.code} {exc.reason}")
+            continue
+        # HTTPException: the node went away mid-answer; ConfigError (a ValueError): a
+        # certificate file mid-rotation
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reason = str(exc)
+            for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
+                reason = reason.replace(secret, "***")
+            if base.lower().startswith("https:"):
+                reason += failure_hint(
+                    reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
+                )
+            failures.append(f"{base}: {reason}")
+            continue
+        _answered[key] = base
+        return answer
+    raise BrokerUnavailableError(f"management API {'; '.join(failures)}")
+
+
+def _call(
+    settings: Settings, base: str, user: str, password: str, path: str, method: str, body: Any
+) -> Any:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     data = None if body is None else json.dumps(body).encode()
     call = urllib.request.Request(f"{base}/api/{path}", data=data, method=method)
     call.add_header("Authorization", f"Basic {token}")
     call.add_header("Content-Type", "application/json")
-    try:
-        tls = (
-            client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-            if base.lower().startswith("https:")
-            else None
-        )
-        with urllib.request.urlopen(call, timeout=60, context=tls) as response:
-            answer = response.read()
-        return json.loads(answer) if answer else None
-    except urllib.error.HTTPError:
-        raise
-    except (OSError, ValueError) as exc:  # ConfigError: a certificate file mid-rotation
-        reason = str(exc)
-        for secret in {password, urllib.parse.quote(password, safe="")} - {""}:
-            reason = reason.replace(secret, "***")
-        if base.lower().startswith("https:"):
-            reason += failure_hint(
-                reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
-            )
-        raise BrokerUnavailableError(f"management API {base}: {reason}") from None
+    tls = (
+        client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+        if base.lower().startswith("https:")
+        else None
+    )
+    opener = urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(context=tls))
+    with opener.open(call, timeout=_ANSWER_TIMEOUT) as response:
+        answer = response.read()
+    return json.loads(answer) if answer else None
+
+
+class _QuickConnect(http.client.HTTPConnection):
+    """Opens its socket within :data:`_CONNECT_TIMEOUT`, then waits up to its own timeout
+    for each answer."""
+
+    def connect(self) -> None:
+        answer_timeout, self.timeout = self.timeout, _CONNECT_TIMEOUT
+        try:
+            super().connect()
+        finally:
+            self.timeout = answer_timeout
+        self.sock.settimeout(answer_timeout)
+
+
+class _QuickConnectTLS(http.client.HTTPSConnection):
+    """:class:`_QuickConnect` over TLS (the handshake within the connect timeout too)."""
+
+    def connect(self) -> None:
+        answer_timeout, self.timeout = self.timeout, _CONNECT_TIMEOUT
+        try:
+            super().connect()
+        finally:
+            self.timeout = answer_timeout
+        self.sock.settimeout(answer_timeout)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_QuickConnect, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._tls = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_QuickConnectTLS, req, context=self._tls)
 
 
 def _get(settings: Settings, path: str) -> Any:

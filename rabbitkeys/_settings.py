@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
@@ -20,7 +21,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ._errors import ConfigError
 from ._tls import client_context
 
-__all__ = ["DEFAULT_METRICS_PORT", "ENV_PREFIX", "Settings", "load_settings", "mask_url"]
+__all__ = [
+    "DEFAULT_METRICS_PORT",
+    "ENV_PREFIX",
+    "Settings",
+    "load_settings",
+    "mask_url",
+    "split_urls",
+]
 
 ENV_PREFIX = "RABBITKEYS_"
 #: where /metrics is served when RABBITKEYS_METRICS_PORT is not set (a free port if taken)
@@ -41,12 +49,14 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
-        description="AMQP URL of the broker; its password is never logged.",
+        description="AMQP URL of the broker, or of each node of a cluster separated by "
+        "commas (same scheme, user and vhost); its password is never logged.",
     )
     management_url: SecretStr | None = Field(
         default=None,
-        description="Management API URL (default: the AMQP host, port 15672, same login); "
-        "the registry rebuilds unconsumed keys from it after a failover.",
+        description="Management API URL, or several separated by commas (default: each AMQP "
+        "host, port 15672, same login); the registry rebuilds unconsumed keys from it after a "
+        "failover.",
     )
     namespace: str = Field(
         default="rabbitkeys",
@@ -221,22 +231,22 @@ class Settings(BaseSettings):
                 raise PydanticCustomError(
                     "config", f"{variable} and {file_variable} are both set: set one of them"
                 )
-            url = _read_secret_file(path, file_variable)
-            problem = _url_problem(url, schemes)
+            urls = _read_secret_file(path, file_variable)
+            problem = _list_problem(urls, schemes, where=f" in {path}")
             if problem:
-                raise PydanticCustomError("config", f"{file_variable}: the URL in {path} {problem}")
-            data = {**data, name: url}
+                raise PydanticCustomError("config", f"{file_variable}: {problem}")
+            data = {**data, name: urls}
         return data
 
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        return _checked_url(value, _AMQP_SCHEMES)
+        return _checked_urls(value, _AMQP_SCHEMES)
 
     @field_validator("management_url")
     @classmethod
     def _management_url(cls, value: SecretStr | None) -> SecretStr | None:
-        return None if value is None else _checked_url(value, _HTTP_SCHEMES)
+        return None if value is None else _checked_urls(value, _HTTP_SCHEMES)
 
     @model_validator(mode="after")
     def _tls_files_load(self) -> Self:
@@ -332,22 +342,45 @@ class Settings(BaseSettings):
         return f"Settings({fields})"
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The URL of each node ``amqp_url`` lists (one for a single broker), passwords in."""
+        return split_urls(self.amqp_url.get_secret_value())
+
+    @property
+    def management_urls(self) -> list[str]:
+        """The management API URLs ``management_url`` lists; when it is not set, one per
+        AMQP host (``http://host:15672``, ``https://host:15671`` for ``amqps://``: RabbitMQ's
+        customary ports), without a login (the AMQP URL's applies)."""
+        if self.management_url is not None:
+            return split_urls(self.management_url.get_secret_value())
+        derived: list[str] = []
+        for url in self.amqp_urls:
+            parts = urlsplit(url)
+            host = parts.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            tls = parts.scheme.lower() == "amqps"
+            base = f"https://{host}:15671" if tls else f"http://{host}:15672"
+            if base not in derived:  # two nodes on one host (other ports) share a guess
+                derived.append(base)
+        return derived
+
+    @property
     def vhost(self) -> str:
-        """The virtual host of ``amqp_url`` (``/`` when the URL names none)."""
-        path = urlsplit(self.amqp_url.get_secret_value()).path
-        return unquote(path[1:]) if len(path) > 1 else "/"
+        """The virtual host of ``amqp_url`` (``/`` when the URL names none); every URL of a
+        cluster names the same one."""
+        return _vhost_of(urlsplit(self.amqp_urls[0]))
 
     @property
     def amqp_user(self) -> str:
         """The user ``amqp_url`` logs in as (``guest`` when it names none): what every
-        message this process sends carries as ``user_id``, which the broker checks."""
-        user = urlsplit(self.amqp_url.get_secret_value()).username
-        return unquote(user) if user else "guest"
+        message this process sends carries as ``user_id``, which the broker checks. Every
+        URL of a cluster names the same one."""
+        return _user_of(urlsplit(self.amqp_urls[0]))
 
     @property
     def amqp_url_masked(self) -> str:
-        """The broker URL with the password replaced, safe for logs."""
-        return mask_url(self.amqp_url.get_secret_value())
+        """The broker URL (each of the list) with the password replaced, safe for logs."""
+        return ",".join(mask_url(url) for url in self.amqp_urls)
 
 
 def mask_url(url: str) -> str:
@@ -369,6 +402,7 @@ def mask_url(url: str) -> str:
 _AMQP_SCHEMES = ("amqp", "amqps")
 _HTTP_SCHEMES = ("http", "https")
 _ENCODE_HINT = "(characters such as @ : / # ? in the user or password must be %-encoded)"
+_COMMA_HINT = "(URLs are separated by commas: a comma in a password must be written %2C)"
 
 
 def _variable(field: str) -> str:
@@ -397,13 +431,72 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     return None
 
 
-def _checked_url(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
+def split_urls(text: str) -> list[str]:
+    """The URLs of a comma-separated list (one URL is a list of one), spaces around the
+    commas dropped. A comma inside a URL (in a password) must be written ``%2C``."""
+    return [part.strip() for part in text.split(",")]
+
+
+def _vhost_of(parts: SplitResult) -> str:
+    return unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+
+
+def _user_of(parts: SplitResult) -> str:
+    return unquote(parts.username) if parts.username else "guest"
+
+
+def _node(parts: SplitResult) -> str:
+    """Host and port, to name one URL of a list without its password."""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def _list_problem(text: str, schemes: tuple[str, ...], where: str = "") -> str | None:
+    """What is wrong with a list of URLs, or None. Names a URL by its position and host,
+    never by its text: it holds a password.
+
+    The URLs of a cluster's nodes must agree on scheme (a plain ``amqp://`` among
+    ``amqps://`` ones would send the password in the clear to that node), user (the
+    ``user_id`` every message carries is checked against the connection's user) and vhost
+    (the namespace would otherwise be split between two vhosts, depending on the node).
+    """
+    urls = split_urls(text)
+    if len(urls) == 1:
+        problem = _url_problem(urls[0], schemes)
+        return None if problem is None else f"the URL{where} {problem}"
+    count = len(urls)
+    for number, url in enumerate(urls, 1):
+        problem = "is empty" if not url else _url_problem(url, schemes)
+        if problem:
+            return f"URL {number} of {count}{where} {problem} {_COMMA_HINT}"
+    first = urlsplit(urls[0])
+    aspects: list[tuple[str, Callable[[SplitResult], str]]] = [
+        ("scheme", lambda parts: parts.scheme.lower())
+    ]
+    if schemes == _AMQP_SCHEMES:
+        aspects += [("user", _user_of), ("vhost", _vhost_of)]
+    else:  # no login in a management URL: the AMQP URL's
+        aspects.append(("user", lambda parts: unquote(parts.username or "") or "none"))
+    for number, url in enumerate(urls[1:], 2):
+        parts = urlsplit(url)
+        for aspect, of in aspects:
+            if of(parts) != of(first):
+                return (
+                    f"URL {number} of {count}{where} ({_node(parts)}) has {aspect} "
+                    f"{of(parts)!r}, URL 1 ({_node(first)}) {of(first)!r}: every node of a "
+                    f"cluster must be reached with the same {aspect}"
+                )
+    return None
+
+
+def _checked_urls(value: SecretStr, schemes: tuple[str, ...]) -> SecretStr:
     # a Secret created with `echo` carries a newline into the variable
-    url = value.get_secret_value().strip()
-    problem = _url_problem(url, schemes)
+    text = value.get_secret_value().strip()
+    problem = _list_problem(text, schemes)
     if problem:
-        raise PydanticCustomError("config", f"the URL {problem}")
-    return SecretStr(url)
+        raise PydanticCustomError("config", problem)
+    return SecretStr(",".join(split_urls(text)))
 
 
 def _read_secret_file(path: Any, variable: str) -> str:

@@ -96,7 +96,8 @@ class CreatedUser:
     created: bool
     #: the password set now; None when an existing user kept its password (unknown here)
     password: SecretStr | None
-    #: the role's AMQP URL (broker and vhost of the settings), when the password is known
+    #: the role's AMQP URL (broker and vhost of the settings; a comma-separated list, one per
+    #: node, for a cluster), when the password is known
     amqp_url: SecretStr | None
 
 
@@ -339,8 +340,13 @@ def _create(
         )
         url = None
         if password is not None:
-            admin_url = settings.amqp_url.get_secret_value()
-            url = SecretStr(amqp_url_for(admin_url, user.name, password, user.vhost))
+            # every node of the settings' (a cluster's), with the role's login
+            url = SecretStr(
+                ",".join(
+                    amqp_url_for(node, user.name, password, user.vhost)
+                    for node in settings.amqp_urls
+                )
+            )
         done.append(
             CreatedUser(
                 user=user,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
+import urllib.parse
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -43,6 +45,21 @@ def make_settings(amqp_url: str, namespace: str, **overrides: Any) -> Settings:
         values["management_url"] = management_url
     values.update(overrides)
     return Settings(**values)
+
+
+def url_at(url: str, host: str, port: int | None = None) -> str:
+    """``url`` with another host (and port)."""
+    parts = urllib.parse.urlsplit(url)
+    login = parts.netloc.rpartition("@")[0]
+    port = port or parts.port or 5672
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{login}@{host}:{port}"))
+
+
+def two_names_of_the_broker(url: str) -> list[str]:
+    """``url`` under two host names of the same broker: two live "nodes" of a cluster."""
+    host = urllib.parse.urlsplit(url).hostname or "localhost"
+    other = {"localhost": "127.0.0.1", "127.0.0.1": "localhost"}.get(host)
+    return [url_at(url, host), url_at(url, other or socket.gethostbyname(host))]
 
 
 @contextlib.asynccontextmanager

@@ -44,7 +44,7 @@ from rabbitkeys.tools.chaos import ChaosReport, _role_settings
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
 from .conftest import Broker
-from .support import make_settings
+from .support import make_settings, two_names_of_the_broker
 
 
 def _quote(text: str) -> str:
@@ -218,6 +218,21 @@ async def test_create_makes_the_three_users_with_the_table(
         url = item.amqp_url.get_secret_value()
         assert Settings(amqp_url=url).vhost == vhost
         assert await _can_log_in(url), user.name
+
+
+async def test_a_cluster_s_role_urls_list_every_node_with_the_role_s_login(
+    broker: Broker, amqp_url: str, namespace: str, vhost: str, made_users: dict[Role, str]
+) -> None:
+    nodes = two_names_of_the_broker(amqp_url)
+    settings = make_settings(",".join(nodes), namespace)
+    for item in await create_users(settings):
+        assert item.amqp_url is not None
+        role = Settings(amqp_url=item.amqp_url.get_secret_value())
+        hosts = [urllib.parse.urlsplit(url).hostname for url in role.amqp_urls]
+        assert hosts == [urllib.parse.urlsplit(url).hostname for url in nodes]
+        assert (role.amqp_user, role.vhost) == (item.user.name, vhost)
+        for url in role.amqp_urls:
+            assert await _can_log_in(url), url
 
 
 async def test_the_registry_user_reads_the_management_api_and_the_others_cannot(

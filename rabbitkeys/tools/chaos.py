@@ -173,7 +173,7 @@ async def _role_settings(
     # the management API with each role's own login (a login in the URL would be the admin's)
     management = settings.management_url
     if management is not None:
-        management = SecretStr(_without_login(management.get_secret_value()))
+        management = SecretStr(",".join(_without_login(url) for url in settings.management_urls))
     roles = {}
     for item in made:
         assert item.amqp_url is not None  # a new namespace: new users, passwords known

@@ -21,6 +21,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from ..._settings import split_urls
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Recorder
 
 PREFETCH = 100
@@ -34,7 +35,7 @@ async def main(mode: str, queues: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    connection = await aio_pika.connect(os.environ["RABBITKEYS_AMQP_URL"])
+    connection = await aio_pika.connect(split_urls(os.environ["RABBITKEYS_AMQP_URL"])[0])
 
     async def handle(message: AbstractIncomingMessage) -> None:
         headers: dict[str, Any] = dict(message.headers)

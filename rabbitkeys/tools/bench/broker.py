@@ -70,10 +70,12 @@ async def run_vhost(settings: Settings, label: str) -> AsyncIterator[Settings]:
             method="PUT",
             body={"configure": ".*", "write": ".*", "read": ".*"},
         )
-        parts = urllib.parse.urlsplit(settings.amqp_url.get_secret_value())
-        url = urllib.parse.urlunsplit(parts._replace(path=f"/{quoted}"))
-        # the URL itself, not a file that names the old vhost
-        yield settings.model_copy(update={"amqp_url": SecretStr(url), "amqp_url_file": None})
+        urls = ",".join(
+            urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(path=f"/{quoted}"))
+            for url in settings.amqp_urls
+        )
+        # the URLs themselves, not a file that names the old vhost
+        yield settings.model_copy(update={"amqp_url": SecretStr(urls), "amqp_url_file": None})
     finally:
         _delete_vhost(settings, quoted)
 

@@ -203,7 +203,7 @@ async def _run_baseline(
 ) -> _Phases:
     ns = settings.namespace
     durable = settings.durable
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(settings.amqp_urls[0])
     channel = await connection.channel(publisher_confirms=True)
     routing: Callable[[str], str]
     declared: list[str] = []  # what to delete, however far the run got
@@ -637,7 +637,7 @@ async def _delete_key_queues(settings: Settings) -> None:
         queues = await list_queues(settings, names.key_queue_prefix)
     except BrokerUnavailableError:
         return  # no management API: x-expires removes them within a minute
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(settings.amqp_urls[0])
     try:
         await _delete_queues(connection, [queue.name for queue in queues])
         channel = await connection.channel()
@@ -678,7 +678,7 @@ async def measure_declare_rate(
     """The broker's raw rate of declaring a new durable single-active-consumer queue and
     binding it, over 16 channels (then deleted): what new keys are compared with."""
     async with run_vhost(settings, "declare") as settings:
-        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        connection = await aio_pika.connect(settings.amqp_urls[0])
         prefix = f"bench-raw-{uuid.uuid4().hex[:6]}"
         names = [f"{prefix}.q{i}" for i in range(queues)]
         declared: list[str] = []

@@ -201,7 +201,7 @@ async def _delete_namespace(settings: Settings) -> None:
         queues = [q.name for q in await list_queues(settings, prefix, statistics=False)]
     except BrokerUnavailableError:
         return  # no management API: x-expires removes the key queues
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(settings.amqp_urls[0])
     try:
         channels = [await connection.channel() for _ in range(16)]
 

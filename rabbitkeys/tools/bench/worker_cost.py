@@ -46,7 +46,7 @@ from ..._control import ControlClient
 from ..._envelope import HEADER_JOBS, encode, encode_batch
 from ..._protocol import Ensured, EnsureKey
 from ..._registry import Registry
-from ..._settings import Settings
+from ..._settings import Settings, split_urls
 from ..._topology import KeyRef, Names
 from ..cluster import _settings_env
 from .broker import cpu_seconds, run_vhost
@@ -252,7 +252,7 @@ async def _measure(args: argparse.Namespace) -> list[Measured]:
         idle_period=3600.0,  # no key retired between two variants
     )
     async with run_vhost(local, "worker-cost") as settings:
-        url = settings.amqp_url.get_secret_value()
+        url = settings.amqp_urls[0]
         registry = Registry(settings)
         await registry.start()
         try:
@@ -308,7 +308,7 @@ async def _raw_consumer(queue_file: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    connection = await aio_pika.connect(os.environ["RABBITKEYS_AMQP_URL"])
+    connection = await aio_pika.connect(split_urls(os.environ["RABBITKEYS_AMQP_URL"])[0])
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=4)
 
