@@ -237,6 +237,10 @@ class RabbitCluster:
         node = self.node(i)
         return bool(_node_pids(node)) and _answers(node.amqp)
 
+    def pids(self, i: int) -> list[int]:
+        """The pids of node ``i``'s beam.smp (none when it is down)."""
+        return _node_pids(self.node(i))
+
     def kill(self, i: int) -> None:
         """SIGKILL node ``i``'s beam.smp (a crash: no shutdown, no goodbye to its peers)."""
         node = self.node(i)
