@@ -12,8 +12,14 @@ slows a later run. ``amqp_url`` points into that vhost. Nothing is created or de
 broker's own vhost except by the few tests that need it (``broker.amqp_url``), which remove
 what they created.
 
+The three-node cluster of issue 14 (``rabbit_cluster``, one per session, and ``cluster``, a
+vhost of its own on it per test) runs beside the local broker on ports from
+``RABBITKEYS_TEST_CLUSTER_PORT_BASE`` (default 5680: AMQP 5681-5683); it skips, or fails under
+``CI=true``, where it cannot run (not root, no RabbitMQ server).
+
 Tiers (markers, see pyproject.toml): ``broker`` is added here to every test that uses the
-broker fixtures; ``processes``, ``slow`` and ``disruptive`` are set by the tests themselves.
+broker fixtures, ``cluster`` (and ``broker``: a cluster is brokers too) to every test that uses
+the cluster's; ``processes``, ``slow`` and ``disruptive`` are set by the tests themselves.
 ``pytest -m "not broker"`` runs the pure tests in seconds.
 """
 
@@ -32,6 +38,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -39,6 +46,7 @@ import pytest
 
 from rabbitkeys import Settings
 from rabbitkeys._permissions import Role
+from rabbitkeys.tools.rabbit_cluster import ClusterError, RabbitCluster
 
 from .support import IN_CI, make_settings, skip_or_fail
 from .trust_support import RoleUsers
@@ -243,12 +251,21 @@ def delete_namespace(broker: Broker, vhost: str, namespace: str) -> None:
 # --------------------------------------------------------------------------- tiers
 
 _BROKER_FIXTURES = {"broker", "amqp_url", "session_vhost"}
+_CLUSTER_FIXTURES = {"rabbit_cluster", "cluster"}
+_CLUSTER_TEST_TIMEOUT = 300  # seconds
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _CLUSTER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.cluster)
+            # the first cluster test of a session also pays for starting the cluster
+            # (~25 s idle, more under load), and a test restarting nodes ~10 s a node
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(_CLUSTER_TEST_TIMEOUT))
+        if (_BROKER_FIXTURES | _CLUSTER_FIXTURES) & fixtures:
             item.add_marker(pytest.mark.broker)
 
 
@@ -275,3 +292,68 @@ def role_users(broker: Broker, session_vhost: str, namespace: str) -> Iterator[R
         yield users
     finally:
         users.remove_all()
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass(frozen=True)
+class ClusterUnderTest:
+    """The session's cluster as one test sees it: a vhost of its own, URLs into it."""
+
+    cluster: RabbitCluster
+    vhost: str
+    #: one AMQP URL per node (guest, the test's vhost), in node order
+    amqp_urls: list[str]
+    #: one management API URL per node (guest's login in it), in node order
+    management_urls: list[str]
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes clustered on localhost for the whole session (~25 s to start,
+    ~10 s to stop here); stopped and removed at the end, also when the session is
+    interrupted (the finalizer; atexit as a backstop). A cluster a killed session left on
+    the same port base is stopped first."""
+    reason = RabbitCluster.usable()
+    if reason is not None:
+        skip_or_fail(f"the three-node RabbitMQ cluster cannot run here: {reason}")
+    port_base = int(os.environ.get("RABBITKEYS_TEST_CLUSTER_PORT_BASE", "5680"))
+    # a fixed path, not tmp_path: the next session must find a leftover, and the nodes run as
+    # rabbitmq, who cannot enter pytest's tmp directories (mode 0700)
+    directory = Path(f"/tmp/rabbitkeys-test-cluster-{port_base}")
+    rabbit = RabbitCluster(directory, port_base=port_base)
+    rabbit.stop_at_exit()
+    try:
+        rabbit.start()
+    except ClusterError as exc:
+        skip_or_fail(f"the three-node RabbitMQ cluster did not start: {exc}")
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop()
+
+
+@pytest.fixture
+def cluster(
+    request: pytest.FixtureRequest, rabbit_cluster: RabbitCluster
+) -> Iterator[ClusterUnderTest]:
+    """The session's cluster with every node running and a fresh vhost for this test alone
+    (deleted afterwards, with all its queues)."""
+    rabbit_cluster.ensure_all_running()
+    vhost = f"t-{request.node.name[:30]}-{uuid.uuid4().hex[:8]}"
+    vhost = "".join(c if c.isalnum() or c in "-_" else "-" for c in vhost)
+    rabbit_cluster.create_vhost(vhost, description=f"rabbitkeys test {request.node.nodeid}")
+    try:
+        yield ClusterUnderTest(
+            rabbit_cluster,
+            vhost,
+            rabbit_cluster.amqp_urls(vhost=vhost),
+            rabbit_cluster.management_urls(),
+        )
+    finally:
+        # a node the test killed comes back now, not in the next test: deleting a vhost
+        # whose queues live on a down node is not what the next test should wait for
+        with contextlib.suppress(ClusterError, urllib.error.URLError, OSError):
+            rabbit_cluster.ensure_all_running()
+            rabbit_cluster.delete_vhost(vhost)
