@@ -280,6 +280,7 @@ class _Timeline:
     #: a cluster run: the killed node, and each key's queue node just before the kill
     killed_node: str | None = None
     key_nodes: dict[str, str] = field(default_factory=dict)
+    cluster_nodes: list[str] = field(default_factory=list)
     queue_type: str = "classic"
 
 
@@ -404,6 +405,7 @@ async def _node_kill_and_restart(
     busiest = Counter(timeline.key_nodes.values()).most_common(1)[0][0]
     victim = next(node for node in rabbit.nodes if node.name == busiest)
     timeline.killed_node = victim.name
+    timeline.cluster_nodes = [node.name for node in rabbit.nodes]
     await asyncio.to_thread(rabbit.kill, victim.index)
     timeline.marks["node_kill"] = event(
         f"SIGKILL node {victim.name} ({Counter(timeline.key_nodes.values())[busiest]} of "
@@ -480,7 +482,7 @@ def _node_outage(
     return NodeOutage(
         node=timeline.killed_node,
         queue_type=timeline.queue_type,
-        queues_per_node=spread(timeline.key_nodes),
+        queues_per_node=spread(timeline.key_nodes, timeline.cluster_nodes),
         outage=back - down,
         killed_node_keys=group_figures(by_key, sorted(killed), down, back),
         other_keys=group_figures(by_key, sorted(others), down, back),

@@ -71,7 +71,7 @@ class NodeOutage:
             return "-" if value is None else f"{value:.2f}s"
 
         per_node = sorted(self.queues_per_node.items())
-        queues = ", ".join(f"{node} {count}" for node, count in per_node)
+        queues = ", ".join(f"{node.partition('@')[0]} {count}" for node, count in per_node)
         killed, other = self.killed_node_keys, self.other_keys
         return [
             f"node outage       {self.node} down {self.outage:.2f}s ({self.queue_type} key queues)",
@@ -86,9 +86,10 @@ class NodeOutage:
         ]
 
 
-def spread(queue_nodes: Mapping[str, str]) -> dict[str, int]:
-    """Queues per node, from ``{queue: node}``."""
-    return dict(Counter(queue_nodes.values()))
+def spread(queue_nodes: Mapping[str, str], nodes: Iterable[str] = ()) -> dict[str, int]:
+    """Queues per node, from ``{queue: node}``; each of ``nodes`` listed, holding none too."""
+    counts = Counter(queue_nodes.values())
+    return {node: counts[node] for node in sorted({*nodes, *counts})}
 
 
 def worst_wait(times: Iterable[float], down: float, back: float) -> float | None:
