@@ -51,6 +51,8 @@ log = logging.getLogger("rabbitkeys.worker")
 # How many let-go keys' dedup histories a worker keeps: as much memory as this many more
 # held keys' histories at most. A history only holds jobs this worker handled, so an old
 # one is never wrong about a job, whatever other workers did with the key meanwhile.
+#: the longest pause before giving back, again, a key whose queue's node is down
+_UNAVAILABLE_PAUSE_MAX = 3.0
 _FORMER_HISTORIES = 1024
 
 
@@ -139,6 +141,8 @@ class Handoff:
         #: back to this worker (its session started over, a rebalance undone) still knows
         #: the jobs it handled, and skips them in a redelivered batch
         self._former_histories: OrderedDict[str, SequenceHistory] = OrderedDict()
+        #: keys whose queue was found unavailable (its node down), by times in a row
+        self._unavailable: dict[str, int] = {}
         #: deliveries run to their end and acked, over all sessions
         self.handled = 0
         #: keys whose queue was checked (a passive declare) before consuming it, and keys
@@ -226,14 +230,7 @@ class Handoff:
                 self.queues_checked += 1
                 problem = await self._check_queue(assignment.queue)
                 if problem is not None:
-                    log.log(
-                        logging.WARNING if "unavailable" in problem else logging.ERROR,
-                        "key %s: its queue %s %s; handing it back",
-                        key_id,
-                        assignment.queue,
-                        problem,
-                    )
-                    self._tasks.spawn(self._give_back(assignment))
+                    self._tasks.spawn(self._give_back(assignment, problem))
                     return
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
@@ -245,13 +242,16 @@ class Handoff:
             except Exception as exc:
                 # On a channel error the channel is gone and the session starts over; else
                 # the key was never ours: hand it back.
-                log.error("cannot consume key %s: %r", key_id, exc)
                 self._drop(owned)
-                if not isinstance(exc, CHANNEL_ERRORS):
-                    self._tasks.spawn(self._give_back(assignment))
+                if isinstance(exc, CHANNEL_ERRORS):
+                    log.error("cannot consume key %s: %r", key_id, exc)
+                else:
+                    self._tasks.spawn(self._give_back(assignment, f"cannot be consumed ({exc!r})"))
                 return
             owned.consumer_tag = ok.consumer_tag
             owned.move(KeyState.CONSUMING)
+            if self._unavailable.pop(key_id, None) is not None:
+                log.warning("key %s: its queue is available again; consuming it", key_id)
 
     async def _check_queue(self, queue: str) -> str | None:
         """None if ``queue`` can be consumed now, else why not: it does not exist, or (on a
@@ -266,10 +266,23 @@ class Handoff:
             return f"cannot be consumed ({type(exc).__name__})"
         return None
 
-    async def _give_back(self, assignment: KeyAssignment) -> None:
+    async def _give_back(self, assignment: KeyAssignment, problem: str) -> None:
         """Tell the registry we do not consume a key it assigned us. After a pause: it may
-        assign it to us again at once, and the failure must not turn into a busy loop."""
-        await sleep_unless(self._stopping, self._settings.heartbeat_interval)
+        assign it to us again at once, and the failure must not turn into a busy loop. A
+        queue whose node is down is given back again and again until the node returns: the
+        pause doubles each time (to :data:`_UNAVAILABLE_PAUSE_MAX`), and only the first
+        time is logged as a warning."""
+        key_id = assignment.key_id
+        pause = self._settings.heartbeat_interval
+        if "unavailable" in problem:
+            times = self._unavailable[key_id] = self._unavailable.get(key_id, 0) + 1
+            pause = min(_UNAVAILABLE_PAUSE_MAX, pause * 2 ** (times - 1))
+            level = logging.WARNING if times == 1 else logging.DEBUG
+        else:
+            level = logging.ERROR
+        queue = assignment.queue
+        log.log(level, "key %s: its queue %s %s; handing it back", key_id, queue, problem)
+        await sleep_unless(self._stopping, pause)
         await self._report([assignment])
 
     def _consuming(self, owned: OwnedKey) -> bool:

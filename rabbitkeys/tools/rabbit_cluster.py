@@ -67,7 +67,9 @@ RABBIT_HOME = "/var/lib/rabbitmq"  # HOME of the rabbitmq user: holds .erlang.co
 RUN_AS = "rabbitmq"
 # Ports of the machine's own broker (epmd, AMQP, management, prometheus, distribution).
 RESERVED_PORTS = frozenset({4369, 5672, 15672, 15692, 25672})
-PLUGINS = "[rabbitmq_management,rabbitmq_prometheus].\n"
+# event exchange: the registry hears at once when a worker's connection dies, as on the
+# machine's broker (.ci/run enables it there)
+PLUGINS = "[rabbitmq_management,rabbitmq_prometheus,rabbitmq_event_exchange].\n"
 START_TIMEOUT = 120.0  # seconds for one node to boot (a cold boot here takes ~8 s)
 # Written into the cluster's directory: stop() removes only a directory that has it, and
 # start() learns from it whether a live process still owns a cluster found there.
