@@ -14,6 +14,7 @@
 # Quorum queues run on a single node too (one member), so the local broker will do; on a
 # cluster, pass a node's URL. Everything it declares is deleted at the end.
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -51,15 +52,24 @@ async def trial(conn: aio_pika.abc.AbstractConnection, i: int, how: str) -> dict
     pub_exchange = await publish.get_exchange("probe.qqretire", ensure=False)
     acked: set[int] = set()
     returned = 0
-    outcome = {"deleted": 0, "kept": 0, "publisher closed": 0}
+    outcome = {"deleted": 0, "kept": 0, "publisher closed": 0, "unanswered": 0}
 
     async def publisher() -> None:
         nonlocal returned
         try:
             for n in range(300):
-                answer = await pub_exchange.publish(
-                    aio_pika.Message(str(n).encode(), delivery_mode=2), rk, mandatory=True
-                )
+                try:
+                    answer = await asyncio.wait_for(
+                        pub_exchange.publish(
+                            aio_pika.Message(str(n).encode(), delivery_mode=2),
+                            rk,
+                            mandatory=True,
+                        ),
+                        5,
+                    )
+                except asyncio.TimeoutError:
+                    outcome["unanswered"] += 1  # no confirm, no return, no close
+                    return
                 if isinstance(answer, aiormq.spec.Basic.Ack):
                     acked.add(n)
                 else:
@@ -105,7 +115,8 @@ async def trial(conn: aio_pika.abc.AbstractConnection, i: int, how: str) -> dict
     for channel in (consume, setup):
         if not channel.is_closed:
             await channel.close()
-    await publishing.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(publishing.close(), 5)
     return {"acked": len(acked), "returned": returned, "lost": len(lost), **outcome}
 
 
@@ -121,6 +132,7 @@ async def main() -> None:
                 f"{how:>10}: {TRIALS} trials, {total['acked']} confirmed, {total['returned']} "
                 f"returned, {total['deleted']} deleted, {total['kept']} kept, "
                 f"{total['publisher closed']} publisher connections closed by the broker, "
+                f"{total['unanswered']} publishers left without an answer, "
                 f"confirmed and never delivered: {total['lost']}"
             )
     finally:
