@@ -405,6 +405,10 @@ async def _measure_rabbitkeys(
     spread: dict[str, int],
 ) -> _Phases:
     broker_before = broker_memory(settings)
+    brokers = broker_pids(settings)
+    # mem_used above is the management API's, refreshed every 5 s: a short run sees no
+    # change in it; the nodes' RSS is read now
+    broker_rss_before = _rss(brokers)
     rss_before = _rss([p.pid for p in cluster.workers])
     # a registry of its own: the batch sizes of this run only
     metrics = CollectorRegistry()
@@ -419,9 +423,7 @@ async def _measure_rabbitkeys(
     pids = [p.pid for p in cluster.workers + cluster.registries]
     measured = False
     try:
-        phases = await _measure(
-            publish, workload, directory, rate, timeout, broker_pids(settings), pids, metrics
-        )
+        phases = await _measure(publish, workload, directory, rate, timeout, brokers, pids, metrics)
         measured = True
     finally:
         # close() waits up to publish_timeout for publishes already called to settle:
@@ -435,6 +437,8 @@ async def _measure_rabbitkeys(
     if broker_before is not None and (after := broker_memory(settings)) is not None:
         extra["broker_bytes_per_key"] = (after - broker_before) / keys
     extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
+    if brokers:
+        extra["broker_rss_bytes_per_key"] = (_rss(brokers) - broker_rss_before) / keys
     extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
     # while the run's queues exist (they go with its vhost): where the locator put them
     spread.update(
