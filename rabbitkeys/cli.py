@@ -157,13 +157,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--messages",
         type=int,
-        help="per run (default 10000: bursts of 10 on 1,000 keys; 3000 with --cluster)",
+        help="per run (default 10000: bursts of 10 on 1,000 keys; 6000 with --cluster)",
     )
     bench.add_argument(
         "--churn-messages",
         type=int,
         help="of the churn workload, each a new key, and as many queues for the raw declare "
-        "+ bind rate; its paced phase is scaled down alike (default 2000; 300 with --cluster)",
+        "+ bind rate; its paced phase is scaled down alike (default 2000; 500 with --cluster)",
     )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
@@ -585,7 +585,12 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:
     from .tools.bench import machine_description
-    from .tools.bench.queue_types import CLUSTER_WORKLOADS, compare_queue_types
+    from .tools.bench.queue_types import (
+        CLUSTER_CHURN_MESSAGES,
+        CLUSTER_MESSAGES,
+        CLUSTER_WORKLOADS,
+        compare_queue_types,
+    )
     from .tools.rabbit_cluster import ClusterError
 
     if args.transient:
@@ -594,8 +599,8 @@ async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     workloads = tuple((args.workloads or ",".join(CLUSTER_WORKLOADS)).split(","))
-    messages = 3_000 if args.messages is None else args.messages
-    churn = 300 if args.churn_messages is None else args.churn_messages
+    messages = CLUSTER_MESSAGES if args.messages is None else args.messages
+    churn = CLUSTER_CHURN_MESSAGES if args.churn_messages is None else args.churn_messages
     try:
         comparison = await compare_queue_types(
             settings,

@@ -31,6 +31,8 @@ from .runner import Result, run_strategy
 from .workloads import make_workload
 
 __all__ = [
+    "CLUSTER_CHURN_MESSAGES",
+    "CLUSTER_MESSAGES",
     "CLUSTER_WORKLOADS",
     "DEFAULT_PORT_BASE",
     "QUEUE_TYPES",
@@ -47,6 +49,9 @@ DEFAULT_PORT_BASE = 5740
 QUEUE_TYPES = ("classic", "quorum")
 #: bursts and interleaved give jobs/s, CPU and memory per key; churn the new-key rate
 CLUSTER_WORKLOADS = ("bursts", "interleaved", "churn")
+#: run sizes: both types, each workload, in about 2.5 minutes on 2 quiet cores
+CLUSTER_MESSAGES = 6_000  # bursts of 10 on 600 keys
+CLUSTER_CHURN_MESSAGES = 500
 #: the run's figures, in the order of the report: name, unit, how to read it off the results
 _Figure = tuple[str, str, Callable[["ClusterComparison", str], float | None]]
 
@@ -203,8 +208,8 @@ async def compare_queue_types(
     *,
     port_base: int = DEFAULT_PORT_BASE,
     workloads: tuple[str, ...] = CLUSTER_WORKLOADS,
-    messages: int = 3_000,
-    churn_messages: int = 300,
+    messages: int = CLUSTER_MESSAGES,
+    churn_messages: int = CLUSTER_CHURN_MESSAGES,
     workers: int = 3,
     work_ms: float = 1.0,
     timeout: float = 300.0,
