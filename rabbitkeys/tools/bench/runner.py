@@ -46,6 +46,7 @@ from ..._topology import Names
 from ..cluster import LocalCluster
 from .broker import (
     broker_cpu_seconds,
+    broker_erlang_memory,
     broker_memory,
     broker_pids,
     cpu_seconds,
@@ -406,8 +407,9 @@ async def _measure_rabbitkeys(
 ) -> _Phases:
     broker_before = broker_memory(settings)
     brokers = broker_pids(settings)
-    # mem_used above is the management API's, refreshed every 5 s: a short run sees no
-    # change in it; the nodes' RSS is read now
+    # mem_used above is the management API's, refreshed every 5 s: a short run may see no
+    # change in it; the nodes' Erlang memory (computed when asked) and RSS are read now
+    erlang_before = broker_erlang_memory(settings)
     broker_rss_before = _rss(brokers)
     rss_before = _rss([p.pid for p in cluster.workers])
     # a registry of its own: the batch sizes of this run only
@@ -439,6 +441,8 @@ async def _measure_rabbitkeys(
     extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
     if brokers:
         extra["broker_rss_bytes_per_key"] = (_rss(brokers) - broker_rss_before) / keys
+    if erlang_before is not None and (erlang := broker_erlang_memory(settings)) is not None:
+        extra["broker_erlang_bytes_per_key"] = (erlang - erlang_before) / keys
     extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
     # while the run's queues exist (they go with its vhost): where the locator put them
     spread.update(
