@@ -206,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
         "rabbitmq user), run rabbitkeys on --workloads with classic and then quorum key "
         "queues, print jobs/s, AMQP msg/s, broker CPU per job and memory per key (summed over "
         "the nodes), new keys/s, key queues per node and quorum / classic; stop the cluster. "
-        "RABBITKEYS_AMQP_URL and _MANAGEMENT_URL are replaced by the cluster's",
+        "RABBITKEYS_AMQP_URL and _MANAGEMENT_URL are replaced by the cluster's; --strategies, "
+        "--partitions, --paced-messages, --rate and --plot do not apply",
     )
     bench.add_argument(
         "--cluster-port-base",
