@@ -178,21 +178,21 @@ def _parser() -> argparse.ArgumentParser:
         "interleaved, slow, churn; also uniform, zipf) on the local broker with the same "
         "client library and worker count, each run in a vhost of its own that is deleted "
         "afterwards; print a Markdown table: jobs/s, AMQP messages/s, batch sizes, latency, "
-        "CPU per job, and issue 13's targets as ratios measured in the run.",
+        "CPU per job, and issue 13's targets as ratios measured in the run. With --cluster: "
+        "rabbitkeys with classic and then quorum key queues on a three-node cluster this run "
+        "starts and stops.",
         epilog=_SETTINGS_HELP,
     )
     bench.add_argument(
         "--messages",
         type=int,
-        default=10_000,
-        help="per run (default 10000: bursts of 10 on 1,000 keys)",
+        help="per run (default 10000: bursts of 10 on 1,000 keys; 6000 with --cluster)",
     )
     bench.add_argument(
         "--churn-messages",
         type=int,
-        default=2_000,
         help="of the churn workload, each a new key, and as many queues for the raw declare "
-        "+ bind rate; its paced phase is scaled down alike (default 2000)",
+        "+ bind rate; its paced phase is scaled down alike (default 2000; 500 with --cluster)",
     )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
@@ -204,8 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--workloads",
-        default="bursts,interleaved,slow,churn",
-        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf",
+        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf (default "
+        "bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster)",
     )
     bench.add_argument(
         "--paced-messages",
@@ -227,6 +227,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEYS",
         help="instead: comma-separated live-key counts (e.g. 10000,100000) on --workers "
         "workers; time and CPU to assign, memory per key, settling after a worker joins",
+    )
+    bench.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: start a three-node RabbitMQ cluster on localhost (needs root or the "
+        "rabbitmq user), run rabbitkeys on --workloads with classic and then quorum key "
+        "queues, print jobs/s, AMQP msg/s, broker CPU per job and memory per key (summed over "
+        "the nodes), new keys/s, key queues per node and quorum / classic; stop the cluster. "
+        "RABBITKEYS_AMQP_URL and _MANAGEMENT_URL are replaced by the cluster's; --strategies, "
+        "--partitions, --paced-messages, --rate and --plot do not apply",
+    )
+    bench.add_argument(
+        "--cluster-port-base",
+        type=int,
+        default=5740,
+        help="the cluster's ports: AMQP base+1..3, management base+10001..3, distribution "
+        "base+20001..3 (default 5740)",
     )
     bench.set_defaults(handler=_bench)
     return parser
@@ -542,6 +559,11 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         print(f"Machine: {machine_description()}\n\n{HEADER}")
         print("\n".join(rows))
         return EXIT_OK
+    if args.cluster:
+        return await _bench_cluster(settings, args)
+    args.messages = 10_000 if args.messages is None else args.messages
+    args.churn_messages = 2_000 if args.churn_messages is None else args.churn_messages
+    args.workloads = args.workloads or "bursts,interleaved,slow,churn"
     if args.transient:
         settings = settings.model_copy(update={"durable": False})
     results = []
@@ -599,6 +621,51 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         for path in write_plots(results, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     return EXIT_ERROR if failures else EXIT_OK
+
+
+async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    from .tools.bench import machine_description
+    from .tools.bench.queue_types import (
+        CLUSTER_CHURN_MESSAGES,
+        CLUSTER_MESSAGES,
+        CLUSTER_WORKLOADS,
+        compare_queue_types,
+    )
+    from .tools.rabbit_cluster import ClusterError
+
+    if args.transient:
+        print(
+            "rabbitkeys: --cluster compares durable queues: not with --transient", file=sys.stderr
+        )
+        return EXIT_USAGE
+    workloads = tuple((args.workloads or ",".join(CLUSTER_WORKLOADS)).split(","))
+    messages = CLUSTER_MESSAGES if args.messages is None else args.messages
+    churn = CLUSTER_CHURN_MESSAGES if args.churn_messages is None else args.churn_messages
+    try:
+        comparison = await compare_queue_types(
+            settings,
+            port_base=args.cluster_port_base,
+            workloads=workloads,
+            messages=messages,
+            churn_messages=churn,
+            workers=args.workers,
+            work_ms=args.work_ms,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (ClusterError, RuntimeError, TimeoutError) as exc:
+        print(
+            f"rabbitkeys: bench --cluster failed (the cluster is stopped): {exc}", file=sys.stderr
+        )
+        return EXIT_ERROR
+    print(f"Machine: {machine_description()}")
+    print(
+        f"Three RabbitMQ nodes on this host (started in {comparison.start_seconds:.0f} s), "
+        f"{args.workers} worker processes, {messages:,} messages per run (churn: {churn:,} "
+        "new keys), durable queues, persistent messages; classic then quorum key queues, "
+        "each run in a vhost of its own\n"
+    )
+    print(comparison.markdown())
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """Smoke run of the benchmark: every strategy runs, its figures are consistent, the report
-has issue 13's rows and columns, and a run leaves nothing behind on the broker."""
+has issue 13's rows and columns, and a run leaves nothing behind on the broker; ``--cluster``
+reports every figure for classic and quorum key queues and stops its cluster, also when it
+fails or is interrupted."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +23,10 @@ from rabbitkeys._metrics import PublisherMetrics
 from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strategy
 from rabbitkeys.tools.bench.plots import write_plots
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
+from rabbitkeys.tools.rabbit_cluster import RabbitCluster
 
 from .conftest import Broker
-from .support import make_settings
+from .support import make_settings, skip_or_fail
 
 
 def _bench_vhosts(broker: Broker) -> list[str]:
@@ -168,3 +177,142 @@ def test_batch_sizes_are_read_from_the_publishers_histogram() -> None:
     assert phase.quantile(1.0) == 100
     # a publisher that records nothing: one job per message
     assert _Batches.read(CollectorRegistry()).quantile(0.99) == 1
+
+
+# --------------------------------------------------------------------------- --cluster
+
+#: the bench's own cluster: apart from the test cluster's port base (5680) and the broker's
+CLUSTER_PORT_BASE = int(os.environ.get("RABBITKEYS_TEST_BENCH_CLUSTER_PORT_BASE", "5740"))
+_FIGURE_ROWS = (
+    "bursts: jobs/s",
+    "bursts: AMQP msg/s",
+    "bursts: broker CPU ms/job (3 nodes)",
+    "interleaved: jobs/s",
+    "interleaved: AMQP msg/s",
+    "interleaved: broker CPU ms/job (3 nodes)",
+    "churn: new keys/s (declare + bind + first job)",
+    "churn: broker CPU ms/new key (3 nodes)",
+    "interleaved: broker memory KiB / live key (3 nodes' Erlang VMs)",
+    "interleaved: broker RSS KiB / live key (3 nodes' beam.smp)",
+)
+_NUMBER = r"-?[\d,]+(?:\.\d+)?"
+
+
+def _bench_cluster(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "rabbitkeys",
+        "bench",
+        "--cluster",
+        "--cluster-port-base",
+        str(CLUSTER_PORT_BASE),
+        *args,
+    ]
+
+
+def _cluster_is_gone() -> None:
+    cluster = RabbitCluster(Path("/nonexistent"), port_base=CLUSTER_PORT_BASE)
+    assert not any(cluster.pids(node.index) for node in cluster.nodes)
+    assert not Path(f"/tmp/rabbitkeys-bench-cluster-{CLUSTER_PORT_BASE}").exists()
+
+
+def _needs_a_cluster() -> None:
+    if (reason := RabbitCluster.usable()) is not None:
+        skip_or_fail(f"bench --cluster cannot start a cluster here: {reason}")
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.processes
+@pytest.mark.timeout(600)
+def test_cluster_bench_reports_every_figure_for_both_queue_types() -> None:
+    _needs_a_cluster()
+    done = subprocess.run(
+        _bench_cluster("--messages", "200", "--churn-messages", "40", "--workers", "2"),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout
+    for workload in ("bursts", "interleaved", "churn"):
+        for queue_type in ("classic", "quorum"):
+            # jobs/s, AMQP msg/s, CPU, new keys (churn only), memory per key; nothing lost
+            row = re.search(rf"^\| {workload} \| {queue_type} \| (.*) \|$", report, re.M)
+            assert row, f"no {workload} / {queue_type} row in\n{report}"
+            cells = [c.strip() for c in row.group(1).split("|")]
+            assert len(cells) == 7
+            jobs, amqp, cpu, new_keys, memory, lost, violations = cells
+            assert all(re.fullmatch(_NUMBER, c) for c in (jobs, amqp, cpu)), cells
+            assert re.fullmatch(_NUMBER, new_keys) if workload == "churn" else new_keys == "-"
+            assert re.fullmatch(rf"{_NUMBER} KiB", memory), cells
+            assert (lost, violations) == ("0", "0"), cells
+    for figure in _FIGURE_ROWS:
+        match = re.search(
+            rf"^\| {re.escape(figure)} \| ({_NUMBER}) \| ({_NUMBER}) \| (.*) \|$", report, re.M
+        )
+        assert match, f"no figure {figure!r} for both types in\n{report}"
+        classic = float(match.group(1).replace(",", ""))
+        assert match.group(3) == "-" if classic == 0 else match.group(3).endswith(" x")
+    # key queues per node: three node columns, every key queue of the run counted once
+    nodes = [f"rk{i}-{CLUSTER_PORT_BASE}@localhost" for i in (1, 2, 3)]
+    assert "| workload | queue type | " + " | ".join(nodes) + " |" in report
+    for workload, keys in (("bursts", 20), ("interleaved", 20), ("churn", 40)):
+        for queue_type in ("classic", "quorum"):
+            counts = re.findall(
+                rf"^\| {workload} \| {queue_type} \| (\d+) \| (\d+) \| (\d+) \|$",
+                report,
+                re.M,
+            )
+            assert counts and sum(map(int, counts[0])) == keys, (workload, queue_type, report)
+    _cluster_is_gone()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.processes
+@pytest.mark.timeout(300)
+def test_an_interrupted_cluster_bench_stops_its_cluster() -> None:
+    _needs_a_cluster()
+    with subprocess.Popen(
+        _bench_cluster("--messages", "2000", "--workers", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as bench:
+        try:
+            assert bench.stderr is not None
+            for line in bench.stderr:  # until the first run has figures: the cluster is busy
+                if re.search(r"bursts +classic: ", line):
+                    break
+            else:
+                pytest.fail("bench --cluster ended before its first run")
+            bench.send_signal(signal.SIGINT)  # what Ctrl-C does
+            rest = bench.stderr.read()
+            assert bench.wait(timeout=120) != 0
+            assert "stopping the cluster" in rest
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+    _cluster_is_gone()
+
+
+@pytest.mark.cluster
+def test_a_cluster_bench_that_cannot_start_leaves_nothing_behind() -> None:
+    _needs_a_cluster()
+    with socket.socket() as taken:  # the first node's AMQP port, held by someone else
+        taken.bind(("127.0.0.1", CLUSTER_PORT_BASE + 1))
+        taken.listen()
+        done = subprocess.run(_bench_cluster(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    # refused up front, before any node booted
+    assert f"ports [{CLUSTER_PORT_BASE + 1}] are in use" in done.stderr
+    _cluster_is_gone()
+
+
+def test_cluster_bench_refuses_transient_queues() -> None:
+    # quorum queues are always durable: a classic side without would compare two things
+    done = subprocess.run(_bench_cluster("--transient"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "not with --transient" in done.stderr

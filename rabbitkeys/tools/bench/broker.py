@@ -29,9 +29,11 @@ from ..._settings import Settings
 
 __all__ = [
     "broker_cpu_seconds",
+    "broker_erlang_memory",
     "broker_memory",
-    "broker_pid",
+    "broker_pids",
     "cpu_seconds",
+    "key_queue_nodes",
     "processes_cpu",
     "run_vhost",
 ]
@@ -138,16 +140,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def broker_pid(settings: Settings) -> int | None:
-    """The OS pid of the broker node on this host, as its management API tells; with no
-    API, the one ``beam.smp`` on this host (None if there are several: a second node for
-    cluster tests must not be taken for the broker)."""
+def broker_pids(settings: Settings) -> list[int]:
+    """The OS pids of the broker's nodes on this host, as its management API tells (every
+    node of a cluster whose nodes run here: their CPU is summed); with no API, the one
+    ``beam.smp`` on this host (none if there are several: a second node for cluster tests
+    must not be taken for the broker)."""
     try:
         nodes = _get(settings, "nodes?columns=name,os_pid")
-        for node in nodes:
-            pid = int(node.get("os_pid") or 0)
-            if pid and _is_beam(pid):
-                return pid
+        pids = [int(node.get("os_pid") or 0) for node in nodes]
+        found = [pid for pid in pids if pid and _is_beam(pid)]
+        if found:
+            return found
     except (BrokerUnavailableError, ValueError, TypeError):
         pass
     beams = [
@@ -155,7 +158,24 @@ def broker_pid(settings: Settings) -> int | None:
         for stat in Path("/proc").glob("[0-9]*/stat")
         if _is_beam(int(stat.parent.name))
     ]
-    return beams[0] if len(beams) == 1 else None
+    return beams if len(beams) == 1 else []
+
+
+def key_queue_nodes(settings: Settings, prefix: str) -> dict[str, int]:
+    """How many queues of the settings' vhost whose names start with ``prefix`` have their
+    leader on each node (classic queues report ``node``, quorum queues ``leader``): how
+    the queue locator spread them. Empty without a management API."""
+    vhost = urllib.parse.quote(settings.vhost, safe="")
+    try:
+        queues = _get(settings, f"queues/{vhost}?columns=name,node,leader")
+    except BrokerUnavailableError:
+        return {}
+    counts: dict[str, int] = {}
+    for queue in queues:
+        if queue["name"].startswith(prefix):
+            node = str(queue.get("leader") or queue.get("node") or "?")
+            counts[node] = counts.get(node, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _is_beam(pid: int) -> bool:
@@ -165,18 +185,23 @@ def _is_beam(pid: int) -> bool:
         return False
 
 
-def broker_cpu_seconds(pid: int | None = None) -> float | None:
-    """CPU time of the broker node ``pid`` (by default the one ``beam.smp`` on this host),
-    or None if not found."""
-    if pid is None:
+def broker_cpu_seconds(pids: int | list[int] | None = None) -> float | None:
+    """CPU time of the broker node ``pids`` (by default the one ``beam.smp`` on this host),
+    summed over the nodes when a list; None if none is found or one is gone (a sum
+    missing a node would read as a saving)."""
+    if pids is None:
         beams = [
             stat for stat in Path("/proc").glob("[0-9]*/stat") if _is_beam(int(stat.parent.name))
         ]
         if len(beams) != 1:
             return None
-        pid = int(beams[0].parent.name)
+        pids = [int(beams[0].parent.name)]
+    elif isinstance(pids, int):
+        pids = [pids]
+    if not pids:
+        return None
     try:
-        return cpu_seconds(pid)
+        return sum(cpu_seconds(pid) for pid in pids)
     except (OSError, ValueError):
         return None
 
@@ -194,6 +219,21 @@ def processes_cpu(pids: list[int]) -> float:
         with contextlib.suppress(OSError, ValueError):
             total += cpu_seconds(pid)
     return total
+
+
+def broker_erlang_memory(settings: Settings) -> float | None:
+    """The Erlang VMs' memory of every node, summed, computed by each node when asked
+    (``memory=true``): unlike ``mem_used``, which the management API refreshes every 5 s,
+    it sees a short run's keys and the previous run's queues gone. None without the API."""
+    try:
+        total = 0.0
+        for node in _get(settings, "nodes?columns=name"):
+            quoted = urllib.parse.quote(node["name"], safe="")
+            answer = _get(settings, f"nodes/{quoted}?memory=true")
+            total += float(answer["memory"]["total"]["erlang"])
+        return total
+    except Exception:
+        return None
 
 
 def broker_memory(settings: Settings) -> float | None:

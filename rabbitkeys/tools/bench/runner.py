@@ -46,9 +46,11 @@ from ..._topology import Names
 from ..cluster import LocalCluster
 from .broker import (
     broker_cpu_seconds,
+    broker_erlang_memory,
     broker_memory,
-    broker_pid,
+    broker_pids,
     cpu_seconds,
+    key_queue_nodes,
     processes_cpu,
     run_vhost,
 )
@@ -107,6 +109,8 @@ class Result:
     #: CPU ms per job in the fast phase: the broker's, and all processes' together
     broker_cpu_ms: float | None = None
     total_cpu_ms: float | None = None
+    #: rabbitkeys: key queues per node their leader runs on, at the end of the fast phase
+    key_queue_nodes: dict[str, int] = field(default_factory=dict)
 
 
 async def run_strategy(
@@ -171,10 +175,11 @@ async def _run_strategy(
             "RABBITKEYS_AMQP_URL": settings.amqp_url.get_secret_value(),
         }
         extra: dict[str, float] = {}
+        spread: dict[str, int] = {}
         if strategy == "rabbitkeys":
             try:
                 phases = await _run_rabbitkeys(
-                    settings, workload, workers, env, directory, rate, timeout, extra
+                    settings, workload, workers, env, directory, rate, timeout, extra, spread
                 )
             finally:
                 if not own_vhost:  # else they go with the vhost
@@ -184,7 +189,9 @@ async def _run_strategy(
                 strategy, settings, workload, workers, partitions, env, directory, rate, timeout
             )
         records = [r for r in read_all(directory) if r.published >= phases.started]
-    return _summarise(strategy, workload, records, phases, rate, extra)
+    result = _summarise(strategy, workload, records, phases, rate, extra)
+    result.key_queue_nodes = spread
+    return result
 
 
 # --- the baselines, on plain aio-pika ---------------------------------------------------
@@ -276,7 +283,7 @@ async def _run_baseline(
                 directory,
                 rate,
                 timeout,
-                broker_pid(settings),
+                broker_pids(settings),
                 [p.pid for p in processes],
             )
         finally:
@@ -366,6 +373,7 @@ async def _run_rabbitkeys(
     rate: float,
     timeout: float,
     extra: dict[str, float],
+    spread: dict[str, int],
 ) -> _Phases:
     cluster_env = {k: v for k, v in env.items() if k.startswith("RK_BENCH")}
     async with LocalCluster(settings, extra_env=cluster_env) as cluster:
@@ -375,7 +383,7 @@ async def _run_rabbitkeys(
         try:
             await cluster.wait_for_workers(workers)
             phases = await _measure_rabbitkeys(
-                settings, cluster, workload, directory, rate, timeout, extra
+                settings, cluster, workload, directory, rate, timeout, extra, spread
             )
         except BaseException:
             # interrupted or failed: no graceful stop (up to 30 s each; a worker finishing
@@ -395,8 +403,14 @@ async def _measure_rabbitkeys(
     rate: float,
     timeout: float,
     extra: dict[str, float],
+    spread: dict[str, int],
 ) -> _Phases:
     broker_before = broker_memory(settings)
+    brokers = broker_pids(settings)
+    # mem_used above is the management API's, refreshed every 5 s: a short run may see no
+    # change in it; the nodes' Erlang memory (computed when asked) and RSS are read now
+    erlang_before = broker_erlang_memory(settings)
+    broker_rss_before = _rss(brokers)
     rss_before = _rss([p.pid for p in cluster.workers])
     # a registry of its own: the batch sizes of this run only
     metrics = CollectorRegistry()
@@ -411,9 +425,7 @@ async def _measure_rabbitkeys(
     pids = [p.pid for p in cluster.workers + cluster.registries]
     measured = False
     try:
-        phases = await _measure(
-            publish, workload, directory, rate, timeout, broker_pid(settings), pids, metrics
-        )
+        phases = await _measure(publish, workload, directory, rate, timeout, brokers, pids, metrics)
         measured = True
     finally:
         # close() waits up to publish_timeout for publishes already called to settle:
@@ -427,7 +439,17 @@ async def _measure_rabbitkeys(
     if broker_before is not None and (after := broker_memory(settings)) is not None:
         extra["broker_bytes_per_key"] = (after - broker_before) / keys
     extra["worker_bytes_per_key"] = (_rss([p.pid for p in cluster.workers]) - rss_before) / keys
+    if brokers:
+        extra["broker_rss_bytes_per_key"] = (_rss(brokers) - broker_rss_before) / keys
+    if erlang_before is not None and (erlang := broker_erlang_memory(settings)) is not None:
+        extra["broker_erlang_bytes_per_key"] = (erlang - erlang_before) / keys
     extra["new_keys_per_second"] = keys / max(1e-9, phases.fast_done - phases.started)
+    # while the run's queues exist (they go with its vhost): where the locator put them
+    spread.update(
+        await asyncio.to_thread(
+            key_queue_nodes, settings, Names(settings.namespace).key_queue_prefix
+        )
+    )
     return phases
 
 
@@ -478,16 +500,16 @@ class _Batches:
 
 @dataclass(frozen=True)
 class _Snapshot:
-    broker_cpu: float | None  # the RabbitMQ node on this host, if found
+    broker_cpu: float | None  # the RabbitMQ nodes on this host, summed, if found
     clients_cpu: float  # this process (the publisher) and the run's other processes
     batches: _Batches
 
     @classmethod
     def take(
-        cls, broker: int | None, pids: list[int], metrics: CollectorRegistry | None
+        cls, broker: list[int], pids: list[int], metrics: CollectorRegistry | None
     ) -> _Snapshot:
         return cls(
-            None if broker is None else broker_cpu_seconds(broker),
+            broker_cpu_seconds(broker) if broker else None,
             processes_cpu([os.getpid(), *pids]),
             _Batches.read(metrics),
         )
@@ -509,7 +531,7 @@ async def _measure(
     directory: Path,
     rate: float,
     timeout: float,
-    broker: int | None,
+    broker: list[int],
     pids: list[int],
     metrics: CollectorRegistry | None = None,
 ) -> _Phases:
@@ -518,8 +540,9 @@ async def _measure(
 
     The warm-up is one message per key, so that keyed workloads are measured in steady
     state (keys known); key churn is measured cold, that being its point. CPU and batch
-    sizes are taken over the fast phase; ``broker`` is the broker's pid, ``pids`` the run's
-    processes besides this one (workers, registry).
+    sizes are taken over the fast phase; ``broker`` are the broker nodes' pids (summed: a
+    cluster's nodes on this host), ``pids`` the run's processes besides this one (workers,
+    registry).
     """
     warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
     await _publish_all(publish, warmup)
