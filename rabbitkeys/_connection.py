@@ -68,8 +68,10 @@ def connected_node(connection: AbstractConnection) -> str:
     return f"{host}:{url.port}" if url.port is not None else host
 
 
-#: seconds one node gets to accept the connection and finish the AMQP handshake
+#: seconds one node of several gets to accept the connection and finish the AMQP handshake
 NODE_CONNECT_TIMEOUT = 5.0
+#: the same for a lone broker
+LONE_CONNECT_TIMEOUT = 30.0
 
 
 async def _connect_in_order(settings: Settings, role: str, urls: list[str]) -> AbstractConnection:
@@ -93,6 +95,9 @@ async def _connect_in_order(settings: Settings, role: str, urls: list[str]) -> A
 
 async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConnection:
     """One node; raises :class:`BrokerUnavailableError` with its masked URL and the reason."""
+    # one broker: no other node to move to, so a slow handshake (a broker busy recovering
+    # 100,000 queues) is waited for longer
+    timeout = NODE_CONNECT_TIMEOUT if len(settings.amqp_urls) > 1 else LONE_CONNECT_TIMEOUT
     try:
         tls = (
             client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -102,13 +107,13 @@ async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConne
         return await aio_pika.connect(
             url,
             ssl_context=tls,
-            timeout=NODE_CONNECT_TIMEOUT,
+            timeout=timeout,
             client_properties={"connection_name": f"rabbitkeys {settings.namespace} {role}"},
         )
     except Exception as exc:
         # The original exception is not chained: some carry the URL, password included.
         if isinstance(exc, TimeoutError):  # asyncio's says nothing
-            reason = f"no connection within {NODE_CONNECT_TIMEOUT:g}s"
+            reason = f"no connection within {timeout:g}s"
         else:
             reason = f"{type(exc).__name__}: {exc}"
         password = urlsplit(url).password
