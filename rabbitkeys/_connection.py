@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -98,6 +100,7 @@ async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConne
     # one broker: no other node to move to, so a slow handshake (a broker busy recovering
     # 100,000 queues) is waited for longer
     timeout = NODE_CONNECT_TIMEOUT if len(settings.amqp_urls) > 1 else LONE_CONNECT_TIMEOUT
+    made = _Made()
     try:
         tls = (
             client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -109,8 +112,12 @@ async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConne
             ssl_context=tls,
             timeout=timeout,
             client_properties={"connection_name": f"rabbitkeys {settings.namespace} {role}"},
+            connection_class=cast(type[AbstractConnection], made.append_new),
         )
     except Exception as exc:
+        # A connection that failed half-way is closed here: left to the garbage collector,
+        # aio-pika's __del__ schedules its close() on a loop that may be gone by then.
+        await made.close_all()
         # The original exception is not chained: some carry the URL, password included.
         if isinstance(exc, TimeoutError):  # asyncio's says nothing
             reason = f"no connection within {timeout:g}s"
@@ -124,6 +131,23 @@ async def _connect_one(settings: Settings, role: str, url: str) -> AbstractConne
                 reason, ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file
             )
         raise BrokerUnavailableError(f"{mask_url(url)}: {reason}") from None
+
+
+class _Made:
+    """The connections aio-pika made for one connect call (its ``connection_class``)."""
+
+    def __init__(self) -> None:
+        self.connections: list[aio_pika.Connection] = []
+
+    def append_new(self, *args: Any, **kwargs: Any) -> aio_pika.Connection:
+        connection = aio_pika.Connection(*args, **kwargs)
+        self.connections.append(connection)
+        return connection
+
+    async def close_all(self) -> None:
+        for connection in self.connections:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
 
 
 async def keep_connected(
