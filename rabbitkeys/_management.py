@@ -12,6 +12,7 @@ import asyncio
 import base64
 import http.client
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.parse
@@ -145,29 +146,28 @@ def _call(
     return json.loads(answer) if answer else None
 
 
-class _QuickConnect(http.client.HTTPConnection):
-    """Opens its socket within :data:`_CONNECT_TIMEOUT`, then waits up to its own timeout
-    for each answer."""
+class _QuickConnectMixin:
+    """Opens its socket within :data:`_CONNECT_TIMEOUT` (a TLS handshake too), then waits
+    up to its own timeout for each answer."""
+
+    timeout: float | None
+    sock: socket.socket
 
     def connect(self) -> None:
         answer_timeout, self.timeout = self.timeout, _CONNECT_TIMEOUT
         try:
-            super().connect()
+            super().connect()  # type: ignore[misc]
         finally:
             self.timeout = answer_timeout
         self.sock.settimeout(answer_timeout)
 
 
-class _QuickConnectTLS(http.client.HTTPSConnection):
-    """:class:`_QuickConnect` over TLS (the handshake within the connect timeout too)."""
+class _QuickConnect(_QuickConnectMixin, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        answer_timeout, self.timeout = self.timeout, _CONNECT_TIMEOUT
-        try:
-            super().connect()
-        finally:
-            self.timeout = answer_timeout
-        self.sock.settimeout(answer_timeout)
+
+class _QuickConnectTLS(_QuickConnectMixin, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):

@@ -478,7 +478,7 @@ class RabbitCluster:
         if marker.exists():
             with contextlib.suppress(ValueError, OSError):
                 owner = json.loads(marker.read_text()).get("pid")
-                if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
+                if isinstance(owner, int) and owner != os.getpid() and process_alive(owner):
                     raise ClusterError(
                         f"{self.directory} is the cluster of process {owner}, still running: "
                         "use another directory and port base"
@@ -573,7 +573,8 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from ..._errors import BrokerUnavailableError
 from ..._management import _get, request
 from ..._settings import Settings
+from ..rabbit_cluster import process_alive
 
 __all__ = [
     "broker_cpu_seconds",
@@ -120,7 +121,8 @@ def _remove_abandoned(settings: Settings) -> None:
         prefix, _, rest = description.partition("rabbitkeys bench: pid ")
         pid, _, on_host = rest.partition(" on ")
         name = vhost["name"]
-        if prefix or not pid.isdigit() or on_host != host or _alive(int(pid)) or name in _sweeping:
+        alive = pid.isdigit() and process_alive(int(pid))
+        if prefix or not pid.isdigit() or on_host != host or alive or name in _sweeping:
             continue
         logger.warning("removing vhost %s, left by an interrupted run", name)
         _sweeping.add(name)
@@ -128,16 +130,6 @@ def _remove_abandoned(settings: Settings) -> None:
         threading.Thread(
             target=_delete_vhost, args=(settings, quoted, 1), name=f"delete {name}", daemon=True
         ).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def broker_pids(settings: Settings) -> list[int]:
