@@ -290,7 +290,7 @@ class Settings(BaseSettings):
     def _timeout_beyond_heartbeat(self) -> Self:
         if self.worker_timeout <= 2 * self.heartbeat_interval:
             raise ValueError(
-                "worker_timeout must exceed twice heartbeat_interval, "
+                f"{ENV_PREFIX}WORKER_TIMEOUT must exceed twice {ENV_PREFIX}HEARTBEAT_INTERVAL, "
                 "or a single late heartbeat drops a live worker"
             )
         return self
@@ -534,8 +534,9 @@ def load_settings(**overrides: Any) -> Settings:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
             field = ".".join(str(part) for part in error["loc"])
-            if not field and error["type"] == "config":
-                problems.append(error["msg"])  # it names its variables itself
+            if not field and error["type"] in ("config", "value_error"):
+                # a rule across settings: its message names its variables itself
+                problems.append(error["msg"].removeprefix("Value error, "))
                 continue
             problems.append(f"{ENV_PREFIX}{(field or '?').upper()}: {error['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -61,8 +61,17 @@ def test_the_password_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_heartbeat_must_fit_in_the_worker_timeout() -> None:
-    with pytest.raises(ConfigError, match="worker_timeout"):
+    with pytest.raises(ConfigError, match="RABBITKEYS_WORKER_TIMEOUT must exceed") as error:
         load_settings(heartbeat_interval=2.0, worker_timeout=3.0)
+    assert "Value error" not in str(error.value)
+
+
+def test_quorum_queues_need_durable_and_no_cap_over_all_keys() -> None:
+    with pytest.raises(ConfigError, match="QUEUE_TYPE=quorum needs RABBITKEYS_DURABLE=true"):
+        load_settings(queue_type="quorum", durable=False)
+    with pytest.raises(ConfigError, match="MAX_BUFFERED_MESSAGES cannot be applied"):
+        load_settings(queue_type="quorum", max_buffered_messages=100)
+    assert load_settings(queue_type="quorum").queue_type == "quorum"
 
 
 def test_mask_url_leaves_urls_without_password_alone() -> None:
