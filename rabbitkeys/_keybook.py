@@ -339,6 +339,10 @@ class _Ledger:
     def retiring(self) -> int:
         return self.count(*RETIRING)
 
+    def unavailable(self) -> int:
+        """Keys whose queue was unavailable when last declared (its cluster node down)."""
+        return sum(1 for k in self.keys.values() if k.unavailable)
+
     def status(self, registry_id: str, backlog: dict[str, int] | None, now: float) -> Status:
         """The leader's view for ``rabbitkeys status``; ``backlog``: ready messages per key,
         if asked for (what workers hold but have not started is backlog too)."""
@@ -462,6 +466,7 @@ class _Ledger:
     def lease_renewed(self, key_id: str, now: float) -> None:
         if (key := self.keys.get(key_id)) is not None:
             key.last_lease_renewal = now
+            key.unavailable = False  # the passive declare reached it
 
     def queue_lost(self, key_id: str) -> bool:
         """A key's queue is not there (expired, or deleted by an operator). Only a key in

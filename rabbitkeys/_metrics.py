@@ -246,6 +246,9 @@ class RegistryMetrics:
         "rabbitkeys_leader": "1 while this registry leads its namespace.",
         "rabbitkeys_live_keys": "Keys the leading registry knows.",
         "rabbitkeys_unassigned_keys": "Keys with no worker now (moving, or no worker).",
+        "rabbitkeys_unavailable_keys": "Keys whose queue was unavailable when last declared "
+        "(on a cluster, its node is down): their publishes wait for it. Counted until the "
+        "key is declared again, its lease renewed, or it is retired.",
         "rabbitkeys_live_workers": "Workers the leading registry knows.",
         "rabbitkeys_backlog_messages": "Messages in key queues, per the management API "
         "(leader only, polled).",

@@ -121,6 +121,7 @@ class Registry(Background):
             "rabbitkeys_leader": 1,
             "rabbitkeys_live_keys": len(self._book.keys),
             "rabbitkeys_unassigned_keys": self._book.unassigned(),
+            "rabbitkeys_unavailable_keys": self._book.unavailable(),
             "rabbitkeys_live_workers": len(self._book.workers),
             "rabbitkeys_backlog_messages": broker.backlog_messages if broker else 0,
             "rabbitkeys_key_queues": broker.key_queue_count if broker else 0,

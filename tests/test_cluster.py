@@ -86,7 +86,7 @@ async def test_a_key_whose_node_is_down_waits_and_then_fails_as_documented(
     settings = cluster_settings(cluster, publish_timeout=4.0)
     names = Names(settings.namespace)
     app, seen = recording_app()
-    async with running_registry(settings), running_worker(settings, app):
+    async with running_registry(settings) as registry, running_worker(settings, app):
         async with Publisher(settings) as publisher:
             keys = [f"user/{i}" for i in range(12)]
             await asyncio.gather(*(publisher.publish(key, b"1") for key in keys))
@@ -107,12 +107,14 @@ async def test_a_key_whose_node_is_down_waits_and_then_fails_as_documented(
             waited = time.monotonic() - started
             assert "withdrawn and will never be delivered" in str(caught.value)
             assert waited >= 3.5  # it waited for the node, up to its publish timeout
+            assert registry.gauge_values()["rabbitkeys_unavailable_keys"] == 1
             # the other nodes' keys flow meanwhile
             await asyncio.gather(*(publisher.publish(key, b"2") for key in flowing))
             await eventually(lambda: all(seen[key] == ["1", "2"] for key in flowing), 30)
             cluster.cluster.restart(down)
             await publisher.publish(stalled, b"3")
             await eventually(lambda: seen[stalled] == ["1", "3"], timeout=30)
+            assert registry.gauge_values()["rabbitkeys_unavailable_keys"] == 0
     assert seen[stalled] == ["1", "3"]
 
 
