@@ -8,7 +8,12 @@ The live test starts a real Prometheus scraping a registry, a standby registry, 
 the test's publisher and RabbitMQ's ``rabbitmq_prometheus`` plugin, drives a workload in
 which keys move, a worker is killed, the leading registry stops and handlers fail, then
 runs every query of the dashboard through Prometheus's HTTP API and asserts it returns
-data, and that order violations stay 0.
+data, and that order violations stay 0. The two-installation test scrapes two rabbitkeys
+installations (two namespaces) into one Prometheus and shows that neither's panels nor
+alerts see the other's series.
+
+Targets are labelled as the Kubernetes ServiceMonitor labels them: jobs
+``rabbitkeys-registry`` / ``rabbitkeys-worker``, and ``namespace`` and ``pod`` labels.
 
 Needs the ``prometheus`` and ``promtool`` binaries (Debian: ``apt-get install
 prometheus``) and the broker's ``rabbitmq_prometheus`` plugin (port 15692). Without them
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,15 +57,23 @@ ALERT_TESTS = GRAFANA / "alerts.test.yaml"
 DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "rabbitkeys.yaml"
 
-# What Grafana puts in for its variables, viewing the last hour.
+# What Grafana puts in for its variables, viewing the last hour (a panel's min interval
+# raises $__interval: see _queries).
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
     "$__interval": "15s",
     "$__range": "1h",
 }
+# What "All" stands for in the namespace and rabbitmq_cluster variables (their allValue).
+ALL = ".*"
 
-# The Prometheus job names the alert rules and the "targets down" query expect.
-JOB = "rabbitkeys"
+# The Prometheus job names of common deployments (ServiceMonitors, docker-compose); the
+# alert rules and the "targets down" query select on "rabbitkeys" in them.
+REGISTRY_JOB = "rabbitkeys-registry"
+WORKER_JOB = "rabbitkeys-worker"
+APP_JOB = "app"
+# The namespace label of the single installation of the first live test.
+INSTALLATION = "rabbitkeys"
 
 KEYS = 24
 ONCE_KEYS = 4  # published once, at the start: they go idle and are retired
@@ -94,23 +108,35 @@ def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])
 
 
+def _seconds(duration: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
+    return int(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
 def _queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) of every query: panel targets and annotations."""
+    """(where, PromQL) of every query: panel targets and annotations. A panel's min
+    interval raises ``$__interval`` in its queries, as Grafana does."""
     queries = []
     for panel in _panels(dashboard):
+        interval = panel.get("interval")
         for target in panel.get("targets", []):
             where = f"{panel['title']} / {target.get('legendFormat') or target['refId']}"
-            queries.append((where, target["expr"]))
+            expr = target["expr"]
+            if interval and _seconds(interval) > _seconds(GRAFANA_VARIABLES["$__interval"]):
+                expr = expr.replace("$__interval", interval)
+            queries.append((where, expr))
     for annotation in dashboard["annotations"]["list"]:
         if "expr" in annotation:
             queries.append((f"annotation {annotation['name']}", annotation["expr"]))
     return queries
 
 
-def promql(expr: str) -> str:
-    """The query as Grafana sends it to Prometheus."""
+def promql(expr: str, namespace: str = ALL, rabbitmq_cluster: str = ALL) -> str:
+    """The query as Grafana sends it to Prometheus, with the variables ``namespace`` and
+    ``rabbitmq_cluster`` set to these regular expressions."""
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
+    expr = expr.replace("$namespace", namespace).replace("$rabbitmq_cluster", rabbitmq_cluster)
     assert "$" not in expr, f"a variable the test does not know: {expr}"
     return expr
 
@@ -208,6 +234,79 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+_NAMESPACE = 'namespace=~"$namespace"'
+_BROKER_JOIN = (
+    " * on (instance) group_left (rabbitmq_cluster)"
+    ' rabbitmq_identity_info{rabbitmq_cluster=~"$rabbitmq_cluster"}'
+)
+_BROKER_METRIC = re.compile(r"\brabbitmq_(?!identity_info|cluster\b)\w+")
+# a metric selector; `by (...)`, `on (...)` and functions are not metrics
+_SELECTOR = re.compile(r"\b([a-z_]+)(\{[^}]*\})?(?=\s*(?:\[|\)|$|==|\*|>|-|/))")
+_AGGREGATION = re.compile(r"\b(sum|max|min|avg|count)\b\s*(?:by \(([^)]*)\))?\s*\(")
+
+
+def test_dashboard_variables_select_an_installation_and_a_rabbitmq_cluster() -> None:
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    for name, source in (
+        ("namespace", "label_values(rabbitkeys_leader, namespace)"),
+        ("rabbitmq_cluster", "label_values(rabbitmq_identity_info, rabbitmq_cluster)"),
+    ):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["query"]["query"] == variable["definition"] == source
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        # "All" must be a regular expression that matches (ALL in the live tests)
+        assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ALL
+
+
+def test_every_query_is_scoped_by_installation() -> None:
+    """rabbitkeys series: filtered by $namespace and aggregated per namespace; broker
+    series: joined to their RabbitMQ cluster and filtered by $rabbitmq_cluster."""
+    for where, expr in _queries(_dashboard()):
+        for name, selector in _SELECTOR.findall(expr):
+            if name.startswith("rabbitmq_") and name != "rabbitmq_identity_info":
+                assert _BROKER_JOIN in expr, (where, expr)
+            elif name.startswith(("rabbitkeys_", "process_")) or name == "up":
+                assert _NAMESPACE in selector, (where, name, expr)
+        broker = "rabbitmq_" in expr
+        for _function, by in _AGGREGATION.findall(expr):
+            labels = {label.strip() for label in by.split(",")}
+            assert ("rabbitmq_cluster" if broker else "namespace") in labels, (where, expr)
+        assert expr.count(_BROKER_JOIN) == len(_BROKER_METRIC.findall(expr)), (where, expr)
+
+
+def test_event_counts_do_not_overlap() -> None:
+    """increase over $__rate_interval at a 15 s step counts each event about four times:
+    counts per interval use $__interval with a min interval of four scrapes or more."""
+    dashboard = _dashboard()
+    for where, expr in _queries(dashboard):
+        assert not re.search(r"increase\([^]]*\[\$__rate_interval\]", expr), (where, expr)
+    for panel in _panels(dashboard):
+        if any("$__interval" in target["expr"] for target in panel.get("targets", [])):
+            assert _seconds(panel["interval"]) >= 60, panel["title"]
+            assert "counted once" in panel["description"], panel["title"]
+
+
+def test_alerts_are_scoped_by_namespace_and_link_their_runbook() -> None:
+    text = ALERTS.read_text()
+    readme = (ROOT / "README.md").read_text()
+    rules = re.split(r"\n      - alert: ", text)[1:]
+    assert len(rules) >= 11
+    for rule in rules:
+        name = rule.split()[0]
+        anchor = f"alert-{name.lower()}"
+        url = f"https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md#{anchor}"
+        assert f"runbook_url: {url}\n" in rule, name
+        assert f'<a id="{anchor}"></a>' in readme, name
+        expr = rule.split("expr:", 1)[1].split("\n        for:")[0].split("\n        labels:")[0]
+        aggregations = _AGGREGATION.findall(expr)
+        # up keeps its target's labels, namespace among them
+        assert aggregations or expr.strip().startswith("up{"), name
+        for _, by in aggregations:
+            assert "namespace" in by, (name, expr)
+        assert "$labels.namespace" in rule, name
+
+
 # --------------------------------------------------------------------------- live test
 
 
@@ -240,6 +339,15 @@ def _rabbitmq_metrics_url(amqp_url: str) -> str:
     return f"http://{host}:15692/metrics"
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A scraped process: its address and the labels Kubernetes would give it."""
+
+    address: str
+    namespace: str
+    pod: str
+
+
 class Prometheus:
     """A Prometheus server of the test's own: temporary config and storage."""
 
@@ -251,17 +359,28 @@ class Prometheus:
         self.log = directory / "prometheus.log"
         self.process: asyncio.subprocess.Process | None = None
 
-    def configure(self, targets: list[str], rabbitmq_url: str) -> Path:
+    def configure(self, jobs: dict[str, list[Target]], rabbitmq_url: str) -> Path:
+        """Scrape ``jobs`` (job name: its targets) and the broker, every second."""
         rabbitmq = urllib.parse.urlsplit(rabbitmq_url)
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
             "scrape_configs": [
-                {
-                    "job_name": JOB,
-                    "scrape_timeout": "1s",
-                    "static_configs": [{"targets": targets}],
-                },
+                *(
+                    {
+                        "job_name": job,
+                        "scrape_timeout": "1s",
+                        # the labels a ServiceMonitor puts on its targets
+                        "static_configs": [
+                            {
+                                "targets": [t.address],
+                                "labels": {"namespace": t.namespace, "pod": t.pod},
+                            }
+                            for t in targets
+                        ],
+                    }
+                    for job, targets in jobs.items()
+                ),
                 {
                     "job_name": "rabbitmq",
                     "scrape_timeout": "1s",
@@ -413,7 +532,17 @@ async def test_every_dashboard_query_returns_data(
     leader, standby, app = (f"127.0.0.1:{p}" for p in (leader_port, standby_port, app_port))
     worker = [f"127.0.0.1:{port}" for port in worker_ports]
     prometheus = Prometheus(binary, tmp_path, prometheus_port)
-    config = prometheus.configure([leader, standby, *worker, app], rabbitmq_url)
+    jobs = {
+        REGISTRY_JOB: [
+            Target(leader, INSTALLATION, "registry-0"),
+            Target(standby, INSTALLATION, "registry-1"),
+        ],
+        WORKER_JOB: [
+            Target(address, INSTALLATION, f"worker-{n}") for n, address in enumerate(worker)
+        ],
+        APP_JOB: [Target(app, INSTALLATION, "app-0")],
+    }
+    config = prometheus.configure(jobs, rabbitmq_url)
     app_metrics = CollectorRegistry()
     # the workers import tests.dashboard_app, wherever pytest was started
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -485,22 +614,28 @@ async def test_every_dashboard_query_returns_data(
 
     # the panels show what happened: a registry and a worker gone, one leader, two workers
     def shown(where: str) -> dict[str, float]:
+        """A query's series by their labels other than namespace (the installation's)."""
         expr = dict(_queries(_dashboard()))[where]
-        return {
-            ",".join(sample["metric"].values()): float(sample["value"][1]) for sample in found[expr]
-        }
+        series = {}
+        for sample in found[expr]:
+            labels = dict(sample["metric"])
+            assert labels.pop("namespace", INSTALLATION) == INSTALLATION, (where, labels)
+            series[",".join(labels.values())] = float(sample["value"][1])
+        return series
 
-    assert shown("Leading registries / A") == {"": 1.0}
-    assert shown("Live workers / A") == {"": 2.0}
-    assert shown("Processes / {{role}}") == {"registry": 1.0, "worker": 2.0}
-    assert shown("Processes / targets down") == {"": 2.0}
-    assert shown("Workers and leader / leader {{instance}}") == {standby: 1.0}
-    assert shown("Messages per second / published")[""] > 0
-    assert shown("Messages per second / handled")[""] > 0
+    assert shown("Leading registries / {{namespace}}") == {"": 1.0}
+    assert shown("Live workers / {{namespace}}") == {"": 2.0}
+    assert shown("Processes / {{role}} {{namespace}}") == {"registry": 1.0, "worker": 2.0}
+    assert shown("Processes / targets down {{namespace}}") == {"": 2.0}
+    assert shown("Workers and leader / {{namespace}} leader {{pod}}") == {
+        f"{standby},registry-1": 1.0
+    }
+    assert shown("Messages per second / published {{namespace}}")[""] > 0
+    assert shown("Messages per second / handled {{namespace}}")[""] > 0
     # the killed worker's series shows only if it was scraped twice while it handled
-    assert len(shown("Handled per worker / {{instance}}")) >= 2
-    assert shown("Keys created and retired / retired")[""] > 0
-    assert shown("Dead-lettered / A")[""] > 0
+    assert len(shown("Handled per worker / {{namespace}} {{pod}}")) >= 2
+    assert shown("Keys created and retired / retired {{namespace}}")[""] > 0
+    assert shown("Dead-lettered / {{namespace}}")[""] > 0
 
     # the alert rules were loaded and evaluate without error
     loaded = [rule for group in rules["groups"] for rule in group["rules"]]
