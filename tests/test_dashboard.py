@@ -47,6 +47,7 @@ from rabbitkeys import Publisher, Settings
 from rabbitkeys._metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
 from rabbitkeys.tools.cluster import LocalCluster
 
+from .conftest import Broker, delete_namespace
 from .support import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -685,3 +686,147 @@ async def _run_queries(
             break
         await asyncio.sleep(0.5)
     return found, [f"{where}: {expr}" for expr, where in pending.items()]
+
+
+# ------------------------------------------------------------- two installations, one Prometheus
+
+INSTALLATIONS = ("inst-a", "inst-b")
+
+
+@pytest.fixture
+def other_namespace(namespace: str, broker: Broker, session_vhost: str) -> Iterator[str]:
+    """A second rabbitkeys namespace in the session's vhost, removed afterwards."""
+    name = f"{namespace}-b"
+    yield name
+    delete_namespace(broker, session_vhost, name)
+
+
+async def _steady_traffic(publisher: Publisher, stop: asyncio.Event) -> None:
+    """Rounds of one message to each of eight keys until ``stop``; none fails."""
+    round_ = 0
+    while not stop.is_set():
+        round_ += 1
+        await asyncio.gather(*(publisher.publish(f"key-{n}", b"%d" % round_) for n in range(8)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
+def _namespaces(result: list[dict[str, Any]]) -> set[str]:
+    return {sample["metric"].get("namespace", "") for sample in result}
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+async def test_two_installations_see_only_their_own_series(
+    amqp_url: str, namespace: str, other_namespace: str, tmp_path: Path
+) -> None:
+    """Two installations (a registry, a worker and a publisher each) scraped into one
+    Prometheus with namespace labels inst-a and inst-b: with the dashboard's variable set
+    to one, every rabbitkeys query returns that installation's series only, and no alert
+    fires for either (one leader each is not "several leaders")."""
+    binary = _tool("prometheus")
+    rabbitmq_url = _rabbitmq_metrics_url(amqp_url)
+    _require(
+        f"RabbitMQ's metrics at {rabbitmq_url}",
+        await asyncio.to_thread(_answers, rabbitmq_url),
+        "rabbitmq-plugins enable rabbitmq_prometheus",
+    )
+    ports = _free_ports(3 * len(INSTALLATIONS) + 1)
+    prometheus = Prometheus(binary, tmp_path, ports.pop())
+    jobs: dict[str, list[Target]] = {REGISTRY_JOB: [], WORKER_JOB: [], APP_JOB: []}
+    installations = []
+    for label, rabbitkeys_namespace in zip(
+        INSTALLATIONS, (namespace, other_namespace), strict=True
+    ):
+        registry_port, worker_port, app_port = ports.pop(), ports.pop(), ports.pop()
+        jobs[REGISTRY_JOB].append(Target(f"127.0.0.1:{registry_port}", label, "registry-0"))
+        jobs[WORKER_JOB].append(Target(f"127.0.0.1:{worker_port}", label, "worker-0"))
+        jobs[APP_JOB].append(Target(f"127.0.0.1:{app_port}", label, "app-0"))
+        settings = make_settings(amqp_url, rabbitkeys_namespace, metrics_host="127.0.0.1")
+        installations.append((label, settings, registry_port, worker_port, app_port))
+    config = prometheus.configure(jobs, rabbitmq_url)
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {"PYTHONPATH": os.pathsep.join(path)}
+
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(prometheus.running(config))
+        publishers = []
+        for _label, settings, registry_port, worker_port, app_port in installations:
+            cluster = await stack.enter_async_context(LocalCluster(settings, extra_env=env))
+            await cluster.start_registry(metrics_port=registry_port)
+            await cluster.start_worker("tests.dashboard_app:app", metrics_port=worker_port)
+            await cluster.wait_for_workers(1)
+            app_metrics = CollectorRegistry()
+            stack.enter_context(_serving(app_metrics, app_port))
+            publishers.append(
+                await stack.enter_async_context(Publisher(settings, metrics_registry=app_metrics))
+            )
+        stop = asyncio.Event()
+        # publishing until the end: rates need increases between scrapes
+        for publisher in publishers:
+            task = asyncio.create_task(_steady_traffic(publisher, stop))
+            stack.push_async_callback(lambda task=task: task)  # type: ignore[misc]
+        stack.callback(stop.set)
+        for label in INSTALLATIONS:
+            selector = f'namespace="{label}"'
+            await prometheus.until(
+                f"sum(rate(rabbitkeys_handled_messages_total{{{selector}}}[1m])) > 0"
+            )
+            await prometheus.until(
+                f"sum(rate(rabbitkeys_published_messages_total{{{selector}}}[1m])) > 0"
+            )
+        # both leaders counted together would have made the old rule fire
+        assert _values(await prometheus.query("sum(rabbitkeys_leader)")) == [2.0]
+        clusters = await prometheus.api(
+            "label/rabbitmq_cluster/values", **{"match[]": "rabbitmq_identity_info"}
+        )
+        assert clusters, "rabbitmq_identity_info has no rabbitmq_cluster"
+
+        shown: dict[str, dict[str, set[str]]] = {}
+        for where, expr in _queries(_dashboard()):
+            if "rabbitmq_" in expr:
+                for cluster_name in clusters:
+                    one = await prometheus.query(
+                        promql(expr, rabbitmq_cluster=re.escape(cluster_name))
+                    )
+                    assert {s["metric"].get("rabbitmq_cluster") for s in one} <= {cluster_name}
+                assert not await prometheus.query(promql(expr, rabbitmq_cluster="no-such-cluster"))
+                continue
+            everything = await prometheus.query(promql(expr))
+            shown[where] = {"all": _namespaces(everything)}
+            for label in INSTALLATIONS:
+                result = await prometheus.query(promql(expr, namespace=label))
+                shown[where][label] = _namespaces(result)
+                # nothing of the other installation, and its own series where "All" had them
+                assert shown[where][label] <= {label}, (where, expr, result)
+                if label in shown[where]["all"]:
+                    assert shown[where][label] == {label}, (where, expr, result)
+                assert "" not in shown[where]["all"], (where, "a series without namespace")
+
+        rules = await prometheus.api("rules")
+        loaded = [rule for group in rules["groups"] for rule in group["rules"]]
+        fired = {}
+        for rule in loaded:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+            fired[rule["name"]] = await prometheus.query(rule["query"])
+        alerts = (await prometheus.api("alerts"))["alerts"]
+
+    print("\nnamespaces each rabbitkeys query shows, with All / inst-a / inst-b:")
+    for where, seen in shown.items():
+        print(
+            f"  {where}: "
+            + " / ".join(",".join(sorted(seen[k])) or "-" for k in ("all", *INSTALLATIONS))
+        )
+    print(f"alert expressions with a result: {sorted(n for n, r in fired.items() if r)}")
+    # what both installations produce: one leader, one worker, traffic, each on its own
+    for where in (
+        "Leading registries / {{namespace}}",
+        "Live workers / {{namespace}}",
+        "Messages per second / published {{namespace}}",
+        "Messages per second / handled {{namespace}}",
+        "Handled per worker / {{namespace}} {{pod}}",
+        "Processes / {{role}} {{namespace}}",
+    ):
+        assert shown[where]["all"] == set(INSTALLATIONS), where
+    assert {name: result for name, result in fired.items() if result} == {}
+    assert alerts == []
