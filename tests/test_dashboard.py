@@ -8,7 +8,12 @@ The live test starts a real Prometheus scraping a registry, a standby registry, 
 the test's publisher and RabbitMQ's ``rabbitmq_prometheus`` plugin, drives a workload in
 which keys move, a worker is killed, the leading registry stops and handlers fail, then
 runs every query of the dashboard through Prometheus's HTTP API and asserts it returns
-data, and that order violations stay 0.
+data, and that order violations stay 0. The two-installation test scrapes two rabbitkeys
+installations (two namespaces) into one Prometheus and shows that neither's panels nor
+alerts see the other's series.
+
+Targets are labelled as the Kubernetes ServiceMonitor labels them: jobs
+``rabbitkeys-registry`` / ``rabbitkeys-worker``, and ``namespace`` and ``pod`` labels.
 
 Needs the ``prometheus`` and ``promtool`` binaries (Debian: ``apt-get install
 prometheus``) and the broker's ``rabbitmq_prometheus`` plugin (port 15692). Without them
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +47,7 @@ from rabbitkeys import Publisher, Settings
 from rabbitkeys._metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
 from rabbitkeys.tools.cluster import LocalCluster
 
+from .conftest import Broker, delete_namespace
 from .support import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,15 +58,23 @@ ALERT_TESTS = GRAFANA / "alerts.test.yaml"
 DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "rabbitkeys.yaml"
 
-# What Grafana puts in for its variables, viewing the last hour.
+# What Grafana puts in for its variables, viewing the last hour (a panel's min interval
+# raises $__interval: see _queries).
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
     "$__interval": "15s",
     "$__range": "1h",
 }
+# What "All" stands for in the namespace and rabbitmq_cluster variables (their allValue).
+ALL = ".*"
 
-# The Prometheus job names the alert rules and the "targets down" query expect.
-JOB = "rabbitkeys"
+# The Prometheus job names of common deployments (ServiceMonitors, docker-compose); the
+# alert rules and the "targets down" query select on "rabbitkeys" in them.
+REGISTRY_JOB = "rabbitkeys-registry"
+WORKER_JOB = "rabbitkeys-worker"
+APP_JOB = "app"
+# The namespace label of the single installation of the first live test.
+INSTALLATION = "rabbitkeys"
 
 KEYS = 24
 ONCE_KEYS = 4  # published once, at the start: they go idle and are retired
@@ -94,23 +109,35 @@ def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])
 
 
+def _seconds(duration: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
+    return int(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
 def _queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(where, PromQL) of every query: panel targets and annotations."""
+    """(where, PromQL) of every query: panel targets and annotations. A panel's min
+    interval raises ``$__interval`` in its queries, as Grafana does."""
     queries = []
     for panel in _panels(dashboard):
+        interval = panel.get("interval")
         for target in panel.get("targets", []):
             where = f"{panel['title']} / {target.get('legendFormat') or target['refId']}"
-            queries.append((where, target["expr"]))
+            expr = target["expr"]
+            if interval and _seconds(interval) > _seconds(GRAFANA_VARIABLES["$__interval"]):
+                expr = expr.replace("$__interval", interval)
+            queries.append((where, expr))
     for annotation in dashboard["annotations"]["list"]:
         if "expr" in annotation:
             queries.append((f"annotation {annotation['name']}", annotation["expr"]))
     return queries
 
 
-def promql(expr: str) -> str:
-    """The query as Grafana sends it to Prometheus."""
+def promql(expr: str, namespace: str = ALL, rabbitmq_cluster: str = ALL) -> str:
+    """The query as Grafana sends it to Prometheus, with the variables ``namespace`` and
+    ``rabbitmq_cluster`` set to these regular expressions."""
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
+    expr = expr.replace("$namespace", namespace).replace("$rabbitmq_cluster", rabbitmq_cluster)
     assert "$" not in expr, f"a variable the test does not know: {expr}"
     return expr
 
@@ -208,6 +235,79 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+_NAMESPACE = 'namespace=~"$namespace"'
+_BROKER_JOIN = (
+    " * on (instance) group_left (rabbitmq_cluster)"
+    ' rabbitmq_identity_info{rabbitmq_cluster=~"$rabbitmq_cluster"}'
+)
+_BROKER_METRIC = re.compile(r"\brabbitmq_(?!identity_info|cluster\b)\w+")
+# a metric selector; `by (...)`, `on (...)` and functions are not metrics
+_SELECTOR = re.compile(r"\b([a-z_]+)(\{[^}]*\})?(?=\s*(?:\[|\)|$|==|\*|>|-|/))")
+_AGGREGATION = re.compile(r"\b(sum|max|min|avg|count)\b\s*(?:by \(([^)]*)\))?\s*\(")
+
+
+def test_dashboard_variables_select_an_installation_and_a_rabbitmq_cluster() -> None:
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    for name, source in (
+        ("namespace", "label_values(rabbitkeys_leader, namespace)"),
+        ("rabbitmq_cluster", "label_values(rabbitmq_identity_info, rabbitmq_cluster)"),
+    ):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["query"]["query"] == variable["definition"] == source
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        # "All" must be a regular expression that matches (ALL in the live tests)
+        assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ALL
+
+
+def test_every_query_is_scoped_by_installation() -> None:
+    """rabbitkeys series: filtered by $namespace and aggregated per namespace; broker
+    series: joined to their RabbitMQ cluster and filtered by $rabbitmq_cluster."""
+    for where, expr in _queries(_dashboard()):
+        for name, selector in _SELECTOR.findall(expr):
+            if name.startswith("rabbitmq_") and name != "rabbitmq_identity_info":
+                assert _BROKER_JOIN in expr, (where, expr)
+            elif name.startswith(("rabbitkeys_", "process_")) or name == "up":
+                assert _NAMESPACE in selector, (where, name, expr)
+        broker = "rabbitmq_" in expr
+        for _function, by in _AGGREGATION.findall(expr):
+            labels = {label.strip() for label in by.split(",")}
+            assert ("rabbitmq_cluster" if broker else "namespace") in labels, (where, expr)
+        assert expr.count(_BROKER_JOIN) == len(_BROKER_METRIC.findall(expr)), (where, expr)
+
+
+def test_event_counts_do_not_overlap() -> None:
+    """increase over $__rate_interval at a 15 s step counts each event about four times:
+    counts per interval use $__interval with a min interval of four scrapes or more."""
+    dashboard = _dashboard()
+    for where, expr in _queries(dashboard):
+        assert not re.search(r"increase\([^]]*\[\$__rate_interval\]", expr), (where, expr)
+    for panel in _panels(dashboard):
+        if any("$__interval" in target["expr"] for target in panel.get("targets", [])):
+            assert _seconds(panel["interval"]) >= 60, panel["title"]
+            assert "counted once" in panel["description"], panel["title"]
+
+
+def test_alerts_are_scoped_by_namespace_and_link_their_runbook() -> None:
+    text = ALERTS.read_text()
+    readme = (ROOT / "README.md").read_text()
+    rules = re.split(r"\n      - alert: ", text)[1:]
+    assert len(rules) >= 11
+    for rule in rules:
+        name = rule.split()[0]
+        anchor = f"alert-{name.lower()}"
+        url = f"https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md#{anchor}"
+        assert f"runbook_url: {url}\n" in rule, name
+        assert f'<a id="{anchor}"></a>' in readme, name
+        expr = rule.split("expr:", 1)[1].split("\n        for:")[0].split("\n        labels:")[0]
+        aggregations = _AGGREGATION.findall(expr)
+        # up keeps its target's labels, namespace among them
+        assert aggregations or expr.strip().startswith("up{"), name
+        for _, by in aggregations:
+            assert "namespace" in by, (name, expr)
+        assert "$labels.namespace" in rule, name
+
+
 # --------------------------------------------------------------------------- live test
 
 
@@ -240,6 +340,15 @@ def _rabbitmq_metrics_url(amqp_url: str) -> str:
     return f"http://{host}:15692/metrics"
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A scraped process: its address and the labels Kubernetes would give it."""
+
+    address: str
+    namespace: str
+    pod: str
+
+
 class Prometheus:
     """A Prometheus server of the test's own: temporary config and storage."""
 
@@ -251,17 +360,28 @@ class Prometheus:
         self.log = directory / "prometheus.log"
         self.process: asyncio.subprocess.Process | None = None
 
-    def configure(self, targets: list[str], rabbitmq_url: str) -> Path:
+    def configure(self, jobs: dict[str, list[Target]], rabbitmq_url: str) -> Path:
+        """Scrape ``jobs`` (job name: its targets) and the broker, every second."""
         rabbitmq = urllib.parse.urlsplit(rabbitmq_url)
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
             "scrape_configs": [
-                {
-                    "job_name": JOB,
-                    "scrape_timeout": "1s",
-                    "static_configs": [{"targets": targets}],
-                },
+                *(
+                    {
+                        "job_name": job,
+                        "scrape_timeout": "1s",
+                        # the labels a ServiceMonitor puts on its targets
+                        "static_configs": [
+                            {
+                                "targets": [t.address],
+                                "labels": {"namespace": t.namespace, "pod": t.pod},
+                            }
+                            for t in targets
+                        ],
+                    }
+                    for job, targets in jobs.items()
+                ),
                 {
                     "job_name": "rabbitmq",
                     "scrape_timeout": "1s",
@@ -413,7 +533,17 @@ async def test_every_dashboard_query_returns_data(
     leader, standby, app = (f"127.0.0.1:{p}" for p in (leader_port, standby_port, app_port))
     worker = [f"127.0.0.1:{port}" for port in worker_ports]
     prometheus = Prometheus(binary, tmp_path, prometheus_port)
-    config = prometheus.configure([leader, standby, *worker, app], rabbitmq_url)
+    jobs = {
+        REGISTRY_JOB: [
+            Target(leader, INSTALLATION, "registry-0"),
+            Target(standby, INSTALLATION, "registry-1"),
+        ],
+        WORKER_JOB: [
+            Target(address, INSTALLATION, f"worker-{n}") for n, address in enumerate(worker)
+        ],
+        APP_JOB: [Target(app, INSTALLATION, "app-0")],
+    }
+    config = prometheus.configure(jobs, rabbitmq_url)
     app_metrics = CollectorRegistry()
     # the workers import tests.dashboard_app, wherever pytest was started
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -485,22 +615,28 @@ async def test_every_dashboard_query_returns_data(
 
     # the panels show what happened: a registry and a worker gone, one leader, two workers
     def shown(where: str) -> dict[str, float]:
+        """A query's series by their labels other than namespace (the installation's)."""
         expr = dict(_queries(_dashboard()))[where]
-        return {
-            ",".join(sample["metric"].values()): float(sample["value"][1]) for sample in found[expr]
-        }
+        series = {}
+        for sample in found[expr]:
+            labels = dict(sample["metric"])
+            assert labels.pop("namespace", INSTALLATION) == INSTALLATION, (where, labels)
+            series[",".join(labels.values())] = float(sample["value"][1])
+        return series
 
-    assert shown("Leading registries / A") == {"": 1.0}
-    assert shown("Live workers / A") == {"": 2.0}
-    assert shown("Processes / {{role}}") == {"registry": 1.0, "worker": 2.0}
-    assert shown("Processes / targets down") == {"": 2.0}
-    assert shown("Workers and leader / leader {{instance}}") == {standby: 1.0}
-    assert shown("Messages per second / published")[""] > 0
-    assert shown("Messages per second / handled")[""] > 0
+    assert shown("Leading registries / {{namespace}}") == {"": 1.0}
+    assert shown("Live workers / {{namespace}}") == {"": 2.0}
+    assert shown("Processes / {{role}} {{namespace}}") == {"registry": 1.0, "worker": 2.0}
+    assert shown("Processes / targets down {{namespace}}") == {"": 2.0}
+    assert shown("Workers and leader / {{namespace}} leader {{pod}}") == {
+        f"{standby},registry-1": 1.0
+    }
+    assert shown("Messages per second / published {{namespace}}")[""] > 0
+    assert shown("Messages per second / handled {{namespace}}")[""] > 0
     # the killed worker's series shows only if it was scraped twice while it handled
-    assert len(shown("Handled per worker / {{instance}}")) >= 2
-    assert shown("Keys created and retired / retired")[""] > 0
-    assert shown("Dead-lettered / A")[""] > 0
+    assert len(shown("Handled per worker / {{namespace}} {{pod}}")) >= 2
+    assert shown("Keys created and retired / retired {{namespace}}")[""] > 0
+    assert shown("Dead-lettered / {{namespace}}")[""] > 0
 
     # the alert rules were loaded and evaluate without error
     loaded = [rule for group in rules["groups"] for rule in group["rules"]]
@@ -550,3 +686,147 @@ async def _run_queries(
             break
         await asyncio.sleep(0.5)
     return found, [f"{where}: {expr}" for expr, where in pending.items()]
+
+
+# ------------------------------------------------------------- two installations, one Prometheus
+
+INSTALLATIONS = ("inst-a", "inst-b")
+
+
+@pytest.fixture
+def other_namespace(namespace: str, broker: Broker, session_vhost: str) -> Iterator[str]:
+    """A second rabbitkeys namespace in the session's vhost, removed afterwards."""
+    name = f"{namespace}-b"
+    yield name
+    delete_namespace(broker, session_vhost, name)
+
+
+async def _steady_traffic(publisher: Publisher, stop: asyncio.Event) -> None:
+    """Rounds of one message to each of eight keys until ``stop``; none fails."""
+    round_ = 0
+    while not stop.is_set():
+        round_ += 1
+        await asyncio.gather(*(publisher.publish(f"key-{n}", b"%d" % round_) for n in range(8)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
+def _namespaces(result: list[dict[str, Any]]) -> set[str]:
+    return {sample["metric"].get("namespace", "") for sample in result}
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+async def test_two_installations_see_only_their_own_series(
+    amqp_url: str, namespace: str, other_namespace: str, tmp_path: Path
+) -> None:
+    """Two installations (a registry, a worker and a publisher each) scraped into one
+    Prometheus with namespace labels inst-a and inst-b: with the dashboard's variable set
+    to one, every rabbitkeys query returns that installation's series only, and no alert
+    fires for either (one leader each is not "several leaders")."""
+    binary = _tool("prometheus")
+    rabbitmq_url = _rabbitmq_metrics_url(amqp_url)
+    _require(
+        f"RabbitMQ's metrics at {rabbitmq_url}",
+        await asyncio.to_thread(_answers, rabbitmq_url),
+        "rabbitmq-plugins enable rabbitmq_prometheus",
+    )
+    ports = _free_ports(3 * len(INSTALLATIONS) + 1)
+    prometheus = Prometheus(binary, tmp_path, ports.pop())
+    jobs: dict[str, list[Target]] = {REGISTRY_JOB: [], WORKER_JOB: [], APP_JOB: []}
+    installations = []
+    for label, rabbitkeys_namespace in zip(
+        INSTALLATIONS, (namespace, other_namespace), strict=True
+    ):
+        registry_port, worker_port, app_port = ports.pop(), ports.pop(), ports.pop()
+        jobs[REGISTRY_JOB].append(Target(f"127.0.0.1:{registry_port}", label, "registry-0"))
+        jobs[WORKER_JOB].append(Target(f"127.0.0.1:{worker_port}", label, "worker-0"))
+        jobs[APP_JOB].append(Target(f"127.0.0.1:{app_port}", label, "app-0"))
+        settings = make_settings(amqp_url, rabbitkeys_namespace, metrics_host="127.0.0.1")
+        installations.append((label, settings, registry_port, worker_port, app_port))
+    config = prometheus.configure(jobs, rabbitmq_url)
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {"PYTHONPATH": os.pathsep.join(path)}
+
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(prometheus.running(config))
+        publishers = []
+        for _label, settings, registry_port, worker_port, app_port in installations:
+            cluster = await stack.enter_async_context(LocalCluster(settings, extra_env=env))
+            await cluster.start_registry(metrics_port=registry_port)
+            await cluster.start_worker("tests.dashboard_app:app", metrics_port=worker_port)
+            await cluster.wait_for_workers(1)
+            app_metrics = CollectorRegistry()
+            stack.enter_context(_serving(app_metrics, app_port))
+            publishers.append(
+                await stack.enter_async_context(Publisher(settings, metrics_registry=app_metrics))
+            )
+        stop = asyncio.Event()
+        # publishing until the end: rates need increases between scrapes
+        for publisher in publishers:
+            task = asyncio.create_task(_steady_traffic(publisher, stop))
+            stack.push_async_callback(lambda task=task: task)  # type: ignore[misc]
+        stack.callback(stop.set)
+        for label in INSTALLATIONS:
+            selector = f'namespace="{label}"'
+            await prometheus.until(
+                f"sum(rate(rabbitkeys_handled_messages_total{{{selector}}}[1m])) > 0"
+            )
+            await prometheus.until(
+                f"sum(rate(rabbitkeys_published_messages_total{{{selector}}}[1m])) > 0"
+            )
+        # both leaders counted together would have made the old rule fire
+        assert _values(await prometheus.query("sum(rabbitkeys_leader)")) == [2.0]
+        clusters = await prometheus.api(
+            "label/rabbitmq_cluster/values", **{"match[]": "rabbitmq_identity_info"}
+        )
+        assert clusters, "rabbitmq_identity_info has no rabbitmq_cluster"
+
+        shown: dict[str, dict[str, set[str]]] = {}
+        for where, expr in _queries(_dashboard()):
+            if "rabbitmq_" in expr:
+                for cluster_name in clusters:
+                    one = await prometheus.query(
+                        promql(expr, rabbitmq_cluster=re.escape(cluster_name))
+                    )
+                    assert {s["metric"].get("rabbitmq_cluster") for s in one} <= {cluster_name}
+                assert not await prometheus.query(promql(expr, rabbitmq_cluster="no-such-cluster"))
+                continue
+            everything = await prometheus.query(promql(expr))
+            shown[where] = {"all": _namespaces(everything)}
+            for label in INSTALLATIONS:
+                result = await prometheus.query(promql(expr, namespace=label))
+                shown[where][label] = _namespaces(result)
+                # nothing of the other installation, and its own series where "All" had them
+                assert shown[where][label] <= {label}, (where, expr, result)
+                if label in shown[where]["all"]:
+                    assert shown[where][label] == {label}, (where, expr, result)
+                assert "" not in shown[where]["all"], (where, "a series without namespace")
+
+        rules = await prometheus.api("rules")
+        loaded = [rule for group in rules["groups"] for rule in group["rules"]]
+        fired = {}
+        for rule in loaded:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+            fired[rule["name"]] = await prometheus.query(rule["query"])
+        alerts = (await prometheus.api("alerts"))["alerts"]
+
+    print("\nnamespaces each rabbitkeys query shows, with All / inst-a / inst-b:")
+    for where, seen in shown.items():
+        print(
+            f"  {where}: "
+            + " / ".join(",".join(sorted(seen[k])) or "-" for k in ("all", *INSTALLATIONS))
+        )
+    print(f"alert expressions with a result: {sorted(n for n, r in fired.items() if r)}")
+    # what both installations produce: one leader, one worker, traffic, each on its own
+    for where in (
+        "Leading registries / {{namespace}}",
+        "Live workers / {{namespace}}",
+        "Messages per second / published {{namespace}}",
+        "Messages per second / handled {{namespace}}",
+        "Handled per worker / {{namespace}} {{pod}}",
+        "Processes / {{role}} {{namespace}}",
+    ):
+        assert shown[where]["all"] == set(INSTALLATIONS), where
+    assert {name: result for name, result in fired.items() if result} == {}
+    assert alerts == []
