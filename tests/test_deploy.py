@@ -16,6 +16,7 @@ import importlib
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 from rabbitkeys._permissions import Role
 from rabbitkeys._settings import ENV_PREFIX, Settings
 from rabbitkeys._users import default_user_name, role_users
+from rabbitkeys.tools import prometheus_rule
 
 from .support import skip_or_fail
 
@@ -123,6 +125,34 @@ _DURATION = {
     "type": "string",
     "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
     r"(([0-9]+)ms)?)$",
+}
+
+_RELABELING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": _STR},
+        "separator": _STR,
+        "targetLabel": _STR,
+        "regex": _STR,
+        "modulus": _INT,
+        "replacement": _STR,
+        "action": {
+            "enum": [
+                "replace",
+                "keep",
+                "drop",
+                "hashmod",
+                "labelmap",
+                "labeldrop",
+                "labelkeep",
+                "lowercase",
+                "uppercase",
+                "keepequal",
+                "dropequal",
+            ]
+        },
+    },
 }
 
 _LOCAL_REFERENCE = {
@@ -251,10 +281,88 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "interval": _DURATION,
                                 "scrapeTimeout": _DURATION,
                                 "honorLabels": {"type": "boolean"},
-                                "relabelings": {"type": "array", "items": {"type": "object"}},
-                                "metricRelabelings": {
+                                "relabelings": {"type": "array", "items": _RELABELING},
+                                "metricRelabelings": {"type": "array", "items": _RELABELING},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "selector": _LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "jobLabel": _STR,
+                    "podTargetLabels": {"type": "array", "items": _STR},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": _STR,
+                                "path": _STR,
+                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                                "interval": _DURATION,
+                                "scrapeTimeout": _DURATION,
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {"type": "array", "items": _RELABELING},
+                                "metricRelabelings": {"type": "array", "items": _RELABELING},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "name": _STR,
+                                "interval": _DURATION,
+                                "rules": {
                                     "type": "array",
-                                    "items": {"type": "object"},
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "oneOf": [
+                                            {"required": ["alert"]},
+                                            {"required": ["record"]},
+                                        ],
+                                        "properties": {
+                                            "alert": _STR,
+                                            "record": _STR,
+                                            "expr": {"type": ["string", "integer"]},
+                                            "for": _DURATION,
+                                            "keep_firing_for": _DURATION,
+                                            "labels": _STR_MAP,
+                                            "annotations": _STR_MAP,
+                                        },
+                                    },
                                 },
                             },
                         },
@@ -1236,3 +1344,112 @@ def test_keda_reads_the_backlog_of_its_own_namespace(tmp_path: Path) -> None:
     assert scaled["spec"]["triggers"][0]["metadata"]["query"] == (
         'max(rabbitkeys_backlog_messages{job="rabbitkeys-registry",namespace="shop-jobs"})'
     )
+
+
+# --- Kubernetes: alerts and scrapes for the Prometheus Operator --------------------------------
+
+PROMETHEUS_RULE = KUBE / "components" / "prometheusrule" / "prometheusrule.yaml"
+
+
+def test_prometheus_rule_is_in_sync_with_the_alerts() -> None:
+    """The committed PrometheusRule is the generator's output for grafana/alerts.yaml: the
+    rules on Kubernetes are the rules docker-compose's Prometheus loads."""
+    alerts = ROOT / "grafana" / "alerts.yaml"
+    expected = prometheus_rule.render(alerts)
+    assert PROMETHEUS_RULE.read_text() == expected, (
+        f"out of sync: python -m rabbitkeys.tools.prometheus_rule > {_rel(PROMETHEUS_RULE)}"
+    )
+    [rule] = _load_all(PROMETHEUS_RULE)
+    source = yaml.safe_load(alerts.read_text())
+    assert [g["name"] for g in rule["spec"]["groups"]] == [g["name"] for g in source["groups"]]
+    for group, original in zip(rule["spec"]["groups"], source["groups"], strict=True):
+        assert len(group["rules"]) == len(original["rules"])
+        for made, written in zip(group["rules"], original["rules"], strict=True):
+            # the same rule: only a runbook_url may be added
+            annotations = {**made["annotations"]}
+            url = annotations.pop("runbook_url")
+            assert {**made, "annotations": annotations} == {
+                **written,
+                "annotations": {
+                    k: v for k, v in written.get("annotations", {}).items() if k != "runbook_url"
+                },
+            }
+            assert url == (
+                "https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md"
+                f"#alert-{made['alert'].lower()}"
+            )
+
+
+def test_prometheus_rule_generator_keeps_a_rules_own_runbook(tmp_path: Path) -> None:
+    """A ``runbook_url`` the rule file sets wins; the input is left unchanged; the command
+    prints the same text as ``render``."""
+    source = {
+        "groups": [
+            {
+                "name": "g",
+                "rules": [
+                    {"alert": "Mine", "expr": "up == 0", "annotations": {"runbook_url": "x"}},
+                    {"alert": "Bare", "expr": "up == 0"},
+                    {"record": "job:up:sum", "expr": "sum by (job) (up)"},
+                ],
+            }
+        ]
+    }
+    before = yaml.safe_dump(source)
+    made = prometheus_rule.prometheus_rule(source)
+    assert yaml.safe_dump(source) == before
+    rules = made["spec"]["groups"][0]["rules"]
+    assert rules[0]["annotations"] == {"runbook_url": "x"}
+    assert rules[1]["annotations"] == {"runbook_url": prometheus_rule.runbook_url("Bare")}
+    assert "annotations" not in rules[2]
+    jsonschema.validate(made, CRD_SCHEMAS[("monitoring.coreos.com/v1", "PrometheusRule")])
+    path = tmp_path / "alerts.yaml"
+    path.write_text(before)
+    printed = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys.tools.prometheus_rule", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert printed.stdout == prometheus_rule.render(path)
+
+
+def _relabeled(endpoint: dict[str, Any]) -> dict[str, str]:
+    """The target labels an endpoint's relabelings set: target label -> source or value."""
+    result = {}
+    for rule in endpoint.get("relabelings", []):
+        if rule.get("action", "replace") == "replace" and "targetLabel" in rule:
+            sources = rule.get("sourceLabels")
+            result[rule["targetLabel"]] = sources[0] if sources else rule["replacement"]
+    return result
+
+
+def test_scrapes_label_namespace_pod_and_name_instances_by_pod(tmp_path: Path) -> None:
+    """rabbitkeys and the broker are scraped with ``namespace`` and ``pod`` (the alerts and
+    the dashboard scope by namespace), ``instance`` = the pod's name (not its IP); the
+    broker as job ``rabbitmq`` on its prometheus port (15692), each node once."""
+    docs = _render(EXAMPLE, tmp_path)
+    expected = {
+        "namespace": "__meta_kubernetes_namespace",
+        "pod": "__meta_kubernetes_pod_name",
+        "instance": "__meta_kubernetes_pod_name",
+    }
+    monitor = _find(docs, "ServiceMonitor", "rabbitkeys")
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert _relabeled(endpoint).items() >= expected.items()
+    broker = _find(docs, "PodMonitor", "rabbitmq")
+    [endpoint] = broker["spec"]["podMetricsEndpoints"]
+    assert _relabeled(endpoint) == {**expected, "job": "rabbitmq"}
+    statefulset = _load_all(KUBE / "rabbitmq" / "statefulset" / "statefulset.yaml")[0]
+    cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert _selects(broker["spec"]["selector"], pod_labels)
+    # the Cluster Operator labels its pods app.kubernetes.io/name: <RabbitmqCluster name>
+    assert _selects(
+        broker["spec"]["selector"], {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+    )
+    [container] = [c for c in _containers(statefulset) if c["name"] == "rabbitmq"]
+    assert _port_number(container, endpoint["port"]) == 15692
+    rule = _find(docs, "PrometheusRule", "rabbitkeys")
+    assert rule["metadata"]["namespace"] == "rabbitkeys"
