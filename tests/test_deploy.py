@@ -1016,14 +1016,15 @@ def test_pods_run_locked_down(name: str) -> None:
         assert container["resources"]["limits"]["memory"], container["name"]
 
 
-def test_worker_grace_period_covers_pre_stop_and_handlers() -> None:
+def test_worker_drains_at_once_within_its_grace_period() -> None:
+    """No preStop sleep: the metrics Service keeps terminating pods as endpoints
+    (``publishNotReadyAddresses``) and no traffic comes through it, so a sleep would only
+    delay the handover. The grace period holds the longest handler and the handover."""
     worker = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
     pod = worker["spec"]["template"]["spec"]
-    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep", command
-    pre_stop = float(command[1])
-    # the grace period also has to hold the longest handler and the handover
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 30
+    assert "lifecycle" not in pod["containers"][0]
+    assert _find(_base_docs(), "Service", "rabbitkeys-worker")["spec"]["publishNotReadyAddresses"]
+    assert pod["terminationGracePeriodSeconds"] >= 30
 
 
 def test_services_pdbs_and_deployments_select_each_other() -> None:
