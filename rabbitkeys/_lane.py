@@ -428,13 +428,14 @@ class Lane:
 
     def refused(self, batch: Batch, what: str) -> list[Action]:
         """basic.nack, or an answer that is none of ack, nack or return: the message was not
-        confirmed. A nack is what a queue that went down with its cluster node answers for
-        what it held unconfirmed (often one ``multiple`` nack that covers other keys'
-        messages too), so the jobs go back in their place and are sent again, on the same
-        routing key, once nothing of the lane is in flight (a queue that is down returns
-        the next send, and the lane asks the registry, which waits for the node). A job
-        refused :data:`MAX_NACKS` times in a row fails: the broker means it (say a queue
-        at its length limit)."""
+        confirmed. A nack is what a queue that went down with its cluster node answers, for
+        what it held unconfirmed and for what reaches it until the cluster has noticed
+        (often one ``multiple`` nack that covers other keys' messages too). So the jobs go
+        back in their place, and once nothing of the lane is in flight the lane asks the
+        registry about its routing key, as after a return: the registry finds a queue that
+        is down "unavailable", and the lane waits for its node; a queue that is there gets
+        the jobs again at once. A job refused :data:`MAX_NACKS` times in a row fails: the
+        broker means it (say a queue at its length limit)."""
         if not self._answers(batch):
             return []
         actions: list[Action] = []
@@ -453,6 +454,8 @@ class Lane:
             actions += self._requeue(entry)
             if entry.stage is Stage.QUEUED:
                 actions.append(Count(Counted.RESENT))
+        if self.routing_key == batch.routing_key:
+            self.stale_routing_key, self.routing_key = self.routing_key, None
         return [*actions, *self._advance()]
 
     def returned_unrouted(self, batch: Batch) -> list[Action]:

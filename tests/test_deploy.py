@@ -30,7 +30,7 @@ import yaml
 from rabbitkeys._permissions import Role
 from rabbitkeys._settings import ENV_PREFIX, Settings
 from rabbitkeys._users import default_user_name, role_users
-from rabbitkeys.tools import prometheus_rule
+from . import prometheus_rule
 
 from .support import skip_or_fail
 
@@ -1358,7 +1358,7 @@ def test_prometheus_rule_is_in_sync_with_the_alerts() -> None:
     alerts = ROOT / "grafana" / "alerts.yaml"
     expected = prometheus_rule.render(alerts)
     assert PROMETHEUS_RULE.read_text() == expected, (
-        f"out of sync: python -m rabbitkeys.tools.prometheus_rule > {_rel(PROMETHEUS_RULE)}"
+        f"out of sync: python -m tests.prometheus_rule > {_rel(PROMETHEUS_RULE)}"
     )
     [rule] = _load_all(PROMETHEUS_RULE)
     source = yaml.safe_load(alerts.read_text())

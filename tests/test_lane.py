@@ -606,6 +606,7 @@ def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -
         world.arrive(0)
         world.answer(0)
         world.answer(0)
+        world.ensure(0, "ok")  # after a nack the lane asks the registry again
     assert isinstance(world.callers[first].answers[0], PublishOutcomeUnknownError)
     assert world.queues[first.lane.ref.id] == [first.sequence]  # it did arrive
     # the second's first copy never arrived, but the publisher cannot know that
@@ -613,6 +614,7 @@ def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -
     world.publish(0)
     world.admit()
     for _ in range(_lane.MAX_NACKS):
+        world.ensure(0, "ok")
         world.arrive(0)
         world.answer(0)
     [error] = world.callers[world.entries[2]].answers
@@ -751,6 +753,9 @@ def test_a_nack_sends_every_job_of_its_message_again_a_return_regroups_them() ->
     world.arrive(0)  # nacked (a queue whose node went down): not confirmed, sent again
     world.answer(0)
     assert not any(world.callers[e].answers for e in world.entries)
+    # as after a return, the lane asks the registry (which waits for a node that is down)
+    assert lane.state is LaneState.ENSURING and on_wire(world) == []
+    world.ensure(0, "ok")
     assert on_wire(world) == [[1, 2, 3]] and world.counted == [Counted.RESENT] * 3
     world.arrive(1)
     world.answer(0)

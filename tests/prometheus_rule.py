@@ -6,7 +6,7 @@ two from drifting: this module wraps the file's groups unchanged, and
 ``deploy/kubernetes/components/prometheusrule/prometheusrule.yaml`` is its committed output,
 which ``tests/test_deploy.py`` compares with a fresh run::
 
-    python -m rabbitkeys.tools.prometheus_rule > \\
+    python -m tests.prometheus_rule > \\
         deploy/kubernetes/components/prometheusrule/prometheusrule.yaml
 
 Every alert gets a ``runbook_url`` (kube-prometheus convention) pointing at its anchor in
@@ -29,7 +29,7 @@ __all__ = ["RUNBOOK_BASE", "main", "prometheus_rule", "render", "runbook_url"]
 RUNBOOK_BASE = "https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md"
 DEFAULT_ALERTS = Path("grafana") / "alerts.yaml"
 HEADER = (
-    "# GENERATED from grafana/alerts.yaml by `python -m rabbitkeys.tools.prometheus_rule`:\n"
+    "# GENERATED from grafana/alerts.yaml by `python -m tests.prometheus_rule`:\n"
     "# do not edit (tests/test_deploy.py checks it is in sync). Change grafana/alerts.yaml and\n"
     "# run the command again.\n"
 )
@@ -66,7 +66,7 @@ def render(alerts_file: Path = DEFAULT_ALERTS) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rabbitkeys.tools.prometheus_rule",
+        prog="python -m tests.prometheus_rule",
         description="Print grafana/alerts.yaml as a Prometheus Operator PrometheusRule.",
     )
     parser.add_argument(
