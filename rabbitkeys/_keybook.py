@@ -466,7 +466,14 @@ class _Ledger:
     def lease_renewed(self, key_id: str, now: float) -> None:
         if (key := self.keys.get(key_id)) is not None:
             key.last_lease_renewal = now
-            key.unavailable = False  # the passive declare reached it
+            self.queue_reachable(key_id)  # the passive declare reached it
+
+    def queue_reachable(self, key_id: str) -> None:
+        """A key's queue answered a (passive) declare: it is not unavailable (any more)."""
+        key = self.keys.get(key_id)
+        if key is not None and key.unavailable:
+            key.unavailable = False
+            log.warning("key %s: its queue is available again", key_id)
 
     def queue_lost(self, key_id: str) -> bool:
         """A key's queue is not there (expired, or deleted by an operator). Only a key in
@@ -552,9 +559,7 @@ class KeyBook(_Ledger):
             return []
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = now
-        if key.unavailable:
-            key.unavailable = False
-            log.warning("key %s: its queue is available again", key_id)
+        self.queue_reachable(key_id)
         recreated, key.recreated = key.recreated, False
         # The queue exists as of this declare-ok: a worker given the key now need not check
         # it (``KeyAssignment.fresh``).

@@ -197,6 +197,16 @@ class Reconciler:
                 if book.keys.get(key.ref.id) is key and book.queue_lost(key.ref.id):
                     log.error("unowned key %s lost its queue (expired or deleted)", key.ref.id)
 
+    async def recheck_unavailable(self) -> None:
+        """Keys found unavailable (their cluster node down) until one of their publishers
+        asks again: a passive declare tells when each is back, so that the gauge (and its
+        alert) does not wait for a publish. Only those keys: a few, while a node is down."""
+        book = self._book
+        for key in [k for k in book.keys.values() if k.unavailable]:
+            with contextlib.suppress(*CHANNEL_ERRORS):
+                await (await self._probes.get()).queue_declare(key.queue, passive=True)
+                book.queue_reachable(key.ref.id)
+
     # --- workers that are gone ------------------------------------------------------------
 
     async def watch_worker_inboxes(self) -> None:

@@ -224,6 +224,7 @@ class Registry(Background):
             # ids heard of that never joined (or are gone) hold no pin: they are free
             self._sessions.retain(self._book.workers)
             await reconciler.renew_unowned_leases()
+            await reconciler.recheck_unavailable()
 
     # --- control messages -------------------------------------------------------------
 

@@ -30,8 +30,8 @@ import yaml
 from rabbitkeys._permissions import Role
 from rabbitkeys._settings import ENV_PREFIX, Settings
 from rabbitkeys._users import default_user_name, role_users
-from . import prometheus_rule
 
+from . import prometheus_rule
 from .support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
