@@ -1407,7 +1407,8 @@ def test_prometheus_rule_generator_keeps_a_rules_own_runbook(tmp_path: Path) -> 
     path = tmp_path / "alerts.yaml"
     path.write_text(before)
     printed = subprocess.run(
-        [sys.executable, "-m", "rabbitkeys.tools.prometheus_rule", str(path)],
+        [sys.executable, "-m", "tests.prometheus_rule", str(path)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
