@@ -154,6 +154,17 @@ _RELABELING = {
         },
     },
 }
+# what a ServiceMonitor's endpoint and a PodMonitor's podMetricsEndpoint have in common
+_SCRAPE_ENDPOINT = {
+    "port": _STR,
+    "path": _STR,
+    "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+    "interval": _DURATION,
+    "scrapeTimeout": _DURATION,
+    "honorLabels": {"type": "boolean"},
+    "relabelings": {"type": "array", "items": _RELABELING},
+    "metricRelabelings": {"type": "array", "items": _RELABELING},
+}
 
 _LOCAL_REFERENCE = {
     "type": "object",
@@ -274,15 +285,8 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "items": {
                             "type": "object",
                             "properties": {
-                                "port": _STR,
+                                **_SCRAPE_ENDPOINT,
                                 "targetPort": {"type": ["integer", "string"]},
-                                "path": _STR,
-                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                                "interval": _DURATION,
-                                "scrapeTimeout": _DURATION,
-                                "honorLabels": {"type": "boolean"},
-                                "relabelings": {"type": "array", "items": _RELABELING},
-                                "metricRelabelings": {"type": "array", "items": _RELABELING},
                             },
                         },
                     },
@@ -308,16 +312,7 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "minItems": 1,
                         "items": {
                             "type": "object",
-                            "properties": {
-                                "port": _STR,
-                                "path": _STR,
-                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                                "interval": _DURATION,
-                                "scrapeTimeout": _DURATION,
-                                "honorLabels": {"type": "boolean"},
-                                "relabelings": {"type": "array", "items": _RELABELING},
-                                "metricRelabelings": {"type": "array", "items": _RELABELING},
-                            },
+                            "properties": _SCRAPE_ENDPOINT,
                         },
                     },
                 },
