@@ -32,7 +32,7 @@ import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Generic
+from typing import Any, Generic, Literal
 
 from typing_extensions import TypeVar
 
@@ -48,6 +48,8 @@ __all__ = [
     "Hook",
     "Message",
     "Middleware",
+    "ON_FAILURE_POLICIES",
+    "OnFailure",
     "Route",
     "is_async",
     "load_app",
@@ -200,13 +202,27 @@ class Route:
     is_async: bool
     #: None: the payload is the body, untouched (``Message``, ``Message[bytes]``)
     decoder: Decoder | None
+    #: after a job's last attempt: ``"dead_letter"`` (copy it to the dead-letter queue and
+    #: go on with the key's next job) or ``"park"`` (stop the key with the job at its head
+    #: until an operator resumes or skips it)
+    on_failure: OnFailure = "dead_letter"
 
     def payload(self, body: bytes, content_type: str | None) -> Any:
         """Raises :class:`~rabbitkeys.PayloadError` if the body is not what was declared."""
         return body if self.decoder is None else self.decoder.decode(body, content_type)
 
 
-def _route(job_type: str, function: Handler) -> Route:
+#: what a job type does after a job's last attempt failed (see ``Route.on_failure``)
+OnFailure = Literal["dead_letter", "park"]
+ON_FAILURE_POLICIES: tuple[OnFailure, ...] = ("dead_letter", "park")
+
+
+def _route(job_type: str, function: Handler, on_failure: OnFailure = "dead_letter") -> Route:
+    if on_failure not in ON_FAILURE_POLICIES:
+        raise ConfigError(
+            f"on_failure of job type {job_type!r} must be one of "
+            f"{', '.join(map(repr, ON_FAILURE_POLICIES))}, not {on_failure!r}"
+        )
     if not callable(function):
         raise ConfigError(f"the handler of {job_type!r} is not callable: {function!r}")
     name = _name(function)
@@ -221,7 +237,13 @@ def _route(job_type: str, function: Handler) -> Route:
             "through message.context"
         )
     decoder = _decoder_for(who, _annotation_of(who, function, parameter))
-    return Route(function=function, name=name, is_async=is_async(function), decoder=decoder)
+    return Route(
+        function=function,
+        name=name,
+        is_async=is_async(function),
+        decoder=decoder,
+        on_failure=on_failure,
+    )
 
 
 def _check_takes_one(what: str, function: Callable[..., Any], takes: str) -> None:
@@ -242,21 +264,31 @@ class App:
 
     # --- handlers -------------------------------------------------------------------------
 
-    def handler(self, job_type: str = DEFAULT_JOB_TYPE) -> Callable[[HandlerT], HandlerT]:
-        """Decorator: register an ``async def`` or ``def`` as the handler of ``job_type``."""
+    def handler(
+        self, job_type: str = DEFAULT_JOB_TYPE, *, on_failure: OnFailure = "dead_letter"
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Decorator: register an ``async def`` or ``def`` as the handler of ``job_type``.
+
+        ``on_failure``: what happens after a job's last attempt. ``"dead_letter"`` (the
+        default) copies it to the dead-letter queue and the key goes on with its next job;
+        ``"park"`` stops the key where it is: the job stays at the key's head, later jobs
+        wait behind it in order, until ``rabbitkeys resume`` retries it or ``rabbitkeys
+        skip`` dead-letters it."""
         check_job_type(job_type)
 
         def register(function: HandlerT) -> HandlerT:
-            self.add_handler(job_type, function)
+            self.add_handler(job_type, function, on_failure=on_failure)
             return function
 
         return register
 
-    def add_handler(self, job_type: str, function: Handler) -> None:
+    def add_handler(
+        self, job_type: str, function: Handler, *, on_failure: OnFailure = "dead_letter"
+    ) -> None:
         check_job_type(job_type)
         if job_type in self._routes:
             raise ConfigError(f"job type {job_type!r} already has a handler")
-        self._routes[job_type] = _route(job_type, function)
+        self._routes[job_type] = _route(job_type, function, on_failure)
 
     @property
     def job_types(self) -> frozenset[str]:

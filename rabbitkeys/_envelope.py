@@ -82,6 +82,10 @@ HEADER_ERROR = "x-rabbitkeys-error"
 HEADER_ATTEMPTS = "x-rabbitkeys-attempts"
 HEADER_FAILED_AT = "x-rabbitkeys-failed-at"
 HEADER_WORKER = "x-rabbitkeys-worker"
+#: on a message the registry put back at the head of its key (``rabbitkeys redrive``): the
+#: redrive's id. The worker runs it as new (no duplicate check: its publisher and sequence
+#: were seen before, when it failed)
+HEADER_REDRIVE = "x-rabbitkeys-redrive"
 
 # The error text a dead-lettered copy carries is cut to this many characters.
 _MAX_ERROR_CHARS = 4096

@@ -62,6 +62,10 @@ __all__ = [
     "ReleaseKeys",
     "Reply",
     "Retired",
+    "Parked",
+    "Rearrange",
+    "SetHold",
+    "SkipHead",
     "SyncWorker",
     "Unbind",
     "WaitGrace",
@@ -92,6 +96,9 @@ class KeyState(enum.Enum):
     RELEASING = "releasing"
     #: retiring, 4: the broker deletes the queue if it is empty and unconsumed
     DELETING = "deleting"
+    #: unbound and unconsumed while dead letters are put back at the head of its queue
+    #: (``rabbitkeys redrive``); ensures wait
+    REDRIVING = "redriving"
 
 
 RETIRING = frozenset({KeyState.UNBINDING, KeyState.GRACE, KeyState.RELEASING, KeyState.DELETING})
@@ -193,6 +200,51 @@ class HandoffDone:
     seconds: float
 
 
+@dataclass(frozen=True)
+class SetHold:
+    """Record a hold durably, or remove it (``add`` False): bind (unbind) the key's
+    ``queue``, or for a whole ``job_type`` its jobs exchange, to ``Names.holds_exchange``
+    with routing key ``hold`` (``HOLD_PAUSED``, ``HOLD_PARKED``, ``HOLD_REDRIVE``) and
+    ``arguments`` (a removal carries the arguments the binding was made with). No event
+    follows; a failure is logged (a registry that takes over would not know this hold)."""
+
+    hold: str
+    add: bool
+    queue: str | None = None
+    job_type: str | None = None
+    arguments: tuple[tuple[str, str | int], ...] = ()
+
+
+@dataclass(frozen=True)
+class SkipHead:
+    """A parked key, unconsumed: dead-letter its head (the jobs from ``job_index`` on, each
+    alone, with the parked error and attempts), then ack it; report
+    :meth:`KeyBook.skipped`."""
+
+    key_id: str
+    ref: KeyRef
+    queue: str
+    epoch: int
+    error: str
+    attempts: int
+    job_index: int
+
+
+@dataclass(frozen=True)
+class Rearrange:
+    """A key in REDRIVING (no consumer): remove ``routing_keys`` (publishes come back to
+    their publishers, whose ensures wait), wait ``retire_grace`` for messages already
+    routed, then put redrive ``redrive_id``'s dead letters at the head of the queue, before
+    what waits there, in their order; report :meth:`KeyBook.rearranged`."""
+
+    key_id: str
+    ref: KeyRef
+    queue: str
+    routing_keys: tuple[str, ...]
+    epoch: int
+    redrive_id: str
+
+
 Command = (
     DeclareAndBind
     | Unbind
@@ -206,6 +258,9 @@ Command = (
     | Rebalance
     | Retired
     | HandoffDone
+    | SetHold
+    | SkipHead
+    | Rearrange
 )
 
 
@@ -220,6 +275,19 @@ class WorkerRecord:
     keys: set[str] = field(default_factory=set)
     #: deliveries it holds that no handler has started (from its last heartbeat)
     waiting: int = 0
+
+
+@dataclass(frozen=True)
+class Parked:
+    """Why a key is parked: its head failed every attempt (``KeyParked``)."""
+
+    error: str
+    attempts: int
+    #: which job of the head delivery failed (0 for a plain message)
+    job_index: int
+    worker_id: str
+    #: when, Unix time in whole seconds
+    at: int
 
 
 @dataclass(eq=False)
@@ -246,6 +314,15 @@ class Key:
     last_lease_renewal: float = 0.0
     #: when a move (not a retirement) asked the owner to release the key
     move_started: float | None = None
+    #: holds: while any is set (or its job type is paused) no worker is given the key,
+    #: and it is never retired
+    paused: bool = False
+    parked: Parked | None = None
+    #: the id of a redrive that wants (or is putting) dead letters at its head
+    redrive: str | None = None
+    #: its head is failing now on its owner (from heartbeats): attempts, last error
+    failures: int = 0
+    last_error: str | None = None
 
     @property
     def routing_key(self) -> str | None:

@@ -7,8 +7,16 @@ inbox, replies to the asking client's reply queue (``reply_to`` + ``correlation_
     worker    ── WorkerJoin ─────────▶ registry ── Assign / Release ──▶ worker
     worker    ── WorkerHeartbeat ────▶ registry ── Sync (fanout) ─────▶ every worker
     worker    ── Released ───────────▶ registry (after a Release: the key is free)
+    worker    ── KeyParked ──────────▶ registry (its head failed every attempt; parked)
     worker    ── WorkerLeave ────────▶ registry
     cli       ── StatusRequest ──────▶ registry ── Status ────────────▶ cli
+    operator  ── KeysRequest ────────▶ registry ── KeysPage ──────────▶ operator
+    operator  ── HoldRequest ────────▶ registry ── HoldReply ─────────▶ operator
+    operator  ── RedriveRequest ─────▶ registry ── RedriveReply ──────▶ operator
+
+Operator requests travel through ``NS.operations`` (only the registry's role, or an
+administrator, may write there), never through ``NS.requests``: a publisher's credential
+must not pause, skip or redrive keys, nor list them.
 """
 
 from __future__ import annotations
@@ -40,8 +48,20 @@ __all__ = [
     "REFUSED_UNAVAILABLE",
     "Assign",
     "ControlMessage",
+    "MAX_FAILING_PER_HEARTBEAT",
+    "MAX_KEYS_PER_PAGE",
     "EnsureKey",
     "Ensured",
+    "HoldReply",
+    "HoldRequest",
+    "KeyFailure",
+    "KeyInfo",
+    "KeyParked",
+    "KeysPage",
+    "KeysRequest",
+    "RedriveKeySummary",
+    "RedriveReply",
+    "RedriveRequest",
     "KeyAssignment",
     "Refused",
     "Release",
@@ -68,6 +88,12 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 MAX_KEYS_PER_MESSAGE = 4096
 #: Most job types one worker serves.
 MAX_JOB_TYPES = 1000
+#: Most failing keys one heartbeat reports (the rest: by the next heartbeats).
+MAX_FAILING_PER_HEARTBEAT = 1000
+#: Most keys in one page of ``rabbitkeys keys``.
+MAX_KEYS_PER_PAGE = 1000
+#: Most keys one redrive reply lists.
+_MAX_REDRIVE_KEYS = 10_000
 #: Most workers in one status reply.
 _MAX_WORKERS = 100_000
 _MAX_REASON = 4096
@@ -187,6 +213,16 @@ class WorkerJoin(_Model):
     )
 
 
+class KeyFailure(_Model):
+    """A key whose head job failed and waits for its next attempt (for ``rabbitkeys keys``)."""
+
+    key_id: _KeyId
+    #: failed attempts of the head job so far
+    attempts: _Count
+    #: the last error, ``"ExceptionType: text"`` (at most 1,000 characters)
+    error: _Reason
+
+
 class WorkerHeartbeat(_Model):
     type: Literal["worker_heartbeat"] = "worker_heartbeat"
     worker_id: _WorkerId
@@ -199,6 +235,29 @@ class WorkerHeartbeat(_Model):
     idle_keys: Annotated[list[_KeyId], Field(max_length=MAX_KEYS_PER_MESSAGE)] = Field(
         default_factory=list
     )
+    #: owned keys whose head is failing now (between attempts); a key not listed is not
+    #: failing on this worker (an older worker sends none)
+    failing: Annotated[list[KeyFailure], Field(max_length=MAX_FAILING_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
+
+
+class KeyParked(_Model):
+    """Worker → registry: this key's head failed its last attempt and its job type's policy
+    is ``park``. The worker has put the head back (unacked, requeued at its place) and lets
+    the key go; its :class:`Released` follows. The key stays parked until an operator
+    resumes or skips it."""
+
+    type: Literal["key_parked"] = "key_parked"
+    worker_id: _WorkerId
+    session: _Session
+    key: KeyAssignment
+    #: the last error, ``"ExceptionType: text"`` (at most 1,000 characters)
+    error: _Reason
+    attempts: _Count
+    #: which job of the head delivery failed (0 for a plain message; in a batch, the jobs
+    #: before it were handled, and a skip dead-letters this one and those after it)
+    job_index: _Count = 0
 
 
 class Released(_Model):
@@ -242,6 +301,134 @@ class Status(_Model):
     backlog: _Count | None = None
 
 
+# --- operator requests (through NS.operations) -------------------------------------------
+
+#: what ``rabbitkeys keys --state`` filters on: a key's book state, or a hold, or failing
+KeyStateFilter = Literal[
+    "declaring",
+    "unowned",
+    "owned",
+    "moving",
+    "retiring",
+    "redriving",
+    "parked",
+    "paused",
+    "failing",
+]
+
+
+class KeysRequest(_Model):
+    """Operator → registry: one page of the keys, filtered and sorted."""
+
+    type: Literal["keys_request"] = "keys_request"
+    job_type: _JobType | None = None
+    worker_id: _WorkerId | None = None
+    state: KeyStateFilter | None = None
+    #: ``key``: by job type and key; ``backlog``: most messages first; ``age``: oldest
+    #: waiting message first
+    sort: Literal["key", "backlog", "age"] = "key"
+    limit: Annotated[int, Field(ge=1, le=MAX_KEYS_PER_PAGE)] = 100
+    #: how many matching keys to skip (the previous page's ``next_offset``)
+    offset: _Count = 0
+
+
+class KeyInfo(_Model):
+    key_id: _KeyId
+    job_type: _JobType
+    key: _Key
+    #: the book's state (``_keybook.KeyState`` value; ``retiring`` for its four steps)
+    state: Annotated[str, Field(max_length=32)]
+    owner: _WorkerId | None = None
+    #: ``paused``, ``parked``, ``type_paused``, ``redrive``: why no worker takes it now
+    holds: Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=8)] = Field(
+        default_factory=list
+    )
+    #: messages in its queue (ready + unacked), as of the registry's last listing; None
+    #: when unknown
+    backlog: _Count | None = None
+    #: age of its oldest waiting message in seconds, when the broker tells it
+    oldest_age_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    #: failed attempts of its head (while failing, or when parked)
+    failures: _Count = 0
+    last_error: _Reason | None = None
+    #: when it was parked (Unix time, seconds)
+    parked_at: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+
+class KeysPage(_Model):
+    type: Literal["keys_page"] = "keys_page"
+    keys: Annotated[list[KeyInfo], Field(max_length=MAX_KEYS_PER_PAGE)]
+    #: keys matching the filter, over all pages
+    total: _Count
+    #: the offset of the next page; None on the last one
+    next_offset: _Count | None = None
+    #: how old the backlog and age figures are (seconds since the registry's listing);
+    #: None if it has none yet (management API unreachable)
+    listed_seconds_ago: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    #: job types paused as a whole
+    paused_job_types: Annotated[list[_JobType], Field(max_length=MAX_JOB_TYPES)] = Field(
+        default_factory=list
+    )
+
+
+class HoldRequest(_Model):
+    """Operator → registry: pause or resume a key or a whole job type; skip a parked key's
+    head (dead-letter it, then resume)."""
+
+    type: Literal["hold_request"] = "hold_request"
+    action: Literal["pause", "resume", "skip"]
+    job_type: _JobType
+    #: None: the whole job type (pause and resume only)
+    key: _Key | None = None
+
+
+class HoldReply(_Model):
+    type: Literal["hold_reply"] = "hold_reply"
+    ok: bool
+    #: what happened, or why not, in words for the operator
+    detail: _Reason
+
+
+class RedriveRequest(_Model):
+    """Operator → registry: put dead letters back at the head of their keys, in their
+    original order, before the messages waiting there. ``apply`` False: a dry run (counts
+    only, nothing moves)."""
+
+    type: Literal["redrive_request"] = "redrive_request"
+    #: None with ``key`` None: every dead letter
+    job_type: _JobType | None = None
+    #: needs ``job_type``
+    key: _Key | None = None
+    apply: bool = False
+
+    @model_validator(mode="after")
+    def _key_needs_job_type(self) -> Self:
+        if self.key is not None and self.job_type is None:
+            raise ValueError("a key needs its job type")
+        return self
+
+
+class RedriveKeySummary(_Model):
+    job_type: _JobType
+    key: _Key
+    messages: _Count
+    #: apply only: None if done, else why this key's dead letters stayed where they were
+    error: _Reason | None = None
+
+
+class RedriveReply(_Model):
+    type: Literal["redrive_reply"] = "redrive_reply"
+    applied: bool
+    #: the selected keys (at most 10,000 listed; ``messages`` counts them all)
+    keys: Annotated[list[RedriveKeySummary], Field(max_length=_MAX_REDRIVE_KEYS)]
+    #: selected dead letters (redriven, if applied and no key has an error)
+    messages: _Count
+    #: dead letters not selected (left in the dead-letter queue), and unreadable ones
+    #: (no key or job type header: left there too)
+    not_selected: _Count = 0
+    unreadable: _Count = 0
+
+
 class Assign(_Model):
     """Registry → worker: consume these keys (idempotent)."""
 
@@ -270,8 +457,15 @@ ControlMessage = Annotated[
     | WorkerHeartbeat
     | WorkerLeave
     | Released
+    | KeyParked
     | StatusRequest
     | Status
+    | KeysRequest
+    | KeysPage
+    | HoldRequest
+    | HoldReply
+    | RedriveRequest
+    | RedriveReply
     | Assign
     | Release
     | Sync,

@@ -25,6 +25,9 @@ from ._errors import ConfigError, InvalidKeyError
 
 __all__ = [
     "DEFAULT_JOB_TYPE",
+    "HOLD_PARKED",
+    "HOLD_PAUSED",
+    "HOLD_REDRIVE",
     "MAX_KEY_BYTES",
     "MAX_TOKEN_BYTES",
     "KeyRef",
@@ -204,6 +207,12 @@ def placement_arguments(queue_type: str, broker: tuple[int, int]) -> dict[str, A
     return {"x-queue-leader-locator": "balanced"}
 
 
+#: The holds' routing keys on ``Names.holds_exchange`` (see there).
+HOLD_PAUSED = "paused"
+HOLD_PARKED = "parked"
+HOLD_REDRIVE = "redrive"
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """Every exchange and queue name under one namespace."""
@@ -307,6 +316,22 @@ class Names:
         return f"{self.namespace}.dead-letters"
 
     @property
+    def operations_exchange(self) -> str:
+        """Operators to the registry (fanout, bound to :attr:`registry_queue`): list keys,
+        pause, resume, skip, redrive. Only the registry's role may write on it (an
+        administrator may anyway), so a publisher's credential cannot operate keys."""
+        return f"{self.namespace}.operations"
+
+    @property
+    def holds_exchange(self) -> str:
+        """Where the registry keeps its holds, durably, as bindings (direct, internal: no
+        one can publish to it, so a binding here never routes a message). A key queue bound
+        with routing key ``HOLD_PAUSED``/``HOLD_PARKED``/``HOLD_REDRIVE`` is held so; a
+        jobs exchange bound with ``HOLD_PAUSED`` is a paused job type. A new leader reads
+        them back from the management API before it places any key."""
+        return f"{self.namespace}.holds"
+
+    @property
     def control_exchanges(self) -> tuple[str, ...]:
         """Every exchange of the namespace but the jobs exchanges."""
         return (
@@ -315,6 +340,8 @@ class Names:
             self.commands_exchange,
             self.replies_exchange,
             self.dead_letter_exchange,
+            self.operations_exchange,
+            self.holds_exchange,
         )
 
     def worker_inbox(self, worker_id: str) -> str:
