@@ -267,6 +267,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.timeout(_CLUSTER_TEST_TIMEOUT))
         if (_BROKER_FIXTURES | _CLUSTER_FIXTURES) & fixtures:
             item.add_marker(pytest.mark.broker)
+    # The cluster tests last: the session's three nodes run from the first of them to the
+    # end of the session, and on a small machine they slow the timing of every later test.
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -118,7 +118,11 @@ def test_the_cli_refuses_broker_restart_with_cluster(capsys: pytest.CaptureFixtu
 async def test_a_node_kill_loses_and_reorders_nothing(
     cluster: ClusterUnderTest, queue_type: str
 ) -> None:
-    settings = make_settings("amqp://guest:guest@localhost/", "t-chaos", queue_type=queue_type)
+    # The killed node may hold the registry's classic queue: publishers must wait for the
+    # registry as long as a user's would (ensure_timeout's default, not the tests' 10 s).
+    settings = make_settings(
+        "amqp://guest:guest@localhost/", "t-chaos", queue_type=queue_type, ensure_timeout=30.0
+    )
     # 6 keys x 30: publishing lasts ~34 s, as the outage (~15 s) and as long again need
     report = await run_chaos(
         settings, keys=6, messages=30, workers=2, rabbit=cluster.cluster, node_down=3.0

@@ -116,6 +116,9 @@ async def test_no_metric_has_a_label_per_key(settings: Settings) -> None:
 
 
 async def test_a_move_between_workers_is_measured(settings: Settings) -> None:
+    # A worker dropped for late heartbeats (a loaded machine) would have its keys reassigned,
+    # not moved: give heartbeats room, so what is measured is the move.
+    settings = settings.model_copy(update={"worker_timeout": 15.0})
     metrics = CollectorRegistry()
     app = App()
 
