@@ -142,11 +142,21 @@ async def publish_control(
 
 
 class ControlClient:
-    """Sends requests to the registry and waits for the matching reply."""
+    """Sends requests to the registry and waits for the matching reply. ``exchange``: where
+    the requests go (``Names.requests_exchange`` unless given; operator requests go through
+    ``Names.operations_exchange``)."""
 
-    def __init__(self, connection: AbstractConnection, names: Names, user_id: str) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        names: Names,
+        user_id: str,
+        *,
+        exchange: str | None = None,
+    ) -> None:
         self._connection = connection
         self._names = names
+        self._exchange = exchange or names.requests_exchange
         self._user_id = user_id
         self._registry_seen = False
         self._pending: dict[str, asyncio.Future[ControlMessage]] = {}
@@ -187,7 +197,7 @@ class ControlClient:
             if not self._registry_seen:
                 # No registry had run in this namespace when we started: its exchanges
                 # appear when one does.
-                for exchange in (self._names.requests_exchange, self._names.replies_exchange):
+                for exchange in (self._exchange, self._names.replies_exchange):
                     remaining = deadline - time.monotonic()
                     if not await wait_for_topology(self._connection, exchange, timeout=remaining):
                         raise TimeoutError
@@ -196,7 +206,7 @@ class ControlClient:
                 remaining = max(0.001, deadline - time.monotonic())
                 sent = await publish_control(
                     self._channel,
-                    self._names.requests_exchange,
+                    self._exchange,
                     control_message(
                         payload,
                         user_id=self._user_id,
