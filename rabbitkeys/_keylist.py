@@ -1,0 +1,164 @@
+"""``rabbitkeys keys``: one page of the book's keys, filtered and sorted. Pure: the registry
+hands it the book, the reconciler's last listing of the key queues and the clocks, and
+sends back what it returns (:class:`~rabbitkeys._protocol.KeysPage`).
+
+A namespace may hold 100,000 keys, and each page is asked for on the registry's event loop:
+one pass filters them, and a page is the ``offset + limit`` smallest by the sort
+(``heapq.nsmallest``), not a sort of every key.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._keybook import RETIRING, Key, KeyBook
+from ._protocol import MAX_JOB_TYPES, KeyInfo, KeysPage, KeysRequest
+
+__all__ = ["QueueStats", "holds", "page"]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A key queue as the management API listed it."""
+
+    #: ready + unacked
+    messages: int
+    #: Unix seconds of its oldest message (``head_message_timestamp``); None when empty, or
+    #: when the broker does not tell it
+    head_timestamp: int | None
+
+
+def holds(book: KeyBook, key: Key) -> list[str]:
+    """Why no worker is given ``key`` now: ``paused``, ``parked``, ``type_paused``,
+    ``redrive`` (empty: not held)."""
+    holds_of: Callable[[Key], Iterable[str]] | None = getattr(book, "holds_of", None)
+    if holds_of is not None:
+        return list(holds_of(key))
+    found = []
+    if key.paused:
+        found.append("paused")
+    if key.parked is not None:
+        found.append("parked")
+    if key.ref.job_type in _paused_types(book):
+        found.append("type_paused")
+    if key.redrive is not None:
+        found.append("redrive")
+    return found
+
+
+def _paused_types(book: KeyBook) -> frozenset[str] | set[str]:
+    paused: frozenset[str] | set[str] = getattr(book, "paused_types", frozenset())
+    return paused
+
+
+def _matches(book: KeyBook, request: KeysRequest) -> Callable[[Key], bool]:
+    """The state filter as one test per key."""
+    state = request.state
+    if state is None:
+        return lambda key: True
+    if state == "retiring":
+        return lambda key: key.state in RETIRING
+    if state == "parked":
+        return lambda key: key.parked is not None
+    if state == "paused":
+        paused_types = _paused_types(book)
+        return lambda key: key.paused or key.ref.job_type in paused_types
+    if state == "failing":
+        return lambda key: key.failures > 0
+    return lambda key: key.state.value == state
+
+
+# Sort keys: tuples whose last items are the key id (unique) and the key, so that ties
+# go by key id and a Key is never compared.
+_Row = tuple[Any, ...]
+_UNKNOWN_LAST = 2**63
+
+
+def _rows(keys: Iterable[Key], sort: str, stats: Mapping[str, QueueStats] | None) -> Iterable[_Row]:
+    if sort == "key":
+        return ((k.ref.job_type, k.ref.key, k.ref.id, k) for k in keys)
+    known = stats or {}
+    if sort == "backlog":  # most first, unknown last
+        return (
+            (
+                (-s.messages, k.ref.id, k)
+                if (s := known.get(k.queue)) is not None
+                else (1, k.ref.id, k)
+            )
+            for k in keys
+        )
+    # age: the oldest head first (the smallest timestamp), unknown last
+    return (
+        (
+            (
+                s.head_timestamp
+                if (s := known.get(k.queue)) is not None and s.head_timestamp is not None
+                else _UNKNOWN_LAST
+            ),
+            k.ref.id,
+            k,
+        )
+        for k in keys
+    )
+
+
+def page(
+    book: KeyBook,
+    request: KeysRequest,
+    stats: Mapping[str, QueueStats] | None,
+    listed_at: float | None,
+    now: float,
+    wall_now: float,
+) -> KeysPage:
+    """One page of ``book``'s keys for ``request``. ``stats``: the key queues' last listing
+    by queue name (None: none yet); ``listed_at``, ``now``: monotonic; ``wall_now``: Unix
+    time (the broker's head timestamps are Unix seconds)."""
+    job_type, worker_id = request.job_type, request.worker_id
+    matches = _matches(book, request)
+    selected = [
+        key
+        for key in book.keys.values()
+        if (job_type is None or key.ref.job_type == job_type)
+        and (worker_id is None or key.owner == worker_id)
+        and matches(key)
+    ]
+    total = len(selected)
+    end = request.offset + request.limit
+    chosen = heapq.nsmallest(end, _rows(selected, request.sort, stats))[request.offset :]
+    return KeysPage(
+        keys=[_info(book, row[-1], stats, wall_now) for row in chosen],
+        total=total,
+        next_offset=end if end < total else None,
+        listed_seconds_ago=(
+            max(0.0, round(now - listed_at, 3))
+            if listed_at is not None and stats is not None
+            else None
+        ),
+        paused_job_types=sorted(_paused_types(book))[:MAX_JOB_TYPES],
+    )
+
+
+def _info(
+    book: KeyBook, key: Key, stats: Mapping[str, QueueStats] | None, wall_now: float
+) -> KeyInfo:
+    listed = stats.get(key.queue) if stats is not None else None
+    age = None
+    if listed is not None and listed.head_timestamp is not None:
+        age = max(0.0, round(wall_now - listed.head_timestamp, 3))
+    parked = key.parked
+    return KeyInfo(
+        key_id=key.ref.id,
+        job_type=key.ref.job_type,
+        key=key.ref.key,
+        state="retiring" if key.state in RETIRING else key.state.value,
+        owner=key.owner,
+        holds=holds(book, key),
+        backlog=listed.messages if listed is not None else None,
+        oldest_age_seconds=age,
+        failures=key.failures or (parked.attempts if parked is not None else 0),
+        last_error=key.last_error or (parked.error if parked is not None else None),
+        parked_at=float(parked.at) if parked is not None else None,
+    )
