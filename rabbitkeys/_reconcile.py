@@ -142,9 +142,7 @@ class Reconciler:
                 with contextlib.suppress(InvalidKeyError):
                     job_types.add(check_job_type(binding.destination[len(jobs_prefix) :]))
         if keys or job_types:
-            log.info(
-                "holds read back: %d on keys, %d paused job types", len(keys), len(job_types)
-            )
+            log.info("holds read back: %d on keys, %d paused job types", len(keys), len(job_types))
         return self._book.holds_listed(keys, job_types, time.monotonic())
 
     # --- adoption -----------------------------------------------------------------------
