@@ -213,6 +213,11 @@ class WorkerMetrics:
         self.keys_released = _counter(
             registry, "rabbitkeys_keys_released", "Keys this worker let go (moves, retirements)."
         )
+        self.parked = _counter(
+            registry,
+            "rabbitkeys_parked",
+            "Keys this worker parked: a head job failed its last attempt under the park policy.",
+        )
         self.malformed = _counter(
             registry,
             "rabbitkeys_malformed_messages",
