@@ -301,3 +301,13 @@ class RegistryMetrics:
             "rabbitkeys_failover_gap_seconds",
             "A lost worker's last sign of life to its keys being assigned again.",
         )
+        self.redriven_messages = _counter(
+            registry,
+            "rabbitkeys_redriven_messages",
+            "Dead letters put back at the head of their key.",
+        )
+        self.skipped_messages = _counter(
+            registry,
+            "rabbitkeys_skipped_messages",
+            "Heads of parked keys dead-lettered by `rabbitkeys skip`.",
+        )
