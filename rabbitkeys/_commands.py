@@ -307,7 +307,7 @@ class CommandRunner:
             channel = self._holds_channel = await open_channel(self._connection)
         underlay = await channel.get_underlay_channel()
         holds = self._names.holds_exchange
-        arguments = dict(command.arguments)
+        arguments: dict[str, Any] = dict(command.arguments)
         if command.queue is not None:
             if command.add:
                 await underlay.queue_bind(

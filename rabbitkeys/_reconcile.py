@@ -127,13 +127,18 @@ class Reconciler:
     async def _read_holds(self) -> list[Command]:
         found = await list_source_bindings(self._settings, self._names.holds_exchange)
         jobs_prefix = self._names.jobs_exchange("x")[:-1]
-        keys: list[tuple[KeyRef, str, dict[str, object]]] = []
+        keys: list[tuple[KeyRef, str, dict[str, str | int]]] = []
         job_types: set[str] = set()
         for binding in found:
             if binding.destination_type == "queue":
                 ref = self._names.key_of_queue(binding.destination)
                 if ref is not None:
-                    keys.append((ref, binding.routing_key, binding.arguments))
+                    arguments = {
+                        name: value
+                        for name, value in binding.arguments.items()
+                        if isinstance(value, str | int) and not isinstance(value, bool)
+                    }
+                    keys.append((ref, binding.routing_key, arguments))
             elif (
                 binding.destination_type == "exchange"
                 and binding.destination.startswith(jobs_prefix)

@@ -408,7 +408,7 @@ class Registry(Background):
             elif isinstance(request, HoldRequest):
                 reply = await self._hold(request)
             elif isinstance(request, RedriveRequest):
-                reply = await self._redrive(request)
+                reply = await self._redrive_request(request)
             else:
                 assert isinstance(request, StatusRequest)
                 reply = await self._status(request.backlog)
@@ -530,7 +530,7 @@ class Registry(Background):
             ok=True, detail=f"{what}: {skipped} job(s) dead-lettered; the key resumes"[:1000]
         )
 
-    async def _redrive(self, request: RedriveRequest) -> RedriveReply:
+    async def _redrive_request(self, request: RedriveRequest) -> RedriveReply:
         """Dead letters back at the head of their keys (``apply``), or what would be (a dry
         run: nothing moves)."""
         assert self._connection is not None and self._runner is not None
