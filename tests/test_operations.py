@@ -16,8 +16,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from rabbitkeys import App, Message, Publisher, Registry, Settings
-from rabbitkeys import _reconcile
+from rabbitkeys import App, Message, Publisher, Registry, Settings, _reconcile
 from rabbitkeys._control import ControlClient
 from rabbitkeys._protocol import (
     ControlMessage,
