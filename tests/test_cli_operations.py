@@ -4,6 +4,7 @@ that may not send operator requests, against the broker."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import aio_pika
@@ -36,7 +37,7 @@ from .trust_support import RoleUsers
 # --- arguments, no broker ----------------------------------------------------------------
 
 
-def parse(*argv: str) -> object:
+def parse(*argv: str) -> argparse.Namespace:
     return cli._parser().parse_args(list(argv))
 
 
@@ -52,15 +53,15 @@ def test_keys_arguments_make_the_request() -> None:
     args = parse(
         "keys", "--job-type", "orders", "--worker", "w-1", "--state", "parked", "--sort", "age"
     )
-    request = cli.keys_request(args)  # type: ignore[arg-type]
+    request = cli.keys_request(args)
     assert request == KeysRequest(
         job_type="orders", worker_id="w-1", state="parked", sort="age", limit=100, offset=0
     )
-    paged = cli.keys_request(parse("keys", "--limit", "20", "--offset", "40"))  # type: ignore[arg-type]
+    paged = cli.keys_request(parse("keys", "--limit", "20", "--offset", "40"))
     assert (paged.limit, paged.offset, paged.sort) == (20, 40, "key")
     # --all asks for pages as large as allowed, unless told otherwise
-    assert cli.keys_request(parse("keys", "--all")).limit == 1000  # type: ignore[arg-type]
-    assert cli.keys_request(parse("keys", "--all", "--limit", "50")).limit == 50  # type: ignore[arg-type]
+    assert cli.keys_request(parse("keys", "--all")).limit == 1000
+    assert cli.keys_request(parse("keys", "--all", "--limit", "50")).limit == 50
 
 
 def test_keys_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,11 +78,11 @@ def test_keys_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_pause_resume_and_skip_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    pause = cli.hold_request(parse("pause", "orders", "customer 42"))  # type: ignore[arg-type]
+    pause = cli.hold_request(parse("pause", "orders", "customer 42"))
     assert (pause.action, pause.job_type, pause.key) == ("pause", "orders", "customer 42")
-    resume = cli.hold_request(parse("resume", "orders"))  # type: ignore[arg-type]
+    resume = cli.hold_request(parse("resume", "orders"))
     assert (resume.action, resume.job_type, resume.key) == ("resume", "orders", None)
-    skip = cli.hold_request(parse("skip", "orders", "c-1"))  # type: ignore[arg-type]
+    skip = cli.hold_request(parse("skip", "orders", "c-1"))
     assert (skip.action, skip.key) == ("skip", "c-1")
     # skip needs the key
     with pytest.raises(SystemExit):
@@ -92,13 +93,11 @@ def test_pause_resume_and_skip_arguments(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_redrive_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    dry = cli.redrive_request(parse("redrive", "--job-type", "orders"))  # type: ignore[arg-type]
+    dry = cli.redrive_request(parse("redrive", "--job-type", "orders"))
     assert (dry.job_type, dry.key, dry.apply) == ("orders", None, False)
-    one = cli.redrive_request(
-        parse("redrive", "--job-type", "orders", "--key", "c-1", "--apply")  # type: ignore[arg-type]
-    )
+    one = cli.redrive_request(parse("redrive", "--job-type", "orders", "--key", "c-1", "--apply"))
     assert (one.job_type, one.key, one.apply) == ("orders", "c-1", True)
-    every = cli.redrive_request(parse("redrive", "--all"))  # type: ignore[arg-type]
+    every = cli.redrive_request(parse("redrive", "--all"))
     assert (every.job_type, every.key) == (None, None)
 
     assert "--job-type T [--key K], or --all" in usage_error(capsys, "redrive")

@@ -197,7 +197,7 @@ def test_pages_together_are_the_full_sort(
     a full sort gives."""
     book = new_book()
     stats: dict[str, QueueStats] = {}
-    expected_rows = []
+    expected_rows: list[tuple[tuple[object, ...], str]] = []
     for i, backlog in enumerate(backlogs):
         key_id = add(book, f"key-{i}", "ab"[i % 2])
         record = book.keys[key_id]
@@ -237,7 +237,7 @@ def test_a_page_of_100000_keys() -> None:
 
     def reference(sort: str) -> list[str]:
         """The whole book sorted (what a page must be a slice of)."""
-        rows = []
+        rows: list[tuple[tuple[object, ...], str]] = []
         for k in book.keys.values():
             s = stats.get(k.queue)
             if sort == "key":
