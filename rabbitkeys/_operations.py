@@ -27,6 +27,7 @@ from ._protocol import (
     KeysRequest,
     RedriveReply,
     RedriveRequest,
+    Refused,
 )
 from ._settings import Settings
 from ._topology import Names
@@ -85,6 +86,8 @@ _Reply = TypeVar("_Reply", KeysPage, HoldReply, RedriveReply)
 
 
 def _expect(reply: ControlMessage, kind: type[_Reply]) -> _Reply:
+    if isinstance(reply, Refused):  # the registry failed to answer it
+        raise RabbitkeysError(f"the registry could not answer: {reply.reason}")
     if not isinstance(reply, kind):
         raise RabbitkeysError(f"unexpected reply from the registry: {reply!r}")
     return reply

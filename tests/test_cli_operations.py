@@ -10,9 +10,10 @@ import asyncio
 import aio_pika
 import pytest
 
-from rabbitkeys import Settings, cli
+from rabbitkeys import RabbitkeysError, Settings, cli
 from rabbitkeys._operations import (
     OperationRefusedError,
+    _expect,
     fetch_keys,
     format_age,
     format_hold,
@@ -28,6 +29,7 @@ from rabbitkeys._protocol import (
     KeysRequest,
     RedriveKeySummary,
     RedriveReply,
+    Refused,
 )
 from rabbitkeys._topology import KeyRef, Names
 
@@ -257,3 +259,12 @@ async def test_a_publishers_login_is_refused_with_a_clear_error(
         await asyncio.wait_for(fetch_keys(publisher, KeysRequest(), timeout=5), 20)
     assert "registry's credential" in str(refused.value)
     assert names.operations_exchange in str(refused.value)
+
+
+def test_a_registry_that_fails_to_answer_is_an_error() -> None:
+    """The registry answers a request it failed on with a Refused: the command fails
+    with its reason (exit 1 through the CLI's error handling)."""
+    with pytest.raises(RabbitkeysError, match="could not answer: boom"):
+        _expect(Refused(reason="boom"), KeysPage)
+    with pytest.raises(RabbitkeysError, match="unexpected reply"):
+        _expect(HoldReply(ok=True, detail="x"), KeysPage)
