@@ -159,13 +159,13 @@ def _shown(text: str, width: int) -> str:
 
 _COLUMNS = (
     # title, width, right-aligned
-    ("JOB TYPE", 14, False),
-    ("KEY", 28, False),
+    ("JOB TYPE", 12, False),
+    ("KEY", 26, False),
     ("STATE", 9, False),
-    ("OWNER", 16, False),
+    ("OWNER", 14, False),
     ("HOLDS", 12, False),
-    ("BACKLOG", 8, True),
-    ("AGE", 5, True),
+    ("BACKLOG", 7, True),
+    ("AGE", 4, True),
     ("FAILS", 5, True),
 )
 _MIN_ERROR_WIDTH = 20
