@@ -17,7 +17,7 @@ from typing import Any
 from ._keybook import RETIRING, Key, KeyBook
 from ._protocol import MAX_JOB_TYPES, KeyInfo, KeysPage, KeysRequest
 
-__all__ = ["QueueStats", "holds", "page"]
+__all__ = ["QueueStats", "page"]
 
 
 @dataclass(frozen=True)
@@ -31,29 +31,6 @@ class QueueStats:
     head_timestamp: int | None
 
 
-def holds(book: KeyBook, key: Key) -> list[str]:
-    """Why no worker is given ``key`` now: ``paused``, ``parked``, ``type_paused``,
-    ``redrive`` (empty: not held)."""
-    holds_of: Callable[[Key], Iterable[str]] | None = getattr(book, "holds_of", None)
-    if holds_of is not None:
-        return list(holds_of(key))
-    found = []
-    if key.paused:
-        found.append("paused")
-    if key.parked is not None:
-        found.append("parked")
-    if key.ref.job_type in _paused_types(book):
-        found.append("type_paused")
-    if key.redrive is not None:
-        found.append("redrive")
-    return found
-
-
-def _paused_types(book: KeyBook) -> frozenset[str] | set[str]:
-    paused: frozenset[str] | set[str] = getattr(book, "paused_types", frozenset())
-    return paused
-
-
 def _matches(book: KeyBook, request: KeysRequest) -> Callable[[Key], bool]:
     """The state filter as one test per key."""
     state = request.state
@@ -64,7 +41,7 @@ def _matches(book: KeyBook, request: KeysRequest) -> Callable[[Key], bool]:
     if state == "parked":
         return lambda key: key.parked is not None
     if state == "paused":
-        paused_types = _paused_types(book)
+        paused_types = book.paused_types
         return lambda key: key.paused or key.ref.job_type in paused_types
     if state == "failing":
         return lambda key: key.failures > 0
@@ -137,7 +114,7 @@ def page(
             if listed_at is not None and stats is not None
             else None
         ),
-        paused_job_types=sorted(_paused_types(book))[:MAX_JOB_TYPES],
+        paused_job_types=sorted(book.paused_types)[:MAX_JOB_TYPES],
     )
 
 
@@ -155,7 +132,7 @@ def _info(
         key=key.ref.key,
         state="retiring" if key.state in RETIRING else key.state.value,
         owner=key.owner,
-        holds=holds(book, key),
+        holds=book.holds_of(key),
         backlog=listed.messages if listed is not None else None,
         oldest_age_seconds=age,
         failures=key.failures or (parked.attempts if parked is not None else 0),

@@ -27,6 +27,7 @@ from ._protocol import (
     KeysRequest,
     RedriveReply,
     RedriveRequest,
+    Refused,
 )
 from ._settings import Settings
 from ._topology import Names
@@ -85,6 +86,8 @@ _Reply = TypeVar("_Reply", KeysPage, HoldReply, RedriveReply)
 
 
 def _expect(reply: ControlMessage, kind: type[_Reply]) -> _Reply:
+    if isinstance(reply, Refused):  # the registry failed to answer it
+        raise RabbitkeysError(f"the registry could not answer: {reply.reason}")
     if not isinstance(reply, kind):
         raise RabbitkeysError(f"unexpected reply from the registry: {reply!r}")
     return reply
@@ -156,13 +159,13 @@ def _shown(text: str, width: int) -> str:
 
 _COLUMNS = (
     # title, width, right-aligned
-    ("JOB TYPE", 14, False),
-    ("KEY", 28, False),
+    ("JOB TYPE", 12, False),
+    ("KEY", 26, False),
     ("STATE", 9, False),
-    ("OWNER", 16, False),
+    ("OWNER", 14, False),
     ("HOLDS", 12, False),
-    ("BACKLOG", 8, True),
-    ("AGE", 5, True),
+    ("BACKLOG", 7, True),
+    ("AGE", 4, True),
     ("FAILS", 5, True),
 )
 _MIN_ERROR_WIDTH = 20
