@@ -400,11 +400,42 @@ class CommandRunner:
             # an unbound routing key it still lists only costs a publisher a resend)
             removed = tuple(getattr(exc, "removed", ()))
             log.warning("cannot redrive key %s: %s", command.key_id, error)
+            if isinstance(exc, _redrive.RearrangeError) and exc.queue_changed:
+                # copies of the dead letters are in the queue already: finish the rotation
+                # (then they are at the head, and the dead letters themselves may go)
+                # rather than leave copies behind the waiting messages
+                if await self._recover(command):
+                    error = None
         ok = error is None
         if ok and dead_letters:
             self._metrics.redriven_messages.inc(len(dead_letters))
         self.do(self._book.rearranged(command.key_id, command.epoch, ok, list(removed)))
         self._settle(self._rearranged.pop(ids, None), error)
+
+    async def _recover(self, command: Rearrange) -> bool:
+        try:
+            await _redrive.rearrange(
+                self._connection,
+                self._names,
+                command.ref,
+                command.queue,
+                (),
+                command.redrive_id,
+                None,
+                0.0,
+            )
+        except Exception as exc:
+            log.error(
+                "key %s: redrive %s cut with copies in the queue, and its recovery failed: "
+                "%r (the dead letters go back to the dead-letter queue; a rerun may repeat "
+                "some)",
+                command.key_id,
+                command.redrive_id,
+                exc,
+            )
+            return False
+        log.info("key %s: redrive %s finished by its recovery", command.key_id, command.redrive_id)
+        return True
 
     @staticmethod
     def _settle(future: asyncio.Future[Any] | None, outcome: Any) -> None:
