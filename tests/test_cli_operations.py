@@ -184,16 +184,15 @@ def test_an_empty_page_and_unknown_figures() -> None:
 
 
 def test_hold_replies() -> None:
+    done = HoldReply(ok=True, detail="key 'c-1' of job type 'orders' paused")
+    assert format_hold("pause", "orders", "c-1", done) == "key 'c-1' of job type 'orders' paused"
+    refused = HoldReply(ok=False, detail="key 'c-1' of job type 'orders' is not parked")
     assert (
-        format_hold("pause", "orders", "c-1", HoldReply(ok=True, detail="paused"))
-        == "pause key orders/c-1: done: paused"
+        format_hold("skip", "orders", "c-1", refused)
+        == "skip key orders/c-1 refused: key 'c-1' of job type 'orders' is not parked"
     )
-    assert (
-        format_hold("skip", "orders", "c-1", HoldReply(ok=False, detail="c-1 is not parked"))
-        == "skip key orders/c-1: refused: c-1 is not parked"
-    )
-    assert format_hold("resume", "orders", None, HoldReply(ok=True, detail="ok")).startswith(
-        "resume job type orders: done"
+    assert format_hold("resume", "orders", None, HoldReply(ok=False, detail="no")) == (
+        "resume job type orders refused: no"
     )
 
 
