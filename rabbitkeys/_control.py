@@ -52,10 +52,13 @@ async def declare_control_topology(
     await channel.declare_exchange(names.commands_exchange, direct, durable=True)
     dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
     membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
+    # the holds (bindings, never a route: internal) before anything may be held
+    await channel.declare_exchange(names.holds_exchange, direct, durable=True, internal=True)
+    operations = await channel.declare_exchange(names.operations_exchange, fanout, durable=True)
     requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
     arguments = control_queue_arguments(queue_type, broker_version(connection))
     for queue, sources in (
-        (names.registry_queue, (requests, membership)),
+        (names.registry_queue, (requests, membership, operations)),
         (names.dead_letter_queue, (dead_letters,)),
     ):
         await _declare_durable(connection, queue, arguments)
@@ -142,9 +145,10 @@ async def publish_control(
 
 
 class ControlClient:
-    """Sends requests to the registry and waits for the matching reply. ``exchange``: where
-    the requests go (``Names.requests_exchange`` unless given; operator requests go through
-    ``Names.operations_exchange``)."""
+    """Sends requests to the registry and waits for the matching reply: through
+    ``exchange``, by default ``NS.requests`` (a publisher's); operator requests go through
+    ``NS.operations`` (``names.operations_exchange``), which only the registry's role may
+    write on."""
 
     def __init__(
         self,
@@ -156,8 +160,8 @@ class ControlClient:
     ) -> None:
         self._connection = connection
         self._names = names
-        self._exchange = exchange or names.requests_exchange
         self._user_id = user_id
+        self._exchange = exchange or names.requests_exchange
         self._registry_seen = False
         self._pending: dict[str, asyncio.Future[ControlMessage]] = {}
         self._channel: AbstractChannel | None = None
