@@ -319,6 +319,20 @@ async def test_keys_pause_and_resume_from_the_command_line(
         assert code == cli.EXIT_OK, err
         assert "1 key;" in out and "k1" in out and "k2" not in out
 
+        # every page, one key a page
+        code, out, err = await run("keys", "--all", "--limit", "1", "--json")
+        assert code == cli.EXIT_OK, err
+        assert [info["key"] for info in json.loads(out)["keys"]] == ["k1", "k2"]
+        code, out, err = await run("keys", "--all", "--limit", "1", "--sort", "backlog")
+        assert code == cli.EXIT_OK, err
+        rows = [line.split()[:2] for line in out.splitlines() if line.startswith("orders ")]
+        assert sorted(rows) == [["orders", "k1"], ["orders", "k2"]]
+
+        # a dry run with nothing dead-lettered
+        code, out, err = await run("redrive", "--all")
+        assert code == cli.EXIT_OK, err
+        assert "(no dead letters selected)" in out and "dry run: nothing moved" in out
+
         code, out, err = await run("resume", "orders", "k1")
         assert code == cli.EXIT_OK, err
         assert "resumed" in out
