@@ -115,7 +115,7 @@ def page(
         first = sorted(matching())
     chosen = first[request.offset : end]
     return KeysPage(
-        keys=[_info(book, row[-1], stats, wall_now) for row in chosen],
+        keys=[_info(book, picked[-1], stats, wall_now) for picked in chosen],
         total=total,
         next_offset=end if end < total else None,
         listed_seconds_ago=(
