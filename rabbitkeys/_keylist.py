@@ -10,7 +10,7 @@ one pass filters them, and a page is the ``offset + limit`` smallest by the sort
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,34 +52,30 @@ def _matches(book: KeyBook, request: KeysRequest) -> Callable[[Key], bool]:
 # go by key id and a Key is never compared.
 _Row = tuple[Any, ...]
 _UNKNOWN_LAST = 2**63
+#: a page ending beyond 1/_HEAP_FRACTION of the book's keys is cut from a full sort
+_HEAP_FRACTION = 8
 
 
-def _rows(keys: Iterable[Key], sort: str, stats: Mapping[str, QueueStats] | None) -> Iterable[_Row]:
+def _row_maker(sort: str, stats: Mapping[str, QueueStats] | None) -> Callable[[str, Key], _Row]:
+    """A key's row for ``sort``, from its id (the book's table is keyed by it: ``KeyRef.id``
+    would build each id again) and its record."""
     if sort == "key":
-        return ((k.ref.job_type, k.ref.key, k.ref.id, k) for k in keys)
+        return lambda key_id, k: (k.ref.job_type, k.ref.key, key_id, k)
     known = stats or {}
     if sort == "backlog":  # most first, unknown last
-        return (
-            (
-                (-s.messages, k.ref.id, k)
-                if (s := known.get(k.queue)) is not None
-                else (1, k.ref.id, k)
-            )
-            for k in keys
-        )
-    # age: the oldest head first (the smallest timestamp), unknown last
-    return (
-        (
-            (
-                s.head_timestamp
-                if (s := known.get(k.queue)) is not None and s.head_timestamp is not None
-                else _UNKNOWN_LAST
-            ),
-            k.ref.id,
-            k,
-        )
-        for k in keys
-    )
+
+        def backlog(key_id: str, k: Key) -> _Row:
+            s = known.get(k.queue)
+            return (1, key_id, k) if s is None else (-s.messages, key_id, k)
+
+        return backlog
+
+    def age(key_id: str, k: Key) -> _Row:  # the oldest head first, unknown last
+        s = known.get(k.queue)
+        head = None if s is None else s.head_timestamp
+        return (_UNKNOWN_LAST if head is None else head, key_id, k)
+
+    return age
 
 
 def page(
@@ -95,18 +91,31 @@ def page(
     time (the broker's head timestamps are Unix seconds)."""
     job_type, worker_id = request.job_type, request.worker_id
     matches = _matches(book, request)
-    selected = [
-        key
-        for key in book.keys.values()
-        if (job_type is None or key.ref.job_type == job_type)
-        and (worker_id is None or key.owner == worker_id)
-        and matches(key)
-    ]
-    total = len(selected)
+    row = _row_maker(request.sort, stats)
+    total = 0
+
+    def matching() -> Iterator[_Row]:
+        # one pass, counting; rows are made as the heap takes them and dropped when it
+        # does not keep them: 100,000 rows kept alive at once would wake the garbage
+        # collector's full pass, which costs more than the rest
+        nonlocal total
+        for key_id, key in book.keys.items():
+            if (
+                (job_type is None or key.ref.job_type == job_type)
+                and (worker_id is None or key.owner == worker_id)
+                and matches(key)
+            ):
+                total += 1
+                yield row(key_id, key)
+
     end = request.offset + request.limit
-    chosen = heapq.nsmallest(end, _rows(selected, request.sort, stats))[request.offset :]
+    if end * _HEAP_FRACTION < len(book.keys):
+        first = heapq.nsmallest(end, matching())
+    else:  # a deep page (``--all``): one sort beats a heap of most of the rows
+        first = sorted(matching())
+    chosen = first[request.offset : end]
     return KeysPage(
-        keys=[_info(book, row[-1], stats, wall_now) for row in chosen],
+        keys=[_info(book, picked[-1], stats, wall_now) for picked in chosen],
         total=total,
         next_offset=end if end < total else None,
         listed_seconds_ago=(

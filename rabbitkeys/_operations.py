@@ -241,8 +241,11 @@ def format_keys(page: KeysPage, *, offset: int = 0, width: int | None = None) ->
 
 
 def format_hold(action: HoldAction, job_type: str, key: str | None, reply: HoldReply) -> str:
+    """The registry's words when done; when refused, what was asked too."""
+    if reply.ok:
+        return reply.detail
     what = f"job type {job_type}" if key is None else f"key {job_type}/{_shown(key, 60)}"
-    return f"{action} {what}: {'done' if reply.ok else 'refused'}: {reply.detail}"
+    return f"{action} {what} refused: {reply.detail}"
 
 
 def format_redrive(reply: RedriveReply) -> str:

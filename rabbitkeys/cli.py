@@ -601,26 +601,28 @@ def hold_request(args: argparse.Namespace) -> HoldRequest:
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from ._operations import (
-        fetch_keys,
-        format_key_rows,
-        format_keys,
-        format_keys_header,
-        format_keys_summary,
-        iterate_keys,
-    )
+    from ._operations import fetch_keys, format_keys
 
     try:
         request = keys_request(args)
     except ValueError as exc:
         return _usage(str(exc))
-    if not args.all:
-        page = await fetch_keys(settings, request, timeout=args.timeout)
-        if args.json:
-            print(json.dumps(page.model_dump(exclude={"type"}), indent=2))
-        else:
-            print(format_keys(page, offset=request.offset))
-        return EXIT_OK
+    if args.all:
+        return await _all_keys(settings, request, args)
+    page = await fetch_keys(settings, request, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(page.model_dump(exclude={"type"}), indent=2))
+    else:
+        print(format_keys(page, offset=request.offset))
+    return EXIT_OK
+
+
+async def _all_keys(settings: Settings, request: KeysRequest, args: argparse.Namespace) -> int:
+    """Every page: the text table is printed as pages come; JSON is one object at the end
+    (``keys``, ``total``: keys printed, ``listed_seconds_ago``, ``paused_job_types``). A key
+    that moved between pages meanwhile is printed once."""
+    from ._operations import format_key_rows, format_keys_header, format_keys_summary, iterate_keys
+
     seen: set[str] = set()
     listed: list[dict[str, Any]] = []
     last = None
@@ -629,25 +631,24 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         seen.update(info.key_id for info in fresh)
         if args.json:
             listed += [info.model_dump() for info in fresh]
-        else:
-            if last is None:  # the summary and header once, then rows as pages come
-                print(f"{format_keys_summary(page)}\n\n{format_keys_header()}")
-            for line in format_key_rows(fresh):
-                print(line)
+            last = page
+            continue
+        if last is None:  # the summary and the header once
+            print(f"{format_keys_summary(page)}\n\n{format_keys_header()}")
+        for line in format_key_rows(fresh):
+            print(line)
         last = page
     assert last is not None  # at least one page comes
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "keys": listed,
-                    "total": len(listed),
-                    "listed_seconds_ago": last.listed_seconds_ago,
-                    "paused_job_types": last.paused_job_types,
-                },
-                indent=2,
-            )
-        )
+        summary = {
+            "keys": listed,
+            "total": len(listed),
+            "listed_seconds_ago": last.listed_seconds_ago,
+            "paused_job_types": last.paused_job_types,
+        }
+        print(json.dumps(summary, indent=2))
+    elif not seen:
+        print("(no keys)")
     return EXIT_OK
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 
 import aio_pika
 import pytest
 
-from rabbitkeys import RabbitkeysError, Settings, cli
+from rabbitkeys import App, Message, Publisher, RabbitkeysError, Settings, cli
 from rabbitkeys._operations import (
     OperationRefusedError,
     _expect,
@@ -32,8 +33,9 @@ from rabbitkeys._protocol import (
     Refused,
 )
 from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys.tools.cluster import _settings_env
 
-from .support import make_settings
+from .support import eventually, make_settings, running_registry, running_worker
 from .trust_support import RoleUsers
 
 # --- arguments, no broker ----------------------------------------------------------------
@@ -184,16 +186,15 @@ def test_an_empty_page_and_unknown_figures() -> None:
 
 
 def test_hold_replies() -> None:
+    done = HoldReply(ok=True, detail="key 'c-1' of job type 'orders' paused")
+    assert format_hold("pause", "orders", "c-1", done) == "key 'c-1' of job type 'orders' paused"
+    refused = HoldReply(ok=False, detail="key 'c-1' of job type 'orders' is not parked")
     assert (
-        format_hold("pause", "orders", "c-1", HoldReply(ok=True, detail="paused"))
-        == "pause key orders/c-1: done: paused"
+        format_hold("skip", "orders", "c-1", refused)
+        == "skip key orders/c-1 refused: key 'c-1' of job type 'orders' is not parked"
     )
-    assert (
-        format_hold("skip", "orders", "c-1", HoldReply(ok=False, detail="c-1 is not parked"))
-        == "skip key orders/c-1: refused: c-1 is not parked"
-    )
-    assert format_hold("resume", "orders", None, HoldReply(ok=True, detail="ok")).startswith(
-        "resume job type orders: done"
+    assert format_hold("resume", "orders", None, HoldReply(ok=False, detail="no")) == (
+        "resume job type orders refused: no"
     )
 
 
@@ -268,3 +269,76 @@ def test_a_registry_that_fails_to_answer_is_an_error() -> None:
         _expect(Refused(reason="boom"), KeysPage)
     with pytest.raises(RabbitkeysError, match="unexpected reply"):
         _expect(HoldReply(ok=True, detail="x"), KeysPage)
+
+
+async def test_keys_pause_and_resume_from_the_command_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rabbitkeys pause``, ``keys --json`` and ``resume`` against a running registry and
+    worker (``cli.main`` in a thread: it runs its own event loop)."""
+    for name, value in _settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    handled: list[tuple[str, int]] = []
+    app = App()
+
+    @app.handler("orders")
+    async def record(message: Message) -> None:
+        handled.append((message.key, int(message.body)))
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(cli.main, [*argv, "--timeout", "30"])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    async with (
+        running_registry(settings) as registry,
+        running_worker(settings, app, worker_id="w-cli"),
+        Publisher(settings) as publisher,
+    ):
+        for key in ("k1", "k2"):
+            await publisher.publish(key, b"1", job_type="orders")
+        await eventually(lambda: len(handled) == 2)
+        k1 = registry._book.keys[KeyRef.of("k1", "orders").id]
+
+        code, out, err = await run("pause", "orders", "k1")
+        assert code == cli.EXIT_OK, err
+        assert "paused" in out
+        await eventually(lambda: k1.owner is None)
+        await publisher.publish("k1", b"2", job_type="orders")  # waits in its queue
+
+        code, out, err = await run("keys", "--json", "--job-type", "orders")
+        assert code == cli.EXIT_OK, err
+        listed = json.loads(out)
+        assert listed["total"] == 2 and listed["next_offset"] is None
+        by_key = {info["key"]: info for info in listed["keys"]}
+        assert by_key["k1"]["holds"] == ["paused"]
+        assert (by_key["k1"]["state"], by_key["k1"]["owner"]) == ("unowned", None)
+        assert (by_key["k2"]["holds"], by_key["k2"]["owner"]) == ([], "w-cli")
+
+        code, out, err = await run("keys", "--state", "paused")
+        assert code == cli.EXIT_OK, err
+        assert "1 key;" in out and "k1" in out and "k2" not in out
+
+        # every page, one key a page
+        code, out, err = await run("keys", "--all", "--limit", "1", "--json")
+        assert code == cli.EXIT_OK, err
+        assert [info["key"] for info in json.loads(out)["keys"]] == ["k1", "k2"]
+        code, out, err = await run("keys", "--all", "--limit", "1", "--sort", "backlog")
+        assert code == cli.EXIT_OK, err
+        rows = [line.split()[:2] for line in out.splitlines() if line.startswith("orders ")]
+        assert sorted(rows) == [["orders", "k1"], ["orders", "k2"]]
+
+        # a dry run with nothing dead-lettered
+        code, out, err = await run("redrive", "--all")
+        assert code == cli.EXIT_OK, err
+        assert "(no dead letters selected)" in out and "dry run: nothing moved" in out
+
+        code, out, err = await run("resume", "orders", "k1")
+        assert code == cli.EXIT_OK, err
+        assert "resumed" in out
+        await eventually(lambda: ("k1", 2) in handled)
+
+        # the registry refuses: exit 1 with its reason
+        code, out, err = await run("resume", "orders", "k1")
+        assert code == cli.EXIT_ERROR
+        assert "resume key orders/k1 refused:" in err and "not paused" in err
