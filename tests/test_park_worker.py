@@ -13,25 +13,34 @@ in :func:`test_the_registry_keeps_a_parked_key_unowned_and_unconsumed`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Settings
+from rabbitkeys._amqp import ChannelPool, TaskSet
 from rabbitkeys._envelope import HEADER_BATCH, HEADER_REDRIVE, HEADER_SEQUENCE, encode
+from rabbitkeys._execution import Executor, Park
+from rabbitkeys._handoff import Handoff
 from rabbitkeys._keybook import KeyState
+from rabbitkeys._metrics import WorkerMetrics
 from rabbitkeys._protocol import (
     ControlMessage,
+    KeyAssignment,
     KeyFailure,
     KeyParked,
     Released,
     WorkerHeartbeat,
     decode,
 )
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
 
 from .support import eventually, make_settings, running_registry, running_worker
 from .test_worker_batches import PUBLISHER, raw_key
@@ -123,6 +132,93 @@ def picky_app(seen: list[tuple[str, bytes]]) -> App:
             raise ValueError("cannot parse comment")
 
     return app
+
+
+class _NoGauges:
+    def gauge_values(self) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_hold_that_parks_puts_its_head_back_first_and_reports_parked_then_released(
+    amqp_url: str, namespace: str, queue_type: str
+) -> None:
+    """The handoff alone on a real consume channel, no registry to assign the key again:
+    after the park nobody consumes the queue, which holds the head and the messages after
+    it, in order (the worker had them all delivered); the park is reported before the
+    release, and counted once."""
+    settings = make_settings(
+        amqp_url,
+        namespace,
+        max_retries=1,
+        retry_backoff=0.5,
+        prefetch=10,
+        queue_type=queue_type,
+        durable=True,
+    )
+    seen: list[tuple[str, bytes]] = []
+    reports: list[tuple[str, Any]] = []
+
+    async def released(keys: list[KeyAssignment]) -> None:
+        reports.append(("released", keys))
+
+    async def parked(assignment: KeyAssignment, park: Park) -> None:
+        reports.append(("parked", (assignment, park)))
+
+    stopping = asyncio.Event()
+    metrics = WorkerMetrics(_NoGauges(), CollectorRegistry())
+    tasks = TaskSet(logging.getLogger("test"), "test task")
+    executor = Executor(picky_app(seen), settings, metrics, stopping)
+    handoff = Handoff(settings, executor, metrics, tasks, stopping, released, parked=parked)
+    ref = KeyRef.of("k")
+    assignment = KeyAssignment(
+        key_id=ref.id,
+        job_type=ref.job_type,
+        key=ref.key,
+        queue=Names(namespace).key_queue(ref),
+    )
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=settings.prefetch)
+        handoff.begin(
+            cast(aiormq.Channel, await consume.get_underlay_channel()),
+            ChannelPool(connection, size=1),
+            asyncio.Event(),
+        )
+        side = await connection.channel()
+        # the registry's part: the worker only checks that the queue exists
+        await side.declare_queue(
+            assignment.queue,
+            durable=True,
+            arguments=key_queue_arguments(settings.key_queue_expires, queue_type),
+        )
+        for body in (b"1", b"poison", b"3", b"4"):
+            await side.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=assignment.queue,
+            )
+        await handoff.acquire(assignment)
+        [owned] = handoff.holds()
+        await eventually(lambda: seen == [("k", b"1"), ("k", b"poison")])
+        # while the head waits for its last attempt, the worker holds the rest too
+        await eventually(lambda: [d.body for d in owned.buffer] == [b"poison", b"3", b"4"])
+        assert reports == []
+        await eventually(lambda: len(reports) == 2)
+        assert reports == [
+            ("parked", (assignment, Park("ValueError: cannot parse comment", 2, 0))),
+            ("released", [assignment]),
+        ]
+        assert handoff.holds() == [] and handoff.parked == 1
+        assert metrics.parked._value.get() == 1
+        assert seen == [("k", b"1"), ("k", b"poison"), ("k", b"poison")]
+        messages, consumers = await queued(settings, "k")
+        assert consumers == 0
+        assert [m.body for m in messages] == [b"poison", b"3", b"4"]
+    finally:
+        await asyncio.gather(*tasks, *handoff.runners(), return_exceptions=True)
+        handoff.end()
+        await connection.close()
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
