@@ -4,7 +4,8 @@ sends back what it returns (:class:`~rabbitkeys._protocol.KeysPage`).
 
 A namespace may hold 100,000 keys, and each page is asked for on the registry's event loop:
 one pass filters them, and a page is the ``offset + limit`` smallest by the sort
-(``heapq.nsmallest``), not a sort of every key.
+(``heapq.nsmallest``), not a sort of every key (but for a page deep in them, where one
+sort is the faster).
 """
 
 from __future__ import annotations
