@@ -74,6 +74,9 @@ log = logging.getLogger("rabbitkeys.registry")
 #: the broker's own declare rate levels off around 16 (docs/design.md, "A new key").
 DECLARE_CHANNELS = 32
 
+#: Tries to finish a redrive's rearrangement that was cut with the key queue changed.
+_RECOVERY_ATTEMPTS = 3
+
 
 class CommandRunner:
     """Carries out ``book``'s commands for one leading session. ``rebalance`` is called when
@@ -400,11 +403,60 @@ class CommandRunner:
             # an unbound routing key it still lists only costs a publisher a resend)
             removed = tuple(getattr(exc, "removed", ()))
             log.warning("cannot redrive key %s: %s", command.key_id, error)
+            if isinstance(exc, _redrive.RearrangeError) and exc.queue_changed:
+                # copies in the queue, or a rotation cut part way: finish the rotation
+                # before anyone consumes the key. If every copy was confirmed, they are
+                # at the head then, and the dead letters themselves may go.
+                recovered = await self._recover(command)
+                if recovered and dead_letters and exc.published == len(dead_letters):
+                    error = None
         ok = error is None
         if ok and dead_letters:
             self._metrics.redriven_messages.inc(len(dead_letters))
         self.do(self._book.rearranged(command.key_id, command.epoch, ok, list(removed)))
         self._settle(self._rearranged.pop(ids, None), error)
+
+    async def _recover(self, command: Rearrange) -> bool:
+        """Finish a rearrangement cut part way (``dead_letters`` None: only the rotation);
+        a few tries, as the key must not be consumed before."""
+        for attempt in range(_RECOVERY_ATTEMPTS):
+            try:
+                await _redrive.rearrange(
+                    self._connection,
+                    self._names,
+                    command.ref,
+                    command.queue,
+                    (),
+                    command.redrive_id,
+                    None,
+                    0.0,
+                )
+            except CHANNEL_ERRORS as exc:
+                if self._connection.is_closed:  # the session ends: the next leader's turn
+                    raise
+                error: Exception = exc
+            except Exception as exc:
+                error = exc
+            else:
+                log.info(
+                    "key %s: redrive %s finished by a recovery", command.key_id, command.redrive_id
+                )
+                return True
+            log.warning(
+                "key %s: recovery %d of redrive %s failed: %r",
+                command.key_id,
+                attempt + 1,
+                command.redrive_id,
+                error,
+            )
+            await asyncio.sleep(1.0)
+        log.error(
+            "key %s: redrive %s was cut with the queue changed, and its recovery failed: "
+            "the key is consumed again as it is (copies may repeat messages, out of order)",
+            command.key_id,
+            command.redrive_id,
+        )
+        return False
 
     @staticmethod
     def _settle(future: asyncio.Future[Any] | None, outcome: Any) -> None:

@@ -171,10 +171,14 @@ def encode(
     return properties
 
 
-def _seconds(published_at: int) -> datetime.datetime:
+def _seconds(published_at: int) -> datetime.datetime | None:
     """The AMQP ``timestamp`` (whole seconds) of a message published at ``published_at``
-    (epoch microseconds): the management API's ``head_message_timestamp`` reads it."""
-    return datetime.datetime.fromtimestamp(published_at // 1_000_000, datetime.UTC)
+    (epoch microseconds): the management API's ``head_message_timestamp`` reads it. None
+    for a time no datetime holds."""
+    try:
+        return datetime.datetime.fromtimestamp(max(0, published_at // 1_000_000), datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def decode(properties: spec.Basic.Properties) -> Envelope:

@@ -89,21 +89,32 @@ class RearrangeError(RabbitkeysError):
     """:func:`rearrange` failed; how far it got says what state the queue is in.
 
     ``removed``: the routing keys it had unbound (the book must know them gone, whatever
-    else happened). ``published``: dead-letter copies confirmed at the tail; 0 means the
-    queue's messages are as they were (only unbound), else it holds those copies and a
-    rotation cut after ``rotated`` of the messages waiting before them: what a recovery
-    (``dead_letters=None``, same redrive id) finishes."""
+    else happened). ``sent``: dead-letter copies sent to the queue's tail, of which
+    ``published`` were confirmed there (all of the dead letters, or none: those copies are
+    sent together); ``rotated``: messages moved from the head to the tail after them.
 
-    def __init__(self, message: str, *, removed: list[str], published: int, rotated: int) -> None:
+    :attr:`queue_changed` False: the queue's messages are as they were (only unbound).
+    True: it holds copies, or a rotation cut part way; a recovery (``dead_letters=None``,
+    same redrive id) must finish the rotation before the key is consumed again. The dead
+    letters may be acked after that recovery only if ``published`` is their number (all
+    are in the queue, at its head once recovered); else they go back to the dead-letter
+    queue, and the copies that did reach the queue are duplicates of them (a rerun of the
+    redrive makes them again: the documented limit)."""
+
+    def __init__(
+        self, message: str, *, removed: list[str], sent: int, published: int, rotated: int
+    ) -> None:
         super().__init__(message)
         self.removed = removed
+        self.sent = sent
         self.published = published
         self.rotated = rotated
 
     @property
     def queue_changed(self) -> bool:
-        """Whether redriven copies may be in the queue (a recovery is then due)."""
-        return self.published > 0
+        """Whether redriven copies may be in the queue, or a rotation was cut part way: a
+        recovery is due."""
+        return self.sent > 0 or self.rotated > 0
 
 
 # --- reading the dead-letter queue ------------------------------------------------------
@@ -313,14 +324,18 @@ async def rearrange(
     ``n``: a full cycle (no such message: the crash came before any was published) leaves
     the queue in its order.
 
-    Raises :class:`RearrangeError` (the cause chained) if any step fails; the caller then
-    requeues the dead letters (nothing is lost). The queue is then unbound from
-    ``RearrangeError.removed``; if ``published`` is 0 its messages are as they were,
-    else it holds that many redriven copies behind the messages not rotated yet, with the
-    ``rotated`` ones behind them (a cut round may leave up to 64 messages both at the head
-    and, as copies, at the tail): keep the redrive hold and recover (``dead_letters=None``)
-    before the key is consumed again. The private routing key is unbound on failure too,
-    if the connection still allows it."""
+    No dead letters (an empty list): steps 3 to 5 are skipped (nothing goes in front).
+
+    Raises :class:`RearrangeError` (the cause chained) if any step fails. The queue is
+    then unbound from ``RearrangeError.removed``. Unless ``queue_changed``, its messages
+    are as they were and the caller requeues the dead letters. Else it holds redriven
+    copies behind the messages not rotated yet, the ``rotated`` ones behind them (a cut
+    round may leave up to 64 messages both at the head and, as copies, at the tail: their
+    duplicates are not dropped by the worker when their ``user_id`` was dropped): keep the
+    redrive hold and recover (``dead_letters=None``) before the key is consumed again, and
+    ack the dead letters only if all were ``published``. The private routing key is
+    unbound on failure too, if the connection still allows it (a cancellation leaves it:
+    no publisher knows it)."""
     exchange = names.jobs_exchange(ref.job_type)
     own_user = _own_user(connection)
     removed: list[str] = []
@@ -340,11 +355,12 @@ async def rearrange(
         tail = _Tail(underlay, exchange, private, own_user)
         if dead_letters is None:
             await _finish_rotation(underlay, queue, tail, redrive_id, waiting, progress)
-        else:
+        elif dead_letters:  # none: nothing goes before the waiting messages
             copies = [
                 (d.body, _redriven_properties(d.properties, redrive_id, own_user))
                 for d in dead_letters
             ]
+            progress.sent = len(copies)
             await tail.publish(copies)
             progress.published = len(copies)
             await _rotate(underlay, queue, tail, waiting, progress)
@@ -357,6 +373,7 @@ async def rearrange(
         raise RearrangeError(
             f"cannot rearrange the queue of key {ref.id}: {exc!r}",
             removed=removed,
+            sent=progress.sent,
             published=progress.published,
             rotated=progress.rotated,
         ) from exc
@@ -369,6 +386,7 @@ async def rearrange(
 
 @dataclass
 class _Progress:
+    sent: int = 0
     published: int = 0
     rotated: int = 0
 

@@ -459,3 +459,67 @@ async def test_a_redrive_puts_dead_letters_first_then_the_waiting_messages(
         assert recorder.values["k"] == [1, 2, 3, 4, 5, 6]  # once each, dead letters first
         assert registry.metrics.redriven_messages._value.get() == 3
         assert json.dumps(applied.model_dump())  # a reply the CLI can show
+
+
+async def test_a_parked_key_stays_parked_with_its_error_when_another_registry_takes_over(
+    amqp_url: str, namespace: str
+) -> None:
+    settings = make_settings(amqp_url, namespace, max_retries=0)
+    recorder = Recorder()
+    app = App()
+
+    @app.handler(on_failure="park")
+    async def record(message: Message) -> None:
+        if message.body == b"2":
+            raise ValueError("é" * 1500)  # cut to 1,000 characters, non-ASCII
+        recorder.values[message.key].append(int(message.body))
+
+    async with running_worker(settings, app), Publisher(settings) as publisher:
+        async with running_registry(settings) as first:
+            for n in (1, 2, 3):
+                await publisher.publish("k", str(n).encode())
+            await eventually(lambda: key_of(first, "k") is not None)
+            await eventually(lambda: key_of(first, "k").parked is not None and let_go(first, "k"))
+            parked = key_of(first, "k").parked
+            await asyncio.sleep(0.5)  # its hold binding is made in the background
+        async with running_registry(settings) as second, operator(settings) as client:
+            assert key_of(second, "k") is not None
+            assert key_of(second, "k").parked == parked
+            await asyncio.sleep(1.0)  # the worker rejoined; the key stays held
+            assert let_go(second, "k") and recorder.values["k"] == [1]
+            reply = await hold(client, "resume", "default", "k")  # tried again, still failing
+            assert reply.ok, reply.detail
+            await eventually(lambda: key_of(second, "k").parked is not None and let_go(second, "k"))
+            reply = await hold(client, "skip", "default", "k")
+            assert reply.ok, reply.detail
+            await eventually(lambda: recorder.values["k"] == [1, 3])
+
+
+async def test_the_keys_listing_tells_the_age_of_the_oldest_waiting_message(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs carry the AMQP timestamp; the reconciler's listing with statistics reads the
+    head's (the broker collects statistics every few seconds)."""
+    monkeypatch.setattr(_reconcile, "_BACKLOG_INTERVAL", 0.5)
+    monkeypatch.setattr(_reconcile, "_AGE_INTERVAL", 1.0)
+    recorder = Recorder()
+    async with (
+        running_registry(settings) as registry,
+        running_worker(settings, recording_app(recorder)),
+        Publisher(settings) as publisher,
+        operator(settings) as client,
+    ):
+        assert (await hold(client, "pause", "default", "k")).ok
+        await eventually(lambda: let_go(registry, "k"))
+        await publisher.publish("k", b"1")
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            page = await ask(client, KeysRequest(sort="age"))
+            assert isinstance(page, KeysPage)
+            if page.keys and page.keys[0].oldest_age_seconds is not None:
+                break
+            assert asyncio.get_running_loop().time() < deadline, page
+            await asyncio.sleep(0.5)
+        assert 0 <= page.keys[0].oldest_age_seconds < 60
+        assert registry._reconciler is not None
+        assert 0 <= registry._reconciler.oldest_age_by_job_type()["default"] < 60

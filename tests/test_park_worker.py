@@ -166,7 +166,6 @@ async def test_a_parked_key_stops_with_its_messages_in_order_and_other_keys_go_o
     assert "rabbitkeys skip default 'post 1'" in caplog.text
 
 
-@pytest.mark.xfail(strict=False, reason="needs the registry's key_parked")
 async def test_the_registry_keeps_a_parked_key_unowned_and_unconsumed(
     amqp_url: str, namespace: str
 ) -> None:

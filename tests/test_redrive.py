@@ -257,9 +257,20 @@ async def test_with_nothing_waiting_the_dead_letters_are_the_queue(key: Key) -> 
 
 
 async def test_with_no_dead_letters_the_waiting_messages_keep_their_order(key: Key) -> None:
-    await key.wait(*(f"w{n}" for n in range(150)))  # more than one rotation round
+    await key.wait(*(f"w{n}" for n in range(5)))
     assert await key.rearrange([]) == [key.routing_key]
-    assert await key.bodies() == [f"w{n}".encode() for n in range(150)]
+    found = await key.drain()
+    assert [got.body for got in found] == [f"w{n}".encode() for n in range(5)]
+    assert not any(got.redelivered for got in found)  # not even got: nothing to move
+
+
+async def test_a_long_queue_rotates_over_several_rounds(key: Key) -> None:
+    waiting = [f"w{n}" for n in range(150)]  # more than two rounds of 64
+    await key.wait(*waiting)
+    for n in range(2):
+        await key.dead_letter(f"d{n}".encode(), failed_at=n, n=n)
+    await key.rearrange(await key.dead_letters())
+    assert await key.bodies() == [b"d0", b"d1", *(body.encode() for body in waiting)]
 
 
 async def test_batches_keep_their_body(key: Key) -> None:
@@ -336,6 +347,7 @@ async def test_a_failed_rearrangement_says_how_far_it_got(key: Key) -> None:
             gone.connection, gone.names, gone.ref, gone.queue, [], REDRIVE_ID, [], grace=0
         )
     assert raised.value.removed == [] and not raised.value.queue_changed
+    assert (raised.value.sent, raised.value.published, raised.value.rotated) == (0, 0, 0)
     assert isinstance(raised.value.__cause__, aiormq.exceptions.ChannelNotFoundEntity)
 
 
