@@ -8,16 +8,20 @@ and that refusal is reported as such, not as a registry that does not answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Literal, TypeVar
 
 import aiormq
+from aio_pika.abc import AbstractConnection
 
+from ._amqp import fresh_channel
 from ._connection import connect
 from ._control import ControlClient
-from ._errors import RabbitkeysError
+from ._errors import RabbitkeysError, RegistryUnavailableError
 from ._protocol import (
     ControlMessage,
     HoldReply,
@@ -37,8 +41,8 @@ __all__ = [
     "fetch_keys",
     "format_age",
     "format_hold",
-    "format_keys",
     "format_key_rows",
+    "format_keys",
     "format_keys_header",
     "format_keys_summary",
     "format_redrive",
@@ -48,6 +52,11 @@ __all__ = [
 ]
 
 HoldAction = Literal["pause", "resume", "skip"]
+
+#: how long a redrive waits for a leading registry before it fails (it may wait minutes
+#: for the answer itself)
+_LEADER_WAIT = 15.0
+_LEADER_POLL = 0.5
 
 _CREDENTIAL_HINT = (
     "these commands need the registry's credential (its RABBITKEYS_AMQP_URL) or an administrator's"
@@ -60,8 +69,11 @@ class OperationRefusedError(RabbitkeysError):
 
 
 @contextlib.asynccontextmanager
-async def _operator(settings: Settings) -> AsyncIterator[ControlClient]:
-    """A control client on the operations exchange, for one or more requests."""
+async def _operator(
+    settings: Settings, *, leader_within: float | None = None
+) -> AsyncIterator[ControlClient]:
+    """A control client on the operations exchange, for one or more requests;
+    ``leader_within``: first wait that long at most for a leading registry."""
     names = Names(settings.namespace)
     connection = await connect(settings, "operator")
     try:
@@ -69,6 +81,8 @@ async def _operator(settings: Settings) -> AsyncIterator[ControlClient]:
             connection, names, settings.amqp_user, exchange=names.operations_exchange
         )
         try:
+            if leader_within is not None:
+                await _wait_for_a_leader(connection, names, leader_within)
             await client.start()
             yield client
         except aiormq.exceptions.ChannelAccessRefused as exc:
@@ -130,10 +144,44 @@ async def hold(
         return _expect(await client.request(request, timeout=timeout), HoldReply)
 
 
+async def _leader_consumes(connection: AbstractConnection, names: Names) -> bool:
+    """Whether a registry consumes the namespace's registry queue now (only the leader
+    does); a passive declare, which needs no permission."""
+    with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+        async with fresh_channel(connection) as channel:
+            declared = await channel.queue_declare(names.registry_queue, passive=True)
+            return bool(declared.consumer_count)
+    return False
+
+
+async def _wait_for_a_leader(connection: AbstractConnection, names: Names, within: float) -> None:
+    """Before a request that may take minutes to answer: fail in ``within`` seconds, not
+    at its timeout, if no registry leads (a failover takes a few seconds)."""
+    deadline = time.monotonic() + within
+    while not await _leader_consumes(connection, names):
+        if time.monotonic() >= deadline:
+            raise RegistryUnavailableError(
+                f"no registry leads namespace {names.namespace!r} (nothing consumes "
+                f"{names.registry_queue} for {within:g}s): is `rabbitkeys registry` running?"
+            )
+        await asyncio.sleep(_LEADER_POLL)
+
+
 async def redrive(settings: Settings, request: RedriveRequest, *, timeout: float) -> RedriveReply:
-    """Put dead letters back at the head of their keys (``request.apply``), or count them."""
-    async with _operator(settings) as client:
-        return _expect(await client.request(request, timeout=timeout), RedriveReply)
+    """Put dead letters back at the head of their keys (``request.apply``), or count them.
+    The registry answers when it is done with every key; a redrive it started goes on if
+    ``timeout`` passes first."""
+    async with _operator(settings, leader_within=_LEADER_WAIT) as client:
+        try:
+            reply = await client.request(request, timeout=timeout)
+        except RegistryUnavailableError as exc:
+            if not request.apply:
+                raise
+            raise RegistryUnavailableError(
+                f"{exc}; if a registry runs, the redrive may still be under way: see "
+                "'rabbitkeys keys --state redriving', and wait longer with --timeout"
+            ) from None
+        return _expect(reply, RedriveReply)
 
 
 # --- text -------------------------------------------------------------------------------

@@ -264,9 +264,12 @@ _CREDENTIAL = (
 def _add_operations_parsers(commands: Any) -> None:
     from ._protocol import MAX_KEYS_PER_PAGE, KeyStateFilter
 
-    def timeout(parser: argparse.ArgumentParser) -> None:
+    def timeout(parser: argparse.ArgumentParser, default: float = 10.0, why: str = "") -> None:
         parser.add_argument(
-            "--timeout", type=float, default=10.0, help="seconds to wait for the registry"
+            "--timeout",
+            type=float,
+            default=default,
+            help=f"seconds to wait for the registry's answer (default {default:g}){why}",
         )
 
     keys = commands.add_parser(
@@ -350,7 +353,7 @@ def _add_operations_parsers(commands: Any) -> None:
     )
     skip.add_argument("job_type", metavar="JOB_TYPE")
     skip.add_argument("key", metavar="KEY")
-    timeout(skip)
+    timeout(skip, 30.0, ": it answers once the head is dead-lettered")
     skip.set_defaults(handler=_hold)
 
     redrive = commands.add_parser(
@@ -367,7 +370,12 @@ def _add_operations_parsers(commands: Any) -> None:
     redrive.add_argument("--all", action="store_true", help="every dead letter")
     redrive.add_argument("--apply", action="store_true", help="move them (default: dry run)")
     redrive.add_argument("--json", action="store_true", help="print JSON for scripts")
-    timeout(redrive)
+    timeout(
+        redrive,
+        300.0,
+        ": it answers once every selected key is done, after reading the whole dead-letter "
+        "queue; a redrive goes on if this command stops waiting",
+    )
     redrive.set_defaults(handler=_redrive)
 
 

@@ -11,7 +11,7 @@ import json
 import aio_pika
 import pytest
 
-from rabbitkeys import App, Message, Publisher, RabbitkeysError, Settings, cli
+from rabbitkeys import App, Message, Publisher, RabbitkeysError, Settings, _operations, cli
 from rabbitkeys._operations import (
     OperationRefusedError,
     _expect,
@@ -342,3 +342,17 @@ async def test_keys_pause_and_resume_from_the_command_line(
         code, out, err = await run("resume", "orders", "k1")
         assert code == cli.EXIT_ERROR
         assert "resume key orders/k1 refused:" in err and "not paused" in err
+
+
+async def test_a_redrive_with_no_registry_fails_soon_not_at_its_timeout(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A redrive may wait minutes for its answer (--timeout 300): with no registry leading
+    it fails as soon as that is clear."""
+    for name, value in _settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_operations, "_LEADER_WAIT", 1.0)
+    code = await asyncio.wait_for(asyncio.to_thread(cli.main, ["redrive", "--all", "--apply"]), 60)
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "no registry leads namespace" in err and settings.namespace in err
