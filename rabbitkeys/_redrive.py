@@ -567,10 +567,16 @@ def _copy(original: spec.Basic.Properties, own_user: str, **changes: Any) -> spe
     if fields["user_id"] != own_user:
         fields["user_id"] = None
     if isinstance(fields["headers"], dict):
-        fields["headers"] = dict(fields["headers"])
+        # the broker's count of a quorum queue's deliveries is the original's, not the copy's
+        fields["headers"] = {
+            name: value for name, value in fields["headers"].items() if name != _DELIVERY_COUNT
+        }
     fields.update(changes)
     return spec.Basic.Properties(**fields)
 
+
+#: what a quorum queue adds to a message it delivers again
+_DELIVERY_COUNT = "x-delivery-count"
 
 _PROPERTY_NAMES = (
     "content_type",
