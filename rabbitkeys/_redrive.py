@@ -6,16 +6,21 @@ dead-lettering a parked key's head (:func:`skip_head`, the book's ``SkipHead``).
 Only the registry rearranges a key queue: it alone can stop all routing to it (unbind) and
 knows that nobody consumes it (the key is held, UNOWNED). AMQP cannot insert a message at
 a queue's head, so a rearrangement publishes the dead letters to the tail and then moves
-the ``n`` messages that were waiting before them to the tail too, one by one, in order
-(``basic.get`` the head, publish a copy to the tail, confirmed, then ack): the dead letters
+the ``n`` messages that were waiting before them to the tail too, in order (taken from the
+head, a copy published to the tail, confirmed, then the original acked): the dead letters
 end up first, the waiting messages after them, each once, in their order.
 
-What the broker does that this relies on (RabbitMQ 3.10, classic queues; docs/probes):
+What the broker does that this relies on (RabbitMQ 3.10.8, measured: docs/probes/
+redrive_rotation.py):
 
-* a message got with ``basic.get`` and not acked goes back to *its original place* when it
-  is nacked with requeue or its channel closes (``requeue_keeps_position.py``), so a
-  dead letter or a head left unsettled keeps its place, and a cut rotation leaves every
-  message it had not acked where it was;
+* a message taken and not acked goes back to *its place* (the head, for a queue's first
+  messages) when its channel closes, on classic and quorum queues alike; a nack with
+  requeue does that on classic queues only: a quorum queue puts it at the *back* (after
+  the consumer was cancelled, or after a ``basic.get``). So nothing here nacks with
+  requeue: what must go back is left unacked and its channel closed;
+* a quorum queue with single active consumer (a key queue under RABBITKEYS_QUEUE_TYPE=
+  quorum) refuses ``basic.get`` (RESOURCE_LOCKED): key queues are read with a consumer
+  whose prefetch is exactly what is wanted, cancelled before anything is acked;
 * publishes on one channel are routed in the order they are sent, and a publisher confirm
   means the message is in the queue.
 
@@ -84,6 +89,10 @@ _FAILURE_HEADERS = (HEADER_ERROR, HEADER_ATTEMPTS, HEADER_FAILED_AT, HEADER_WORK
 #: and at the tail (their confirmed copies).
 _ROTATION_ROUND = 64
 
+#: How long the messages at a key queue's head may take to come to a rearrangement's or a
+#: skip's consumer (they are there: it is a wait for a delivery, not for a publisher).
+_TAKE_TIMEOUT = 30.0
+
 
 class RearrangeError(RabbitkeysError):
     """:func:`rearrange` failed; how far it got says what state the queue is in.
@@ -134,14 +143,17 @@ class DeadLetter:
 
 
 class DeadLetterSelection:
-    """The dead letters a redrive selected, per (job type, key), held unacked on the
-    channel they were got on, which this object owns: until :meth:`settle` acks or
-    requeues a key's, or :meth:`close` requeues what is left, they stay out of the
-    dead-letter queue. If the channel or the connection closes first, the broker puts them
-    all back in their places: a redrive cut short loses no dead letter.
+    """The dead letters a redrive read, held unacked on the channel they were got on,
+    which this object owns: the selected ones per (job type, key) until :meth:`settle`
+    acks a key's, and every other one until :meth:`close`, which puts back every dead
+    letter not acked, each in its place. If the channel or the connection closes first,
+    the broker does the same: a redrive cut short loses no dead letter.
 
-    The broker may take unacked messages back once they are held longer than its
-    ``consumer_timeout`` (30 minutes by default), closing the channel: the same outcome."""
+    While a selection is open, the dead letters it holds are not in the queue for anyone
+    else (a second redrive does not see them). The broker takes unacked messages back
+    once they are held longer than its ``consumer_timeout`` (30 minutes by default),
+    closing the channel: they are back in place, and the keys still to be settled cannot
+    be acked (:meth:`settle` raises)."""
 
     def __init__(
         self,
@@ -157,9 +169,9 @@ class DeadLetterSelection:
         #: (job type, key) -> its dead letters, in the queue's order stably sorted by
         #: ``failed_at`` (those without it first)
         self.selected = selected
-        #: dead letters left in place because the selection refused them
+        #: dead letters the selection refused (back in place at :meth:`close`)
         self.not_selected = not_selected
-        #: dead letters left in place because they name no valid key and job type
+        #: dead letters that name no valid key and job type (back in place at :meth:`close`)
         self.unreadable = unreadable
         self._unsettled = {ref: [d.delivery_tag for d in found] for ref, found in selected.items()}
 
@@ -169,35 +181,27 @@ class DeadLetterSelection:
         return sum(map(len, self.selected.values()))
 
     async def settle(self, job_type: str, key: str, ok: bool) -> None:
-        """Ack (``ok``: they were put back at their key's head) or requeue (to their place
-        in the dead-letter queue) the dead letters of one key; a second call for the same
-        key does nothing. Raises one of ``CHANNEL_ERRORS`` if the channel is gone: the
-        broker then requeued them all already (after an ``ok`` rearrangement they are
-        copies: rerunning the redrive would put them at the head again)."""
+        """Settle the dead letters of one key: ``ok`` (they were put back at their key's
+        head) acks them, at once; else they stay held, and go back to their places in the
+        dead-letter queue at :meth:`close` (a nack with requeue would put them at the back
+        of a quorum queue). A second call for the same key does nothing. Raises one of
+        ``CHANNEL_ERRORS`` if the channel is gone: the broker put them back already
+        (after an ``ok`` rearrangement they are then copies: a rerun of the redrive would
+        put them at the head again)."""
         tags = self._unsettled.pop((job_type, key), [])
-        if not tags:
+        if not tags or not ok:
             return
         underlay = await self._channel.get_underlay_channel()
         for tag in tags:  # interleaved with other keys' tags: no ``multiple``
-            if ok:
-                await underlay.basic_ack(tag)
-            else:
-                await underlay.basic_nack(tag, requeue=True)
+            await underlay.basic_ack(tag)
         await _settled(underlay, self._queue)
 
     async def close(self) -> None:
-        """Requeue every dead letter not settled yet, each to its place, and close the
-        channel (closing it alone would requeue them too, but with nothing to say when)."""
-        if self._channel.is_closed:
-            return
-        with contextlib.suppress(*CHANNEL_ERRORS):
-            if any(self._unsettled.values()):
-                self._unsettled.clear()
-                underlay = await self._channel.get_underlay_channel()
-                # tag 0 with ``multiple``: every delivery of the channel not settled yet
-                await underlay.basic_nack(0, multiple=True, requeue=True)
-                await _settled(underlay, self._queue)
-            await self._channel.close()
+        """Put every dead letter not acked back in its place (by closing the channel)."""
+        self._unsettled.clear()
+        if not self._channel.is_closed:
+            with contextlib.suppress(*CHANNEL_ERRORS):
+                await self._channel.close()
 
     async def __aenter__(self) -> DeadLetterSelection:
         return self
@@ -209,20 +213,21 @@ class DeadLetterSelection:
 async def read_dead_letters(
     connection: AbstractConnection, names: Names, select: Callable[[str, str], bool]
 ) -> DeadLetterSelection:
-    """Read ``NS.dead-letter`` to its end with ``basic.get`` (no auto-ack) on a channel of
-    its own, and keep, unacked, the dead letters ``select(job_type, key)`` accepts.
+    """Read ``NS.dead-letter`` to its end with ``basic.get`` (no auto-ack; the dead-letter
+    queue has no single active consumer, so quorum allows it) on a channel of its own, and
+    select, per (job type, key), the dead letters ``select(job_type, key)`` accepts.
 
-    The others (refused, or naming no valid key and job type) are held too until the end
-    is reached, then requeued, each to its own place: requeued at once, a refused head
-    would be the next ``basic.get``'s answer again. The end is where the queue was when the
-    first message was got: dead letters that arrive meanwhile are not read (they would
+    Every dead letter read is held unacked by the returned selection; the others (refused,
+    or naming no valid key and job type) go back to their places when it closes. Not
+    requeued at once: a refused head would be the next ``basic.get``'s answer again, and a
+    quorum queue puts a requeued message at its back. The end is where the queue was when
+    the first message was got: dead letters that arrive meanwhile are not read (they would
     keep a busy queue from ever being read to its end). Raises (the channel closed: every
     message back in its place) if the queue cannot be read."""
     channel = await open_channel(connection)
     try:
         underlay = await channel.get_underlay_channel()
         selected: dict[tuple[str, str], list[DeadLetter]] = defaultdict(list)
-        left: list[int] = []
         not_selected = unreadable = 0
         remaining: int | None = None
         while remaining is None or remaining > 0:
@@ -237,15 +242,10 @@ async def read_dead_letters(
             dead_letter = _dead_letter(_tag(got), got)
             if dead_letter is None:
                 unreadable += 1
-                left.append(_tag(got))
             elif not select(dead_letter.job_type, dead_letter.key):
                 not_selected += 1
-                left.append(_tag(got))
             else:
                 selected[(dead_letter.job_type, dead_letter.key)].append(dead_letter)
-        for tag in left:
-            await underlay.basic_nack(tag, requeue=True)
-        await _settled(underlay, names.dead_letter_queue)
     except BaseException:
         with contextlib.suppress(*CHANNEL_ERRORS):
             await channel.close()
@@ -264,9 +264,9 @@ async def read_dead_letters(
 
 
 async def _settled(channel: aiormq.abc.AbstractChannel, queue: str) -> None:
-    """Return once the broker has taken the acks and nacks sent on ``channel`` for
-    ``queue`` (they have no answer): a passive declare asks the queue after them, on the
-    same channel, so the broker handles it after them."""
+    """Return once the broker has taken the acks sent on ``channel`` for ``queue`` (they
+    have no answer): a passive declare asks the queue after them, on the same channel, so
+    the broker handles it after them."""
     await channel.queue_declare(queue, passive=True)
 
 
@@ -313,16 +313,17 @@ async def rearrange(
     4. Publish the dead letters through it: original body and properties, headers without
        the failure headers, plus ``x-rabbitkeys-redrive: redrive_id``; persistent,
        mandatory, confirmed.
-    5. Rotate: move the ``n`` messages waiting before them to the tail, in order
-       (``basic.get``, publish a copy through the private routing key, confirmed, ack).
+    5. Rotate: move the ``n`` messages waiting before them to the tail, in order, 64 at a
+       time (taken by a consumer of their own channel, copies published through the
+       private routing key, confirmed, then the originals acked).
     6. Unbind the private routing key.
 
     ``dead_letters`` None is the recovery after a registry crashed mid-way: the dead letters
     went back to the dead-letter queue, copies of some may be in the queue; only the
     rotation is finished: messages move to the tail until the head is one carrying
-    ``redrive_id`` (it is requeued in its place, so it is seen as redelivered), at most
-    ``n``: a full cycle (no such message: the crash came before any was published) leaves
-    the queue in its order.
+    ``redrive_id`` (taken to be seen, it goes back in its place: a worker then sees it
+    redelivered), at most ``n``: a full cycle (no such message: the crash came before any
+    was published) leaves the queue in its order.
 
     No dead letters (an empty list): steps 3 to 5 are skipped (nothing goes in front).
 
@@ -341,9 +342,12 @@ async def rearrange(
     removed: list[str] = []
     progress = _Progress()
     channel = await open_channel(connection, publisher_confirms=True)
+    # what is taken from the head but not acked goes back in place when this one closes
+    taker = await open_channel(connection)
     private: str | None = None
     try:
         underlay = await channel.get_underlay_channel()
+        head = await taker.get_underlay_channel()
         for routing_key in routing_keys:
             await underlay.queue_unbind(queue, exchange, routing_key=routing_key)
             removed.append(routing_key)
@@ -354,7 +358,7 @@ async def rearrange(
         await underlay.queue_bind(queue, exchange, routing_key=private)
         tail = _Tail(underlay, exchange, private, own_user)
         if dead_letters is None:
-            await _finish_rotation(underlay, queue, tail, redrive_id, waiting, progress)
+            await _finish_rotation(head, queue, tail, redrive_id, waiting, progress)
         elif dead_letters:  # none: nothing goes before the waiting messages
             copies = [
                 (d.body, _redriven_properties(d.properties, redrive_id, own_user))
@@ -363,11 +367,13 @@ async def rearrange(
             progress.sent = len(copies)
             await tail.publish(copies)
             progress.published = len(copies)
-            await _rotate(underlay, queue, tail, waiting, progress)
-        await _settled(underlay, queue)
+            await _rotate(head, queue, tail, waiting, progress)
+        await _settled(head, queue)
+        await _close(taker)
         await underlay.queue_unbind(queue, exchange, routing_key=private)
         private = None
     except Exception as exc:
+        await _close(taker)
         if private is not None:
             await _unbind_quietly(connection, queue, exchange, private)
         raise RearrangeError(
@@ -378,10 +384,15 @@ async def rearrange(
             rotated=progress.rotated,
         ) from exc
     finally:
-        if not channel.is_closed:
-            with contextlib.suppress(*CHANNEL_ERRORS):
-                await channel.close()
+        await _close(taker)
+        await _close(channel)
     return removed
+
+
+async def _close(channel: AbstractChannel) -> None:
+    if not channel.is_closed:
+        with contextlib.suppress(*CHANNEL_ERRORS):
+            await channel.close()
 
 
 @dataclass
@@ -434,9 +445,7 @@ async def _rotate(
 ) -> None:
     """Move ``count`` messages from the head of ``queue`` to its tail, in order."""
     while progress.rotated < count:
-        round_ = await _get(channel, queue, min(_ROTATION_ROUND, count - progress.rotated))
-        if not round_:
-            return  # fewer than counted (an operator purged it): nothing more to move
+        round_ = await _take(channel, queue, min(_ROTATION_ROUND, count - progress.rotated))
         await _move(channel, tail, round_, progress)
 
 
@@ -452,7 +461,7 @@ async def _finish_rotation(
     ``redrive_id``, at most ``count``."""
     moved = 0
     while moved < count:
-        round_ = await _get(channel, queue, min(_ROTATION_ROUND, count - moved))
+        round_ = await _take(channel, queue, min(_ROTATION_ROUND, count - moved))
         first_redriven = next(
             (i for i, got in enumerate(round_) if _redrive_of(got) == redrive_id), None
         )
@@ -460,24 +469,58 @@ async def _finish_rotation(
         if before:
             await _move(channel, tail, before, progress)
             moved += len(before)
-        if first_redriven is not None or len(round_) < _ROTATION_ROUND:
-            # the head is the redrive's first message (or the queue is shorter than it was
-            # counted): what was got after it goes back to its place, it first
-            for got in reversed(round_[len(before) :]):
-                await channel.basic_nack(_tag(got), requeue=True)
+        if first_redriven is not None:
+            # the head is the redrive's first message: it, and what was taken after it,
+            # stay unacked, back in place when the channel closes (a nack would put them
+            # at the back of a quorum queue)
             return
 
 
-async def _get(
+async def _take(
     channel: aiormq.abc.AbstractChannel, queue: str, count: int
 ) -> list[aiormq.abc.DeliveredMessage]:
-    got: list[aiormq.abc.DeliveredMessage] = []
-    while len(got) < count:
-        message = await channel.basic_get(queue, no_ack=False)
-        if not isinstance(message.delivery, spec.Basic.GetOk):
-            break
-        got.append(message)
-    return got
+    """The ``count`` messages at the head of ``queue``, in order, unacked (``count`` of the
+    queue's ready messages, which nothing else takes or adds to before them).
+
+    A consumer, not ``basic.get``: a quorum queue with single active consumer (a key queue
+    under RABBITKEYS_QUEUE_TYPE=quorum) refuses ``basic.get`` (RESOURCE_LOCKED). Its
+    prefetch is exactly ``count`` and it is cancelled before anything is acked, so it
+    never receives more: what lies beyond (copies just put at the tail) stays there. On a
+    key queue the book keeps unconsumed, it is the single active consumer at once; raises
+    TimeoutError if the messages do not come within ``_TAKE_TIMEOUT`` (another consumer
+    is active, or the queue lost messages since it was counted)."""
+    if count <= 0:
+        return []
+    taken: list[aiormq.abc.DeliveredMessage] = []
+    enough: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        taken.append(message)
+        if len(taken) >= count and not enough.done():
+            enough.set_result(None)
+
+    await channel.basic_qos(prefetch_count=count)
+    consumer = await channel.basic_consume(queue, on_message, no_ack=False)
+    closing = channel.closing
+    try:
+        done, _ = await asyncio.wait(
+            {enough, closing}, timeout=_TAKE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if closing in done:
+            why = None if closing.cancelled() else closing.exception()
+            raise aiormq.exceptions.ChannelInvalidStateError(
+                f"the channel closed while taking from {queue}: {why!r}"
+            )
+        if not done:
+            raise TimeoutError(
+                f"{len(taken)} of the {count} messages at the head of {queue} came within "
+                f"{_TAKE_TIMEOUT:g}s"
+            )
+    finally:
+        closing.cancel()
+    assert consumer.consumer_tag is not None
+    await channel.basic_cancel(consumer.consumer_tag)
+    return sorted(taken, key=_tag)
 
 
 async def _move(
@@ -524,10 +567,16 @@ def _copy(original: spec.Basic.Properties, own_user: str, **changes: Any) -> spe
     if fields["user_id"] != own_user:
         fields["user_id"] = None
     if isinstance(fields["headers"], dict):
-        fields["headers"] = dict(fields["headers"])
+        # the broker's count of a quorum queue's deliveries is the original's, not the copy's
+        fields["headers"] = {
+            name: value for name, value in fields["headers"].items() if name != _DELIVERY_COUNT
+        }
     fields.update(changes)
     return spec.Basic.Properties(**fields)
 
+
+#: what a quorum queue adds to a message it delivers again
+_DELIVERY_COUNT = "x-delivery-count"
 
 _PROPERTY_NAMES = (
     "content_type",
@@ -598,9 +647,10 @@ async def skip_head(
     channel = await open_channel(connection, publisher_confirms=True)
     try:
         underlay = await channel.get_underlay_channel()
-        head = await underlay.basic_get(queue, no_ack=False)
-        if not isinstance(head.delivery, spec.Basic.GetOk):
+        declared = await underlay.queue_declare(queue, passive=True)
+        if declared is None or not declared.message_count:
             return 0
+        (head,) = await _take(underlay, queue, 1)
         properties = head.header.properties
         try:
             jobs = jobs_of(properties, head.body)

@@ -10,6 +10,7 @@ parked jobs of the head and removes it."""
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from rabbitkeys._redrive import (
     REGISTRY_WORKER_ID,
     DeadLetter,
     RearrangeError,
+    _take,
     read_dead_letters,
     rearrange,
     skip_head,
@@ -131,17 +133,22 @@ class Key:
         )
         assert isinstance(confirmed, spec.Basic.Ack)
 
-    async def drain(self, queue: str | None = None) -> list[Got]:
-        """Everything in ``queue`` (the key's), in order, acked."""
-        found = []
-        while True:
-            got = await self.channel.basic_get(queue or self.queue, no_ack=True)
-            if not isinstance(got.delivery, spec.Basic.GetOk):
-                return found
-            found.append(Got(got.body, got.header.properties, bool(got.delivery.redelivered)))
+    async def drain(self, queue: str | None = None, expect: int | None = None) -> list[Got]:
+        """Everything in ``queue`` (the key's), in order, acked (taken by a consumer: a
+        quorum queue with single active consumer refuses basic.get). ``expect``: how many
+        messages the queue must come to hold first (what a closed channel gave back)."""
+        if expect is not None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while (found := await self.count(queue)) != expect:
+                assert asyncio.get_running_loop().time() < deadline, (found, expect)
+                await asyncio.sleep(0.05)
+        taken = await _take(self.channel, queue or self.queue, await self.count(queue))
+        if taken:
+            await self.channel.basic_ack(taken[-1].delivery_tag or 0, multiple=True)
+        return [Got(got.body, got.header.properties, bool(got.redelivered)) for got in taken]
 
-    async def bodies(self, queue: str | None = None) -> list[bytes]:
-        return [got.body for got in await self.drain(queue)]
+    async def bodies(self, queue: str | None = None, expect: int | None = None) -> list[bytes]:
+        return [got.body for got in await self.drain(queue, expect)]
 
     async def count(self, queue: str | None = None) -> int:
         declared = await self.channel.queue_declare(queue or self.queue, passive=True)
@@ -174,28 +181,39 @@ class Key:
         )
 
 
-async def _declare_key(connection: AbstractConnection, names: Names, ref: KeyRef) -> Key:
+async def _declare_key(
+    connection: AbstractConnection, names: Names, ref: KeyRef, queue_type: str = "classic"
+) -> Key:
     admin = await connection.channel()
-    await declare_control_topology(connection, admin, names, "classic")
+    await declare_control_topology(connection, admin, names, queue_type)
     await admin.close()
     channel = await (await connection.channel(publisher_confirms=True)).get_underlay_channel()
     exchange = names.jobs_exchange(ref.job_type)
     await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
     queue = names.key_queue(ref)
-    await channel.queue_declare(queue, durable=True, arguments=key_queue_arguments(120))
+    arguments = key_queue_arguments(120, queue_type)
+    await channel.queue_declare(queue, durable=True, arguments=arguments)
     routing_key = new_routing_key(ref)
     await channel.queue_bind(queue, exchange, routing_key=routing_key)
     return Key(connection, channel, names, ref, queue, routing_key)
 
 
 @pytest.fixture
-async def key(amqp_url: str, namespace: str) -> AsyncIterator[Key]:
-    """Key ``k-1`` of job type ``default``; the namespace fixture deletes its queues."""
+async def key(request: pytest.FixtureRequest, amqp_url: str, namespace: str) -> AsyncIterator[Key]:
+    """Key ``k-1`` of job type ``default`` (a classic queue, or of the type a test's
+    ``queue_type`` parameter names); the namespace fixture deletes its queues."""
+    queue_type = getattr(request, "param", "classic")
     connection = await aio_pika.connect(amqp_url)
     try:
-        yield await _declare_key(connection, Names(namespace), KeyRef.of("k-1"))
+        yield await _declare_key(connection, Names(namespace), KeyRef.of("k-1"), queue_type)
     finally:
         await connection.close()
+
+
+#: a test run with classic and with quorum key queues and dead-letter queue (a quorum
+#: queue refuses basic.get with single active consumer, and puts a message nacked with
+#: requeue at its back)
+BOTH_QUEUE_TYPES = pytest.mark.parametrize("key", ["classic", "quorum"], indirect=True)
 
 
 def _redriven(got: Got) -> bool:
@@ -205,6 +223,7 @@ def _redriven(got: Got) -> bool:
 # --- rearrange --------------------------------------------------------------------------
 
 
+@BOTH_QUEUE_TYPES
 async def test_dead_letters_go_before_the_waiting_messages_each_once_in_order(
     key: Key, broker: Broker, session_vhost: str
 ) -> None:
@@ -264,6 +283,7 @@ async def test_with_no_dead_letters_the_waiting_messages_keep_their_order(key: K
     assert not any(got.redelivered for got in found)  # not even got: nothing to move
 
 
+@BOTH_QUEUE_TYPES
 async def test_a_long_queue_rotates_over_several_rounds(key: Key) -> None:
     waiting = [f"w{n}" for n in range(150)]  # more than two rounds of 64
     await key.wait(*waiting)
@@ -302,6 +322,7 @@ async def test_batches_keep_their_body(key: Key) -> None:
     assert _redriven(found[0]) and not _redriven(found[1])
 
 
+@BOTH_QUEUE_TYPES
 async def test_recovery_finishes_a_rotation_cut_part_way(key: Key) -> None:
     """A registry crashed after publishing the dead letters and moving 2 of the 5 waiting
     messages: the next one only finishes the rotation."""
@@ -354,6 +375,7 @@ async def test_a_failed_rearrangement_says_how_far_it_got(key: Key) -> None:
 # --- reading the dead-letter queue ------------------------------------------------------
 
 
+@BOTH_QUEUE_TYPES
 async def test_a_selection_keeps_what_it_does_not_take_in_place_and_in_order(
     key: Key,
 ) -> None:
@@ -374,13 +396,15 @@ async def test_a_selection_keeps_what_it_does_not_take_in_place_and_in_order(
     assert [d.body for d in selected] == [b"a3", b"a1", b"a2", b"a0"]
     assert [d.failed_at for d in selected] == [None, 2, 2, 3]
     assert (selection.not_selected, selection.unreadable, selection.count) == (2, 1, 4)
-    # the rest is back in the queue at once, in its order; the selected ones are held
-    assert await key.count(key.names.dead_letter_queue) == 3
+    # all held while the selection is open; then the selected ones acked, and the rest
+    # back in place, in its order
+    assert await key.count(key.names.dead_letter_queue) == 0
     await selection.settle("default", "k-1", ok=True)
     await selection.close()
-    assert await key.bodies(key.names.dead_letter_queue) == [b"b0", b"x", b"b1"]
+    assert await key.bodies(key.names.dead_letter_queue, 3) == [b"b0", b"x", b"b1"]
 
 
+@BOTH_QUEUE_TYPES
 async def test_settling_not_ok_puts_the_dead_letters_back_in_their_places(key: Key) -> None:
     other = KeyRef.of("k-2")
     bodies = [b"a0", b"b0", b"a1", b"b1"]
@@ -391,7 +415,7 @@ async def test_settling_not_ok_puts_the_dead_letters_back_in_their_places(key: K
     await selection.settle("default", "k-1", ok=False)
     await selection.settle("default", "k-2", ok=True)
     await selection.close()
-    assert await key.bodies(key.names.dead_letter_queue) == [b"a0", b"a1"]
+    assert await key.bodies(key.names.dead_letter_queue, 2) == [b"a0", b"a1"]
 
 
 async def test_closing_a_selection_puts_everything_back(key: Key) -> None:
@@ -400,7 +424,8 @@ async def test_closing_a_selection_puts_everything_back(key: Key) -> None:
     selection = await read_dead_letters(key.connection, key.names, lambda _type, _key: True)
     assert selection.count == 5
     await selection.close()
-    assert await key.bodies(key.names.dead_letter_queue) == [f"a{n}".encode() for n in range(5)]
+    bodies = await key.bodies(key.names.dead_letter_queue, 5)
+    assert bodies == [f"a{n}".encode() for n in range(5)]
 
 
 # --- skip -------------------------------------------------------------------------------
@@ -429,6 +454,7 @@ async def test_skip_dead_letters_a_plain_head_and_removes_it(key: Key) -> None:
     assert headers["app"] == "kept" and dead.properties.user_id == "guest"
 
 
+@BOTH_QUEUE_TYPES
 async def test_skip_dead_letters_a_batch_from_the_failing_job_on_each_alone(key: Key) -> None:
     records = [
         Record(
@@ -495,12 +521,11 @@ async def _cut_rearrangement(key: Key, dead: list[bytes], moved: int) -> None:
         await key.channel.basic_publish(
             body, exchange=key.exchange, routing_key=private, properties=properties
         )
-    for _ in range(moved):
-        got = await key.channel.basic_get(key.queue, no_ack=False)
-        assert got.delivery_tag is not None
+    for got in await _take(key.channel, key.queue, moved):
         await key.channel.basic_publish(
             got.body, exchange=key.exchange, routing_key=private, properties=got.header.properties
         )
+        assert got.delivery_tag is not None
         await key.channel.basic_ack(got.delivery_tag)
     await key.channel.queue_unbind(key.queue, key.exchange, routing_key=private)
     # the test's own rearrangement unbinds the key's routing key again: bind it back
@@ -508,18 +533,14 @@ async def _cut_rearrangement(key: Key, dead: list[bytes], moved: int) -> None:
 
 
 async def _peek(key: Key) -> list[bytes]:
-    """The key queue's bodies in order, left in place (got, then requeued: each goes back
-    to its own place)."""
-    bodies, tags = [], []
-    while True:
-        got = await key.channel.basic_get(key.queue, no_ack=False)
-        if not isinstance(got.delivery, spec.Basic.GetOk):
-            break
-        bodies.append(got.body)
-        tags.append(got.delivery.delivery_tag)
-    for tag in tags:
-        await key.channel.basic_nack(tag, requeue=True)
-    return bodies
+    """The key queue's bodies in order, left in place (taken unacked on a channel of their
+    own, which is then closed: each goes back to its place)."""
+    channel = await key.connection.channel()
+    try:
+        underlay = await channel.get_underlay_channel()
+        return [got.body for got in await _take(underlay, key.queue, await key.count())]
+    finally:
+        await channel.close()
 
 
 async def _bindings(broker: Broker, vhost: str, key: Key) -> list[str]:
