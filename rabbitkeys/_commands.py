@@ -1,7 +1,8 @@
 """The registry's hands: the one home of carrying out the key book's commands over AMQP
 (declare and bind a key's queue, unbind it, wait out the grace, check it empty and delete
-it, tell workers to take or release keys, answer waiting ensures) and of feeding each
-outcome back to the book as its next event.
+it, tell workers to take or release keys, answer waiting ensures; record holds as bindings
+on ``NS.holds``, skip a parked key's head, put a redrive's dead letters at a key's head)
+and of feeding each outcome back to the book as its next event.
 
 One runner per leading session, with that session's book: an outcome that arrives after
 the session ended goes to a book nobody reads any more.
@@ -14,17 +15,20 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from . import _redrive
 from ._amqp import (
     CHANNEL_ERRORS,
     ChannelPool,
     TaskSet,
     broker_version,
     fresh_channel,
+    open_channel,
     queue_unavailable,
 )
 from ._control import control_message, publish_control
@@ -37,10 +41,13 @@ from ._keybook import (
     DeclareAndBind,
     HandoffDone,
     KeyBook,
+    Rearrange,
     Rebalance,
     ReleaseKeys,
     Reply,
     Retired,
+    SetHold,
+    SkipHead,
     SyncWorker,
     Unbind,
     WaitGrace,
@@ -66,6 +73,9 @@ log = logging.getLogger("rabbitkeys.registry")
 #: time (the client waits for each answer), so new keys are declared this many at a time;
 #: the broker's own declare rate levels off around 16 (docs/design.md, "A new key").
 DECLARE_CHANNELS = 32
+
+#: Tries to finish a redrive's rearrangement that was cut with the key queue changed.
+_RECOVERY_ATTEMPTS = 3
 
 
 class CommandRunner:
@@ -105,6 +115,16 @@ class CommandRunner:
         #: ensures waiting for the book's answer, by waiter number
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._waiter_numbers = itertools.count()
+        #: holds to record or remove, in the book's order (see :meth:`_set_holds`)
+        self._holds: list[SetHold] = []
+        self._holds_channel: AbstractChannel | None = None
+        #: skips an operator waits for, by key id: the dead-lettered count, or the error
+        self._skips: dict[str, asyncio.Future[int]] = {}
+        #: the dead letters a redrive holds for a key, by (redrive id, key id), until its
+        #: ``Rearrange`` takes them (``None`` for a redrive this session holds none for)
+        self._dead_letters: dict[tuple[str, str], Sequence[Any]] = {}
+        #: redrives waiting for a key's rearrangement: None if done, else why not
+        self._rearranged: dict[tuple[str, str], asyncio.Future[str | None]] = {}
 
     async def ensure(self, ref: KeyRef, stale_routing_key: str | None) -> Reply:
         """The book's answer to an ensure, once it has one (after a declare or retirement)."""
@@ -149,6 +169,12 @@ class CommandRunner:
                     self._tasks.spawn(self._after(RELEASE_WAIT, wait_over))
                 case CheckAndDelete():
                     self._tasks.spawn(self._check_and_delete(command))
+                case SetHold():
+                    self._hold(command)
+                case SkipHead():
+                    self._tasks.spawn(self._skip_head(command))
+                case Rearrange():
+                    self._tasks.spawn(self._rearrange(command))
 
     async def _after(self, delay: float, event: Callable[[], list[Command]]) -> None:
         await asyncio.sleep(delay)
@@ -249,6 +275,197 @@ class CommandRunner:
             await channel.queue_delete(queue)
         else:
             await channel.queue_delete(queue, if_empty=True, if_unused=True)
+
+    # --- holds, skips, redrives -----------------------------------------------------------
+
+    def _hold(self, command: SetHold) -> None:
+        """Record (or remove) a hold durably, after every hold command before it: a pause
+        and a resume of the same key must reach the broker in that order."""
+        self._holds.append(command)
+        if len(self._holds) == 1:
+            self._tasks.spawn(self._set_holds())
+
+    async def _set_holds(self) -> None:
+        while self._holds:
+            command = self._holds[0]
+            try:
+                await self._set_hold(command)
+            except Exception as exc:
+                # the book holds it all the same; a registry taking over would not know it
+                log.error(
+                    "cannot %s hold %r of %s on %s: a registry that takes over will not "
+                    "know it: %r",
+                    "record" if command.add else "remove",
+                    command.hold,
+                    command.queue or f"job type {command.job_type}",
+                    self._names.holds_exchange,
+                    exc,
+                )
+            finally:
+                self._holds.pop(0)
+
+    async def _set_hold(self, command: SetHold) -> None:
+        channel = self._holds_channel
+        if channel is None or channel.is_closed:
+            channel = self._holds_channel = await open_channel(self._connection)
+        underlay = await channel.get_underlay_channel()
+        holds = self._names.holds_exchange
+        arguments: dict[str, Any] = dict(command.arguments)
+        if command.queue is not None:
+            if command.add:
+                await underlay.queue_bind(
+                    command.queue, holds, routing_key=command.hold, arguments=arguments
+                )
+            else:
+                await underlay.queue_unbind(
+                    command.queue, holds, routing_key=command.hold, arguments=arguments
+                )
+            return
+        assert command.job_type is not None
+        exchange = self._names.jobs_exchange(command.job_type)
+        if command.add:
+            if exchange not in self._declared_exchanges:  # a job type with no key yet
+                await underlay.exchange_declare(exchange, exchange_type="direct", durable=True)
+                self._declared_exchanges.add(exchange)
+            await underlay.exchange_bind(
+                exchange, holds, routing_key=command.hold, arguments=arguments
+            )
+        else:
+            await underlay.exchange_unbind(
+                exchange, holds, routing_key=command.hold, arguments=arguments
+            )
+
+    def expect_skip(self, key_id: str) -> asyncio.Future[int]:
+        """The outcome of the next :class:`SkipHead` of ``key_id``: how many jobs went to
+        the dead letters (or the error that stopped it)."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._skips[key_id] = future
+        return future
+
+    async def _skip_head(self, command: SkipHead) -> None:
+        try:
+            skipped = await _redrive.skip_head(
+                self._connection,
+                self._names,
+                command.queue,
+                error=command.error,
+                attempts=command.attempts,
+                job_index=command.job_index,
+                user_id=self._settings.amqp_user,
+            )
+        except Exception as exc:
+            log.warning("cannot skip the head of key %s: %r", command.key_id, exc)
+            self.do(self._book.skipped(command.key_id, command.epoch, False))
+            self._settle(self._skips.pop(command.key_id, None), exc)
+            return
+        self._metrics.skipped_messages.inc(skipped)
+        log.info("key %s: skipped its head (%d jobs dead-lettered)", command.key_id, skipped)
+        self.do(self._book.skipped(command.key_id, command.epoch, True))
+        self._settle(self._skips.pop(command.key_id, None), skipped)
+
+    def hold_dead_letters(
+        self, redrive_id: str, key_id: str, dead_letters: Sequence[Any]
+    ) -> asyncio.Future[str | None]:
+        """Give a redrive's dead letters for a key to its coming :class:`Rearrange`; the
+        future says when the key is rearranged (None) or why not."""
+        self._dead_letters[redrive_id, key_id] = dead_letters
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._rearranged[redrive_id, key_id] = future
+        return future
+
+    def take_back_dead_letters(self, redrive_id: str, key_id: str) -> bool:
+        """Whether the dead letters given for a key were not taken by a rearrangement (and
+        now never will be); if they were, the rearrangement's future tells its end."""
+        if self._dead_letters.pop((redrive_id, key_id), None) is None:
+            return False
+        self._rearranged.pop((redrive_id, key_id), None)
+        return True
+
+    async def _rearrange(self, command: Rearrange) -> None:
+        ids = (command.redrive_id, command.key_id)
+        dead_letters = self._dead_letters.pop(ids, None)
+        removed: Sequence[str] = ()
+        error: str | None = None
+        try:
+            removed = await _redrive.rearrange(
+                self._connection,
+                self._names,
+                command.ref,
+                command.queue,
+                command.routing_keys,
+                command.redrive_id,
+                dead_letters,
+                self._settings.retire_grace,
+            )
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:1000]
+            # what it unbound before it failed, if it says (else the book keeps them all:
+            # an unbound routing key it still lists only costs a publisher a resend)
+            removed = tuple(getattr(exc, "removed", ()))
+            log.warning("cannot redrive key %s: %s", command.key_id, error)
+            if isinstance(exc, _redrive.RearrangeError) and exc.queue_changed:
+                # copies in the queue, or a rotation cut part way: finish the rotation
+                # before anyone consumes the key. If every copy was confirmed, they are
+                # at the head then, and the dead letters themselves may go.
+                recovered = await self._recover(command)
+                if recovered and dead_letters and exc.published == len(dead_letters):
+                    error = None
+        ok = error is None
+        if ok and dead_letters:
+            self._metrics.redriven_messages.inc(len(dead_letters))
+        self.do(self._book.rearranged(command.key_id, command.epoch, ok, list(removed)))
+        self._settle(self._rearranged.pop(ids, None), error)
+
+    async def _recover(self, command: Rearrange) -> bool:
+        """Finish a rearrangement cut part way (``dead_letters`` None: only the rotation);
+        a few tries, as the key must not be consumed before."""
+        for attempt in range(_RECOVERY_ATTEMPTS):
+            try:
+                await _redrive.rearrange(
+                    self._connection,
+                    self._names,
+                    command.ref,
+                    command.queue,
+                    (),
+                    command.redrive_id,
+                    None,
+                    0.0,
+                )
+            except CHANNEL_ERRORS as exc:
+                if self._connection.is_closed:  # the session ends: the next leader's turn
+                    raise
+                error: Exception = exc
+            except Exception as exc:
+                error = exc
+            else:
+                log.info(
+                    "key %s: redrive %s finished by a recovery", command.key_id, command.redrive_id
+                )
+                return True
+            log.warning(
+                "key %s: recovery %d of redrive %s failed: %r",
+                command.key_id,
+                attempt + 1,
+                command.redrive_id,
+                error,
+            )
+            await asyncio.sleep(1.0)
+        log.error(
+            "key %s: redrive %s was cut with the queue changed, and its recovery failed: "
+            "the key is consumed again as it is (copies may repeat messages, out of order)",
+            command.key_id,
+            command.redrive_id,
+        )
+        return False
+
+    @staticmethod
+    def _settle(future: asyncio.Future[Any] | None, outcome: Any) -> None:
+        if future is None or future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
     # --- sending ------------------------------------------------------------------------
 

@@ -52,10 +52,13 @@ async def declare_control_topology(
     await channel.declare_exchange(names.commands_exchange, direct, durable=True)
     dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
     membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
+    # the holds (bindings, never a route: internal) before anything may be held
+    await channel.declare_exchange(names.holds_exchange, direct, durable=True, internal=True)
+    operations = await channel.declare_exchange(names.operations_exchange, fanout, durable=True)
     requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
     arguments = control_queue_arguments(queue_type, broker_version(connection))
     for queue, sources in (
-        (names.registry_queue, (requests, membership)),
+        (names.registry_queue, (requests, membership, operations)),
         (names.dead_letter_queue, (dead_letters,)),
     ):
         await _declare_durable(connection, queue, arguments)
@@ -142,12 +145,23 @@ async def publish_control(
 
 
 class ControlClient:
-    """Sends requests to the registry and waits for the matching reply."""
+    """Sends requests to the registry and waits for the matching reply: through
+    ``exchange``, by default ``NS.requests`` (a publisher's); operator requests go through
+    ``NS.operations`` (``names.operations_exchange``), which only the registry's role may
+    write on."""
 
-    def __init__(self, connection: AbstractConnection, names: Names, user_id: str) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        names: Names,
+        user_id: str,
+        *,
+        exchange: str | None = None,
+    ) -> None:
         self._connection = connection
         self._names = names
         self._user_id = user_id
+        self._exchange = exchange or names.requests_exchange
         self._registry_seen = False
         self._pending: dict[str, asyncio.Future[ControlMessage]] = {}
         self._channel: AbstractChannel | None = None
@@ -187,7 +201,7 @@ class ControlClient:
             if not self._registry_seen:
                 # No registry had run in this namespace when we started: its exchanges
                 # appear when one does.
-                for exchange in (self._names.requests_exchange, self._names.replies_exchange):
+                for exchange in (self._exchange, self._names.replies_exchange):
                     remaining = deadline - time.monotonic()
                     if not await wait_for_topology(self._connection, exchange, timeout=remaining):
                         raise TimeoutError
@@ -196,7 +210,7 @@ class ControlClient:
                 remaining = max(0.001, deadline - time.monotonic())
                 sent = await publish_control(
                     self._channel,
-                    self._names.requests_exchange,
+                    self._exchange,
                     control_message(
                         payload,
                         user_id=self._user_id,

@@ -26,6 +26,7 @@ raises, and a missing or garbled header reads as None.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -161,12 +162,23 @@ def encode(
     properties = spec.Basic.Properties(
         delivery_mode=delivery_mode, headers=table, user_id=user_id, content_type=content_type
     )
+    properties.timestamp = _seconds(table[HEADER_PUBLISHED_AT])  # the broker's head age
     if headers:  # rabbitkeys' own headers always encode
         try:
             spec.Basic.Properties.marshal(properties)
         except Exception as exc:
             raise InvalidMessageError(f"headers cannot be encoded in AMQP: {exc}") from None
     return properties
+
+
+def _seconds(published_at: int) -> datetime.datetime | None:
+    """The AMQP ``timestamp`` (whole seconds) of a message published at ``published_at``
+    (epoch microseconds): the management API's ``head_message_timestamp`` reads it. None
+    for a time no datetime holds."""
+    try:
+        return datetime.datetime.fromtimestamp(max(0, published_at // 1_000_000), datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def decode(properties: spec.Basic.Properties) -> Envelope:
@@ -219,6 +231,7 @@ def encode_batch(
         headers=table,
         user_id=user_id,
         content_type=BATCH_CONTENT_TYPE,
+        timestamp=_seconds(first.published_at),  # the broker's head_message_timestamp
     )
     return pack(records), properties
 

@@ -9,6 +9,18 @@ the app's middleware) under the worker's concurrency limit, the retries the retr
 alone; then the next job. The delivery is acked once, after its last job. A batch that
 cannot be read is dead-lettered whole, as received.
 
+A job type whose policy is ``park`` (``App.handler(..., on_failure="park")``) is not
+dead-lettered after its last attempt: the delivery's run ends there with a :class:`Park`
+(the error, the attempts, which job of the delivery), the delivery stays unacked, and the
+key's runner puts it back at the head of its key and lets the key go (:mod:`._handoff`).
+A job the worker has no handler for is dead-lettered whatever the policy (no route says
+park). While a job waits for its next attempt, its key is listed in :attr:`Executor.failing`
+(the worker's heartbeats report it).
+
+A job a redrive put back (header ``x-rabbitkeys-redrive``) runs as new: its publisher and
+sequence were recorded when it failed, so the dedup check would drop it; it is not recorded
+either.
+
 A concurrency slot is held only while a handler runs. A retry waiting out its backoff holds
 none, so a failing key does not keep the other keys from running; it still holds its own
 key: the key's later deliveries wait behind it, in order.
@@ -31,6 +43,7 @@ import inspect
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -41,16 +54,16 @@ from ._amqp import sleep_unless
 from ._app import App, CallNext, Context, Message, Middleware, Route
 from ._batch import BatchFormatError
 from ._dedup import SequenceHistory, Verdict
-from ._envelope import Envelope, Job, dead_letter_headers, jobs_of
+from ._envelope import HEADER_REDRIVE, Envelope, Job, dead_letter_headers, jobs_of
 from ._envelope import decode as decode_envelope
 from ._errors import HandlerNotFoundError, PayloadError
 from ._metrics import WorkerMetrics
-from ._protocol import KeyAssignment
+from ._protocol import KeyAssignment, KeyFailure
 from ._retry import DeadLetter, RetryPolicy
 from ._settings import Settings
 from ._topology import Names, key_matches_token
 
-__all__ = ["Executor", "verdict"]
+__all__ = ["MAX_ERROR_TEXT", "Executor", "Outcome", "Park", "error_text", "verdict"]
 
 log = logging.getLogger("rabbitkeys.worker")
 
@@ -59,8 +72,41 @@ log = logging.getLogger("rabbitkeys.worker")
 _NO_THREAD = contextlib.nullcontext()
 
 
+#: the longest error text a park or a failing key reports (``KeyParked``, ``KeyFailure``)
+MAX_ERROR_TEXT = 1000
+
+
+def error_text(error: BaseException) -> str:
+    """``"ExceptionType: text"``, cut to :data:`MAX_ERROR_TEXT` characters."""
+    return f"{type(error).__name__}: {error}"[:MAX_ERROR_TEXT]
+
+
+class Outcome(enum.Enum):
+    """How a delivery's run ended, unless its key is to be parked (:class:`Park`)."""
+
+    #: every job handled, dropped as a copy, or dead-lettered: ack the delivery
+    DONE = "done"
+    #: shutdown came during a wait for a retry: the delivery must stay unacked (the drain
+    #: hands it back)
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """Job ``job_index`` of the delivery failed its last attempt and its job type's policy is
+    ``park``: the delivery must stay unacked and go back to the head of its key, and the key
+    must be let go (:mod:`._handoff`). The jobs before ``job_index`` were handled (and
+    recorded in the key's dedup history)."""
+
+    #: the last attempt's error (:func:`error_text`)
+    error: str
+    attempts: int
+    #: 0 for a plain message; in a batch, the job that failed
+    job_index: int
+
+
 class _Outcome(enum.Enum):
-    """How one job's run ended."""
+    """How one job's run ended (a park: :class:`Park`)."""
 
     HANDLED = "handled"
     DEAD_LETTERED = "dead_lettered"
@@ -123,6 +169,9 @@ class Executor:
         self.order_violations = 0
         #: handlers running now
         self.in_flight = 0
+        #: keys whose current job failed and waits for its next attempt, by key id: from
+        #: its first failure to its end (handled, dead-lettered, parked, or interrupted)
+        self.failing: dict[str, KeyFailure] = {}
 
     def begin(self, dead_letters: AbstractChannel, worker_id: str, user_id: str) -> None:
         """A new session: dead letters go out on its channel, under its worker id and the
@@ -133,13 +182,15 @@ class Executor:
 
     async def execute(
         self, assignment: KeyAssignment, history: SequenceHistory, delivery: DeliveredMessage
-    ) -> bool:
+    ) -> Outcome | Park:
         """Run a delivery to its end, job by job in order (one job for a plain message, each
-        job of a batch): each handled, dropped as a copy, or dead-lettered alone. The caller
-        acks the delivery then, once for all its jobs. False if shutdown interrupted a
-        job's retries: the delivery must then stay unacked (the drain hands it back, and
-        the jobs before that one run again at the next owner). Raises if a dead-letter copy
-        cannot be made."""
+        job of a batch): each handled, dropped as a copy, or dead-lettered alone. Then
+        :attr:`Outcome.DONE`: the caller acks the delivery, once for all its jobs.
+        :attr:`Outcome.INTERRUPTED` if shutdown interrupted a job's retries: the delivery
+        must then stay unacked (the drain hands it back, and the jobs before that one run
+        again at the next owner). A :class:`Park` if a job of a ``park`` job type failed its
+        last attempt: the delivery must stay unacked, the jobs after that one did not run.
+        Raises if a dead-letter copy cannot be made."""
         properties = delivery.header.properties
         try:
             jobs = jobs_of(properties, delivery.body)
@@ -151,7 +202,7 @@ class Executor:
             await self._dead_letter(
                 delivery.body, properties.content_type, decode_envelope(properties), exc, 1
             )
-            return True
+            return Outcome.DONE
         self._metrics.delivery_jobs.observe(len(jobs))
         redelivered = bool(getattr(delivery.delivery, "redelivered", False))
         try:
@@ -161,8 +212,12 @@ class Executor:
         dedup = self._dedup
         handled = 0
         try:
-            for job in jobs:
+            for index, job in enumerate(jobs):
                 origin = job.envelope.origin if dedup else None
+                if origin is not None and HEADER_REDRIVE in job.envelope.headers:
+                    # put back by a redrive: its origin was recorded when it failed here or
+                    # elsewhere; it runs as new, and is not recorded again
+                    origin = None
                 match verdict(history, origin):
                     case Verdict.DUPLICATE:
                         # the same publisher's same job again (sent twice across a lost
@@ -176,27 +231,31 @@ class Executor:
                         log.error(
                             "key %s: message %s arrived out of order", assignment.key_id, origin
                         )
-                match await self._handle(assignment, route, job, redelivered):
+                match await self._handle(assignment, route, job, index, redelivered):
                     case _Outcome.HANDLED:
                         handled += 1
                     case _Outcome.INTERRUPTED:
-                        return False
+                        return Outcome.INTERRUPTED
+                    case Park() as park:
+                        return park  # not recorded: it was not handled
                 if origin is not None:
                     history.record(*origin)
         finally:
             if handled:  # once per delivery: a metric call per job is a cost per job
                 self._metrics.handled.inc(handled)
-        return True
+        return Outcome.DONE
 
     async def _handle(
         self,
         assignment: KeyAssignment,
         route: Route | HandlerNotFoundError,
         job: Job,
+        job_index: int,
         redelivered: bool,
-    ) -> _Outcome:
-        """Run the handler on one job as often as the retry policy says; dead-letter the
-        job alone after the last attempt."""
+    ) -> _Outcome | Park:
+        """Run the handler on one job as often as the retry policy says; after the last
+        attempt, dead-letter the job alone, or park its key if its route says so. While the
+        job waits for its next attempt, its key is in :attr:`failing`."""
         envelope = job.envelope
         # The payload once per job (a body is the same for every attempt); a job type
         # without handler or a body that is not what the handler declared: no attempt
@@ -211,55 +270,69 @@ class Executor:
                 prepared = exc
         key = _key_of(assignment, envelope)
         attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1:
-                self._metrics.retried.inc()
-            if isinstance(prepared, Exception):
-                error: Exception | None = prepared  # not retried: the policy says so
-            else:
-                assert isinstance(route, Route)
-                message: Message[Any] = Message(
-                    key=key,
-                    job_type=assignment.job_type,
-                    body=job.body,
-                    # read-only: what a handler sees is what a dead letter would carry
-                    headers=envelope.headers,
-                    publisher_id=envelope.publisher_id,
-                    sequence=envelope.sequence,
-                    attempt=attempt,
-                    redelivered=redelivered,
-                    user_id=envelope.user_id,
-                    payload=prepared,
-                    content_type=job.content_type,
-                    context=self.context,
-                )
-                error = await self._attempt(route, message, envelope.published_at)
-            if error is None:
-                return _Outcome.HANDLED
-            step = self.policy.after_failure(attempt, error)
-            if isinstance(step, DeadLetter):
-                if self.policy.retries(error):
-                    log.error(
-                        "key %s: handler failed %d times, dead-lettering: %r",
-                        assignment.key_id,
-                        attempt,
-                        error,
-                    )
+        try:
+            while True:
+                attempt += 1
+                if attempt > 1:
+                    self._metrics.retried.inc()
+                if isinstance(prepared, Exception):
+                    error: Exception | None = prepared  # not retried: the policy says so
                 else:
-                    log.error("key %s: not retried, dead-lettering: %r", assignment.key_id, error)
-                await self._dead_letter(job.body, job.content_type, envelope, error, step.attempts)
-                return _Outcome.DEAD_LETTERED
-            log.warning(
-                "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
-                assignment.key_id,
-                attempt,
-                step.delay,
-                error,
-            )
-            # Outside the slot: other keys run meanwhile; this key's later jobs wait.
-            if await sleep_unless(self._stopping, step.delay):
-                return _Outcome.INTERRUPTED
+                    assert isinstance(route, Route)
+                    message: Message[Any] = Message(
+                        key=key,
+                        job_type=assignment.job_type,
+                        body=job.body,
+                        # read-only: what a handler sees is what a dead letter would carry
+                        headers=envelope.headers,
+                        publisher_id=envelope.publisher_id,
+                        sequence=envelope.sequence,
+                        attempt=attempt,
+                        redelivered=redelivered,
+                        user_id=envelope.user_id,
+                        payload=prepared,
+                        content_type=job.content_type,
+                        context=self.context,
+                    )
+                    error = await self._attempt(route, message, envelope.published_at)
+                if error is None:
+                    return _Outcome.HANDLED
+                step = self.policy.after_failure(attempt, error)
+                if isinstance(step, DeadLetter):
+                    if isinstance(route, Route) and route.on_failure == "park":
+                        # logged by the runner, with how to resume or skip, once let go
+                        return Park(error_text(error), step.attempts, job_index)
+                    if self.policy.retries(error):
+                        log.error(
+                            "key %s: handler failed %d times, dead-lettering: %r",
+                            assignment.key_id,
+                            attempt,
+                            error,
+                        )
+                    else:
+                        log.error(
+                            "key %s: not retried, dead-lettering: %r", assignment.key_id, error
+                        )
+                    await self._dead_letter(
+                        job.body, job.content_type, envelope, error, step.attempts
+                    )
+                    return _Outcome.DEAD_LETTERED
+                log.warning(
+                    "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                    assignment.key_id,
+                    attempt,
+                    step.delay,
+                    error,
+                )
+                self.failing[assignment.key_id] = KeyFailure(
+                    key_id=assignment.key_id, attempts=attempt, error=error_text(error)
+                )
+                # Outside the slot: other keys run meanwhile; this key's later jobs wait.
+                if await sleep_unless(self._stopping, step.delay):
+                    return _Outcome.INTERRUPTED
+        finally:
+            if self.failing:  # the job's end, or its session's: the key is no longer failing
+                self.failing.pop(assignment.key_id, None)
 
     async def _attempt(
         self, route: Route, message: Message[Any], published_at: int | None

@@ -17,6 +17,13 @@ consumer) never breaks its order, and the next owner starts only after this one 
    those messages back in their original places in the queue;
 4. only then does the worker report the key released; the registry assigns it elsewhere.
 
+A key whose head failed its last attempt under the ``park`` policy (the executor's
+:class:`~._execution.Park`) is let go the same way, by its runner, with one difference: the
+head was not acked, and is rejected with requeue first, then the rest of the buffer in
+order, so the head is back at the head of the queue (a classic queue puts each back in its
+place; a quorum queue delivers returned messages first, in the order they were returned).
+The worker then reports the key parked (``KeyParked``), before its ``Released``.
+
 There is no standby consumer: on RabbitMQ before 3.10.13 a single-active-consumer switch to
 a standby can crash the queue (docs/probes/sac_switch_crashes_queue.py).
 """
@@ -27,6 +34,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import shlex
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,7 +47,7 @@ from aiormq.abc import DeliveredMessage
 
 from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, queue_unavailable, sleep_unless
 from ._dedup import SequenceHistory
-from ._execution import Executor
+from ._execution import Executor, Outcome, Park
 from ._metrics import WorkerMetrics
 from ._protocol import KeyAssignment
 from ._settings import Settings
@@ -99,10 +107,18 @@ class OwnedKey:
     last_activity: float = field(default_factory=time.monotonic)
     idle_reported_at: float = 0.0
     history: SequenceHistory = field(default_factory=SequenceHistory)
+    #: its head failed its last attempt under the park policy: its runner stopped, and the
+    #: key is being let go with the head put back first
+    parked: Park | None = None
 
     @property
     def key_id(self) -> str:
         return self.assignment.key_id
+
+    @property
+    def runs(self) -> bool:
+        """Whether its runner may hand deliveries on: held, and not parked."""
+        return self.state.held and self.parked is None
 
     def move(self, to: KeyState) -> None:
         """The one place a hold changes state."""
@@ -114,7 +130,8 @@ class OwnedKey:
 class Handoff:
     """Takes and lets go of a worker's keys. Lives as long as the worker; :meth:`begin`
     gives it each session's consume channel, :meth:`end` drops the holds of a session
-    that is over. ``report`` tells the registry which keys the worker let go."""
+    that is over. ``report`` tells the registry which keys the worker let go; ``parked``,
+    which key it parked (before that key's ``report``)."""
 
     def __init__(
         self,
@@ -124,6 +141,8 @@ class Handoff:
         tasks: TaskSet,
         stopping: asyncio.Event,
         report: Callable[[list[KeyAssignment]], Awaitable[None]],
+        *,
+        parked: Callable[[KeyAssignment, Park], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
         self._executor = executor
@@ -131,6 +150,7 @@ class Handoff:
         self._tasks = tasks
         self._stopping = stopping
         self._report = report
+        self._report_parked = parked
         #: the keys held now, in any state but RELEASED
         self._book: dict[str, OwnedKey] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -145,6 +165,8 @@ class Handoff:
         self._unavailable: dict[str, int] = {}
         #: deliveries run to their end and acked, over all sessions
         self.handled = 0
+        #: keys parked (let go with their failed head put back), over all sessions
+        self.parked = 0
         #: keys whose queue was checked (a passive declare) before consuming it, and keys
         #: consumed unchecked because the registry had just declared them
         #: (``KeyAssignment.fresh``), over all sessions
@@ -166,6 +188,11 @@ class Handoff:
 
     def holds(self) -> list[OwnedKey]:
         return list(self._book.values())
+
+    def holding(self, key_id: str) -> bool:
+        """Whether the key is held now (not on its way out)."""
+        owned = self._book.get(key_id)
+        return owned is not None and owned.state.held
 
     def runners(self) -> list[asyncio.Task[None]]:
         return [owned.runner for owned in self._book.values() if owned.runner is not None]
@@ -214,6 +241,10 @@ class Handoff:
                 # its consumer is gone: settle what it held before consuming afresh, so
                 # two runners never share the key
                 await self._let_go(owned)
+                if owned.parked is not None:
+                    # reported parked: the registry must hear it released, not see it taken
+                    await self._report([owned.assignment])
+                    return
             if self._stopping.is_set():
                 return
             assert self._declares is not None and self._consume is not None
@@ -307,7 +338,7 @@ class Handoff:
         # No await before this append: deliveries enter the buffer in delivery order.
         owned.buffer.append(delivery)
         owned.last_activity = time.monotonic()
-        if owned.runner is None and owned.state.held:
+        if owned.runner is None and owned.runs:
             owned.runner = asyncio.ensure_future(self._run(owned))
             owned.runner.add_done_callback(self._tasks.log_failure)
 
@@ -319,10 +350,16 @@ class Handoff:
             if former is not None and not owned.history:  # the key is back before any job ran
                 owned.history = former
         try:
-            while owned.buffer and owned.state.held:
+            while owned.buffer and owned.runs:
                 delivery = owned.buffer[0]
-                if not await self._executor.execute(owned.assignment, owned.history, delivery):
-                    return  # shutting down mid-retry: released (requeued) by the drain
+                outcome = await self._executor.execute(owned.assignment, owned.history, delivery)
+                if outcome is not Outcome.DONE:
+                    if isinstance(outcome, Park):
+                        # the head stays unacked, at buffer[0]: the let-go puts it back first
+                        owned.parked = outcome
+                        self._tasks.spawn(self._let_go_parked(owned))
+                    # else shutting down mid-retry: released (requeued) by the drain
+                    return
                 assert self._consume is not None
                 # no drain wait: acks leave in order on the channel anyway, and waiting for
                 # the socket write per message halved throughput (docs/benchmarks.md)
@@ -357,8 +394,17 @@ class Handoff:
             await self._let_go(owned)
             return owned.assignment
 
+    async def _let_go_parked(self, owned: OwnedKey) -> None:
+        """Let go of a key its runner parked, and report it released (after its park)."""
+        async with self._key_lock(owned.key_id):
+            if self._book.get(owned.key_id) is not owned:
+                return  # let go already: a Release, the drain, or the session's end came first
+            await self._let_go(owned)
+        await self._report([owned.assignment])
+
     async def _let_go(self, owned: OwnedKey) -> None:
-        """The four steps in the module docstring; the caller holds the key's lock."""
+        """The four steps in the module docstring; the caller holds the key's lock. A
+        parked key's head is the buffer's first delivery (never acked): requeued first."""
         if owned.state is not KeyState.RELEASING:
             owned.move(KeyState.RELEASING)
         started = time.perf_counter()
@@ -369,6 +415,29 @@ class Handoff:
         self._drop(owned)
         self._metrics.keys_released.inc()
         self._metrics.release_duration.observe(time.perf_counter() - started)
+        if owned.parked is not None:
+            await self._tell_parked(owned.assignment, owned.parked)
+
+    async def _tell_parked(self, assignment: KeyAssignment, park: Park) -> None:
+        """Count, log and report a key let go with its failed head put back."""
+        self.parked += 1
+        self._metrics.parked.inc()
+        job_type, key = shlex.quote(assignment.job_type), shlex.quote(assignment.key)
+        log.error(
+            "key %s parked: its head%s failed %d attempt(s), last: %s. Its messages wait in "
+            "its queue, in order. Retry the head with `rabbitkeys resume %s %s`, or "
+            "dead-letter it and go on with `rabbitkeys skip %s %s`",
+            assignment.key_id,
+            f" (job {park.job_index} of its batch)" if park.job_index else "",
+            park.attempts,
+            park.error,
+            job_type,
+            key,
+            job_type,
+            key,
+        )
+        if self._report_parked is not None:
+            await self._report_parked(assignment, park)
 
     async def _cancel(self, owned: OwnedKey) -> None:
         tag, owned.consumer_tag = owned.consumer_tag, None

@@ -15,6 +15,14 @@ A key's life (:class:`KeyState`; docs/design.md has the table)::
     OWNED ──idle──> UNBINDING ──> GRACE ──> RELEASING ──released──> DELETING ──> gone
                                                 │ still busy after RELEASE_WAIT: MOVING
                                                                  └─ not empty: OWNED (kept)
+    held (paused, parked, type paused, redrive): OWNED ──> MOVING (to nobody) ──> UNOWNED
+    UNOWNED + redrive ──> REDRIVING ──rearranged──> DECLARING (bound afresh) ──> placed
+
+A key is *held* while it is paused, parked, wanted by a redrive, or its job type is paused
+(:meth:`KeyBook.holds_of`): no worker is given it, a rebalance asks its owner to release it,
+and it is never retired (a retirement that finds it held ends, keeping the key). Holds are
+recorded durably by :class:`SetHold` (bindings on ``Names.holds_exchange``) and read back by
+a new leader (:meth:`KeyBook.holds_listed`).
 
 Transitions happen only in :meth:`_Ledger._enter`. The rules they keep:
 
@@ -22,8 +30,10 @@ Transitions happen only in :meth:`_Ledger._enter`. The rules they keep:
   reported it released (or is gone): never two consumers;
 * a key queue is deleted only after it was unbound, the grace for messages already routed
   is over, and its owner released it (or is gone); the broker then checks it is empty;
-* a key being declared or retired is neither placed nor moved; ensures for it wait and are
-  answered when that ends;
+* a key being declared, retired or redriven is neither placed nor moved; ensures for it
+  wait and are answered when that ends;
+* a held key is never given to a worker nor deleted; a key's head is skipped or its queue
+  rearranged only while no worker consumes it;
 * the quota counts every key in the book, whatever its state, until it is forgotten.
 """
 
@@ -32,7 +42,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +54,7 @@ from ._protocol import (
     Status,
     WorkerStatus,
 )
-from ._topology import KeyRef
+from ._topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef
 
 __all__ = [
     "RELEASE_WAIT",
@@ -53,6 +63,7 @@ __all__ = [
     "Command",
     "DeclareAndBind",
     "HandoffDone",
+    "HoldRefused",
     "RETIRING",
     "Key",
     "KeyBook",
@@ -104,6 +115,16 @@ class KeyState(enum.Enum):
 RETIRING = frozenset({KeyState.UNBINDING, KeyState.GRACE, KeyState.RELEASING, KeyState.DELETING})
 #: keys a rebalance may place or move (not while their queue is declared or retired)
 _PLACEABLE = frozenset({KeyState.UNOWNED, KeyState.OWNED, KeyState.MOVING})
+#: keys whose ensures wait (answered when the declare, retirement or redrive ends)
+_WAITING = frozenset({KeyState.DECLARING, KeyState.REDRIVING, *RETIRING})
+#: the holds :meth:`KeyBook.holds_of` names, in its order
+_HOLD_NAMES = ("paused", "parked", "type_paused", "redrive")
+#: the longest error a parked hold keeps (a binding argument)
+_MAX_ERROR = 1000
+
+
+class HoldRefused(Exception):
+    """An operator request the book refuses; str() is the detail shown to the operator."""
 
 
 # --- commands: what the registry carries out -------------------------------------------
@@ -275,6 +296,8 @@ class WorkerRecord:
     keys: set[str] = field(default_factory=set)
     #: deliveries it holds that no handler has started (from its last heartbeat)
     waiting: int = 0
+    #: its keys whose head was failing at its last heartbeat
+    failing: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -288,6 +311,39 @@ class Parked:
     worker_id: str
     #: when, Unix time in whole seconds
     at: int
+
+
+def _parked_arguments(parked: Parked) -> tuple[tuple[str, str | int], ...]:
+    """A parked hold's binding arguments (str and int only: they read back the same)."""
+    return (
+        ("x-error", parked.error),
+        ("x-attempts", parked.attempts),
+        ("x-job-index", parked.job_index),
+        ("x-worker", parked.worker_id),
+        ("x-at", parked.at),
+    )
+
+
+def _parked_from(arguments: Mapping[str, str | int]) -> Parked:
+    """A parked hold read back from its binding's arguments (:func:`_parked_arguments`)."""
+
+    def number(name: str) -> int:
+        try:
+            return int(arguments.get(name, 0))
+        except (TypeError, ValueError):
+            return 0
+
+    return Parked(
+        error=str(arguments.get("x-error", ""))[:_MAX_ERROR],
+        attempts=number("x-attempts"),
+        job_index=number("x-job-index"),
+        worker_id=str(arguments.get("x-worker", "")),
+        at=number("x-at"),
+    )
+
+
+def _redrive_arguments(redrive_id: str) -> tuple[tuple[str, str | int], ...]:
+    return (("x-redrive", redrive_id),)
 
 
 @dataclass(eq=False)
@@ -323,6 +379,12 @@ class Key:
     #: its head is failing now on its owner (from heartbeats): attempts, last error
     failures: int = 0
     last_error: str | None = None
+    #: a skip of its head is under way (``SkipHead`` sent with this epoch): not placed,
+    #: not rearranged, not resumed until :meth:`KeyBook.skipped`
+    skipping: int | None = None
+    #: its queue has existed (declared, listed, consumed): a failed declare does not
+    #: forget it while it is held (its holds are bindings of that queue)
+    queue_seen: bool = False
 
     @property
     def routing_key(self) -> str | None:
@@ -404,6 +466,8 @@ class _Ledger:
         self._max_job_types = max_job_types
         self.keys = KeyTable()
         self.workers: dict[str, WorkerRecord] = {}
+        #: job types paused as a whole (a hold on each of their keys)
+        self.paused_types: set[str] = set()
 
     # --- reading ----------------------------------------------------------------------
 
@@ -464,13 +528,44 @@ class _Ledger:
     def silent_workers(self, seen_before: float) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.last_seen < seen_before]
 
+    def holds_of(self, key: Key) -> list[str]:
+        """Why no worker may take the key now: ``paused``, ``parked``, ``type_paused``,
+        ``redrive`` (in this order), or none."""
+        present = (
+            key.paused,
+            key.parked is not None,
+            key.ref.job_type in self.paused_types,
+            key.redrive is not None,
+        )
+        return [name for name, on in zip(_HOLD_NAMES, present, strict=True) if on]
+
+    def held(self, key: Key) -> bool:
+        """No worker may be given the key, and it is never retired (see :meth:`holds_of`;
+        a skip of its head under way holds it too)."""
+        return (
+            key.paused
+            or key.parked is not None
+            or key.redrive is not None
+            or key.skipping is not None
+            or key.ref.job_type in self.paused_types
+        )
+
+    def held_counts(self) -> dict[str, int]:
+        """For the gauges: parked keys, keys paused (by themselves or by their job type),
+        job types paused."""
+        parked = paused = 0
+        for key in self.keys.values():
+            parked += key.parked is not None
+            paused += key.paused or key.ref.job_type in self.paused_types
+        return {"parked": parked, "paused": paused, "paused_job_types": len(self.paused_types)}
+
     # --- the one place a key changes state ---------------------------------------------
 
     def _enter(self, key: Key, state: KeyState) -> None:
-        if state is KeyState.DECLARING or (
+        if state in (KeyState.DECLARING, KeyState.REDRIVING) or (
             state is KeyState.UNBINDING and key.state not in RETIRING
         ):
-            key.epoch += 1  # a new declare or retirement: earlier outcomes are stale
+            key.epoch += 1  # a new declare, retirement or redrive: earlier outcomes are stale
         if state in (KeyState.OWNED, KeyState.UNOWNED):  # a move ends
             key.target, key.move_started = None, None
         key.state = state
@@ -478,15 +573,26 @@ class _Ledger:
     def _set_owner(self, key: Key, owner: str | None) -> None:
         if key.owner is not None and key.owner in self.workers:
             self.workers[key.owner].keys.discard(key.ref.id)
+        if owner != key.owner:  # what failed on the old owner is its heartbeats' to tell
+            key.failures, key.last_error = 0, None
         key.owner = owner
         if owner is not None:
             self.workers[owner].keys.add(key.ref.id)
 
     def _new_key(
-        self, ref: KeyRef, state: KeyState, routing_key: str | None = None, now: float = 0.0
+        self,
+        ref: KeyRef,
+        state: KeyState,
+        routing_key: str | None = None,
+        now: float = 0.0,
+        *,
+        seen: bool = False,
     ) -> Key:
-        """A key new to the book; ``now``: when its queue is known to exist (its lease)."""
-        key = self.keys[ref.id] = Key(ref, self._queue_of(ref), state, last_lease_renewal=now)
+        """A key new to the book; ``now``: when its queue is known to exist (its lease);
+        ``seen``: its queue exists (a worker, the broker or a hold told us)."""
+        key = self.keys[ref.id] = Key(
+            ref, self._queue_of(ref), state, last_lease_renewal=now, queue_seen=seen
+        )
         if routing_key:
             key.routing_keys.append(routing_key)
         return key
@@ -503,19 +609,69 @@ class _Ledger:
         return key
 
     def _place(self, key: Key, *, fresh: bool = False) -> list[Command]:
-        """Give an unowned key to a worker, without moving any other key."""
+        """Give an unowned key to a worker, without moving any other key (none if held)."""
+        if self.held(key):
+            return self._give(key, None)
         eligible = [w for w, s in self.workers.items() if key.ref.job_type in s.job_types]
         loads = {w: len(self.workers[w].keys) for w in eligible}
         owner = _assignment.pick(key.ref.id, eligible, loads, sum(loads.values()) + 1)
         return self._give(key, owner, fresh=fresh)
 
     def _give(self, key: Key, owner: str | None, *, fresh: bool = False) -> list[Command]:
+        if owner is not None and self.held(key):
+            owner = None
         self._set_owner(key, owner)
         if owner is None:
-            self._enter(key, KeyState.UNOWNED)
-            return []
+            return self._unowned(key)
         self._enter(key, KeyState.OWNED)
         return [AssignKeys(owner, (key.assignment(fresh=fresh),))]
+
+    def _unowned(self, key: Key) -> list[Command]:
+        """No worker consumes the key (its owner is None): it waits UNOWNED or, wanted by a
+        redrive (and its head not being skipped), it is rearranged: REDRIVING."""
+        if key.redrive is not None and key.skipping is None:
+            self._enter(key, KeyState.REDRIVING)
+            return [
+                Rearrange(
+                    key.ref.id,
+                    key.ref,
+                    key.queue,
+                    tuple(key.routing_keys),
+                    key.epoch,
+                    key.redrive,
+                )
+            ]
+        self._enter(key, KeyState.UNOWNED)
+        return []
+
+    def _let_go(self, key: Key) -> list[Command]:
+        """A held key's owner is asked to release it; nobody gets it next."""
+        if key.state is KeyState.MOVING:
+            key.target = None
+        elif key.state is KeyState.OWNED and key.owner is not None:
+            self._enter(key, KeyState.MOVING)
+            return [ReleaseKeys(key.owner, (key.ref.id,))]
+        return []
+
+    def _hold_commands(self, key: Key) -> list[Command]:
+        """Bind the key's holds (again: binding is idempotent), once its queue exists."""
+        commands: list[Command] = []
+        if key.paused:
+            commands.append(SetHold(HOLD_PAUSED, True, queue=key.queue))
+        if key.parked is not None:
+            arguments = _parked_arguments(key.parked)
+            commands.append(SetHold(HOLD_PARKED, True, queue=key.queue, arguments=arguments))
+        if key.redrive is not None:
+            arguments = _redrive_arguments(key.redrive)
+            commands.append(SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments))
+        return commands
+
+    def _bind_hold(self, key: Key, command: SetHold) -> list[Command]:
+        """A hold added now is bound at once if the key's queue surely exists; while it is
+        declared or deleted, the outcome binds it (:meth:`_hold_commands`)."""
+        if key.state in (KeyState.DECLARING, KeyState.DELETING):
+            return []
+        return [command]
 
     def still_connected(self, worker_id: str, now: float) -> None:
         """Its heartbeats are late but its connection lives: look again later."""
@@ -581,7 +737,7 @@ class KeyBook(_Ledger):
             key = self._new_key(ref, KeyState.UNOWNED)
             key.waiters.append(waiter)
             return self._declare(key)
-        if key.state is KeyState.DECLARING or key.state in RETIRING:
+        if key.state in _WAITING:
             key.waiters.append(waiter)  # answered when that ends
             return []
         current = key.routing_key
@@ -636,8 +792,11 @@ class KeyBook(_Ledger):
             return []
         key.routing_keys.append(routing_key)
         key.last_lease_renewal = now
+        key.queue_seen = True
         self.queue_reachable(key_id)
         recreated, key.recreated = key.recreated, False
+        # its holds are bindings of the queue: bind them (again, if it was recreated)
+        holds = self._hold_commands(key)
         # The queue exists as of this declare-ok: a worker given the key now need not check
         # it (``KeyAssignment.fresh``).
         commands = self._resume(key, fresh=True)
@@ -645,7 +804,7 @@ class KeyBook(_Ledger):
             # the queue was recreated: its old consumer was cancelled by the broker
             assert key.owner is not None
             commands.append(AssignKeys(key.owner, (key.assignment(fresh=True),)))
-        return commands + self._answer(key, routing_key)
+        return holds + commands + self._answer(key, routing_key)
 
     def declare_failed(
         self, key_id: str, epoch: int, reason: str, code: str | None
@@ -663,17 +822,22 @@ class KeyBook(_Ledger):
             key.unavailable = True
             log.warning("key %s: %s; its publishes wait for it", key_id, reason)
         commands: list[Command] = [Reply(w, reason=reason, code=code) for w in waiters]
-        if key.routing_keys or (key.owner is not None and key.owner in self.workers):
+        if (
+            key.routing_keys
+            or (key.owner is not None and key.owner in self.workers)
+            or (key.queue_seen and self.held(key))  # its holds live on its queue
+        ):
             return self._resume(key) + commands
         self._forget(key)
         return commands
 
     def _resume(self, key: Key, *, fresh: bool = False) -> list[Command]:
-        """Out of DECLARING: held as before (its owner, a move under way), or placed."""
+        """Out of DECLARING: held as before (its owner, a move under way), or placed. A
+        held key's owner is asked to release it."""
         if key.owner is not None and key.owner in self.workers:
             moving = key.resume is KeyState.MOVING
             self._enter(key, KeyState.MOVING if moving else KeyState.OWNED)
-            return []
+            return self._let_go(key) if self.held(key) else []
         return self._place(key, fresh=fresh)
 
     def _answer(self, key: Key, routing_key: str) -> list[Command]:
@@ -686,6 +850,8 @@ class KeyBook(_Ledger):
         """The owner reports the key idle: start retiring it (only a key it plainly owns)."""
         key = self.keys.get(key_id)
         if key is None or key.state is not KeyState.OWNED or key.owner != reporter:
+            return []
+        if self.held(key):  # a held key keeps its queue and messages
             return []
         self._enter(key, KeyState.UNBINDING)
         # from here on, publishes come back to their publisher
@@ -706,6 +872,8 @@ class KeyBook(_Ledger):
         key = self._current(key_id, epoch, KeyState.GRACE)
         if key is None:
             return []
+        if self.held(key):  # held meanwhile: kept
+            return self._end_retirement(key, [])
         if key.owner is None:  # released meanwhile, or its worker is gone
             self._enter(key, KeyState.DELETING)
             return [CheckAndDelete(key_id, key.queue, key.epoch)]
@@ -730,27 +898,35 @@ class KeyBook(_Ledger):
         key = self._current(key_id, epoch, KeyState.DELETING)
         if key is None:
             return []
-        if not deleted:
-            return self._end_retirement(key, [])
+        if not deleted:  # (holds added meanwhile are bound now: the queue is there)
+            return self._end_retirement(key, self._hold_commands(key))
         waiters = key.waiters
         self._forget(key)
         commands: list[Command] = [Retired(key_id), Rebalance()]
-        if waiters:  # ensures that waited for the retirement: a new key, from the start
+        if waiters or self.held(key):
+            # Ensures that waited for the retirement, or holds added while the queue was
+            # deleted (an operator paused it, a redrive wants it): a new key, from the
+            # start, with those holds (bound once it is declared).
             fresh = self._new_key(key.ref, KeyState.UNOWNED)
             fresh.waiters = waiters
+            fresh.paused, fresh.parked, fresh.redrive = key.paused, key.parked, key.redrive
             commands += self._declare(fresh)
         return commands
 
     def _end_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
         if key.owner is not None and key.owner in self.workers:
             self._enter(key, KeyState.OWNED)
+            if self.held(key):
+                commands += self._let_go(key)
         else:
             commands += self._place(key)
         return self._after_retirement(key, commands)
 
     def _after_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
         commands.append(Rebalance())  # whatever happened, the key gets a home
-        if key.waiters and key.routing_key is not None:  # an unbind failed: still bound
+        if key.state is KeyState.REDRIVING:
+            pass  # its waiters are answered once it is bound again
+        elif key.waiters and key.routing_key is not None:  # an unbind failed: still bound
             commands += self._answer(key, key.routing_key)
         elif key.waiters:  # ensures waited for the retirement: bind the key again
             commands += self._declare(key)
@@ -773,8 +949,13 @@ class KeyBook(_Ledger):
         worker.last_seen = now
         commands: list[Command] = [Rebalance()]
         for ref, routing_key in reported:
-            key = self.keys.get(ref.id) or self._new_key(ref, KeyState.UNOWNED, routing_key, now)
-            if key.owner is None or key.owner not in self.workers:
+            key = self.keys.get(ref.id) or self._new_key(
+                ref, KeyState.UNOWNED, routing_key, now, seen=True
+            )
+            if key.state is KeyState.REDRIVING:
+                # its queue is being rearranged, unconsumed: the worker must let go
+                commands.append(ReleaseKeys(worker_id, (ref.id,)))
+            elif key.owner is None or key.owner not in self.workers:
                 self._set_owner(key, worker_id)
                 if key.state is KeyState.UNOWNED:
                     self._enter(key, KeyState.OWNED)
@@ -783,14 +964,32 @@ class KeyBook(_Ledger):
         return commands
 
     def heartbeat(
-        self, worker_id: str, waiting: int, idle: Iterable[str], now: float
+        self,
+        worker_id: str,
+        waiting: int,
+        idle: Iterable[str],
+        now: float,
+        failing: Iterable[tuple[str, int, str]] = (),
     ) -> list[Command]:
+        """``failing``: (key id, attempts, last error) of the worker's keys whose head is
+        between attempts now; its other keys are not failing (any more)."""
         worker = self.workers.get(worker_id)
         if worker is None:
             # We do not know it (we started after it joined): ask it to join again.
             return [SyncWorker(worker_id)]
         worker.last_seen = now
         worker.waiting = waiting
+        failing_now: set[str] = set()
+        for key_id, attempts, error in failing:
+            key = self.keys.get(key_id)
+            if key is not None and key.owner == worker_id:
+                key.failures, key.last_error = attempts, error[:_MAX_ERROR]
+                failing_now.add(key_id)
+        for key_id in worker.failing - failing_now:
+            key = self.keys.get(key_id)
+            if key is not None and key.owner == worker_id:
+                key.failures, key.last_error = 0, None
+        worker.failing = failing_now
         return [c for key_id in idle for c in self._retire(key_id, worker_id)]
 
     def gone(self, worker_id: str) -> list[Command]:
@@ -805,13 +1004,13 @@ class KeyBook(_Ledger):
             if key is None:
                 continue
             key.owner = None
+            key.failures, key.last_error = 0, None
             if key.state in (KeyState.OWNED, KeyState.MOVING):
-                self._enter(key, KeyState.UNOWNED)
+                commands += self._unowned(key)  # (a key a redrive waits for: REDRIVING)
             elif key.state is KeyState.DECLARING:
                 key.resume = KeyState.UNOWNED
             elif key.state is KeyState.RELEASING:
-                self._enter(key, KeyState.DELETING)
-                commands.append(CheckAndDelete(key_id, key.queue, key.epoch))
+                commands += self._let_go_of_retiring(key)
             # UNBINDING, GRACE: the retirement goes on with no owner to wait for
         return commands
 
@@ -825,7 +1024,7 @@ class KeyBook(_Ledger):
             if key is None:
                 # Released to a registry that led before us: adopt the key, or it would sit
                 # unconsumed until its queue expires.
-                key = self._new_key(ref, KeyState.UNOWNED, routing_key, now)
+                key = self._new_key(ref, KeyState.UNOWNED, routing_key, now, seen=True)
                 commands += self._place(key)
                 continue
             if key.owner != worker_id:
@@ -843,19 +1042,27 @@ class KeyBook(_Ledger):
             elif key.state is KeyState.OWNED:  # let go on its own (its queue was deleted...)
                 commands += self._place(key)
             elif key.state is KeyState.RELEASING:
-                self._enter(key, KeyState.DELETING)
-                commands.append(CheckAndDelete(key.ref.id, key.queue, key.epoch))
+                commands += self._let_go_of_retiring(key)
             elif key.state is KeyState.DECLARING:
                 key.resume = KeyState.UNOWNED  # placed once declared
             # UNBINDING, GRACE: the retirement goes on with no owner to wait for
         return commands
+
+    def _let_go_of_retiring(self, key: Key) -> list[Command]:
+        """RELEASING, and its owner let go (or is gone): delete the queue if empty, unless
+        the key was held meanwhile (then it is kept)."""
+        if self.held(key):
+            return self._end_retirement(key, [])
+        self._enter(key, KeyState.DELETING)
+        return [CheckAndDelete(key.ref.id, key.queue, key.epoch)]
 
     # --- rebalancing ------------------------------------------------------------------------
 
     def rebalance(self, now: float) -> list[Command]:
         """Spread keys over the workers again. A key that moves is first released by its
         owner, which settles what it holds and reports it released; only then is it
-        assigned to the new owner (see :meth:`released`). Never two consumers at once."""
+        assigned to the new owner (see :meth:`released`). Never two consumers at once.
+        A held key goes to nobody: its owner is asked to release it."""
         by_type: dict[str, list[Key]] = defaultdict(list)
         for key in self.keys.values():
             if key.state in _PLACEABLE:  # keys being declared or retired come afterwards
@@ -864,7 +1071,8 @@ class KeyBook(_Ledger):
         releases: dict[str, list[str]] = defaultdict(list)
         for job_type, keys in by_type.items():
             eligible = [w for w, s in self.workers.items() if job_type in s.job_types]
-            desired = _assignment.assign((k.ref.id for k in keys), eligible)
+            free = (k.ref.id for k in keys if not self.held(k))
+            desired = _assignment.assign(free, eligible)
             for key in keys:
                 new_owner = desired.get(key.ref.id)
                 if key.state is KeyState.MOVING:
@@ -882,3 +1090,254 @@ class KeyBook(_Ledger):
         commands: list[Command] = [ReleaseKeys(w, tuple(ids)) for w, ids in releases.items()]
         commands += [AssignKeys(w, tuple(a)) for w, a in assigns.items()]
         return commands
+
+    # --- holds: park, pause, skip, redrive --------------------------------------------------
+
+    def key_parked(
+        self, worker_id: str, ref: KeyRef, routing_key: str | None, parked: Parked, now: float
+    ) -> list[Command]:
+        """The key's head failed its last attempt on ``worker_id`` (policy ``park``): the
+        worker has put the head back and lets the key go (its ``Released`` follows, which
+        leaves the key UNOWNED). A report from a worker that is not the key's owner, while
+        another worker owns it, is stale and ignored."""
+        parked = Parked(
+            error=parked.error[:_MAX_ERROR],
+            attempts=parked.attempts,
+            job_index=parked.job_index,
+            worker_id=parked.worker_id,
+            at=int(parked.at),
+        )
+        key = self.keys.get(ref.id)
+        if key is None:  # parked on a registry that led before us: its queue exists
+            key = self._new_key(ref, KeyState.UNOWNED, routing_key, now, seen=True)
+        elif key.owner is not None and key.owner != worker_id:
+            log.info("key %s: parked by %s, but %s owns it; ignored", ref.id, worker_id, key.owner)
+            return []
+        if key.parked == parked:
+            return []
+        commands: list[Command] = []
+        if key.parked is not None:  # parked again: one parked binding, the newest
+            arguments = _parked_arguments(key.parked)
+            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+        key.parked = parked
+        log.warning(
+            "key %s parked after %d attempts on %s: %s",
+            ref.id,
+            parked.attempts,
+            worker_id,
+            parked.error,
+        )
+        hold = SetHold(HOLD_PARKED, True, queue=key.queue, arguments=_parked_arguments(parked))
+        commands += self._bind_hold(key, hold)
+        if key.state is KeyState.UNOWNED:
+            commands += self._unowned(key)
+        elif key.owner != worker_id:
+            commands += self._let_go(key)
+        # its owner's Released follows: then it stays UNOWNED
+        return commands
+
+    def pause(self, ref: KeyRef) -> list[Command]:
+        """An operator pauses a key: no worker gets it until it is resumed. A key not in
+        the book is declared (as an ensure with no waiter would) and paused."""
+        key = self.keys.get(ref.id)
+        if key is None:
+            refused = self._beyond_quota(ref)
+            if refused is not None:
+                raise HoldRefused(refused)
+            key = self._new_key(ref, KeyState.UNOWNED)
+            key.paused = True
+            return self._declare(key)  # its hold is bound once declared
+        if key.paused:
+            return []
+        key.paused = True
+        commands = self._bind_hold(key, SetHold(HOLD_PAUSED, True, queue=key.queue))
+        return commands + self._let_go(key)
+
+    def resume(self, ref: KeyRef) -> list[Command]:
+        """An operator resumes a paused or parked key (a parked one's head is tried again,
+        with fresh attempts): both holds are cleared and the key is placed."""
+        key = self.keys.get(ref.id)
+        if key is None:
+            raise HoldRefused(f"key {ref.key!r} of job type {ref.job_type!r} is not known")
+        if not key.paused and key.parked is None:
+            if ref.job_type in self.paused_types:
+                raise HoldRefused(
+                    f"key {ref.key!r} is not paused itself: its job type {ref.job_type!r} is "
+                    "(resume the job type)"
+                )
+            raise HoldRefused(f"key {ref.key!r} of job type {ref.job_type!r} is not paused")
+        if key.skipping is not None:
+            raise HoldRefused(f"a skip of key {ref.key!r}'s head is under way")
+        commands: list[Command] = []
+        if key.paused:
+            key.paused = False
+            commands.append(SetHold(HOLD_PAUSED, False, queue=key.queue))
+        if key.parked is not None:
+            arguments = _parked_arguments(key.parked)
+            key.parked = None
+            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+        return commands + self._place_unowned(key)
+
+    def pause_type(self, job_type: str) -> list[Command]:
+        """An operator pauses a whole job type: the next rebalance releases its keys."""
+        if job_type in self.paused_types:
+            return []
+        self.paused_types.add(job_type)
+        return [SetHold(HOLD_PAUSED, True, job_type=job_type), Rebalance()]
+
+    def resume_type(self, job_type: str) -> list[Command]:
+        if job_type not in self.paused_types:
+            raise HoldRefused(f"job type {job_type!r} is not paused")
+        self.paused_types.discard(job_type)
+        return [SetHold(HOLD_PAUSED, False, job_type=job_type), Rebalance()]
+
+    def skip(self, ref: KeyRef) -> list[Command]:
+        """An operator skips a parked key's head: it is dead-lettered (:class:`SkipHead`),
+        then the key is resumed (:meth:`skipped`). Only once its owner has let go of it."""
+        key = self.keys.get(ref.id)
+        name = f"key {ref.key!r} of job type {ref.job_type!r}"
+        if key is None:
+            raise HoldRefused(f"{name} is not known")
+        if key.parked is None:
+            raise HoldRefused(f"{name} is not parked: only a parked key's head is skipped")
+        if key.skipping is not None:
+            raise HoldRefused(f"a skip of {name}'s head is under way")
+        if key.redrive is not None:
+            raise HoldRefused(f"a redrive of {name} is under way; skip it afterwards")
+        if key.state is not KeyState.UNOWNED or key.owner is not None:
+            raise HoldRefused(
+                f"{name} is {key.state.value}: its worker has not let go of it yet; try again"
+            )
+        key.skipping = key.epoch
+        parked = key.parked
+        return [
+            SkipHead(
+                key.ref.id,
+                key.ref,
+                key.queue,
+                key.epoch,
+                parked.error,
+                parked.attempts,
+                parked.job_index,
+            )
+        ]
+
+    def skipped(self, key_id: str, epoch: int, ok: bool) -> list[Command]:
+        """The outcome of a :class:`SkipHead`: done, the key is no longer parked and is
+        placed; failed, it stays parked (the operator may try again)."""
+        key = self.keys.get(key_id)
+        if key is None or key.skipping is None or key.skipping != epoch:
+            return []
+        key.skipping = None
+        commands: list[Command] = []
+        if ok and key.parked is not None:
+            arguments = _parked_arguments(key.parked)
+            key.parked = None
+            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+        elif not ok:
+            log.warning("key %s: skipping its head failed; still parked", key_id)
+        return commands + self._place_unowned(key)
+
+    def redrive(self, ref: KeyRef, redrive_id: str) -> list[Command]:
+        """A redrive wants to put dead letters at the key's head: the key is held, its
+        owner released, and once nobody consumes it, it is REDRIVING (:class:`Rearrange`).
+        A key not in the book is declared first."""
+        key = self.keys.get(ref.id)
+        if key is not None and key.redrive is not None:
+            raise HoldRefused(
+                f"a redrive of key {ref.key!r} of job type {ref.job_type!r} is under way "
+                f"({key.redrive})"
+            )
+        if key is None:
+            refused = self._beyond_quota(ref)
+            if refused is not None:
+                raise HoldRefused(refused)
+            key = self._new_key(ref, KeyState.UNOWNED)
+            key.redrive = redrive_id
+            return self._declare(key)  # REDRIVING once declared; its hold bound then
+        key.redrive = redrive_id
+        arguments = _redrive_arguments(redrive_id)
+        commands = self._bind_hold(
+            key, SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments)
+        )
+        if key.state is KeyState.UNOWNED:
+            return commands + self._unowned(key)
+        # owned: released first; declared or retired: when that ends
+        return commands + self._let_go(key)
+
+    def rearranged(
+        self, key_id: str, epoch: int, ok: bool, removed: Iterable[str]
+    ) -> list[Command]:
+        """The outcome of a :class:`Rearrange` (``removed``: the routing keys it unbound).
+        Either way the redrive is over (if it failed, its dead letters stay in the
+        dead-letter queue: run it again); the key is bound afresh and placed."""
+        key = self._current(key_id, epoch, KeyState.REDRIVING)
+        if key is None:
+            return []
+        gone = set(removed)
+        key.routing_keys = [rk for rk in key.routing_keys if rk not in gone]
+        if not ok:
+            log.warning("key %s: redrive %s failed; run it again", key_id, key.redrive)
+        commands: list[Command] = []
+        if key.redrive is not None:
+            arguments = _redrive_arguments(key.redrive)
+            key.redrive = None
+            commands.append(SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=arguments))
+        return commands + self._declare(key)
+
+    def holds_listed(
+        self,
+        keys: Iterable[tuple[KeyRef, str, Mapping[str, str | int]]],
+        job_types: Iterable[str],
+        now: float,
+    ) -> list[Command]:
+        """The holds read back from the broker as a registry starts to lead (the bindings
+        of ``Names.holds_exchange``): (key, hold, binding arguments), and the paused job
+        types. A key not in the book is added UNOWNED (its queue exists); one with a
+        redrive hold is REDRIVING (the redrive was cut: its :class:`Rearrange` finishes
+        it)."""
+        commands: list[Command] = []
+        for job_type in job_types:
+            if job_type not in self.paused_types:
+                self.paused_types.add(job_type)
+                commands.append(Rebalance())
+        touched: dict[str, Key] = {}
+        for ref, hold, arguments in keys:
+            key = self.keys.get(ref.id)
+            if key is None:
+                key = self._new_key(ref, KeyState.UNOWNED, now=now, seen=True)
+            if hold == HOLD_PAUSED:
+                key.paused = True
+            elif hold == HOLD_PARKED:
+                parked = _parked_from(arguments)
+                if key.parked is not None and key.parked != parked:
+                    # two parked bindings (a removal failed): keep the newest
+                    older, key.parked = sorted((key.parked, parked), key=lambda p: p.at)
+                    stale = _parked_arguments(older)
+                    commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=stale))
+                else:
+                    key.parked = parked
+            elif hold == HOLD_REDRIVE:
+                redrive_id = str(arguments.get("x-redrive", ""))
+                if key.redrive is not None and key.redrive != redrive_id:
+                    stale = _redrive_arguments(redrive_id)  # one redrive at a time
+                    commands.append(SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=stale))
+                else:
+                    key.redrive = redrive_id
+            else:
+                log.warning("key %s: unknown hold %r ignored", ref.id, hold)
+                continue
+            touched[ref.id] = key
+        for key in touched.values():
+            if key.state is KeyState.UNOWNED:
+                commands += self._unowned(key)
+            else:
+                commands += self._let_go(key)
+        return commands
+
+    def _place_unowned(self, key: Key) -> list[Command]:
+        """A hold was lifted: an unowned key is placed now (others are by what they wait
+        for: a release, a declare, a retirement, a redrive)."""
+        if key.state is KeyState.UNOWNED:
+            return self._place(key)
+        return []

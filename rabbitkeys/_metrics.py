@@ -213,6 +213,11 @@ class WorkerMetrics:
         self.keys_released = _counter(
             registry, "rabbitkeys_keys_released", "Keys this worker let go (moves, retirements)."
         )
+        self.parked = _counter(
+            registry,
+            "rabbitkeys_parked",
+            "Keys this worker parked: a head job failed its last attempt under the park policy.",
+        )
         self.malformed = _counter(
             registry,
             "rabbitkeys_malformed_messages",
@@ -295,4 +300,14 @@ class RegistryMetrics:
             registry,
             "rabbitkeys_failover_gap_seconds",
             "A lost worker's last sign of life to its keys being assigned again.",
+        )
+        self.redriven_messages = _counter(
+            registry,
+            "rabbitkeys_redriven_messages",
+            "Dead letters put back at the head of their key.",
+        )
+        self.skipped_messages = _counter(
+            registry,
+            "rabbitkeys_skipped_messages",
+            "Heads of parked keys dead-lettered by `rabbitkeys skip`.",
         )

@@ -90,15 +90,40 @@ def permissions_for(role: Role, names: Names) -> Permissions:
             "replies",
             "dead-letters",
             "dead-letter",
+            # operators' requests (fanout to NS.registry) and the holds (bindings on an
+            # internal exchange): both declared by the registry
+            "operations",
+            "holds",
         ),
-        # binding key queues, its own queues and the dead-letter queue; commands and replies
         write=_only(
-            ns, key_queue, "registry", "registry\\.events", "commands", "replies", "dead-letter"
+            ns,
+            # binding key queues (to their jobs exchange and to NS.holds), its own queues
+            # and the dead-letter queue
+            key_queue,
+            "registry",
+            "registry\\.events",
+            "dead-letter",
+            # commands and replies
+            "commands",
+            "replies",
+            # redrive: the dead letters and the rotated messages go back into a key queue
+            # through its jobs exchange; and a paused job type is its jobs exchange bound to
+            # NS.holds (an exchange-to-exchange binding needs write on its destination)
+            rf"jobs\.{_JOB_TYPE}",
+            # skip: the parked head's dead-letter copies
+            "dead-letters",
+            # the operator commands (`rabbitkeys keys|pause|resume|skip|redrive`) run with
+            # the registry's credential: only this role may send operations
+            "operations",
         ),
         # the exchanges its queues bind to, its request queue, and the broker's events
-        # (amq.rabbitmq.event: a worker's inbox deleted means the worker died)
+        # (amq.rabbitmq.event: a worker's inbox deleted means the worker died); for issue
+        # 16: key queues (redrive and skip take messages with basic.get; the registry still
+        # never consumes one), the dead-letter queue (redrive reads it), NS.holds (the
+        # source of every hold binding) and NS.operations (NS.registry binds to it)
         read=(
             rf"^({re.escape(ns)}\.(jobs\.{_JOB_TYPE}|registry|registry\.events|requests"
-            r"|membership|dead-letters)|amq\.rabbitmq\.event)$"
+            rf"|membership|dead-letters|{key_queue}|dead-letter|holds|operations)"
+            r"|amq\.rabbitmq\.event)$"
         ),
     )

@@ -6,6 +6,10 @@ registry learns by asking the broker rather than the workers.
   (less often the longer a listing takes);
 * the backlog metric (one listing without statistics, never a declare per key) and a
   status's backlog per key;
+* the holds (paused, parked, redriven keys; paused job types), read back from the bindings
+  of ``NS.holds`` before a new leader places any key;
+* each key queue's messages and the age of its head (``rabbitkeys keys``, the oldest
+  message gauge), from the periodic listing;
 * leases of key queues no worker consumes (a passive declare renews ``x-expires``);
 * which workers are gone: the event exchange's ``queue.deleted`` for a worker's exclusive
   inbox, or, without it, a worker silent for ``worker_timeout`` whose inbox is gone.
@@ -26,10 +30,11 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel, queue_unavailable
 from ._envelope import header_text
 from ._errors import BrokerUnavailableError, InvalidKeyError
-from ._keybook import KeyBook
-from ._management import list_bindings, list_queues, routing_keys
+from ._keybook import Command, KeyBook
+from ._keylist import QueueStats
+from ._management import list_bindings, list_queues, list_source_bindings, routing_keys
 from ._settings import Settings
-from ._topology import Names
+from ._topology import HOLD_PAUSED, KeyRef, Names, check_job_type
 
 __all__ = ["Reconciler"]
 
@@ -46,8 +51,16 @@ _RECONCILE_SHARE = 20
 # the same bound on the listing's share of the time.
 _BACKLOG_INTERVAL = 15.0
 _BACKLOG_SHARE = 10
+# How often the leader reads the key queues' head timestamps (a listing WITH statistics:
+# the management API gives head_message_timestamp only there), at least; and at most what
+# share of the time it may take.
+_AGE_INTERVAL = 30.0
+_AGE_SHARE = 20
 # Passive declares at once when the adoption asks about queues the book does not know.
 _PROBES_IN_FLIGHT = 32
+# How long a new leader keeps asking the management API for the holds before it leads
+# without them.
+HOLDS_WAIT = 10.0
 
 
 class Reconciler:
@@ -77,6 +90,65 @@ class Reconciler:
         self._probes = ChannelPool(connection, size=2)
         self.backlog_messages = 0
         self.key_queue_count = 0
+        #: each key queue's messages and head timestamp as of the last listing
+        self.queue_stats: dict[str, QueueStats] = {}
+        #: when that listing was made (monotonic); None before the first
+        self.listed_at: float | None = None
+        #: head timestamps of the last listing with statistics, and when it was made
+        self._heads: dict[str, int | None] = {}
+        self._heads_at = float("-inf")
+        self._heads_interval = _AGE_INTERVAL
+
+    # --- holds ----------------------------------------------------------------------------
+
+    async def load_holds(self) -> list[Command]:
+        """The holds recorded on ``NS.holds``, fed to the book (its commands returned).
+        Called before the leader consumes its control queue, so that no paused or parked
+        key is placed after a failover. Retries for :data:`HOLDS_WAIT` seconds, then leads
+        without them, loudly."""
+        deadline = time.monotonic() + HOLDS_WAIT
+        while True:
+            try:
+                return await self._read_holds()
+            except (BrokerUnavailableError, KeyError, ValueError, TypeError) as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "CANNOT READ THE HOLDS (paused, parked and redriven keys, paused job "
+                        "types) from the management API after %gs (%s): leading without "
+                        "them, so held keys may be given to workers; they are recorded on "
+                        "%s and are read again by the next leader",
+                        HOLDS_WAIT,
+                        exc,
+                        self._names.holds_exchange,
+                    )
+                    return []
+                await asyncio.sleep(0.5)
+
+    async def _read_holds(self) -> list[Command]:
+        found = await list_source_bindings(self._settings, self._names.holds_exchange)
+        jobs_prefix = self._names.jobs_exchange("x")[:-1]
+        keys: list[tuple[KeyRef, str, dict[str, str | int]]] = []
+        job_types: set[str] = set()
+        for binding in found:
+            if binding.destination_type == "queue":
+                ref = self._names.key_of_queue(binding.destination)
+                if ref is not None:
+                    arguments = {
+                        name: value
+                        for name, value in binding.arguments.items()
+                        if isinstance(value, str | int) and not isinstance(value, bool)
+                    }
+                    keys.append((ref, binding.routing_key, arguments))
+            elif (
+                binding.destination_type == "exchange"
+                and binding.destination.startswith(jobs_prefix)
+                and binding.routing_key == HOLD_PAUSED
+            ):
+                with contextlib.suppress(InvalidKeyError):
+                    job_types.add(check_job_type(binding.destination[len(jobs_prefix) :]))
+        if keys or job_types:
+            log.info("holds read back: %d on keys, %d paused job types", len(keys), len(job_types))
+        return self._book.holds_listed(keys, job_types, time.monotonic())
 
     # --- adoption -----------------------------------------------------------------------
 
@@ -151,19 +223,52 @@ class Reconciler:
 
     async def poll_backlog(self) -> None:
         """Messages in key queues (ready and unacknowledged, AMQP messages: a batch counts
-        once), for the metric an autoscaler reads. One listing through the management API
-        (unpaged, filtered here, without statistics), not a declare per key."""
+        once), for the metric an autoscaler reads and ``rabbitkeys keys``. One listing
+        through the management API (unpaged, filtered here, without statistics), not a
+        declare per key; now and then one with statistics for the head timestamps."""
         while True:
             started = time.monotonic()
-            with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError):
+            with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError, TypeError):
+                await self._list_heads(started)
+            with contextlib.suppress(BrokerUnavailableError, KeyError, ValueError, TypeError):
                 found = await list_queues(
                     self._settings, self._names.key_queue_prefix, statistics=False
                 )
                 self.backlog_messages = sum(queue.messages for queue in found)
                 self.key_queue_count = len(found)
+                self.queue_stats = {
+                    q.name: QueueStats(q.messages, self._heads.get(q.name) if q.messages else None)
+                    for q in found
+                }
+                self.listed_at = time.monotonic()
             # Keep the listing's share of the management API's time under a tenth.
             took = time.monotonic() - started
             await asyncio.sleep(max(_BACKLOG_INTERVAL, _BACKLOG_SHARE * took))
+
+    async def _list_heads(self, now: float) -> None:
+        """The head timestamps, from a listing with statistics (the costly kind at many
+        queues: at most every ``_AGE_INTERVAL``, and a twentieth of the time). A broker
+        that collects no statistics gives none: ages are then unknown."""
+        if now - self._heads_at < self._heads_interval:
+            return
+        self._heads_at = now
+        found = await list_queues(self._settings, self._names.key_queue_prefix, statistics=True)
+        self._heads = {q.name: q.head_timestamp for q in found}
+        took = time.monotonic() - now
+        self._heads_interval = max(_AGE_INTERVAL, _AGE_SHARE * took)
+
+    def oldest_age_by_job_type(self, wall_now: float | None = None) -> dict[str, float]:
+        """The age in seconds of the oldest waiting message over each job type's key
+        queues, as of the last listing (0 for a job type with none, or none known)."""
+        wall_now = time.time() if wall_now is None else wall_now
+        ages: dict[str, float] = dict.fromkeys(self._book.keys.job_types, 0.0)
+        for queue, stats in self.queue_stats.items():
+            ref = self._names.key_of_queue(queue)
+            if ref is None:
+                continue
+            age = 0.0 if stats.head_timestamp is None else max(0.0, wall_now - stats.head_timestamp)
+            ages[ref.job_type] = max(ages.get(ref.job_type, 0.0), age)
+        return ages
 
     async def backlog(self) -> dict[str, int]:
         """Ready messages per key, by passive declares (a few at a time)."""

@@ -7,7 +7,9 @@ property-tested); this module runs the leading session, dispatches the control m
 roles send to the book, answers ensures and status requests, and decides when to rebalance.
 The book's commands are carried out over AMQP by ``_commands``; leadership is
 ``_leadership``; what is learnt from the broker itself (adoption, backlog, leases, workers
-that are gone) is ``_reconcile``.
+that are gone, the holds a new leader reads back) is ``_reconcile``. Operators' requests
+(list keys; pause, resume, skip; redrive dead letters) come through ``NS.operations`` and
+are answered each in its own task, like ensures.
 
 State lives in memory and is rebuilt from the workers (each reports the keys it consumes)
 and from the broker when a registry starts leading.
@@ -27,6 +29,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
+from . import _keylist, _redrive
 from ._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
 from ._commands import CommandRunner
 from ._connection import keep_connected
@@ -34,8 +37,11 @@ from ._control import control_message, declare_control_topology, publish_control
 from ._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
 from ._keybook import (
     Command,
+    HoldRefused,
     KeyBook,
+    Parked,
     ReleaseKeys,
+    SkipHead,
     SyncWorker,
 )
 from ._leadership import take_leadership
@@ -46,7 +52,15 @@ from ._protocol import (
     ControlMessage,
     Ensured,
     EnsureKey,
+    HoldReply,
+    HoldRequest,
     KeyAssignment,
+    KeyParked,
+    KeysPage,
+    KeysRequest,
+    RedriveKeySummary,
+    RedriveReply,
+    RedriveRequest,
     Refused,
     Released,
     Status,
@@ -58,13 +72,27 @@ from ._protocol import (
     decode,
 )
 from ._reconcile import Reconciler
-from ._senders import Refusal, WorkerReport, WorkerSessions, check_request, record_drop
+from ._senders import (
+    OperatorRequest,
+    Refusal,
+    WorkerReport,
+    WorkerSessions,
+    check_request,
+    record_drop,
+)
 from ._settings import Settings, load_settings
 from ._topology import KeyRef, Names
 
 __all__ = ["Registry"]
 
 log = logging.getLogger("rabbitkeys.registry")
+
+#: How long a redrive waits for a key to be let go by its owner and rearranged before its
+#: dead letters go back to the dead-letter queue (the key stays held for the redrive; its
+#: rearrangement then only rotates, and a new redrive moves them)
+REDRIVE_WAIT = 300.0
+
+_Reply = Ensured | Refused | Status | KeysPage | HoldReply | RedriveReply
 
 
 class Registry(Background):
@@ -94,6 +122,7 @@ class Registry(Background):
         self._control: AbstractChannel | None = None
         self._runner: CommandRunner | None = None
         self._reconciler: Reconciler | None = None
+        self._connection: AbstractConnection | None = None
         #: control messages refused, by reason (``_senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         #: which user and session speak for each live worker
@@ -196,6 +225,9 @@ class Registry(Background):
         await declare_control_topology(
             connection, self._control, self.names, self.settings.queue_type
         )
+        self._connection = connection
+        # The holds first: no paused or parked key may be placed once requests flow.
+        self._do(await reconciler.load_holds())
         # Generous: answers can wait for a declare or a retirement, and heartbeats must not
         # starve behind them. Control messages are small.
         await self._control.set_qos(prefetch_count=10_000)
@@ -259,8 +291,9 @@ class Registry(Background):
         if not speaks:
             await self._ack(message)  # the worker's own, sent before it took its id over
             return
-        if isinstance(request, EnsureKey | StatusRequest):
-            # Answered in their own task: an ensure may wait for a declare or a retirement.
+        if isinstance(request, EnsureKey | StatusRequest | OperatorRequest):
+            # Answered in their own task: an ensure may wait for a declare or a retirement,
+            # a skip or a redrive for the broker.
             self._tasks.spawn(self._answer(message, request))
             return
         try:
@@ -311,7 +344,14 @@ class Registry(Background):
             self._do(self._book.joined(request.worker_id, request.job_types, reported, now))
         elif isinstance(request, WorkerHeartbeat):
             beat = request
-            self._do(self._book.heartbeat(beat.worker_id, beat.waiting, beat.idle_keys, now))
+            failing = [(f.key_id, f.attempts, f.error) for f in beat.failing]
+            self._do(
+                self._book.heartbeat(
+                    beat.worker_id, beat.waiting, beat.idle_keys, now, failing=failing
+                )
+            )
+        elif isinstance(request, KeyParked):
+            self._key_parked(request, now)
         elif isinstance(request, WorkerLeave):
             self._remove_worker(request.worker_id, reason="left")
         elif isinstance(request, Released):
@@ -319,6 +359,27 @@ class Registry(Background):
             self._do(self._book.released(request.worker_id, released, now))
         else:
             raise ProtocolError(f"a {request.type!r} message is not a request")
+
+    def _key_parked(self, report: KeyParked, now: float) -> None:
+        refs = self._refs_of([report.key])
+        if not refs:
+            return
+        ((ref, routing_key),) = refs
+        parked = Parked(
+            error=report.error,
+            attempts=report.attempts,
+            job_index=report.job_index,
+            worker_id=report.worker_id,
+            at=int(time.time()),
+        )
+        log.warning(
+            "key %s parked by worker %s after %d attempts: %s",
+            ref.id,
+            report.worker_id,
+            report.attempts,
+            report.error,
+        )
+        self._do(self._book.key_parked(report.worker_id, ref, routing_key, parked, now))
 
     def _refs_of(self, assignments: list[KeyAssignment]) -> list[tuple[KeyRef, str | None]]:
         """The keys of assignments a worker sent back, each named after its queue."""
@@ -338,10 +399,16 @@ class Registry(Background):
         return refs
 
     async def _answer(self, message: AbstractIncomingMessage, request: ControlMessage) -> None:
-        reply: Ensured | Refused | Status
+        reply: _Reply
         try:
             if isinstance(request, EnsureKey):
                 reply = await self._ensure(request)
+            elif isinstance(request, KeysRequest):
+                reply = self._keys(request)
+            elif isinstance(request, HoldRequest):
+                reply = await self._hold(request)
+            elif isinstance(request, RedriveRequest):
+                reply = await self._redrive_request(request)
             else:
                 assert isinstance(request, StatusRequest)
                 reply = await self._status(request.backlog)
@@ -353,9 +420,7 @@ class Registry(Background):
         await self._reply(message, reply)
         await self._ack(message)
 
-    async def _reply(
-        self, message: AbstractIncomingMessage, reply: Ensured | Refused | Status
-    ) -> None:
+    async def _reply(self, message: AbstractIncomingMessage, reply: _Reply) -> None:
         """Answer to the request's ``reply_to``, only if it is a reply queue of this
         namespace: a request must not make the registry write anywhere else."""
         reply_to = message.reply_to
@@ -404,6 +469,156 @@ class Registry(Background):
         if with_backlog and self._reconciler is not None:
             backlog = await self._reconciler.backlog()
         return self._book.status(self.registry_id, backlog, time.monotonic())
+
+    # --- operators ------------------------------------------------------------------------
+
+    def _keys(self, request: KeysRequest) -> KeysPage:
+        broker = self._reconciler
+        listed_at = broker.listed_at if broker is not None else None
+        stats = broker.queue_stats if broker is not None and listed_at is not None else None
+        return _keylist.page(self._book, request, stats, listed_at, time.monotonic(), time.time())
+
+    async def _hold(self, request: HoldRequest) -> HoldReply:
+        """Pause or resume a key or a job type; skip a parked key's head (answered once the
+        head is dead-lettered, or why not)."""
+        what = f"job type {request.job_type!r}"
+        try:
+            ref = None if request.key is None else KeyRef.of(request.key, request.job_type)
+            if ref is not None:
+                what = f"key {request.key!r} of {what}"
+            if request.action == "skip":
+                if ref is None:
+                    return HoldReply(ok=False, detail="skip needs a key")
+                return await self._skip(ref, what)
+            if request.action == "pause":
+                commands = (
+                    self._book.pause_type(request.job_type)
+                    if ref is None
+                    else (self._book.pause(ref))
+                )
+            else:
+                commands = (
+                    self._book.resume_type(request.job_type)
+                    if ref is None
+                    else (self._book.resume(ref))
+                )
+        except (HoldRefused, InvalidKeyError) as exc:
+            return HoldReply(ok=False, detail=str(exc)[:1000])
+        self._do(commands)
+        done = "paused" if request.action == "pause" else "resumed"
+        log.info("operator: %s %s", what, done)
+        return HoldReply(ok=True, detail=f"{what} {done}"[:1000])
+
+    async def _skip(self, ref: KeyRef, what: str) -> HoldReply:
+        assert self._runner is not None
+        outcome = self._runner.expect_skip(ref.id)
+        try:
+            commands = self._book.skip(ref)
+        except HoldRefused as exc:
+            outcome.cancel()
+            return HoldReply(ok=False, detail=str(exc)[:1000])
+        self._do(commands)
+        if not any(isinstance(c, SkipHead) and c.key_id == ref.id for c in commands):
+            outcome.cancel()
+            return HoldReply(ok=False, detail=f"{what}: nothing to skip"[:1000])
+        try:
+            skipped = await outcome
+        except Exception as exc:
+            return HoldReply(ok=False, detail=f"{what}: the skip failed: {_reason(exc)}"[:1000])
+        log.info("operator: %s skipped its head (%d jobs dead-lettered)", what, skipped)
+        return HoldReply(
+            ok=True, detail=f"{what}: {skipped} job(s) dead-lettered; the key resumes"[:1000]
+        )
+
+    async def _redrive_request(self, request: RedriveRequest) -> RedriveReply:
+        """Dead letters back at the head of their keys (``apply``), or what would be (a dry
+        run: nothing moves)."""
+        assert self._connection is not None and self._runner is not None
+
+        def select(job_type: str, key: str) -> bool:
+            return (request.job_type is None or job_type == request.job_type) and (
+                request.key is None or key == request.key
+            )
+
+        selection = await _redrive.read_dead_letters(self._connection, self.names, select)
+        try:
+            selected = list(selection.selected.items())
+            if not request.apply:
+                summaries = [
+                    RedriveKeySummary(job_type=job_type, key=key, messages=len(letters))
+                    for (job_type, key), letters in selected
+                ]
+                for (job_type, key), _ in selected:
+                    await selection.settle(job_type, key, False)
+            else:
+                redrive_id = uuid.uuid4().hex[:16]
+                log.info(
+                    "operator: redrive %s of %d dead letters over %d keys",
+                    redrive_id,
+                    sum(len(letters) for _, letters in selected),
+                    len(selected),
+                )
+                summaries = list(
+                    await asyncio.gather(
+                        *(
+                            self._redrive_key(selection, redrive_id, job_type, key, letters)
+                            for (job_type, key), letters in selected
+                        )
+                    )
+                )
+        finally:
+            await selection.close()
+        return RedriveReply(
+            applied=request.apply,
+            keys=summaries[:10_000],
+            messages=sum(s.messages for s in summaries),
+            not_selected=selection.not_selected,
+            unreadable=selection.unreadable,
+        )
+
+    async def _redrive_key(
+        self,
+        selection: _redrive.DeadLetterSelection,
+        redrive_id: str,
+        job_type: str,
+        key: str,
+        letters: list[_redrive.DeadLetter],
+    ) -> RedriveKeySummary:
+        """One key of a redrive: held, let go by its owner, rearranged; its dead letters
+        acked if that went well, else back in the dead-letter queue."""
+        assert self._runner is not None
+        runner = self._runner
+        error: str | None
+        try:
+            ref = KeyRef.of(key, job_type)
+        except InvalidKeyError as exc:
+            error = str(exc)
+        else:
+            done = runner.hold_dead_letters(redrive_id, ref.id, letters)
+            try:
+                self._do(self._book.redrive(ref, redrive_id))
+            except HoldRefused as exc:
+                runner.take_back_dead_letters(redrive_id, ref.id)
+                error = str(exc)
+            else:
+                try:
+                    error = await asyncio.wait_for(asyncio.shield(done), REDRIVE_WAIT)
+                except TimeoutError:
+                    if runner.take_back_dead_letters(redrive_id, ref.id):
+                        error = (
+                            f"its owner did not let it go within {REDRIVE_WAIT:g}s: its dead "
+                            "letters stay in the dead-letter queue (redrive again)"
+                        )
+                    else:  # its rearrangement is under way with them: wait for its end
+                        error = await done
+        ok = error is None
+        await selection.settle(job_type, key, ok)
+        return RedriveKeySummary(
+            job_type=job_type,
+            key=key,
+            messages=len(letters),
+            error=None if error is None else error[:1000],
+        )
 
     # --- membership ---------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ write on that role's control exchange (:mod:`._permissions`), and a message's ``
 is the user its connection logged in as (it closes the channel of any other). So the
 exchange a message came through names the sender's role, and ``user_id`` names the sender:
 
-* the registry obeys requests only from ``NS.requests`` and worker reports only from
-  ``NS.membership``;
+* the registry obeys requests only from ``NS.requests``, worker reports only from
+  ``NS.membership`` and operator requests only from ``NS.operations``;
 * a worker obeys commands only from ``NS.commands``;
 * a message without ``user_id`` is nobody's, and is refused.
 
@@ -26,6 +26,10 @@ from ._errors import InvalidKeyError, ProtocolError
 from ._protocol import (
     Assign,
     EnsureKey,
+    HoldRequest,
+    KeyParked,
+    KeysRequest,
+    RedriveRequest,
     Release,
     Released,
     StatusRequest,
@@ -39,6 +43,7 @@ from ._topology import Names
 __all__ = [
     "REFUSAL_REASONS",
     "Refusal",
+    "OperatorRequest",
     "WorkerReport",
     "WorkerSessions",
     "check_command",
@@ -58,7 +63,9 @@ REFUSAL_REASONS = (
     "bad_reply_to",  # a reply asked for somewhere that is not a reply queue
 )
 
-WorkerReport = WorkerJoin | WorkerHeartbeat | Released | WorkerLeave
+WorkerReport = WorkerJoin | WorkerHeartbeat | Released | KeyParked | WorkerLeave
+#: what an operator asks (``rabbitkeys keys``, ``pause``, ``resume``, ``skip``, ``redrive``)
+OperatorRequest = KeysRequest | HoldRequest | RedriveRequest
 
 
 class Refusal(Exception):
@@ -78,12 +85,16 @@ def _check_user(user_id: str | None) -> None:
 
 def check_request(names: Names, exchange: str, user_id: str | None, request: object) -> None:
     """What the registry may act on: publishers' requests through ``NS.requests``, workers'
-    reports through ``NS.membership``. Raises :class:`Refusal`."""
+    reports through ``NS.membership``, operators' requests through ``NS.operations`` (the
+    registry's role: a publisher's credential must not pause, skip, redrive or list keys).
+    Raises :class:`Refusal`."""
     _check_user(user_id)
     if isinstance(request, EnsureKey | StatusRequest):
         expected = names.requests_exchange
     elif isinstance(request, WorkerReport):
         expected = names.membership_exchange
+    elif isinstance(request, OperatorRequest):
+        expected = names.operations_exchange
     else:
         raise Refusal("malformed", f"a {type(request).__name__} is not a request")
     if exchange != expected:

@@ -33,16 +33,19 @@ from ._app import App, Context, Hook, hook_name, is_async
 from ._connection import keep_connected
 from ._control import control_message, publish_control, topology_exists
 from ._errors import ConfigError, ProtocolError, StartupError
-from ._execution import Executor
+from ._execution import Executor, Park
 from ._handoff import Handoff
 from ._lifecycle import Background
 from ._metrics import WorkerMetrics
 from ._protocol import (
+    MAX_FAILING_PER_HEARTBEAT,
     MAX_JOB_TYPES,
     MAX_KEYS_PER_MESSAGE,
     Assign,
     ControlMessage,
     KeyAssignment,
+    KeyFailure,
+    KeyParked,
     Release,
     Released,
     Sync,
@@ -116,7 +119,13 @@ class Worker(Background):
         self.context = Context()
         self._executor = Executor(app, settings, self.metrics, self._stopping, self.context)
         self._handoff = Handoff(
-            settings, self._executor, self.metrics, self._tasks, self._stopping, self._released
+            settings,
+            self._executor,
+            self.metrics,
+            self._tasks,
+            self._stopping,
+            self._released,
+            parked=self._key_parked,
         )
 
     # What the worker has done, over all its sessions (read by tests and the CLI's logs).
@@ -138,6 +147,11 @@ class Worker(Background):
     @property
     def dead_lettered(self) -> int:
         return self._executor.dead_lettered
+
+    @property
+    def parked(self) -> int:
+        """Keys parked: let go with their failed head put back (``on_failure="park"``)."""
+        return self._handoff.parked
 
     @property
     def duplicates_dropped(self) -> int:
@@ -378,9 +392,23 @@ class Worker(Background):
             owned=len(holds),
             waiting=waiting,
             idle_keys=idle,
+            failing=self._failing(),
         )
 
-    async def _send(self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released) -> None:
+    def _failing(self) -> list[KeyFailure]:
+        """Held keys whose head failed and waits for its next attempt (at most
+        ``MAX_FAILING_PER_HEARTBEAT``: the first ones that began failing)."""
+        failing: list[KeyFailure] = []
+        for key_id, failure in list(self._executor.failing.items()):
+            if self._handoff.holding(key_id):
+                failing.append(failure)
+                if len(failing) == MAX_FAILING_PER_HEARTBEAT:
+                    break
+        return failing
+
+    async def _send(
+        self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released | KeyParked
+    ) -> None:
         assert self._control is not None
         await publish_control(
             self._control,
@@ -399,6 +427,20 @@ class Worker(Background):
 
         for report in split(keys, released):
             await self._send(report)
+
+    async def _key_parked(self, assignment: KeyAssignment, park: Park) -> None:
+        """Tell the registry this key is parked (its head put back already); the key's
+        ``Released`` follows on the same channel."""
+        await self._send(
+            KeyParked(
+                worker_id=self.worker_id,
+                session=self._secret,
+                key=assignment,
+                error=park.error,
+                attempts=park.attempts,
+                job_index=park.job_index,
+            )
+        )
 
     # --- commands from the registry -----------------------------------------------------
 

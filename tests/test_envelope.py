@@ -247,7 +247,10 @@ def test_header_frame_size_counts_the_message_id_aiormq_adds(
         KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2, headers=headers
     )
     with_id = spec.Basic.Properties(
-        delivery_mode=properties.delivery_mode, headers=properties.headers, message_id="a" * 32
+        delivery_mode=properties.delivery_mode,
+        headers=properties.headers,
+        message_id="a" * 32,
+        timestamp=properties.timestamp,
     )
     sent = pamqp.frame.marshal(pamqp.header.ContentHeader(0, body_size, with_id), 1)
     assert header_frame_size(properties, body_size) == len(sent)

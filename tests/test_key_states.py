@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rabbitkeys._execution import Park
 from rabbitkeys._handoff import TRANSITIONS, KeyState, OwnedKey
 from rabbitkeys._protocol import KeyAssignment
 from rabbitkeys._topology import KeyRef, Names
@@ -78,3 +79,23 @@ def test_every_state_can_end_released() -> None:
                     reachable.add(nxt)
                     frontier.append(nxt)
         assert RD in reachable
+
+
+def test_a_parked_hold_runs_nothing_more_and_is_held_until_let_go() -> None:
+    """Its runner stopped on the failed head (kept unacked at the buffer's head); no new
+    runner starts on a delivery; the let-go takes it through RELEASING as any other."""
+    owned = hold()
+    owned.move(C)
+    assert owned.runs
+    owned.parked = Park(error="ValueError: no", attempts=3, job_index=0)
+    assert not owned.runs and owned.state.held
+    owned.move(RG)
+    assert not owned.runs
+
+
+@given(st.sampled_from(list(KeyState)), st.booleans())
+def test_a_hold_runs_exactly_while_held_and_not_parked(state: KeyState, parked: bool) -> None:
+    owned = hold()
+    owned.state = state
+    owned.parked = Park("E: x", 1, 0) if parked else None
+    assert owned.runs == (state.held and not parked)

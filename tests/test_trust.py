@@ -27,10 +27,25 @@ from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Registry, SyncPublisher, Worker
-from rabbitkeys._envelope import HEADER_JOB_TYPE, HEADER_KEY, HEADER_PUBLISHER, HEADER_SEQUENCE
+from rabbitkeys._control import declare_control_topology
+from rabbitkeys._envelope import (
+    HEADER_ERROR,
+    HEADER_JOB_TYPE,
+    HEADER_KEY,
+    HEADER_PUBLISHER,
+    HEADER_SEQUENCE,
+)
 from rabbitkeys._permissions import Role
+from rabbitkeys._redrive import read_dead_letters, rearrange, skip_head
 from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import Names
+from rabbitkeys._topology import (
+    HOLD_PARKED,
+    HOLD_PAUSED,
+    KeyRef,
+    Names,
+    key_queue_arguments,
+    new_routing_key,
+)
 
 from .conftest import Broker
 from .support import eventually, make_settings, running_registry, running_worker
@@ -814,3 +829,151 @@ async def test_each_role_does_its_whole_job_with_nothing_but_its_permissions(
         assert dead.user_id == role_users.worker.name
     finally:
         await connection.close()
+
+
+# --- operating keys (issue 16): the registry's new rights, and only its ------------------
+
+
+async def test_the_registry_role_operates_keys_with_nothing_but_its_permissions(
+    role_users: RoleUsers, namespace: str
+) -> None:
+    """Each right the registry role got for operating keys, used as the registry uses it:
+    declare NS.operations and NS.holds (configure); bind NS.registry to NS.operations (read
+    operations) and send on it (write operations); record holds as bindings on NS.holds,
+    of a key queue (read holds) and of a jobs exchange (write jobs, its destination); read
+    the dead-letter queue; put dead letters back at a key's head (basic.get on the key
+    queue, publish on its jobs exchange); skip a head (publish on NS.dead-letters). The
+    publisher's messages it moves lose their user_id (the broker lets it write only its
+    own); the jobs are otherwise as published."""
+    names = Names(namespace)
+    registry_user = role_users.registry
+    ref = KeyRef.of("account-1")
+    jobs, queue = names.jobs_exchange("default"), names.key_queue(ref)
+    async with attacker(registry_user, names) as registry:
+        channel = await registry.channel()
+        await declare_control_topology(registry.connection, channel, names, "classic")
+        operations = await channel.declare_exchange(
+            names.operations_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        holds = await channel.declare_exchange(
+            names.holds_exchange, aio_pika.ExchangeType.DIRECT, durable=True, internal=True
+        )
+        registry_queue = await channel.get_queue(names.registry_queue, ensure=False)
+        await registry_queue.bind(operations)
+        await operations.publish(
+            control({"type": "hold_request"}, user_id=registry_user.name), routing_key=""
+        )
+        assert (got := await registry_queue.get(fail=True, no_ack=True)) is not None
+        assert got.exchange == names.operations_exchange
+        jobs_exchange = await channel.declare_exchange(
+            jobs, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        key_queue = await channel.declare_queue(
+            queue, durable=True, arguments=key_queue_arguments(120)
+        )
+        routing_key = new_routing_key(ref)
+        await key_queue.bind(jobs_exchange, routing_key=routing_key)
+        parked = {"x-error": "ValueError: x", "x-attempts": 3, "x-at": 1}
+        await key_queue.bind(holds, routing_key=HOLD_PARKED, arguments=parked)
+        await key_queue.unbind(holds, routing_key=HOLD_PARKED, arguments=parked)
+        await jobs_exchange.bind(holds, routing_key=HOLD_PAUSED)
+        await jobs_exchange.unbind(holds, routing_key=HOLD_PAUSED)
+
+        # two jobs wait (from the publisher's user), two dead letters (from the worker's)
+        async with attacker(role_users.publisher, names) as publisher:
+            for n in range(2):
+                await publisher.publish(
+                    jobs,
+                    aio_pika.Message(
+                        f"w{n}".encode(),
+                        headers={HEADER_KEY: ref.key, HEADER_JOB_TYPE: "default"},
+                        user_id=role_users.publisher.name,
+                    ),
+                    routing_key,
+                )
+        async with attacker(role_users.worker, names) as worker:
+            for n in range(2):
+                headers = {HEADER_KEY: ref.key, HEADER_JOB_TYPE: "default", HEADER_ERROR: "E"}
+                await worker.publish(
+                    names.dead_letter_exchange,
+                    aio_pika.Message(
+                        f"d{n}".encode(), headers=headers, user_id=role_users.worker.name
+                    ),
+                )
+
+        selection = await read_dead_letters(registry.connection, names, lambda *_: True)
+        dead_letters = selection.selected[("default", ref.key)]
+        removed = await rearrange(
+            registry.connection, names, ref, queue, [routing_key], "rd-1", dead_letters, 0.05
+        )
+        await selection.settle("default", ref.key, ok=True)
+        await selection.close()
+        assert removed == [routing_key]
+        made = await skip_head(
+            registry.connection,
+            names,
+            queue,
+            error="E",
+            attempts=1,
+            job_index=0,
+            user_id=registry_user.name,
+        )
+        assert made == 1
+        moved = []
+        while (message := await key_queue.get(fail=False, no_ack=True)) is not None:
+            moved.append((message.body, message.user_id))
+        assert moved == [(b"d1", None), (b"w0", None), (b"w1", None)]
+        dead_letter_queue = await channel.get_queue(names.dead_letter_queue, ensure=False)
+        skipped = await dead_letter_queue.get(fail=True, no_ack=True)
+        assert skipped is not None and skipped.body == b"d0"
+        assert skipped.user_id == registry_user.name
+        await channel.close()
+
+
+@pytest.mark.parametrize("role", [Role.PUBLISHER, Role.WORKER])
+async def test_no_publisher_or_worker_can_operate_keys_or_set_holds(
+    role_users: RoleUsers, namespace: str, amqp_url: str, role: Role
+) -> None:
+    """Operations are the registry's: a publisher or a worker credential may not send on
+    NS.operations, nor bind its own queue or a jobs exchange to NS.holds (a hold it could
+    set or clear), nor read the dead-letter queue (redrive is the registry's)."""
+    names = Names(namespace)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        admin = await connection.channel()
+        await admin.declare_exchange(
+            names.operations_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await admin.declare_exchange(
+            names.holds_exchange, aio_pika.ExchangeType.DIRECT, durable=True, internal=True
+        )
+        await admin.declare_exchange(
+            names.jobs_exchange("default"), aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        await admin.declare_queue(names.dead_letter_queue, durable=True)
+    finally:
+        await connection.close()
+    user = role_users.of(role)
+    own_queue = (
+        names.reply_queue("0123abcd") if role is Role.PUBLISHER else names.worker_inbox("w-1")
+    )
+    async with attacker(user, names) as intruder:
+        message = control({"type": "hold_request"}, user_id=user.name)
+        error = await intruder.publish_refused(names.operations_exchange, message)
+        assert isinstance(error, aiormq.exceptions.ChannelAccessRefused)
+
+        async def bind_own_queue(channel: AbstractChannel) -> None:
+            declared = await channel.declare_queue(own_queue, exclusive=True, auto_delete=True)
+            await declared.bind(names.holds_exchange, routing_key=HOLD_PAUSED)
+
+        async def bind_jobs_exchange(channel: AbstractChannel) -> None:
+            target = await channel.get_exchange(names.jobs_exchange("default"), ensure=False)
+            await target.bind(names.holds_exchange, routing_key=HOLD_PAUSED)
+
+        async def read_dead_letter_queue(channel: AbstractChannel) -> None:
+            queue = await channel.get_queue(names.dead_letter_queue, ensure=False)
+            await queue.get(fail=False)
+
+        for action in (bind_own_queue, bind_jobs_exchange, read_dead_letter_queue):
+            error = await intruder.refused(action)
+            assert isinstance(error, aiormq.exceptions.ChannelAccessRefused), action
