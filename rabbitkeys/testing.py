@@ -158,6 +158,15 @@ def _describe(error: BaseException | None) -> str:
     return "" if error is None else f"{type(error).__name__}: {error}"
 
 
+class _Life(enum.Enum):
+    """An InMemoryWorker's life: it runs once, as a Worker does."""
+
+    NEW = "new"
+    STARTING = "starting"  # its startup hooks run
+    RUNNING = "running"  # jobs can be published
+    CLOSED = "closed"  # closed, or its startup failed
+
+
 @dataclass(eq=False)
 class _KeyLine:
     """One key's jobs not yet finished, in order; the head runs (or is parked)."""
@@ -209,7 +218,7 @@ class InMemoryWorker:
         self._slots: asyncio.Semaphore | None = None
         self._free_threads: asyncio.Semaphore | None = None
         self._threads: ThreadPoolExecutor | None = None
-        self._running = False
+        self._life = _Life.NEW
         self._next_sequence = 1
         #: handlers running now, and the most that ever ran at once
         self.in_flight = 0
@@ -232,31 +241,36 @@ class InMemoryWorker:
     async def start(self) -> None:
         """Run the startup hooks (in order; one that raises: :class:`StartupError`, as a
         worker's, and no shutdown hook runs); then jobs can be published."""
-        if self._running or self._threads is not None:
+        if self._life is not _Life.NEW:
             raise RuntimeError("an InMemoryWorker runs once: make a new one")
+        self._life = _Life.STARTING
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.sync_handler_threads, thread_name_prefix="rabbitkeys-test"
         )
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._free_threads = asyncio.Semaphore(self.settings.sync_handler_threads)
-        if self._run_hooks:
-            for hook in self.app.startup_hooks:
+        hooks = self.app.startup_hooks if self._run_hooks else ()
+        try:
+            for hook in hooks:
                 try:
                     await self._call_hook(hook)
                 except Exception as error:
-                    self._threads.shutdown(wait=False)
                     raise StartupError(
                         f"startup hook {hook_name(hook)} failed: {type(error).__name__}: {error}"
                     ) from error
-        self._running = True
+        except BaseException:  # a failed hook, or the test cancelled
+            self._life = _Life.CLOSED
+            self._threads.shutdown(wait=False)
+            raise
+        self._life = _Life.RUNNING
 
     async def close(self) -> None:
         """Stop: what still runs or waits is cancelled where it is (call :meth:`join` first
         to finish it), then the shutdown hooks run (what one raises is logged, as by a
         worker) and the thread pool stops."""
-        if not self._running:
+        if self._life is not _Life.RUNNING:
             return
-        self._running = False
+        self._life = _Life.CLOSED
         runners = [line.runner for line in self._keys.values() if line.runner is not None]
         for runner in runners:
             runner.cancel()
@@ -294,7 +308,7 @@ class InMemoryWorker:
         ``InvalidMessageError``); the job starts when its key's earlier jobs are done.
         ``timeout`` is accepted for the signature's sake and means nothing here. Returns
         the job's record."""
-        if not self._running:
+        if self._life is not _Life.RUNNING:
             raise RuntimeError(
                 "the InMemoryWorker is not running: use `async with InMemoryWorker(app) as w`"
             )

@@ -574,10 +574,16 @@ async def test_publish_encodes_and_checks_as_a_publisher_does() -> None:
     assert len(worker.jobs) == 4
 
 
-async def test_publish_needs_a_running_worker() -> None:
+async def test_publish_needs_a_running_worker_which_runs_once() -> None:
     worker = InMemoryWorker(App(), settings())
     with pytest.raises(RuntimeError, match="not running"):
         await worker.publish("k", b"x")
+    async with worker:
+        pass
+    with pytest.raises(RuntimeError, match="not running"):
+        await worker.publish("k", b"x")
+    with pytest.raises(RuntimeError, match="runs once"):
+        await worker.start()
 
 
 def test_the_default_settings_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
