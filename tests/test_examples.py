@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -266,12 +267,39 @@ async def test_worker_with_pool_inserts_rows_in_order_per_post(
     assert exit_codes == [0, 0]
 
 
+# --------------------------------------------------------------------------- testing handlers
+
+
+def test_testing_handlers_example_passes_under_pytest() -> None:
+    # as its README runs it, in a pytest of its own (what a user's suite would be): no
+    # broker, and none of the RABBITKEYS_* environment is needed
+    environment = {
+        name: value for name, value in os.environ.items() if not name.upper().startswith(ENV_PREFIX)
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "examples/testing_handlers", "-q"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    print(result.stdout[-3000:], result.stderr[-2000:])
+    assert result.returncode == 0
+    assert re.search(r"\b5 passed\b", result.stdout)
+
+
 # --------------------------------------------------------------------------- all of them
 
 
 def test_every_example_has_a_readme_naming_its_test_here() -> None:
     folders = sorted(p for p in (ROOT / "examples").iterdir() if (p / "__init__.py").exists())
-    assert [p.name for p in folders] == ["django_site", "fastapi_app", "worker_with_pool"]
+    assert [p.name for p in folders] == [
+        "django_site",
+        "fastapi_app",
+        "testing_handlers",
+        "worker_with_pool",
+    ]
     index = (ROOT / "examples" / "README.md").read_text()
     for folder in folders:
         readme = (folder / "README.md").read_text()

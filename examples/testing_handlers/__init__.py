@@ -1,0 +1,1 @@
+"""Unit tests of an app's handlers with ``rabbitkeys.testing``: no broker."""
