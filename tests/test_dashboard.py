@@ -153,7 +153,8 @@ def _exported_metric_names() -> set[str]:
     source = Source()
     PublisherMetrics(registry)
     WorkerMetrics(source, registry)
-    RegistryMetrics(source, registry)
+    # a labelled gauge has samples once a label is set: one job type
+    RegistryMetrics(source, registry).set_oldest_ages({"job": 0.0})
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
