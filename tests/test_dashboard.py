@@ -578,6 +578,8 @@ async def test_every_dashboard_query_returns_data(
                 traffic = asyncio.create_task(_traffic(publisher, stop))
                 try:
                     await prometheus.until("sum(rabbitkeys_handled_messages_total) > 0")
+                    # before any worker is killed: the one that parked the key may be it
+                    await prometheus.until("sum(rabbitkeys_parked_total) > 0")
                     # a third worker: keys move to it (rebalance, handoff, release)
                     await cluster.start_worker(target, metrics_port=worker_ports[2])
                     await cluster.wait_for_workers(3)
@@ -594,7 +596,6 @@ async def test_every_dashboard_query_returns_data(
                     # scraped after the workers joined the new leader
                     await prometheus.until(f'rabbitkeys_live_workers{{instance="{standby}"}} == 2')
                     await prometheus.until("sum(rabbitkeys_dead_lettered_messages_total) > 0")
-                    await prometheus.until("sum(rabbitkeys_parked_total) > 0")
                     # the new leader read the parked key's hold from the broker
                     await prometheus.until(f'rabbitkeys_parked_keys{{instance="{standby}"}} == 1')
                     # the keys published once went idle and were retired (by either leader)
