@@ -259,6 +259,11 @@ class RegistryMetrics:
         "(leader only, polled).",
         "rabbitkeys_key_queues": "Key queues on the broker, per the management API "
         "(leader only, polled).",
+        "rabbitkeys_parked_keys": "Keys parked after their head's last attempt failed "
+        "(a job type with on_failure='park'): stopped until an operator resumes or skips them.",
+        "rabbitkeys_paused_keys": "Keys held by an operator's pause, of the key or of its job "
+        "type: not consumed, their messages kept.",
+        "rabbitkeys_paused_job_types": "Job types an operator paused.",
     }
 
     def __init__(self, source: StateSource, registry: CollectorRegistry | None = None) -> None:
@@ -311,3 +316,24 @@ class RegistryMetrics:
             "rabbitkeys_skipped_messages",
             "Heads of parked keys dead-lettered by `rabbitkeys skip`.",
         )
+        self.oldest_message_age = _metric(
+            registry,
+            Gauge,
+            "rabbitkeys_oldest_message_age_seconds",
+            "Age of the oldest waiting message over a job type's key queues, from the "
+            "registry's last listing of the broker's queues.",
+            labelnames=("job_type",),
+        )
+        self._aged_job_types: set[str] = set()
+
+    def set_oldest_ages(self, ages: dict[str, float]) -> None:
+        """The oldest waiting message's age per job type, from the leader's last listing
+        (0 for a job type with none waiting); the job types this registry set before and
+        that are no longer listed lose their series. ``{}`` when leadership ends: only the
+        leader reports ages. A label per job type, not per key: job types are few
+        (``max_job_types``)."""
+        for job_type in self._aged_job_types - ages.keys():
+            self.oldest_message_age.remove(job_type)
+        for job_type, age in ages.items():
+            self.oldest_message_age.labels(job_type=job_type).set(age)
+        self._aged_job_types = set(ages)

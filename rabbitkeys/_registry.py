@@ -144,10 +144,17 @@ class Registry(Background):
     def gauge_values(self) -> dict[str, float]:
         """For the metrics: read at scrape time. Only the leader's view counts."""
         if not self.is_leader:
+            self.metrics.set_oldest_ages({})
             return {"rabbitkeys_leader": 0}
         broker = self._reconciler
+        # the labelled gauge is set here too: one reading of the leader's view per scrape
+        self.metrics.set_oldest_ages(broker.oldest_age_by_job_type() if broker else {})
+        held = self._book.held_counts()
         return {
             "rabbitkeys_leader": 1,
+            "rabbitkeys_parked_keys": held["parked"],
+            "rabbitkeys_paused_keys": held["paused"],
+            "rabbitkeys_paused_job_types": held["paused_job_types"],
             "rabbitkeys_live_keys": len(self._book.keys),
             "rabbitkeys_unassigned_keys": self._book.unassigned(),
             "rabbitkeys_unavailable_keys": self._book.unavailable(),

@@ -1,6 +1,8 @@
 """The app the dashboard test's workers run: a short handler that fails on ``b"fail"``.
 
-Failing bodies make retries and dead letters happen, so the failure panels have data.
+Failing bodies make retries and dead letters happen, so the failure panels have data; in
+job type ``parking`` (``on_failure="park"``) a failing message parks its key instead, so
+the held-key panels have one.
 """
 
 from __future__ import annotations
@@ -21,3 +23,9 @@ async def handle(message: Message) -> None:
     await asyncio.sleep(0.005)
     if message.body == b"fail":
         raise DeliberateFailure(f"{message.key}: asked to fail")
+
+
+@app.handler("parking", on_failure="park")
+async def handle_or_park(message: Message) -> None:
+    if message.body == b"fail":
+        raise DeliberateFailure(f"{message.key}: asked to fail, and parks its key")

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from rabbitkeys import Publisher, Settings
 from rabbitkeys._metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
+from rabbitkeys._topology import DEFAULT_JOB_TYPE
 from rabbitkeys.tools.cluster import LocalCluster
 
 from .conftest import Broker, delete_namespace
@@ -78,6 +79,8 @@ INSTALLATION = "rabbitkeys"
 
 KEYS = 24
 ONCE_KEYS = 4  # published once, at the start: they go idle and are retired
+PARKING = "parking"  # the job type whose failures park their key (tests/dashboard_app.py)
+PARKED_KEY = "parked-0"  # its one key: a message that always fails, sent at the start
 FAIL_EVERY = 20  # every 20th round, a quarter of the keys get a message that always fails
 
 
@@ -153,7 +156,8 @@ def _exported_metric_names() -> set[str]:
     source = Source()
     PublisherMetrics(registry)
     WorkerMetrics(source, registry)
-    RegistryMetrics(source, registry)
+    # a labelled gauge has samples once a label is set: one job type
+    RegistryMetrics(source, registry).set_oldest_ages({"job": 0.0})
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
@@ -491,8 +495,13 @@ def _serving(registry: CollectorRegistry, port: int) -> Iterator[None]:
 async def _traffic(publisher: Publisher, stop: asyncio.Event) -> int:
     """Rounds of one message per key until ``stop``; some messages always fail."""
     keys = [f"key-{n}" for n in range(KEYS)]
-    await asyncio.gather(*(publisher.publish(f"once-{n}", b"once") for n in range(ONCE_KEYS)))
-    sent = ONCE_KEYS
+    await asyncio.gather(
+        *(publisher.publish(f"once-{n}", b"once") for n in range(ONCE_KEYS)),
+        # its last attempt fails: the worker parks the key, which stays parked to the end
+        publisher.publish(PARKED_KEY, b"fail", job_type=PARKING),
+        publisher.publish(PARKED_KEY, b"behind the parked head", job_type=PARKING),
+    )
+    sent = ONCE_KEYS + 2
     round_ = 0
     while not stop.is_set():
         round_ += 1
@@ -569,6 +578,8 @@ async def test_every_dashboard_query_returns_data(
                 traffic = asyncio.create_task(_traffic(publisher, stop))
                 try:
                     await prometheus.until("sum(rabbitkeys_handled_messages_total) > 0")
+                    # before any worker is killed: the one that parked the key may be it
+                    await prometheus.until("sum(rabbitkeys_parked_total) > 0")
                     # a third worker: keys move to it (rebalance, handoff, release)
                     await cluster.start_worker(target, metrics_port=worker_ports[2])
                     await cluster.wait_for_workers(3)
@@ -585,6 +596,8 @@ async def test_every_dashboard_query_returns_data(
                     # scraped after the workers joined the new leader
                     await prometheus.until(f'rabbitkeys_live_workers{{instance="{standby}"}} == 2')
                     await prometheus.until("sum(rabbitkeys_dead_lettered_messages_total) > 0")
+                    # the new leader read the parked key's hold from the broker
+                    await prometheus.until(f'rabbitkeys_parked_keys{{instance="{standby}"}} == 1')
                     # the keys published once went idle and were retired (by either leader)
                     await prometheus.until("sum(increase(rabbitkeys_keys_retired_total[1m])) > 0")
 
@@ -637,6 +650,14 @@ async def test_every_dashboard_query_returns_data(
     assert len(shown("Handled per worker / {{namespace}} {{pod}}")) >= 2
     assert shown("Keys created and retired / retired {{namespace}}")[""] > 0
     assert shown("Dead-lettered / {{namespace}}")[""] > 0
+    # one key parked, none paused; every job type's oldest waiting message (the parked
+    # key's head, among them) per job type
+    assert shown("Parked keys / {{namespace}}") == {"": 1.0}
+    assert shown("Parked and paused keys / parked keys {{namespace}}") == {"": 1.0}
+    assert shown("Parked and paused keys / paused keys {{namespace}}") == {"": 0.0}
+    assert shown("Parked and paused keys / paused job types {{namespace}}") == {"": 0.0}
+    ages = shown("Oldest waiting message per job type / {{namespace}} {{job_type}}")
+    assert set(ages) == {DEFAULT_JOB_TYPE, PARKING}
 
     # the alert rules were loaded and evaluate without error
     loaded = [rule for group in rules["groups"] for rule in group["rules"]]

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from rabbitkeys import App, Message, Publisher, Settings, __version__
+from rabbitkeys._metrics import RegistryMetrics
 from rabbitkeys._metrics_server import MetricsServer
 from rabbitkeys.tools.cluster import LocalCluster
 
@@ -110,8 +111,9 @@ async def test_no_metric_has_a_label_per_key(settings: Settings) -> None:
             for sample in family.samples
         }
     label_names = {name for _, labels in series for name in labels}
-    # reason: the refused control messages' closed set of reasons (_senders.REFUSAL_REASONS)
-    assert label_names <= {"le", "role", "version", "reason"}
+    # reason: the refused control messages' closed set of reasons (_senders.REFUSAL_REASONS);
+    # job_type: the oldest message's age, one series per job type (max_job_types bounds them)
+    assert label_names <= {"le", "role", "version", "reason", "job_type"}
     assert len(series) < 150
 
 
@@ -144,6 +146,59 @@ async def test_a_move_between_workers_is_measured(settings: Settings) -> None:
             assert value(metrics, "rabbitkeys_keys_released_total") >= value(
                 metrics, "rabbitkeys_keys_moved_total"
             )
+
+
+class HeldKeys:
+    """A registry's view for its gauges: two parked keys, one paused job type."""
+
+    def gauge_values(self) -> dict[str, float]:
+        return {
+            "rabbitkeys_leader": 1,
+            "rabbitkeys_parked_keys": 2,
+            "rabbitkeys_paused_keys": 5,
+            "rabbitkeys_paused_job_types": 1,
+        }
+
+
+def test_registry_reports_held_keys_and_the_oldest_message_per_job_type() -> None:
+    metrics = CollectorRegistry()
+    source = HeldKeys()
+    registry_metrics = RegistryMetrics(source, metrics)
+    assert value(metrics, "rabbitkeys_parked_keys") == 2
+    assert value(metrics, "rabbitkeys_paused_keys") == 5
+    assert value(metrics, "rabbitkeys_paused_job_types") == 1
+    assert value(metrics, "rabbitkeys_redriven_messages_total") == 0
+    assert value(metrics, "rabbitkeys_skipped_messages_total") == 0
+    registry_metrics.redriven_messages.inc(3)
+    registry_metrics.skipped_messages.inc()
+    assert value(metrics, "rabbitkeys_redriven_messages_total") == 3
+    assert value(metrics, "rabbitkeys_skipped_messages_total") == 1
+
+    def ages() -> dict[str, float]:
+        return {
+            sample.labels["job_type"]: sample.value
+            for family in metrics.collect()
+            if family.name == "rabbitkeys_oldest_message_age_seconds"
+            for sample in family.samples
+        }
+
+    assert ages() == {}
+    registry_metrics.set_oldest_ages({"email": 42.5, "invoice": 0.0})
+    assert ages() == {"email": 42.5, "invoice": 0.0}
+    # a job type gone from the listing loses its series; a new one gets one
+    registry_metrics.set_oldest_ages({"invoice": 7.0, "sms": 1.0})
+    assert ages() == {"invoice": 7.0, "sms": 1.0}
+    # leadership ends: no ages
+    registry_metrics.set_oldest_ages({})
+    assert ages() == {}
+    # a second registry in the process shares the series (one per name and job type)
+    other_source = HeldKeys()
+    other = RegistryMetrics(other_source, metrics)
+    other.set_oldest_ages({"email": 3.0})
+    registry_metrics.set_oldest_ages({"email": 4.0})
+    assert ages() == {"email": 4.0}
+    # and the held-key gauges add up over both (only a leader reports non-zero)
+    assert value(metrics, "rabbitkeys_parked_keys") == 4
 
 
 async def test_health_endpoint_answers_liveness_readiness_and_metrics() -> None:
