@@ -58,6 +58,7 @@ try:
     )
 except ImportError:  # the extra is not installed: every function below is a no-op
     _INSTALLED = False
+    _QUICK_CHECK = False
 
 __all__ = [
     "OUTCOME_DEAD_LETTERED",
@@ -66,9 +67,11 @@ __all__ = [
     "OUTCOME_PARKED",
     "OUTCOME_RETRIED",
     "enabled",
+    "end_publish",
     "handle_span",
     "inject",
     "publish_span",
+    "start_publish",
 ]
 
 #: what followed an attempt (the ``rabbitkeys.outcome`` attribute of its ``handle`` span)
