@@ -62,6 +62,7 @@ from ._protocol import KeyAssignment, KeyFailure
 from ._retry import DeadLetter, RetryPolicy
 from ._settings import Settings
 from ._topology import Names, key_matches_token
+from ._tracing import handle_span
 
 __all__ = ["MAX_ERROR_TEXT", "Executor", "Outcome", "Park", "error_text", "verdict"]
 
@@ -345,17 +346,19 @@ class Executor:
                 metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
             self.in_flight += 1
             started = time.perf_counter()
-            try:
-                if route.is_async and not self.app.middlewares:
-                    await route.function(message)  # the common case, without a call between
-                else:
-                    await self._through_middleware(route, message)
-            except Exception as exc:
-                metrics.handler_failures.inc()
-                return exc
-            finally:
-                self.in_flight -= 1
-                metrics.handler_duration.observe(time.perf_counter() - started)
+            with handle_span(message, published_at) as span:  # a no-op without tracing
+                try:
+                    if route.is_async and not self.app.middlewares:
+                        await route.function(message)  # the common case, without a call between
+                    else:
+                        await self._through_middleware(route, message)
+                except Exception as exc:
+                    metrics.handler_failures.inc()
+                    span.failed(exc, self.policy, route)
+                    return exc
+                finally:
+                    self.in_flight -= 1
+                    metrics.handler_duration.observe(time.perf_counter() - started)
         return None
 
     def _through_middleware(self, route: Route, message: Message[Any]) -> Any:

@@ -90,6 +90,7 @@ from ._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE, Ensured, Ens
 from ._room import Room
 from ._settings import Settings, load_settings
 from ._topology import DEFAULT_JOB_TYPE, KeyRef, Names
+from ._tracing import publish_span
 
 __all__ = ["Publisher"]
 
@@ -349,7 +350,9 @@ class Publisher:
         not confirmed in time: it may still be delivered."""
         ref = KeyRef.of(key, job_type)
         body, content_type = encode_body(payload, self.settings.max_message_bytes)
-        await self._publish(ref, body, content_type, headers, timeout)
+        # the trace context of this call goes with its job (a no-op without tracing)
+        with publish_span(self.settings.namespace, ref, headers) as headers:
+            await self._publish(ref, body, content_type, headers, timeout)
 
     async def _publish(
         self,

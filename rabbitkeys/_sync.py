@@ -41,6 +41,7 @@ from ._errors import PublishError
 from ._publisher import Publisher, encode_body
 from ._settings import Settings, load_settings
 from ._topology import DEFAULT_JOB_TYPE, KeyRef
+from ._tracing import end_publish, start_publish
 
 __all__ = ["SyncPublisher", "close_default_publisher", "default_publisher", "publish"]
 
@@ -194,10 +195,18 @@ class SyncPublisher:
         Usable from async code too: ``await asyncio.wrap_future(pub.submit(...))``."""
         ref = KeyRef.of(key, job_type)
         body, content_type = encode_body(payload, self.settings.max_message_bytes)
+        # the caller's trace context, here in its thread (a no-op without tracing)
+        span, headers = start_publish(self.settings.namespace, ref, headers)
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if span is not None:
+            future.add_done_callback(partial(_end_publish_span, span))
         call = _Call(ref, body, content_type, dict(headers) if headers else None, timeout, future)
         with self._lock:
-            self._check_usable()
+            try:
+                self._check_usable()
+            except PublishError as exc:
+                future.set_exception(exc)  # (the span's end)
+                raise
             wake = not self._inbox
             self._inbox.append(call)
             if wake:
@@ -291,6 +300,11 @@ class SyncPublisher:
         with self._lock:
             self._state = _State.CLOSED
         self._closed.set()
+
+
+def _end_publish_span(span: Any, future: concurrent.futures.Future[None]) -> None:
+    cancelled = future.cancelled()
+    end_publish(span, concurrent.futures.CancelledError() if cancelled else future.exception())
 
 
 def _settle(future: concurrent.futures.Future[None], task: asyncio.Task[None]) -> None:
