@@ -628,10 +628,17 @@ class _Ledger:
 
     def _unowned(self, key: Key) -> list[Command]:
         """No worker consumes the key (its owner is None): it waits UNOWNED or, wanted by a
-        redrive (and its head not being skipped), it is rearranged: REDRIVING."""
+        redrive (and its head not being skipped), it is rearranged: REDRIVING.
+
+        The redrive hold is bound only now, the key unconsumed: a leader that reads it back
+        (:meth:`holds_listed`) finishes a redrive cut by a crash on a queue no worker
+        consumes. A redrive cut before this point left its dead letters unacked in the
+        dead-letter queue: nothing to finish."""
         if key.redrive is not None and key.skipping is None:
             self._enter(key, KeyState.REDRIVING)
+            arguments = _redrive_arguments(key.redrive)
             return [
+                SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments),
                 Rearrange(
                     key.ref.id,
                     key.ref,
@@ -639,7 +646,7 @@ class _Ledger:
                     tuple(key.routing_keys),
                     key.epoch,
                     key.redrive,
-                )
+                ),
             ]
         self._enter(key, KeyState.UNOWNED)
         return []
@@ -654,16 +661,14 @@ class _Ledger:
         return []
 
     def _hold_commands(self, key: Key) -> list[Command]:
-        """Bind the key's holds (again: binding is idempotent), once its queue exists."""
+        """Bind the key's holds (again: binding is idempotent), once its queue exists (a
+        redrive's hold is bound as it enters REDRIVING: :meth:`_unowned`)."""
         commands: list[Command] = []
         if key.paused:
             commands.append(SetHold(HOLD_PAUSED, True, queue=key.queue))
         if key.parked is not None:
             arguments = _parked_arguments(key.parked)
             commands.append(SetHold(HOLD_PARKED, True, queue=key.queue, arguments=arguments))
-        if key.redrive is not None:
-            arguments = _redrive_arguments(key.redrive)
-            commands.append(SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments))
         return commands
 
     def _bind_hold(self, key: Key, command: SetHold) -> list[Command]:
@@ -827,7 +832,8 @@ class KeyBook(_Ledger):
             or (key.owner is not None and key.owner in self.workers)
             or (key.queue_seen and self.held(key))  # its holds live on its queue
         ):
-            return self._resume(key) + commands
+            # kept: its queue exists (most likely); holds added meanwhile are bound now
+            return self._hold_commands(key) + self._resume(key) + commands
         self._forget(key)
         return commands
 
@@ -1240,8 +1246,8 @@ class KeyBook(_Ledger):
 
     def redrive(self, ref: KeyRef, redrive_id: str) -> list[Command]:
         """A redrive wants to put dead letters at the key's head: the key is held, its
-        owner released, and once nobody consumes it, it is REDRIVING (:class:`Rearrange`).
-        A key not in the book is declared first."""
+        owner released, and once nobody consumes it, it is REDRIVING (its hold bound, then
+        :class:`Rearrange`). A key not in the book is declared first."""
         key = self.keys.get(ref.id)
         if key is not None and key.redrive is not None:
             raise HoldRefused(
@@ -1254,16 +1260,12 @@ class KeyBook(_Ledger):
                 raise HoldRefused(refused)
             key = self._new_key(ref, KeyState.UNOWNED)
             key.redrive = redrive_id
-            return self._declare(key)  # REDRIVING once declared; its hold bound then
+            return self._declare(key)  # REDRIVING once declared
         key.redrive = redrive_id
-        arguments = _redrive_arguments(redrive_id)
-        commands = self._bind_hold(
-            key, SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments)
-        )
         if key.state is KeyState.UNOWNED:
-            return commands + self._unowned(key)
+            return self._unowned(key)
         # owned: released first; declared or retired: when that ends
-        return commands + self._let_go(key)
+        return self._let_go(key)
 
     def rearranged(
         self, key_id: str, epoch: int, ok: bool, removed: Iterable[str]

@@ -1,9 +1,10 @@
 """The key book: a key's lifecycle and the registry's rules, without a broker.
 
-A small simulation stands in for the registry's shell and the workers: it carries out the
-book's commands as late as hypothesis likes (a declare, an unbind, a delete's outcome, a
-worker's release), in any order with joins, crashes, ensures and idle reports, and checks
-the rules after every step.
+A small simulation stands in for the registry's shell, the broker's key queues and their
+hold bindings, and the workers: it carries out the book's commands as late as hypothesis
+likes (a declare, an unbind, a delete's outcome, a worker's release, a skip, a redrive's
+rearrangement), in any order with joins, crashes, ensures, idle reports, parked keys and
+operators' pauses, resumes, skips and redrives, and checks the rules after every step.
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ from rabbitkeys._keybook import (
     Command,
     DeclareAndBind,
     HandoffDone,
+    HoldRefused,
+    Key,
     KeyBook,
     KeyState,
+    Parked,
+    Rearrange,
     Rebalance,
     ReleaseKeys,
     Reply,
     Retired,
+    SetHold,
+    SkipHead,
     SyncWorker,
     Unbind,
     WaitGrace,
     WaitRelease,
 )
 from rabbitkeys._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef, Names
 
 JOB_TYPES = ("a", "b")
 WORKERS = ("w1", "w2", "w3")
@@ -54,6 +61,29 @@ def new_book(max_keys: int = 1_000, max_job_types: int = 100) -> KeyBook:
 
 class Violation(AssertionError):
     pass
+
+
+Binding = tuple[str, tuple[tuple[str, str | int], ...]]
+
+
+def book_holds(key: Key) -> set[Binding]:
+    """The hold bindings a key's queue should have, from the book."""
+    holds: set[Binding] = set()
+    if key.paused:
+        holds.add((HOLD_PAUSED, ()))
+    if key.parked is not None:
+        p = key.parked
+        arguments = (
+            ("x-error", p.error),
+            ("x-attempts", p.attempts),
+            ("x-job-index", p.job_index),
+            ("x-worker", p.worker_id),
+            ("x-at", p.at),
+        )
+        holds.add((HOLD_PARKED, arguments))
+    if key.redrive is not None:
+        holds.add((HOLD_REDRIVE, (("x-redrive", key.redrive),)))
+    return holds
 
 
 @dataclass
@@ -78,6 +108,14 @@ class Sim:
     time: float = 0.0
     #: the key whose declare-ok is being reported now: the only one that may be fresh
     just_declared: str | None = None
+    #: the broker: key queues that exist, and their hold bindings (and the job types')
+    queues: dict[str, KeyRef] = field(default_factory=dict)
+    bindings: dict[str, set[Binding]] = field(default_factory=dict)
+    type_holds: set[str] = field(default_factory=set)
+    #: Released reports a worker owes after parking a key (it let go at once)
+    parking: list[tuple[str, str]] = field(default_factory=list)
+    redrive_ids: itertools.count[int] = field(default_factory=itertools.count)
+    refused: int = 0
 
     # --- carrying out commands ---------------------------------------------------------
 
@@ -91,6 +129,8 @@ class Sim:
                         owned = (KeyState.OWNED, KeyState.DECLARING)
                         if key.state not in owned or key.owner != worker:
                             raise Violation(f"assigned {assignment.key_id} in {key.state}")
+                        if self.book.held(key):
+                            raise Violation(f"assigned {assignment.key_id}, held: {key}")
                         if assignment.fresh and assignment.key_id != self.just_declared:
                             # the worker would consume it unchecked: its queue may be gone
                             raise Violation(f"{assignment.key_id} assigned fresh, not declared")
@@ -110,7 +150,26 @@ class Sim:
                     key = self.book.keys[key_id]
                     if key.owner is not None or key.routing_keys or self.holders(key_id):
                         raise Violation(f"delete of {key_id}: {key}, held {self.holders(key_id)}")
+                    if self.book.held(key):
+                        raise Violation(f"delete of held {key_id}: {key}")
                     self.pending.append(command)
+                case SkipHead(key_id=key_id) | Rearrange(key_id=key_id):
+                    key = self.book.keys[key_id]
+                    if key.owner is not None or self.holders(key_id):
+                        raise Violation(f"{command} while consumed: {key}")
+                    self.pending.append(command)
+                case SetHold(hold=hold, add=add, queue=queue, job_type=job_type, arguments=a):
+                    if job_type is not None:
+                        assert queue is None and hold == HOLD_PAUSED
+                        (self.type_holds.add if add else self.type_holds.discard)(job_type)
+                    elif add:
+                        assert queue is not None
+                        if queue not in self.queues:
+                            raise Violation(f"{command}: the queue does not exist")
+                        self.bindings.setdefault(queue, set()).add((hold, a))
+                    else:
+                        assert queue is not None
+                        self.bindings.get(queue, set()).discard((hold, a))
                 case DeclareAndBind() | Unbind() | WaitGrace() | WaitRelease():
                     self.pending.append(command)
                 case Retired():
@@ -128,8 +187,9 @@ class Sim:
         command = self.pending.pop(index % len(self.pending))
         book = self.book
         match command:
-            case DeclareAndBind(key_id=key_id, epoch=epoch):
+            case DeclareAndBind(key_id=key_id, epoch=epoch, queue=queue, ref=r):
                 if success:
+                    self.queues[queue] = r
                     routing_key = f"rk{next(self.routing_keys)}"
                     self.just_declared = key_id
                     try:
@@ -145,10 +205,24 @@ class Sim:
                 self.do(book.grace_over(key_id, epoch))
             case WaitRelease(key_id=key_id, epoch=epoch):
                 self.do(book.release_wait_over(key_id, epoch))
-            case CheckAndDelete(key_id=key_id, epoch=epoch):
+            case CheckAndDelete(key_id=key_id, epoch=epoch, queue=queue):
                 if self.holders(key_id):  # the broker's if_unused would refuse: never asked
                     raise Violation(f"{key_id} deleted while consumed")
+                if success:
+                    if self.bindings.get(queue):
+                        raise Violation(f"{key_id} deleted with holds {self.bindings[queue]}")
+                    self.queues.pop(queue, None)
+                    self.bindings.pop(queue, None)
                 self.do(book.delete_outcome(key_id, epoch, deleted=success))
+            case SkipHead(key_id=key_id, epoch=epoch):
+                if self.holders(key_id):
+                    raise Violation(f"{key_id}: head skipped while consumed")
+                self.do(book.skipped(key_id, epoch, ok=success))
+            case Rearrange(key_id=key_id, epoch=epoch, routing_keys=routing_keys):
+                if self.holders(key_id):
+                    raise Violation(f"{key_id}: rearranged while consumed")
+                removed = routing_keys if success else routing_keys[:1]
+                self.do(book.rearranged(key_id, epoch, success, removed))
 
     # --- what workers and publishers do --------------------------------------------------
 
@@ -166,13 +240,51 @@ class Sim:
     def crash(self, worker: str) -> None:
         self.holds.pop(worker, None)  # the broker requeues and frees what it held
         self.releases = [(w, k) for w, k in self.releases if w != worker]
+        self.parking = [(w, k) for w, k in self.parking if w != worker]
         self.do(self.book.gone(worker))
 
     def leave(self, worker: str) -> None:
-        held = self.holds.pop(worker, set())
+        held = self.holds.pop(worker, set()) | {k for w, k in self.parking if w == worker}
         self.releases = [(w, k) for w, k in self.releases if w != worker]
+        self.parking = [(w, k) for w, k in self.parking if w != worker]
         self.do(self.book.released(worker, [(self.refs[k], None) for k in held], self.time))
         self.do(self.book.gone(worker))
+
+    def park(self, worker: str, key_id: str, attempts: int) -> None:
+        """The key's head failed its last attempt (policy park): the worker lets go at once
+        (head requeued), reports KeyParked, and owes its Released (:meth:`report_parked`)."""
+        if key_id not in self.holds.get(worker, set()):
+            return
+        self.holds[worker].discard(key_id)
+        parked = Parked(f"ValueError: {attempts}", attempts, 0, worker, int(self.time))
+        r = self.refs[key_id]
+        self.do(self.book.key_parked(worker, r, self.book_routing_key(key_id), parked, self.time))
+        self.parking.append((worker, key_id))
+
+    def report_parked(self, index: int) -> None:
+        worker, key_id = self.parking.pop(index % len(self.parking))
+        self.do(self.book.released(worker, [(self.refs[key_id], None)], self.time))
+
+    def operate(self, action: str, key: str, job_type: str) -> None:
+        """An operator's request; a refusal is an answer too."""
+        r = self.refs.setdefault(ref(key, job_type).id, ref(key, job_type))
+        book = self.book
+        try:
+            if action == "pause":
+                self.do(book.pause(r))
+            elif action == "resume":
+                self.do(book.resume(r))
+            elif action == "pause type":
+                self.do(book.pause_type(job_type))
+            elif action == "resume type":
+                self.do(book.resume_type(job_type))
+            elif action == "skip":
+                self.do(book.skip(r))
+            elif action == "redrive":
+                self.do(book.redrive(r, f"r{next(self.redrive_ids)}"))
+        except HoldRefused as refused:
+            assert str(refused)
+            self.refused += 1
 
     def release(self, index: int) -> None:
         """A worker acts on a Release: settles the key and reports it (if it holds it)."""
@@ -211,6 +323,17 @@ class Sim:
         self.pending.clear()  # the old leader's work in flight went with it
         abandoned = self.asked - set(self.replies)
         self.replies.update({w: Reply(w, reason="no answer: the leader died") for w in abandoned})
+        # Before it consumes its control queue, the new leader reads the holds back.
+        listed = [
+            (self.queues[queue], hold, dict(arguments))
+            for queue, holds in sorted(self.bindings.items())
+            for hold, arguments in sorted(holds)
+        ]
+        self.do(self.book.holds_listed(listed, sorted(self.type_holds), self.time))
+        # then the reports queued for the old leader (a parked key's Released): they come
+        # before the joins its Sync asks for, and before any later operator request
+        while self.parking:
+            self.report_parked(0)
         for worker in sorted(self.holds):
             self.join(worker, self.job_types[worker])
 
@@ -219,6 +342,8 @@ class Sim:
         for _ in range(100_000):
             if self.releases:
                 self.release(0)
+            elif self.parking:
+                self.report_parked(0)
             elif self.pending:
                 self.complete(0, success=True)
             else:
@@ -246,22 +371,47 @@ class Sim:
                 assert key.owner == holders[0], (key, holders)
             if key.state is KeyState.MOVING:
                 assert key.owner is not None
+            if key.state is KeyState.REDRIVING:
+                assert key.redrive is not None and key.owner is None, key
+            if key.skipping is not None:
+                assert key.parked is not None and key.owner is None, key
+            assert set(book.holds_of(key)) <= {"paused", "parked", "type_paused", "redrive"}
+            assert (bool(book.holds_of(key)) or key.skipping is not None) == book.held(key)
+        for c in self.pending:
+            if isinstance(c, (SkipHead, Rearrange)) and c.key_id in book.keys:
+                if self.holders(c.key_id):
+                    raise Violation(f"{c} under way while consumed")
         for worker_id, worker in book.workers.items():
             for key_id in worker.keys:
                 assert book.keys[key_id].owner == worker_id
         assert book.keys.job_types == Counter(k.ref.job_type for k in book.keys.values())
         assert book.retiring() == sum(1 for k in book.keys.values() if k.state in RETIRING)
+        counts = book.held_counts()
+        assert counts["parked"] == sum(k.parked is not None for k in book.keys.values())
+        assert counts["paused_job_types"] == len(book.paused_types)
+
+    def check_holds_recorded(self) -> None:
+        """Once settled, the broker's hold bindings are exactly the book's holds."""
+        book = self.book
+        for key in book.keys.values():
+            assert self.bindings.get(key.queue, set()) == book_holds(key), key
+        known = {k.queue for k in book.keys.values()}
+        for queue, holds in self.bindings.items():
+            assert not holds or queue in known, (queue, holds)
+        assert self.type_holds == book.paused_types
 
 
 # --- random sequences of events ----------------------------------------------------------
 
 # Each event: its kind, then an index or number, a key number and a flag, read as it needs.
 # Kinds that move keys along their lifecycle come more often than the ones that reset it.
+_OPERATIONS = ("pause", "resume", "pause type", "resume type", "skip", "redrive")
 _KINDS = (
     ["complete"] * 4
     + ["release"] * 3
     + ["idle", "ensure", "rebalance", "join"] * 2
     + ["let_go", "crash", "leave", "restart", "unknown heartbeat"]
+    + ["park", "report parked", *_OPERATIONS, "skip", "resume"]
 )
 _events = st.lists(
     st.tuples(st.sampled_from(_KINDS), st.integers(0, 20), st.integers(0, 5), st.booleans()),
@@ -299,6 +449,12 @@ def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
             sim.restart_registry()
         elif kind == "unknown heartbeat":
             assert sim.book.heartbeat("stranger", 0, [], sim.time) == [SyncWorker("stranger")]
+        elif kind == "park" and held:
+            sim.park(*held[index % len(held)], attempts=n + 1)
+        elif kind == "report parked" and sim.parking:
+            sim.report_parked(index)
+        elif kind in _OPERATIONS:
+            sim.operate(kind, f"k{n}", JOB_TYPES[index % 2])
         if sim.rebalance_wanted and flag:  # as the registry does, a moment later
             sim.rebalance()
         sim.check()
@@ -313,19 +469,23 @@ def test_any_order_of_events_keeps_the_rules_and_settles_with_every_key_owned(
     run(sim, events)
     sim.settle()
     sim.check()
+    sim.check_holds_recorded()
     book = sim.book
     # every ensure was answered, once
     assert set(sim.replies) == sim.asked
     for key_id, key in book.keys.items():
         eligible = [w for w, rec in book.workers.items() if key.ref.job_type in rec.job_types]
-        if eligible:
+        if book.held(key):  # no worker has it: it waits, with its queue and messages
+            assert key.state is KeyState.UNOWNED and key.owner is None, key
+            assert not sim.holders(key_id) and key.redrive is None and key.skipping is None
+        elif eligible:
             assert key.state is KeyState.OWNED, key
             assert sim.holders(key_id) == [key.owner]
         else:
             assert key.state is KeyState.UNOWNED and key.owner is None, key
-    # once settled, the owners are what rendezvous hashing says
+    # once settled, the owners of the keys not held are what rendezvous hashing says
     for job_type in JOB_TYPES:
-        keys = [k for k in book.keys.values() if k.ref.job_type == job_type]
+        keys = [k for k in book.keys.values() if k.ref.job_type == job_type and not book.held(k)]
         eligible = [w for w, rec in book.workers.items() if job_type in rec.job_types]
         desired = _assignment.assign((k.ref.id for k in keys), eligible)
         assert {k.ref.id: k.owner for k in keys if k.owner} == desired
