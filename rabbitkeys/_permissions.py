@@ -74,8 +74,10 @@ def permissions_for(role: Role, names: Names) -> Permissions:
             # key queues (consuming is reading), its inbox, the commands exchange to bind to
             read=_only(ns, key_queue, rf"worker\.{_WORKER_ID}", "commands"),
         )
-    # The registry: every shared name of the namespace, and nothing that is a worker's or a
-    # client's own queue (their inboxes and reply queues).
+    # The registry: every shared name of the namespace, and no worker's inbox. Reply queues
+    # match its rights (the operator commands run with its credential and need a reply
+    # queue of their own), but each is exclusive to the connection that declared it: the
+    # broker refuses any other connection (RESOURCE_LOCKED), whatever its rights.
     return Permissions(
         configure=_only(
             ns,
@@ -94,6 +96,8 @@ def permissions_for(role: Role, names: Names) -> Permissions:
             # internal exchange): both declared by the registry
             "operations",
             "holds",
+            # the operator commands' own reply queue (exclusive)
+            rf"reply\.{_CLIENT_ID}",
         ),
         write=_only(
             ns,
@@ -113,17 +117,21 @@ def permissions_for(role: Role, names: Names) -> Permissions:
             # skip: the parked head's dead-letter copies
             "dead-letters",
             # the operator commands (`rabbitkeys keys|pause|resume|skip|redrive`) run with
-            # the registry's credential: only this role may send operations
+            # the registry's credential: only this role may send operations; their reply
+            # queue is bound to NS.replies
             "operations",
+            rf"reply\.{_CLIENT_ID}",
         ),
         # the exchanges its queues bind to, its request queue, and the broker's events
         # (amq.rabbitmq.event: a worker's inbox deleted means the worker died); for issue
         # 16: key queues (redrive and skip take messages with basic.get; the registry still
         # never consumes one), the dead-letter queue (redrive reads it), NS.holds (the
-        # source of every hold binding) and NS.operations (NS.registry binds to it)
+        # source of every hold binding) and NS.operations (NS.registry binds to it); the
+        # operator commands' reply queue and NS.replies, the exchange it binds to
         read=(
             rf"^({re.escape(ns)}\.(jobs\.{_JOB_TYPE}|registry|registry\.events|requests"
-            rf"|membership|dead-letters|{key_queue}|dead-letter|holds|operations)"
+            rf"|membership|dead-letters|{key_queue}|dead-letter|holds|operations"
+            rf"|replies|reply\.{_CLIENT_ID})"
             r"|amq\.rabbitmq\.event)$"
         ),
     )

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 BROKER_REFUSALS = (
     aiormq.exceptions.ChannelAccessRefused,
     aiormq.exceptions.ChannelPreconditionFailed,
+    # another connection's exclusive queue
+    aiormq.exceptions.ChannelLockedResource,
 )
 
 
