@@ -356,3 +356,51 @@ async def test_a_redrive_with_no_registry_fails_soon_not_at_its_timeout(
     assert code == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "no registry leads namespace" in err and settings.namespace in err
+
+
+async def test_each_role_with_its_own_credential_and_the_operator_with_the_registrys(
+    settings: Settings,
+    role_users: RoleUsers,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Production's set-up: the registry, a worker and a publisher each log in as their
+    role's user; ``pause``, ``keys`` and ``resume`` run with the registry's credential (a
+    reply queue of their own, exclusive: the registry role may declare one)."""
+    as_role = {
+        role: make_settings(role_users.of(role).url, settings.namespace)
+        for role in (Role.PUBLISHER, Role.WORKER, Role.REGISTRY)
+    }
+    for name, value in _settings_env(as_role[Role.REGISTRY]).items():
+        monkeypatch.setenv(name, value)
+    handled: list[int] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled.append(int(message.body))
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(cli.main, [*argv, "--timeout", "30"])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    async with (
+        running_registry(as_role[Role.REGISTRY]) as registry,
+        running_worker(as_role[Role.WORKER], app),
+        Publisher(as_role[Role.PUBLISHER]) as publisher,
+    ):
+        await publisher.publish("user/42", b"1")
+        await eventually(lambda: handled == [1])
+        code, out, err = await run("pause", "default", "user/42")
+        assert code == cli.EXIT_OK, err
+        key = registry._book.keys[KeyRef.of("user/42").id]
+        await eventually(lambda: key.owner is None)
+        await publisher.publish("user/42", b"2")
+        code, out, err = await run("keys", "--json", "--state", "paused")
+        assert code == cli.EXIT_OK, err
+        assert [info["key"] for info in json.loads(out)["keys"]] == ["user/42"]
+        assert handled == [1]
+        code, out, err = await run("resume", "default", "user/42")
+        assert code == cli.EXIT_OK, err
+        await eventually(lambda: handled == [1, 2])
