@@ -312,7 +312,8 @@ async def rearrange(
     1. Unbind ``routing_keys`` from ``NS.jobs.<type>``: publishes now come back to their
        publishers (the routing-key fence), whose ensures wait while the key is REDRIVING.
     2. Sleep ``grace``: messages routed before the unbind land. The queue is frozen now
-       (unbound, unconsumed); count its messages, ``n`` (a passive declare).
+       (unbound, unconsumed); count its messages, ``n`` (a passive declare), and check that
+       it has no consumer indeed (else fail, the queue unchanged).
     3. Bind a private routing key (``<token>|redrive-<hex>``, known to no publisher).
     4. Publish the dead letters through it: original body and properties, headers without
        the failure headers, plus ``x-rabbitkeys-redrive: redrive_id``; persistent,
@@ -364,6 +365,12 @@ async def rearrange(
         await asyncio.sleep(grace)
         declared = await underlay.queue_declare(queue, passive=True)
         waiting = (declared.message_count or 0) if declared is not None else 0
+        consumers = (declared.consumer_count or 0) if declared is not None else 0
+        if consumers:
+            # a worker the book does not know of yet (say, after a failover) still
+            # consumes it: the rotation's consumer would wait as a standby, and the
+            # worker would take messages from under it. Nothing changed yet: stop here
+            raise RuntimeError(f"{queue} has {consumers} consumer(s); it must have none")
         private = f"{ref.token}|redrive-{secrets.token_hex(8)}"
         await underlay.queue_bind(queue, exchange, routing_key=private)
         tail = _Tail(underlay, exchange, private, own_user)
@@ -664,7 +671,8 @@ async def skip_head(
     ``"registry"``), published as ``user_id`` (the connection's user), mandatory and
     confirmed; then the head is acked. A batch that cannot be read is copied whole, as a
     worker does. A ``job_index`` beyond the head's jobs (the head is not the delivery that
-    was parked) copies all of them: nothing is lost. Raises if anything fails: the head
+    was parked) copies all of them: nothing is lost. A queue that has a consumer is left
+    as it is (raises). Raises if anything fails: the head
     then goes back to its place (its channel is closed), and copies already confirmed
     stay in the dead-letter queue (a retried skip makes them again)."""
     channel = await open_channel(connection, publisher_confirms=True)
@@ -673,6 +681,9 @@ async def skip_head(
         declared = await underlay.queue_declare(queue, passive=True)
         if declared is None or not declared.message_count:
             return 0
+        if declared.consumer_count:
+            # its head is not ours to take: the consumer would get it, or keep us waiting
+            raise RuntimeError(f"{queue} has {declared.consumer_count} consumer(s)")
         (head,) = await _take(underlay, queue, 1)
         properties = head.header.properties
         try:

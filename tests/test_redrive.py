@@ -379,13 +379,30 @@ async def test_a_failed_rearrangement_says_how_far_it_got(key: Key) -> None:
 
 
 @BOTH_QUEUE_TYPES
+async def test_a_key_queue_with_a_consumer_is_not_rearranged(key: Key) -> None:
+    """A worker the book does not know of still consumes the key queue: the rearrangement
+    fails before it changes anything."""
+    await key.wait("w0", "w1")
+    await key.dead_letter(b"d0")
+    dead_letters = await key.dead_letters()
+    intruder = await key.connection.channel()
+    await intruder.set_qos(prefetch_count=1)
+    await (await intruder.get_queue(key.queue, ensure=False)).consume(_hold)
+    with pytest.raises(RearrangeError) as raised:
+        await key.rearrange(dead_letters)
+    assert raised.value.removed == [key.routing_key] and not raised.value.queue_changed
+    assert "consumer" in str(raised.value)
+    await intruder.close()
+    assert await key.bodies(expect=2) == [b"w0", b"w1"]
+
+
+@BOTH_QUEUE_TYPES
 async def test_a_rearrangement_cut_with_copies_in_the_queue_is_finished_by_a_recovery(
     key: Key, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another consumer holds the key queue (it should not: the book keeps it unconsumed):
-    the rotation's consumer is a standby and gets nothing; the rearrangement fails after
-    the dead letters were published, and says so. Once the intruder is gone, a recovery
-    puts them first."""
+    """Another consumer comes once the dead letters are published: the rotation's
+    consumer is a standby and gets nothing; the rearrangement fails and says how far it
+    got. Once the intruder is gone, a recovery puts the dead letters first."""
     monkeypatch.setattr(_redrive, "_TAKE_TIMEOUT", 1.0)
     await key.wait("w0", "w1", "w2")
     for n in range(2):
@@ -393,8 +410,13 @@ async def test_a_rearrangement_cut_with_copies_in_the_queue_is_finished_by_a_rec
     dead_letters = await key.dead_letters()
     intruder = await key.connection.channel()
     await intruder.set_qos(prefetch_count=1)
-    queue = await intruder.get_queue(key.queue, ensure=False)
-    await queue.consume(_hold)
+    publish = _redrive._Tail.publish
+
+    async def publish_then_intrude(self: Any, messages: Any) -> None:
+        await publish(self, messages)
+        await (await intruder.get_queue(key.queue, ensure=False)).consume(_hold)
+
+    monkeypatch.setattr(_redrive._Tail, "publish", publish_then_intrude)
     with pytest.raises(RearrangeError) as raised:
         await key.rearrange(dead_letters)
     failed = raised.value
@@ -402,6 +424,7 @@ async def test_a_rearrangement_cut_with_copies_in_the_queue_is_finished_by_a_rec
     assert (failed.sent, failed.published, failed.rotated) == (2, 2, 0)
     assert failed.queue_changed
     await intruder.close()  # w0 back at the head
+    monkeypatch.setattr(_redrive._Tail, "publish", publish)
     assert await _peek(key, 5) == [b"w0", b"w1", b"w2", b"d0", b"d1"]
     await rearrange(key.connection, key.names, key.ref, key.queue, [], REDRIVE_ID, None, 0)
     assert await key.bodies() == [b"d0", b"d1", b"w0", b"w1", b"w2"]
