@@ -83,15 +83,19 @@ REGISTRY_WORKER_ID = "registry"
 #: Headers a dead-lettered copy got (``dead_letter_headers``) that a redriven one drops.
 _FAILURE_HEADERS = (HEADER_ERROR, HEADER_ATTEMPTS, HEADER_FAILED_AT, HEADER_WORKER)
 
-#: Messages moved per round of a rotation: got one by one (a ``basic.get`` is a round trip),
-#: their copies published together (confirms pipelined), acked with one ``multiple`` ack. A
-#: rotation cut inside a round leaves at most this many messages both at the head (requeued)
-#: and at the tail (their confirmed copies).
+#: Messages moved per round of a rotation: taken together (one consumer), their copies
+#: published together (confirms pipelined), acked with one ``multiple`` ack. A
+#: rotation cut inside a round leaves at most this many messages both at the head (given
+#: back) and at the tail (their confirmed copies).
 _ROTATION_ROUND = 64
 
 #: How long the messages at a key queue's head may take to come to a rearrangement's or a
 #: skip's consumer (they are there: it is a wait for a delivery, not for a publisher).
 _TAKE_TIMEOUT = 30.0
+
+#: How long a recovery waits before it reads a key queue's length again (see
+#: ``_finish_rotation``).
+_RECOUNT_PAUSE = 0.2
 
 
 class RearrangeError(RabbitkeysError):
@@ -308,7 +312,8 @@ async def rearrange(
     1. Unbind ``routing_keys`` from ``NS.jobs.<type>``: publishes now come back to their
        publishers (the routing-key fence), whose ensures wait while the key is REDRIVING.
     2. Sleep ``grace``: messages routed before the unbind land. The queue is frozen now
-       (unbound, unconsumed); count its messages, ``n`` (a passive declare).
+       (unbound, unconsumed); count its messages, ``n`` (a passive declare), and check that
+       it has no consumer indeed (else fail, the queue unchanged).
     3. Bind a private routing key (``<token>|redrive-<hex>``, known to no publisher).
     4. Publish the dead letters through it: original body and properties, headers without
        the failure headers, plus ``x-rabbitkeys-redrive: redrive_id``; persistent,
@@ -329,21 +334,27 @@ async def rearrange(
 
     Raises :class:`RearrangeError` (the cause chained) if any step fails. The queue is
     then unbound from ``RearrangeError.removed``. Unless ``queue_changed``, its messages
-    are as they were and the caller requeues the dead letters. Else it holds redriven
+    are as they were, and the dead letters must not be acked (they go back to the
+    dead-letter queue: ``settle(..., ok=False)``). Else it holds redriven
     copies behind the messages not rotated yet, the ``rotated`` ones behind them (a cut
     round may leave up to 64 messages both at the head and, as copies, at the tail: their
     duplicates are not dropped by the worker when their ``user_id`` was dropped): keep the
     redrive hold and recover (``dead_letters=None``) before the key is consumed again, and
     ack the dead letters only if all were ``published``. The private routing key is
     unbound on failure too, if the connection still allows it (a cancellation leaves it:
-    no publisher knows it)."""
+    no publisher knows it). A channel that cannot be opened raises as it is (nothing was
+    done yet)."""
     exchange = names.jobs_exchange(ref.job_type)
     own_user = _own_user(connection)
     removed: list[str] = []
     progress = _Progress()
     channel = await open_channel(connection, publisher_confirms=True)
-    # what is taken from the head but not acked goes back in place when this one closes
-    taker = await open_channel(connection)
+    try:
+        # what is taken from the head but not acked goes back in place when this one closes
+        taker = await open_channel(connection)
+    except BaseException:
+        await _close(channel)
+        raise
     private: str | None = None
     try:
         underlay = await channel.get_underlay_channel()
@@ -354,6 +365,12 @@ async def rearrange(
         await asyncio.sleep(grace)
         declared = await underlay.queue_declare(queue, passive=True)
         waiting = (declared.message_count or 0) if declared is not None else 0
+        consumers = (declared.consumer_count or 0) if declared is not None else 0
+        if consumers:
+            # a worker the book does not know of yet (say, after a failover) still
+            # consumes it: the rotation's consumer would wait as a standby, and the
+            # worker would take messages from under it. Nothing changed yet: stop here
+            raise RuntimeError(f"{queue} has {consumers} consumer(s); it must have none")
         private = f"{ref.token}|redrive-{secrets.token_hex(8)}"
         await underlay.queue_bind(queue, exchange, routing_key=private)
         tail = _Tail(underlay, exchange, private, own_user)
@@ -458,9 +475,22 @@ async def _finish_rotation(
     progress: _Progress,
 ) -> None:
     """Recovery: move messages from the head to the tail until the head carries
-    ``redrive_id``, at most ``count``."""
+    ``redrive_id``, at most the queue's length, ``count``.
+
+    A quorum queue counts the messages a closed channel held only once it has taken them
+    back, a moment later (measured: 36 of 100 right after the close; they are delivered
+    in their places all the same): a recovery right after a failed rearrangement may be
+    told too few. So a count used up without finding the redrive is read again, after a
+    pause, and the rotation goes on if the queue turns out longer."""
     moved = 0
-    while moved < count:
+    while True:
+        if moved >= count:
+            await asyncio.sleep(_RECOUNT_PAUSE)
+            declared = await channel.queue_declare(queue, passive=True)
+            recounted = (declared.message_count or 0) if declared is not None else 0
+            if recounted <= count:
+                return  # a full cycle: no message carries the redrive, nothing to finish
+            count = recounted
         round_ = await _take(channel, queue, min(_ROTATION_ROUND, count - moved))
         first_redriven = next(
             (i for i, got in enumerate(round_) if _redrive_of(got) == redrive_id), None
@@ -641,7 +671,8 @@ async def skip_head(
     ``"registry"``), published as ``user_id`` (the connection's user), mandatory and
     confirmed; then the head is acked. A batch that cannot be read is copied whole, as a
     worker does. A ``job_index`` beyond the head's jobs (the head is not the delivery that
-    was parked) copies all of them: nothing is lost. Raises if anything fails: the head
+    was parked) copies all of them: nothing is lost. A queue that has a consumer is left
+    as it is (raises). Raises if anything fails: the head
     then goes back to its place (its channel is closed), and copies already confirmed
     stay in the dead-letter queue (a retried skip makes them again)."""
     channel = await open_channel(connection, publisher_confirms=True)
@@ -650,6 +681,9 @@ async def skip_head(
         declared = await underlay.queue_declare(queue, passive=True)
         if declared is None or not declared.message_count:
             return 0
+        if declared.consumer_count:
+            # its head is not ours to take: the consumer would get it, or keep us waiting
+            raise RuntimeError(f"{queue} has {declared.consumer_count} consumer(s)")
         (head,) = await _take(underlay, queue, 1)
         properties = head.header.properties
         try:

@@ -22,6 +22,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 
+from rabbitkeys import _redrive
 from rabbitkeys._batch import Record
 from rabbitkeys._control import declare_control_topology
 from rabbitkeys._envelope import (
@@ -138,10 +139,7 @@ class Key:
         quorum queue with single active consumer refuses basic.get). ``expect``: how many
         messages the queue must come to hold first (what a closed channel gave back)."""
         if expect is not None:
-            deadline = asyncio.get_running_loop().time() + 10
-            while (found := await self.count(queue)) != expect:
-                assert asyncio.get_running_loop().time() < deadline, (found, expect)
-                await asyncio.sleep(0.05)
+            await self.until_count(expect, queue)
         taken = await _take(self.channel, queue or self.queue, await self.count(queue))
         if taken:
             await self.channel.basic_ack(taken[-1].delivery_tag or 0, multiple=True)
@@ -149,6 +147,14 @@ class Key:
 
     async def bodies(self, queue: str | None = None, expect: int | None = None) -> list[bytes]:
         return [got.body for got in await self.drain(queue, expect)]
+
+    async def until_count(self, expect: int, queue: str | None = None) -> None:
+        """Wait until ``queue`` (the key's) holds ``expect`` messages: what a closed
+        channel gives back may take a moment to show in a quorum queue's count."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while (found := await self.count(queue)) != expect:
+            assert asyncio.get_running_loop().time() < deadline, (found, expect)
+            await asyncio.sleep(0.05)
 
     async def count(self, queue: str | None = None) -> int:
         declared = await self.channel.queue_declare(queue or self.queue, passive=True)
@@ -328,7 +334,7 @@ async def test_recovery_finishes_a_rotation_cut_part_way(key: Key) -> None:
     messages: the next one only finishes the rotation."""
     await key.wait("w0", "w1", "w2", "w3", "w4")
     await _cut_rearrangement(key, [b"d0", b"d1"], moved=2)
-    assert await _peek(key) == [b"w2", b"w3", b"w4", b"d0", b"d1", b"w0", b"w1"]
+    assert await _peek(key, 7) == [b"w2", b"w3", b"w4", b"d0", b"d1", b"w0", b"w1"]
     await key.rearrange(None)
     found = await key.drain()
     assert [got.body for got in found] == [b"d0", b"d1", b"w0", b"w1", b"w2", b"w3", b"w4"]
@@ -370,6 +376,92 @@ async def test_a_failed_rearrangement_says_how_far_it_got(key: Key) -> None:
     assert raised.value.removed == [] and not raised.value.queue_changed
     assert (raised.value.sent, raised.value.published, raised.value.rotated) == (0, 0, 0)
     assert isinstance(raised.value.__cause__, aiormq.exceptions.ChannelNotFoundEntity)
+
+
+@BOTH_QUEUE_TYPES
+async def test_a_key_queue_with_a_consumer_is_not_rearranged(key: Key) -> None:
+    """A worker the book does not know of still consumes the key queue: the rearrangement
+    fails before it changes anything."""
+    await key.wait("w0", "w1")
+    await key.dead_letter(b"d0")
+    dead_letters = await key.dead_letters()
+    intruder = await key.connection.channel()
+    await intruder.set_qos(prefetch_count=1)
+    await (await intruder.get_queue(key.queue, ensure=False)).consume(_hold)
+    with pytest.raises(RearrangeError) as raised:
+        await key.rearrange(dead_letters)
+    assert raised.value.removed == [key.routing_key] and not raised.value.queue_changed
+    assert "consumer" in str(raised.value)
+    await intruder.close()
+    assert await key.bodies(expect=2) == [b"w0", b"w1"]
+
+
+@BOTH_QUEUE_TYPES
+async def test_a_rearrangement_cut_with_copies_in_the_queue_is_finished_by_a_recovery(
+    key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another consumer comes once the dead letters are published: the rotation's
+    consumer is a standby and gets nothing; the rearrangement fails and says how far it
+    got. Once the intruder is gone, a recovery puts the dead letters first."""
+    monkeypatch.setattr(_redrive, "_TAKE_TIMEOUT", 1.0)
+    await key.wait("w0", "w1", "w2")
+    for n in range(2):
+        await key.dead_letter(f"d{n}".encode(), failed_at=n, n=n)
+    dead_letters = await key.dead_letters()
+    intruder = await key.connection.channel()
+    await intruder.set_qos(prefetch_count=1)
+    publish = _redrive._Tail.publish
+
+    async def publish_then_intrude(self: Any, messages: Any) -> None:
+        await publish(self, messages)
+        await (await intruder.get_queue(key.queue, ensure=False)).consume(_hold)
+
+    monkeypatch.setattr(_redrive._Tail, "publish", publish_then_intrude)
+    with pytest.raises(RearrangeError) as raised:
+        await key.rearrange(dead_letters)
+    failed = raised.value
+    assert failed.removed == [key.routing_key] and isinstance(failed.__cause__, TimeoutError)
+    assert (failed.sent, failed.published, failed.rotated) == (2, 2, 0)
+    assert failed.queue_changed
+    await intruder.close()  # w0 back at the head
+    monkeypatch.setattr(_redrive._Tail, "publish", publish)
+    assert await _peek(key, 5) == [b"w0", b"w1", b"w2", b"d0", b"d1"]
+    await rearrange(key.connection, key.names, key.ref, key.queue, [], REDRIVE_ID, None, 0)
+    assert await key.bodies() == [b"d0", b"d1", b"w0", b"w1", b"w2"]
+
+
+@BOTH_QUEUE_TYPES
+async def test_a_rotation_cut_in_a_round_is_finished_by_a_recovery_at_once(
+    key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies of the first round of the rotation cannot be published: the round, taken
+    and not acked, goes back in place as the rearrangement fails; a recovery run at once
+    (a quorum queue counts those messages again only a moment later) puts the dead
+    letters first and the 100 waiting messages after them, in order."""
+    waiting = [f"w{n}" for n in range(100)]
+    await key.wait(*waiting)
+    await key.dead_letter(b"d0", failed_at=1)
+    publish = _redrive._Tail.publish
+    calls = 0
+
+    async def publish_dead_letters_only(self: Any, messages: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("the broker is gone")
+        await publish(self, messages)
+
+    monkeypatch.setattr(_redrive._Tail, "publish", publish_dead_letters_only)
+    with pytest.raises(RearrangeError) as raised:
+        await key.rearrange(await key.dead_letters())
+    assert (raised.value.sent, raised.value.published, raised.value.rotated) == (1, 1, 0)
+    monkeypatch.setattr(_redrive._Tail, "publish", publish)
+    await rearrange(key.connection, key.names, key.ref, key.queue, [], REDRIVE_ID, None, 0)
+    assert await key.bodies(expect=101) == [b"d0", *(body.encode() for body in waiting)]
+
+
+async def _hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """An intruder's consumer that never settles what it receives."""
 
 
 # --- reading the dead-letter queue ------------------------------------------------------
@@ -532,13 +624,14 @@ async def _cut_rearrangement(key: Key, dead: list[bytes], moved: int) -> None:
     await key.channel.queue_bind(key.queue, key.exchange, routing_key=key.routing_key)
 
 
-async def _peek(key: Key) -> list[bytes]:
+async def _peek(key: Key, expect: int) -> list[bytes]:
     """The key queue's bodies in order, left in place (taken unacked on a channel of their
-    own, which is then closed: each goes back to its place)."""
+    own, which is then closed: each goes back to its place), once it holds ``expect``."""
+    await key.until_count(expect)
     channel = await key.connection.channel()
     try:
         underlay = await channel.get_underlay_channel()
-        return [got.body for got in await _take(underlay, key.queue, await key.count())]
+        return [got.body for got in await _take(underlay, key.queue, expect)]
     finally:
         await channel.close()
 
