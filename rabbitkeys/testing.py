@@ -17,7 +17,8 @@ middleware around each attempt, the retry policy of the settings (``max_retries`
 ``retry_backoff``, ``retry_backoff_max``: the real :class:`~._retry.RetryPolicy`), and after
 the last attempt the job type's ``on_failure``: dead-letter it and go on, or park the key
 (:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). A body that does not fit the
-handler's declared type and a job type without a handler are dead-lettered at once.
+handler's declared type fails at once (no retry): dead-lettered, or parked for a job type
+that parks; a job type without a handler is dead-lettered at once.
 ``publish`` has :meth:`Publisher.publish <rabbitkeys.Publisher.publish>`'s signature and
 encodes payloads and headers the same way (:mod:`._payload`, :mod:`._envelope`), so a
 handler sees the same :class:`~rabbitkeys.Message` it would get from the broker.
@@ -470,13 +471,10 @@ class InMemoryWorker:
             job.errors.append(error)
             step = self.policy.after_failure(job.attempts, error)
             if isinstance(step, DeadLetter):
-                # A failure no retry can change (no handler, a body that does not fit) is
-                # dead-lettered whatever the job type's policy: parking could not help.
-                parks = (
-                    isinstance(route, Route)
-                    and route.on_failure == "park"
-                    and self.policy.retries(error)
-                )
+                # As the worker: a job type that parks parks whatever failed, a body that
+                # does not fit too (at once: no retry changes it; an operator skips it or
+                # resumes once the handler accepts it); no handler: dead-lettered.
+                parks = isinstance(route, Route) and route.on_failure == "park"
                 log.error(
                     "key %r of %s: %s after %d attempt(s): %s",
                     job.key,

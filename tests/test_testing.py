@@ -207,7 +207,9 @@ async def test_after_the_last_attempt_a_job_is_dead_lettered_and_its_key_goes_on
     assert bad.dead_letter_headers[HEADER_WORKER] == "in-memory"
 
 
-async def test_a_body_that_does_not_fit_is_dead_lettered_at_once_without_middleware() -> None:
+async def test_a_body_that_does_not_fit_fails_at_once_without_middleware() -> None:
+    """No attempt, no retry: dead-lettered for a job type that dead-letters; a job type that
+    parks parks it (as the worker does: order is what it asked for)."""
     app = App()
     called: list[str] = []
 
@@ -216,15 +218,22 @@ async def test_a_body_that_does_not_fit_is_dead_lettered_at_once_without_middlew
         called.append("middleware")
         return await call_next(message)
 
-    # even a parking job type: no retry and no resume can change a body
-    @app.handler("comments", on_failure="park")
+    @app.handler("comments")
     async def create(message: Message[Comment]) -> None:
+        called.append(message.payload.text)
+
+    @app.handler("ledger", on_failure="park")
+    async def book(message: Message[Comment]) -> None:
         called.append(message.payload.text)
 
     async with InMemoryWorker(app, settings(max_retries=5)) as worker:
         bad = await worker.publish("post A", {"post": "post A"}, job_type="comments")
         good = await worker.publish(
             "post A", Comment(post="post A", text="hi"), job_type="comments"
+        )
+        stuck = await worker.publish("post A", {"post": "post A"}, job_type="ledger")
+        waiting = await worker.publish(
+            "post A", Comment(post="post A", text="later"), job_type="ledger"
         )
         await worker.join(check=False)
 
@@ -233,7 +242,9 @@ async def test_a_body_that_does_not_fit_is_dead_lettered_at_once_without_middlew
     assert "body is not a valid Comment" in str(bad.error) and "text: Field required" in str(
         bad.error
     )
-    assert bad.backoffs == [] and worker.parked == []
+    assert bad.backoffs == []
+    assert worker.parked == [stuck] and stuck.attempts == 1 and stuck.backoffs == []
+    assert waiting not in worker.handled
     assert called == ["middleware", "hi"]
 
 

@@ -85,11 +85,12 @@ async def test_skipping_a_parked_charge_dead_letters_it_and_the_customer_goes_on
     assert bank.charged == [("customer 7", "o2")]
 
 
-async def test_a_body_that_is_not_a_charge_is_dead_lettered_at_once() -> None:
+async def test_a_body_that_is_not_a_charge_parks_its_key_at_once() -> None:
     async with worker_with(FakeBank()) as worker:
         job = await worker.publish("customer 7", {"order": "o1"}, job_type="charges")
         await worker.join(check=False)
-    assert worker.dead_letters == [job] and job.attempts == 1
+    # no retry can change a body: parked after one attempt, for an operator to skip
+    assert worker.parked == [job] and job.attempts == 1
     assert isinstance(job.error, PayloadError) and "cents: Field required" in str(job.error)
 
 
