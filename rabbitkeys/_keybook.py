@@ -17,6 +17,7 @@ A key's life (:class:`KeyState`; docs/design.md has the table)::
                                                                  └─ not empty: OWNED (kept)
     held (paused, parked, type paused, redrive): OWNED ──> MOVING (to nobody) ──> UNOWNED
     UNOWNED + redrive ──> REDRIVING ──rearranged──> DECLARING (bound afresh) ──> placed
+    UNOWNED + parked ──skip──> (SkipHead) ──skipped──> placed;  resume: placed
 
 A key is *held* while it is paused, parked, wanted by a redrive, or its job type is paused
 (:meth:`KeyBook.holds_of`): no worker is given it, a rebalance asks its owner to release it,

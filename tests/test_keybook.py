@@ -460,7 +460,7 @@ def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
         sim.check()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(_events)
 def test_any_order_of_events_keeps_the_rules_and_settles_with_every_key_owned(
     events: list[tuple[str, int, int, bool]],
