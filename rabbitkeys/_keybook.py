@@ -17,6 +17,7 @@ A key's life (:class:`KeyState`; docs/design.md has the table)::
                                                                  └─ not empty: OWNED (kept)
     held (paused, parked, type paused, redrive): OWNED ──> MOVING (to nobody) ──> UNOWNED
     UNOWNED + redrive ──> REDRIVING ──rearranged──> DECLARING (bound afresh) ──> placed
+    UNOWNED + parked ──skip──> (SkipHead) ──skipped──> placed;  resume: placed
 
 A key is *held* while it is paused, parked, wanted by a redrive, or its job type is paused
 (:meth:`KeyBook.holds_of`): no worker is given it, a rebalance asks its owner to release it,
@@ -1305,6 +1306,9 @@ class KeyBook(_Ledger):
                 commands.append(Rebalance())
         touched: dict[str, Key] = {}
         for ref, hold, arguments in keys:
+            if hold not in (HOLD_PAUSED, HOLD_PARKED, HOLD_REDRIVE):
+                log.warning("key %s: unknown hold %r ignored", ref.id, hold)
+                continue
             key = self.keys.get(ref.id)
             if key is None:
                 key = self._new_key(ref, KeyState.UNOWNED, now=now, seen=True)
@@ -1319,16 +1323,13 @@ class KeyBook(_Ledger):
                     commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=stale))
                 else:
                     key.parked = parked
-            elif hold == HOLD_REDRIVE:
+            else:
                 redrive_id = str(arguments.get("x-redrive", ""))
                 if key.redrive is not None and key.redrive != redrive_id:
                     stale = _redrive_arguments(redrive_id)  # one redrive at a time
                     commands.append(SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=stale))
                 else:
                     key.redrive = redrive_id
-            else:
-                log.warning("key %s: unknown hold %r ignored", ref.id, hold)
-                continue
             touched[ref.id] = key
         for key in touched.values():
             if key.state is KeyState.UNOWNED:

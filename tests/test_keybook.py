@@ -460,7 +460,7 @@ def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
         sim.check()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(_events)
 def test_any_order_of_events_keeps_the_rules_and_settles_with_every_key_owned(
     events: list[tuple[str, int, int, bool]],
@@ -816,3 +816,380 @@ def test_a_worker_reporting_a_key_another_owns_is_told_to_release_it() -> None:
 @pytest.mark.parametrize("state", list(KeyState))
 def test_every_state_is_named_and_documented(state: KeyState) -> None:
     assert state.value == state.name.lower()
+
+
+# --- holds: pause, park, skip, redrive, by example ------------------------------------------
+
+
+def owned_key(sim: Sim, key: str = "k", workers: tuple[str, ...] = ("w1",)) -> Key:
+    for worker in workers:
+        sim.join(worker, frozenset("a"))
+    sim.ensure(key, "a", False)
+    sim.settle()
+    owned = sim.book.keys[ref(key).id]
+    assert owned.state is KeyState.OWNED
+    return owned
+
+
+def parked_key(sim: Sim) -> Key:
+    """A key whose head failed its last attempt on w1, which has let go of it."""
+    key = owned_key(sim)
+    sim.park("w1", key.ref.id, attempts=5)
+    sim.report_parked(0)
+    assert key.state is KeyState.UNOWNED and key.owner is None
+    return key
+
+
+PARKED = Parked("ValueError: 5", 5, 0, "w1", 7)
+PARKED_ARGUMENTS = (
+    ("x-error", "ValueError: 5"),
+    ("x-attempts", 5),
+    ("x-job-index", 0),
+    ("x-worker", "w1"),
+    ("x-at", 7),
+)
+
+
+def test_a_paused_key_is_released_by_its_owner_and_given_to_nobody_until_resumed() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    commands = sim.book.pause(key.ref)
+    assert commands == [
+        SetHold(HOLD_PAUSED, True, queue=key.queue),
+        ReleaseKeys("w1", (key.ref.id,)),
+    ]
+    sim.do(commands)
+    assert sim.book.pause(key.ref) == []  # already paused
+    sim.settle()
+    assert key.state is KeyState.UNOWNED and not sim.holders(key.ref.id)
+    assert sim.book.holds_of(key) == ["paused"] and sim.book.held(key)
+    assert sim.book.rebalance(sim.time) == []
+    assert sim.book.held_counts() == {"parked": 0, "paused": 1, "paused_job_types": 0}
+    # its lease is renewed while it waits
+    assert key in sim.book.leases_due(now=sim.time + 1_000, period=10.0)
+    commands = sim.book.resume(key.ref)
+    assert commands[0] == SetHold(HOLD_PAUSED, False, queue=key.queue)
+    assert commands[1:] == [AssignKeys("w1", (key.assignment(),))]
+    sim.do(commands)
+    assert key.state is KeyState.OWNED and sim.holders(key.ref.id) == ["w1"]
+    with pytest.raises(HoldRefused, match="not paused"):
+        sim.book.resume(key.ref)
+    with pytest.raises(HoldRefused, match="not known"):
+        sim.book.resume(ref("nobody"))
+
+
+def test_pausing_a_key_not_in_the_book_declares_it_held_and_counts_it_in_the_quota() -> None:
+    sim = Sim(book=new_book(max_keys=1))
+    sim.join("w1", frozenset("a"))
+    commands = sim.book.pause(ref("new"))
+    key = sim.book.keys[ref("new").id]
+    assert commands == [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
+    sim.do(commands)
+    sim.complete(0, success=True)
+    # its hold is bound once the queue exists; no worker gets it
+    assert sim.bindings[key.queue] == {(HOLD_PAUSED, ())}
+    assert key.state is KeyState.UNOWNED and key.owner is None and not sim.holders(key.ref.id)
+    with pytest.raises(HoldRefused, match="RABBITKEYS_MAX_KEYS"):
+        sim.book.pause(ref("another"))
+    waiter = sim.ensure("new", "a", False)  # a publish to it is answered: it just waits
+    assert sim.replies[waiter].routing_key == key.routing_key
+
+
+def test_a_paused_job_type_releases_its_keys_at_the_next_rebalance_and_places_them_back() -> None:
+    sim = Sim()
+    for n in range(6):
+        owned_key(sim, f"k{n}", workers=("w1", "w2"))
+    sim.ensure("other", "b", False)
+    sim.join("w3", frozenset("b"))
+    sim.settle()
+    before = {k: v.owner for k, v in sim.book.keys.items()}
+    assert sim.book.pause_type("a") == [SetHold(HOLD_PAUSED, True, job_type="a"), Rebalance()]
+    assert sim.book.pause_type("a") == []
+    commands = sim.book.rebalance(sim.time)
+    released = {k for c in commands if isinstance(c, ReleaseKeys) for k in c.key_ids}
+    assert released == {k for k, v in sim.book.keys.items() if v.ref.job_type == "a"}
+    sim.do(commands)
+    sim.type_holds.add("a")
+    sim.settle()
+    held = [k for k in sim.book.keys.values() if k.ref.job_type == "a"]
+    assert all(
+        k.state is KeyState.UNOWNED and sim.book.holds_of(k) == ["type_paused"] for k in held
+    )
+    assert sim.book.keys[ref("other", "b").id].owner == "w3"
+    assert sim.book.held_counts() == {"parked": 0, "paused": 6, "paused_job_types": 1}
+    with pytest.raises(HoldRefused, match="its job type"):
+        sim.book.resume(held[0].ref)
+    assert sim.book.resume_type("a") == [SetHold(HOLD_PAUSED, False, job_type="a"), Rebalance()]
+    with pytest.raises(HoldRefused, match="not paused"):
+        sim.book.resume_type("a")
+    sim.type_holds.discard("a")
+    sim.settle()
+    assert {k: v.owner for k, v in sim.book.keys.items()} == before
+
+
+def test_a_held_key_reported_idle_is_not_retired() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    sim.do(sim.book.pause_type("a"))  # the rebalance that releases it has not run yet
+    assert sim.book.heartbeat("w1", 0, [key.ref.id], sim.time) == []
+    assert key.state is KeyState.OWNED
+
+
+def test_a_parked_key_waits_unowned_with_its_hold_bound_until_resumed() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    parked = sim.book.key_parked("w1", key.ref, key.routing_key, PARKED, sim.time)
+    assert parked == [SetHold(HOLD_PARKED, True, queue=key.queue, arguments=PARKED_ARGUMENTS)]
+    assert key.parked == PARKED and key.owner == "w1"  # its Released follows
+    assert sim.book.key_parked("w1", key.ref, None, PARKED, sim.time) == []  # repeated
+    with pytest.raises(HoldRefused, match="not let go"):
+        sim.book.skip(key.ref)
+    sim.holds["w1"].discard(key.ref.id)
+    assert sim.book.released("w1", [(key.ref, None)], sim.time) == []
+    assert key.state is KeyState.UNOWNED and sim.book.holds_of(key) == ["parked"]
+    assert sim.book.held_counts()["parked"] == 1
+    commands = sim.book.resume(key.ref)  # its head is tried again, with fresh attempts
+    assert commands == [
+        SetHold(HOLD_PARKED, False, queue=key.queue, arguments=PARKED_ARGUMENTS),
+        AssignKeys("w1", (key.assignment(),)),
+    ]
+    assert key.parked is None and key.state is KeyState.OWNED
+
+
+def test_a_parked_key_whose_owner_is_gone_stays_unowned() -> None:
+    sim = Sim()
+    key = owned_key(sim, workers=("w1", "w2"))
+    owner = key.owner
+    assert owner is not None
+    sim.park(owner, key.ref.id, attempts=3)
+    sim.crash(owner)  # before its Released
+    assert key.state is KeyState.UNOWNED and key.owner is None and key.parked is not None
+    sim.settle()
+    assert key.state is KeyState.UNOWNED and not sim.holders(key.ref.id)
+
+
+def test_a_parked_report_from_a_worker_that_does_not_own_the_key_is_ignored() -> None:
+    sim = Sim()
+    key = owned_key(sim, workers=("w1", "w2"))
+    other = "w2" if key.owner == "w1" else "w1"
+    assert sim.book.key_parked(other, key.ref, None, PARKED, sim.time) == []
+    assert key.parked is None
+    # a key not in the book (parked on a registry that led before us): added, held
+    unknown = ref("elsewhere")
+    commands = sim.book.key_parked("w1", unknown, "rk7", PARKED, sim.time)
+    added = sim.book.keys[unknown.id]
+    assert commands == [SetHold(HOLD_PARKED, True, queue=added.queue, arguments=PARKED_ARGUMENTS)]
+    assert added.state is KeyState.UNOWNED and added.routing_keys == ["rk7"]
+
+
+def test_a_key_parked_again_keeps_one_parked_hold_the_newest() -> None:
+    book = new_book()
+    r = ref("k")
+    book.key_parked("w1", r, "rk0", PARKED, 1.0)
+    queue = book.keys[r.id].queue
+    newer = Parked("KeyError: 'x'", 2, 1, "w2", 9)
+    commands = book.key_parked("w2", r, "rk0", newer, 2.0)
+    assert commands == [
+        SetHold(HOLD_PARKED, False, queue=queue, arguments=PARKED_ARGUMENTS),
+        SetHold(HOLD_PARKED, True, queue=queue, arguments=commands[1].arguments),  # type: ignore[union-attr]
+    ]
+    assert book.keys[r.id].parked == newer
+
+
+def test_skipping_a_parked_head_dead_letters_it_then_places_the_key() -> None:
+    sim = Sim()
+    key = parked_key(sim)
+    assert key.parked is not None
+    commands = sim.book.skip(key.ref)
+    assert commands == [
+        SkipHead(
+            key.ref.id,
+            key.ref,
+            key.queue,
+            key.epoch,
+            key.parked.error,
+            key.parked.attempts,
+            key.parked.job_index,
+        )
+    ]
+    with pytest.raises(HoldRefused, match="under way"):
+        sim.book.skip(key.ref)
+    with pytest.raises(HoldRefused, match="under way"):
+        sim.book.resume(key.ref)
+    sim.do(commands)
+    [skip] = sim.pending
+    sim.complete(0, success=False)  # it failed: still parked, may be tried again
+    assert key.parked is not None and key.skipping is None and key.state is KeyState.UNOWNED
+    sim.do(sim.book.skip(key.ref))
+    sim.complete(0, success=True)
+    assert key.parked is None and key.state is KeyState.OWNED and sim.holders(key.ref.id)
+    assert sim.bindings[key.queue] == set()
+    assert sim.book.skipped(skip.key_id, skip.epoch, ok=True) == []  # once only
+
+
+def test_a_skip_is_refused_unless_the_key_is_parked_and_let_go() -> None:
+    sim = Sim()
+    with pytest.raises(HoldRefused, match="not known"):
+        sim.book.skip(ref("nobody"))
+    key = owned_key(sim)
+    with pytest.raises(HoldRefused, match="not parked"):
+        sim.book.skip(key.ref)
+    sim.do(sim.book.key_parked("w1", key.ref, None, PARKED, sim.time))
+    with pytest.raises(HoldRefused, match="owned: its worker has not let go"):
+        sim.book.skip(key.ref)
+
+
+def test_a_redrive_releases_the_owner_then_rearranges_the_queue_unconsumed() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    commands = sim.book.redrive(key.ref, "r1")
+    assert commands == [ReleaseKeys("w1", (key.ref.id,))]  # its hold is bound once unconsumed
+    sim.do(commands)
+    with pytest.raises(HoldRefused, match=r"redrive .* under way"):
+        sim.book.redrive(key.ref, "r2")
+    assert sim.book.holds_of(key) == ["redrive"]
+    sim.release(0)
+    assert key.state is KeyState.REDRIVING and key.owner is None
+    rearrange = Rearrange(key.ref.id, key.ref, key.queue, ("rk0",), key.epoch, "r1")
+    assert sim.pending == [rearrange]
+    assert sim.bindings[key.queue] == {(HOLD_REDRIVE, (("x-redrive", "r1"),))}
+    # publishes come back (unbound): their ensures wait for the redrive
+    waiter = sim.ensure("k", "a", stale=True)
+    assert waiter not in sim.replies
+    assert sim.book.rebalance(sim.time) == []
+    commands = sim.book.rearranged(key.ref.id, key.epoch, True, ["rk0"])
+    assert commands == [
+        SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=(("x-redrive", "r1"),)),
+        DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch),
+    ]
+    sim.pending.clear()
+    sim.do(commands)
+    assert key.routing_keys == [] and key.redrive is None
+    sim.complete(0, success=True)
+    assert sim.replies[waiter].routing_key == key.routing_key == "rk1"
+    assert key.state is KeyState.OWNED and sim.holders(key.ref.id) == ["w1"]
+    assert sim.book.rearranged(key.ref.id, key.epoch, True, []) == []  # stale
+
+
+def test_a_redrive_of_a_key_not_in_the_book_declares_it_first() -> None:
+    sim = Sim()
+    sim.join("w1", frozenset("a"))
+    sim.do(sim.book.redrive(ref("gone"), "r1"))
+    key = sim.book.keys[ref("gone").id]
+    assert key.state is KeyState.DECLARING
+    sim.complete(0, success=True)
+    assert key.state is KeyState.REDRIVING and not sim.holders(key.ref.id)
+    [rearrange] = sim.pending
+    assert isinstance(rearrange, Rearrange) and rearrange.routing_keys == ("rk0",)
+    sim.complete(0, success=False)  # failed: its dead letters stay put; the key goes on
+    assert key.redrive is None and key.state is KeyState.DECLARING
+    sim.settle()
+    assert key.state is KeyState.OWNED and sim.bindings[key.queue] == set()
+
+
+def test_a_redrive_waits_for_a_skip_under_way_and_a_skip_for_a_redrive() -> None:
+    sim = Sim()
+    key = parked_key(sim)
+    sim.do(sim.book.skip(key.ref))
+    sim.do(sim.book.redrive(key.ref, "r1"))
+    assert key.state is KeyState.UNOWNED  # not rearranged while its head is skipped
+    with pytest.raises(HoldRefused):
+        sim.book.skip(key.ref)
+    sim.complete(0, success=True)  # skipped: now rearranged
+    assert key.state is KeyState.REDRIVING and key.parked is None
+    sim.settle()
+    assert key.state is KeyState.OWNED
+
+
+@pytest.mark.parametrize("when", ["grace", "releasing", "deleting kept", "deleting deleted"])
+def test_a_retirement_that_finds_the_key_held_keeps_it(when: str) -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    sim.idle("w1", key.ref.id)
+    sim.complete(0, success=True)  # unbound
+    if when == "grace":
+        sim.do(sim.book.pause(key.ref))
+        sim.complete(0, success=True)  # grace over: kept, its owner asked to let go
+    else:
+        sim.complete(0, success=True)  # grace over
+        if when == "releasing":
+            sim.do(sim.book.pause(key.ref))
+        sim.release(0)
+        if when.startswith("deleting"):
+            assert key.state is KeyState.DELETING
+            assert sim.book.pause(key.ref) == []  # bound once the outcome is known
+            delete = next(i for i, c in enumerate(sim.pending) if isinstance(c, CheckAndDelete))
+            # an empty queue is deleted, its bindings with it: the key starts again, held
+            sim.complete(delete, success=when == "deleting deleted")
+    sim.settle()
+    kept = sim.book.keys[key.ref.id]
+    assert kept.paused and kept.state is KeyState.UNOWNED and not sim.holders(key.ref.id)
+    assert sim.bindings[kept.queue] == {(HOLD_PAUSED, ())}
+    assert sim.retired == (1 if when == "deleting deleted" else 0)
+
+
+def test_a_new_leader_reads_the_holds_back_and_places_no_held_key() -> None:
+    book = new_book()
+    book.joined("w1", ["a", "b"], [], 0.0)
+    listed = [
+        (ref("paused"), HOLD_PAUSED, {}),
+        (ref("parked"), HOLD_PARKED, dict(PARKED_ARGUMENTS)),
+        (ref("cut"), HOLD_REDRIVE, {"x-redrive": "r1"}),
+        (ref("odd"), "frozen", {}),
+    ]
+    commands = book.holds_listed(listed, ["b"], 5.0)
+    paused, parked, cut = (book.keys[ref(k).id] for k in ("paused", "parked", "cut"))
+    assert paused.paused and paused.state is KeyState.UNOWNED
+    assert parked.parked == PARKED  # the same as the worker reported
+    assert book.paused_types == {"b"}
+    assert cut.state is KeyState.REDRIVING
+    assert [c for c in commands if isinstance(c, Rearrange)] == [
+        Rearrange(cut.ref.id, cut.ref, cut.queue, (), cut.epoch, "r1")
+    ]
+    assert Rebalance() in commands
+    assert not [c for c in commands if isinstance(c, AssignKeys)]
+    assert book.rebalance(6.0) == []
+    assert ref("odd").id not in book.keys
+    assert book.leases_due(now=5.0 + 1, period=10.0) == []  # known to exist at 5.0
+
+
+def test_two_parked_holds_read_back_keep_the_newest() -> None:
+    book = new_book()
+    newer = dict(PARKED_ARGUMENTS) | {"x-at": 9, "x-attempts": "6"}
+    commands = book.holds_listed(
+        [(ref("k"), HOLD_PARKED, dict(PARKED_ARGUMENTS)), (ref("k"), HOLD_PARKED, newer)], [], 1.0
+    )
+    key = book.keys[ref("k").id]
+    assert key.parked == Parked("ValueError: 5", 6, 0, "w1", 9)
+    assert commands == [
+        SetHold(HOLD_PARKED, False, queue=key.queue, arguments=PARKED_ARGUMENTS),
+    ]
+
+
+def test_heartbeats_say_which_keys_are_failing_on_their_owner() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    other = owned_key(sim, "k2")
+    sim.book.heartbeat("w1", 0, [], 1.0, failing=[(key.ref.id, 2, "OSError: " + "x" * 2000)])
+    assert key.failures == 2 and key.last_error is not None and len(key.last_error) == 1000
+    assert other.failures == 0 and other.last_error is None
+    sim.book.heartbeat("w2", 0, [], 1.0, failing=[(other.ref.id, 1, "no")])  # unknown worker
+    sim.book.heartbeat("w1", 0, [], 2.0, failing=[(other.ref.id, 1, "E: 1")])
+    assert key.failures == 0 and key.last_error is None
+    assert other.failures == 1 and other.last_error == "E: 1"
+
+
+def test_holds_are_named_in_one_order() -> None:
+    book = new_book()
+    book.holds_listed(
+        [
+            (ref("k"), HOLD_REDRIVE, {"x-redrive": "r"}),
+            (ref("k"), HOLD_PARKED, dict(PARKED_ARGUMENTS)),
+            (ref("k"), HOLD_PAUSED, {}),
+        ],
+        ["a"],
+        0.0,
+    )
+    key = book.keys[ref("k").id]
+    assert book.holds_of(key) == ["paused", "parked", "type_paused", "redrive"]
+    assert book.held_counts() == {"parked": 1, "paused": 1, "paused_job_types": 1}
