@@ -489,6 +489,7 @@ class _Ledger:
         """The leader's view for ``rabbitkeys status``; ``backlog``: ready messages per key,
         if asked for (what workers hold but have not started is backlog too)."""
         counted = backlog or {}
+        held = self.held_counts()
         workers = [
             WorkerStatus(
                 worker_id=w.worker_id,
@@ -515,6 +516,9 @@ class _Ledger:
                 if backlog is not None
                 else None
             ),
+            parked_keys=held["parked"],
+            paused_keys=held["paused"],
+            paused_job_types=sorted(self.paused_types),
         )
 
     def leases_due(self, now: float, period: float) -> list[Key]:

@@ -299,6 +299,13 @@ class Status(_Model):
     unassigned_keys: _Count
     retiring_keys: _Count
     backlog: _Count | None = None
+    #: held keys (no worker takes them until an operator acts): parked, paused (by a pause
+    #: of their own or of their job type), and the job types paused as a whole
+    parked_keys: _Count = 0
+    paused_keys: _Count = 0
+    paused_job_types: Annotated[list[_JobType], Field(max_length=MAX_JOB_TYPES)] = Field(
+        default_factory=list
+    )
 
 
 # --- operator requests (through NS.operations) -------------------------------------------

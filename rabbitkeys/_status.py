@@ -33,6 +33,17 @@ def format_status(status: Status) -> str:
         f"keys {status.keys}  unassigned {status.unassigned_keys}  "
         f"retiring {status.retiring_keys}"
         + (f"  backlog {status.backlog}" if status.backlog is not None else ""),
+        f"parked {status.parked_keys}  paused {status.paused_keys}"
+        + (
+            f"  paused job types {', '.join(status.paused_job_types)}"
+            if status.paused_job_types
+            else ""
+        )
+        + (
+            "  (rabbitkeys keys --state parked|paused)"
+            if status.parked_keys + status.paused_keys
+            else ""
+        ),
         "",
         f"{'WORKER':<16} {'JOB TYPES':<24} {'KEYS':>7} {'BACKLOG':>8} {'SEEN':>6}",
     ]

@@ -319,6 +319,14 @@ async def test_keys_pause_and_resume_from_the_command_line(
         assert code == cli.EXIT_OK, err
         assert "1 key;" in out and "k1" in out and "k2" not in out
 
+        # the overview says so too
+        code, out, err = await run("status", "--json")
+        assert code == cli.EXIT_OK, err
+        status = json.loads(out)
+        assert (status["paused_keys"], status["parked_keys"]) == (1, 0)
+        code, out, err = await run("status")
+        assert "parked 0  paused 1  (rabbitkeys keys --state parked|paused)" in out
+
         # every page, one key a page
         code, out, err = await run("keys", "--all", "--limit", "1", "--json")
         assert code == cli.EXIT_OK, err
