@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitkeys import (
@@ -281,7 +282,12 @@ async def test_a_typed_payload_round_trip_and_an_invalid_body_dead_lettered_with
 
     body, _ = encode(Comment(post="post A", text="first"))
     later, _ = encode({"post": "post A", "text": "after the bad one"})
-    async with running_registry(settings), running_worker(settings, app) as worker:
+    # a registry of its own: the process's default one counts every earlier test's too
+    metrics = CollectorRegistry()
+    async with (
+        running_registry(settings),
+        running_worker(settings, app, metrics_registry=metrics) as worker,
+    ):
         async with Publisher(settings) as publisher:
             await publisher.publish("post A", bytes(body), job_type="comments")
             await publisher.publish("post A", b'{"post": "post A"}', job_type="comments")
