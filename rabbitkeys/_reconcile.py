@@ -61,6 +61,10 @@ _PROBES_IN_FLIGHT = 32
 # How long a new leader keeps asking the management API for the holds before it leads
 # without them.
 HOLDS_WAIT = 10.0
+#: ... but only this long while every endpoint refuses the connection: no management
+#: listener there (the plugin is off, or the URL is wrong), which waiting rarely mends,
+#: and the leader must not keep the namespace without one for long
+HOLDS_WAIT_REFUSED = 2.0
 
 
 class Reconciler:
@@ -104,20 +108,24 @@ class Reconciler:
     async def load_holds(self) -> list[Command]:
         """The holds recorded on ``NS.holds``, fed to the book (its commands returned).
         Called before the leader consumes its control queue, so that no paused or parked
-        key is placed after a failover. Retries for :data:`HOLDS_WAIT` seconds, then leads
-        without them, loudly."""
-        deadline = time.monotonic() + HOLDS_WAIT
+        key is placed after a failover. Retries for :data:`HOLDS_WAIT` seconds
+        (:data:`HOLDS_WAIT_REFUSED` while no management listener answers at all), then
+        leads without them, loudly."""
+        started = time.monotonic()
         while True:
             try:
                 return await self._read_holds()
             except (BrokerUnavailableError, KeyError, ValueError, TypeError) as exc:
-                if time.monotonic() >= deadline:
+                # "Connection refused" is how every platform's OSError words ECONNREFUSED
+                refused = "Connection refused" in str(exc)
+                waited = time.monotonic() - started
+                if waited >= (HOLDS_WAIT_REFUSED if refused else HOLDS_WAIT):
                     log.error(
                         "CANNOT READ THE HOLDS (paused, parked and redriven keys, paused job "
                         "types) from the management API after %gs (%s): leading without "
                         "them, so held keys may be given to workers; they are recorded on "
                         "%s and are read again by the next leader",
-                        HOLDS_WAIT,
+                        round(waited, 1),
                         exc,
                         self._names.holds_exchange,
                     )

@@ -523,3 +523,22 @@ async def test_the_keys_listing_tells_the_age_of_the_oldest_waiting_message(
         assert 0 <= page.keys[0].oldest_age_seconds < 60
         assert registry._reconciler is not None
         assert 0 <= registry._reconciler.oldest_age_by_job_type()["default"] < 60
+
+
+async def test_a_leader_without_the_management_api_leads_without_its_holds_and_says_so(
+    settings: Settings, amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens where the management API should be: the registry leads after a
+    short wait (not the 10 s a slow API gets), with an error naming what it could not read;
+    keys still flow."""
+    blind = make_settings(amqp_url, settings.namespace, management_url="http://127.0.0.1:9/")
+    recorder = Recorder()
+    with caplog.at_level("ERROR", logger="rabbitkeys.registry"):
+        async with (
+            running_registry(blind),
+            running_worker(settings, recording_app(recorder)),
+            Publisher(settings) as publisher,
+        ):
+            await publisher.publish("post A", b"1")
+            await eventually(lambda: recorder.values["post A"] == [1])
+    assert any("CANNOT READ THE HOLDS" in r.getMessage() for r in caplog.records)
