@@ -910,10 +910,11 @@ class KeyBook(_Ledger):
         waiters = key.waiters
         self._forget(key)
         commands: list[Command] = [Retired(key_id), Rebalance()]
-        if waiters or self.held(key):
+        if waiters or key.paused or key.parked is not None or key.redrive is not None:
             # Ensures that waited for the retirement, or holds added while the queue was
             # deleted (an operator paused it, a redrive wants it): a new key, from the
-            # start, with those holds (bound once it is declared).
+            # start, with those holds (bound once it is declared). A paused job type
+            # holds no key that is gone.
             fresh = self._new_key(key.ref, KeyState.UNOWNED)
             fresh.waiters = waiters
             fresh.paused, fresh.parked, fresh.redrive = key.paused, key.parked, key.redrive
