@@ -1212,10 +1212,12 @@ class KeyBook(_Ledger):
             raise HoldRefused(f"a skip of {name}'s head is under way")
         if key.redrive is not None:
             raise HoldRefused(f"a redrive of {name} is under way; skip it afterwards")
-        if key.state is not KeyState.UNOWNED or key.owner is not None:
+        if key.owner is not None:
             raise HoldRefused(
                 f"{name} is {key.state.value}: its worker has not let go of it yet; try again"
             )
+        if key.state is not KeyState.UNOWNED:
+            raise HoldRefused(f"{name} is {key.state.value} now; try again in a moment")
         key.skipping = key.epoch
         parked = key.parked
         return [
