@@ -914,10 +914,11 @@ class KeyBook(_Ledger):
         waiters = key.waiters
         self._forget(key)
         commands: list[Command] = [Retired(key_id), Rebalance()]
-        if waiters or self.held(key):
+        if waiters or key.paused or key.parked is not None or key.redrive is not None:
             # Ensures that waited for the retirement, or holds added while the queue was
             # deleted (an operator paused it, a redrive wants it): a new key, from the
-            # start, with those holds (bound once it is declared).
+            # start, with those holds (bound once it is declared). A paused job type
+            # holds no key that is gone.
             fresh = self._new_key(key.ref, KeyState.UNOWNED)
             fresh.waiters = waiters
             fresh.paused, fresh.parked, fresh.redrive = key.paused, key.parked, key.redrive
@@ -1215,10 +1216,12 @@ class KeyBook(_Ledger):
             raise HoldRefused(f"a skip of {name}'s head is under way")
         if key.redrive is not None:
             raise HoldRefused(f"a redrive of {name} is under way; skip it afterwards")
-        if key.state is not KeyState.UNOWNED or key.owner is not None:
+        if key.owner is not None:
             raise HoldRefused(
                 f"{name} is {key.state.value}: its worker has not let go of it yet; try again"
             )
+        if key.state is not KeyState.UNOWNED:
+            raise HoldRefused(f"{name} is {key.state.value} now; try again in a moment")
         key.skipping = key.epoch
         parked = key.parked
         return [

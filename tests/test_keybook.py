@@ -1193,3 +1193,18 @@ def test_holds_are_named_in_one_order() -> None:
     key = book.keys[ref("k").id]
     assert book.holds_of(key) == ["paused", "parked", "type_paused", "redrive"]
     assert book.held_counts() == {"parked": 1, "paused": 1, "paused_job_types": 1}
+
+
+def test_a_job_type_paused_while_a_key_is_deleted_does_not_bring_the_key_back() -> None:
+    sim = Sim()
+    key = owned_key(sim)
+    sim.idle("w1", key.ref.id)
+    sim.complete(0, success=True)  # unbound
+    sim.complete(0, success=True)  # grace over
+    sim.release(0)
+    assert key.state is KeyState.DELETING
+    sim.do(sim.book.pause_type("a"))
+    delete = next(i for i, c in enumerate(sim.pending) if isinstance(c, CheckAndDelete))
+    sim.complete(delete, success=True)
+    sim.settle()
+    assert sim.retired == 1 and not sim.book.keys
