@@ -94,3 +94,22 @@ def test_status_without_registry_says_so(settings: Settings) -> None:
     result = rabbitkeys_cli("status", "--timeout", "1", env=env)
     assert result.returncode == 1
     assert "no registry answered" in result.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``rabbitkeys ... | head``: the pipe closes under the command; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "rabbitkeys", "users", "permissions"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
