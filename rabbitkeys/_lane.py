@@ -99,8 +99,10 @@ __all__ = [
 #: while a message was on it: that message is given up rather than sent again forever.
 MAX_BROKER_CLOSES = 3
 #: The broker nacked a message this many times in a row: it is given up (a node that went
-#: down nacks what it held once; the next send of it is returned, not nacked).
-MAX_NACKS = 5
+#: down nacks what it held once, and a classic queue's next send is returned, not nacked;
+#: a quorum queue nacks until its new leader is elected: with the publisher's pauses
+#: between tries, doubling to 2 s, eight tries span about 10 s).
+MAX_NACKS = 8
 # Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
 _MAX_IDLE_LANES = 100_000
 
@@ -498,6 +500,15 @@ class Lane:
         self.routing_key, self.stale_routing_key = routing_key, None
         self.state = LaneState.ROUTED
         return self._advance()
+
+    @property
+    def nacked(self) -> int:
+        """How many times in a row the broker refused (nacked) the lane's first message:
+        the publisher pauses before asking again (a quorum queue nacks for the seconds its
+        leader election takes after a node loss; asking at once spends the tries)."""
+        if self.returned:
+            return self.returned[0].nacks
+        return self.waiting[0].nacks if self.waiting else 0
 
     def ensure_unavailable(self, reason: str) -> bool:
         """The registry says the key's queue exists but cannot be reached now (its cluster

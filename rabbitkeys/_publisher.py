@@ -671,6 +671,11 @@ class _Carrier:
         try:
             assert self._control is not None
             pause = _UNAVAILABLE_PAUSE
+            if lane.nacked:
+                # refused by the broker: give a queue that lost its node (a quorum leader
+                # being elected) a moment, doubling, before the message goes again
+                backoff = _UNAVAILABLE_PAUSE * 2 ** (lane.nacked - 1)
+                await asyncio.sleep(min(_UNAVAILABLE_PAUSE_MAX, backoff) * random.uniform(0.5, 1.0))
             while True:
                 reply = await self._control.request(
                     EnsureKey(

@@ -861,3 +861,28 @@ def test_the_lanes_import_no_amqp_and_no_event_loop() -> None:
                 outside.update(alias.name.split(".")[0] for alias in node.names)
     assert seen == {"_lane", "_errors", "_topology"}
     assert not outside & {"aiormq", "aio_pika", "pamqp", "asyncio"}, outside
+
+
+def test_the_lane_tells_how_often_its_first_message_was_nacked_in_a_row() -> None:
+    """The publisher pauses (doubling) before a nacked message goes again: the count it
+    reads grows with each nack of the lane's first message and is 0 once it is taken."""
+    world = _routed_world(max_jobs=1, max_in_flight=1)
+    world.publish(0)  # value % 6 == 0: the broker nacks it
+    world.admit()
+    world.ensure(0, "ok")
+    [entry] = world.entries
+    lane = entry.lane
+    assert lane.nacked == 0
+    for n in range(1, 3):
+        world.arrive(0)
+        world.answer(0)
+        assert lane.nacked == n
+        world.ensure(0, "ok")
+    world.publish(1)  # a message the broker takes, behind it
+    world.admit()
+    for _ in range(_lane.MAX_NACKS - 2):
+        world.arrive(0)
+        world.answer(0)
+        world.ensure(0, "ok")
+    # given up: the next message is first, never nacked
+    assert lane.nacked == 0
