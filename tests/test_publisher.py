@@ -383,6 +383,8 @@ async def test_bursts_across_keys_survive_cut_connections_once_each_and_in_order
                 lambda cut=cut: sum(map(len, handled.values())) >= cut * total * len(keys) // 5,
                 timeout=60,
             )
+            # each cut cuts a connection: the publisher's, made again after the last cut
+            await eventually(lambda cut=cut: proxy.connections >= cut, timeout=30)
             proxy.cut()
         await asyncio.wait_for(publishing, 120)
         await eventually(lambda: all(len(handled[k]) >= total for k in keys), timeout=60)
