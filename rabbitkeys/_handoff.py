@@ -12,20 +12,21 @@ consumer) never breaks its order, and the next owner starts only after this one 
 (see docs/design.md, "Handoff"):
 
 1. the runner finishes the delivery it is handling (every job of a batch) and acks it;
-2. the consumer is cancelled; deliveries already on their way land in the buffer;
+2. the consumer stops: deliveries already on their way land in the buffer;
 3. what the buffer holds (delivered, never started) goes back to the queue, each message in
-   its original place (how depends on the queue type: below), with a round trip after it;
+   its original place, with a round trip after it;
 4. only then does the worker report the key released; the registry assigns it elsewhere.
 
-Step 3 by queue type (docs/probes/redrive_rotation.py, RabbitMQ 3.10.8): a classic queue
-puts a message rejected with requeue back in its place, so classic keys share the session's
-consume channel (and its cap over all keys) and their buffer is rejected in order. A quorum
-queue puts a message rejected after its consumer's cancel at its *back*, behind the ones
-still ready there; closing the channel instead puts every unacked delivery back in its
-place. So each quorum key is consumed on a channel of its own, and let go by closing that
-channel, rejecting nothing; its close-ok is the round trip. A quorum worker holds at most
-as many keys as its connection has channels left (``channel_max``): a key beyond that is
-handed back, as a key whose consume fails.
+Steps 2 and 3 depend on the queue type (RabbitMQ 3.10.8). A classic queue puts a message
+rejected with requeue back in its place: classic keys share the session's consume channel
+(and its cap over all keys); their consumer is cancelled and their buffer rejected in order.
+A quorum queue puts a message rejected, or delivered as the cancel crosses it, after its
+consumer's cancel at its *back*, behind the ones still ready there; a channel's close puts
+every delivery it had unacked back in its place (docs/probes/redrive_rotation.py,
+docs/probes/quorum_let_go.py). So each quorum key is consumed on a channel of its own, and
+let go by closing that channel: no cancel, no reject; the close-ok is the round trip. A
+quorum worker holds at most as many keys as its connection has channels left
+(``channel_max``): a key beyond that is handed back, as a key whose consume fails.
 
 A key whose head failed its last attempt under the ``park`` policy (the executor's
 :class:`~._execution.Park`) is let go the same way, by its runner, with one difference: the
@@ -486,10 +487,10 @@ class Handoff:
         started = time.perf_counter()
         if owned.runner is not None:
             await asyncio.wait([owned.runner])
-        await self._cancel(owned)
         if owned in self._key_channels:
             await self._close_key_channel(owned)
         else:
+            await self._cancel(owned)
             await self._requeue_buffer(owned)
         self._drop(owned)
         self._metrics.keys_released.inc()
@@ -527,8 +528,9 @@ class Handoff:
             await channel.basic_cancel(tag)
 
     async def _requeue_buffer(self, owned: OwnedKey) -> None:
-        """Step 3 on the shared consume channel (classic keys): reject with requeue, in
-        order, which puts each message back in its place on a classic queue."""
+        """Step 3 on the shared consume channel (classic keys), after the cancel: reject
+        with requeue, in order, which puts each message back in its place on a classic
+        queue."""
         channel = owned.channel
         if not owned.buffer or channel is None or channel.is_closed:
             owned.buffer.clear()
@@ -545,10 +547,12 @@ class Handoff:
             )
 
     async def _close_key_channel(self, owned: OwnedKey) -> None:
-        """Step 3 on a quorum key's own channel: close it, rejecting nothing. The broker
-        puts every delivery it had unacked back in its place, in order, where a reject
-        after the cancel would put it at the back of the queue. The close-ok is the round
-        trip. The connection has one more channel free for a key afterwards."""
+        """Steps 2 and 3 on a quorum key's own channel: close it, with no cancel and no
+        reject before. The broker puts every delivery the channel had unacked back in its
+        place, in order: also the one it sent as our last ack freed room, which a cancel
+        would cross and put at the back of the queue (docs/probes/quorum_let_go.py). The
+        close-ok is the round trip. The connection has one more channel free for a key
+        afterwards."""
         if owned not in self._key_channels:
             return
         self._key_channels.discard(owned)
