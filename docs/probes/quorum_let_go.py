@@ -10,6 +10,11 @@
 #   close:        channel.close alone
 # then the queue is read to its end. Rounds in order, or not, out of ROUNDS.
 #
+# Then what a passive declare (the registry's check before it retires a key) sees while
+# such a channel closes: 100 messages all held by a consumer (prefetch 100), the channel
+# closed, 30 passive declares from another channel meanwhile and after; any answer with
+# fewer than 100 ready and no consumer would let a retirement delete held messages.
+#
 #   python docs/probes/quorum_let_go.py [amqp-url] [rounds]
 import asyncio
 import sys
@@ -68,6 +73,36 @@ async def round_(connection: aiormq.abc.AbstractConnection, how: str) -> list[st
     return out
 
 
+async def snapshots(connection: aiormq.abc.AbstractConnection) -> None:
+    setup = await connection.channel()
+    seen: set[tuple[int, int]] = set()
+    for _ in range(ROUNDS):
+        queue = f"probe.letgo.{uuid.uuid4().hex[:8]}"
+        await setup.queue_declare(queue, durable=True, arguments=ARGUMENTS)
+        for n in range(100):
+            await setup.basic_publish(str(n).encode(), routing_key=queue)
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=100)
+        held: list[int] = []
+        all_held = asyncio.Event()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            held.append(1)
+            if len(held) >= 100:
+                all_held.set()
+
+        await channel.basic_consume(queue, on_message)
+        await asyncio.wait_for(all_held.wait(), 5)
+        closing = asyncio.ensure_future(channel.close())
+        for _ in range(30):
+            ok = await setup.queue_declare(queue, passive=True)
+            seen.add((ok.message_count or 0, ok.consumer_count or 0))
+        await closing
+        await setup.queue_delete(queue)
+    unsafe = sorted((ready, consumers) for ready, consumers in seen if ready < 100 and not consumers)
+    print(f"passive declares during a close (ready, consumers): {sorted(seen)}; unsafe: {unsafe}")
+
+
 async def main() -> None:
     connection = await aiormq.connect(URL)
     try:
@@ -76,19 +111,24 @@ async def main() -> None:
             in_order = sum(out == [str(n) for n in range(2, 9)] for out in outcomes)
             others = sorted({" ".join(out) for out in outcomes} - {"2 3 4 5 6 7 8"})
             print(f"{how:13} in order {in_order}/{ROUNDS}; otherwise: {others}")
+        await snapshots(connection)
     finally:
         await connection.close()
 
 
 asyncio.run(main())
 
-# RabbitMQ 3.10.8, aiormq 7.2.4 (2026-11-28), 20 rounds:
+# RabbitMQ 3.10.8, aiormq 7.2.4 (2026-11-28), 20 rounds (two runs):
 #
 # reject        in order 0/20; otherwise: ['6 7 8 2 3 4 5', '6 7 8 5 2 3 4']
-# cancel+close  in order 2/20; otherwise: ['2 3 4 6 7 8 5']
+# cancel+close  in order 2/20, 0/20; otherwise: ['2 3 4 6 7 8 5']
 # close         in order 20/20; otherwise: []
+# passive declares during a close (ready, consumers): [(0, 1), (100, 0)]; unsafe: []
 #
 # A quorum queue appends what comes back after its consumer's cancel: the rejected ones,
 # and the delivery the broker sent as the ack freed room (it crosses the cancel: the
 # channel returns it at once). A channel's close alone returns everything the consumer had,
 # 2..5, in its place. So rabbitkeys lets go of a quorum key by closing its own channel.
+# The broker drops the consumer and makes its messages ready again in one step: a passive
+# declare sees the consumer with the messages held, or neither (600 answers), so the
+# registry's check before a retirement (no ready message, no consumer) stays sound.
