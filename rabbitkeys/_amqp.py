@@ -110,7 +110,6 @@ class ChannelPool:
 
     def __init__(self, connection: AbstractConnection, size: int) -> None:
         self.connection = connection
-        self.size = size
         self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
         # One opening per slot at a time: a burst of calls (a thousand new keys at once)
         # would otherwise each open a channel for the same empty slot, and all but the

@@ -186,7 +186,7 @@ class Handoff:
         self._consume: aiormq.Channel | None = None
         self._declares: ChannelPool | None = None
         #: quorum keys are consumed each on a channel of its own (the module docstring)
-        self._own_channels = settings.queue_type == "quorum"
+        self._channel_per_key = settings.queue_type == "quorum"
         #: the quorum keys of this session that have a channel of their own (open, or
         #: being opened), out of at most ``_channel_limit``
         self._key_channels: set[OwnedKey] = set()
@@ -334,7 +334,7 @@ class Handoff:
         quorum key a channel of its own with the per-key prefetch, if the connection has
         one left (else :class:`NoChannelLeft`). One the broker closes lets the key go
         (:meth:`_on_key_channel_closed`), and the session goes on."""
-        if not self._own_channels:
+        if not self._channel_per_key:
             assert self._consume is not None
             owned.channel = self._consume
             return owned.channel
