@@ -36,6 +36,7 @@ __all__ = [
     "ChannelPool",
     "TaskSet",
     "broker_version",
+    "channel_max",
     "fresh_channel",
     "open_channel",
     "queue_unavailable",
@@ -70,6 +71,14 @@ def broker_version(connection: AbstractConnection) -> tuple[int, int]:
         return 0, 0
 
 
+def channel_max(connection: AbstractConnection) -> int:
+    """How many channels ``connection`` may have open at once, as negotiated with the
+    broker (RabbitMQ's default: 2047; 0 in the tune means no limit but the protocol's).
+    The broker closes the whole connection when one more is opened."""
+    tune = connection.transport.connection.connection_tune  # type: ignore[union-attr]
+    return int(tune.channel_max) or 65_535
+
+
 # aiormq numbers its own channels upwards from 1; ours live far above them.
 _FIRST, _LAST = 32_768, 65_535
 _counters: weakref.WeakKeyDictionary[AbstractConnection, itertools.cycle[int]] = (
@@ -100,7 +109,7 @@ class ChannelPool:
     channel the broker closed is replaced on the next call."""
 
     def __init__(self, connection: AbstractConnection, size: int) -> None:
-        self._connection = connection
+        self.connection = connection
         self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
         # One opening per slot at a time: a burst of calls (a thousand new keys at once)
         # would otherwise each open a channel for the same empty slot, and all but the
@@ -115,7 +124,7 @@ class ChannelPool:
             async with self._opening[slot]:
                 channel = self._channels[slot]
                 if channel is None or channel.is_closed:
-                    opened = await open_channel(self._connection)
+                    opened = await open_channel(self.connection)
                     channel = self._channels[slot] = await opened.get_underlay_channel()
         return channel
 

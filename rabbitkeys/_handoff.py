@@ -12,17 +12,27 @@ consumer) never breaks its order, and the next owner starts only after this one 
 (see docs/design.md, "Handoff"):
 
 1. the runner finishes the delivery it is handling (every job of a batch) and acks it;
-2. the consumer is cancelled; deliveries already on their way land in the buffer;
-3. what the buffer holds (delivered, never started) is rejected with requeue, which puts
-   those messages back in their original places in the queue;
+2. the consumer stops: deliveries already on their way land in the buffer;
+3. what the buffer holds (delivered, never started) goes back to the queue, each message in
+   its original place, with a round trip after it;
 4. only then does the worker report the key released; the registry assigns it elsewhere.
+
+Steps 2 and 3 depend on the queue type (RabbitMQ 3.10.8). A classic queue puts a message
+rejected with requeue back in its place: classic keys share the session's consume channel
+(and its cap over all keys); their consumer is cancelled and their buffer rejected in order.
+A quorum queue puts a message rejected, or delivered as the cancel crosses it, after its
+consumer's cancel at its *back*, behind the ones still ready there; a channel's close puts
+every delivery it had unacked back in its place (docs/probes/redrive_rotation.py,
+docs/probes/quorum_let_go.py). So each quorum key is consumed on a channel of its own, and
+let go by closing that channel: no cancel, no reject; the close-ok is the round trip. A
+quorum worker holds at most as many keys as its connection has channels left
+(``channel_max``): a key beyond that is handed back, as a key whose consume fails.
 
 A key whose head failed its last attempt under the ``park`` policy (the executor's
 :class:`~._execution.Park`) is let go the same way, by its runner, with one difference: the
-head was not acked, and is rejected with requeue first, then the rest of the buffer in
-order, so the head is back at the head of the queue (a classic queue puts each back in its
-place; a quorum queue delivers returned messages first, in the order they were returned).
-The worker then reports the key parked (``KeyParked``), before its ``Released``.
+head was not acked, and goes back with the rest (rejected first, on a classic queue), so it
+is back at the head of the queue. The worker then reports the key parked (``KeyParked``),
+before its ``Released``.
 
 There is no standby consumer: on RabbitMQ before 3.10.13 a single-active-consumer switch to
 a standby can crash the queue (docs/probes/sac_switch_crashes_queue.py).
@@ -40,12 +50,20 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, queue_unavailable, sleep_unless
+from ._amqp import (
+    CHANNEL_ERRORS,
+    ChannelPool,
+    TaskSet,
+    channel_max,
+    open_channel,
+    queue_unavailable,
+    sleep_unless,
+)
 from ._dedup import SequenceHistory
 from ._execution import Executor, Outcome, Park
 from ._metrics import WorkerMetrics
@@ -62,6 +80,14 @@ log = logging.getLogger("rabbitkeys.worker")
 #: the longest pause before giving back, again, a key whose queue's node is down
 _UNAVAILABLE_PAUSE_MAX = 3.0
 _FORMER_HISTORIES = 1024
+#: channels a session keeps for itself out of its connection's ``channel_max`` (control,
+#: dead letters, consume, declares), with a margin for channels the broker still counts
+#: after we saw them closed (a lost close-ok): quorum keys get one each out of the rest
+SESSION_CHANNELS = 32
+
+
+class NoChannelLeft(Exception):
+    """The connection has no channel left for one more quorum key: hand the key back."""
 
 
 class KeyState(enum.Enum):
@@ -101,6 +127,9 @@ class OwnedKey:
     assignment: KeyAssignment
     state: KeyState = KeyState.ACQUIRING
     consumer_tag: str | None = None
+    #: the channel its consumer is on: the session's consume channel (classic), or one of
+    #: its own (quorum: closed to let the key go)
+    channel: aiormq.Channel | None = None
     #: delivered and not yet acked, in delivery order; the head is the one being handled
     buffer: deque[DeliveredMessage] = field(default_factory=deque)
     runner: asyncio.Task[None] | None = None
@@ -156,6 +185,12 @@ class Handoff:
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._consume: aiormq.Channel | None = None
         self._declares: ChannelPool | None = None
+        #: quorum keys are consumed each on a channel of its own (the module docstring)
+        self._channel_per_key = settings.queue_type == "quorum"
+        #: the quorum keys of this session that have a channel of their own (open, or
+        #: being opened), out of at most ``_channel_limit``
+        self._key_channels: set[OwnedKey] = set()
+        self._channel_limit = 0
         self._lost = asyncio.Event()
         #: the dedup histories of keys let go of lately, most recent last: a key that comes
         #: back to this worker (its session started over, a rebalance undone) still knows
@@ -180,11 +215,16 @@ class Handoff:
         self._declares = declares
         self._lost = lost
         consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        self._key_channels = set()
+        self._channel_limit = channel_max(declares.connection) - SESSION_CHANNELS
 
     def end(self) -> None:
-        """The session is over (its runners are done): every hold went with its channel."""
+        """The session is over (its runners are done): every hold went with its channel. The
+        keys' own channels close with the session's connection, which its caller closes
+        (the broker puts back what they held, in order)."""
         for owned in list(self._book.values()):
             self._drop(owned)
+        self._key_channels = set()
 
     def holds(self) -> list[OwnedKey]:
         return list(self._book.values())
@@ -267,14 +307,19 @@ class Handoff:
                 return  # stop() came while we declared: we must not consume after leaving
             owned = self._book[key_id] = OwnedKey(assignment)
             try:
-                ok = await self._consume.basic_consume(
-                    assignment.queue, partial(self._on_delivery, owned)
-                )
+                channel = await self._channel_for(owned)
+                on_delivery = partial(self._on_delivery, owned)
+                ok = await channel.basic_consume(assignment.queue, on_delivery)
             except Exception as exc:
-                # On a channel error the channel is gone and the session starts over; else
+                # A channel error on the shared consume channel: it is gone and the session
+                # starts over. Else (a key's own channel, no channel left, another error)
                 # the key was never ours: hand it back.
+                shared = owned not in self._key_channels
+                await self._close_key_channel(owned)
                 self._drop(owned)
-                if isinstance(exc, CHANNEL_ERRORS):
+                if isinstance(exc, NoChannelLeft):
+                    self._tasks.spawn(self._give_back(assignment, str(exc)))
+                elif shared and isinstance(exc, CHANNEL_ERRORS):
                     log.error("cannot consume key %s: %r", key_id, exc)
                 else:
                     self._tasks.spawn(self._give_back(assignment, f"cannot be consumed ({exc!r})"))
@@ -283,6 +328,32 @@ class Handoff:
             owned.move(KeyState.CONSUMING)
             if self._unavailable.pop(key_id, None) is not None:
                 log.warning("key %s: its queue is available again; consuming it", key_id)
+
+    async def _channel_for(self, owned: OwnedKey) -> aiormq.Channel:
+        """The channel to consume ``owned`` on: the session's consume channel, or for a
+        quorum key a channel of its own with the per-key prefetch, if the connection has
+        one left (else :class:`NoChannelLeft`). One the broker closes lets the key go
+        (:meth:`_on_key_channel_closed`), and the session goes on."""
+        if not self._channel_per_key:
+            assert self._consume is not None
+            owned.channel = self._consume
+            return owned.channel
+        if len(self._key_channels) >= self._channel_limit:
+            raise NoChannelLeft(
+                f"cannot be consumed: this worker holds {len(self._key_channels)} quorum "
+                f"keys, one channel each, all its connection may open besides its own "
+                f"(channel_max {self._channel_limit + SESSION_CHANNELS}); run more workers, "
+                f"or raise channel_max on the broker"
+            )
+        # counted before the await: keys taken concurrently must not overshoot the limit
+        self._key_channels.add(owned)
+        assert self._declares is not None
+        opened = await open_channel(self._declares.connection)
+        channel = owned.channel = cast(aiormq.Channel, await opened.get_underlay_channel())
+        channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        channel.closing.add_done_callback(partial(self._on_key_channel_closed, owned))
+        await channel.basic_qos(prefetch_count=self._settings.prefetch)
+        return channel
 
     async def _check_queue(self, queue: str) -> str | None:
         """None if ``queue`` can be consumed now, else why not: it does not exist, or (on a
@@ -317,7 +388,7 @@ class Handoff:
         await self._report([assignment])
 
     def _consuming(self, owned: OwnedKey) -> bool:
-        channel = self._consume
+        channel = owned.channel
         return (
             owned.state is KeyState.CONSUMING
             and owned.consumer_tag is not None
@@ -332,8 +403,9 @@ class Handoff:
         if owned.state is KeyState.RELEASED:
             # Arrived after we let go of the key (should not happen: see Worker._start on the
             # consume channel). Hand it straight back rather than sit on it and block the key.
-            assert self._consume is not None
-            await self._consume.basic_reject(_tag(delivery), requeue=True)
+            channel = owned.channel
+            if channel is not None and not channel.is_closed:
+                await channel.basic_reject(_tag(delivery), requeue=True)
             return
         # No await before this append: deliveries enter the buffer in delivery order.
         owned.buffer.append(delivery)
@@ -360,14 +432,19 @@ class Handoff:
                         self._tasks.spawn(self._let_go_parked(owned))
                     # else shutting down mid-retry: released (requeued) by the drain
                     return
-                assert self._consume is not None
+                assert owned.channel is not None
                 # no drain wait: acks leave in order on the channel anyway, and waiting for
                 # the socket write per message halved throughput (docs/benchmarks.md)
-                await self._consume.basic_ack(_tag(delivery), wait=False)
+                await owned.channel.basic_ack(_tag(delivery), wait=False)
                 owned.buffer.popleft()
                 self.handled += 1
                 owned.last_activity = time.monotonic()
         except Exception:
+            if self._own_channel_closed(owned):
+                # the broker closed the key's own channel and took back what it held, in
+                # order: the key is let go (_on_key_channel_closed), the session goes on
+                log.warning("key %s: its channel closed before a delivery was acked", owned.key_id)
+                return
             # The channel is gone, or the dead-letter copy could not be made: we cannot
             # settle this delivery. Start over: the broker requeues all we held, in order.
             log.exception("key %s: cannot settle a delivery; reconnecting", owned.key_id)
@@ -404,14 +481,17 @@ class Handoff:
 
     async def _let_go(self, owned: OwnedKey) -> None:
         """The four steps in the module docstring; the caller holds the key's lock. A
-        parked key's head is the buffer's first delivery (never acked): requeued first."""
+        parked key's head is the buffer's first delivery (never acked): it goes back first."""
         if owned.state is not KeyState.RELEASING:
             owned.move(KeyState.RELEASING)
         started = time.perf_counter()
         if owned.runner is not None:
             await asyncio.wait([owned.runner])
-        await self._cancel(owned)
-        await self._requeue_buffer(owned)
+        if owned in self._key_channels:
+            await self._close_key_channel(owned)
+        else:
+            await self._cancel(owned)
+            await self._requeue_buffer(owned)
         self._drop(owned)
         self._metrics.keys_released.inc()
         self._metrics.release_duration.observe(time.perf_counter() - started)
@@ -441,14 +521,17 @@ class Handoff:
 
     async def _cancel(self, owned: OwnedKey) -> None:
         tag, owned.consumer_tag = owned.consumer_tag, None
-        channel = self._consume
+        channel = owned.channel
         if tag is None or channel is None or channel.is_closed:
             return
         with contextlib.suppress(*CHANNEL_ERRORS):
             await channel.basic_cancel(tag)
 
     async def _requeue_buffer(self, owned: OwnedKey) -> None:
-        channel = self._consume
+        """Step 3 on the shared consume channel (classic keys), after the cancel: reject
+        with requeue, in order, which puts each message back in its place on a classic
+        queue."""
+        channel = owned.channel
         if not owned.buffer or channel is None or channel.is_closed:
             owned.buffer.clear()
             return
@@ -458,25 +541,54 @@ class Handoff:
                 await channel.basic_reject(_tag(delivery), requeue=True)
             # A round trip on the same channel: the broker has taken the rejects in before
             # we tell the registry (and so the next owner) that the key is free. The
-            # channel-wide cap again: a per-consumer qos here would lift it (quorum queues
-            # have no channel-wide cap, and refuse one).
-            if self._settings.queue_type == "classic":
-                await channel.basic_qos(
-                    prefetch_count=self._settings.buffered_messages_cap, global_=True
-                )
-            else:
-                await channel.basic_qos(prefetch_count=self._settings.prefetch)
+            # channel-wide cap again: a per-consumer qos here would lift it.
+            await channel.basic_qos(
+                prefetch_count=self._settings.buffered_messages_cap, global_=True
+            )
+
+    async def _close_key_channel(self, owned: OwnedKey) -> None:
+        """Steps 2 and 3 on a quorum key's own channel: close it, with no cancel and no
+        reject before. The broker puts every delivery the channel had unacked back in its
+        place, in order: also the one it sent as our last ack freed room, which a cancel
+        would cross and put at the back of the queue (docs/probes/quorum_let_go.py). The
+        close-ok is the round trip. The connection has one more channel free for a key
+        afterwards."""
+        if owned not in self._key_channels:
+            return
+        self._key_channels.discard(owned)
+        owned.buffer.clear()
+        channel = owned.channel
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*CHANNEL_ERRORS):
+                await channel.close()
 
     def _on_broker_cancel(self, frame: Any) -> None:
-        """The broker dropped one of our consumers (its queue was deleted or crashed): let
-        go of the key as in a release, and tell the registry, which assigns it again."""
+        """The broker dropped one of our consumers (its queue was deleted or crashed)."""
         for owned in list(self._book.values()):
             if owned.consumer_tag == frame.consumer_tag:
-                log.warning("the broker cancelled our consumer of key %s", owned.key_id)
                 owned.consumer_tag = None  # nothing left for our own cancel to do
-                if owned.state is KeyState.CONSUMING:  # else a release is under way already
-                    owned.move(KeyState.RELEASING)
-                    self._tasks.spawn(self.release_and_report([owned.key_id]))
+                self._lose(owned, "the broker cancelled our consumer")
+
+    def _own_channel_closed(self, owned: OwnedKey) -> bool:
+        return owned in self._key_channels and owned.channel is not None and owned.channel.is_closed
+
+    def _on_key_channel_closed(self, owned: OwnedKey, closing: asyncio.Future[Any]) -> None:
+        """A quorum key's own channel closed. By us (a let-go, a failed consume: the key is
+        not CONSUMING then) or with the connection (the session ends): nothing to do here.
+        By the broker (a channel error): it took back what the key held, in order; only
+        this key is lost."""
+        error = None if closing.cancelled() else closing.exception()
+        if owned.state is KeyState.CONSUMING and isinstance(error, aiormq.exceptions.ChannelClosed):
+            owned.consumer_tag = None
+            self._lose(owned, f"the broker closed its channel ({error})")
+
+    def _lose(self, owned: OwnedKey, why: str) -> None:
+        """The broker ended a consumer of ours: let go of its key as in a release, and tell
+        the registry, which assigns it again."""
+        log.warning("key %s: %s", owned.key_id, why)
+        if owned.state is KeyState.CONSUMING:  # else a release is under way already
+            owned.move(KeyState.RELEASING)
+            self._tasks.spawn(self.release_and_report([owned.key_id]))
 
 
 def _tag(delivery: DeliveredMessage) -> int:

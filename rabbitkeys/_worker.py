@@ -297,6 +297,8 @@ class Worker(Background):
         dead_letters = await connection.channel(publisher_confirms=True)
         dead_letters.close_callbacks.add(self._on_channel_close)
         self._executor.begin(dead_letters, self.worker_id, self.settings.amqp_user)
+        # Classic keys are consumed here; quorum keys each on a channel of their own,
+        # closed to let them go in order (_handoff: a reject there puts them at the back).
         consume = await connection.channel()
         consume.close_callbacks.add(self._on_channel_close)
         # Applies to each consumer made on this channel afterwards, i.e. to each key.

@@ -396,3 +396,26 @@ async def test_heartbeats_list_a_key_while_its_head_waits_for_its_next_attempt(
             beats = len(tap.heartbeats()) + 1
             await eventually(lambda: len(tap.heartbeats()) >= beats + 3)
             assert all(beat.failing == [] for beat in tap.heartbeats()[beats:])
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_park_keeps_the_order_of_a_queue_deeper_than_the_prefetch(
+    amqp_url: str, namespace: str, queue_type: str
+) -> None:
+    """The worker holds one delivery (``prefetch=1``) and the queue holds the rest: after the
+    park, the head is still first, the others after it in order. A quorum queue puts a
+    message rejected after its consumer's cancel at its back (docs/probes/redrive_rotation.py):
+    there, the worker closes the key's channel instead, which puts each back in its place."""
+    settings = make_settings(
+        amqp_url, namespace, max_retries=1, queue_type=queue_type, durable=True, prefetch=1
+    )
+    seen: list[tuple[str, bytes]] = []
+    async with running_registry(settings), membership_tap(settings) as tap:
+        async with running_worker(settings, picky_app(seen)):
+            async with Publisher(settings) as publisher:
+                for body in (b"1", b"poison", b"3", b"4", b"5", b"6"):
+                    await publisher.publish("k", body)
+            await eventually(lambda: tap.released_after_first_park("k"))
+    assert [body for _, body in seen if body != b"poison"] == [b"1"]
+    messages, _ = await queued(settings, "k")
+    assert [m.body for m in messages] == [b"poison", b"3", b"4", b"5", b"6"]

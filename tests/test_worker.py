@@ -329,3 +329,57 @@ async def test_a_retry_waiting_out_its_backoff_holds_no_handler_slot(
         async with running_worker(settings, recovered):
             await eventually(lambda: handled == [b"1", b"2"], timeout=30)
     assert await dead_letters(settings) == []
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize("change", ["join", "leave"])
+async def test_keys_deeper_than_the_prefetch_move_in_order(
+    amqp_url: str, namespace: str, queue_type: str, change: str
+) -> None:
+    """30 messages a key, a worker holding 4 (its prefetch), a slow-ish handler: a second
+    worker joins (keys move to it: a Release), or leaves (its drain on stop), while the
+    keys' queues still hold most of their messages. Every message is handled once, each
+    key in order, one at a time. On a quorum queue a reject after the cancel would put the
+    held ones at the queue's back: the worker closes the key's own channel instead."""
+    settings = make_settings(amqp_url, namespace, queue_type=queue_type, durable=True)
+    handlings = Handlings()
+    workers_of: dict[str, set[str]] = {}
+    by_worker: Counter[str] = Counter()
+
+    def app_for(worker_name: str) -> App:
+        app = App()
+
+        @app.handler()
+        async def record(message: Message) -> None:
+            with handlings.handling(message.key, int(message.body)):
+                await asyncio.sleep(0.03)
+            workers_of.setdefault(message.key, set()).add(worker_name)
+            by_worker[worker_name] += 1
+
+        return app
+
+    keys = [f"k{i}" for i in range(6)]
+    depth = 30
+
+    async def publish_all() -> None:
+        async with Publisher(settings) as publisher:
+            for n in range(depth):
+                await asyncio.gather(*(publisher.publish(k, str(n).encode()) for k in keys))
+
+    async with running_registry(settings) as registry, running_worker(settings, app_for("a")):
+        if change == "join":
+            await publish_all()
+            await eventually(lambda: by_worker["a"] >= len(keys))
+            async with running_worker(settings, app_for("b")):
+                await eventually(lambda: handlings.total() == depth * len(keys), timeout=30)
+        else:
+            async with running_worker(settings, app_for("b")):
+                await eventually(lambda: len(registry._book.workers) == 2)
+                await publish_all()
+                await eventually(lambda: by_worker["b"] >= 2)
+            # b drained and left: its keys moved to a, deep
+            await eventually(lambda: handlings.total() == depth * len(keys), timeout=30)
+    for key in keys:
+        assert handlings.values[key] == list(range(depth)), key
+    assert handlings.overlaps() == []
+    assert any(len(workers) == 2 for workers in workers_of.values()), workers_of
