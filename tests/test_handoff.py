@@ -190,6 +190,8 @@ async def test_taking_a_key_again_while_consuming_only_updates_its_assignment(
     assert owned.assignment.routing_key == "rk-2" and owned.state is KeyState.CONSUMING
 
 
+# quorum only: classic keys share the session's consume channel
+@pytest.mark.parametrize("rig", ["quorum"], indirect=True)
 async def test_a_quorum_key_whose_channel_the_broker_closes_is_let_go_and_the_session_goes_on(
     rig: Rig,
 ) -> None:
@@ -197,8 +199,6 @@ async def test_a_quorum_key_whose_channel_the_broker_closes_is_let_go_and_the_se
     never had) loses only that key: its hold is let go and reported once its handler is
     done, the session's lost flag stays down, and the broker has the messages back, in
     order."""
-    if rig.settings.queue_type != "quorum":
-        pytest.skip("classic keys share the session's consume channel")
     await rig.handoff.acquire(rig.assignment)
     await publish(rig, b"1", b"2", b"3")
     await eventually(lambda: rig.seen == [b"1"])
@@ -215,13 +215,13 @@ async def test_a_quorum_key_whose_channel_the_broker_closes_is_let_go_and_the_se
     assert await left_in_queue(rig) == [b"1", b"2", b"3"]
 
 
+# quorum only: classic keys share the session's consume channel
+@pytest.mark.parametrize("rig", ["quorum"], indirect=True)
 async def test_a_quorum_worker_hands_back_a_key_beyond_its_connections_channels(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With room for one key's channel left, a second key is handed back (reported after a
     pause), with a log that names channel_max; once the first is let go, it is taken."""
-    if rig.settings.queue_type != "quorum":
-        pytest.skip("classic keys share the session's consume channel")
     rig.handoff._channel_limit = 1
     ref = KeyRef.of("k2")
     other = KeyAssignment(
