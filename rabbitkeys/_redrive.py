@@ -412,6 +412,17 @@ async def _close(channel: AbstractChannel) -> None:
             await channel.close()
 
 
+async def _all_confirmed(sends: Sequence[asyncio.Future[Any]], what: str) -> None:
+    """Wait for every publish of ``sends`` (pipelined); raise the first error, or
+    ``RuntimeError(what)`` for an answer that is not an ack (a return or a nack)."""
+    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if not isinstance(outcome, spec.Basic.Ack):
+            raise RuntimeError(f"{what}: {outcome!r}")
+
+
 @dataclass
 class _Progress:
     sent: int = 0
@@ -448,13 +459,8 @@ class _Tail:
             )
             for body, properties in messages
         ]
-        outcomes = await asyncio.gather(*sends, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            if not isinstance(outcome, spec.Basic.Ack):
-                # returned (the private binding is gone) or nacked
-                raise RuntimeError(f"a copy was not confirmed into the queue: {outcome!r}")
+        # returned (the private binding is gone) or nacked: raised
+        await _all_confirmed(sends, "a copy was not confirmed into the queue")
 
 
 async def _rotate(
@@ -725,12 +731,7 @@ async def skip_head(
                     )
                 )
             )
-        outcomes = await asyncio.gather(*sends, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            if not isinstance(outcome, spec.Basic.Ack):
-                raise RuntimeError(f"a dead letter was not confirmed: {outcome!r}")
+        await _all_confirmed(sends, "a dead letter was not confirmed")
         await underlay.basic_ack(_tag(head))
         # before the caller places the key: a worker must not receive the head
         await _settled(underlay, queue)
