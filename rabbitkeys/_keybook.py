@@ -1148,15 +1148,20 @@ class KeyBook(_Ledger):
         # its owner's Released follows: then it stays UNOWNED
         return commands
 
+    def _new_held_key(self, ref: KeyRef) -> Key:
+        """A key an operator names before it exists (a pause, a redrive): new to the book,
+        to be declared like an ensure's, within the quotas (else :class:`HoldRefused`)."""
+        refused = self._beyond_quota(ref)
+        if refused is not None:
+            raise HoldRefused(refused)
+        return self._new_key(ref, KeyState.UNOWNED)
+
     def pause(self, ref: KeyRef) -> list[Command]:
         """An operator pauses a key: no worker gets it until it is resumed. A key not in
         the book is declared (as an ensure with no waiter would) and paused."""
         key = self.keys.get(ref.id)
         if key is None:
-            refused = self._beyond_quota(ref)
-            if refused is not None:
-                raise HoldRefused(refused)
-            key = self._new_key(ref, KeyState.UNOWNED)
+            key = self._new_held_key(ref)
             key.paused = True
             return self._declare(key)  # its hold is bound once declared
         if key.paused:
@@ -1263,10 +1268,7 @@ class KeyBook(_Ledger):
                 f"({key.redrive})"
             )
         if key is None:
-            refused = self._beyond_quota(ref)
-            if refused is not None:
-                raise HoldRefused(refused)
-            key = self._new_key(ref, KeyState.UNOWNED)
+            key = self._new_held_key(ref)
             key.redrive = redrive_id
             return self._declare(key)  # REDRIVING once declared
         key.redrive = redrive_id
