@@ -121,6 +121,28 @@ def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict
     return Verdict.NEW if origin is None else history.check(*origin)
 
 
+def route_of(app: App, job_type: str) -> Route | HandlerNotFoundError:
+    """The job type's route, or the error that no attempt can get past (no handler)."""
+    try:
+        return app.route(job_type)
+    except HandlerNotFoundError as exc:
+        return exc
+
+
+def prepared_payload(
+    route: Route | HandlerNotFoundError, body: bytes, content_type: str | None
+) -> Any | Exception:
+    """What the handler gets, made once per job (a body is the same for every attempt);
+    or, for a job type without handler or a body that is not what the handler declared,
+    the error: no attempt can succeed."""
+    if isinstance(route, HandlerNotFoundError):
+        return route
+    try:
+        return route.payload(body, content_type)
+    except PayloadError as exc:
+        return exc
+
+
 def _key_of(assignment: KeyAssignment, envelope: Envelope) -> str:
     """A message's key comes from the queue it was delivered from (its assignment), never
     from what the message says. The header only gives the original text of a key the
@@ -206,10 +228,7 @@ class Executor:
             return Outcome.DONE
         self._metrics.delivery_jobs.observe(len(jobs))
         redelivered = bool(getattr(delivery.delivery, "redelivered", False))
-        try:
-            route: Route | HandlerNotFoundError = self.app.route(assignment.job_type)
-        except HandlerNotFoundError as exc:
-            route = exc
+        route = route_of(self.app, assignment.job_type)
         dedup = self._dedup
         handled = 0
         try:
@@ -258,17 +277,7 @@ class Executor:
         attempt, dead-letter the job alone, or park its key if its route says so. While the
         job waits for its next attempt, its key is in :attr:`failing`."""
         envelope = job.envelope
-        # The payload once per job (a body is the same for every attempt); a job type
-        # without handler or a body that is not what the handler declared: no attempt
-        # can succeed.
-        prepared: Any | Exception
-        if isinstance(route, HandlerNotFoundError):
-            prepared = route
-        else:
-            try:
-                prepared = route.payload(job.body, job.content_type)
-            except PayloadError as exc:
-                prepared = exc
+        prepared = prepared_payload(route, job.body, job.content_type)
         key = _key_of(assignment, envelope)
         attempt = 0
         try:

@@ -49,8 +49,8 @@ from typing import Any
 from ._app import App, CallNext, Context, Hook, Message, Route, hook_name, is_async
 from ._envelope import Envelope, dead_letter_headers, jobs_of
 from ._envelope import encode as encode_envelope
-from ._errors import HandlerNotFoundError, PayloadError, RabbitkeysError, StartupError
-from ._execution import _wrap
+from ._errors import RabbitkeysError, StartupError
+from ._execution import _wrap, prepared_payload, route_of
 from ._publisher import encode_body
 from ._retry import DeadLetter, RetryPolicy
 from ._settings import Settings
@@ -427,18 +427,8 @@ class InMemoryWorker:
 
     async def _handle(self, job: JobRecord) -> bool:
         """Run a job's attempts as the retry policy says; False if it parks its key."""
-        try:
-            route: Route | HandlerNotFoundError = self.app.route(job.job_type)
-        except HandlerNotFoundError as exc:
-            route = exc
-        prepared: Any
-        if isinstance(route, HandlerNotFoundError):
-            prepared = route
-        else:
-            try:
-                prepared = route.payload(job.body, job.content_type)
-            except PayloadError as exc:
-                prepared = exc
+        route = route_of(self.app, job.job_type)
+        prepared = prepared_payload(route, job.body, job.content_type)
         assert job._envelope is not None
         envelope = job._envelope
         job._move(JobState.RUNNING)
