@@ -63,7 +63,14 @@ from ._protocol import (
     split,
 )
 from ._settings import Settings
-from ._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+from ._topology import (
+    KeyRef,
+    Names,
+    key_queue_arguments,
+    key_queue_durable,
+    new_routing_key,
+    unlimited_deliveries_command,
+)
 
 __all__ = ["DECLARE_CHANNELS", "CommandRunner"]
 
@@ -106,9 +113,12 @@ class CommandRunner:
         self._retired = retired
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
+        broker = broker_version(connection)
         self._queue_arguments = key_queue_arguments(
-            settings.key_queue_expires, settings.queue_type, broker_version(connection)
+            settings.key_queue_expires, settings.queue_type, broker
         )
+        self._queue_durable = key_queue_durable(settings.durable, broker)
+        self._warned_delivery_limit = False
         self._declared_exchanges: set[str] = set()
         #: commands waiting to be sent to each worker, in order (see :meth:`_send`)
         self._outboxes: dict[str, list[Assign | Release | Sync]] = {}
@@ -208,7 +218,7 @@ class CommandRunner:
         try:
             await channel.queue_declare(
                 queue,
-                durable=self._settings.durable,
+                durable=self._queue_durable,
                 arguments=self._queue_arguments,
                 nowait=True,
             )
@@ -221,6 +231,14 @@ class CommandRunner:
             # argument. It is the key's queue all the same: keep it as it is (its type
             # changes when it is retired and declared anew).
             log.info("key %s keeps its queue as it is: %s", ref.id, exc)
+            if "x-delivery-limit" in str(exc) and not self._warned_delivery_limit:
+                self._warned_delivery_limit = True
+                log.warning(
+                    "quorum key queues declared before rabbitkeys lifted RabbitMQ 4's delivery "
+                    "limit keep it: the broker drops a job let go 20 times (moves, parks, "
+                    "crashes). Lift it once with: %s",
+                    unlimited_deliveries_command(self._settings.namespace),
+                )
             channel = await self._pool.get()
             await channel.queue_declare(queue, passive=True)
             await channel.queue_bind(queue, exchange, routing_key=routing_key)

@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from ._amqp import broker_version, fresh_channel
 from ._errors import RegistryUnavailableError
 from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
-from ._topology import Names, control_queue_arguments
+from ._topology import Names, control_queue_arguments, unlimited_deliveries_command
 
 log = logging.getLogger("rabbitkeys")
 
@@ -80,6 +80,13 @@ async def _declare_durable(
         if "inequivalent arg" not in str(exc):
             raise
         log.warning("queue %s is kept as it is, not as RABBITKEYS_QUEUE_TYPE says: %s", queue, exc)
+        if "x-delivery-limit" in str(exc):
+            log.warning(
+                "queue %s keeps RabbitMQ 4's delivery limit (a message let go 20 times is "
+                "dropped); lift it with: %s",
+                queue,
+                unlimited_deliveries_command(queue.rpartition(".")[0]),
+            )
         async with fresh_channel(connection) as channel:
             await channel.queue_declare(queue, passive=True)
 

@@ -15,6 +15,7 @@ Every name starts with the namespace, so two namespaces on one broker never meet
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import unicodedata
@@ -32,16 +33,20 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "KeyRef",
     "Names",
+    "UNLIMITED_DELIVERIES_POLICY",
     "WORKER_ID_PATTERN",
     "check_job_type",
     "check_key",
     "check_worker_id",
     "control_queue_arguments",
+    "delivery_limit_arguments",
     "is_token",
     "key_matches_token",
     "key_queue_arguments",
+    "key_queue_durable",
     "new_routing_key",
     "placement_arguments",
+    "unlimited_deliveries_command",
 ]
 
 DEFAULT_JOB_TYPE = "default"
@@ -182,6 +187,7 @@ def key_queue_arguments(
         # is why a worker settles every delivery before it cancels (_handoff).
         "x-queue-type": queue_type,
         **placement_arguments(queue_type, broker),
+        **delivery_limit_arguments(queue_type, broker),
     }
 
 
@@ -190,7 +196,53 @@ def control_queue_arguments(queue_type: str, broker: tuple[int, int] = (3, 10)) 
     none, as every earlier version declared them (a redeclare must be equivalent)."""
     if queue_type == "classic":
         return {}
-    return {"x-queue-type": queue_type, **placement_arguments(queue_type, broker)}
+    return {
+        "x-queue-type": queue_type,
+        **placement_arguments(queue_type, broker),
+        **delivery_limit_arguments(queue_type, broker),
+    }
+
+
+def key_queue_durable(durable: bool, broker: tuple[int, int]) -> bool:
+    """Whether key queues are declared durable. ``RABBITKEYS_DURABLE=false`` means transient
+    messages (not written to disk, lost with the broker) in transient queues on RabbitMQ 3.x,
+    and in durable queues from 4.0 on: RabbitMQ 4 deprecates transient non-exclusive queues
+    and 4.3 refuses them by default (the connection is closed with ``INTERNAL_ERROR``), so a
+    key queue there is durable whatever the setting and only its messages are transient."""
+    return durable or broker >= (4, 0)
+
+
+#: The operator policy that lifts RabbitMQ 4's delivery limit from quorum queues declared
+#: without ``x-delivery-limit`` (by an earlier rabbitkeys, or on RabbitMQ 3.x before an
+#: upgrade): ``rabbitmqctl set_operator_policy`` with this name and definition, applied to
+#: quorum queues whose name starts with the namespace (README, "Upgrading to RabbitMQ 4").
+UNLIMITED_DELIVERIES_POLICY = ("rabbitkeys-unlimited-deliveries", {"delivery-limit": -1})
+
+
+def unlimited_deliveries_command(namespace: str) -> str:
+    """The ``rabbitmqctl`` command that applies :data:`UNLIMITED_DELIVERIES_POLICY` to the
+    quorum queues of ``namespace`` (an operator policy: it applies beside the users' own
+    policies instead of competing with them)."""
+    name, definition = UNLIMITED_DELIVERIES_POLICY
+    pattern = f"^{namespace}\\."  # a namespace is letters, digits, '_' and '-' only
+    return (
+        f"rabbitmqctl set_operator_policy [-p VHOST] {name} '{pattern}' "
+        f"'{json.dumps(definition)}' --apply-to quorum_queues"
+    )
+
+
+def delivery_limit_arguments(queue_type: str, broker: tuple[int, int]) -> dict[str, Any]:
+    """No delivery limit on a quorum queue. RabbitMQ 4.0 and later give quorum queues a
+    default limit of 20 and *drop* a message returned more often when no dead-letter
+    exchange is set; every move, drain, park and crash of a key returns its head, so a key
+    that moves 21 times would lose a job silently. -1 means unlimited from 4.0 on; on 3.x
+    -1 means "drop at the first return" and no limit is the default, so 3.x gets none
+    (both measured: docs/probes/delivery_limit.py). A redeclare must be equivalent, so a
+    quorum queue declared without it keeps its limit: the operator policy
+    :data:`UNLIMITED_DELIVERIES_POLICY` lifts that one."""
+    if queue_type == "quorum" and broker >= (4, 0):
+        return {"x-delivery-limit": -1}
+    return {}
 
 
 def placement_arguments(queue_type: str, broker: tuple[int, int]) -> dict[str, Any]:
