@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import sys
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -206,6 +207,9 @@ class Route:
     #: go on with the key's next job) or ``"park"`` (stop the key with the job at its head
     #: until an operator resumes or skips it)
     on_failure: OnFailure = "dead_letter"
+    #: seconds one attempt may run; None: the worker's ``job_timeout`` setting; 0: no limit
+    #: (:func:`~._execution.time_limit` decides)
+    timeout: float | None = None
 
     def payload(self, body: bytes, content_type: str | None) -> Any:
         """Raises :class:`~rabbitkeys.PayloadError` if the body is not what was declared."""
@@ -217,7 +221,30 @@ OnFailure = Literal["dead_letter", "park"]
 ON_FAILURE_POLICIES: tuple[OnFailure, ...] = ("dead_letter", "park")
 
 
-def _route(job_type: str, function: Handler, on_failure: OnFailure = "dead_letter") -> Route:
+def _checked_timeout(job_type: str, timeout: object) -> float | None:
+    """A handler's ``timeout=``: None (the setting), 0 (no limit) or seconds."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout < 0
+    ):
+        raise ConfigError(
+            f"timeout of job type {job_type!r} must be a number of seconds >= 0 (0: no "
+            f"limit; None: RABBITKEYS_JOB_TIMEOUT), not {timeout!r}"
+        )
+    return float(timeout)
+
+
+def _route(
+    job_type: str,
+    function: Handler,
+    on_failure: OnFailure = "dead_letter",
+    timeout: float | None = None,
+) -> Route:
+    timeout = _checked_timeout(job_type, timeout)
     if on_failure not in ON_FAILURE_POLICIES:
         raise ConfigError(
             f"on_failure of job type {job_type!r} must be one of "
@@ -243,6 +270,7 @@ def _route(job_type: str, function: Handler, on_failure: OnFailure = "dead_lette
         is_async=is_async(function),
         decoder=decoder,
         on_failure=on_failure,
+        timeout=timeout,
     )
 
 
@@ -265,7 +293,11 @@ class App:
     # --- handlers -------------------------------------------------------------------------
 
     def handler(
-        self, job_type: str = DEFAULT_JOB_TYPE, *, on_failure: OnFailure = "dead_letter"
+        self,
+        job_type: str = DEFAULT_JOB_TYPE,
+        *,
+        on_failure: OnFailure = "dead_letter",
+        timeout: float | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Decorator: register an ``async def`` or ``def`` as the handler of ``job_type``.
 
@@ -273,22 +305,34 @@ class App:
         default) copies it to the dead-letter queue and the key goes on with its next job;
         ``"park"`` stops the key where it is: the job stays at the key's head, later jobs
         wait behind it in order, until ``rabbitkeys resume`` retries it or ``rabbitkeys
-        skip`` dead-letters it."""
+        skip`` dead-letters it.
+
+        ``timeout``: seconds one attempt may run, instead of the worker's
+        ``RABBITKEYS_JOB_TIMEOUT`` (None, the default); 0 for no limit. An attempt that runs
+        past it fails with :class:`~rabbitkeys.JobTimeoutError` (retried, then
+        ``on_failure``); an ``async def`` is cancelled, a ``def``'s thread runs on and the
+        key's next attempt waits for it."""
         check_job_type(job_type)
+        _checked_timeout(job_type, timeout)
 
         def register(function: HandlerT) -> HandlerT:
-            self.add_handler(job_type, function, on_failure=on_failure)
+            self.add_handler(job_type, function, on_failure=on_failure, timeout=timeout)
             return function
 
         return register
 
     def add_handler(
-        self, job_type: str, function: Handler, *, on_failure: OnFailure = "dead_letter"
+        self,
+        job_type: str,
+        function: Handler,
+        *,
+        on_failure: OnFailure = "dead_letter",
+        timeout: float | None = None,
     ) -> None:
         check_job_type(job_type)
         if job_type in self._routes:
             raise ConfigError(f"job type {job_type!r} already has a handler")
-        self._routes[job_type] = _route(job_type, function, on_failure)
+        self._routes[job_type] = _route(job_type, function, on_failure, timeout)
 
     @property
     def job_types(self) -> frozenset[str]:

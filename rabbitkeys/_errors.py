@@ -15,6 +15,7 @@ RabbitkeysError
 ├── HandlerNotFoundError (LookupError)
 │                                     no handler serves a job type
 ├── PayloadError (ValueError)         a body is not what its handler declared
+├── JobTimeoutError (TimeoutError)    a handler's attempt ran past its time limit
 └── StartupError                      a worker's startup hook failed: it did not join
 """
 
@@ -26,6 +27,7 @@ __all__ = [
     "HandlerNotFoundError",
     "InvalidKeyError",
     "InvalidMessageError",
+    "JobTimeoutError",
     "PayloadError",
     "ProtocolError",
     "PublishError",
@@ -96,6 +98,27 @@ class HandlerNotFoundError(RabbitkeysError, LookupError):
 class PayloadError(RabbitkeysError, ValueError):
     """A message's body is not what its handler declared (``Message[Comment]``): that
     message fails (dead-lettered at once with the reason: no retry can change the body)."""
+
+
+class JobTimeoutError(RabbitkeysError, TimeoutError):
+    """A handler's attempt ran past its time limit (``RABBITKEYS_JOB_TIMEOUT``, or the job
+    type's ``@app.handler(..., timeout=)``): the attempt failed, and is retried, then
+    dead-lettered or parked as any failure. An ``async def`` handler was cancelled at the
+    limit; a ``def`` handler's thread cannot be stopped and runs on, its result discarded
+    (the key's next attempt waits for it). The worker raises it where the handler's own
+    exception would be: middleware sees it from ``call_next``, and its text is what the
+    dead letter or the park records."""
+
+    def __init__(self, handler: str, job_type: str, limit: float, *, sync: bool = False) -> None:
+        self.handler = handler
+        self.job_type = job_type
+        #: the limit, in seconds
+        self.limit = limit
+        what = "its thread runs on, its result discarded" if sync else "cancelled"
+        super().__init__(
+            f"handler {handler} of job type {job_type!r} ran past its time limit of "
+            f"{limit:g} s ({what})"
+        )
 
 
 class StartupError(RabbitkeysError):

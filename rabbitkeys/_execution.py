@@ -30,6 +30,15 @@ event loop (heartbeats, other keys' async handlers) never waits for it. It takes
 before a concurrency slot: sync handlers waiting for a thread hold no slot that an async
 handler could use. Middleware runs on the loop around it, in the handler's context
 variables (``contextvars``), which the thread gets a copy of.
+
+Each attempt has a time limit (:func:`time_limit`: the job type's ``timeout=``, else the
+``job_timeout`` setting; 0 is none). An ``async def`` handler still running at the limit is
+cancelled; a ``def`` handler's thread cannot be, so the attempt stops waiting for it and
+the thread runs on, its result discarded. Either way the attempt fails with
+:class:`~rabbitkeys.JobTimeoutError`, which the retry policy treats as any failure. A
+thread left running (by its time limit, or by its session's end) keeps its place in the
+pool until it returns, and its key's next handler call in this worker waits for it
+(:class:`HandlerThreads`): a key never has two of its jobs running here at once.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ import functools
 import inspect
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
@@ -56,7 +66,7 @@ from ._batch import BatchFormatError
 from ._dedup import SequenceHistory, Verdict
 from ._envelope import HEADER_REDRIVE, Envelope, Job, dead_letter_headers, jobs_of
 from ._envelope import decode as decode_envelope
-from ._errors import HandlerNotFoundError, PayloadError
+from ._errors import HandlerNotFoundError, JobTimeoutError, PayloadError
 from ._metrics import WorkerMetrics
 from ._protocol import KeyAssignment, KeyFailure
 from ._retry import DeadLetter, RetryPolicy
@@ -64,13 +74,26 @@ from ._settings import Settings
 from ._topology import Names, key_matches_token
 from ._tracing import handle_span
 
-__all__ = ["MAX_ERROR_TEXT", "Executor", "Outcome", "Park", "error_text", "verdict"]
+__all__ = [
+    "MAX_ERROR_TEXT",
+    "MIDDLEWARE_GRACE",
+    "Executor",
+    "HandlerThreads",
+    "Outcome",
+    "Park",
+    "error_text",
+    "time_limit",
+    "verdict",
+    "within",
+]
 
 log = logging.getLogger("rabbitkeys.worker")
 
+_T = TypeVar("_T")
 
-#: what an async handler holds instead of a thread (reusable: it holds nothing)
-_NO_THREAD = contextlib.nullcontext()
+#: seconds past the handler's time limit that the middleware around it may still run (to
+#: see the handler's JobTimeoutError and report it) before the attempt as a whole is cut
+MIDDLEWARE_GRACE = 1.0
 
 
 #: the longest error text a park or a failing key reports (``KeyParked``, ``KeyFailure``)
@@ -113,6 +136,153 @@ class _Outcome(enum.Enum):
     DEAD_LETTERED = "dead_lettered"
     #: shutdown came during a wait for a retry: the delivery must stay unacked
     INTERRUPTED = "interrupted"
+
+
+def time_limit(route: Route, job_timeout: float) -> float | None:
+    """Seconds one attempt of the route's handler may run, None for no limit: the job
+    type's own ``timeout=`` if it set one, else the ``job_timeout`` setting; 0 is none."""
+    limit = job_timeout if route.timeout is None else route.timeout
+    return limit if limit > 0 else None
+
+
+async def within(limit: float | None, call: Awaitable[_T], route: Route, job_type: str) -> _T:
+    """Await ``call``, cancelled after ``limit`` seconds (None: no limit), which is then a
+    :class:`~rabbitkeys.JobTimeoutError` (chained to where the call was cancelled). A
+    ``TimeoutError`` the call raised itself passes as it is."""
+    if limit is None:
+        return await call
+    deadline = asyncio.timeout(limit)
+    try:
+        async with deadline:
+            return await call
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise
+        raise JobTimeoutError(route.name, job_type, limit, sync=not route.is_async) from exc
+
+
+@dataclass(eq=False)
+class _Thread:
+    """A thread of the pool, taken for one attempt of a sync handler of a key."""
+
+    key: tuple[str, str]
+    #: what runs in it, once submitted
+    future: Future[Any] | None = None
+
+
+@dataclass(eq=False)
+class _Overdue:
+    """A key's sync handler that still runs in its thread after its attempt ended."""
+
+    future: Future[Any]
+    since: float
+    handler: str
+    returned: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class HandlerThreads:
+    """The threads ``def`` handlers run in, as the worker counts them: ``size`` permits (the
+    pool's size), one held per thread running a handler. A thread cannot be stopped, so an
+    attempt that ends while its thread still runs (its time limit, its session's end)
+    leaves it *overdue*: it keeps its permit until it returns (the pool really is a thread
+    short), its result is discarded, and the key's next call waits for it (:meth:`take`),
+    so a key never runs two jobs (or two attempts of one) at once in this worker.
+
+    Used by the :class:`Executor` and by ``rabbitkeys.testing.InMemoryWorker``."""
+
+    def __init__(self, size: int, overdue_gauge: Any = None) -> None:
+        #: the worker's pool while it runs (None: not running)
+        self.pool: ThreadPoolExecutor | None = None
+        self._free = asyncio.Semaphore(size)
+        self._overdue: dict[tuple[str, str], _Overdue] = {}
+        self._gauge = overdue_gauge
+
+    @property
+    def overdue(self) -> int:
+        """Threads still running a handler whose attempt ended."""
+        return len(self._overdue)
+
+    async def take(self, job_type: str, key: str) -> _Thread:
+        """A thread for the key's handler: once the key's overdue thread returned, if it has
+        one (outside any concurrency slot), and a permit is free."""
+        ref = (job_type, key)
+        overdue = self._overdue.get(ref)
+        if overdue is not None:
+            log.warning(
+                "key %r of %s waits for its handler %s's thread, left running %.0f s ago, "
+                "before running its next attempt or job",
+                key,
+                job_type,
+                overdue.handler,
+                time.monotonic() - overdue.since,
+            )
+            await overdue.returned.wait()
+        await self._free.acquire()
+        return _Thread(ref)
+
+    async def run(self, thread: _Thread, route: Route, message: Message[Any]) -> Any:
+        """Call the handler in a pool thread, in a copy of this task's context variables
+        (what middleware set for tracing), as ``asyncio.to_thread`` would."""
+        if self.pool is None:
+            raise RuntimeError("the worker's thread pool is not running")
+        thread.future = self.pool.submit(contextvars.copy_context().run, route.function, message)
+        # Cancelled (time limit, session's end): a queued call is withdrawn, a running one
+        # runs on (give_back sees it)
+        result = await asyncio.wrap_future(thread.future)
+        if inspect.isawaitable(result):  # an async callable that did not look like one
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(
+                f"handler {route.name} returned an awaitable from a thread; make it an "
+                "`async def` so the worker awaits it"
+            )
+        return result
+
+    def give_back(self, thread: _Thread, handler: str) -> None:
+        """The attempt ended: its permit is free now, or, if its thread still runs, when that
+        thread returns (and the key is overdue until then)."""
+        future = thread.future
+        if future is None or future.done():
+            self._free.release()
+            return
+        job_type, key = thread.key
+        log.error(
+            "key %r of %s: handler %s's attempt ended while its thread still runs (a thread "
+            "cannot be stopped): it runs on and keeps its place in the pool, its result will "
+            "be discarded, and the key's next attempt or job waits for it",
+            key,
+            job_type,
+            handler,
+        )
+        overdue = _Overdue(future, time.monotonic(), handler)
+        self._overdue[thread.key] = overdue
+        if self._gauge is not None:
+            self._gauge.inc()
+        loop = asyncio.get_running_loop()
+
+        def returned(_: Future[Any]) -> None:  # in the thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._returned, thread.key, overdue)
+
+        future.add_done_callback(returned)
+
+    def _returned(self, ref: tuple[str, str], overdue: _Overdue) -> None:
+        self._free.release()
+        if self._overdue.get(ref) is overdue:
+            del self._overdue[ref]
+        if self._gauge is not None:
+            self._gauge.dec()
+        error = None if overdue.future.cancelled() else overdue.future.exception()
+        log.warning(
+            "key %r of %s: handler %s's thread left running returned, %.1f s after its "
+            "attempt ended (%s; discarded); the key goes on",
+            ref[1],
+            ref[0],
+            overdue.handler,
+            time.monotonic() - overdue.since,
+            "it raised " + error_text(error) if error is not None else "its result",
+        )
+        overdue.returned.set()
 
 
 def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict:
@@ -175,15 +345,15 @@ class Executor:
         self.app = app
         self.policy = RetryPolicy.from_settings(settings)
         self.context = context if context is not None else Context()
-        self.threads: ThreadPoolExecutor | None = None
-        #: sync handlers still running in a thread after their session ended, by key
-        self._abandoned: dict[tuple[str, str], Future[Any]] = {}
+        self.handler_threads = HandlerThreads(
+            settings.sync_handler_threads, metrics.overdue_handler_threads
+        )
+        self._job_timeout = settings.job_timeout
         self._dedup = settings.dedup
         self._dead_letter_exchange = Names(settings.namespace).dead_letter_exchange
         self._metrics = metrics
         self._stopping = stopping
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._free_threads = asyncio.Semaphore(settings.sync_handler_threads)
         self._dead_letters: AbstractChannel | None = None
         self._worker_id = ""
         self._user_id = ""
@@ -195,6 +365,15 @@ class Executor:
         #: keys whose current job failed and waits for its next attempt, by key id: from
         #: its first failure to its end (handled, dead-lettered, parked, or interrupted)
         self.failing: dict[str, KeyFailure] = {}
+
+    @property
+    def threads(self) -> ThreadPoolExecutor | None:
+        """The worker's pool for ``def`` handlers, set while it runs."""
+        return self.handler_threads.pool
+
+    @threads.setter
+    def threads(self, pool: ThreadPoolExecutor | None) -> None:
+        self.handler_threads.pool = pool
 
     def begin(self, dead_letters: AbstractChannel, worker_id: str, user_id: str) -> None:
         """A new session: dead letters go out on its channel, under its worker id and the
@@ -348,67 +527,62 @@ class Executor:
         self, route: Route, message: Message[Any], published_at: int | None
     ) -> Exception | None:
         """One handler call (through the middleware) in a concurrency slot, and for a sync
-        handler a thread; what it raised, if anything."""
+        handler a thread, within its time limit; what it raised, if anything."""
         metrics = self._metrics
-        async with _NO_THREAD if route.is_async else self._free_threads, self._slots:
-            if message.attempt == 1 and published_at is not None:
-                metrics.end_to_end_latency.observe(max(0.0, time.time() - published_at / 1e6))
-            self.in_flight += 1
-            started = time.perf_counter()
-            with handle_span(message, published_at) as span:  # a no-op without tracing
-                try:
-                    if route.is_async and not self.app.middlewares:
-                        await route.function(message)  # the common case, without a call between
-                    else:
-                        await self._through_middleware(route, message)
-                except Exception as exc:
-                    metrics.handler_failures.inc()
-                    span.failed(exc, self.policy, route)
-                    return exc
-                finally:
-                    self.in_flight -= 1
-                    metrics.handler_duration.observe(time.perf_counter() - started)
+        limit = time_limit(route, self._job_timeout)
+        thread = None
+        if not route.is_async:
+            thread = await self.handler_threads.take(message.job_type, message.key)
+        try:
+            async with self._slots:
+                if message.attempt == 1 and published_at is not None:
+                    latency = max(0.0, time.time() - published_at / 1e6)
+                    metrics.end_to_end_latency.observe(latency)
+                self.in_flight += 1
+                started = time.perf_counter()
+                with handle_span(message, published_at) as span:  # a no-op without tracing
+                    try:
+                        if route.is_async and not self.app.middlewares:
+                            # the common case, without a call between
+                            await within(limit, route.function(message), route, message.job_type)
+                        else:
+                            await within(
+                                None if limit is None else limit + MIDDLEWARE_GRACE,
+                                self._through_middleware(route, message, limit, thread),
+                                route,
+                                message.job_type,
+                            )
+                    except Exception as exc:
+                        metrics.handler_failures.inc()
+                        if isinstance(exc, JobTimeoutError):
+                            metrics.job_timeouts.labels(job_type=message.job_type).inc()
+                        span.failed(exc, self.policy, route)
+                        return exc
+                    finally:
+                        self.in_flight -= 1
+                        metrics.handler_duration.observe(time.perf_counter() - started)
+        finally:
+            if thread is not None:
+                self.handler_threads.give_back(thread, route.name)
         return None
 
-    def _through_middleware(self, route: Route, message: Message[Any]) -> Any:
-        """The handler's call, wrapped in the app's middleware, the first registered
-        outermost. No middleware: the handler's call itself."""
-        call: CallNext = functools.partial(self._call, route)
+    def _through_middleware(
+        self, route: Route, message: Message[Any], limit: float | None, thread: _Thread | None
+    ) -> Awaitable[Any]:
+        """The handler's call, within its time limit, wrapped in the app's middleware, the
+        first registered outermost. No middleware: the handler's call itself."""
+        call: CallNext = functools.partial(self._call, route, limit, thread)
         for middleware in reversed(self.app.middlewares):
             call = _wrap(middleware, call)
         return call(message)
 
-    async def _call(self, route: Route, message: Message[Any]) -> Any:
-        if route.is_async:
-            return await route.function(message)
-        if self.threads is None:
-            raise RuntimeError("the worker's thread pool is not running")
-        key = (message.job_type, message.key)
-        earlier = self._abandoned.get(key)
-        if earlier is not None:
-            # This key's handler of a lost session still runs in its thread (threads cannot
-            # be cancelled): the key's next message waits for it, as order wants.
-            if not earlier.done():
-                await asyncio.wait([asyncio.wrap_future(earlier)])
-            del self._abandoned[key]
-        # The thread runs in a copy of this task's context (what middleware set for
-        # tracing), as asyncio.to_thread would, in the worker's pool.
-        running = self.threads.submit(contextvars.copy_context().run, route.function, message)
-        try:
-            result = await asyncio.wrap_future(running)
-        except asyncio.CancelledError:
-            if not running.done():  # the session ended under it; the thread goes on
-                self._abandoned = {k: f for k, f in self._abandoned.items() if not f.done()}
-                self._abandoned[key] = running
-            raise
-        if inspect.isawaitable(result):  # an async callable that did not look like one
-            if inspect.iscoroutine(result):
-                result.close()
-            raise TypeError(
-                f"handler {route.name} returned an awaitable from a thread; make it an "
-                "`async def` so the worker awaits it"
-            )
-        return result
+    async def _call(
+        self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
+    ) -> Any:
+        if thread is None:
+            return await within(limit, route.function(message), route, message.job_type)
+        run = self.handler_threads.run(thread, route, message)
+        return await within(limit, run, route, message.job_type)
 
     async def _dead_letter(
         self,

@@ -194,6 +194,22 @@ class WorkerMetrics:
         self.retried = _counter(
             registry, "rabbitkeys_retried_messages", "Handler attempts that were retries."
         )
+        # by job type: a worker's job types are its app's handlers, a bounded set
+        self.job_timeouts = _metric(
+            registry,
+            Counter,
+            "rabbitkeys_job_timeouts",
+            "Handler attempts that ran past their time limit (counted in handler failures "
+            "too), by job type.",
+            labelnames=("job_type",),
+        )
+        self.overdue_handler_threads = _metric(
+            registry,
+            Gauge,
+            "rabbitkeys_overdue_handler_threads",
+            "Threads still running a sync handler whose attempt ended (its time limit, or "
+            "its session's end): each keeps its place in the pool, and its key waits for it.",
+        )
         self.dead_lettered = _counter(
             registry,
             "rabbitkeys_dead_lettered_messages",

@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(
         default=30.0, ge=0, description="Upper bound of the retry backoff, in seconds."
     )
+    job_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds one attempt of a handler may run (a job type's "
+        "@app.handler(timeout=) overrides it); past it the attempt fails with "
+        "JobTimeoutError and is retried, then dead-lettered or parked. 0: no limit.",
+    )
     ensure_timeout: float = Field(
         default=30.0,
         gt=0,

@@ -13,7 +13,9 @@ no broker, no registry, no sleeping.
 :class:`InMemoryWorker` runs jobs as a :class:`~rabbitkeys.Worker` does: one job per key at
 a time, in publish order per key, keys concurrently up to ``settings.concurrency`` handlers
 at once, ``def`` handlers in a thread pool of ``settings.sync_handler_threads``, the app's
-middleware around each attempt, the retry policy of the settings (``max_retries``,
+middleware around each attempt within its time limit (``job_timeout``, or the job type's
+``timeout=``: a :class:`~rabbitkeys.JobTimeoutError`, for real, not simulated), the retry
+policy of the settings (``max_retries``,
 ``retry_backoff``, ``retry_backoff_max``: the real :class:`~._retry.RetryPolicy`), and after
 the last attempt the job type's ``on_failure``: dead-letter it and go on, or park the key
 (:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). A body that does not fit the
@@ -33,10 +35,8 @@ nothing is a duplicate; there is one worker, so no handoff.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
 import functools
-import inspect
 import logging
 import uuid
 from collections import deque
@@ -50,7 +50,16 @@ from ._app import App, CallNext, Context, Hook, Message, Route, hook_name, is_as
 from ._envelope import Envelope, dead_letter_headers, jobs_of
 from ._envelope import encode as encode_envelope
 from ._errors import RabbitkeysError, StartupError
-from ._execution import _wrap, prepared_payload, route_of
+from ._execution import (
+    MIDDLEWARE_GRACE,
+    HandlerThreads,
+    _Thread,
+    _wrap,
+    prepared_payload,
+    route_of,
+    time_limit,
+    within,
+)
 from ._publisher import encode_body
 from ._retry import DeadLetter, RetryPolicy
 from ._settings import Settings
@@ -217,7 +226,7 @@ class InMemoryWorker:
         self._keys: dict[tuple[str, str], _KeyLine] = {}
         self._crashed: list[BaseException] = []
         self._slots: asyncio.Semaphore | None = None
-        self._free_threads: asyncio.Semaphore | None = None
+        self._handler_threads: HandlerThreads | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._life = _Life.NEW
         self._next_sequence = 1
@@ -249,7 +258,8 @@ class InMemoryWorker:
             max_workers=self.settings.sync_handler_threads, thread_name_prefix="rabbitkeys-test"
         )
         self._slots = asyncio.Semaphore(self.settings.concurrency)
-        self._free_threads = asyncio.Semaphore(self.settings.sync_handler_threads)
+        self._handler_threads = HandlerThreads(self.settings.sync_handler_threads)
+        self._handler_threads.pool = self._threads
         hooks = self.app.startup_hooks if self._run_hooks else ()
         try:
             for hook in hooks:
@@ -508,57 +518,43 @@ class InMemoryWorker:
         self, route: Route, message: Message[Any], job: JobRecord
     ) -> Exception | None:
         """One call through the middleware in a concurrency slot (a sync handler takes a
-        thread first, as in a worker); what it raised, if anything."""
-        assert self._slots is not None and self._free_threads is not None
-        async with self._slots if route.is_async else _Both(self._free_threads, self._slots):
-            self.in_flight += 1
-            self.most_in_flight = max(self.most_in_flight, self.in_flight)
-            try:
-                call: CallNext = functools.partial(self._call, route)
-                for middleware in reversed(self.app.middlewares):
-                    call = _wrap(middleware, call)
-                job.result = await call(message)
-            except Exception as exc:
-                return exc
-            finally:
-                self.in_flight -= 1
+        thread first, as in a worker), within its time limit; what it raised, if anything."""
+        assert self._slots is not None and self._handler_threads is not None
+        threads = self._handler_threads
+        limit = time_limit(route, self.settings.job_timeout)
+        thread = None if route.is_async else await threads.take(job.job_type, job.key)
+        try:
+            async with self._slots:
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                try:
+                    call: CallNext = functools.partial(self._call, route, limit, thread)
+                    for middleware in reversed(self.app.middlewares):
+                        call = _wrap(middleware, call)
+                    outer = None if limit is None or not self.app.middlewares else limit
+                    job.result = await within(
+                        None if outer is None else outer + MIDDLEWARE_GRACE,
+                        call(message),
+                        route,
+                        job.job_type,
+                    )
+                except Exception as exc:
+                    return exc
+                finally:
+                    self.in_flight -= 1
+        finally:
+            if thread is not None:
+                threads.give_back(thread, route.name)
         return None
 
-    async def _call(self, route: Route, message: Message[Any]) -> Any:
-        if route.is_async:
-            return await route.function(message)
-        # in a copy of this task's context variables, as in a worker
-        result = await asyncio.get_running_loop().run_in_executor(
-            self._threads, contextvars.copy_context().run, route.function, message
-        )
-        if inspect.isawaitable(result):
-            if inspect.iscoroutine(result):
-                result.close()
-            raise TypeError(
-                f"handler {route.name} returned an awaitable from a thread; make it an "
-                "`async def` so the worker awaits it"
-            )
-        return result
-
-
-class _Both:
-    """Two semaphores taken in order, let go in reverse: a thread, then a slot."""
-
-    def __init__(self, first: asyncio.Semaphore, second: asyncio.Semaphore) -> None:
-        self._first = first
-        self._second = second
-
-    async def __aenter__(self) -> None:
-        await self._first.acquire()
-        try:
-            await self._second.acquire()
-        except BaseException:
-            self._first.release()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._second.release()
-        self._first.release()
+    async def _call(
+        self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
+    ) -> Any:
+        if thread is None:
+            return await within(limit, route.function(message), route, message.job_type)
+        assert self._handler_threads is not None
+        run = self._handler_threads.run(thread, route, message)
+        return await within(limit, run, route, message.job_type)
 
 
 def run_jobs(
