@@ -77,7 +77,6 @@ from ._topology import KeyRef
 
 __all__ = [
     "MAX_BROKER_CLOSES",
-    "MAX_NACKS",
     "Action",
     "Answer",
     "Batch",
@@ -98,11 +97,6 @@ __all__ = [
 #: The broker closed the channel or connection over something sent on it this many times
 #: while a message was on it: that message is given up rather than sent again forever.
 MAX_BROKER_CLOSES = 3
-#: The broker nacked a message this many times in a row: it is given up (a node that went
-#: down nacks what it held once, and a classic queue's next send is returned, not nacked;
-#: a quorum queue nacks until its new leader is elected: with the publisher's pauses
-#: between tries, doubling to 2 s, eight tries span about 10 s).
-MAX_NACKS = 8
 # Lanes of idle keys beyond this many are dropped (their routing key is asked for again).
 _MAX_IDLE_LANES = 100_000
 
@@ -152,8 +146,11 @@ class Entry:
     lost_a_copy: bool = False
     #: times the broker closed the channel or connection while it was on it
     broker_closes: int = 0
-    #: times in a row the broker nacked it
+    #: times in a row the broker nacked it (the publisher pauses longer each time before it
+    #: goes again); no count fails it: its publish timeout does (``give_up``)
     nacks: int = 0
+    #: the broker's last refusal of it (a nack), which its timeout error names
+    last_refusal: str | None = None
     #: bytes it takes in a batch (0: ``size``); what ``batch_max_bytes`` bounds
     wire_size: int = 0
     #: the routing key of its latest send
@@ -389,6 +386,11 @@ class Lane:
                 why = "no connection to the broker"
             elif self.unavailable is not None:
                 why = self.unavailable
+            elif entry.nacks:
+                why = (
+                    f"the broker refused it {entry.nacks} time{'s' if entry.nacks > 1 else ''}"
+                    f" (last: {entry.last_refusal}) and it waited to be sent again"
+                )
             elif self.routing_key is None:
                 why = "the key was not routed yet"
             else:
@@ -432,26 +434,21 @@ class Lane:
         """basic.nack, or an answer that is none of ack, nack or return: the message was not
         confirmed. A nack is what a queue that went down with its cluster node answers, for
         what it held unconfirmed and for what reaches it until the cluster has noticed
-        (often one ``multiple`` nack that covers other keys' messages too). So the jobs go
-        back in their place, and once nothing of the lane is in flight the lane asks the
-        registry about its routing key, as after a return: the registry finds a queue that
-        is down "unavailable", and the lane waits for its node; a queue that is there gets
-        the jobs again at once. A job refused :data:`MAX_NACKS` times in a row fails: the
-        broker means it (say a queue at its length limit)."""
+        (often one ``multiple`` nack that covers other keys' messages too), and what a
+        quorum queue answers until its new leader is elected. So the jobs go back in their
+        place, and once nothing of the lane is in flight the lane asks the registry about
+        its routing key, as after a return: the registry finds a queue that is down
+        "unavailable", and the lane waits for its node; a queue that is there gets the jobs
+        again (the publisher pauses first, longer after each nack in a row: see
+        :attr:`nacked`). No count of nacks fails a job: only its publish timeout does
+        (``give_up``), as for every other wait, since an election or a node's return can
+        take longer than any count of tries would guess."""
         if not self._answers(batch):
             return []
         actions: list[Action] = []
         for entry in batch.entries:
             entry.nacks += 1
-            if entry.nacks >= MAX_NACKS:
-                error = PublishError(
-                    f"the broker refused the message {entry.nacks} times (last: {what})"
-                )
-                # this copy was refused; an earlier one may have arrived
-                actions += self._settle(
-                    entry, _outcome_unknown(error) if entry.lost_a_copy else error
-                )
-                continue
+            entry.last_refusal = what
             entry.may_have_arrived = entry.lost_a_copy  # the broker did not take this copy
             actions += self._requeue(entry)
             if entry.stage is Stage.QUEUED:
@@ -504,8 +501,9 @@ class Lane:
     @property
     def nacked(self) -> int:
         """How many times in a row the broker refused (nacked) the lane's first message:
-        the publisher pauses before asking again (a quorum queue nacks for the seconds its
-        leader election takes after a node loss; asking at once spends the tries)."""
+        the publisher pauses before it goes again, longer each time (a quorum queue nacks
+        for the seconds its leader election takes after a node loss; sending again at once
+        would only make more nacks)."""
         if self.returned:
             return self.returned[0].nacks
         return self.waiting[0].nacks if self.waiting else 0

@@ -141,6 +141,12 @@ _UNAVAILABLE_PAUSE = 0.25
 _UNAVAILABLE_PAUSE_MAX = 2.0
 
 
+def _nack_pause(nacks: int) -> float:
+    """Seconds to wait before a message nacked ``nacks`` times in a row goes again (before
+    jitter): ``_UNAVAILABLE_PAUSE`` doubling up to ``_UNAVAILABLE_PAUSE_MAX``."""
+    return min(_UNAVAILABLE_PAUSE_MAX, _UNAVAILABLE_PAUSE * 2.0 ** min(nacks - 1, 8))
+
+
 class Publisher:
     """Publishes keyed jobs; per key, in the order of the ``publish()`` calls.
 
@@ -673,9 +679,9 @@ class _Carrier:
             pause = _UNAVAILABLE_PAUSE
             if lane.nacked:
                 # refused by the broker: give a queue that lost its node (a quorum leader
-                # being elected) a moment, doubling, before the message goes again
-                backoff = _UNAVAILABLE_PAUSE * 2 ** (lane.nacked - 1)
-                await asyncio.sleep(min(_UNAVAILABLE_PAUSE_MAX, backoff) * random.uniform(0.5, 1.0))
+                # being elected) a moment, doubling, before the message goes again; as
+                # often as it takes: only the message's publish timeout ends this
+                await asyncio.sleep(_nack_pause(lane.nacked) * random.uniform(0.5, 1.0))
             while True:
                 reply = await self._control.request(
                     EnsureKey(

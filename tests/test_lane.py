@@ -48,6 +48,9 @@ from rabbitkeys._lane import (
 from rabbitkeys._topology import KeyRef
 
 BIG_FRAME, SMALL_FRAME = 131_072, 4_096
+#: more nacks in a row than any count of tries the lanes ever allowed (eight): a quorum
+#: queue nacks until its new leader is elected, however long that takes
+NACKS_IN_AN_ELECTION = 20
 
 
 class FakeCaller:
@@ -122,6 +125,8 @@ class World:
     released: dict[Entry, int] = field(default_factory=dict)
     first_sent: dict[Lane, int] = field(default_factory=dict)
     counted: list[Counted] = field(default_factory=list)
+    #: entries whose publish timeout ran out (``time_out``)
+    timed_out: set[Entry] = field(default_factory=set)
     routing_keys: itertools.count[int] = field(default_factory=itertools.count)
     sequence: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -326,6 +331,7 @@ class World:
     def time_out(self, value: int) -> None:
         entry = self._live(value)
         if entry is not None:
+            self.timed_out.add(entry)
             self.run(entry.lane.give_up(entry))
 
     def cancel(self, value: int) -> None:
@@ -475,6 +481,9 @@ def test_every_interleaving_keeps_call_order_settles_each_message_once_and_ends_
         assert entry.stage is Stage.DONE
         # answered exactly once, unless cancelled (then the caller saw CancelledError)
         assert len(caller.answers) == (0 if caller.cancelled else 1)
+        # nacks alone never fail a message: it goes again until its publish timeout
+        if caller.answers and caller.answers[0] is not None and entry not in world.timed_out:
+            assert "the broker refused" not in str(caller.answers[0]), caller.answers[0]
     # A nack lost with its connection leaves the publisher sending that message again after
     # later ones the broker took: beyond any lane (it never hears of the nack), so those
     # messages are left out of the order check (docs/design.md, "Known limits").
@@ -601,25 +610,55 @@ def test_a_nack_after_a_copy_was_lost_with_its_connection_is_outcome_unknown() -
     world.lose(1)
     world.connect(1)
     first, second = world.entries
-    for _ in range(_lane.MAX_NACKS):  # value % 6 == 0: the broker nacks every later copy
+    for _ in range(NACKS_IN_AN_ELECTION):  # value % 6 == 0: the broker nacks every later copy
         world.arrive(0)
         world.arrive(0)
         world.answer(0)
         world.answer(0)
         world.ensure(0, "ok")  # after a nack the lane asks the registry again
+    assert not world.callers[first].answers and not world.callers[second].answers
+    world.time_out(0)  # their publish timeouts: the first, then the second
+    world.time_out(0)
     assert isinstance(world.callers[first].answers[0], PublishOutcomeUnknownError)
     assert world.queues[first.lane.ref.id] == [first.sequence]  # it did arrive
     # the second's first copy never arrived, but the publisher cannot know that
     assert isinstance(world.callers[second].answers[0], PublishOutcomeUnknownError)
     world.publish(0)
     world.admit()
-    for _ in range(_lane.MAX_NACKS):
+    third = world.entries[2]
+    for _ in range(NACKS_IN_AN_ELECTION):
         world.ensure(0, "ok")
         world.arrive(0)
         world.answer(0)
-    [error] = world.callers[world.entries[2]].answers
+    assert not world.callers[third].answers  # nacked again and again: still waiting
+    world.time_out(0)
+    [error] = world.callers[third].answers
     assert type(error) is PublishError  # refused, and no copy of it went anywhere else
-    assert f"{_lane.MAX_NACKS} times" in str(error)
+    assert f"the broker refused it {third.nacks} times (last: nack)" in str(error)
+    assert third.nacks > 8
+    assert "will never be delivered" in str(error)
+    assert third.stage is Stage.DONE and third.lane.live == 0
+
+
+def test_a_message_nacked_until_its_timeout_while_in_flight_is_outcome_unknown() -> None:
+    """Its timeout comes while a copy is on the connection: that copy may still be taken."""
+    world = _routed_world()
+    world.publish(0)
+    world.admit()
+    world.ensure(0, "ok")
+    for _ in range(NACKS_IN_AN_ELECTION):
+        world.arrive(0)
+        world.answer(0)
+        world.ensure(0, "ok")
+    [entry] = world.entries
+    assert entry.stage is Stage.SENT and not world.callers[entry].answers
+    world.time_out(0)
+    [error] = world.callers[entry].answers
+    assert isinstance(error, PublishOutcomeUnknownError)
+    world.arrive(0)
+    world.answer(0)  # nacked: done, not sent again, its caller told nothing more
+    assert entry.stage is Stage.DONE and world.callers[entry].answers == [error]
+    assert not world.wire and entry.lane.idle
 
 
 def test_a_message_on_three_broker_closes_is_given_up_as_outcome_unknown() -> None:
@@ -878,11 +917,18 @@ def test_the_lane_tells_how_often_its_first_message_was_nacked_in_a_row() -> Non
         world.answer(0)
         assert lane.nacked == n
         world.ensure(0, "ok")
-    world.publish(1)  # a message the broker takes, behind it
+    world.publish(2)  # another of its key, behind it
     world.admit()
-    for _ in range(_lane.MAX_NACKS - 2):
+    for n in range(3, NACKS_IN_AN_ELECTION + 1):  # no count gives it up: it goes again
         world.arrive(0)
         world.answer(0)
-        world.ensure(0, "ok")
+        assert lane.nacked == n and not world.callers[entry].answers
+        if n < NACKS_IN_AN_ELECTION:
+            world.ensure(0, "ok")
+    world.run(lane.give_up(entry))  # its publish timeout, while it waits to go again
+    assert type(world.callers[entry].answers[0]) is PublishError
     # given up: the next message is first, never nacked
+    assert entry.stage is Stage.DONE
     assert lane.nacked == 0
+    world.settle()
+    assert world.queues[lane.ref.id] == [2]
