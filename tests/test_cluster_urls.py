@@ -298,25 +298,34 @@ def _http_answering(status: int) -> Iterator[str]:
         thread.join()
 
 
+#: the live endpoint without its login (a base URL as :func:`endpoint` gives it), and that
+#: login (``user:password@``, or "" when the AMQP URL's is used): every endpoint of a list
+#: must have the same user, so the stand-ins for dead nodes are given it too
+_LOGIN, _, _HOST = urllib.parse.urlsplit(MANAGEMENT_URL).netloc.rpartition("@")
+_LIVE = urllib.parse.urlsplit(MANAGEMENT_URL)._replace(netloc=_HOST).geturl().rstrip("/")
+
+
 def _management_settings(amqp_url: str, namespace: str, *bases: str) -> Settings:
-    return make_settings(amqp_url, namespace, management_url=",".join(bases))
+    login = f"{_LOGIN}@" if _LOGIN else ""
+    given = [base.replace("://", f"://{login}", 1) for base in bases]
+    return make_settings(amqp_url, namespace, management_url=",".join(given))
 
 
 def test_a_request_falls_over_from_a_dead_endpoint_and_starts_there_next(
     amqp_url: str, namespace: str
 ) -> None:
     dead = f"http://127.0.0.1:{_free_port()}"
-    settings = _management_settings(amqp_url, namespace, dead, MANAGEMENT_URL)
+    settings = _management_settings(amqp_url, namespace, dead, _LIVE)
     assert endpoint(settings)[0] == dead
     assert request(settings, "overview")["management_version"]
     # the live one answered: the next request (and the error texts) start with it
-    assert endpoint(settings)[0] == MANAGEMENT_URL.rstrip("/")
+    assert endpoint(settings)[0] == _LIVE
 
 
 def test_a_request_falls_over_from_a_blackholed_endpoint(amqp_url: str, namespace: str) -> None:
     with _blackholed_port() as port:
         hung = f"http://127.0.0.1:{port}"
-        settings = _management_settings(amqp_url, namespace, hung, MANAGEMENT_URL)
+        settings = _management_settings(amqp_url, namespace, hung, _LIVE)
         started = time.monotonic()
         assert request(settings, "overview")["management_version"]
         took = time.monotonic() - started
@@ -326,9 +335,9 @@ def test_a_request_falls_over_from_a_blackholed_endpoint(amqp_url: str, namespac
 
 def test_a_5xx_falls_over_and_a_4xx_is_the_answer(amqp_url: str, namespace: str) -> None:
     with _http_answering(503) as failing, _http_answering(404) as refusing:
-        settings = _management_settings(amqp_url, namespace, failing, MANAGEMENT_URL)
+        settings = _management_settings(amqp_url, namespace, failing, _LIVE)
         assert request(settings, "overview")["management_version"]
-        settings = _management_settings(amqp_url, namespace, refusing, MANAGEMENT_URL)
+        settings = _management_settings(amqp_url, namespace, refusing, _LIVE)
         with pytest.raises(urllib.error.HTTPError) as refused:
             request(settings, "overview")
         refused.value.close()

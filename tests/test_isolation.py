@@ -179,7 +179,8 @@ async def test_a_registry_ignores_the_events_of_another_vhost(
             # a marker worker in "/", whose inbox the test deletes last: once the registry has
             # dropped it, the event before it (the broker emits them in order) was handled
             in_root = await root.channel()
-            await in_root.declare_queue(names.worker_inbox("marker"))
+            # exclusive, as a worker's inbox is (RabbitMQ 4.3 refuses a transient shared queue)
+            await in_root.declare_queue(names.worker_inbox("marker"), exclusive=True)
             join = WorkerJoin(
                 worker_id="marker",
                 session="0" * 32,
@@ -191,7 +192,7 @@ async def test_a_registry_ignores_the_events_of_another_vhost(
             await eventually(lambda: "marker" in registry._book.workers)
             # the live worker's inbox name, in the session's vhost: created and deleted
             in_other = await other.channel()
-            await in_other.declare_queue(names.worker_inbox(worker.worker_id))
+            await in_other.declare_queue(names.worker_inbox(worker.worker_id), exclusive=True)
             await in_other.queue_delete(names.worker_inbox(worker.worker_id))
             await in_root.queue_delete(names.worker_inbox("marker"))
             await eventually(lambda: "marker" not in registry._book.workers)

@@ -472,7 +472,7 @@ async def test_a_broker_that_requires_a_client_certificate(
             connection = await connect(settings, "test")
             try:
                 channel = await connection.channel()
-                queue = await channel.declare_queue(f"{namespace}.tls", auto_delete=True)
+                queue = await channel.declare_queue(f"{namespace}.tls", exclusive=True)
                 await channel.default_exchange.publish(
                     aio_pika.Message(b"over mutual TLS"), routing_key=queue.name
                 )
@@ -511,7 +511,7 @@ async def test_the_management_api_over_https(
     plain = await aio_pika.connect(amqp_url)
     try:
         channel = await plain.channel()
-        queue = await channel.declare_queue(f"{names.key_queue_prefix}tls", auto_delete=False)
+        queue = await channel.declare_queue(f"{names.key_queue_prefix}tls", durable=True)
         with tls_proxy(management, 15672, server_context(pki, require_client_cert=True)) as proxy:
             https = f"https://guest:guest@127.0.0.1:{proxy.port}"
             settings = make_settings(
