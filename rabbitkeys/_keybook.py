@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _assignment
+from ._errors import InvalidKeyError
 from ._protocol import (
     REFUSED_QUOTA_EXCEEDED,
     REFUSED_UNAVAILABLE,
@@ -55,9 +56,17 @@ from ._protocol import (
     Status,
     WorkerStatus,
 )
-from ._topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef
+from ._topology import (
+    HOLD_PARKED,
+    HOLD_PAUSED,
+    HOLD_REDRIVE,
+    KeyRef,
+    check_key,
+    key_matches_token,
+)
 
 __all__ = [
+    "HOLD_KEY_ARGUMENT",
     "RELEASE_WAIT",
     "AssignKeys",
     "CheckAndDelete",
@@ -83,6 +92,7 @@ __all__ = [
     "WaitGrace",
     "WaitRelease",
     "WorkerRecord",
+    "named_by_hold",
 ]
 
 log = logging.getLogger("rabbitkeys.registry")
@@ -122,6 +132,10 @@ _WAITING = frozenset({KeyState.DECLARING, KeyState.REDRIVING, *RETIRING})
 _HOLD_NAMES = ("paused", "parked", "type_paused", "redrive")
 #: the longest error a parked hold keeps (a binding argument)
 _MAX_ERROR = 1000
+#: The binding argument in which a key's hold carries the key's text: its queue's name has
+#: only the key's token (a hashed one for most keys), and a new leader knows a held key by
+#: what its hold bindings tell (:meth:`KeyBook.holds_listed`).
+HOLD_KEY_ARGUMENT = "x-rabbitkeys-key"
 
 
 class HoldRefused(Exception):
@@ -227,8 +241,10 @@ class SetHold:
     """Record a hold durably, or remove it (``add`` False): bind (unbind) the key's
     ``queue``, or for a whole ``job_type`` its jobs exchange, to ``Names.holds_exchange``
     with routing key ``hold`` (``HOLD_PAUSED``, ``HOLD_PARKED``, ``HOLD_REDRIVE``) and
-    ``arguments`` (a removal carries the arguments the binding was made with). No event
-    follows; a failure is logged (a registry that takes over would not know this hold)."""
+    ``arguments`` (a removal carries the arguments the binding was made with). A key's
+    hold carries the key's text first (:data:`HOLD_KEY_ARGUMENT`, :func:`_hold_arguments`).
+    No event follows; a failure is logged (a registry that takes over would not know this
+    hold)."""
 
     hold: str
     add: bool
@@ -345,6 +361,51 @@ def _parked_from(arguments: Mapping[str, str | int]) -> Parked:
 
 def _redrive_arguments(redrive_id: str) -> tuple[tuple[str, str | int], ...]:
     return (("x-redrive", redrive_id),)
+
+
+_Arguments = tuple[tuple[str, str | int], ...]
+
+
+def _bound_with(text: object, arguments: _Arguments) -> _Arguments:
+    """A key hold's binding arguments: :data:`HOLD_KEY_ARGUMENT` first (``text``; none if
+    None), then the hold's own."""
+    if isinstance(text, str | int) and not isinstance(text, bool):
+        return ((HOLD_KEY_ARGUMENT, text), *arguments)
+    return arguments
+
+
+def _hold_arguments(ref: KeyRef, arguments: _Arguments = ()) -> _Arguments:
+    """What the book binds a hold of ``ref``'s queue with: the key's text, unless the key
+    is its own token (a plain key: the queue's name tells it) or is known by its token
+    only (adopted from the broker, or read back from a hold that did not tell its text)."""
+    return _bound_with(None if ref.key == ref.token else ref.key, arguments)
+
+
+def _hold(key: Key, hold: str, add: bool, arguments: _Arguments = ()) -> SetHold:
+    """Bind (unbind) one hold of the key's queue, with the key's text."""
+    return SetHold(hold, add, queue=key.queue, arguments=_hold_arguments(key.ref, arguments))
+
+
+def _described(ref: KeyRef) -> str:
+    """A key for the logs: its id, and its text if that is not its token."""
+    return ref.id if ref.key == ref.token else f"{ref.id} ({ref.key!r})"
+
+
+def named_by_hold(ref: KeyRef, arguments: Mapping[str, str | int]) -> KeyRef | None:
+    """The key a hold binding of ``ref``'s queue names (its :data:`HOLD_KEY_ARGUMENT`), if
+    that text stands for the queue's token; else None (no text, or one that is not the
+    key's: the management API's word is checked, not taken). ``ref`` is the key as the
+    queue's name tells it (``Names.key_of_queue``)."""
+    text = arguments.get(HOLD_KEY_ARGUMENT)
+    if not isinstance(text, str):
+        return None
+    try:
+        check_key(text)
+    except InvalidKeyError:
+        return None
+    if not key_matches_token(text, ref.token):
+        return None
+    return KeyRef(ref.job_type, text, ref.token)
 
 
 @dataclass(eq=False)
@@ -643,7 +704,7 @@ class _Ledger:
             self._enter(key, KeyState.REDRIVING)
             arguments = _redrive_arguments(key.redrive)
             return [
-                SetHold(HOLD_REDRIVE, True, queue=key.queue, arguments=arguments),
+                _hold(key, HOLD_REDRIVE, True, arguments),
                 Rearrange(
                     key.ref.id,
                     key.ref,
@@ -668,13 +729,25 @@ class _Ledger:
     def _hold_commands(self, key: Key) -> list[Command]:
         """Bind the key's holds (again: binding is idempotent), once its queue exists (a
         redrive's hold is bound as it enters REDRIVING: :meth:`_unowned`)."""
-        commands: list[Command] = []
+        return [
+            SetHold(hold, True, queue=key.queue, arguments=arguments)
+            for hold, arguments in self._hold_bindings(key)
+            if hold != HOLD_REDRIVE
+        ]
+
+    @staticmethod
+    def _hold_bindings(key: Key) -> list[tuple[str, _Arguments]]:
+        """The hold bindings the key's queue should have, each with its arguments."""
+        bindings: list[tuple[str, _Arguments]] = []
         if key.paused:
-            commands.append(SetHold(HOLD_PAUSED, True, queue=key.queue))
+            bindings.append((HOLD_PAUSED, _hold_arguments(key.ref)))
         if key.parked is not None:
-            arguments = _parked_arguments(key.parked)
-            commands.append(SetHold(HOLD_PARKED, True, queue=key.queue, arguments=arguments))
-        return commands
+            parked = _parked_arguments(key.parked)
+            bindings.append((HOLD_PARKED, _hold_arguments(key.ref, parked)))
+        if key.redrive is not None:
+            redrive = _redrive_arguments(key.redrive)
+            bindings.append((HOLD_REDRIVE, _hold_arguments(key.ref, redrive)))
+        return bindings
 
     def _bind_hold(self, key: Key, command: SetHold) -> list[Command]:
         """A hold added now is bound at once if the key's queue surely exists; while it is
@@ -1130,7 +1203,7 @@ class KeyBook(_Ledger):
         commands: list[Command] = []
         if key.parked is not None:  # parked again: one parked binding, the newest
             arguments = _parked_arguments(key.parked)
-            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+            commands.append(_hold(key, HOLD_PARKED, False, arguments))
         key.parked = parked
         log.warning(
             "key %s parked after %d attempts on %s: %s",
@@ -1139,7 +1212,7 @@ class KeyBook(_Ledger):
             worker_id,
             parked.error,
         )
-        hold = SetHold(HOLD_PARKED, True, queue=key.queue, arguments=_parked_arguments(parked))
+        hold = _hold(key, HOLD_PARKED, True, _parked_arguments(parked))
         commands += self._bind_hold(key, hold)
         if key.state is KeyState.UNOWNED:
             commands += self._unowned(key)
@@ -1167,7 +1240,7 @@ class KeyBook(_Ledger):
         if key.paused:
             return []
         key.paused = True
-        commands = self._bind_hold(key, SetHold(HOLD_PAUSED, True, queue=key.queue))
+        commands = self._bind_hold(key, _hold(key, HOLD_PAUSED, True))
         return commands + self._let_go(key)
 
     def resume(self, ref: KeyRef) -> list[Command]:
@@ -1188,11 +1261,11 @@ class KeyBook(_Ledger):
         commands: list[Command] = []
         if key.paused:
             key.paused = False
-            commands.append(SetHold(HOLD_PAUSED, False, queue=key.queue))
+            commands.append(_hold(key, HOLD_PAUSED, False))
         if key.parked is not None:
             arguments = _parked_arguments(key.parked)
             key.parked = None
-            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+            commands.append(_hold(key, HOLD_PARKED, False, arguments))
         return commands + self._place_unowned(key)
 
     def pause_type(self, job_type: str) -> list[Command]:
@@ -1252,7 +1325,7 @@ class KeyBook(_Ledger):
         if ok and key.parked is not None:
             arguments = _parked_arguments(key.parked)
             key.parked = None
-            commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=arguments))
+            commands.append(_hold(key, HOLD_PARKED, False, arguments))
         elif not ok:
             log.warning("key %s: skipping its head failed; still parked", key_id)
         return commands + self._place_unowned(key)
@@ -1294,7 +1367,7 @@ class KeyBook(_Ledger):
         if key.redrive is not None:
             arguments = _redrive_arguments(key.redrive)
             key.redrive = None
-            commands.append(SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=arguments))
+            commands.append(_hold(key, HOLD_REDRIVE, False, arguments))
         return commands + self._declare(key)
 
     def holds_listed(
@@ -1304,43 +1377,68 @@ class KeyBook(_Ledger):
         now: float,
     ) -> list[Command]:
         """The holds read back from the broker as a registry starts to lead (the bindings
-        of ``Names.holds_exchange``): (key, hold, binding arguments), and the paused job
-        types. A key not in the book is added UNOWNED (its queue exists); one with a
-        redrive hold is REDRIVING (the redrive was cut: its :class:`Rearrange` finishes
-        it)."""
+        of ``Names.holds_exchange``): (key as its queue's name tells it, hold, binding
+        arguments), and the paused job types. A key not in the book is added UNOWNED (its
+        queue exists); one with a redrive hold is REDRIVING (the redrive was cut: its
+        :class:`Rearrange` finishes it).
+
+        A key is known by the text its holds carry (:func:`named_by_hold`), else by its
+        token (a hold recorded by an earlier version, or one whose text is not the key's).
+        Each key's hold bindings are then made what the book would bind: one parked hold,
+        the newest, and one redrive; the key's text as the book knows it (so a hold without
+        it, or with a text that is not the key's, is bound again)."""
         commands: list[Command] = []
         for job_type in job_types:
             if job_type not in self.paused_types:
                 self.paused_types.add(job_type)
                 commands.append(Rebalance())
         touched: dict[str, Key] = {}
+        listed: defaultdict[str, list[tuple[str, _Arguments]]] = defaultdict(list)
         for ref, hold, arguments in keys:
             if hold not in (HOLD_PAUSED, HOLD_PARKED, HOLD_REDRIVE):
                 log.warning("key %s: unknown hold %r ignored", ref.id, hold)
                 continue
+            named = named_by_hold(ref, arguments)
+            if named is None and HOLD_KEY_ARGUMENT in arguments:
+                log.warning(
+                    "key %s: its %s hold names it %.80r, which is not the key of its queue: "
+                    "known by its token",
+                    ref.id,
+                    hold,
+                    arguments[HOLD_KEY_ARGUMENT],
+                )
+            named = named or ref
             key = self.keys.get(ref.id)
             if key is None:
-                key = self._new_key(ref, KeyState.UNOWNED, now=now, seen=True)
+                key = self._new_key(named, KeyState.UNOWNED, now=now, seen=True)
+            elif key.ref.key == key.ref.token and named.key != named.token:
+                key.ref = named  # known by its token until now
+            own: _Arguments = ()
             if hold == HOLD_PAUSED:
                 key.paused = True
             elif hold == HOLD_PARKED:
                 parked = _parked_from(arguments)
-                if key.parked is not None and key.parked != parked:
-                    # two parked bindings (a removal failed): keep the newest
-                    older, key.parked = sorted((key.parked, parked), key=lambda p: p.at)
-                    stale = _parked_arguments(older)
-                    commands.append(SetHold(HOLD_PARKED, False, queue=key.queue, arguments=stale))
-                else:
-                    key.parked = parked
+                own = _parked_arguments(parked)
+                if key.parked is None or parked.at >= key.parked.at:
+                    key.parked = parked  # two parked bindings (a removal failed): the newest
             else:
                 redrive_id = str(arguments.get("x-redrive", ""))
-                if key.redrive is not None and key.redrive != redrive_id:
-                    stale = _redrive_arguments(redrive_id)  # one redrive at a time
-                    commands.append(SetHold(HOLD_REDRIVE, False, queue=key.queue, arguments=stale))
-                else:
-                    key.redrive = redrive_id
+                own = _redrive_arguments(redrive_id)
+                if key.redrive is None:
+                    key.redrive = redrive_id  # one redrive at a time
+            listed[ref.id].append((hold, _bound_with(arguments.get(HOLD_KEY_ARGUMENT), own)))
             touched[ref.id] = key
-        for key in touched.values():
+        for key_id, key in touched.items():
+            wanted = self._hold_bindings(key)
+            for hold, bound in listed[key_id]:
+                if (hold, bound) not in wanted:
+                    commands.append(SetHold(hold, False, queue=key.queue, arguments=bound))
+            for hold, bound in wanted:
+                # a redrive's hold is bound as the key enters REDRIVING (_unowned)
+                if hold != HOLD_REDRIVE and (hold, bound) not in listed[key_id]:
+                    add = SetHold(hold, True, queue=key.queue, arguments=bound)
+                    commands += self._bind_hold(key, add)
+            log.info("key %s held: %s", _described(key.ref), ", ".join(self.holds_of(key)))
             if key.state is KeyState.UNOWNED:
                 commands += self._unowned(key)
             else:

@@ -139,6 +139,9 @@ class Reconciler:
         job_types: set[str] = set()
         for binding in found:
             if binding.destination_type == "queue":
+                # the key as its queue's name tells it: a hashed key's token only; its text
+                # is in the binding's arguments (HOLD_KEY_ARGUMENT), which the book believes
+                # only if it stands for that token (_keybook.named_by_hold)
                 ref = self._names.key_of_queue(binding.destination)
                 if ref is not None:
                     arguments = {

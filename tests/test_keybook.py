@@ -41,6 +41,7 @@ from rabbitkeys._keybook import (
     Unbind,
     WaitGrace,
     WaitRelease,
+    named_by_hold,
 )
 from rabbitkeys._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE
 from rabbitkeys._topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef, Names
@@ -59,6 +60,13 @@ def new_book(max_keys: int = 1_000, max_job_types: int = 100) -> KeyBook:
     )
 
 
+def queue_ref(queue: str) -> KeyRef:
+    """The key a queue's name tells (a hashed key: its token only), as a leader reads it."""
+    found = Names("t").key_of_queue(queue)
+    assert found is not None, queue
+    return found
+
+
 class Violation(AssertionError):
     pass
 
@@ -67,10 +75,14 @@ Binding = tuple[str, tuple[tuple[str, str | int], ...]]
 
 
 def book_holds(key: Key) -> set[Binding]:
-    """The hold bindings a key's queue should have, from the book."""
+    """The hold bindings a key's queue should have, from the book: each carries the key's
+    text first, unless the key is its own token."""
+    text: tuple[tuple[str, str | int], ...] = ()
+    if key.ref.key != key.ref.token:
+        text = (("x-rabbitkeys-key", key.ref.key),)
     holds: set[Binding] = set()
     if key.paused:
-        holds.add((HOLD_PAUSED, ()))
+        holds.add((HOLD_PAUSED, text))
     if key.parked is not None:
         p = key.parked
         arguments = (
@@ -80,9 +92,9 @@ def book_holds(key: Key) -> set[Binding]:
             ("x-worker", p.worker_id),
             ("x-at", p.at),
         )
-        holds.add((HOLD_PARKED, arguments))
+        holds.add((HOLD_PARKED, text + arguments))
     if key.redrive is not None:
-        holds.add((HOLD_REDRIVE, (("x-redrive", key.redrive),)))
+        holds.add((HOLD_REDRIVE, (*text, ("x-redrive", key.redrive))))
     return holds
 
 
@@ -323,9 +335,10 @@ class Sim:
         self.pending.clear()  # the old leader's work in flight went with it
         abandoned = self.asked - set(self.replies)
         self.replies.update({w: Reply(w, reason="no answer: the leader died") for w in abandoned})
-        # Before it consumes its control queue, the new leader reads the holds back.
+        # Before it consumes its control queue, the new leader reads the holds back, each
+        # key as its queue's name tells it (a hashed key's text is in its holds only).
         listed = [
-            (self.queues[queue], hold, dict(arguments))
+            (queue_ref(queue), hold, dict(arguments))
             for queue, holds in sorted(self.bindings.items())
             for hold, arguments in sorted(holds)
         ]
@@ -377,6 +390,8 @@ class Sim:
                 assert key.parked is not None and key.owner is None, key
             assert set(book.holds_of(key)) <= {"paused", "parked", "type_paused", "redrive"}
             assert (bool(book.holds_of(key)) or key.skipping is not None) == book.held(key)
+            # known by its text, also after a failover (its holds tell it)
+            assert key.ref == self.refs[key_id], (key.ref, self.refs[key_id])
         for c in self.pending:
             if isinstance(c, (SkipHead, Rearrange)) and c.key_id in book.keys:
                 if self.holders(c.key_id):
@@ -419,6 +434,8 @@ _events = st.lists(
     max_size=150,
 )
 _JOB_TYPE_SETS = (frozenset("a"), frozenset("b"), frozenset("ab"))
+# plain keys (their own token) and hashed ones (the token hides the text)
+KEYS = ("k0", "post 1", "k2", "été/3", "k4", 'k "5"')
 
 
 def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
@@ -433,7 +450,7 @@ def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
         elif kind == "leave":
             sim.leave(worker)
         elif kind == "ensure":
-            sim.ensure(f"k{n}", JOB_TYPES[index % 2], stale=flag)
+            sim.ensure(KEYS[n], JOB_TYPES[index % 2], stale=flag)
         elif kind == "idle" and held:
             sim.idle(*held[index % len(held)])
         elif kind == "let_go" and held:
@@ -454,7 +471,7 @@ def run(sim: Sim, events: list[tuple[str, int, int, bool]]) -> None:
         elif kind == "report parked" and sim.parking:
             sim.report_parked(index)
         elif kind in _OPERATIONS:
-            sim.operate(kind, f"k{n}", JOB_TYPES[index % 2])
+            sim.operate(kind, KEYS[n], JOB_TYPES[index % 2])
         if sim.rebalance_wanted and flag:  # as the registry does, a moment later
             sim.rebalance()
         sim.check()
@@ -1193,6 +1210,114 @@ def test_holds_are_named_in_one_order() -> None:
     key = book.keys[ref("k").id]
     assert book.holds_of(key) == ["paused", "parked", "type_paused", "redrive"]
     assert book.held_counts() == {"parked": 1, "paused": 1, "paused_job_types": 1}
+
+
+def token_ref(key: str, job_type: str = "a") -> KeyRef:
+    """``key`` as a new leader first knows it: by its queue's name, so by its token."""
+    return queue_ref(Names("t").key_queue(ref(key, job_type)))
+
+
+LONG_KEY = "ключ/" * 113 + "x" * 7  # 1,024 bytes in UTF-8, the most a key may have
+
+
+@pytest.mark.parametrize("text", ["post A", "été/ \"x\" 'y' \\ ✓", LONG_KEY, "k"])
+def test_a_hold_carries_the_keys_text_and_a_new_leader_knows_the_key_by_it(text: str) -> None:
+    sim = Sim()
+    key = owned_key(sim, text)
+    named = () if ref(text).token == text else (("x-rabbitkeys-key", text),)
+    paused = sim.book.pause(key.ref)
+    assert paused[0] == SetHold(HOLD_PAUSED, True, queue=key.queue, arguments=named)
+    sim.do(paused)
+    sim.park("w1", key.ref.id, attempts=5)
+    sim.settle()
+    assert sim.bindings[key.queue] == book_holds(key)
+    sim.restart_registry()  # reads the holds back by queue name and binding arguments
+    sim.settle()
+    again = sim.book.keys[key.ref.id]
+    assert again.ref == ref(text) and again.paused and again.parked is not None
+    assert sim.bindings[key.queue] == book_holds(again)  # nothing bound anew
+    resumed = sim.book.resume(ref(text))  # by the key's text, as an operator names it
+    assert [c for c in resumed if isinstance(c, SetHold)] == [
+        SetHold(HOLD_PAUSED, False, queue=key.queue, arguments=named),
+        SetHold(HOLD_PARKED, False, queue=key.queue, arguments=named + PARKED_AT_ZERO),
+    ]
+
+
+PARKED_AT_ZERO = (*PARKED_ARGUMENTS[:-1], ("x-at", 0))
+
+
+def test_a_hold_of_an_earlier_version_is_read_back_by_its_token_and_left_as_it_is() -> None:
+    book = new_book()
+    listed = token_ref("post A")
+    commands = book.holds_listed(
+        [(listed, HOLD_PAUSED, {}), (listed, HOLD_PARKED, dict(PARKED_ARGUMENTS))], [], 1.0
+    )
+    key = book.keys[listed.id]
+    assert key.ref == listed and key.ref.key == key.ref.token  # its text is not known
+    assert key.paused and key.parked == PARKED and commands == []
+    # resumed by its text (the same id): the bindings are removed as they were made
+    assert book.resume(ref("post A"))[:2] == [
+        SetHold(HOLD_PAUSED, False, queue=key.queue),
+        SetHold(HOLD_PARKED, False, queue=key.queue, arguments=PARKED_ARGUMENTS),
+    ]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    ["post B", "post_A", 42, "\ud800", "x" * 2000, ""],
+    ids=["another key", "the hint", "a number", "a lone surrogate", "too long", "empty"],
+)
+def test_a_hold_whose_text_is_not_its_keys_is_known_by_its_token_and_bound_again(
+    forged: str | int,
+) -> None:
+    book = new_book()
+    listed = token_ref("post A")
+    commands = book.holds_listed([(listed, HOLD_PAUSED, {"x-rabbitkeys-key": forged})], [], 1.0)
+    key = book.keys[listed.id]
+    assert key.ref == listed and key.paused
+    assert commands == [
+        SetHold(HOLD_PAUSED, False, queue=key.queue, arguments=(("x-rabbitkeys-key", forged),)),
+        SetHold(HOLD_PAUSED, True, queue=key.queue),
+    ]
+
+
+def test_a_key_whose_holds_disagree_is_known_by_the_text_one_of_them_tells() -> None:
+    """One hold without the text (an earlier version's), one with it: the key is known by
+    its text, and the first is bound again with it, so that a resume removes both."""
+    book = new_book()
+    listed = token_ref("post A")
+    named = (("x-rabbitkeys-key", "post A"),)
+    commands = book.holds_listed(
+        [
+            (listed, HOLD_PAUSED, {}),
+            (listed, HOLD_PARKED, dict(named + PARKED_ARGUMENTS)),
+        ],
+        [],
+        1.0,
+    )
+    key = book.keys[listed.id]
+    assert key.ref == ref("post A")
+    assert commands == [
+        SetHold(HOLD_PAUSED, False, queue=key.queue),
+        SetHold(HOLD_PAUSED, True, queue=key.queue, arguments=named),
+    ]
+    # a redrive hold cut by a crash, known by its text: bound again as it is rearranged
+    book = new_book()
+    commands = book.holds_listed([(listed, HOLD_REDRIVE, {"x-redrive": "r1"} | dict(named))], [], 1)
+    key = book.keys[listed.id]
+    assert key.ref == ref("post A") and key.state is KeyState.REDRIVING
+    assert commands[0] == SetHold(
+        HOLD_REDRIVE, True, queue=key.queue, arguments=(*named, ("x-redrive", "r1"))
+    )
+    assert isinstance(commands[1], Rearrange) and commands[1].ref == ref("post A")
+
+
+def test_named_by_hold_checks_the_text_against_the_token() -> None:
+    listed = token_ref("post A", "b")
+    assert named_by_hold(listed, {"x-rabbitkeys-key": "post A"}) == ref("post A", "b")
+    assert named_by_hold(listed, {}) is None
+    assert named_by_hold(listed, {"x-rabbitkeys-key": "post a"}) is None
+    assert named_by_hold(token_ref("k"), {"x-rabbitkeys-key": "k"}) == ref("k")
 
 
 def test_a_job_type_paused_while_a_key_is_deleted_does_not_bring_the_key_back() -> None:
