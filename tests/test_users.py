@@ -82,6 +82,20 @@ async def _can_log_in(url: str) -> bool:
     return True
 
 
+def _logged_in_as(url: str, namespace: str) -> Settings:
+    """Settings that reach the broker, and its management API, with ``url``'s login alone: a
+    ``RABBITKEYS_TEST_MANAGEMENT_URL`` that carries a login of its own (the administrator's)
+    would otherwise be what every management call logs in with."""
+    settings = make_settings(url, namespace)
+    if settings.management_url is None:
+        return settings
+    bare = [
+        given._replace(netloc=given.netloc.rpartition("@")[2]).geturl()
+        for given in map(urllib.parse.urlsplit, settings.management_urls)
+    ]
+    return make_settings(url, namespace, management_url=",".join(bare))
+
+
 @pytest.fixture
 def made_users(broker: Broker, namespace: str) -> Iterator[dict[Role, str]]:
     """The default user names of the test's namespace; whatever of them exists at the end
@@ -244,7 +258,8 @@ async def test_the_registry_user_reads_the_management_api_and_the_others_cannot(
     names = Names(settings.namespace)
     queue, exchange = f"{settings.namespace}.key.default.k1", names.jobs_exchange("default")
     quoted = _quote(vhost)
-    broker.api(f"queues/{quoted}/{_quote(queue)}", "PUT", {"durable": False})
+    # durable: RabbitMQ 4.3 refuses a transient queue that is not exclusive
+    broker.api(f"queues/{quoted}/{_quote(queue)}", "PUT", {"durable": True})
     broker.api(f"exchanges/{quoted}/{_quote(exchange)}", "PUT", {"type": "direct"})
     broker.api(
         f"bindings/{quoted}/e/{_quote(exchange)}/q/{_quote(queue)}", "POST", {"routing_key": "r"}
@@ -254,7 +269,7 @@ async def test_the_registry_user_reads_the_management_api_and_the_others_cannot(
     def as_role(role: Role) -> Settings:
         url = done[role].amqp_url
         assert url is not None
-        return make_settings(url.get_secret_value(), settings.namespace)
+        return _logged_in_as(url.get_secret_value(), settings.namespace)
 
     registry = as_role(Role.REGISTRY)
     assert [q.name for q in await list_queues(registry, f"{settings.namespace}.")] == [queue]
@@ -358,7 +373,7 @@ async def test_refusals(broker: Broker, settings: Settings, made_users: dict[Rol
     done = {item.user.role: item for item in await create_users(settings)}
     url = done[Role.REGISTRY].amqp_url
     assert url is not None
-    as_registry = make_settings(url.get_secret_value(), settings.namespace)
+    as_registry = _logged_in_as(url.get_secret_value(), settings.namespace)
     with pytest.raises(ConfigError, match="administrator's login"):
         await create_users(as_registry, namespace=f"{settings.namespace}-x")
 
@@ -502,7 +517,7 @@ async def test_chaos_falls_back_to_one_login_only_when_not_asked_for_per_role_us
     done = {item.user.role: item for item in await create_users(settings)}
     url = done[Role.PUBLISHER].amqp_url
     assert url is not None
-    not_admin = make_settings(url.get_secret_value(), f"{settings.namespace}-x")
+    not_admin = _logged_in_as(url.get_secret_value(), f"{settings.namespace}-x")
     report = ChaosReport()
     assert await _role_settings(not_admin, tmp_path, None, report) == {}
     assert report.users == "guest"
