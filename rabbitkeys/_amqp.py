@@ -31,12 +31,16 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+log = logging.getLogger("rabbitkeys.amqp")
+
 __all__ = [
     "CHANNEL_ERRORS",
     "ChannelPool",
     "TaskSet",
+    "CHANNEL_CLOSE_TIMEOUT",
     "broker_version",
     "channel_max",
+    "close_channel",
     "fresh_channel",
     "open_channel",
     "queue_unavailable",
@@ -46,6 +50,16 @@ __all__ = [
 #: What a call on a channel raises once the channel or its connection is gone
 #: (aiormq's ChannelInvalidStateError is a RuntimeError, not an AMQPError).
 CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
+#: Seconds a channel's close waits for the broker's Channel.CloseOk. aiormq waits as long
+#: as the connection's heartbeat (the broker's default: 60 s), and the broker answers a
+#: close once the channel's queues have let its consumers go: on a cluster, a quorum queue
+#: that lost its leader with a node cannot until it has a new one, and a worker letting go
+#: of such a key held it for the whole 60 s (the likely cause of a key's one 60.8 s wait in
+#: ``chaos --cluster`` with quorum queues). What the close is for happens on the broker
+#: once it is sent (a closed channel's deliveries go back in place, and the key's next
+#: single active consumer waits until they have), so the caller goes on.
+CHANNEL_CLOSE_TIMEOUT = 5.0
 
 
 def queue_unavailable(error: BaseException) -> bool:
@@ -165,6 +179,26 @@ async def sleep_unless(stopping: asyncio.Event, delay: float) -> bool:
     return stopping.is_set()
 
 
+async def close_channel(channel: AbstractChannel | aiormq.abc.AbstractChannel) -> bool:
+    """Close ``channel`` unless it is closed; whether the broker confirmed it within
+    :data:`CHANNEL_CLOSE_TIMEOUT` (False also when the channel or its connection went away:
+    then the broker closes it). Its number stays taken until a late CloseOk, if any."""
+    if channel.is_closed:
+        return True
+    try:
+        async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT):
+            await channel.close()
+    except TimeoutError:
+        log.warning(
+            "the broker did not confirm a channel's close within %gs; going on",
+            CHANNEL_CLOSE_TIMEOUT,
+        )
+        return False
+    except CHANNEL_ERRORS:
+        return False
+    return True
+
+
 @contextlib.asynccontextmanager
 async def fresh_channel(
     connection: AbstractConnection,
@@ -175,6 +209,4 @@ async def fresh_channel(
     try:
         yield await channel.get_underlay_channel()
     finally:
-        if not channel.is_closed:
-            with contextlib.suppress(*CHANNEL_ERRORS):
-                await channel.close()
+        await close_channel(channel)

@@ -21,7 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import broker_version, fresh_channel
+from ._amqp import broker_version, close_channel, fresh_channel
 from ._errors import RegistryUnavailableError
 from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
 from ._topology import Names, control_queue_arguments, unlimited_deliveries_command
@@ -193,8 +193,8 @@ class ControlClient:
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        if self._channel is not None:
+            await close_channel(self._channel)  # bounded: a publisher's close must not hang
 
     async def request(self, payload: Any, *, timeout: float) -> ControlMessage:
         """Send ``payload`` to the registry; raise :class:`RegistryUnavailableError` if no

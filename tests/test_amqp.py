@@ -1,5 +1,6 @@
-"""The small AMQP helpers of ``rabbitkeys._amqp`` that need no broker: the task set and
-sleeping unless stopping. (Channel opening is tested against the broker in test_channels.)"""
+"""The small AMQP helpers of ``rabbitkeys._amqp`` that need no broker: the task set,
+sleeping unless stopping, and a channel's close bounded in time. (Channel opening is tested
+against the broker in test_channels.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 import aiormq
 import pytest
 
-from rabbitkeys._amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
+from rabbitkeys import _amqp
+from rabbitkeys._amqp import CHANNEL_ERRORS, TaskSet, close_channel, sleep_unless
 
 log = logging.getLogger("rabbitkeys.test")
 
@@ -95,3 +97,47 @@ def test_channel_errors_cover_a_closed_channel_and_a_gone_connection() -> None:
         aiormq.exceptions.ConnectionClosed(320, "gone"),
     ):
         assert isinstance(error, CHANNEL_ERRORS)
+
+
+class ClosingChannel:
+    """A channel whose close the broker confirms after ``confirm_after`` seconds (None:
+    never, as a close can wait the heartbeat's 60 s for a quorum queue's new leader), or
+    which fails with ``error``."""
+
+    def __init__(self, confirm_after: float | None, error: Exception | None = None) -> None:
+        self.confirm_after = confirm_after
+        self.error = error
+        self.is_closed = False
+        self.closes = 0
+
+    async def close(self) -> None:
+        self.closes += 1
+        if self.error is not None:
+            raise self.error
+        if self.confirm_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.confirm_after or 0)
+        self.is_closed = True
+
+
+async def test_a_channel_close_the_broker_does_not_confirm_ends_at_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_amqp, "CHANNEL_CLOSE_TIMEOUT", 0.05)
+    unconfirmed = ClosingChannel(confirm_after=None)
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(close_channel(unconfirmed), 30) is False  # type: ignore[arg-type]
+    assert asyncio.get_running_loop().time() - started < 5
+    confirmed = ClosingChannel(confirm_after=0.0)
+    assert await close_channel(confirmed) is True  # type: ignore[arg-type]
+    assert await close_channel(confirmed) is True and confirmed.closes == 1  # type: ignore[arg-type]
+    gone = ClosingChannel(None, aiormq.exceptions.ChannelInvalidStateError("closed"))
+    assert await close_channel(gone) is False  # type: ignore[arg-type]
+
+
+async def test_a_bounded_channel_close_lets_its_callers_cancellation_through() -> None:
+    closing = asyncio.ensure_future(close_channel(ClosingChannel(None)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
