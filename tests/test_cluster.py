@@ -209,3 +209,78 @@ async def test_a_namespace_switched_to_quorum_keeps_its_classic_queues(
         assert broker.api(f"queues/{vhost}/{queue}")["type"] == expected
     registry_queue = urllib.parse.quote(names.registry_queue, safe="")
     assert broker.api(f"queues/{vhost}/{registry_queue}")["type"] == "classic"  # kept
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_publishes_ride_out_a_node_kill_in_bursts(
+    cluster: ClusterUnderTest, queue_type: str
+) -> None:
+    """Issue 23's run: a registry and three workers on the URLs of all three nodes, 60 keys
+    x 60 published in bursts of 5 per key every 2 s; the node leading most key queues is
+    SIGKILLed 6 s in and started again 16 s later. A quorum queue nacks what reaches it
+    until its new leader is elected (a ``multiple`` nack, again and again): each message is
+    sent again until its publish timeout (60 s), never failed by a count of nacks. Every
+    publish returns, nothing is lost, every key is handled in call order."""
+    settings = cluster_settings(cluster, queue_type=queue_type, publish_timeout=60.0)
+    names = Names(settings.namespace)
+    keys = [f"order/{i}" for i in range(60)]
+    per_key, burst, every = 60, 5, 2.0
+    app, seen = recording_app()
+    latencies: list[float] = []
+
+    async def publish(publisher: Publisher, key: str, n: int) -> None:
+        started = time.monotonic()
+        await publisher.publish(key, str(n).encode())
+        latencies.append(time.monotonic() - started)
+
+    async def bursts(publisher: Publisher, key: str) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = []
+        for first in range(0, per_key, burst):
+            tick = asyncio.ensure_future(asyncio.sleep(every))
+            results = await asyncio.gather(
+                *(publish(publisher, key, n) for n in range(first, first + burst)),
+                return_exceptions=True,
+            )
+            outcomes += [r if isinstance(r, BaseException) else None for r in results]
+            await tick
+        return outcomes
+
+    async def kill_and_restart(victim: int) -> None:
+        await asyncio.sleep(6)
+        await asyncio.to_thread(cluster.cluster.kill, victim)
+        await asyncio.sleep(16)
+        await asyncio.to_thread(cluster.cluster.restart, victim)
+
+    async with (
+        running_registry(settings),
+        running_worker(settings, app),
+        running_worker(settings, app),
+        running_worker(settings, app),
+        Publisher(settings) as publisher,
+    ):
+        # every key exists before the clock starts, so the kill meets their queues
+        await asyncio.gather(*(publisher.publish(key, b"-1") for key in keys))
+        placed = cluster.cluster.queue_nodes(cluster.vhost, names.key_queue_prefix)
+        busiest = Counter(placed.values()).most_common(1)[0][0]
+        outage = asyncio.ensure_future(kill_and_restart(node_index(cluster, busiest)))
+        outcomes = await asyncio.gather(*(bursts(publisher, key) for key in keys))
+        await outage
+        errors = [error for results in outcomes for error in results if error is not None]
+        expected = [str(n) for n in range(-1, per_key)]
+        await eventually(
+            lambda: all(list(dict.fromkeys(seen[key])) == expected for key in keys) or bool(errors),
+            timeout=90,
+        )
+    lost = sum(len(set(expected) - set(seen[key])) for key in keys)
+    out_of_order = [key for key in keys if list(dict.fromkeys(seen[key])) != expected]
+    print(
+        f"{queue_type}: killed {busiest} ({Counter(placed.values())[busiest]} of "
+        f"{len(keys)} key queues); {len(errors)} exceptions, {lost} lost, "
+        f"{len(out_of_order)} keys out of order; longest publish {max(latencies):.2f}s, "
+        f"resent {publisher.resent_messages}, returned {publisher.returned_messages}"
+    )  # the figures, with -s
+    assert errors == [], {repr(error) for error in errors}
+    assert lost == 0
+    assert out_of_order == []
