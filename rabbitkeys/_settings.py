@@ -283,8 +283,9 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=65535,
-        description="Deliveries a worker holds at most over all its keys (basic.qos "
-        "global); default concurrency x prefetch. At least concurrency.",
+        description="Deliveries a worker holds at most over all its keys (a global basic.qos "
+        "on RabbitMQ 3.x classic keys, else each key's prefetch out of it; one per key beyond "
+        "it); default concurrency x prefetch. At least concurrency.",
     )
 
     @field_validator("log_level")
@@ -309,12 +310,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}QUEUE_TYPE=quorum needs {ENV_PREFIX}DURABLE=true: quorum queues "
                 "are always durable"
-            )
-        if self.queue_type == "quorum" and self.max_buffered_messages is not None:
-            raise ValueError(
-                f"{ENV_PREFIX}MAX_BUFFERED_MESSAGES cannot be applied to quorum queues (they "
-                "refuse a cap shared by a channel's consumers): each key holds up to "
-                f"{ENV_PREFIX}PREFETCH deliveries; unset it"
             )
         return self
 

@@ -28,7 +28,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, sleep_unless
+from ._amqp import CHANNEL_ERRORS, ChannelPool, TaskSet, broker_version, sleep_unless
 from ._app import App, Context, Hook, hook_name, is_async
 from ._connection import keep_connected
 from ._control import control_message, publish_control, topology_exists
@@ -307,9 +307,12 @@ class Worker(Background):
         # of the per-key prefetch: what this worker holds over all its keys. It must come
         # second, and no qos(global=False) may follow: that lifts the cap (probe:
         # docs/probes/global_qos_cap.py).
-        if self.settings.queue_type == "classic":
-            # Quorum queues refuse a global qos (NOT_IMPLEMENTED closes the connection):
-            # there, each key holds up to its prefetch, with no cap over all keys.
+        # Quorum queues refuse a global qos (NOT_IMPLEMENTED closes the connection), and
+        # RabbitMQ 4.3 reads one as a per-consumer qos, which would make the cap every key's
+        # prefetch: there the handoff gives each key a prefetch out of the cap instead
+        # (_handoff.PrefetchBudget).
+        global_cap = self.settings.queue_type == "classic" and broker_version(connection) < (4, 0)
+        if global_cap:
             await consume.set_qos(prefetch_count=self.settings.buffered_messages_cap, global_=True)
         # Consumed through aiormq directly: its callback starts (in a task scheduled when the
         # frame is read) before a later cancel-ok wakes the releasing task. aio-pika's wrapper
@@ -318,6 +321,7 @@ class Worker(Background):
             cast(aiormq.Channel, await consume.get_underlay_channel()),
             ChannelPool(connection, size=4),
             self._session_lost,
+            global_cap=global_cap,
         )
         # Exclusive: no other connection can consume, bind or delete it.
         inbox = await self._control.declare_queue(

@@ -88,6 +88,7 @@ async def rig(amqp_url: str, namespace: str, request: pytest.FixtureRequest) -> 
         cast(aiormq.Channel, await consume.get_underlay_channel()),
         ChannelPool(connection, size=1),
         asyncio.Event(),
+        global_cap=False,
     )
     rig.side = await connection.channel()
     # the registry's part: a worker only checks that the queue exists

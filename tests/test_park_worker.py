@@ -185,6 +185,7 @@ async def test_a_hold_that_parks_puts_its_head_back_first_and_reports_parked_the
             cast(aiormq.Channel, await consume.get_underlay_channel()),
             ChannelPool(connection, size=1),
             asyncio.Event(),
+            global_cap=False,
         )
         side = await connection.channel()
         # the registry's part: the worker only checks that the queue exists

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import rabbitkeys
 from rabbitkeys import ConfigError, InvalidKeyError, ProtocolError
+from rabbitkeys._handoff import PrefetchBudget
 from rabbitkeys._protocol import EnsureKey, WorkerJoin, decode, encode
 from rabbitkeys._settings import load_settings, mask_url
 from rabbitkeys._topology import MAX_KEY_BYTES, KeyRef, Names, new_routing_key
@@ -66,12 +67,23 @@ def test_heartbeat_must_fit_in_the_worker_timeout() -> None:
     assert "Value error" not in str(error.value)
 
 
-def test_quorum_queues_need_durable_and_no_cap_over_all_keys() -> None:
+def test_quorum_queues_need_durable_and_take_a_cap_over_all_keys() -> None:
     with pytest.raises(ConfigError, match="QUEUE_TYPE=quorum needs RABBITKEYS_DURABLE=true"):
         load_settings(queue_type="quorum", durable=False)
-    with pytest.raises(ConfigError, match="MAX_BUFFERED_MESSAGES cannot be applied"):
-        load_settings(queue_type="quorum", max_buffered_messages=100)
-    assert load_settings(queue_type="quorum").queue_type == "quorum"
+    settings = load_settings(queue_type="quorum", max_buffered_messages=100)
+    assert settings.buffered_messages_cap == 100
+
+
+def test_a_prefetch_budget_gives_each_key_its_prefetch_while_the_cap_has_room() -> None:
+    """Without a global qos, each key's prefetch comes out of the cap: the full prefetch
+    while it has room, what is left, then one per key; a key let go gives its share back."""
+    budget = PrefetchBudget(cap=10, per_key=4)
+    granted = [budget.take() for _ in range(5)]
+    assert granted == [4, 4, 2, 1, 1] and budget.used == 12  # 10, and one per key beyond
+    budget.give_back(granted[0])
+    assert budget.take() == 2  # 8 held by the others: 2 left
+    budget.give_back(granted[1])
+    assert budget.take() == 4 and budget.used == 10
 
 
 def test_mask_url_leaves_urls_without_password_alone() -> None:

@@ -42,7 +42,7 @@ async def let_go(arguments: dict[str, object]) -> None:
         await consumer.basic_consume(queue, on_message)
         try:
             message = await asyncio.wait_for(got, 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"{arguments}: dropped after {round_} lets-go (x-delivery-count {counts[-3:]})")
             break
         counts.append((message.header.properties.headers or {}).get("x-delivery-count"))
