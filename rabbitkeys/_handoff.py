@@ -140,6 +140,9 @@ class OwnedKey:
     #: its head failed its last attempt under the park policy: its runner stopped, and the
     #: key is being let go with the head put back first
     parked: Park | None = None
+    #: the deliveries its consumer may hold, out of the worker's :class:`PrefetchBudget`
+    #: (0 where the broker caps the worker: a global qos)
+    prefetch: int = 0
 
     @property
     def key_id(self) -> str:
@@ -155,6 +158,32 @@ class OwnedKey:
         if to not in TRANSITIONS[self.state]:
             raise RuntimeError(f"key {self.key_id}: no transition {self.state.name} -> {to.name}")
         self.state = to
+
+
+@dataclass
+class PrefetchBudget:
+    """The worker-wide cap (``RABBITKEYS_MAX_BUFFERED_MESSAGES``) where the broker cannot
+    keep it. RabbitMQ 3.x keeps it for classic keys with a global qos shared by the
+    consume channel's consumers; quorum queues refuse a global qos, and RabbitMQ 4.3 (4.0
+    with ``deprecated_features.permit.global_qos = false``) reads it as each consumer's
+    prefetch: the cap would become every key's prefetch (measured on 4.0.5:
+    docs/probes/global_qos_cap.py). There, each key's consumer gets its prefetch out of
+    the cap instead: the full per-key prefetch while the cap has room, else what is left,
+    and never less than one (a key must be consumed, or it waits for ever and its queue
+    expires). A worker holds at most the cap while its keys fit in it, and one delivery
+    per key beyond; a key let go gives its share back."""
+
+    cap: int
+    per_key: int
+    used: int = 0
+
+    def take(self) -> int:
+        granted = min(self.per_key, max(1, self.cap - self.used))
+        self.used += granted
+        return granted
+
+    def give_back(self, granted: int) -> None:
+        self.used -= granted
 
 
 class Handoff:
@@ -192,6 +221,13 @@ class Handoff:
         #: being opened), out of at most ``_channel_limit``
         self._key_channels: set[OwnedKey] = set()
         self._channel_limit = 0
+        #: whether the broker caps the consume channel (a global qos, classic keys on
+        #: RabbitMQ 3.x); else each key's prefetch comes out of ``_budget``
+        self._global_cap = False
+        self._budget = PrefetchBudget(settings.buffered_messages_cap, settings.prefetch)
+        #: on the shared consume channel a qos applies to the consumers made after it: a
+        #: key's qos and its consume go together, one key at a time
+        self._consume_lock = asyncio.Lock()
         self._lost = asyncio.Event()
         #: the dedup histories of keys let go of lately, most recent last: a key that comes
         #: back to this worker (its session started over, a rebalance undone) still knows
@@ -209,10 +245,20 @@ class Handoff:
         self.queues_checked = 0
         self.checks_skipped = 0
 
-    def begin(self, consume: aiormq.Channel, declares: ChannelPool, lost: asyncio.Event) -> None:
+    def begin(
+        self,
+        consume: aiormq.Channel,
+        declares: ChannelPool,
+        lost: asyncio.Event,
+        *,
+        global_cap: bool,
+    ) -> None:
         """A new session: keys are consumed on ``consume``; ``lost`` is set when a delivery
-        cannot be settled (the session must start over)."""
+        cannot be settled (the session must start over). ``global_cap``: ``consume`` has
+        the worker-wide cap as a global qos (classic keys, RabbitMQ 3.x)."""
         self._consume = consume
+        self._global_cap = global_cap and not self._channel_per_key
+        self._budget = PrefetchBudget(self._settings.buffered_messages_cap, self._settings.prefetch)
         self._declares = declares
         self._lost = lost
         consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
@@ -243,6 +289,9 @@ class Handoff:
         owned.move(KeyState.RELEASED)
         if self._book.get(owned.key_id) is owned:
             del self._book[owned.key_id]
+        if owned.prefetch:
+            self._budget.give_back(owned.prefetch)
+            owned.prefetch = 0
         if owned.history:
             former = self._former_histories
             former[owned.key_id] = owned.history
@@ -307,10 +356,11 @@ class Handoff:
             if self._stopping.is_set():
                 return  # stop() came while we declared: we must not consume after leaving
             owned = self._book[key_id] = OwnedKey(assignment)
+            if not self._global_cap:
+                owned.prefetch = self._budget.take()
             try:
                 channel = await self._channel_for(owned)
-                on_delivery = partial(self._on_delivery, owned)
-                ok = await channel.basic_consume(assignment.queue, on_delivery)
+                ok = await self._start_consumer(channel, owned)
             except Exception as exc:
                 # A channel error on the shared consume channel: it is gone and the session
                 # starts over. Else (a key's own channel, no channel left, another error)
@@ -353,8 +403,18 @@ class Handoff:
         channel = owned.channel = cast(aiormq.Channel, await opened.get_underlay_channel())
         channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         channel.closing.add_done_callback(partial(self._on_key_channel_closed, owned))
-        await channel.basic_qos(prefetch_count=self._settings.prefetch)
+        await channel.basic_qos(prefetch_count=owned.prefetch or self._settings.prefetch)
         return channel
+
+    async def _start_consumer(self, channel: aiormq.Channel, owned: OwnedKey) -> Any:
+        """Consume ``owned`` on ``channel`` (its own, or the shared one) with its prefetch."""
+        on_delivery = partial(self._on_delivery, owned)
+        queue = owned.assignment.queue
+        if channel is not self._consume or self._global_cap:
+            return await channel.basic_consume(queue, on_delivery)
+        async with self._consume_lock:
+            await channel.basic_qos(prefetch_count=owned.prefetch)
+            return await channel.basic_consume(queue, on_delivery)
 
     async def _check_queue(self, queue: str) -> str | None:
         """None if ``queue`` can be consumed now, else why not: it does not exist, or (on a
@@ -542,10 +602,15 @@ class Handoff:
                 await channel.basic_reject(_tag(delivery), requeue=True)
             # A round trip on the same channel: the broker has taken the rejects in before
             # we tell the registry (and so the next owner) that the key is free. The
-            # channel-wide cap again: a per-consumer qos here would lift it.
-            await channel.basic_qos(
-                prefetch_count=self._settings.buffered_messages_cap, global_=True
-            )
+            # channel-wide cap again: a per-consumer qos here would lift it. Without it,
+            # a per-consumer qos, under the lock that pairs each key's qos and consume.
+            if self._global_cap:
+                await channel.basic_qos(
+                    prefetch_count=self._settings.buffered_messages_cap, global_=True
+                )
+            else:
+                async with self._consume_lock:
+                    await channel.basic_qos(prefetch_count=self._settings.prefetch)
 
     async def _close_key_channel(self, owned: OwnedKey) -> None:
         """Steps 2 and 3 on a quorum key's own channel: close it, with no cancel and no
