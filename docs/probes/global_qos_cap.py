@@ -38,7 +38,7 @@ async def case(name: str, setup: list[tuple[int, bool]], after: list[tuple[int, 
     prefix = f"probe.qos.{uuid.uuid4().hex[:6]}"
     queues = [f"{prefix}.{n}" for n in range(QUEUES)]
     for queue in queues:
-        await admin.queue_declare(queue, arguments={"x-expires": 60_000})
+        await admin.queue_declare(queue, durable=True, arguments={"x-expires": 60_000})
         for m in range(MESSAGES):
             await admin.basic_publish(str(m).encode(), routing_key=queue)
     for count, global_ in setup:
@@ -106,3 +106,16 @@ asyncio.run(main())
 # 3.10.8 as in the broker source (rabbit_channel calls rabbit_limiter:unlimit_prefetch for
 # it): issued after the cap, it silently lifts it. A repeated qos(global=True) with the
 # same count keeps it, and is a round trip like any other.
+
+# RabbitMQ 4.0.5 with deprecated_features.permit.global_qos = false (what 4.3 does by
+# default), durable queues (it refuses transient shared ones), 2026-12-06:
+#
+# per-consumer 4 only                                        unacked at first:  32 (max per queue 4)
+# per-consumer 4, then global 10                             unacked at first:  80 (max per queue 10)
+# global 10, then per-consumer 4                             unacked at first:  32 (max per queue 4)
+# per-consumer 4, global 10; later qos(4, global=False)      unacked at first:  80 (max per queue 10)
+# per-consumer 4, global 10; later qos(10, global=True)      unacked at first:  80 (max per queue 10)
+#
+# So there a global qos is a per-consumer one: the cap of 10 became each queue's prefetch
+# (80 held, not 10). rabbitkeys sends none from 4.0 on; the worker takes each key's
+# prefetch out of its cap instead (_handoff.PrefetchBudget).
