@@ -43,6 +43,7 @@ __all__ = [
     "close_channel",
     "fresh_channel",
     "open_channel",
+    "passive_declare_refusal",
     "queue_unavailable",
     "sleep_unless",
 ]
@@ -69,6 +70,20 @@ def queue_unavailable(error: BaseException) -> bool:
     with the node, so it must be waited for, never given up or declared anew."""
     return isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and (
         "down or inaccessible" in str(error)
+    )
+
+
+def passive_declare_refusal(what: str, error: aiormq.exceptions.ChannelAccessRefused) -> str:
+    """One line saying why the broker refused a passive declare of ``what`` ("exchange
+    'NS.membership'") and what to do. Up to RabbitMQ 4.2.5 a passive declare needs no
+    permission; 4.2.6 and 4.3.0 ask configure (rabbitmq-server #16085), which no worker or
+    publisher role has on the shared names it checks; 4.2.7 and 4.3.1 accept any permission
+    on the name (#16272), which each role has on the names it checks (_permissions)."""
+    return (
+        f"the broker refused a passive declare of {what} ({error}): RabbitMQ 4.2.6 and 4.3.0 "
+        f"ask configure permission for one (rabbitmq-server #16085); upgrade the broker to "
+        f"4.2.7+ or 4.3.1+, or grant this user configure on that name (later versions "
+        f"accept any permission on it: check the user has its role's, `rabbitkeys users`)"
     )
 
 

@@ -21,8 +21,8 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import broker_version, close_channel, fresh_channel
-from ._errors import RegistryUnavailableError
+from ._amqp import broker_version, close_channel, fresh_channel, passive_declare_refusal
+from ._errors import ConfigError, PublishError, RegistryUnavailableError
 from ._protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
 from ._topology import Names, control_queue_arguments, unlimited_deliveries_command
 
@@ -92,12 +92,21 @@ async def _declare_durable(
 
 
 async def topology_exists(connection: AbstractConnection, exchange: str) -> bool:
-    """Whether ``exchange`` exists (a passive declare: no permission needed)."""
-    with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+    """Whether ``exchange`` exists: a passive declare, which needs no permission up to
+    RabbitMQ 4.2.5 and any permission on the name from 4.2.7 and 4.3.1 (the worker writes
+    on ``NS.membership``, a publisher on ``NS.requests``, operators on ``NS.operations``).
+    Raises :class:`ConfigError` saying so when the broker refuses it (4.2.6 and 4.3.0 ask
+    configure): otherwise a worker would reconnect forever over an ACCESS_REFUSED."""
+    try:
         async with fresh_channel(connection) as probe:
             await probe.exchange_declare(exchange, passive=True)
             return True
-    return False
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        refusal = passive_declare_refusal(f"exchange {exchange!r}", exc)
+        log.error("%s", refusal)
+        raise ConfigError(refusal) from exc
 
 
 async def wait_for_topology(
@@ -180,15 +189,22 @@ class ControlClient:
         queue = await self._channel.declare_queue(
             self._reply_queue, exclusive=True, auto_delete=True
         )
-        if await topology_exists(self._connection, self._names.replies_exchange):
-            await self._bind_reply_queue()
+        await self._bind_reply_queue()
         await queue.consume(self._on_reply, no_ack=True)
 
-    async def _bind_reply_queue(self) -> None:
-        assert self._channel is not None
-        queue = await self._channel.get_queue(self._reply_queue, ensure=False)
-        await queue.bind(self._names.replies_exchange, routing_key=self._reply_queue)
-        self._registry_seen = True
+    async def _bind_reply_queue(self) -> bool:
+        """Bind the reply queue to ``NS.replies``; False if no registry has declared that
+        exchange yet. The bind is its own existence check (NOT_FOUND): it needs only rights
+        every role has on those names, where a passive declare asked configure on RabbitMQ
+        4.2.6 and 4.3.0. On a channel of its own, which NOT_FOUND closes (the queue is
+        exclusive to this connection, not to a channel)."""
+        with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+            async with fresh_channel(self._connection) as channel:
+                await channel.queue_bind(
+                    self._reply_queue, self._names.replies_exchange, routing_key=self._reply_queue
+                )
+                self._registry_seen = True
+        return self._registry_seen
 
     async def close(self) -> None:
         for future in self._pending.values():
@@ -207,12 +223,21 @@ class ControlClient:
         try:
             if not self._registry_seen:
                 # No registry had run in this namespace when we started: its exchanges
-                # appear when one does.
-                for exchange in (self._exchange, self._names.replies_exchange):
-                    remaining = deadline - time.monotonic()
-                    if not await wait_for_topology(self._connection, exchange, timeout=remaining):
+                # appear when one does (NS.replies first, the one we send on last).
+                while not await self._bind_reply_queue():
+                    if time.monotonic() + _TOPOLOGY_POLL >= deadline:
                         raise TimeoutError
-                await self._bind_reply_queue()
+                    await asyncio.sleep(_TOPOLOGY_POLL)
+                remaining = deadline - time.monotonic()
+                try:
+                    found = await wait_for_topology(
+                        self._connection, self._exchange, timeout=remaining
+                    )
+                except ConfigError as exc:
+                    # refused by the broker: the request is never sent, say why
+                    raise PublishError(str(exc)) from exc
+                if not found:
+                    raise TimeoutError
             while True:
                 remaining = max(0.001, deadline - time.monotonic())
                 sent = await publish_control(

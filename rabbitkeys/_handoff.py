@@ -62,6 +62,7 @@ from ._amqp import (
     channel_max,
     close_channel,
     open_channel,
+    passive_declare_refusal,
     queue_unavailable,
     sleep_unless,
 )
@@ -426,6 +427,10 @@ class Handoff:
         except Exception as exc:  # NOT_FOUND, or the channel is gone: not a queue to consume now
             if queue_unavailable(exc):
                 return "is unavailable (its node is down)"
+            if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+                # RabbitMQ 4.2.6 / 4.3.0: the check is kept (it keeps a missing queue from
+                # closing the shared consume channel, and renews the lease): say why it fails
+                return "cannot be checked: " + passive_declare_refusal(f"queue {queue!r}", exc)
             return f"cannot be consumed ({type(exc).__name__})"
         return None
 

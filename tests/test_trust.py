@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Registry, SyncPublisher, Worker
-from rabbitkeys._control import declare_control_topology
+from rabbitkeys._amqp import passive_declare_refusal
+from rabbitkeys._control import declare_control_topology, topology_exists
 from rabbitkeys._envelope import (
     HEADER_ERROR,
     HEADER_JOB_TYPE,
@@ -35,7 +37,7 @@ from rabbitkeys._envelope import (
     HEADER_PUBLISHER,
     HEADER_SEQUENCE,
 )
-from rabbitkeys._permissions import Role
+from rabbitkeys._permissions import Role, permissions_for
 from rabbitkeys._redrive import read_dead_letters, rearrange, skip_head
 from rabbitkeys._status import fetch_status
 from rabbitkeys._topology import (
@@ -48,7 +50,7 @@ from rabbitkeys._topology import (
 )
 
 from .conftest import Broker
-from .support import eventually, make_settings, running_registry, running_worker
+from .support import eventually, running_registry, running_worker
 from .trust_support import (
     REQUESTS,
     WORKER_REPORTS,
@@ -59,6 +61,7 @@ from .trust_support import (
     control,
     forged_messages,
     session,
+    settings_as,
 )
 
 #: the victim's key: its messages must be handled once each, in order, whatever is forged
@@ -183,13 +186,13 @@ async def scene(
     async with contextlib.AsyncExitStack() as stack:
         registry = await stack.enter_async_context(
             running_registry(
-                make_settings(role_users.registry.url, namespace),
+                settings_as(role_users.registry.url, namespace),
                 metrics_registry=registry_metrics,
             )
         )
         worker = await stack.enter_async_context(
             running_worker(
-                make_settings(role_users.worker.url, namespace),
+                settings_as(role_users.worker.url, namespace),
                 app,
                 metrics_registry=worker_metrics,
             )
@@ -197,7 +200,7 @@ async def scene(
         await eventually(lambda: worker.worker_id in registry._book.workers)
         publisher = await stack.enter_async_context(
             Publisher(
-                make_settings(role_users.publisher.url, namespace),
+                settings_as(role_users.publisher.url, namespace),
                 metrics_registry=CollectorRegistry(),
             )
         )
@@ -443,7 +446,7 @@ async def test_no_publisher_or_worker_can_take_the_leader_lock(
             lambda channel: channel.declare_queue(names.leader_lock, exclusive=True)
         )
         assert isinstance(error, aiormq.exceptions.ChannelAccessRefused)
-        settings = make_settings(role_users.registry.url, namespace)
+        settings = settings_as(role_users.registry.url, namespace)
         async with running_registry(settings, metrics_registry=CollectorRegistry()) as registry:
             assert registry.is_leader
             error = await squatter.refused(
@@ -583,9 +586,9 @@ async def test_a_worker_keeps_its_id_across_a_registry_failover(
     async def ignore(message: Message) -> None:
         pass
 
-    registry_settings = make_settings(role_users.registry.url, namespace)
+    registry_settings = settings_as(role_users.registry.url, namespace)
     async with running_worker(
-        make_settings(role_users.worker.url, namespace), app, metrics_registry=CollectorRegistry()
+        settings_as(role_users.worker.url, namespace), app, metrics_registry=CollectorRegistry()
     ) as worker:
         async with running_registry(registry_settings, metrics_registry=CollectorRegistry()) as a:
             await eventually(lambda: worker.worker_id in a._book.workers)
@@ -721,7 +724,8 @@ async def test_within_its_role_a_worker_credential_can_consume_any_key_queue(
     owner consumes). The broker cannot tell two workers sharing a user apart."""
     async with attacker(scene.users.worker, scene.names) as worker:
         channel = await worker.channel()
-        queue = await channel.declare_queue(scene.key_queue, passive=True)
+        # no passive declare: RabbitMQ 4.2.6 and 4.3.0 refuse one without configure
+        queue = await channel.get_queue(scene.key_queue, ensure=False)
 
         async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             pass
@@ -813,10 +817,10 @@ async def test_each_role_does_its_whole_job_with_nothing_but_its_permissions(
             raise ValueError("negative")
         handled.append((message.key, message.payload["n"]))
 
-    worker_settings = make_settings(role_users.worker.url, namespace, max_retries=1)
-    publisher_settings = make_settings(role_users.publisher.url, namespace)
+    worker_settings = settings_as(role_users.worker.url, namespace, max_retries=1)
+    publisher_settings = settings_as(role_users.publisher.url, namespace)
     async with (
-        running_registry(make_settings(role_users.registry.url, namespace)),
+        running_registry(settings_as(role_users.registry.url, namespace)),
         running_worker(worker_settings, app) as worker,
         Publisher(publisher_settings) as publisher,
     ):
@@ -991,3 +995,103 @@ async def test_no_publisher_or_worker_can_operate_keys_or_set_holds(
         for action in (bind_own_queue, bind_jobs_exchange, read_dead_letter_queue):
             error = await intruder.refused(action)
             assert isinstance(error, aiormq.exceptions.ChannelAccessRefused), action
+
+
+# --- passive declares: RabbitMQ 4.2.6 and 4.3.0 ask configure for them --------------------
+
+
+def _passively_declared(role: Role, names: Names) -> list[str]:
+    """Every name a worker or a publisher checks with a passive declare: the worker's
+    ``NS.membership`` (``Worker._wait_for_registry``) and the key queues it is assigned
+    (``Handoff._check_queue``); the publisher's ``NS.requests`` (``ControlClient.request``,
+    when no registry had run as it started). The publisher checks ``NS.replies`` by binding
+    its reply queue to it (NOT_FOUND: not yet), which its rights allow on every version."""
+    if role is Role.WORKER:
+        return [names.membership_exchange, names.key_queue(KeyRef.of("k", "post"))]
+    return [names.requests_exchange]
+
+
+@pytest.mark.parametrize("role", [Role.WORKER, Role.PUBLISHER])
+def test_a_worker_or_publisher_passively_declares_only_names_it_has_a_right_on(
+    role: Role,
+) -> None:
+    """RabbitMQ 4.2.7 and 4.3.1 accept a passive declare with any permission on the name
+    (rabbitmq-server #16272), earlier versions with none: each name the role checks matches
+    its read or write right. None matches its configure right, which 4.2.6 and 4.3.0 ask
+    (#16085): there the broker refuses, and rabbitkeys says why (the next test)."""
+    names = Names("shop")
+    rights = permissions_for(role, names)
+    for name in _passively_declared(role, names):
+        assert re.match(rights.read, name) or re.match(rights.write, name), name
+        assert not re.match(rights.configure, name), name
+
+
+async def test_a_refused_passive_declare_is_explained(
+    role_users: RoleUsers, namespace: str
+) -> None:
+    """What a worker logs (and raises: it retries, as after any lost session) and a
+    publisher's ``publish`` raises when the broker refuses a passive declare: one line
+    naming the broker bug and the two ways out. No broker here refuses a passive declare
+    (3.10 and 4.0 need no permission for one), so the translation is tried on the same
+    broker error, ACCESS_REFUSED, for the declare that is refused on every version: the
+    worker declaring NS.membership. The real passive declare still succeeds here."""
+    names = Names(namespace)
+    settings = settings_as(role_users.registry.url, namespace)
+    async with running_registry(settings, metrics_registry=CollectorRegistry()):
+        async with attacker(role_users.worker, names) as worker:
+            error = await worker.refused(
+                lambda channel: channel.declare_exchange(
+                    names.membership_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+                )
+            )
+            assert isinstance(error, aiormq.exceptions.ChannelAccessRefused)
+            text = passive_declare_refusal(f"exchange {names.membership_exchange!r}", error)
+            assert "\n" not in text
+            assert text.startswith(
+                f"the broker refused a passive declare of exchange {names.membership_exchange!r}"
+                " (ACCESS_REFUSED"
+            )
+            for part in (
+                "4.2.6 and 4.3.0",
+                "#16085",
+                "4.2.7+ or 4.3.1+",
+                "grant this user configure on that name",
+                role_users.worker.name,
+            ):
+                assert part in text, part
+            # the passive declare itself, with the worker's rights, on this broker
+            assert await topology_exists(worker.connection, names.membership_exchange)
+
+
+async def test_a_publisher_started_before_any_registry_needs_only_its_permissions(
+    role_users: RoleUsers, namespace: str
+) -> None:
+    """A publisher that starts in a namespace no registry has declared yet finds
+    ``NS.replies`` by binding its reply queue to it (the bind is the check), then waits for
+    ``NS.requests``; its first publish goes through once a registry and a worker run."""
+    handled: list[bytes] = []
+    app = App()
+
+    @app.handler()
+    async def record(message: Message) -> None:
+        handled.append(message.body)
+
+    async with Publisher(
+        settings_as(role_users.publisher.url, namespace), metrics_registry=CollectorRegistry()
+    ) as publisher:
+        publish = asyncio.ensure_future(publisher.publish("k", b"first"))
+        await asyncio.sleep(1)
+        assert not publish.done()
+        async with (
+            running_registry(
+                settings_as(role_users.registry.url, namespace),
+                metrics_registry=CollectorRegistry(),
+            ),
+            running_worker(
+                settings_as(role_users.worker.url, namespace),
+                app,
+                metrics_registry=CollectorRegistry(),
+            ),
+        ):
+            await asyncio.wait_for(publish, 30)
+            await eventually(lambda: handled == [b"first"])

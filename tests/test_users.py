@@ -45,6 +45,7 @@ from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
 from .conftest import Broker
 from .support import make_settings, two_names_of_the_broker
+from .trust_support import settings_as
 
 
 def _quote(text: str) -> str:
@@ -80,20 +81,6 @@ async def _can_log_in(url: str) -> bool:
         return False
     await connection.close()
     return True
-
-
-def _logged_in_as(url: str, namespace: str) -> Settings:
-    """Settings that reach the broker, and its management API, with ``url``'s login alone: a
-    ``RABBITKEYS_TEST_MANAGEMENT_URL`` that carries a login of its own (the administrator's)
-    would otherwise be what every management call logs in with."""
-    settings = make_settings(url, namespace)
-    if settings.management_url is None:
-        return settings
-    bare = [
-        given._replace(netloc=given.netloc.rpartition("@")[2]).geturl()
-        for given in map(urllib.parse.urlsplit, settings.management_urls)
-    ]
-    return make_settings(url, namespace, management_url=",".join(bare))
 
 
 @pytest.fixture
@@ -269,7 +256,7 @@ async def test_the_registry_user_reads_the_management_api_and_the_others_cannot(
     def as_role(role: Role) -> Settings:
         url = done[role].amqp_url
         assert url is not None
-        return _logged_in_as(url.get_secret_value(), settings.namespace)
+        return settings_as(url.get_secret_value(), settings.namespace)
 
     registry = as_role(Role.REGISTRY)
     assert [q.name for q in await list_queues(registry, f"{settings.namespace}.")] == [queue]
@@ -373,7 +360,7 @@ async def test_refusals(broker: Broker, settings: Settings, made_users: dict[Rol
     done = {item.user.role: item for item in await create_users(settings)}
     url = done[Role.REGISTRY].amqp_url
     assert url is not None
-    as_registry = _logged_in_as(url.get_secret_value(), settings.namespace)
+    as_registry = settings_as(url.get_secret_value(), settings.namespace)
     with pytest.raises(ConfigError, match="administrator's login"):
         await create_users(as_registry, namespace=f"{settings.namespace}-x")
 
@@ -517,7 +504,7 @@ async def test_chaos_falls_back_to_one_login_only_when_not_asked_for_per_role_us
     done = {item.user.role: item for item in await create_users(settings)}
     url = done[Role.PUBLISHER].amqp_url
     assert url is not None
-    not_admin = _logged_in_as(url.get_secret_value(), f"{settings.namespace}-x")
+    not_admin = settings_as(url.get_secret_value(), f"{settings.namespace}-x")
     report = ChaosReport()
     assert await _role_settings(not_admin, tmp_path, None, report) == {}
     assert report.users == "guest"

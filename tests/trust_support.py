@@ -23,8 +23,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from rabbitkeys import Settings
 from rabbitkeys._permissions import Role, permissions_for
 from rabbitkeys._topology import Names
+
+from .support import make_settings
 
 if TYPE_CHECKING:
     from .conftest import Broker
@@ -37,6 +40,22 @@ BROKER_REFUSALS = (
     # another connection's exclusive queue
     aiormq.exceptions.ChannelLockedResource,
 )
+
+
+def settings_as(url: str, namespace: str, **overrides: Any) -> Settings:
+    """Test settings (:func:`make_settings`) that reach the broker, and its management API,
+    with ``url``'s login alone. A ``RABBITKEYS_TEST_MANAGEMENT_URL`` with a login of its own
+    (the administrator's, as for the RabbitMQ 4 broker beside the developers' 3.10) would
+    otherwise be the login of every management call, and a role's claims about the API
+    would be tried with the administrator's rights."""
+    settings = make_settings(url, namespace, **overrides)
+    if settings.management_url is None or "management_url" in overrides:
+        return settings
+    bare = [
+        given._replace(netloc=given.netloc.rpartition("@")[2]).geturl()
+        for given in map(urllib.parse.urlsplit, settings.management_urls)
+    ]
+    return make_settings(url, namespace, **overrides, management_url=",".join(bare))
 
 
 @dataclass(frozen=True)
