@@ -38,11 +38,12 @@ from typing import Any
 import aio_pika
 from prometheus_client import CollectorRegistry
 
+from ..._amqp import broker_version
 from ..._errors import BrokerUnavailableError
 from ..._management import list_queues
 from ..._publisher import Publisher
 from ..._settings import Settings
-from ..._topology import Names
+from ..._topology import Names, key_queue_durable
 from ..cluster import LocalCluster
 from .broker import (
     broker_cpu_seconds,
@@ -211,6 +212,8 @@ async def _run_baseline(
     ns = settings.namespace
     durable = settings.durable
     connection = await aio_pika.connect(settings.amqp_urls[0])
+    # transient messages in durable queues on RabbitMQ 4, as rabbitkeys' own key queues
+    queue_durable = key_queue_durable(durable, broker_version(connection))
     channel = await connection.channel(publisher_confirms=True)
     routing: Callable[[str], str]
     declared: list[str] = []  # what to delete, however far the run got
@@ -223,7 +226,7 @@ async def _run_baseline(
             for name in queues:
                 queue = await channel.declare_queue(
                     name,
-                    durable=durable,
+                    durable=queue_durable,
                     auto_delete=True,
                     arguments={"x-single-active-consumer": True},
                 )
@@ -236,12 +239,12 @@ async def _run_baseline(
             exchange = await channel.declare_exchange(f"{ns}.raw", "direct", durable=durable)
             keys = list(dict.fromkeys(workload.keys + workload.paced_keys))
             queues = [f"{ns}.k.{key}" for key in keys]
-            await _declare_bound(connection, exchange.name, keys, queues, durable, declared)
+            await _declare_bound(connection, exchange.name, keys, queues, queue_durable, declared)
             mode, per_worker = "raw", [queues[i::workers] for i in range(workers)]
             routing = str
         else:
             queues = [f"{ns}.{strategy}"]
-            await channel.declare_queue(queues[0], durable=durable, auto_delete=True)
+            await channel.declare_queue(queues[0], durable=queue_durable, auto_delete=True)
             declared.append(queues[0])
             exchange = channel.default_exchange
             mode = "concurrent" if strategy == "shared" else "sequential"
@@ -705,6 +708,7 @@ async def measure_declare_rate(
         prefix = f"bench-raw-{uuid.uuid4().hex[:6]}"
         names = [f"{prefix}.q{i}" for i in range(queues)]
         declared: list[str] = []
+        queue_durable = key_queue_durable(settings.durable, broker_version(connection))
         try:
             opened = [await connection.channel() for _ in range(channels)]
             exchange = await opened[0].declare_exchange(f"{prefix}.x", "direct", auto_delete=True)
@@ -713,7 +717,7 @@ async def measure_declare_rate(
                 for name in part:
                     queue = await channel.declare_queue(
                         name,
-                        durable=settings.durable,
+                        durable=queue_durable,
                         arguments={"x-expires": 60_000, "x-single-active-consumer": True},
                     )
                     declared.append(name)

@@ -10,7 +10,9 @@ until the join has settled (every moving key released by its old owner and consu
 new one), and the keys that moved against the ideal ``keys / (workers + 1)``.
 
 Key queues are transient here (``durable=False``) whatever the settings say: tens of
-thousands of durable queues make the broker's next boot slow if a run is interrupted.
+thousands of durable queues make the broker's next boot slow if a run is interrupted. On
+RabbitMQ 4 they are durable all the same (``key_queue_durable``: transient non-exclusive
+queues are refused there), and only their messages are transient.
 """
 
 from __future__ import annotations
