@@ -77,6 +77,7 @@ from ._tracing import handle_span
 __all__ = [
     "MAX_ERROR_TEXT",
     "MIDDLEWARE_GRACE",
+    "Deadlines",
     "Executor",
     "HandlerThreads",
     "Outcome",
@@ -84,7 +85,6 @@ __all__ = [
     "error_text",
     "time_limit",
     "verdict",
-    "within",
 ]
 
 log = logging.getLogger("rabbitkeys.worker")
@@ -145,20 +145,74 @@ def time_limit(route: Route, job_timeout: float) -> float | None:
     return limit if limit > 0 else None
 
 
-async def within(limit: float | None, call: Awaitable[_T], route: Route, job_type: str) -> _T:
-    """Await ``call``, cancelled after ``limit`` seconds (None: no limit), which is then a
-    :class:`~rabbitkeys.JobTimeoutError` (chained to where the call was cancelled). A
-    ``TimeoutError`` the call raised itself passes as it is."""
-    if limit is None:
-        return await call
-    deadline = asyncio.timeout(limit)
-    try:
-        async with deadline:
+@dataclass(eq=False, slots=True)
+class _Deadline:
+    """When one attempt's call must have ended, and the task it runs in."""
+
+    at: float
+    task: asyncio.Task[Any]
+    #: the task's pending cancellations when the call began (as ``asyncio.timeout`` keeps)
+    cancelling: int
+    expired: bool = False
+
+
+class Deadlines:
+    """The time limits of the calls running now, enforced as ``asyncio.timeout`` would (the
+    task cancelled at the limit; the cancellation, if it is ours alone, becomes a
+    :class:`~rabbitkeys.JobTimeoutError`), with one timer for all of them, armed at the
+    earliest deadline: a timer per attempt (``asyncio.timeout``) cost 13-25 µs each on the
+    shared 2-core machine, a tenth of a plain job's whole cost and half a batched one's."""
+
+    def __init__(self) -> None:
+        self._running: set[_Deadline] = set()
+        #: armed at the earliest deadline (or one that has gone since: it arms the next)
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def within(
+        self, limit: float | None, call: Awaitable[_T], route: Route, job_type: str
+    ) -> _T:
+        """Await ``call``, cancelled after ``limit`` seconds (None: no limit), which is then
+        a :class:`~rabbitkeys.JobTimeoutError` (chained to where the call was cancelled). A
+        ``TimeoutError`` the call raises itself passes as it is."""
+        if limit is None:
             return await call
-    except TimeoutError as exc:
-        if not deadline.expired():
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        deadline = _Deadline(loop.time() + limit, task, task.cancelling())
+        self._running.add(deadline)
+        timer = self._timer
+        if timer is None or deadline.at < timer.when() or loop is not self._loop:
+            if timer is not None:
+                timer.cancel()
+            self._timer, self._loop = loop.call_at(deadline.at, self._expire), loop
+        try:
+            result = await call
+        except asyncio.CancelledError as exc:
+            if deadline.expired and task.uncancel() <= deadline.cancelling:
+                raise JobTimeoutError(route.name, job_type, limit, sync=not route.is_async) from exc
             raise
-        raise JobTimeoutError(route.name, job_type, limit, sync=not route.is_async) from exc
+        finally:
+            self._running.discard(deadline)
+        if deadline.expired:  # it ended as the limit came: the cancellation is withdrawn
+            task.uncancel()
+        return result
+
+    def _expire(self) -> None:
+        """Cancel the calls past their deadline; arm the timer for the next one."""
+        self._timer = None
+        earliest: _Deadline | None = None
+        for deadline in self._running:
+            if deadline.expired:
+                continue
+            if deadline.at <= deadline.task.get_loop().time():
+                deadline.expired = True
+                deadline.task.cancel()
+            elif earliest is None or deadline.at < earliest.at:
+                earliest = deadline
+        if earliest is not None:
+            self._timer = earliest.task.get_loop().call_at(earliest.at, self._expire)
 
 
 @dataclass(eq=False)
@@ -349,6 +403,7 @@ class Executor:
             settings.sync_handler_threads, metrics.overdue_handler_threads
         )
         self._job_timeout = settings.job_timeout
+        self._deadlines = Deadlines()
         self._dedup = settings.dedup
         self._dead_letter_exchange = Names(settings.namespace).dead_letter_exchange
         self._metrics = metrics
@@ -544,9 +599,11 @@ class Executor:
                     try:
                         if route.is_async and not self.app.middlewares:
                             # the common case, without a call between
-                            await within(limit, route.function(message), route, message.job_type)
+                            await self._deadlines.within(
+                                limit, route.function(message), route, message.job_type
+                            )
                         else:
-                            await within(
+                            await self._deadlines.within(
                                 None if limit is None else limit + MIDDLEWARE_GRACE,
                                 self._through_middleware(route, message, limit, thread),
                                 route,
@@ -580,9 +637,11 @@ class Executor:
         self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
     ) -> Any:
         if thread is None:
-            return await within(limit, route.function(message), route, message.job_type)
+            return await self._deadlines.within(
+                limit, route.function(message), route, message.job_type
+            )
         run = self.handler_threads.run(thread, route, message)
-        return await within(limit, run, route, message.job_type)
+        return await self._deadlines.within(limit, run, route, message.job_type)
 
     async def _dead_letter(
         self,

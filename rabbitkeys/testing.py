@@ -52,13 +52,13 @@ from ._envelope import encode as encode_envelope
 from ._errors import RabbitkeysError, StartupError
 from ._execution import (
     MIDDLEWARE_GRACE,
+    Deadlines,
     HandlerThreads,
     _Thread,
     _wrap,
     prepared_payload,
     route_of,
     time_limit,
-    within,
 )
 from ._publisher import encode_body
 from ._retry import DeadLetter, RetryPolicy
@@ -227,6 +227,7 @@ class InMemoryWorker:
         self._crashed: list[BaseException] = []
         self._slots: asyncio.Semaphore | None = None
         self._handler_threads: HandlerThreads | None = None
+        self._deadlines = Deadlines()
         self._threads: ThreadPoolExecutor | None = None
         self._life = _Life.NEW
         self._next_sequence = 1
@@ -532,7 +533,7 @@ class InMemoryWorker:
                     for middleware in reversed(self.app.middlewares):
                         call = _wrap(middleware, call)
                     outer = None if limit is None or not self.app.middlewares else limit
-                    job.result = await within(
+                    job.result = await self._deadlines.within(
                         None if outer is None else outer + MIDDLEWARE_GRACE,
                         call(message),
                         route,
@@ -551,10 +552,12 @@ class InMemoryWorker:
         self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
     ) -> Any:
         if thread is None:
-            return await within(limit, route.function(message), route, message.job_type)
+            return await self._deadlines.within(
+                limit, route.function(message), route, message.job_type
+            )
         assert self._handler_threads is not None
         run = self._handler_threads.run(thread, route, message)
-        return await within(limit, run, route, message.job_type)
+        return await self._deadlines.within(limit, run, route, message.job_type)
 
 
 def run_jobs(

@@ -35,7 +35,7 @@ from rabbitkeys import (
 from rabbitkeys._app import Route
 from rabbitkeys._dedup import SequenceHistory
 from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_SEQUENCE
-from rabbitkeys._execution import Outcome, Park, time_limit, within
+from rabbitkeys._execution import Deadlines, Outcome, Park, time_limit
 from rabbitkeys._metrics import WorkerMetrics
 from rabbitkeys.testing import InMemoryWorker, JobState
 
@@ -127,8 +127,48 @@ async def test_a_timeout_error_the_handler_raises_itself_is_not_a_job_timeout() 
         raise TimeoutError("the database did not answer")
 
     with pytest.raises(TimeoutError) as caught:
-        await within(HOUR, own_timeout(), route(None), "default")
+        await Deadlines().within(HOUR, own_timeout(), route(None), "default")
     assert not isinstance(caught.value, JobTimeoutError)
+
+
+async def test_one_timer_serves_calls_of_any_limits_each_cut_at_its_own() -> None:
+    """A short limit that begins after a long one is cut first; a cancellation from outside
+    (a session's end) stays a cancellation."""
+    deadlines = Deadlines()
+
+    async def hang() -> None:
+        await asyncio.sleep(HOUR)
+
+    long = asyncio.create_task(deadlines.within(HOUR, hang(), route(None), "long"))
+    outside = asyncio.create_task(deadlines.within(HOUR / 2, hang(), route(None), "outside"))
+    await asyncio.sleep(0)
+    with pytest.raises(JobTimeoutError) as short:
+        await deadlines.within(0.1, hang(), route(None), "short")
+    assert short.value.job_type == "short" and isinstance(
+        short.value.__cause__, asyncio.CancelledError
+    )
+    assert not long.done() and not outside.done()
+    outside.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outside
+    long.cancel()
+    await asyncio.gather(long, return_exceptions=True)
+
+
+async def test_a_call_that_swallows_its_cancellation_ends_as_it_likes_with_no_stray_cancel() -> (
+    None
+):
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(HOUR)
+        except asyncio.CancelledError:
+            return "kept going"
+        return "woke"
+
+    assert await Deadlines().within(0.1, stubborn(), route(None), "default") == "kept going"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # a cancellation left pending would raise here
 
 
 # --- the executor, fed by hand ----------------------------------------------------------------
