@@ -67,7 +67,9 @@ def permissions_for(role: Role, names: Names) -> Permissions:
         )
     if role is Role.WORKER:
         return Permissions(
-            # its own exclusive inbox; key queues only passively (which needs no right)
+            # its own exclusive inbox; key queues only passively (no right needed up to
+            # RabbitMQ 4.2.5, its read from 4.2.7 and 4.3.1; 4.2.6 and 4.3.0 ask configure:
+            # docs/design.md, "Passive declares")
             configure=_only(ns, rf"worker\.{_WORKER_ID}"),
             # membership reports, dead letters; binding its inbox to the commands exchange
             write=_only(ns, "membership", "dead-letters", rf"worker\.{_WORKER_ID}"),
