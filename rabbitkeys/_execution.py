@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
+from prometheus_client import Gauge
 
 from ._amqp import sleep_unless
 from ._app import App, CallNext, Context, Message, Middleware, Route
@@ -244,7 +245,7 @@ class HandlerThreads:
 
     Used by the :class:`Executor` and by ``rabbitkeys.testing.InMemoryWorker``."""
 
-    def __init__(self, size: int, overdue_gauge: Any = None) -> None:
+    def __init__(self, size: int, overdue_gauge: Gauge | None = None) -> None:
         #: the worker's pool while it runs (None: not running)
         self.pool: ThreadPoolExecutor | None = None
         self._free = asyncio.Semaphore(size)

@@ -192,9 +192,10 @@ class InMemoryWorker:
     ``run_hooks=False``: put test doubles on ``context`` yourself) and, at the end, stops
     what still runs and runs the shutdown hooks.
 
-    ``settings``: the retry policy, ``concurrency``, ``sync_handler_threads`` and
-    ``max_message_bytes`` come from it; by default rabbitkeys' defaults (not the
-    ``RABBITKEYS_*`` environment: a test does not depend on the shell it runs in).
+    ``settings``: the retry policy, ``job_timeout``, ``concurrency``,
+    ``sync_handler_threads`` and ``max_message_bytes`` come from it; by default rabbitkeys'
+    defaults (not the ``RABBITKEYS_*`` environment: a test does not depend on the shell it
+    runs in).
     ``context``: the :class:`~rabbitkeys.Context` hooks and handlers share (a fresh one by
     default). ``user_id``: what ``message.user_id`` says (a Publisher's is the RabbitMQ
     user it connected as). ``sleep_backoff``: sleep a retry's backoff for real."""
