@@ -155,8 +155,8 @@ def _exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     source = Source()
     PublisherMetrics(registry)
-    WorkerMetrics(source, registry)
-    # a labelled gauge has samples once a label is set: one job type
+    # a labelled metric has samples once a label is set: one job type
+    WorkerMetrics(source, registry).job_timeouts.labels(job_type="job")
     RegistryMetrics(source, registry).set_oldest_ages({"job": 0.0})
     return {sample.name for family in registry.collect() for sample in family.samples}
 
