@@ -8,6 +8,10 @@ time (its ``os_pid`` from the management API, read from /proc) is printed per ke
 step, and the end-to-end new-key rate. Compare with ``rabbitkeys bench --workloads churn``.
 
     python docs/probes/new_key_cost.py [N] [--transient]
+        [--amqp-url amqp://guest:guest@localhost:5672/] [--management-url http://localhost:15672]
+
+``--amqp-url``: the broker (its vhost is replaced by the probe's own); ``--management-url``:
+its management API (credentials in the URL or guest/guest). Both default to the local broker.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -26,6 +31,19 @@ import aio_pika
 API = "http://localhost:15672/api"
 AUTH = "Basic " + base64.b64encode(b"guest:guest").decode()
 LANES = 16
+
+
+def configure(amqp_url: str, management_url: str) -> str:
+    """Point the probe at a broker; return the AMQP URL with ``{vhost}`` for its path."""
+    global API, AUTH
+    parts = urllib.parse.urlsplit(management_url)
+    user, password = parts.username or "guest", parts.password or "guest"
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    API = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    API = API if API.endswith("/api") else API + "/api"
+    AUTH = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    amqp = urllib.parse.urlsplit(amqp_url)
+    return urllib.parse.urlunsplit((amqp.scheme, amqp.netloc, "/{vhost}", amqp.query, ""))
 
 
 def api(path: str, method: str = "GET", body: object = None) -> object:
@@ -46,11 +64,13 @@ def broker_cpu() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def main(keys: int, durable: bool) -> None:
+async def main(
+    keys: int, durable: bool, amqp_url: str = "amqp://guest:guest@localhost/{vhost}"
+) -> None:
     vhost = f"probe-new-keys-{uuid.uuid4().hex[:6]}"
     api(f"vhosts/{vhost}", "PUT", {})
     api(f"permissions/{vhost}/guest", "PUT", {"configure": ".*", "write": ".*", "read": ".*"})
-    url = f"amqp://guest:guest@localhost/{vhost}"
+    url = amqp_url.replace("{vhost}", urllib.parse.quote(vhost, safe=""))
     try:
         setup = await aio_pika.connect(url)
         consumer_connection = await aio_pika.connect(url)
@@ -116,13 +136,27 @@ async def main(keys: int, durable: bool) -> None:
         await lanes("publish (confirmed)", publish)
         await lanes("delivered and acked", delivered)
         total = sum(steps.values())
-        print(f"end to end: {keys / total:.0f} new keys/s (durable={durable})")
+        print(f"end to end: {keys / total:.0f} new keys/s (durable={durable}, {API})")
         for connection in (publisher_connection, consumer_connection, setup):
             await connection.close()
     finally:
         api(f"vhosts/{vhost}", "DELETE")
 
 
+def option(name: str, default: str) -> str:
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
 if __name__ == "__main__":
     count = int(next((a for a in sys.argv[1:] if a.isdigit()), "2000"))
-    asyncio.run(main(count, "--transient" not in sys.argv))
+    url = configure(
+        option("--amqp-url", "amqp://guest:guest@localhost/"),
+        option("--management-url", "http://localhost:15672"),
+    )
+    asyncio.run(main(count, "--transient" not in sys.argv, url))
