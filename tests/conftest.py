@@ -15,7 +15,9 @@ what they created.
 The three-node cluster of issue 14 (``rabbit_cluster``, one per session, and ``cluster``, a
 vhost of its own on it per test) runs beside the local broker on ports from
 ``RABBITKEYS_TEST_CLUSTER_PORT_BASE`` (default 5680: AMQP 5681-5683); it skips, or fails under
-``CI=true``, where it cannot run (not root, no RabbitMQ server).
+``CI=true``, where it cannot run (not root, no RabbitMQ server). With
+``RABBITKEYS_TEST_CLUSTER_ROOT`` its nodes are the RabbitMQ of that Debian root, run with chroot
+(CI's 4.0.5: ``.ci/rabbitmq4.sh root``), their files in the root's /tmp.
 
 Tiers (markers, see pyproject.toml): ``broker`` is added here to every test that uses the
 broker fixtures, ``cluster`` (and ``broker``: a cluster is brokers too) to every test that uses
@@ -318,14 +320,16 @@ def rabbit_cluster() -> Iterator[RabbitCluster]:
     ~10 s to stop here); stopped and removed at the end, also when the session is
     interrupted (the finalizer; atexit as a backstop). A cluster a killed session left on
     the same port base is stopped first."""
-    reason = RabbitCluster.usable()
+    root_setting = os.environ.get("RABBITKEYS_TEST_CLUSTER_ROOT")
+    root = Path(root_setting) if root_setting else None
+    reason = RabbitCluster.usable(root)
     if reason is not None:
         skip_or_fail(f"the three-node RabbitMQ cluster cannot run here: {reason}")
     port_base = int(os.environ.get("RABBITKEYS_TEST_CLUSTER_PORT_BASE", "5680"))
     # a fixed path, not tmp_path: the next session must find a leftover, and the nodes run as
-    # rabbitmq, who cannot enter pytest's tmp directories (mode 0700)
-    directory = Path(f"/tmp/rabbitkeys-test-cluster-{port_base}")
-    rabbit = RabbitCluster(directory, port_base=port_base)
+    # rabbitmq, who cannot enter pytest's tmp directories (mode 0700); in the root, if any
+    directory = Path(root or "/") / f"tmp/rabbitkeys-test-cluster-{port_base}"
+    rabbit = RabbitCluster(directory, port_base=port_base, root=root)
     rabbit.stop_at_exit()
     try:
         rabbit.start()

@@ -11,6 +11,12 @@ guest/guest works from there. Stdlib only (``check`` uses aio-pika, as rabbitkey
     python -m rabbitkeys.tools.rabbit_cluster stop  [--dir D] [--port-base N]  # stop, remove
     python -m rabbitkeys.tools.rabbit_cluster check [--dir D] [--port-base N]  # start, use, stop
 
+With ``--root R`` (``root=``) the nodes are the RabbitMQ installed in the Debian root ``R``
+(another RabbitMQ than the machine's: CI's 4.0.5 in the root that ``.ci/rabbitmq4.sh root``
+makes), run with ``chroot R`` as that root's ``rabbitmq`` user, with their files under
+``R/tmp`` by default; root only. ``R/proc``, ``R/dev`` and ``R/sys`` are mounted if they are
+not. On RabbitMQ 4 the nodes deny global QoS, as 4.3 does by default (see ``_write_files``).
+
 Node ``i`` (1-based) of a cluster with port base ``B`` is ``rk{i}-{B}@localhost`` with AMQP on
 ``B+i``, management on ``B+10000+i``, prometheus on ``B+10110+i`` and Erlang distribution on
 ``B+20000+i``: two clusters with different port bases share no name and no port.
@@ -49,6 +55,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,13 +118,19 @@ class RabbitCluster:
     crash and bring back node ``i`` (1-based) for failover tests.
     """
 
-    def __init__(self, directory: Path, *, port_base: int = 5680, nodes: int = 3) -> None:
+    def __init__(
+        self, directory: Path, *, port_base: int = 5680, nodes: int = 3, root: Path | None = None
+    ) -> None:
         if not 1 <= nodes <= 9:
             raise ClusterError(f"nodes must be 1 to 9, not {nodes}")
         if not 1024 <= port_base <= 65535 - 20000 - nodes:
             raise ClusterError(f"port_base {port_base}: its ports would not all be in 1024-65535")
         self.directory = Path(directory)
         self.port_base = port_base
+        #: the Debian root whose RabbitMQ the nodes run (None: the machine's own)
+        self.root = None if root is None else Path(root)
+        if self.root is not None and not self.directory.is_relative_to(self.root):
+            raise ClusterError(f"{self.directory} is not inside the root {self.root}")
         self.nodes = [
             ClusterNode(
                 index=i,
@@ -138,13 +151,23 @@ class RabbitCluster:
         self.timings: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        return f"RabbitCluster({str(self.directory)!r}, port_base={self.port_base})"
+        root = "" if self.root is None else f", root={str(self.root)!r}"
+        return f"RabbitCluster({str(self.directory)!r}, port_base={self.port_base}{root})"
 
     # ------------------------------------------------------------------ what runs here
 
     @staticmethod
-    def usable() -> str | None:
-        """None if this machine can run a cluster, else why not (for a test to skip with)."""
+    def usable(root: Path | None = None) -> str | None:
+        """None if this machine can run a cluster (of the RabbitMQ in ``root``, if given),
+        else why not (for a test to skip with)."""
+        if root is not None:
+            if not (Path(root) / RABBIT_BIN.relative_to("/") / "rabbitmq-server").exists():
+                return f"no RabbitMQ server in {Path(root) / RABBIT_BIN.relative_to('/')}"
+            if _root_user(Path(root)) is None:
+                return f"no {RUN_AS} user in {root}/etc/passwd"
+            if os.geteuid() != 0:
+                return f"the nodes run in {root} with chroot: this must run as root"
+            return None
         if not (RABBIT_BIN / "rabbitmq-server").exists():
             return f"no RabbitMQ server in {RABBIT_BIN}"
         try:
@@ -166,8 +189,10 @@ class RabbitCluster:
         stopped first; one whose owning process is still alive is refused. If the start
         fails, whatever it started is stopped and removed before the error is raised.
         """
-        if reason := self.usable():
+        if reason := self.usable(self.root):
             raise ClusterError(reason)
+        if self.root is not None:
+            _prepare_root(self.root)
         self._clear_leftovers()
         self._check_ports_free()
         try:
@@ -178,7 +203,7 @@ class RabbitCluster:
             )
             for node in self.nodes:
                 self._write_files(node)
-            _chown_tree(self.directory)
+            _chown_tree(self.directory, self._owner())
             _on_all(self._launch, self.nodes)
             _on_all(self._await_startup, self.nodes)
             booted = time.monotonic()
@@ -346,6 +371,35 @@ class RabbitCluster:
     def _node_dir(self, node: ClusterNode) -> Path:
         return self.directory / node.short
 
+    def _seen_by_node(self, path: Path) -> str:
+        """``path`` as the nodes see it: inside the root, if they run in one."""
+        if self.root is None:
+            return str(path)
+        return "/" + str(path.relative_to(self.root))
+
+    def _owner(self) -> tuple[int, int]:
+        """uid and gid of the user the nodes run as."""
+        if self.root is not None:
+            owner = _root_user(self.root)
+            if owner is None:
+                raise ClusterError(f"no {RUN_AS} user in {self.root}/etc/passwd")
+            return owner
+        entry = pwd.getpwnam(RUN_AS)
+        return entry.pw_uid, entry.pw_gid
+
+    def _as_rabbitmq(self, command: list[str]) -> list[str]:
+        """``command``, run as the rabbitmq user (of the root, in it, if there is one)."""
+        if self.root is not None:
+            return ["chroot", str(self.root), "runuser", "-u", RUN_AS, "--", *command]
+        return _as_rabbitmq(command)
+
+    def _home(self) -> str:
+        """The rabbitmq user's home (its Erlang cookie) as this process sees it: the cwd of
+        the node commands."""
+        if self.root is None:
+            return RABBIT_HOME
+        return str(self.root / RABBIT_HOME.lstrip("/"))
+
     def _ctl_env(self) -> dict[str, str]:
         env = _base_env()
         # rabbitmqctl listens for distribution on a port in this range while it runs; the
@@ -355,7 +409,7 @@ class RabbitCluster:
         return env
 
     def _node_env(self, node: ClusterNode) -> dict[str, str]:
-        d = self._node_dir(node)
+        d = Path(self._seen_by_node(self._node_dir(node)))
         env = self._ctl_env()
         env.update(
             RABBITMQ_NODENAME=node.name,
@@ -377,12 +431,12 @@ class RabbitCluster:
 
     def _ctl(self, node: ClusterNode, *args: str, timeout: float = 120) -> str:
         """rabbitmqctl against ``node`` (as rabbitmq, so that it reads the shared cookie)."""
-        command = _as_rabbitmq([str(RABBIT_BIN / "rabbitmqctl"), "-n", node.name, *args])
+        command = self._as_rabbitmq([str(RABBIT_BIN / "rabbitmqctl"), "-n", node.name, *args])
         try:
             done = subprocess.run(
                 command,
                 env=self._ctl_env(),
-                cwd=RABBIT_HOME,
+                cwd=self._home(),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -399,13 +453,20 @@ class RabbitCluster:
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "rabbitmq-env.conf").write_text("")
         (d / "enabled_plugins").write_text(PLUGINS)
-        (d / "rabbitmq.conf").write_text(
+        config = (
             f"listeners.tcp.default = 127.0.0.1:{node.amqp}\n"
             f"management.tcp.port = {node.management}\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"prometheus.tcp.port = {node.prometheus}\n"
             "prometheus.tcp.ip = 127.0.0.1\n"
         )
+        if _server_version(self.root) >= (4,):
+            # global QoS denied, as RabbitMQ 4.3 does by default (3.x does not know the key: it
+            # would not boot). Not transient non-exclusive queues: with that denied, a 4.0.5
+            # node joining the cluster fails start_app (failed_to_deny_deprecated_features,
+            # checked while Mnesia loads); the single 4.0.5 node of .ci/rabbitmq4.sh denies it.
+            config += "deprecated_features.permit.global_qos = false\n"
+        (d / "rabbitmq.conf").write_text(config)
 
     def _launch(self, node: ClusterNode) -> None:
         server = RABBIT_BIN / "rabbitmq-server"
@@ -413,9 +474,9 @@ class RabbitCluster:
         shell = f"ulimit -n 20000 2>/dev/null || true; exec {server} -detached"
         with open(self._node_dir(node) / "log" / "startup.log", "ab") as out:
             subprocess.run(
-                _as_rabbitmq(["sh", "-c", shell]),
+                self._as_rabbitmq(["sh", "-c", shell]),
                 env=self._node_env(node),
-                cwd=RABBIT_HOME,
+                cwd=self._home(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=True,
@@ -526,14 +587,57 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def _chown_tree(path: Path) -> None:
+def _chown_tree(path: Path, owner: tuple[int, int]) -> None:
     if os.geteuid() != 0:
         return
-    owner = pwd.getpwnam(RUN_AS)
-    os.chown(path, owner.pw_uid, owner.pw_gid)
+    os.chown(path, *owner)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
-            os.chown(os.path.join(root, name), owner.pw_uid, owner.pw_gid)
+            os.chown(os.path.join(root, name), *owner)
+
+
+def _root_user(root: Path) -> tuple[int, int] | None:
+    """uid and gid of the rabbitmq user of the Debian root ``root`` (its own /etc/passwd:
+    the same numbers may be another user on this machine)."""
+    with contextlib.suppress(OSError):
+        for line in (root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[0] == RUN_AS:
+                return int(fields[2]), int(fields[3])
+    return None
+
+
+def _server_version(root: Path | None) -> tuple[int, ...]:
+    """The version of the RabbitMQ installed in ``root`` (or on this machine), from the name
+    of its directory (``rabbitmq_server-4.0.5``); () if none is found."""
+    lib = Path(root or "/") / "usr" / "lib" / "rabbitmq" / "lib"
+    versions = []
+    for path in lib.glob("rabbitmq_server-*"):
+        with contextlib.suppress(ValueError):
+            versions.append(tuple(int(p) for p in path.name.partition("-")[2].split(".")))
+    return max(versions, default=())
+
+
+def _prepare_root(root: Path) -> None:
+    """Mount proc, dev and sys in ``root`` (where they are not) and give its rabbitmq user an
+    Erlang cookie: nodes booting at once would each write one, and differ."""
+    for name, mount in (
+        ("proc", ["-t", "proc", "proc"]),
+        ("dev", ["--bind", "/dev"]),
+        ("sys", ["--bind", "/sys"]),
+    ):
+        target = root / name
+        if not os.path.ismount(target):
+            done = subprocess.run(["mount", *mount, str(target)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ClusterError(f"cannot mount {target}: {done.stderr.strip()}")
+    cookie = root / RABBIT_HOME.lstrip("/") / ".erlang.cookie"
+    owner = _root_user(root)
+    if not cookie.exists() and owner is not None:
+        cookie.parent.mkdir(parents=True, exist_ok=True)
+        cookie.write_text(uuid.uuid4().hex.upper())
+        os.chown(cookie, *owner)
+        cookie.chmod(0o400)
 
 
 def _node_pids(node: ClusterNode) -> list[int]:
@@ -629,13 +733,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-base", type=int, default=5680, help="default 5680")
     parser.add_argument("--nodes", type=int, default=3, help="default 3")
     parser.add_argument(
-        "--dir", type=Path, help="the nodes' files (default /tmp/rabbitkeys-cluster-PORT_BASE)"
+        "--dir",
+        type=Path,
+        help="the nodes' files (default /tmp/rabbitkeys-cluster-PORT_BASE, in the root if --root)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="run the RabbitMQ installed in this Debian root, with chroot (e.g. CI's 4.0.5: "
+        ".ci/rabbitmq4.sh root makes /opt/rabbitkeys-rabbitmq4-trixie); default: the machine's",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%X")
-    directory = args.dir or Path(f"/tmp/rabbitkeys-cluster-{args.port_base}")
+    directory = args.dir or Path(args.root or "/") / f"tmp/rabbitkeys-cluster-{args.port_base}"
     try:
-        cluster = RabbitCluster(directory, port_base=args.port_base, nodes=args.nodes)
+        cluster = RabbitCluster(
+            directory, port_base=args.port_base, nodes=args.nodes, root=args.root
+        )
         if args.command == "stop":
             cluster.stop()
             log.info("stopped, %s removed, in %.1f s", directory, cluster.timings["stop"])
