@@ -129,11 +129,14 @@ def permissions_for(role: Role, names: Names) -> Permissions:
         # 16: key queues (redrive and skip take messages with basic.get; the registry still
         # never consumes one), the dead-letter queue (redrive reads it), NS.holds (the
         # source of every hold binding) and NS.operations (NS.registry binds to it); the
-        # operator commands' reply queue and NS.replies, the exchange it binds to
+        # operator commands' reply queue and NS.replies, the exchange it binds to; workers'
+        # inboxes, only so that its passive declare of a silent worker's inbox (is its
+        # connection gone?) has a right to lean on from RabbitMQ 4.2.7 / 4.3.1 on (earlier
+        # it needed none; an inbox is exclusive: the broker refuses anything else, locked)
         read=(
             rf"^({re.escape(ns)}\.(jobs\.{_JOB_TYPE}|registry|registry\.events|requests"
             rf"|membership|dead-letters|{key_queue}|dead-letter|holds|operations"
-            rf"|replies|reply\.{_CLIENT_ID})"
+            rf"|replies|reply\.{_CLIENT_ID}|worker\.{_WORKER_ID})"
             r"|amq\.rabbitmq\.event)$"
         ),
     )

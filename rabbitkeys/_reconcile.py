@@ -27,7 +27,14 @@ from collections.abc import Callable
 import aiormq
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from ._amqp import CHANNEL_ERRORS, ChannelPool, fresh_channel, open_channel, queue_unavailable
+from ._amqp import (
+    CHANNEL_ERRORS,
+    ChannelPool,
+    fresh_channel,
+    open_channel,
+    passive_declare_refusal,
+    queue_unavailable,
+)
 from ._envelope import header_text
 from ._errors import BrokerUnavailableError, InvalidKeyError
 from ._keybook import Command, KeyBook
@@ -388,6 +395,11 @@ class Reconciler:
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     self._worker_gone(worker.worker_id, reason="is gone (no heartbeat)")
                     continue
+                except aiormq.exceptions.ChannelAccessRefused as exc:
+                    # not an answer: the worker may be gone, and its keys wait until a
+                    # heartbeat or the broker's event says so
+                    inbox = f"queue {self._names.worker_inbox(worker.worker_id)!r}"
+                    log.error("%s", passive_declare_refusal(inbox, exc))
                 except CHANNEL_ERRORS:
                     pass  # RESOURCE_LOCKED: its connection is alive
                 except ValueError as exc:  # an id no queue can have (the protocol checks)

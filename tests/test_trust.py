@@ -687,8 +687,12 @@ async def test_a_registry_cannot_read_inboxes_or_reply_queues_nor_speak_for_a_wo
     forged = forged_messages(names, scene.worker.worker_id, VICTIM_KEY)
     async with attacker(scene.users.registry, names) as registry:
         for queue, refusal in (
-            (names.worker_inbox(scene.worker.worker_id), aiormq.exceptions.ChannelAccessRefused),
-            # locked, or refused where its rights end (binding to NS.commands)
+            # locked (its read: the check of a silent worker's inbox), or refused where its
+            # rights end (binding to NS.commands, deleting)
+            (
+                names.worker_inbox(scene.worker.worker_id),
+                (aiormq.exceptions.ChannelLockedResource, aiormq.exceptions.ChannelAccessRefused),
+            ),
             (
                 control_client._reply_queue,
                 (aiormq.exceptions.ChannelLockedResource, aiormq.exceptions.ChannelAccessRefused),
