@@ -29,3 +29,8 @@ async def handle(message: Message) -> None:
 async def handle_or_park(message: Message) -> None:
     if message.body == b"fail":
         raise DeliberateFailure(f"{message.key}: asked to fail, and parks its key")
+
+
+@app.handler("slow", timeout=0.2)
+async def run_past_the_limit(message: Message) -> None:
+    await asyncio.sleep(5)

@@ -500,8 +500,10 @@ async def _traffic(publisher: Publisher, stop: asyncio.Event) -> int:
         # its last attempt fails: the worker parks the key, which stays parked to the end
         publisher.publish(PARKED_KEY, b"fail", job_type=PARKING),
         publisher.publish(PARKED_KEY, b"behind the parked head", job_type=PARKING),
+        # past its time limit on every attempt: timed out, retried, dead-lettered
+        publisher.publish("slow-key", b"hang", job_type="slow"),
     )
-    sent = ONCE_KEYS + 2
+    sent = ONCE_KEYS + 3
     round_ = 0
     while not stop.is_set():
         round_ += 1
