@@ -659,7 +659,8 @@ async def test_every_dashboard_query_returns_data(
     assert shown("Parked and paused keys / paused keys {{namespace}}") == {"": 0.0}
     assert shown("Parked and paused keys / paused job types {{namespace}}") == {"": 0.0}
     ages = shown("Oldest waiting message per job type / {{namespace}} {{job_type}}")
-    assert set(ages) == {DEFAULT_JOB_TYPE, PARKING}
+    # "slow" while its one job waits between attempts (then it is dead-lettered)
+    assert {DEFAULT_JOB_TYPE, PARKING} <= set(ages) <= {DEFAULT_JOB_TYPE, PARKING, "slow"}
 
     # the alert rules were loaded and evaluate without error
     loaded = [rule for group in rules["groups"] for rule in group["rules"]]
