@@ -26,6 +26,7 @@ import itertools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
+from functools import partial
 from typing import Any
 
 import aiormq
@@ -36,6 +37,9 @@ log = logging.getLogger("rabbitkeys.amqp")
 __all__ = [
     "CHANNEL_ERRORS",
     "ChannelPool",
+    "QUEUE_ANSWER_TIMEOUT",
+    "QueueChecks",
+    "QueueUnavailableError",
     "TaskSet",
     "CHANNEL_CLOSE_TIMEOUT",
     "broker_version",
@@ -63,13 +67,32 @@ CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidS
 CHANNEL_CLOSE_TIMEOUT = 5.0
 
 
+#: Seconds a passive declare of an existing queue may take before the queue is taken as
+#: unavailable (:class:`QueueChecks`). RabbitMQ 4.0.5 answers one of a classic queue whose
+#: node is down only after ~65 s (NOT_FOUND "... due to timeout"); a queue that is there
+#: answers in milliseconds, also behind a burst of declares.
+QUEUE_ANSWER_TIMEOUT = 5.0
+
+#: What the broker says of a queue that exists but cannot be reached (its cluster node is
+#: down): 3.10 at once, "home node '…' of durable queue '…' is down or inaccessible"; 4.0
+#: after ~65 s of retries, "failed to perform operation on queue '…' … due to timeout"
+#: (docs/probes/classic_node_down.py).
+_UNAVAILABLE_TEXTS = ("down or inaccessible", "due to timeout")
+
+
+class QueueUnavailableError(Exception):
+    """A queue did not answer a passive declare within :data:`QUEUE_ANSWER_TIMEOUT`."""
+
+
 def queue_unavailable(error: BaseException) -> bool:
     """Whether ``error`` says a queue exists but cannot be reached: on a cluster, a classic
-    queue whose node is down answers a (passive) declare with NOT_FOUND "home node ... is
-    down or inaccessible". Unlike a real NOT_FOUND, the queue and its messages come back
-    with the node, so it must be waited for, never given up or declared anew."""
-    return isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and (
-        "down or inaccessible" in str(error)
+    queue whose node is down (see :data:`_UNAVAILABLE_TEXTS`, :class:`QueueUnavailableError`).
+    Unlike a real NOT_FOUND, the queue and its messages come back with the node, so it must
+    be waited for, never given up or declared anew."""
+    if isinstance(error, QueueUnavailableError):
+        return True
+    return isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and any(
+        text in str(error) for text in _UNAVAILABLE_TEXTS
     )
 
 
@@ -156,6 +179,72 @@ class ChannelPool:
                     opened = await open_channel(self.connection)
                     channel = self._channels[slot] = await opened.get_underlay_channel()
         return channel
+
+    def discard(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """``channel`` is stuck behind a call the broker does not answer: the next call in
+        its slot gets a new one (whoever holds ``channel`` closes it)."""
+        self._channels = [None if c is channel else c for c in self._channels]
+
+
+class QueueChecks:
+    """Passive declares of queues that may be unavailable, answered within ``timeout``.
+
+    RabbitMQ 4.0.5 keeps a passive declare of a classic queue whose node is down for ~65 s
+    (and the channel with it) before it answers NOT_FOUND; 3.10 answers at once. A check that
+    has no answer within ``timeout`` raises :class:`QueueUnavailableError`; its channel
+    leaves the pool (the calls behind it would wait as long) and is closed once the broker
+    answers. One check per queue runs at a time: a later check of the same queue waits for
+    it (or, once it is past the timeout, fails at once), so a down queue asked about every
+    second holds one channel, not one per ask, and costs no second wait."""
+
+    def __init__(self, pool: ChannelPool, timeout: float = QUEUE_ANSWER_TIMEOUT) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        #: queue -> the passive declare running for it, and its channel
+        self._running: dict[str, tuple[asyncio.Future[Any], aiormq.abc.AbstractChannel]] = {}
+        #: channels taken out of the pool, closed once their declare is answered
+        self._stuck: set[aiormq.abc.AbstractChannel] = set()
+        self._closing: set[asyncio.Future[Any]] = set()
+
+    async def passive_declare(self, queue: str) -> Any:
+        """The queue's DeclareOk; the broker's error (a real NOT_FOUND, say), or
+        :class:`QueueUnavailableError` past the timeout."""
+        if queue in self._running:
+            running, channel = self._running[queue]
+            if channel in self._stuck:  # past the timeout already: no second wait
+                raise self._unavailable(queue)
+        else:
+            channel = await self._pool.get()
+            running = asyncio.ensure_future(channel.queue_declare(queue, passive=True))
+            self._running[queue] = running, channel
+            running.add_done_callback(partial(self._done, queue, channel))
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(running)
+        except TimeoutError:
+            if not running.done():
+                self._stuck.add(channel)
+                self._pool.discard(channel)
+            raise self._unavailable(queue) from None
+
+    def _unavailable(self, queue: str) -> QueueUnavailableError:
+        return QueueUnavailableError(
+            f"queue {queue!r} did not answer a passive declare within {self._timeout:g}s "
+            f"(on a cluster: its node is down)"
+        )
+
+    def _done(
+        self, queue: str, channel: aiormq.abc.AbstractChannel, task: asyncio.Future[Any]
+    ) -> None:
+        if queue in self._running and self._running[queue][0] is task:
+            del self._running[queue]
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters raised it, or none waits any more
+        if channel in self._stuck:
+            self._stuck.discard(channel)
+            closing = asyncio.ensure_future(close_channel(channel))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
 
 class TaskSet:

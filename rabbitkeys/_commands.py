@@ -25,6 +25,7 @@ from . import _redrive
 from ._amqp import (
     CHANNEL_ERRORS,
     ChannelPool,
+    QueueChecks,
     TaskSet,
     broker_version,
     fresh_channel,
@@ -113,6 +114,7 @@ class CommandRunner:
         self._retired = retired
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
+        self._checks = QueueChecks(self._pool)
         broker = broker_version(connection)
         self._queue_arguments = key_queue_arguments(
             settings.key_queue_expires, settings.queue_type, broker
@@ -191,7 +193,20 @@ class CommandRunner:
         self.do(event())
 
     async def _declare(self, command: DeclareAndBind) -> None:
+        key = self._book.keys.get(command.key_id)
         try:
+            if key is not None and key.routing_keys:
+                # A key that was bound before, asked for again after a nack or a return:
+                # its queue was deleted (declared anew below), or its node is down. RabbitMQ
+                # 4.0 declares and binds a classic queue whose node is down as if it were
+                # there (and nacks every publish to it): only a passive declare says it is
+                # unavailable (docs/probes/classic_node_down.py).
+                try:
+                    await self._checks.passive_declare(command.queue)
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    if queue_unavailable(exc):
+                        raise
+                    # gone (x-expires, an operator): declared anew below
             routing_key = await self._declare_and_bind(command.ref, command.queue)
         except Exception as exc:
             if not queue_unavailable(exc):  # the book says that one, once
@@ -509,6 +524,10 @@ class CommandRunner:
                 for message in split_command(command):
                     try:
                         await self._publish(route, message)
+                    except aiormq.exceptions.DeliveryError:
+                        # nacked (RabbitMQ 4.0: the worker's inbox went down with its node;
+                        # 3.10 drops it unrouted): that worker is gone or will be dropped
+                        log.info("a %s to worker %s was nacked", message.type, worker_id)
                     except CHANNEL_ERRORS:
                         raise  # the control channel is gone: so is this session
                     except Exception:

@@ -240,23 +240,27 @@ class ControlClient:
                     raise TimeoutError
             while True:
                 remaining = max(0.001, deadline - time.monotonic())
-                sent = await publish_control(
-                    self._channel,
-                    self._exchange,
-                    control_message(
-                        payload,
-                        user_id=self._user_id,
-                        expiration=remaining,
-                        reply_to=self._reply_queue,
-                        correlation_id=correlation_id,
-                    ),
-                    "",
-                    mandatory=True,
-                )
+                try:
+                    sent = await publish_control(
+                        self._channel,
+                        self._exchange,
+                        control_message(
+                            payload,
+                            user_id=self._user_id,
+                            expiration=remaining,
+                            reply_to=self._reply_queue,
+                            correlation_id=correlation_id,
+                        ),
+                        "",
+                        mandatory=True,
+                    )
+                except aiormq.exceptions.DeliveryError as exc:
+                    sent = exc  # nacked: as returned (RabbitMQ 4.0, its queue's node down)
                 if isinstance(sent, aiormq.spec.Basic.Ack):
                     break
                 # Returned: the registry's queue is not bound yet (a registry starting for
-                # the first time declares the exchange a moment before it binds).
+                # the first time declares the exchange a moment before it binds), or its
+                # node is down (3.10 returns the request, 4.0 nacks it).
                 if time.monotonic() + _TOPOLOGY_POLL >= deadline:
                     raise TimeoutError
                 await asyncio.sleep(_TOPOLOGY_POLL)

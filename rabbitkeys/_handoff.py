@@ -58,6 +58,7 @@ from aiormq.abc import DeliveredMessage
 from ._amqp import (
     CHANNEL_ERRORS,
     ChannelPool,
+    QueueChecks,
     TaskSet,
     channel_max,
     close_channel,
@@ -216,6 +217,7 @@ class Handoff:
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._consume: aiormq.Channel | None = None
         self._declares: ChannelPool | None = None
+        self._checks: QueueChecks | None = None
         #: quorum keys are consumed each on a channel of its own (the module docstring)
         self._channel_per_key = settings.queue_type == "quorum"
         #: the quorum keys of this session that have a channel of their own (open, or
@@ -261,6 +263,7 @@ class Handoff:
         self._global_cap = global_cap and not self._channel_per_key
         self._budget = PrefetchBudget(self._settings.buffered_messages_cap, self._settings.prefetch)
         self._declares = declares
+        self._checks = QueueChecks(declares)
         self._lost = lost
         consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._key_channels = set()
@@ -421,9 +424,11 @@ class Handoff:
         """None if ``queue`` can be consumed now, else why not: it does not exist, or (on a
         cluster) it is unavailable, its node down; the registry assigns it again after the
         pause of :meth:`_give_back`, so the key resumes once its node is back."""
-        assert self._declares is not None
+        assert self._checks is not None
         try:
-            await (await self._declares.get()).queue_declare(queue, passive=True)
+            # bounded: RabbitMQ 4.0 answers a passive declare of a classic queue whose node
+            # is down only after ~65 s (QueueChecks)
+            await self._checks.passive_declare(queue)
         except Exception as exc:  # NOT_FOUND, or the channel is gone: not a queue to consume now
             if queue_unavailable(exc):
                 return "is unavailable (its node is down)"

@@ -30,6 +30,8 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from ._amqp import (
     CHANNEL_ERRORS,
     ChannelPool,
+    QueueChecks,
+    QueueUnavailableError,
     fresh_channel,
     open_channel,
     passive_declare_refusal,
@@ -99,6 +101,9 @@ class Reconciler:
         # passive declares (leases, backlog) fail with NOT_FOUND now and then: their own
         # channels, so that never fails a declare or bind of an ensure
         self._probes = ChannelPool(connection, size=2)
+        # bounded: RabbitMQ 4.0 answers a passive declare of a classic queue whose node is
+        # down after ~65 s, and these run in the registry's heartbeat loop
+        self._checks = QueueChecks(self._probes)
         self.backlog_messages = 0
         self.key_queue_count = 0
         #: each key queue's messages and head timestamp as of the last listing
@@ -310,8 +315,10 @@ class Reconciler:
         now = time.monotonic()
         for key in book.leases_due(now, self._settings.key_queue_expires / 3):
             try:
-                await (await self._probes.get()).queue_declare(key.queue, passive=True)
+                await self._checks.passive_declare(key.queue)
                 book.lease_renewed(key.ref.id, now)
+            except QueueUnavailableError:
+                continue  # its node is down: the queue comes back with it
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 if queue_unavailable(exc):
                     continue  # its node is down: the queue comes back with it
@@ -326,8 +333,8 @@ class Reconciler:
         alert) does not wait for a publish. Only those keys: a few, while a node is down."""
         book = self._book
         for key in [k for k in book.keys.values() if k.unavailable]:
-            with contextlib.suppress(*CHANNEL_ERRORS):
-                await (await self._probes.get()).queue_declare(key.queue, passive=True)
+            with contextlib.suppress(*CHANNEL_ERRORS, QueueUnavailableError):
+                await self._checks.passive_declare(key.queue)
                 book.queue_reachable(key.ref.id)
 
     # --- workers that are gone ------------------------------------------------------------

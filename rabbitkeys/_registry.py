@@ -448,6 +448,10 @@ class Registry(Background):
                 ),
                 reply_to,
             )
+        except aiormq.exceptions.DeliveryError as exc:
+            # nacked (RabbitMQ 4.0: the reply queue's node is down; 3.10 drops it unrouted):
+            # the publisher asks again
+            self._dropped("a reply", exc)
         except CHANNEL_ERRORS:
             raise  # the control channel is gone: the session ends, as it must
         except Exception as exc:  # e.g. a correlation_id pamqp cannot encode

@@ -416,14 +416,23 @@ class Worker(Background):
         self, message: WorkerJoin | WorkerHeartbeat | WorkerLeave | Released | KeyParked
     ) -> None:
         assert self._control is not None
-        await publish_control(
-            self._control,
-            self.names.membership_exchange,
-            control_message(
-                message, user_id=self.settings.amqp_user, expiration=self.settings.worker_timeout
-            ),
-            "",
-        )
+        try:
+            await publish_control(
+                self._control,
+                self.names.membership_exchange,
+                control_message(
+                    message,
+                    user_id=self.settings.amqp_user,
+                    expiration=self.settings.worker_timeout,
+                ),
+                "",
+            )
+        except aiormq.exceptions.DeliveryError:
+            # Nacked: the registry's queue cannot take it now. RabbitMQ 4.0 nacks what is
+            # routed to a classic queue whose cluster node is down (3.10 drops it unrouted,
+            # and so does this): the registry starts its session over once its queue is
+            # back and asks every worker for its keys (Sync). Not a lost connection.
+            log.debug("a %s to the registry was nacked (its queue is unavailable)", message.type)
 
     async def _released(self, keys: list[KeyAssignment]) -> None:
         """Tell the registry we let go of these keys (or never took them)."""

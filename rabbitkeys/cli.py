@@ -480,7 +480,14 @@ def _run(coroutine: Coroutine[Any, Any, int]) -> int:
 def _on_signals(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, _stop_on, sig, stop)
+
+
+def _stop_on(sig: signal.Signals, stop: Callable[[], None]) -> None:
+    # said at WARNING: a stop nobody asked for (a signal sent to a whole process group, say)
+    # must be told from a crash in the log of a process that exited 0
+    logging.getLogger("rabbitkeys").warning("%s received: stopping", sig.name)
+    stop()
 
 
 @contextlib.asynccontextmanager
