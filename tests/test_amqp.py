@@ -141,3 +141,69 @@ async def test_a_bounded_channel_close_lets_its_callers_cancellation_through() -
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
+
+
+class _StuckChannel:
+    """A channel whose passive declares of ``stuck`` the broker does not answer (RabbitMQ
+    4.0.5, a classic queue whose node is down: ~65 s); others answer at once."""
+
+    def __init__(self, stuck: str) -> None:
+        self.stuck = stuck
+        self.declares: list[str] = []
+        self.is_closed = False
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def queue_declare(self, queue: str, passive: bool) -> str:
+        assert passive
+        self.declares.append(queue)
+        if queue == self.stuck:
+            return await self.answer
+        return f"ok {queue}"
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+class _Pool:
+    def __init__(self, channel: _StuckChannel) -> None:
+        self.channel = channel
+        self.discarded: list[_StuckChannel] = []
+
+    async def get(self) -> _StuckChannel:
+        return self.channel
+
+    def discard(self, channel: _StuckChannel) -> None:
+        self.discarded.append(channel)
+
+
+async def test_a_passive_declare_without_answer_is_unavailable_once_waited_for() -> None:
+    channel = _StuckChannel("down")
+    pool = _Pool(channel)
+    checks = _amqp.QueueChecks(pool, timeout=0.05)  # type: ignore[arg-type]
+    assert await checks.passive_declare("up") == "ok up"
+    with pytest.raises(_amqp.QueueUnavailableError, match="'down' did not answer"):
+        await checks.passive_declare("down")
+    assert pool.discarded == [channel]  # the calls behind it would wait as long
+    assert _amqp.queue_unavailable(_amqp.QueueUnavailableError("x"))
+    # asked again while the broker still has not answered: no second declare, no wait
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(_amqp.QueueUnavailableError):
+        await checks.passive_declare("down")
+    assert asyncio.get_running_loop().time() - started < 0.04
+    assert channel.declares == ["up", "down"]
+    # the broker answers at last: the channel it was stuck on is closed
+    channel.answer.set_result("ok down")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert channel.is_closed
+
+
+def test_both_brokers_texts_for_a_queue_whose_node_is_down_say_unavailable() -> None:
+    for text in (
+        "NOT_FOUND - home node 'rk2@localhost' of durable queue 'q' in vhost '/' is down or "
+        "inaccessible",  # 3.10
+        "NOT_FOUND - failed to perform operation on queue 'q' in vhost '/' due to timeout",  # 4.0
+    ):
+        assert _amqp.queue_unavailable(aiormq.exceptions.ChannelNotFoundEntity(text))
+    gone = aiormq.exceptions.ChannelNotFoundEntity("NOT_FOUND - no queue 'q' in vhost '/'")
+    assert not _amqp.queue_unavailable(gone)
