@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
+from .._amqp import CHANNEL_ERRORS
 from .._errors import RabbitkeysError
 from .._permissions import Role
 from .._publisher import Publisher
@@ -506,7 +507,10 @@ def _explained(before: dict[str, Any], copy: dict[str, Any], timeline: _Timeline
 
 
 async def _leader_id(settings: Settings) -> str | None:
-    with contextlib.suppress(RabbitkeysError):
+    # A channel error too: a registry starting in a new vhost of a 4.0.5 cluster made the
+    # poll's publish meet "NOT_FOUND - no exchange 'NS.requests'" once its passive check had
+    # found it (the next poll asks again)
+    with contextlib.suppress(RabbitkeysError, *CHANNEL_ERRORS):
         return (await fetch_status(settings, backlog=False, timeout=1.0)).registry_id
     return None
 
