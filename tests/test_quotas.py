@@ -344,7 +344,12 @@ async def test_a_worker_holds_no_more_than_its_cap_over_all_keys_also_across_a_h
 
                     await asyncio.wait_for(finish_handlers_until_moved(), 30)
                     assert len(first.owned_keys) < len(keys)
-                    await eventually(lambda: _held(first) >= cap and _held(second) >= cap, 20)
+                    if broker_cap:
+                        await eventually(lambda: _held(first) >= cap and _held(second) >= cap, 20)
+                    else:
+                        # each key's share was fixed when it was consumed: what a worker
+                        # holds now depends on which keys moved, so only the bound is sure
+                        await eventually(lambda: _held(first) > 0 and _held(second) > 0, 20)
                     await asyncio.sleep(0.5)
                     sample()
                     if broker_cap:
