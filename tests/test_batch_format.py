@@ -1,5 +1,5 @@
-"""The batch wire format (rabbitkeys/_batch.py and the batch headers in _envelope.py): what a
-publisher in another language must write, read back exactly, and every malformed body
+"""The batch wire format (rabbitkeys/_wire/batch.py and the batch headers in _wire/envelope.py):
+what a publisher in another language must write, read back exactly, and every malformed body
 refused with BatchFormatError (the worker dead-letters it whole; it is never dropped)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from rabbitkeys._batch import BatchFormatError, Record, encode_headers, pack, unpack
-from rabbitkeys._envelope import (
+from rabbitkeys._wire.batch import BatchFormatError, Record, encode_headers, pack, unpack
+from rabbitkeys._wire.envelope import (
     BATCH_CONTENT_TYPE,
     HEADER_BATCH,
     HEADER_JOBS,
@@ -18,7 +18,7 @@ from rabbitkeys._envelope import (
     encode_batch,
     jobs_of,
 )
-from rabbitkeys._topology import KeyRef
+from rabbitkeys._wire.topology import KeyRef
 
 REF = KeyRef.of("post A/ünïcode", "comments")
 

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, ConfigError, Message, ProtocolError, Publisher, Settings, Worker
-from rabbitkeys._protocol import (
+from rabbitkeys._admin.status import fetch_status
+from rabbitkeys._wire.protocol import (
     MAX_CONTROL_MESSAGE_BYTES,
     MAX_JOB_TYPES,
     MAX_KEYS_PER_MESSAGE,
@@ -29,8 +30,7 @@ from rabbitkeys._protocol import (
     encode,
     split,
 )
-from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .support import eventually, running_registry, running_worker
 
@@ -346,7 +346,7 @@ async def test_a_worker_reports_its_keys_in_several_joins_and_a_new_registry_reb
     """A worker with more keys than fit in one message joins in several messages; a
     registry that starts meanwhile rebuilds every key from them (3 keys per message here,
     4,096 in production)."""
-    monkeypatch.setattr("rabbitkeys._protocol.MAX_KEYS_PER_MESSAGE", 3)
+    monkeypatch.setattr("rabbitkeys._wire.protocol.MAX_KEYS_PER_MESSAGE", 3)
     seen: list[tuple[str, bytes]] = []
     app = App()
 

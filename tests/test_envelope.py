@@ -1,4 +1,4 @@
-"""The envelope of job messages (``rabbitkeys._envelope``): what the publisher encodes is
+"""The envelope of job messages (``rabbitkeys._wire.envelope``): what the publisher encodes is
 what the worker decodes, through pamqp's own marshalling, and whatever else a key queue
 may hold decodes without raising. No broker."""
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pamqp import commands as spec
 
 from rabbitkeys import InvalidKeyError, InvalidMessageError
-from rabbitkeys._envelope import (
+from rabbitkeys._wire.envelope import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_FAILED_AT,
@@ -31,7 +31,7 @@ from rabbitkeys._envelope import (
     encode,
     header_frame_size,
 )
-from rabbitkeys._topology import KeyRef
+from rabbitkeys._wire.topology import KeyRef
 
 
 def over_the_wire(properties: spec.Basic.Properties, body_size: int = 0) -> spec.Basic.Properties:

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitkeys import App, Message, Settings
-from rabbitkeys._batch import Record, encode_headers
-from rabbitkeys._control import declare_control_topology
-from rabbitkeys._dedup import SequenceHistory, Verdict
-from rabbitkeys._envelope import (
+from rabbitkeys._broker.control import declare_control_topology
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._wire.batch import Record, encode_headers
+from rabbitkeys._wire.envelope import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_KEY,
@@ -31,10 +31,10 @@ from rabbitkeys._envelope import (
     encode,
     encode_batch,
 )
-from rabbitkeys._execution import Executor, Outcome, Park, verdict
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import KeyAssignment, KeyFailure
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import KeyAssignment, KeyFailure
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys._worker.dedup import SequenceHistory, Verdict
+from rabbitkeys._worker.execution import Executor, Outcome, Park, verdict
 
 from .support import eventually
 

@@ -35,10 +35,10 @@ from rabbitkeys import (
     StartupError,
     Worker,
 )
-from rabbitkeys._dedup import SequenceHistory
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
-from rabbitkeys._payload import encode
-from rabbitkeys._retry import DeadLetter, RetryPolicy
+from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
+from rabbitkeys._wire.payload import encode
+from rabbitkeys._worker.dedup import SequenceHistory
+from rabbitkeys._worker.retry import DeadLetter, RetryPolicy
 from rabbitkeys.tools.cluster import _settings_env
 
 from .support import eventually, make_settings, running_registry, running_worker

@@ -18,12 +18,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
-from rabbitkeys._amqp import ChannelPool, TaskSet
-from rabbitkeys._execution import Executor
-from rabbitkeys._handoff import Handoff, KeyState
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import KeyAssignment
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._broker.amqp import ChannelPool, TaskSet
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._wire.protocol import KeyAssignment
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._worker.execution import Executor
+from rabbitkeys._worker.handoff import Handoff, KeyState
 
 from .support import eventually, make_settings
 

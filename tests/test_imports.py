@@ -127,14 +127,14 @@ def test_every_library_the_package_imports_is_declared() -> None:
 # The pure cores decide order and ownership; the shells around them do the I/O. A core that
 # imported the AMQP client or asyncio could no longer be tested (and read) without a broker.
 PURE_CORES = [
-    "rabbitkeys._assignment",
-    "rabbitkeys._dedup",
-    "rabbitkeys._keybook",
-    "rabbitkeys._lane",
-    "rabbitkeys._permissions",
-    "rabbitkeys._retry",
-    "rabbitkeys._room",
-    "rabbitkeys._senders",
+    "rabbitkeys._registry.assignment",
+    "rabbitkeys._worker.dedup",
+    "rabbitkeys._registry.keybook",
+    "rabbitkeys._publisher.lane",
+    "rabbitkeys._admin.permissions",
+    "rabbitkeys._worker.retry",
+    "rabbitkeys._publisher.room",
+    "rabbitkeys._wire.senders",
 ]
 IO_LIBRARIES = {"aio_pika", "aiormq", "pamqp", "asyncio", "socket", "urllib.request"}
 

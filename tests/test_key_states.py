@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitkeys._execution import Park
-from rabbitkeys._handoff import TRANSITIONS, KeyState, OwnedKey
-from rabbitkeys._protocol import KeyAssignment
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import KeyAssignment
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys._worker.execution import Park
+from rabbitkeys._worker.handoff import TRANSITIONS, KeyState, OwnedKey
 
 A, C, RG, RD = KeyState.ACQUIRING, KeyState.CONSUMING, KeyState.RELEASING, KeyState.RELEASED
 

@@ -34,11 +34,11 @@ from rabbitkeys import (
     RabbitkeysError,
     Settings,
 )
-from rabbitkeys._control import ControlClient
-from rabbitkeys._envelope import HEADER_KEY
-from rabbitkeys._protocol import EnsureKey, KeyAssignment, Refused, Status, decode, encode
-from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import (
+from rabbitkeys._admin.status import fetch_status
+from rabbitkeys._broker.control import ControlClient
+from rabbitkeys._wire.envelope import HEADER_KEY
+from rabbitkeys._wire.protocol import EnsureKey, KeyAssignment, Refused, Status, decode, encode
+from rabbitkeys._wire.topology import (
     MAX_KEY_BYTES,
     KeyRef,
     Names,

@@ -14,9 +14,9 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings, Worker
-from rabbitkeys._amqp import ChannelPool
-from rabbitkeys._commands import merge_commands, split_command
-from rabbitkeys._protocol import (
+from rabbitkeys._broker.amqp import ChannelPool
+from rabbitkeys._registry.runner import merge_commands, split_command
+from rabbitkeys._wire.protocol import (
     MAX_KEYS_PER_MESSAGE,
     Assign,
     KeyAssignment,
@@ -24,7 +24,7 @@ from rabbitkeys._protocol import (
     Sync,
     decode,
 )
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
 
 from .support import eventually, running_registry, running_worker
 

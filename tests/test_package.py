@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 import rabbitkeys
-from rabbitkeys._metrics import WorkerMetrics
+from rabbitkeys._observe.metrics import WorkerMetrics
 from rabbitkeys._version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def _runtime_modules() -> list[Path]:
 
 def test_the_runtime_imports_nothing_from_the_tooling() -> None:
     runtime = _runtime_modules()
-    assert PACKAGE / "_worker.py" in runtime and PACKAGE / "cli.py" in runtime
+    assert PACKAGE / "_worker" / "worker.py" in runtime and PACKAGE / "cli" / "entry.py" in runtime
     offending = []
     for path in runtime:
         for name, at_import_time in _imports(path):
@@ -66,7 +66,7 @@ def test_the_runtime_imports_nothing_from_the_tooling() -> None:
                 continue
             # The CLI is the one bridge: `rabbitkeys demo|chaos|bench` import the tooling
             # inside their command functions, so `rabbitkeys worker` never loads it.
-            if path.name == "cli.py" and not at_import_time:
+            if path.parent == PACKAGE / "cli" and not at_import_time:
                 continue
             offending.append(f"{path.relative_to(ROOT)} imports {name}")
     assert offending == []
@@ -74,10 +74,10 @@ def test_the_runtime_imports_nothing_from_the_tooling() -> None:
 
 def test_the_import_walk_sees_relative_imports_of_the_tooling() -> None:
     # the walk above must not pass for want of resolving `..tools` or `.tools.x`
-    cli = {name for name, _ in _imports(PACKAGE / "cli.py")}
+    cli = {name for path in (PACKAGE / "cli").glob("*.py") for name, _ in _imports(path)}
     assert {"rabbitkeys.tools.demo", "rabbitkeys.tools.chaos", "rabbitkeys.tools.bench"} <= cli
     runner = {name for name, _ in _imports(PACKAGE / "tools" / "bench" / "runner.py")}
-    assert {"rabbitkeys.tools.cluster", "rabbitkeys._publisher"} <= runner
+    assert {"rabbitkeys.tools.cluster", "rabbitkeys._publisher.publisher"} <= runner
 
 
 def test_importing_every_runtime_module_loads_no_tooling() -> None:
@@ -94,7 +94,7 @@ def test_importing_every_runtime_module_loads_no_tooling() -> None:
 
 
 def test_the_demo_app_has_a_public_home() -> None:
-    from rabbitkeys._app import App, load_app
+    from rabbitkeys._worker.app import App, load_app
 
     app = load_app("rabbitkeys.tools.demo:app")
     assert isinstance(app, App) and app.job_types

@@ -25,13 +25,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._amqp import ChannelPool, TaskSet
-from rabbitkeys._envelope import HEADER_BATCH, HEADER_REDRIVE, HEADER_SEQUENCE, encode
-from rabbitkeys._execution import Executor, Park
-from rabbitkeys._handoff import Handoff
-from rabbitkeys._keybook import KeyState
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import (
+from rabbitkeys._broker.amqp import ChannelPool, TaskSet
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._registry.keybook import KeyState
+from rabbitkeys._wire.envelope import HEADER_BATCH, HEADER_REDRIVE, HEADER_SEQUENCE, encode
+from rabbitkeys._wire.protocol import (
     ControlMessage,
     KeyAssignment,
     KeyFailure,
@@ -40,7 +38,9 @@ from rabbitkeys._protocol import (
     WorkerHeartbeat,
     decode,
 )
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._worker.execution import Executor, Park
+from rabbitkeys._worker.handoff import Handoff
 
 from .support import eventually, make_settings, running_registry, running_worker
 from .test_worker_batches import PUBLISHER, raw_key

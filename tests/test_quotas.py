@@ -33,11 +33,11 @@ from rabbitkeys import (
     QuotaExceededError,
     Worker,
 )
-from rabbitkeys._amqp import broker_version
-from rabbitkeys._keybook import RETIRING, Key, KeyState, KeyTable
-from rabbitkeys._protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused, decode
+from rabbitkeys._broker.amqp import broker_version
+from rabbitkeys._registry.keybook import RETIRING, Key, KeyState, KeyTable
 from rabbitkeys._settings import load_settings
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused, decode
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .conftest import LOCAL_BROKER
 from .support import eventually, make_settings, running_registry, running_worker

@@ -1,4 +1,4 @@
-"""The registry's broker procedures for redrive and skip (``rabbitkeys._redrive``), against
+"""The registry's broker procedures for redrive and skip (``rabbitkeys._registry.redrive``), against
 the real broker with no registry running: each test declares a namespace's dead-letter
 queue and exchange (as the registry does, ``declare_control_topology``) and one key's jobs
 exchange and queue, bound with a fresh routing key (``_commands._declare_and_bind``).
@@ -22,10 +22,19 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 
-from rabbitkeys import _redrive
-from rabbitkeys._batch import Record
-from rabbitkeys._control import declare_control_topology
-from rabbitkeys._envelope import (
+from rabbitkeys._broker.control import declare_control_topology
+from rabbitkeys._registry import redrive as _redrive
+from rabbitkeys._registry.redrive import (
+    REGISTRY_WORKER_ID,
+    DeadLetter,
+    RearrangeError,
+    _take,
+    read_dead_letters,
+    rearrange,
+    skip_head,
+)
+from rabbitkeys._wire.batch import Record
+from rabbitkeys._wire.envelope import (
     BATCH_CONTENT_TYPE,
     HEADER_ATTEMPTS,
     HEADER_ERROR,
@@ -41,16 +50,7 @@ from rabbitkeys._envelope import (
     encode_batch,
     jobs_of,
 )
-from rabbitkeys._redrive import (
-    REGISTRY_WORKER_ID,
-    DeadLetter,
-    RearrangeError,
-    _take,
-    read_dead_letters,
-    rearrange,
-    skip_head,
-)
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
 from .conftest import Broker
 

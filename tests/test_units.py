@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 import rabbitkeys
 from rabbitkeys import ConfigError, InvalidKeyError, ProtocolError
-from rabbitkeys._handoff import PrefetchBudget
-from rabbitkeys._protocol import EnsureKey, WorkerJoin, decode, encode
 from rabbitkeys._settings import load_settings, mask_url
-from rabbitkeys._topology import MAX_KEY_BYTES, KeyRef, Names, new_routing_key
+from rabbitkeys._wire.protocol import EnsureKey, WorkerJoin, decode, encode
+from rabbitkeys._wire.topology import MAX_KEY_BYTES, KeyRef, Names, new_routing_key
+from rabbitkeys._worker.handoff import PrefetchBudget
 
 
 def test_public_names_are_exported_and_sorted() -> None:
