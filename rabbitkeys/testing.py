@@ -51,8 +51,7 @@ from typing import Any
 from ._errors import RabbitkeysError, StartupError
 from ._publisher.publisher import encode_body
 from ._settings import Settings
-from ._wire.envelope import Envelope, dead_letter_headers, jobs_of
-from ._wire.envelope import encode as encode_envelope
+from ._wire.envelope import Envelope, dead_letter_headers, encode_envelope, jobs_of
 from ._wire.topology import DEFAULT_JOB_TYPE, KeyRef
 from ._worker.app import App, CallNext, Context, Hook, Message, Route, hook_name, is_async
 from ._worker.execution import (

@@ -14,8 +14,8 @@ from rabbitkeys._wire.envelope import (
     HEADER_BATCH,
     HEADER_JOBS,
     HEADER_SEQUENCE,
-    encode,
     encode_batch,
+    encode_envelope,
     jobs_of,
 )
 from rabbitkeys._wire.topology import KeyRef
@@ -54,7 +54,7 @@ def test_round_trip_gives_each_job_the_headers_of_a_plain_message() -> None:
     assert second.headers[HEADER_SEQUENCE] == 9
     assert HEADER_BATCH not in second.headers and HEADER_JOBS not in second.headers
     plain = jobs_of(
-        encode(REF, publisher_id="pub", sequence=9, delivery_mode=2, user_id="alice"), b"x"
+        encode_envelope(REF, publisher_id="pub", sequence=9, delivery_mode=2, user_id="alice"), b"x"
     )
     assert len(plain) == 1 and plain[0].body == b"x" and plain[0].envelope.sequence == 9
 

@@ -28,8 +28,8 @@ from rabbitkeys._wire.envelope import (
     HEADER_KEY,
     HEADER_REDRIVE,
     HEADER_WORKER,
-    encode,
     encode_batch,
+    encode_envelope,
 )
 from rabbitkeys._wire.protocol import KeyAssignment, KeyFailure
 from rabbitkeys._wire.topology import KeyRef, Names
@@ -96,7 +96,9 @@ def delivery(
 ) -> DeliveredMessage:
     """A plain message as the broker delivers it; ``extra_headers``: rabbitkeys' own ones a
     publisher does not set (a redrive's)."""
-    properties = encode(KeyRef.of(key), publisher_id=publisher, sequence=sequence, delivery_mode=2)
+    properties = encode_envelope(
+        KeyRef.of(key), publisher_id=publisher, sequence=sequence, delivery_mode=2
+    )
     if extra_headers:
         properties.headers = {**(properties.headers or {}), **extra_headers}
     return DeliveredMessage(

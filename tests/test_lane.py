@@ -41,8 +41,8 @@ from rabbitkeys._publisher.lane import (
     Lane,
     Lanes,
     LaneState,
+    LeaveRoom,
     Linger,
-    Release,
     Send,
     Stage,
 )
@@ -170,7 +170,7 @@ class World:
                     assert action.entry in latest.batch.entries
                     assert latest.reported == "ack", "published without an ack of its latest send"
                 caller.answers.append(action.error)
-            elif isinstance(action, Release):
+            elif isinstance(action, LeaveRoom):
                 entry = action.entry
                 assert entry.stage is Stage.DONE
                 assert entry not in self.released, "released twice"

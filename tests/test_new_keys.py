@@ -22,7 +22,7 @@ from rabbitkeys._wire.protocol import (
     KeyAssignment,
     Release,
     Sync,
-    decode,
+    decode_control,
 )
 from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
 
@@ -75,7 +75,7 @@ def test_a_merged_command_is_sent_in_messages_within_the_protocols_bounds() -> N
     [merged] = outbox
     messages = split_command(merged)
     assert len(messages) == 3
-    sent = [decode(message.model_dump_json().encode()) for message in messages]
+    sent = [decode_control(message.model_dump_json().encode()) for message in messages]
     assert [k for m in sent if isinstance(m, Assign) for k in m.keys] == keys  # fresh kept
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 import rabbitkeys
@@ -129,3 +131,72 @@ def test_the_metrics_carry_the_version() -> None:
     WorkerMetrics(rabbitkeys.Worker(rabbitkeys.App(), offline), registry)
     labels = {"role": "worker", "version": rabbitkeys.__version__}
     assert registry.get_sample_value("rabbitkeys_info", labels) == 1
+
+
+# The public surface, pinned: moving modules between private packages must not change it
+# (httpx's tests/test_exported_members.py). A deliberate change of the API edits these lists.
+PUBLIC = {
+    "rabbitkeys": [
+        "App",
+        "BrokerUnavailableError",
+        "ConfigError",
+        "Context",
+        "DEFAULT_JOB_TYPE",
+        "Handler",
+        "HandlerNotFoundError",
+        "InvalidKeyError",
+        "InvalidMessageError",
+        "JobTimeoutError",
+        "MAX_KEY_BYTES",
+        "Message",
+        "PayloadError",
+        "ProtocolError",
+        "PublishError",
+        "PublishOutcomeUnknownError",
+        "Publisher",
+        "QuotaExceededError",
+        "RabbitkeysError",
+        "Registry",
+        "RegistryUnavailableError",
+        "Settings",
+        "StartupError",
+        "SyncPublisher",
+        "Worker",
+        "__version__",
+        "close_default_publisher",
+        "default_publisher",
+        "load_settings",
+        "publish",
+    ],
+    "rabbitkeys.testing": [
+        "InMemoryWorker",
+        "JobRecord",
+        "JobState",
+        "JobsFailedError",
+        "run_jobs",
+    ],
+    "rabbitkeys.cli": [
+        "EXIT_ERROR",
+        "EXIT_OK",
+        "EXIT_USAGE",
+        "hold_request",
+        "keys_request",
+        "main",
+        "redrive_request",
+    ],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_the_public_modules_export_exactly_their_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert imported.__all__ == PUBLIC[module]  # complete, and sorted
+    assert all(getattr(imported, name) is not None for name in imported.__all__)
+
+
+def test_the_console_script_is_the_clis_main() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"rabbitkeys": "rabbitkeys.cli:main"}
+    from rabbitkeys.cli import main
+
+    assert callable(main)

@@ -27,10 +27,10 @@ from rabbitkeys._wire.envelope import (
     HEADER_JOBS,
     HEADER_KEY,
     HEADER_SEQUENCE,
-    encode,
     encode_batch,
+    encode_envelope,
 )
-from rabbitkeys._wire.payload import encode as encode_payload
+from rabbitkeys._wire.payload import encode_payload
 from rabbitkeys._wire.protocol import Ensured, EnsureKey
 from rabbitkeys._wire.topology import KeyRef, Names
 from rabbitkeys.tools.cluster import LocalCluster
@@ -82,7 +82,7 @@ class RawKey:
         )
 
     async def plain(self, sequence: int, body: bytes) -> None:
-        properties = encode(
+        properties = encode_envelope(
             self.ref,
             publisher_id=PUBLISHER,
             sequence=sequence,

@@ -22,7 +22,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from .._errors import ConfigError, PublishError, RegistryUnavailableError
-from .._wire.protocol import MAX_REPLY_BYTES, ControlMessage, decode, encode
+from .._wire.protocol import MAX_REPLY_BYTES, ControlMessage, decode_control, encode_control
 from .._wire.topology import Names, control_queue_arguments, unlimited_deliveries_command
 from .amqp import broker_version, close_channel, fresh_channel, passive_declare_refusal
 
@@ -126,7 +126,7 @@ def control_message(
 ) -> aio_pika.Message:
     """``user_id``: the connection's user (the broker refuses any other)."""
     return aio_pika.Message(
-        encode(payload),
+        encode_control(payload),
         content_type="application/json",
         expiration=expiration,
         delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
@@ -283,6 +283,6 @@ class ControlClient:
         if future is None or future.done():
             return  # a reply to a request that has already timed out
         try:
-            future.set_result(decode(message.body, max_bytes=MAX_REPLY_BYTES))
+            future.set_result(decode_control(message.body, max_bytes=MAX_REPLY_BYTES))
         except Exception as exc:  # a malformed reply fails that request, nothing else
             future.set_exception(exc)

@@ -40,7 +40,7 @@ Each message (:class:`Entry`) has a stage (:class:`Stage`): ADMITTING (in the pu
 ``Room`` line, holding nothing) → QUEUED (in its lane, on no connection: withdrawable) →
 SENT (written to the current connection, unanswered) → DONE. A SENT message goes back to
 QUEUED when it must be sent again. Only :meth:`Lane._done` ends a message, with a
-:class:`Release`; each caller gets at most one :class:`Answer`.
+:class:`LeaveRoom`; each caller gets at most one :class:`Answer`.
 
 **Batches.** A lane sends what waits as few AMQP messages as it can: each carries the
 entries waiting at the front of the lane, in order, up to ``batch_max_jobs`` and
@@ -89,7 +89,7 @@ __all__ = [
     "LaneState",
     "Lanes",
     "Linger",
-    "Release",
+    "LeaveRoom",
     "Send",
     "Stage",
 ]
@@ -219,7 +219,7 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
+class LeaveRoom:
     """The message left the publisher: free its room (``admitted``) or take it out of the
     Room's line (not admitted yet)."""
 
@@ -239,7 +239,7 @@ class Count:
     what: Counted
 
 
-Action = Send | Ensure | Answer | Release | Count | Linger
+Action = Send | Ensure | Answer | LeaveRoom | Count | Linger
 
 
 class Lanes:
@@ -687,7 +687,7 @@ class Lane:
         if stage is Stage.DONE:
             return []
         self.live -= 1
-        return [Release(entry, admitted=stage is not Stage.ADMITTING)]
+        return [LeaveRoom(entry, admitted=stage is not Stage.ADMITTING)]
 
     def _settle(self, entry: Entry, error: RabbitkeysError | None) -> list[Action]:
         """The message is done and its caller gets ``error`` (None: published)."""

@@ -73,8 +73,8 @@ from .._observe.metrics import PublisherMetrics
 from .._observe.tracing import publish_span
 from .._settings import Settings, load_settings
 from .._wire.batch import RECORD_OVERHEAD, Record, encode_headers
-from .._wire.envelope import encode, encode_batch, header_frame_size
-from .._wire.payload import encode as encode_payload
+from .._wire.envelope import encode_batch, encode_envelope, header_frame_size
+from .._wire.payload import encode_payload
 from .._wire.protocol import (
     REFUSED_QUOTA_EXCEEDED,
     REFUSED_UNAVAILABLE,
@@ -93,8 +93,8 @@ from .lane import (
     Entry,
     Lane,
     Lanes,
+    LeaveRoom,
     Linger,
-    Release,
     Send,
 )
 from .room import Room
@@ -390,7 +390,7 @@ class Publisher:
             # make is measured against frame_max, and they are what goes if the job is sent
             # alone. Without application headers the frame is small (a key is at most 1,024
             # bytes) and fits AMQP's minimum frame_max of 4,096: nothing to measure.
-            properties = encode(
+            properties = encode_envelope(
                 ref,
                 publisher_id=self.publisher_id,
                 sequence=sequence,
@@ -586,7 +586,7 @@ class _Carrier:
                             published += 1
                         else:
                             future.set_exception(action.error)
-                elif isinstance(action, Release):
+                elif isinstance(action, LeaveRoom):
                     message = cast(_Message, action.entry)
                     # what the caller may still hold is theirs, not ours
                     message.record, message.properties = _NO_RECORD, None
@@ -649,7 +649,7 @@ class _Carrier:
     def _properties_of(self, lane: Lane, message: _Message) -> spec.Basic.Properties:
         """The properties of a job sent alone, without application headers."""
         record = message.record
-        return encode(
+        return encode_envelope(
             lane.ref,
             publisher_id=self._publisher_id,
             sequence=record.sequence,
@@ -725,7 +725,8 @@ class _Carrier:
 
 
 def encode_body(payload: object, max_message_bytes: int) -> tuple[bytes, str | None]:
-    """The body and content type ``payload`` is sent as (:func:`rabbitkeys._wire.payload.encode`),
+    """The body and content type ``payload`` is sent as
+    (:func:`~rabbitkeys._wire.payload.encode_payload`),
     checked against ``max_message_bytes``. Bytes pass through untouched (no copy); a bytearray or
     memoryview is copied here, so a caller that changes it afterwards changes nothing sent.
     Raises :class:`InvalidMessageError`."""

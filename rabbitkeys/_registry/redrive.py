@@ -59,7 +59,7 @@ from .._wire.envelope import (
     HEADER_WORKER,
     Job,
     dead_letter_headers,
-    decode,
+    decode_envelope,
     header_text,
     jobs_of,
 )
@@ -67,7 +67,7 @@ from .._wire.topology import KeyRef, Names
 
 __all__ = [
     "REGISTRY_WORKER_ID",
-    "DeadLetter",
+    "DeadLetteredMessage",
     "DeadLetterSelection",
     "RearrangeError",
     "read_dead_letters",
@@ -134,7 +134,7 @@ class RearrangeError(RabbitkeysError):
 
 
 @dataclass(frozen=True)
-class DeadLetter:
+class DeadLetteredMessage:
     """One message got from ``NS.dead-letter``, not acked yet (its selection holds it)."""
 
     delivery_tag: int
@@ -163,7 +163,7 @@ class DeadLetterSelection:
         self,
         channel: AbstractChannel,
         queue: str,
-        selected: dict[tuple[str, str], list[DeadLetter]],
+        selected: dict[tuple[str, str], list[DeadLetteredMessage]],
         *,
         not_selected: int,
         unreadable: int,
@@ -231,7 +231,7 @@ async def read_dead_letters(
     channel = await open_channel(connection)
     try:
         underlay = await channel.get_underlay_channel()
-        selected: dict[tuple[str, str], list[DeadLetter]] = defaultdict(list)
+        selected: dict[tuple[str, str], list[DeadLetteredMessage]] = defaultdict(list)
         not_selected = unreadable = 0
         remaining: int | None = None
         while remaining is None or remaining > 0:
@@ -274,7 +274,7 @@ async def _settled(channel: aiormq.abc.AbstractChannel, queue: str) -> None:
     await channel.queue_declare(queue, passive=True)
 
 
-def _dead_letter(tag: int, got: aiormq.abc.DeliveredMessage) -> DeadLetter | None:
+def _dead_letter(tag: int, got: aiormq.abc.DeliveredMessage) -> DeadLetteredMessage | None:
     """The dead letter ``got`` is, or None if it names no key and job type rabbitkeys could
     have made (it cannot be redriven: it stays in the dead-letter queue)."""
     properties = got.header.properties
@@ -289,7 +289,7 @@ def _dead_letter(tag: int, got: aiormq.abc.DeliveredMessage) -> DeadLetter | Non
     failed_at = headers.get(HEADER_FAILED_AT)
     if not isinstance(failed_at, int) or isinstance(failed_at, bool):
         failed_at = None
-    return DeadLetter(tag, got.body, properties, ref.job_type, ref.key, failed_at)
+    return DeadLetteredMessage(tag, got.body, properties, ref.job_type, ref.key, failed_at)
 
 
 # --- rearranging a key queue ------------------------------------------------------------
@@ -302,7 +302,7 @@ async def rearrange(
     queue: str,
     routing_keys: Sequence[str],
     redrive_id: str,
-    dead_letters: Sequence[DeadLetter] | None,
+    dead_letters: Sequence[DeadLetteredMessage] | None,
     grace: float,
 ) -> list[str]:
     """Put ``dead_letters`` at the head of ``queue`` (the key ``ref``'s, held and unconsumed),
@@ -695,7 +695,7 @@ async def skip_head(
         try:
             jobs = jobs_of(properties, head.body)
         except BatchFormatError:
-            jobs = [Job(decode(properties), head.body, properties.content_type)]
+            jobs = [Job(decode_envelope(properties), head.body, properties.content_type)]
         if not 0 <= job_index < len(jobs):
             log.warning(
                 "queue %s: the head has %d jobs, the parked one was job %d: all dead-lettered",

@@ -58,7 +58,7 @@ from .._wire.protocol import (
     WorkerHeartbeat,
     WorkerJoin,
     WorkerLeave,
-    decode,
+    decode_control,
 )
 from .._wire.senders import (
     OperatorRequest,
@@ -276,7 +276,7 @@ class Registry(Background):
         """Every control request. Nothing a request holds may end the session: whatever it
         breaks is counted as malformed, logged and dropped (see ``_protocol`` for limits)."""
         try:
-            request = decode(message.body)
+            request = decode_control(message.body)
         except ProtocolError as exc:
             self._dropped("a control message", exc)
             # Its sender may wait for an answer: tell it why rather than let it time out
@@ -589,7 +589,7 @@ class Registry(Background):
         redrive_id: str,
         job_type: str,
         key: str,
-        letters: list[redrive.DeadLetter],
+        letters: list[redrive.DeadLetteredMessage],
     ) -> RedriveKeySummary:
         """One key of a redrive: held, let go by its owner, rearranged; its dead letters
         acked if that went well, else back in the dead-letter queue."""

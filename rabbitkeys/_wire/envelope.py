@@ -20,7 +20,7 @@ content type is ``application/x-rabbitkeys-batch``; each job's own is in its rec
 :func:`jobs_of` gives the jobs of any delivery: one for a plain message, each of a batch,
 with the headers each would have had as a plain message.
 
-Anyone who can publish into a key queue can put anything there: :func:`decode` never
+Anyone who can publish into a key queue can put anything there: :func:`decode_envelope` never
 raises, and a missing or garbled header reads as None.
 """
 
@@ -58,8 +58,8 @@ __all__ = [
     "Envelope",
     "Job",
     "dead_letter_headers",
-    "decode",
-    "encode",
+    "decode_envelope",
+    "encode_envelope",
     "encode_batch",
     "header_frame_size",
     "header_text",
@@ -124,7 +124,7 @@ class Envelope:
         return (f"{len(self.user_id)}:{self.user_id}/{self.publisher_id}", self.sequence)
 
 
-def encode(
+def encode_envelope(
     ref: KeyRef,
     *,
     publisher_id: str,
@@ -181,7 +181,7 @@ def _seconds(published_at: int) -> datetime.datetime | None:
         return None
 
 
-def decode(properties: spec.Basic.Properties) -> Envelope:
+def decode_envelope(properties: spec.Basic.Properties) -> Envelope:
     """The envelope of a delivered message; never raises."""
     raw = properties.headers
     headers = dict(raw) if isinstance(raw, Mapping) else {}
@@ -241,7 +241,7 @@ def jobs_of(properties: spec.Basic.Properties, body: bytes) -> list[Job]:
     record of a batch. Raises :class:`~.batch.BatchFormatError` for a batch that
     cannot be read (an unknown version, a count or body that do not match): the caller
     dead-letters it whole, never drops it."""
-    envelope = decode(properties)
+    envelope = decode_envelope(properties)
     raw = envelope.headers
     if HEADER_BATCH not in raw:
         return [Job(envelope, body, properties.content_type)]

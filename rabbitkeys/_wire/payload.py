@@ -22,7 +22,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .._errors import InvalidMessageError, PayloadError
 
-__all__ = ["JSON", "TEXT", "Decoder", "encode"]
+__all__ = ["JSON", "TEXT", "Decoder", "encode_payload"]
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -30,7 +30,7 @@ TEXT = "text/plain; charset=utf-8"
 _any_json: TypeAdapter[Any] = TypeAdapter(Any)
 
 
-def encode(payload: object) -> tuple[bytes | bytearray | memoryview, str | None]:
+def encode_payload(payload: object) -> tuple[bytes | bytearray | memoryview, str | None]:
     """The body and content type ``payload`` travels as. Raises
     :class:`InvalidMessageError` for an object JSON cannot carry."""
     if isinstance(payload, bytes | bytearray | memoryview):

@@ -73,8 +73,8 @@ __all__ = [
     "WorkerJoin",
     "WorkerLeave",
     "WorkerStatus",
-    "decode",
-    "encode",
+    "decode_control",
+    "encode_control",
     "split",
 ]
 
@@ -343,7 +343,7 @@ class KeyInfo(_Model):
     key_id: _KeyId
     job_type: _JobType
     key: _Key
-    #: the book's state (``_keybook.KeyState`` value; ``retiring`` for its four steps)
+    #: the book's state (``keybook.KeyState`` value; ``retiring`` for its four steps)
     state: Annotated[str, Field(max_length=32)]
     owner: _WorkerId | None = None
     #: ``paused``, ``parked``, ``type_paused``, ``redrive``: why no worker takes it now
@@ -482,11 +482,11 @@ ControlMessage = Annotated[
 _adapter: TypeAdapter[ControlMessage] = TypeAdapter(ControlMessage)
 
 
-def encode(message: _Model) -> bytes:
+def encode_control(message: _Model) -> bytes:
     return message.model_dump_json().encode()
 
 
-def decode(body: bytes, *, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> ControlMessage:
+def decode_control(body: bytes, *, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> ControlMessage:
     """Parse a control message; raises :class:`ProtocolError` on anything malformed or
     longer than ``max_bytes`` (checked before parsing)."""
     if len(body) > max_bytes:
@@ -510,7 +510,7 @@ def split(items: Sequence[_Item], make: Callable[[list[_Item]], _Message]) -> li
     """``make`` applied to consecutive slices of ``items``, each small enough for one
     control message (at most MAX_KEYS_PER_MESSAGE items and MAX_CONTROL_MESSAGE_BYTES).
     At least one message, even for no items."""
-    base = len(encode(make([])))
+    base = len(encode_control(make([])))
     messages: list[_Message] = []
     batch: list[_Item] = []
     size = base

@@ -67,8 +67,14 @@ from .._observe.metrics import WorkerMetrics
 from .._observe.tracing import handle_span
 from .._settings import Settings
 from .._wire.batch import BatchFormatError
-from .._wire.envelope import HEADER_REDRIVE, Envelope, Job, dead_letter_headers, jobs_of
-from .._wire.envelope import decode as decode_envelope
+from .._wire.envelope import (
+    HEADER_REDRIVE,
+    Envelope,
+    Job,
+    dead_letter_headers,
+    decode_envelope,
+    jobs_of,
+)
 from .._wire.protocol import KeyAssignment, KeyFailure
 from .._wire.topology import Names, key_matches_token
 from .app import App, CallNext, Context, Message, Middleware, Route

@@ -1,6 +1,6 @@
 """A worker's hold on its keys: the one home of taking a key (check its queue, consume), of the
 key's buffer and runner, and of letting it go without reordering it. Each key the worker
-holds is an :class:`OwnedKey` in a named :class:`KeyState`; :meth:`OwnedKey.move` is the one
+holds is an :class:`OwnedKey` in a named :class:`HoldState`; :meth:`OwnedKey.move` is the one
 place a state changes, and refuses a change the table :data:`TRANSITIONS` does not list.
 
 Each key is a consumer of its own queue with a small prefetch (``prefetch`` deliveries held
@@ -72,7 +72,7 @@ from .._wire.protocol import KeyAssignment
 from .dedup import SequenceHistory
 from .execution import Executor, Outcome, Park
 
-__all__ = ["TRANSITIONS", "Handoff", "KeyState", "OwnedKey"]
+__all__ = ["TRANSITIONS", "Handoff", "HoldState", "OwnedKey"]
 
 log = logging.getLogger("rabbitkeys.worker")
 
@@ -92,7 +92,7 @@ class NoChannelLeft(Exception):
     """The connection has no channel left for one more quorum key: hand the key back."""
 
 
-class KeyState(enum.Enum):
+class HoldState(enum.Enum):
     """Where a worker's hold on one key stands. Declaring the queue comes before: until
     it is declared, the key is not held."""
 
@@ -109,16 +109,16 @@ class KeyState(enum.Enum):
     @property
     def held(self) -> bool:
         """Ours to run and to report in a join (not on its way out)."""
-        return self in (KeyState.ACQUIRING, KeyState.CONSUMING)
+        return self in (HoldState.ACQUIRING, HoldState.CONSUMING)
 
 
 #: The changes a hold may go through. Any state can end in RELEASED with its session (the
 #: channel is gone; the broker requeues what the hold had, in order).
-TRANSITIONS: dict[KeyState, frozenset[KeyState]] = {
-    KeyState.ACQUIRING: frozenset({KeyState.CONSUMING, KeyState.RELEASED}),
-    KeyState.CONSUMING: frozenset({KeyState.RELEASING, KeyState.RELEASED}),
-    KeyState.RELEASING: frozenset({KeyState.RELEASED}),
-    KeyState.RELEASED: frozenset(),
+TRANSITIONS: dict[HoldState, frozenset[HoldState]] = {
+    HoldState.ACQUIRING: frozenset({HoldState.CONSUMING, HoldState.RELEASED}),
+    HoldState.CONSUMING: frozenset({HoldState.RELEASING, HoldState.RELEASED}),
+    HoldState.RELEASING: frozenset({HoldState.RELEASED}),
+    HoldState.RELEASED: frozenset(),
 }
 
 
@@ -127,7 +127,7 @@ class OwnedKey:
     """A key this worker holds, from its consume to its release."""
 
     assignment: KeyAssignment
-    state: KeyState = KeyState.ACQUIRING
+    state: HoldState = HoldState.ACQUIRING
     consumer_tag: str | None = None
     #: the channel its consumer is on: the session's consume channel (classic), or one of
     #: its own (quorum: closed to let the key go)
@@ -154,7 +154,7 @@ class OwnedKey:
         """Whether its runner may hand deliveries on: held, and not parked."""
         return self.state.held and self.parked is None
 
-    def move(self, to: KeyState) -> None:
+    def move(self, to: HoldState) -> None:
         """The one place a hold changes state."""
         if to not in TRANSITIONS[self.state]:
             raise RuntimeError(f"key {self.key_id}: no transition {self.state.name} -> {to.name}")
@@ -287,7 +287,7 @@ class Handoff:
 
     def _drop(self, owned: OwnedKey) -> None:
         """RELEASED and out of the book: the two go together."""
-        owned.move(KeyState.RELEASED)
+        owned.move(HoldState.RELEASED)
         if self._book.get(owned.key_id) is owned:
             del self._book[owned.key_id]
         if owned.prefetch:
@@ -324,7 +324,7 @@ class Handoff:
         async with self._key_lock(key_id):
             owned = self._book.get(key_id)
             if owned is not None:
-                if owned.state is KeyState.RELEASING:
+                if owned.state is HoldState.RELEASING:
                     return  # the broker cancelled it: its release reports it, then it comes back
                 if self._consuming(owned):
                     owned.assignment = assignment  # a new routing key after a rebind
@@ -377,7 +377,7 @@ class Handoff:
                     self._tasks.spawn(self._give_back(assignment, f"cannot be consumed ({exc!r})"))
                 return
             owned.consumer_tag = ok.consumer_tag
-            owned.move(KeyState.CONSUMING)
+            owned.move(HoldState.CONSUMING)
             if self._unavailable.pop(key_id, None) is not None:
                 log.warning("key %s: its queue is available again; consuming it", key_id)
 
@@ -456,7 +456,7 @@ class Handoff:
     def _consuming(self, owned: OwnedKey) -> bool:
         channel = owned.channel
         return (
-            owned.state is KeyState.CONSUMING
+            owned.state is HoldState.CONSUMING
             and owned.consumer_tag is not None
             and channel is not None
             and not channel.is_closed
@@ -466,7 +466,7 @@ class Handoff:
     # --- deliveries ---------------------------------------------------------------------
 
     async def _on_delivery(self, owned: OwnedKey, delivery: DeliveredMessage) -> None:
-        if owned.state is KeyState.RELEASED:
+        if owned.state is HoldState.RELEASED:
             # Arrived after we let go of the key (should not happen: see Worker._start on the
             # consume channel). Hand it straight back rather than sit on it and block the key.
             channel = owned.channel
@@ -548,8 +548,8 @@ class Handoff:
     async def _let_go(self, owned: OwnedKey) -> None:
         """The four steps in the module docstring; the caller holds the key's lock. A
         parked key's head is the buffer's first delivery (never acked): it goes back first."""
-        if owned.state is not KeyState.RELEASING:
-            owned.move(KeyState.RELEASING)
+        if owned.state is not HoldState.RELEASING:
+            owned.move(HoldState.RELEASING)
         started = time.perf_counter()
         if owned.runner is not None:
             await asyncio.wait([owned.runner])
@@ -649,7 +649,9 @@ class Handoff:
         By the broker (a channel error): it took back what the key held, in order; only
         this key is lost."""
         error = None if closing.cancelled() else closing.exception()
-        if owned.state is KeyState.CONSUMING and isinstance(error, aiormq.exceptions.ChannelClosed):
+        if owned.state is HoldState.CONSUMING and isinstance(
+            error, aiormq.exceptions.ChannelClosed
+        ):
             owned.consumer_tag = None
             self._lose(owned, f"the broker closed its channel ({error})")
 
@@ -657,8 +659,8 @@ class Handoff:
         """The broker ended a consumer of ours: let go of its key as in a release, and tell
         the registry, which assigns it again."""
         log.warning("key %s: %s", owned.key_id, why)
-        if owned.state is KeyState.CONSUMING:  # else a release is under way already
-            owned.move(KeyState.RELEASING)
+        if owned.state is HoldState.CONSUMING:  # else a release is under way already
+            owned.move(HoldState.RELEASING)
             self._tasks.spawn(self.release_and_report([owned.key_id]))
 
 

@@ -50,7 +50,7 @@ from .._wire.protocol import (
     WorkerHeartbeat,
     WorkerJoin,
     WorkerLeave,
-    decode,
+    decode_control,
     split,
 )
 from .._wire.senders import Refusal, check_command, record_drop
@@ -459,7 +459,7 @@ class Worker(Background):
         """Commands, obeyed only from the registry (``_senders``): whatever one breaks or
         is refused for is counted, logged and dropped; the worker keeps its keys."""
         try:
-            command = decode(message.body)
+            command = decode_control(message.body)
         except ProtocolError as exc:
             self._dropped("a command", exc)
             return

@@ -45,7 +45,7 @@ from ..._broker.control import ControlClient
 from ..._registry.registry import Registry
 from ..._settings import Settings, split_urls
 from ..._wire.batch import Record
-from ..._wire.envelope import HEADER_JOBS, encode, encode_batch
+from ..._wire.envelope import HEADER_JOBS, encode_batch, encode_envelope
 from ..._wire.protocol import Ensured, EnsureKey
 from ..._wire.topology import KeyRef, Names
 from ..cluster import _settings_env
@@ -119,7 +119,7 @@ class _Feeder:
             for start in range(0, jobs, batch):
                 if batch == 1:
                     self.sequence += 1
-                    properties = encode(
+                    properties = encode_envelope(
                         ref, publisher_id="cost", sequence=self.sequence, delivery_mode=2
                     )
                     payload = body
