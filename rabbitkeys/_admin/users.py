@@ -1,13 +1,13 @@
 """The three users of a namespace (publisher, worker, registry), made on the broker through
-the management HTTP API with the rights of ``_permissions``' table and nothing more.
+the management HTTP API with the rights of ``_admin.permissions``' table and nothing more.
 
 What is pure (the plan: names, tags, permissions; the AMQP URL of a role) is apart from what
 calls the broker (:func:`create_users`, :func:`delete_users`, run in a thread like
-``_management``). The caller's login (the AMQP URL's, or the management URL's) must be an
+``_broker.management``). The caller's login (the AMQP URL's, or the management URL's) must be an
 administrator's: only an administrator can create users and grant permissions.
 
 Tags: the registry's user has ``management``, which lets it list the queues and bindings of
-the vhosts it has permissions in (``_management``: it adopts unconsumed key queues after a
+the vhosts it has permissions in (``_broker.management``: it adopts unconsumed key queues after a
 failover); it cannot see users, other vhosts, or change anything through the API. The
 publisher and the worker have no tag: they cannot use the management API at all.
 

@@ -1,10 +1,10 @@
 """Control traffic over AMQP: the shared topology the registry declares, how control
 messages are built, and request/reply with the registry.
 
-Every control message travels on a named exchange of its direction (``_topology.Names``)
+Every control message travels on a named exchange of its direction (``_wire.topology.Names``)
 and carries ``user_id``, which the broker checks against the connection's user: the
 receiver learns the sender's role from the exchange and its identity from ``user_id``
-(``_senders``). Only the registry declares the shared names; a client that finds them
+(``_wire.senders``). Only the registry declares the shared names; a client that finds them
 missing waits for a registry to have started once.
 """
 

@@ -68,7 +68,7 @@ def _counter(registry: CollectorRegistry, name: str, doc: str) -> Counter:
 
 
 def _refusals(registry: CollectorRegistry) -> Counter:
-    """Control messages refused, by reason (``_senders.REFUSAL_REASONS``, a closed set);
+    """Control messages refused, by reason (``_wire.senders.REFUSAL_REASONS``, a closed set);
     every reason pre-created, so a rate over it is 0, not absent, until the first one."""
     counter = _metric(
         registry,

@@ -3,7 +3,7 @@ home of a key's lifecycle. Pure and synchronous: it imports no AMQP library and 
 
 Every event (an ensure, a worker's join, a queue declared, a delete's outcome...) is a method
 call that changes the book and returns the :data:`Command` s that follow from it; the registry
-(``_registry``) carries them out and reports their outcomes back as further events. So a
+(``_registry.registry``) carries them out and reports their outcomes back as further events. So a
 reader finds here, in one place, why a key is declared, assigned, moved or deleted, and the
 property tests (``tests/test_keybook.py``) check the rules with no broker.
 

@@ -148,7 +148,7 @@ class Reconciler:
             if binding.destination_type == "queue":
                 # the key as its queue's name tells it: a hashed key's token only; its text
                 # is in the binding's arguments (HOLD_KEY_ARGUMENT), which the book believes
-                # only if it stands for that token (_keybook.named_by_hold)
+                # only if it stands for that token (_registry.keybook.named_by_hold)
                 ref = self._names.key_of_queue(binding.destination)
                 if ref is not None:
                     arguments = {
@@ -374,7 +374,7 @@ class Reconciler:
     async def owns_inbox(self, worker_id: str, session: str) -> bool:
         """Whether ``session`` is bound to the worker's exclusive inbox: only the inbox's
         own connection can bind it, so this is the broker saying which session is that
-        worker (``_senders.WorkerSessions``). Raises :class:`BrokerUnavailableError`
+        worker (``_wire.senders.WorkerSessions``). Raises :class:`BrokerUnavailableError`
         without the management API."""
         route = self._names.worker_route(worker_id, session)
         inbox = self._names.worker_inbox(worker_id)

@@ -1,13 +1,13 @@
 """The registry service: the I/O shell around the key book.
 
 The registry is the only party that binds, unbinds and deletes key queues (see
-``_topology``), which is what lets it retire a key without losing a message. *What* to do
-with a key, and when, is decided by the key book (``_keybook``: a key's states, pure and
+``_wire.topology``), which is what lets it retire a key without losing a message. *What* to do
+with a key, and when, is decided by the key book (``_registry.keybook``: a key's states, pure and
 property-tested); this module runs the leading session, dispatches the control messages the
 roles send to the book, answers ensures and status requests, and decides when to rebalance.
-The book's commands are carried out over AMQP by ``_commands``; leadership is
-``_leadership``; what is learnt from the broker itself (adoption, backlog, leases, workers
-that are gone, the holds a new leader reads back) is ``_reconcile``. Operators' requests
+The book's commands are carried out over AMQP by ``_registry.runner``; leadership is
+``_registry.leadership``; what is learnt from the broker itself (adoption, backlog, leases, workers
+that are gone, the holds a new leader reads back) is ``_registry.reconcile``. Operators' requests
 (list keys; pause, resume, skip; redrive dead letters) come through ``NS.operations`` and
 are answered each in its own task, like ensures.
 
@@ -123,7 +123,7 @@ class Registry(Background):
         self._runner: CommandRunner | None = None
         self._reconciler: Reconciler | None = None
         self._connection: AbstractConnection | None = None
-        #: control messages refused, by reason (``_senders.REFUSAL_REASONS``)
+        #: control messages refused, by reason (``_wire.senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         #: which user and session speak for each live worker
         self._sessions = WorkerSessions(self.names)
@@ -274,7 +274,7 @@ class Registry(Background):
 
     async def _on_control_message(self, message: AbstractIncomingMessage) -> None:
         """Every control request. Nothing a request holds may end the session: whatever it
-        breaks is counted as malformed, logged and dropped (see ``_protocol`` for limits)."""
+        breaks is counted as malformed, logged and dropped (see ``_wire.protocol`` for limits)."""
         try:
             request = decode_control(message.body)
         except ProtocolError as exc:

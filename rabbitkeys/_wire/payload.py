@@ -8,7 +8,7 @@ handler that declares a type gets it back. Pure.
 | a pydantic model | ``model_dump_json()`` | ``application/json`` |
 | other JSON-able objects (dict, list, dataclass...) | JSON (pydantic) | ``application/json`` |
 
-On the worker, a handler declares what it wants (``Message[Comment]``, see ``_app``): a
+On the worker, a handler declares what it wants (``Message[Comment]``, see ``_worker.app``): a
 :class:`Decoder` for that type validates the body with pydantic (JSON, or text for ``str``)
 and raises :class:`~rabbitkeys.PayloadError` with pydantic's reason when it does not fit.
 A handler that declares nothing, or ``bytes``, gets the body untouched.

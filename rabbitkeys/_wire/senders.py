@@ -120,7 +120,7 @@ def check_command(names: Names, exchange: str, user_id: str | None, command: obj
 
 
 class DropMetrics(Protocol):
-    """The two counters a receiver keeps of what it dropped (``_metrics``)."""
+    """The two counters a receiver keeps of what it dropped (``_observe.metrics``)."""
 
     malformed: Any
     refused: Any

@@ -352,7 +352,7 @@ class Names:
         """One worker's commands. The session is a secret only the worker and the registry
         know, so no one else can bind a queue that receives them; and the binding of this
         route to the worker's exclusive inbox, which only the inbox's connection can make,
-        proves which session owns the worker id (``_senders.WorkerSessions``)."""
+        proves which session owns the worker id (``_wire.senders.WorkerSessions``)."""
         return f"worker.{worker_id}.{session}"
 
     #: the commands routing key every worker's inbox is bound with (a broadcast)

@@ -630,7 +630,7 @@ class Handoff:
         owned.buffer.clear()
         if owned.channel is not None:
             # bounded: during a quorum leader election the CloseOk can take the heartbeat's
-            # 60 s, and the key would wait as long (_amqp.CHANNEL_CLOSE_TIMEOUT)
+            # 60 s, and the key would wait as long (_broker.amqp.CHANNEL_CLOSE_TIMEOUT)
             await close_channel(owned.channel)
 
     def _on_broker_cancel(self, frame: Any) -> None:

@@ -108,10 +108,10 @@ class Worker(Background):
         self._tasks = TaskSet(log, "worker task")
         self._session_lost = asyncio.Event()
         self._control: AbstractChannel | None = None
-        #: commands refused, by reason (``_senders.REFUSAL_REASONS``)
+        #: commands refused, by reason (``_wire.senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         # Sent in every message to the registry, which only the registry reads: what tells
-        # it that a message for our worker id is ours (``_senders.WorkerSessions``).
+        # it that a message for our worker id is ours (``_wire.senders.WorkerSessions``).
         self._secret = secrets.token_hex(16)
         self._joined = False
         self.metrics = WorkerMetrics(self, metrics_registry)
@@ -310,7 +310,7 @@ class Worker(Background):
         # Quorum queues refuse a global qos (NOT_IMPLEMENTED closes the connection), and
         # RabbitMQ 4.3 reads one as a per-consumer qos, which would make the cap every key's
         # prefetch: there the handoff gives each key a prefetch out of the cap instead
-        # (_handoff.PrefetchBudget).
+        # (_worker.handoff.PrefetchBudget).
         global_cap = self.settings.queue_type == "classic" and broker_version(connection) < (4, 0)
         if global_cap:
             await consume.set_qos(prefetch_count=self.settings.buffered_messages_cap, global_=True)
@@ -456,7 +456,7 @@ class Worker(Background):
         record_drop(log, self.refused, self.metrics, what, error)
 
     async def _on_command(self, message: AbstractIncomingMessage) -> None:
-        """Commands, obeyed only from the registry (``_senders``): whatever one breaks or
+        """Commands, obeyed only from the registry (``_wire.senders``): whatever one breaks or
         is refused for is counted, logged and dropped; the worker keeps its keys."""
         try:
             command = decode_control(message.body)
