@@ -1,6 +1,5 @@
 """rabbitkeys: strict order per key, full concurrency across keys, on RabbitMQ."""
 
-from ._app import App, Context, Handler, Message
 from ._errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -17,13 +16,14 @@ from ._errors import (
     RegistryUnavailableError,
     StartupError,
 )
-from ._publisher import Publisher
-from ._registry import Registry
+from ._publisher.publisher import Publisher
+from ._publisher.sync import SyncPublisher, close_default_publisher, default_publisher, publish
+from ._registry.registry import Registry
 from ._settings import Settings, load_settings
-from ._sync import SyncPublisher, close_default_publisher, default_publisher, publish
-from ._topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
 from ._version import __version__
-from ._worker import Worker
+from ._wire.topology import DEFAULT_JOB_TYPE, MAX_KEY_BYTES
+from ._worker.app import App, Context, Handler, Message
+from ._worker.worker import Worker
 
 __all__ = [
     "App",

@@ -16,14 +16,16 @@ at once, ``def`` handlers in a thread pool of ``settings.sync_handler_threads``,
 middleware around each attempt within its time limit (``job_timeout``, or the job type's
 ``timeout=``: a :class:`~rabbitkeys.JobTimeoutError`, for real, not simulated), the retry
 policy of the settings (``max_retries``,
-``retry_backoff``, ``retry_backoff_max``: the real :class:`~._retry.RetryPolicy`), and after
+``retry_backoff``, ``retry_backoff_max``: the real
+:class:`~rabbitkeys._worker.retry.RetryPolicy`), and after
 the last attempt the job type's ``on_failure``: dead-letter it and go on, or park the key
 (:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). A body that does not fit the
 handler's declared type fails at once (no retry): dead-lettered, or parked for a job type
 that parks; a job type without a handler is dead-lettered at once.
 ``publish`` has :meth:`Publisher.publish <rabbitkeys.Publisher.publish>`'s signature and
-encodes payloads and headers the same way (:mod:`._payload`, :mod:`._envelope`), so a
-handler sees the same :class:`~rabbitkeys.Message` it would get from the broker.
+encodes payloads and headers the same way (:mod:`rabbitkeys._wire.payload`,
+:mod:`rabbitkeys._wire.envelope`), so a handler sees the same :class:`~rabbitkeys.Message`
+it would get from the broker.
 
 What differs, on purpose: a retry's backoff is recorded (``job.backoffs``), not slept,
 unless ``sleep_backoff=True``; nothing is redelivered (``message.redelivered`` is False) and
@@ -46,11 +48,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ._app import App, CallNext, Context, Hook, Message, Route, hook_name, is_async
-from ._envelope import Envelope, dead_letter_headers, jobs_of
-from ._envelope import encode as encode_envelope
 from ._errors import RabbitkeysError, StartupError
-from ._execution import (
+from ._publisher.publisher import encode_body
+from ._settings import Settings
+from ._wire.envelope import Envelope, dead_letter_headers, encode_envelope, jobs_of
+from ._wire.topology import DEFAULT_JOB_TYPE, KeyRef
+from ._worker.app import App, CallNext, Context, Hook, Message, Route, hook_name, is_async
+from ._worker.execution import (
     MIDDLEWARE_GRACE,
     Deadlines,
     HandlerThreads,
@@ -60,10 +64,7 @@ from ._execution import (
     route_of,
     time_limit,
 )
-from ._publisher import encode_body
-from ._retry import DeadLetter, RetryPolicy
-from ._settings import Settings
-from ._topology import DEFAULT_JOB_TYPE, KeyRef
+from ._worker.retry import DeadLetter, RetryPolicy
 
 __all__ = ["InMemoryWorker", "JobRecord", "JobState", "JobsFailedError", "run_jobs"]
 

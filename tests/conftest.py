@@ -47,7 +47,7 @@ import aio_pika
 import pytest
 
 from rabbitkeys import Settings
-from rabbitkeys._permissions import Role
+from rabbitkeys._admin.permissions import Role
 from rabbitkeys.tools.rabbit_cluster import ClusterError, RabbitCluster
 
 from .support import IN_CI, make_settings, skip_or_fail

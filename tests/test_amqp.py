@@ -1,4 +1,4 @@
-"""The small AMQP helpers of ``rabbitkeys._amqp`` that need no broker: the task set,
+"""The small AMQP helpers of ``rabbitkeys._broker.amqp`` that need no broker: the task set,
 sleeping unless stopping, and a channel's close bounded in time. (Channel opening is tested
 against the broker in test_channels.)"""
 
@@ -10,8 +10,8 @@ import logging
 import aiormq
 import pytest
 
-from rabbitkeys import _amqp
-from rabbitkeys._amqp import CHANNEL_ERRORS, TaskSet, close_channel, sleep_unless
+from rabbitkeys._broker import amqp as _amqp
+from rabbitkeys._broker.amqp import CHANNEL_ERRORS, TaskSet, close_channel, sleep_unless
 
 log = logging.getLogger("rabbitkeys.test")
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitkeys._assignment import _spread, assign, moves, pick
+from rabbitkeys._registry.assignment import _spread, assign, moves, pick
 
 # Small alphabets so that hypothesis also produces duplicates and look-alike names.
 names = st.text(alphabet="abcxyz-0189é", min_size=1, max_size=6)

@@ -1,5 +1,5 @@
-"""The batch wire format (rabbitkeys/_batch.py and the batch headers in _envelope.py): what a
-publisher in another language must write, read back exactly, and every malformed body
+"""The batch wire format (rabbitkeys/_wire/batch.py and the batch headers in _wire/envelope.py):
+what a publisher in another language must write, read back exactly, and every malformed body
 refused with BatchFormatError (the worker dead-letters it whole; it is never dropped)."""
 
 from __future__ import annotations
@@ -8,17 +8,17 @@ import struct
 
 import pytest
 
-from rabbitkeys._batch import BatchFormatError, Record, encode_headers, pack, unpack
-from rabbitkeys._envelope import (
+from rabbitkeys._wire.batch import BatchFormatError, Record, encode_headers, pack, unpack
+from rabbitkeys._wire.envelope import (
     BATCH_CONTENT_TYPE,
     HEADER_BATCH,
     HEADER_JOBS,
     HEADER_SEQUENCE,
-    encode,
     encode_batch,
+    encode_envelope,
     jobs_of,
 )
-from rabbitkeys._topology import KeyRef
+from rabbitkeys._wire.topology import KeyRef
 
 REF = KeyRef.of("post A/ünïcode", "comments")
 
@@ -54,7 +54,7 @@ def test_round_trip_gives_each_job_the_headers_of_a_plain_message() -> None:
     assert second.headers[HEADER_SEQUENCE] == 9
     assert HEADER_BATCH not in second.headers and HEADER_JOBS not in second.headers
     plain = jobs_of(
-        encode(REF, publisher_id="pub", sequence=9, delivery_mode=2, user_id="alice"), b"x"
+        encode_envelope(REF, publisher_id="pub", sequence=9, delivery_mode=2, user_id="alice"), b"x"
     )
     assert len(plain) == 1 and plain[0].body == b"x" and plain[0].envelope.sequence == 9
 

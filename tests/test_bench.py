@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rabbitkeys._metrics import PublisherMetrics
+from rabbitkeys._observe.metrics import PublisherMetrics
 from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strategy
 from rabbitkeys.tools.bench.plots import write_plots
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches

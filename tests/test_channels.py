@@ -10,7 +10,7 @@ import uuid
 import aio_pika
 import aiormq
 
-from rabbitkeys._amqp import ChannelPool, open_channel
+from rabbitkeys._broker.amqp import ChannelPool, open_channel
 
 
 async def test_a_number_the_broker_just_closed_is_not_reused(amqp_url: str) -> None:

@@ -11,8 +11,9 @@ import json
 import aio_pika
 import pytest
 
-from rabbitkeys import App, Message, Publisher, RabbitkeysError, Settings, _operations, cli
-from rabbitkeys._operations import (
+from rabbitkeys import App, Message, Publisher, RabbitkeysError, Settings, cli
+from rabbitkeys._admin import operations as _operations
+from rabbitkeys._admin.operations import (
     OperationRefusedError,
     _expect,
     fetch_keys,
@@ -22,8 +23,8 @@ from rabbitkeys._operations import (
     format_keys,
     format_redrive,
 )
-from rabbitkeys._permissions import Role
-from rabbitkeys._protocol import (
+from rabbitkeys._admin.permissions import Role
+from rabbitkeys._wire.protocol import (
     HoldReply,
     KeyInfo,
     KeysPage,
@@ -32,7 +33,8 @@ from rabbitkeys._protocol import (
     RedriveReply,
     Refused,
 )
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys.cli.entry import _parser
 from rabbitkeys.tools.cluster import _settings_env
 
 from .support import eventually, make_settings, running_registry, running_worker
@@ -42,7 +44,7 @@ from .trust_support import RoleUsers
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return cli._parser().parse_args(list(argv))
+    return _parser().parse_args(list(argv))
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

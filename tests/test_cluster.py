@@ -21,7 +21,7 @@ import pytest
 from pydantic import SecretStr
 
 from rabbitkeys import App, Message, Publisher, PublishError, Settings
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .conftest import Broker, ClusterUnderTest
 from .support import eventually, make_settings, running_registry, running_worker

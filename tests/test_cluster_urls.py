@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from rabbitkeys import BrokerUnavailableError, ConfigError, Settings
-from rabbitkeys._connection import (
+from rabbitkeys._broker.connection import (
     NODE_CONNECT_TIMEOUT,
     _connect_in_order,
     connect,
     connected_node,
     nodes_in_order,
 )
-from rabbitkeys._management import endpoint, endpoints, request
+from rabbitkeys._broker.management import endpoint, endpoints, request
 from rabbitkeys._settings import load_settings
 
 from .conftest import MANAGEMENT_URL

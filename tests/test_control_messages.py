@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, ConfigError, Message, ProtocolError, Publisher, Settings, Worker
-from rabbitkeys._protocol import (
+from rabbitkeys._admin.status import fetch_status
+from rabbitkeys._wire.protocol import (
     MAX_CONTROL_MESSAGE_BYTES,
     MAX_JOB_TYPES,
     MAX_KEYS_PER_MESSAGE,
@@ -25,12 +26,11 @@ from rabbitkeys._protocol import (
     Release,
     Released,
     WorkerJoin,
-    decode,
-    encode,
+    decode_control,
+    encode_control,
     split,
 )
-from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .support import eventually, running_registry, running_worker
 
@@ -97,7 +97,7 @@ MALFORMED = {
 @pytest.mark.parametrize("shape", list(MALFORMED))
 def test_each_malformed_shape_is_a_protocol_error(shape: str) -> None:
     with pytest.raises(ProtocolError):
-        decode(MALFORMED[shape])
+        decode_control(MALFORMED[shape])
 
 
 def test_a_worker_with_100_000_keys_reports_them_in_messages_that_fit() -> None:
@@ -118,15 +118,15 @@ def test_a_worker_with_100_000_keys_reports_them_in_messages_that_fit() -> None:
     assert len(joins) > 1
     assert [key for join in joins for key in join.keys] == keys
     for message in joins:
-        encoded = encode(message)
+        encoded = encode_control(message)
         assert len(encoded) <= MAX_CONTROL_MESSAGE_BYTES
-        assert decode(encoded) == message
+        assert decode_control(encoded) == message
     released = split(keys[:10], lambda chunk: Released(worker_id="w", session="0" * 32, keys=chunk))
     assert len(released) == 1 and released[0].keys == keys[:10]
     ids = [key.key_id for key in keys]
     releases = split(ids, lambda chunk: Release(key_ids=chunk))
     assert [key_id for release in releases for key_id in release.key_ids] == ids
-    assert all(len(encode(release)) <= MAX_CONTROL_MESSAGE_BYTES for release in releases)
+    assert all(len(encode_control(release)) <= MAX_CONTROL_MESSAGE_BYTES for release in releases)
     # nothing to report still makes one join
     assert len(split([], lambda chunk: Assign(keys=chunk))) == 1
 
@@ -135,8 +135,8 @@ def test_the_largest_keys_still_fit() -> None:
     # 1,024 bytes of characters JSON escapes six-fold
     keys = [KeyAssignment(**assignment("ns", "\x01" * 1023 + str(i % 10))) for i in range(2000)]
     for message in split(keys, lambda chunk: Assign(keys=chunk)):
-        assert len(encode(message)) <= MAX_CONTROL_MESSAGE_BYTES
-        assert decode(encode(message)) == message
+        assert len(encode_control(message)) <= MAX_CONTROL_MESSAGE_BYTES
+        assert decode_control(encode_control(message)) == message
 
 
 def _offline() -> Settings:
@@ -274,7 +274,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
             await eventually(lambda: malformed_count(registry_metrics) >= expected, timeout=30)
             refused = await asyncio.wait_for(answers.get(), 10)
             assert refused.correlation_id == "bad-job-type"
-            reply = decode(refused.body)
+            reply = decode_control(refused.body)
             assert isinstance(reply, Refused) and "job_type" in reply.reason, reply
             # no status went anywhere (the worker would have counted it as not a command)
             assert answers.empty()
@@ -301,7 +301,7 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                     }
                 ),
                 body({"type": "release", "key_ids": [before] * (MAX_KEYS_PER_MESSAGE + 1)}),
-                encode(Refused(reason="not a command")),
+                encode_control(Refused(reason="not a command")),
             ]
             for payload in to_worker:
                 await send(
@@ -346,7 +346,7 @@ async def test_a_worker_reports_its_keys_in_several_joins_and_a_new_registry_reb
     """A worker with more keys than fit in one message joins in several messages; a
     registry that starts meanwhile rebuilds every key from them (3 keys per message here,
     4,096 in production)."""
-    monkeypatch.setattr("rabbitkeys._protocol.MAX_KEYS_PER_MESSAGE", 3)
+    monkeypatch.setattr("rabbitkeys._wire.protocol.MAX_KEYS_PER_MESSAGE", 3)
     seen: list[tuple[str, bytes]] = []
     app = App()
 

@@ -44,8 +44,8 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from rabbitkeys import Publisher, Settings
-from rabbitkeys._metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
-from rabbitkeys._topology import DEFAULT_JOB_TYPE
+from rabbitkeys._observe.metrics import PublisherMetrics, RegistryMetrics, WorkerMetrics
+from rabbitkeys._wire.topology import DEFAULT_JOB_TYPE
 from rabbitkeys.tools.cluster import LocalCluster
 
 from .conftest import Broker, delete_namespace

@@ -16,8 +16,8 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher
-from rabbitkeys._amqp import broker_version
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._broker.amqp import broker_version
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
 
 from .conftest import Broker
 from .support import eventually, make_settings, running_registry, running_worker

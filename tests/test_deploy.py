@@ -27,9 +27,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rabbitkeys._permissions import Role
+from rabbitkeys._admin.permissions import Role
+from rabbitkeys._admin.users import default_user_name, role_users
 from rabbitkeys._settings import ENV_PREFIX, Settings
-from rabbitkeys._users import default_user_name, role_users
 
 from . import prometheus_rule
 from .support import skip_or_fail

@@ -1,4 +1,4 @@
-"""The envelope of job messages (``rabbitkeys._envelope``): what the publisher encodes is
+"""The envelope of job messages (``rabbitkeys._wire.envelope``): what the publisher encodes is
 what the worker decodes, through pamqp's own marshalling, and whatever else a key queue
 may hold decodes without raising. No broker."""
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pamqp import commands as spec
 
 from rabbitkeys import InvalidKeyError, InvalidMessageError
-from rabbitkeys._envelope import (
+from rabbitkeys._wire.envelope import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_FAILED_AT,
@@ -27,11 +27,11 @@ from rabbitkeys._envelope import (
     RESERVED_HEADER_PREFIX,
     Envelope,
     dead_letter_headers,
-    decode,
-    encode,
+    decode_envelope,
+    encode_envelope,
     header_frame_size,
 )
-from rabbitkeys._topology import KeyRef
+from rabbitkeys._wire.topology import KeyRef
 
 
 def over_the_wire(properties: spec.Basic.Properties, body_size: int = 0) -> spec.Basic.Properties:
@@ -88,7 +88,7 @@ def test_what_the_publisher_encodes_the_worker_decodes(
         ref = KeyRef.of(key, job_type)
     except InvalidKeyError:
         return
-    properties = encode(
+    properties = encode_envelope(
         ref,
         publisher_id=publisher_id,
         sequence=sequence,
@@ -97,7 +97,7 @@ def test_what_the_publisher_encodes_the_worker_decodes(
         published_at=published_at,
     )
     received = over_the_wire(properties, body_size=10)
-    envelope = decode(received)
+    envelope = decode_envelope(received)
     assert envelope.key == key
     assert envelope.job_type == job_type
     assert envelope.publisher_id == publisher_id
@@ -118,8 +118,8 @@ def test_what_the_publisher_encodes_the_worker_decodes(
 
 def test_published_at_defaults_to_now_in_integer_microseconds() -> None:
     """Integer microseconds: pamqp carries a float as 32 bits, minutes off for an epoch."""
-    properties = encode(KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2)
-    envelope = decode(over_the_wire(properties))
+    properties = encode_envelope(KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2)
+    envelope = decode_envelope(over_the_wire(properties))
     assert isinstance(envelope.published_at, int)
     assert envelope.published_at > 1_700_000_000 * 1_000_000  # after 2023, in µs
 
@@ -137,12 +137,14 @@ def test_headers_an_application_may_not_send_are_refused(
     headers: dict[Any, Any], problem: str
 ) -> None:
     with pytest.raises(InvalidMessageError, match=problem):
-        encode(KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2, headers=headers)
+        encode_envelope(
+            KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2, headers=headers
+        )
 
 
 def test_a_message_without_headers_decodes_to_an_empty_envelope() -> None:
     for properties in (spec.Basic.Properties(), spec.Basic.Properties(headers={})):
-        envelope = decode(over_the_wire(properties))
+        envelope = decode_envelope(over_the_wire(properties))
         assert envelope == Envelope(None, None, None, None, None, None, {})
         assert envelope.origin is None
 
@@ -158,7 +160,7 @@ def test_garbled_headers_read_as_missing_not_as_an_error() -> None:
             HEADER_PUBLISHED_AT: 1.5,
         }
     )
-    envelope = decode(over_the_wire(properties))
+    envelope = decode_envelope(over_the_wire(properties))
     assert (envelope.key, envelope.job_type, envelope.sequence, envelope.published_at) == (
         None,
         None,
@@ -170,19 +172,21 @@ def test_garbled_headers_read_as_missing_not_as_an_error() -> None:
 
 
 def test_a_boolean_is_not_a_sequence_number() -> None:
-    envelope = decode(spec.Basic.Properties(headers={HEADER_PUBLISHER: "p", HEADER_SEQUENCE: True}))
+    envelope = decode_envelope(
+        spec.Basic.Properties(headers={HEADER_PUBLISHER: "p", HEADER_SEQUENCE: True})
+    )
     assert envelope.sequence is None and envelope.origin is None
 
 
 def test_a_key_that_is_not_utf8_is_read_with_replacement_characters() -> None:
     # pamqp hands back a long string that is not UTF-8 as bytes
-    envelope = decode(spec.Basic.Properties(headers={HEADER_KEY: b"caf\xe9"}))
+    envelope = decode_envelope(spec.Basic.Properties(headers={HEADER_KEY: b"caf\xe9"}))
     assert envelope.key == "caf\ufffd"
 
 
 @given(st.dictionaries(st.text(max_size=30), values | st.binary(max_size=20) | st.floats()))
 def test_decode_never_raises_and_each_field_has_its_type(headers: dict[str, Any]) -> None:
-    envelope = decode(spec.Basic.Properties(headers=headers))
+    envelope = decode_envelope(spec.Basic.Properties(headers=headers))
     for text in (envelope.key, envelope.job_type, envelope.publisher_id):
         assert text is None or isinstance(text, str)
     for number in (envelope.sequence, envelope.published_at):
@@ -192,7 +196,7 @@ def test_decode_never_raises_and_each_field_has_its_type(headers: dict[str, Any]
 
 def test_the_envelope_headers_are_read_only_and_a_copy() -> None:
     table = {"a": 1}
-    envelope = decode(spec.Basic.Properties(headers=table))
+    envelope = decode_envelope(spec.Basic.Properties(headers=table))
     with pytest.raises(TypeError):
         envelope.headers["a"] = 2  # type: ignore[index]
     table["a"] = 3
@@ -200,7 +204,7 @@ def test_the_envelope_headers_are_read_only_and_a_copy() -> None:
 
 
 def test_dead_letter_headers_keep_the_original_and_say_why() -> None:
-    properties = encode(
+    properties = encode_envelope(
         KeyRef.of("post 9"),
         publisher_id="p",
         sequence=4,
@@ -208,7 +212,7 @@ def test_dead_letter_headers_keep_the_original_and_say_why() -> None:
         headers={"tenant": "t1"},
         published_at=123,
     )
-    envelope = decode(over_the_wire(properties))
+    envelope = decode_envelope(over_the_wire(properties))
     headers = dead_letter_headers(
         envelope,
         error=ValueError("cannot parse"),
@@ -231,7 +235,10 @@ def test_dead_letter_headers_keep_the_original_and_say_why() -> None:
 
 def test_a_dead_letter_always_has_a_key_header_and_a_bounded_error() -> None:
     headers = dead_letter_headers(
-        decode(spec.Basic.Properties()), error=RuntimeError("x" * 10_000), attempts=1, worker_id="w"
+        decode_envelope(spec.Basic.Properties()),
+        error=RuntimeError("x" * 10_000),
+        attempts=1,
+        worker_id="w",
     )
     assert headers[HEADER_KEY] == ""
     assert len(headers[HEADER_ERROR]) == 4096
@@ -243,7 +250,7 @@ def test_a_dead_letter_always_has_a_key_header_and_a_bounded_error() -> None:
 def test_header_frame_size_counts_the_message_id_aiormq_adds(
     headers: dict[str, Any], body_size: int
 ) -> None:
-    properties = encode(
+    properties = encode_envelope(
         KeyRef.of("k"), publisher_id="p", sequence=1, delivery_mode=2, headers=headers
     )
     with_id = spec.Basic.Properties(

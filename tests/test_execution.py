@@ -19,22 +19,22 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from rabbitkeys import App, Message, Settings
-from rabbitkeys._batch import Record, encode_headers
-from rabbitkeys._control import declare_control_topology
-from rabbitkeys._dedup import SequenceHistory, Verdict
-from rabbitkeys._envelope import (
+from rabbitkeys._broker.control import declare_control_topology
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._wire.batch import Record, encode_headers
+from rabbitkeys._wire.envelope import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_KEY,
     HEADER_REDRIVE,
     HEADER_WORKER,
-    encode,
     encode_batch,
+    encode_envelope,
 )
-from rabbitkeys._execution import Executor, Outcome, Park, verdict
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import KeyAssignment, KeyFailure
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import KeyAssignment, KeyFailure
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys._worker.dedup import SequenceHistory, Verdict
+from rabbitkeys._worker.execution import Executor, Outcome, Park, verdict
 
 from .support import eventually
 
@@ -96,7 +96,9 @@ def delivery(
 ) -> DeliveredMessage:
     """A plain message as the broker delivers it; ``extra_headers``: rabbitkeys' own ones a
     publisher does not set (a redrive's)."""
-    properties = encode(KeyRef.of(key), publisher_id=publisher, sequence=sequence, delivery_mode=2)
+    properties = encode_envelope(
+        KeyRef.of(key), publisher_id=publisher, sequence=sequence, delivery_mode=2
+    )
     if extra_headers:
         properties.headers = {**(properties.headers or {}), **extra_headers}
     return DeliveredMessage(

@@ -35,10 +35,10 @@ from rabbitkeys import (
     StartupError,
     Worker,
 )
-from rabbitkeys._dedup import SequenceHistory
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
-from rabbitkeys._payload import encode
-from rabbitkeys._retry import DeadLetter, RetryPolicy
+from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
+from rabbitkeys._wire.payload import encode_payload
+from rabbitkeys._worker.dedup import SequenceHistory
+from rabbitkeys._worker.retry import DeadLetter, RetryPolicy
 from rabbitkeys.tools.cluster import _settings_env
 
 from .support import eventually, make_settings, running_registry, running_worker
@@ -226,7 +226,7 @@ async def test_a_sync_handler_runs_in_a_thread_with_the_middlewares_context() ->
         )
 
     run = executor(app, asyncio.Event())
-    body, _ = encode(Comment(post="k", text="hello"))
+    body, _ = encode_payload(Comment(post="k", text="hello"))
     with ThreadPoolExecutor(1) as run.threads:  # the worker's, while it runs
         assert await run.execute(assignment("k"), SequenceHistory(), delivery("k", bytes(body), 1))
     assert seen == [("hello", "span-k", False)]
@@ -280,8 +280,8 @@ async def test_a_typed_payload_round_trip_and_an_invalid_body_dead_lettered_with
         comments.append(message.payload)
         content_types.append(message.content_type)
 
-    body, _ = encode(Comment(post="post A", text="first"))
-    later, _ = encode({"post": "post A", "text": "after the bad one"})
+    body, _ = encode_payload(Comment(post="post A", text="first"))
+    later, _ = encode_payload({"post": "post A", "text": "after the bad one"})
     # a registry of its own: the process's default one counts every earlier test's too
     metrics = CollectorRegistry()
     async with (

@@ -18,12 +18,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
-from rabbitkeys._amqp import ChannelPool, TaskSet
-from rabbitkeys._execution import Executor
-from rabbitkeys._handoff import Handoff, KeyState
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import KeyAssignment
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._broker.amqp import ChannelPool, TaskSet
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._wire.protocol import KeyAssignment
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._worker.execution import Executor
+from rabbitkeys._worker.handoff import Handoff, HoldState
 
 from .support import eventually, make_settings
 
@@ -72,9 +72,9 @@ class Rig:
     async def report(self, keys: list[KeyAssignment]) -> None:
         self.reported.append(keys)
 
-    def state(self) -> KeyState:
+    def state(self) -> HoldState:
         [owned] = self.handoff.holds() or [None]
-        return KeyState.RELEASED if owned is None else owned.state
+        return HoldState.RELEASED if owned is None else owned.state
 
 
 @pytest.fixture(params=["classic", "quorum"])
@@ -137,18 +137,18 @@ async def test_a_released_key_finishes_its_message_and_requeues_the_rest_in_orde
     """The worker holds 4 (its prefetch), the queue 4 more: all 7 not handled are back, in
     order."""
     await rig.handoff.acquire(rig.assignment)
-    assert rig.state() is KeyState.CONSUMING
+    assert rig.state() is HoldState.CONSUMING
     await publish(rig, *(str(n).encode() for n in range(1, 9)))
     await eventually(lambda: rig.seen == [b"1"])
     [owned] = rig.handoff.holds()
     await eventually(lambda: len(owned.buffer) == 4)  # 1 in the handler, 2 to 4 behind it
 
     releasing = asyncio.create_task(rig.handoff.release_and_report([owned.key_id]))
-    await eventually(lambda: owned.state is KeyState.RELEASING)
+    await eventually(lambda: owned.state is HoldState.RELEASING)
     assert not releasing.done() and rig.reported == []  # the handler still runs
     rig.gate.set()
     await releasing
-    assert owned.state is KeyState.RELEASED and rig.handoff.holds() == []
+    assert owned.state is HoldState.RELEASED and rig.handoff.holds() == []
     assert rig.reported == [[rig.assignment]]
     assert rig.seen == [b"1"]  # 2 to 4 never started here
     # they are back in the queue, in their places, before 5 to 8; 1 was acked
@@ -167,11 +167,11 @@ async def test_a_consumer_the_broker_cancels_is_let_go_and_reported(
     await eventually(lambda: rig.seen == [b"1"])
     [owned] = rig.handoff.holds()
     await side.queue_delete(rig.assignment.queue)
-    await eventually(lambda: owned.state is KeyState.RELEASING)
+    await eventually(lambda: owned.state is HoldState.RELEASING)
     assert not owned.state.held and rig.reported == []
     rig.gate.set()
     await eventually(lambda: rig.reported == [[rig.assignment]])
-    assert owned.state is KeyState.RELEASED and rig.handoff.holds() == []
+    assert owned.state is HoldState.RELEASED and rig.handoff.holds() == []
     await side.declare_queue(  # for the fixture's cleanup
         rig.assignment.queue,
         durable=True,
@@ -188,7 +188,7 @@ async def test_taking_a_key_again_while_consuming_only_updates_its_assignment(
     rebound = rig.assignment.model_copy(update={"routing_key": "rk-2"})
     await rig.handoff.acquire(rebound)
     assert rig.handoff.holds() == [owned] and owned.consumer_tag == tag
-    assert owned.assignment.routing_key == "rk-2" and owned.state is KeyState.CONSUMING
+    assert owned.assignment.routing_key == "rk-2" and owned.state is HoldState.CONSUMING
 
 
 # quorum only: classic keys share the session's consume channel
@@ -206,11 +206,11 @@ async def test_a_quorum_key_whose_channel_the_broker_closes_is_let_go_and_the_se
     [owned] = rig.handoff.holds()
     assert owned.channel is not None and owned.channel is not rig.handoff._consume
     await owned.channel.basic_ack(10_000)  # PRECONDITION_FAILED: the broker closes it
-    await eventually(lambda: owned.state is KeyState.RELEASING)
+    await eventually(lambda: owned.state is HoldState.RELEASING)
     assert rig.reported == []
     rig.gate.set()
     await eventually(lambda: rig.reported == [[rig.assignment]])
-    assert owned.state is KeyState.RELEASED and rig.handoff.holds() == []
+    assert owned.state is HoldState.RELEASED and rig.handoff.holds() == []
     assert not rig.handoff._lost.is_set()
     # 1 was never acked: the broker put it back with the rest, in its place
     assert await left_in_queue(rig) == [b"1", b"2", b"3"]

@@ -14,9 +14,9 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings, cli
-from rabbitkeys._keybook import HOLD_KEY_ARGUMENT
-from rabbitkeys._protocol import KeysPage, KeysRequest
-from rabbitkeys._topology import HOLD_PARKED, HOLD_PAUSED, KeyRef, Names
+from rabbitkeys._registry.keybook import HOLD_KEY_ARGUMENT
+from rabbitkeys._wire.protocol import KeysPage, KeysRequest
+from rabbitkeys._wire.topology import HOLD_PARKED, HOLD_PAUSED, KeyRef, Names
 from rabbitkeys.tools.cluster import _settings_env
 
 from .conftest import Broker

@@ -12,8 +12,8 @@ import aiormq
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._keybook import RETIRING
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._registry.keybook import RETIRING
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
 

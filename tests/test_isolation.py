@@ -25,9 +25,9 @@ import aiormq
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._control import control_message
-from rabbitkeys._protocol import WorkerJoin
-from rabbitkeys._topology import Names
+from rabbitkeys._broker.control import control_message
+from rabbitkeys._wire.protocol import WorkerJoin
+from rabbitkeys._wire.topology import Names
 from rabbitkeys.tools.cluster import LocalCluster
 
 from .conftest import Broker, _remove_vhosts_of_dead_sessions, delete_namespace

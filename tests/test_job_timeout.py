@@ -32,11 +32,11 @@ from rabbitkeys import (
     Settings,
     load_settings,
 )
-from rabbitkeys._app import Route
-from rabbitkeys._dedup import SequenceHistory
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_SEQUENCE
-from rabbitkeys._execution import Deadlines, Outcome, Park, time_limit
-from rabbitkeys._metrics import WorkerMetrics
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_SEQUENCE
+from rabbitkeys._worker.app import Route
+from rabbitkeys._worker.dedup import SequenceHistory
+from rabbitkeys._worker.execution import Deadlines, Outcome, Park, time_limit
 from rabbitkeys.testing import InMemoryWorker, JobState
 
 from .support import eventually, make_settings, running_registry, running_worker

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabbitkeys._execution import Park
-from rabbitkeys._handoff import TRANSITIONS, KeyState, OwnedKey
-from rabbitkeys._protocol import KeyAssignment
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import KeyAssignment
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys._worker.execution import Park
+from rabbitkeys._worker.handoff import TRANSITIONS, HoldState, OwnedKey
 
-A, C, RG, RD = KeyState.ACQUIRING, KeyState.CONSUMING, KeyState.RELEASING, KeyState.RELEASED
+A, C, RG, RD = HoldState.ACQUIRING, HoldState.CONSUMING, HoldState.RELEASING, HoldState.RELEASED
 
 
 def hold() -> OwnedKey:
@@ -37,7 +37,7 @@ def test_the_transitions_are_the_documented_ones() -> None:
 def test_a_hold_starts_acquiring_and_only_the_first_two_states_are_held() -> None:
     owned = hold()
     assert owned.state is A and owned.key_id == KeyRef.of("post 42").id
-    assert [state for state in KeyState if state.held] == [A, C]
+    assert [state for state in HoldState if state.held] == [A, C]
 
 
 def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None:
@@ -47,9 +47,9 @@ def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None
     assert owned.state is A
 
 
-@given(st.lists(st.sampled_from(list(KeyState)), max_size=12))
+@given(st.lists(st.sampled_from(list(HoldState)), max_size=12))
 def test_any_sequence_of_moves_follows_the_table_and_released_is_final(
-    moves: list[KeyState],
+    moves: list[HoldState],
 ) -> None:
     owned = hold()
     path = [owned.state]
@@ -63,7 +63,7 @@ def test_any_sequence_of_moves_follows_the_table_and_released_is_final(
             assert to in TRANSITIONS[before]
             path.append(to)
     # states are only ever left forwards, and once released a hold stays released
-    order = list(KeyState)
+    order = list(HoldState)
     assert [order.index(state) for state in path] == sorted(order.index(s) for s in path)
     assert len(set(path)) == len(path)
     if RD in path:
@@ -71,7 +71,7 @@ def test_any_sequence_of_moves_follows_the_table_and_released_is_final(
 
 
 def test_every_state_can_end_released() -> None:
-    for state in KeyState:
+    for state in HoldState:
         reachable, frontier = {state}, [state]
         while frontier:
             for nxt in TRANSITIONS[frontier.pop()]:
@@ -93,8 +93,8 @@ def test_a_parked_hold_runs_nothing_more_and_is_held_until_let_go() -> None:
     assert not owned.runs
 
 
-@given(st.sampled_from(list(KeyState)), st.booleans())
-def test_a_hold_runs_exactly_while_held_and_not_parked(state: KeyState, parked: bool) -> None:
+@given(st.sampled_from(list(HoldState)), st.booleans())
+def test_a_hold_runs_exactly_while_held_and_not_parked(state: HoldState, parked: bool) -> None:
     owned = hold()
     owned.state = state
     owned.parked = Park("E: x", 1, 0) if parked else None

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitkeys import _assignment
-from rabbitkeys._keybook import (
+from rabbitkeys._registry import assignment as _assignment
+from rabbitkeys._registry.keybook import (
     RETIRING,
     AssignKeys,
     CheckAndDelete,
@@ -43,8 +43,8 @@ from rabbitkeys._keybook import (
     WaitRelease,
     named_by_hold,
 )
-from rabbitkeys._protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE
-from rabbitkeys._topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef, Names
+from rabbitkeys._wire.protocol import REFUSED_QUOTA_EXCEEDED, REFUSED_UNAVAILABLE
+from rabbitkeys._wire.topology import HOLD_PARKED, HOLD_PAUSED, HOLD_REDRIVE, KeyRef, Names
 
 JOB_TYPES = ("a", "b")
 WORKERS = ("w1", "w2", "w3")

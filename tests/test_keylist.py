@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitkeys._keybook import DeclareAndBind, KeyBook, KeyState, Parked
-from rabbitkeys._keylist import QueueStats, page
-from rabbitkeys._protocol import KeysPage, KeysRequest
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._registry.keybook import DeclareAndBind, KeyBook, KeyState, Parked
+from rabbitkeys._registry.keylist import QueueStats, page
+from rabbitkeys._wire.protocol import KeysPage, KeysRequest
+from rabbitkeys._wire.topology import KeyRef, Names
 
 NOW = 1_000.0  # monotonic
 WALL = 1_700_000_000.0  # Unix time

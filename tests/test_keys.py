@@ -34,11 +34,18 @@ from rabbitkeys import (
     RabbitkeysError,
     Settings,
 )
-from rabbitkeys._control import ControlClient
-from rabbitkeys._envelope import HEADER_KEY
-from rabbitkeys._protocol import EnsureKey, KeyAssignment, Refused, Status, decode, encode
-from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import (
+from rabbitkeys._admin.status import fetch_status
+from rabbitkeys._broker.control import ControlClient
+from rabbitkeys._wire.envelope import HEADER_KEY
+from rabbitkeys._wire.protocol import (
+    EnsureKey,
+    KeyAssignment,
+    Refused,
+    Status,
+    decode_control,
+    encode_control,
+)
+from rabbitkeys._wire.topology import (
     MAX_KEY_BYTES,
     KeyRef,
     Names,
@@ -145,7 +152,7 @@ def test_every_name_built_from_any_key_passes_pamqps_frames(
     assert key_matches_token(key, by_name.token)
     # and the key travels intact in the control messages
     ensure = EnsureKey(job_type=job_type, key=key, stale_routing_key=routing_key)
-    assert decode(encode(ensure)) == ensure
+    assert decode_control(encode_control(ensure)) == ensure
     assignment = KeyAssignment(
         key_id=ref.id, job_type=job_type, key=key, queue=queue, routing_key=routing_key
     )

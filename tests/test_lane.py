@@ -1,4 +1,5 @@
-"""The publisher's lanes (``rabbitkeys/_lane.py``): pure logic, property-tested, no broker.
+"""The publisher's lanes (``rabbitkeys/_publisher/lane.py``): pure logic, property-tested, no
+broker.
 
 A small model of everything around the lanes (the Room's line, the callers, a connection
 whose frames arrive in order, a broker that routes on the current binding, a registry that
@@ -22,14 +23,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitkeys import _lane
 from rabbitkeys._errors import (
     InvalidMessageError,
     PublishError,
     PublishOutcomeUnknownError,
     RabbitkeysError,
 )
-from rabbitkeys._lane import (
+from rabbitkeys._publisher import lane as _lane
+from rabbitkeys._publisher.lane import (
     Action,
     Answer,
     Batch,
@@ -40,12 +41,12 @@ from rabbitkeys._lane import (
     Lane,
     Lanes,
     LaneState,
+    LeaveRoom,
     Linger,
-    Release,
     Send,
     Stage,
 )
-from rabbitkeys._topology import KeyRef
+from rabbitkeys._wire.topology import KeyRef
 
 BIG_FRAME, SMALL_FRAME = 131_072, 4_096
 #: more nacks in a row than any count of tries the lanes ever allowed (eight): a quorum
@@ -169,7 +170,7 @@ class World:
                     assert action.entry in latest.batch.entries
                     assert latest.reported == "ack", "published without an ack of its latest send"
                 caller.answers.append(action.error)
-            elif isinstance(action, Release):
+            elif isinstance(action, LeaveRoom):
                 entry = action.entry
                 assert entry.stage is Stage.DONE
                 assert entry not in self.released, "released twice"
@@ -882,23 +883,25 @@ def test_idle_lanes_beyond_the_limit_are_dropped_busy_ones_kept(
 def test_the_lanes_import_no_amqp_and_no_event_loop() -> None:
     """The lanes, and what they import of the package, stay pure: no AMQP client, no
     asyncio (futures and timers are the Publisher's)."""
-    package = Path(_lane.__file__).parent
+    root = Path(_lane.__file__).parent.parent  # rabbitkeys/
     seen: set[str] = set()
-    todo = ["_lane"]
+    todo = ["_publisher.lane"]
     outside: set[str] = set()
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo.append(node.module or "")
+        path = root.joinpath(*name.split(".")).with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                anchor = name.split(".")[: -node.level]
+                todo.append(".".join([*anchor, *([node.module] if node.module else [])]))
             elif isinstance(node, ast.ImportFrom):
                 outside.add((node.module or "").split(".")[0])
             elif isinstance(node, ast.Import):
                 outside.update(alias.name.split(".")[0] for alias in node.names)
-    assert seen == {"_lane", "_errors", "_topology"}
+    assert seen == {"_publisher.lane", "_errors", "_wire.topology"}
     assert not outside & {"aiormq", "aio_pika", "pamqp", "asyncio"}, outside
 
 

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from rabbitkeys import App, Message, Publisher, Settings, __version__
-from rabbitkeys._metrics import RegistryMetrics
-from rabbitkeys._metrics_server import MetricsServer
+from rabbitkeys._observe.metrics import RegistryMetrics
+from rabbitkeys._observe.metrics_server import MetricsServer
 from rabbitkeys.tools.cluster import LocalCluster
 
 from .support import eventually, make_settings, running_registry, running_worker

@@ -14,17 +14,17 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings, Worker
-from rabbitkeys._amqp import ChannelPool
-from rabbitkeys._commands import merge_commands, split_command
-from rabbitkeys._protocol import (
+from rabbitkeys._broker.amqp import ChannelPool
+from rabbitkeys._registry.runner import merge_commands, split_command
+from rabbitkeys._wire.protocol import (
     MAX_KEYS_PER_MESSAGE,
     Assign,
     KeyAssignment,
     Release,
     Sync,
-    decode,
+    decode_control,
 )
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
 
 from .support import eventually, running_registry, running_worker
 
@@ -75,7 +75,7 @@ def test_a_merged_command_is_sent_in_messages_within_the_protocols_bounds() -> N
     [merged] = outbox
     messages = split_command(merged)
     assert len(messages) == 3
-    sent = [decode(message.model_dump_json().encode()) for message in messages]
+    sent = [decode_control(message.model_dump_json().encode()) for message in messages]
     assert [k for m in sent if isinstance(m, Assign) for k in m.keys] == keys  # fresh kept
 
 

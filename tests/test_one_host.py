@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from rabbitkeys import Publisher, RabbitkeysError
+from rabbitkeys._admin.status import fetch_status
 from rabbitkeys._settings import DEFAULT_METRICS_PORT, ENV_PREFIX
-from rabbitkeys._status import fetch_status
 from rabbitkeys.tools.demo import read_records
 
 from .support import eventually, make_settings

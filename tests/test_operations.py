@@ -16,9 +16,10 @@ import aio_pika
 import aiormq
 import pytest
 
-from rabbitkeys import App, Message, Publisher, Registry, Settings, _reconcile
-from rabbitkeys._control import ControlClient
-from rabbitkeys._protocol import (
+from rabbitkeys import App, Message, Publisher, Registry, Settings
+from rabbitkeys._broker.control import ControlClient
+from rabbitkeys._registry import reconcile as _reconcile
+from rabbitkeys._wire.protocol import (
     ControlMessage,
     HoldReply,
     HoldRequest,
@@ -27,7 +28,7 @@ from rabbitkeys._protocol import (
     RedriveReply,
     RedriveRequest,
 )
-from rabbitkeys._topology import HOLD_PAUSED, KeyRef, Names
+from rabbitkeys._wire.topology import HOLD_PAUSED, KeyRef, Names
 
 from .conftest import Broker
 from .support import eventually, make_settings, running_registry, running_worker

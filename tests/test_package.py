@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 import rabbitkeys
-from rabbitkeys._metrics import WorkerMetrics
+from rabbitkeys._observe.metrics import WorkerMetrics
 from rabbitkeys._version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +60,7 @@ def _runtime_modules() -> list[Path]:
 
 def test_the_runtime_imports_nothing_from_the_tooling() -> None:
     runtime = _runtime_modules()
-    assert PACKAGE / "_worker.py" in runtime and PACKAGE / "cli.py" in runtime
+    assert PACKAGE / "_worker" / "worker.py" in runtime and PACKAGE / "cli" / "entry.py" in runtime
     offending = []
     for path in runtime:
         for name, at_import_time in _imports(path):
@@ -66,7 +68,7 @@ def test_the_runtime_imports_nothing_from_the_tooling() -> None:
                 continue
             # The CLI is the one bridge: `rabbitkeys demo|chaos|bench` import the tooling
             # inside their command functions, so `rabbitkeys worker` never loads it.
-            if path.name == "cli.py" and not at_import_time:
+            if path.parent == PACKAGE / "cli" and not at_import_time:
                 continue
             offending.append(f"{path.relative_to(ROOT)} imports {name}")
     assert offending == []
@@ -74,10 +76,10 @@ def test_the_runtime_imports_nothing_from_the_tooling() -> None:
 
 def test_the_import_walk_sees_relative_imports_of_the_tooling() -> None:
     # the walk above must not pass for want of resolving `..tools` or `.tools.x`
-    cli = {name for name, _ in _imports(PACKAGE / "cli.py")}
+    cli = {name for path in (PACKAGE / "cli").glob("*.py") for name, _ in _imports(path)}
     assert {"rabbitkeys.tools.demo", "rabbitkeys.tools.chaos", "rabbitkeys.tools.bench"} <= cli
     runner = {name for name, _ in _imports(PACKAGE / "tools" / "bench" / "runner.py")}
-    assert {"rabbitkeys.tools.cluster", "rabbitkeys._publisher"} <= runner
+    assert {"rabbitkeys.tools.cluster", "rabbitkeys._publisher.publisher"} <= runner
 
 
 def test_importing_every_runtime_module_loads_no_tooling() -> None:
@@ -94,7 +96,7 @@ def test_importing_every_runtime_module_loads_no_tooling() -> None:
 
 
 def test_the_demo_app_has_a_public_home() -> None:
-    from rabbitkeys._app import App, load_app
+    from rabbitkeys._worker.app import App, load_app
 
     app = load_app("rabbitkeys.tools.demo:app")
     assert isinstance(app, App) and app.job_types
@@ -129,3 +131,72 @@ def test_the_metrics_carry_the_version() -> None:
     WorkerMetrics(rabbitkeys.Worker(rabbitkeys.App(), offline), registry)
     labels = {"role": "worker", "version": rabbitkeys.__version__}
     assert registry.get_sample_value("rabbitkeys_info", labels) == 1
+
+
+# The public surface, pinned: moving modules between private packages must not change it
+# (httpx's tests/test_exported_members.py). A deliberate change of the API edits these lists.
+PUBLIC = {
+    "rabbitkeys": [
+        "App",
+        "BrokerUnavailableError",
+        "ConfigError",
+        "Context",
+        "DEFAULT_JOB_TYPE",
+        "Handler",
+        "HandlerNotFoundError",
+        "InvalidKeyError",
+        "InvalidMessageError",
+        "JobTimeoutError",
+        "MAX_KEY_BYTES",
+        "Message",
+        "PayloadError",
+        "ProtocolError",
+        "PublishError",
+        "PublishOutcomeUnknownError",
+        "Publisher",
+        "QuotaExceededError",
+        "RabbitkeysError",
+        "Registry",
+        "RegistryUnavailableError",
+        "Settings",
+        "StartupError",
+        "SyncPublisher",
+        "Worker",
+        "__version__",
+        "close_default_publisher",
+        "default_publisher",
+        "load_settings",
+        "publish",
+    ],
+    "rabbitkeys.testing": [
+        "InMemoryWorker",
+        "JobRecord",
+        "JobState",
+        "JobsFailedError",
+        "run_jobs",
+    ],
+    "rabbitkeys.cli": [
+        "EXIT_ERROR",
+        "EXIT_OK",
+        "EXIT_USAGE",
+        "hold_request",
+        "keys_request",
+        "main",
+        "redrive_request",
+    ],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_the_public_modules_export_exactly_their_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert imported.__all__ == PUBLIC[module]  # complete, and sorted
+    assert all(getattr(imported, name) is not None for name in imported.__all__)
+
+
+def test_the_console_script_is_the_clis_main() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"rabbitkeys": "rabbitkeys.cli:main"}
+    from rabbitkeys.cli import main
+
+    assert callable(main)

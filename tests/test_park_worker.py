@@ -25,22 +25,22 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._amqp import ChannelPool, TaskSet
-from rabbitkeys._envelope import HEADER_BATCH, HEADER_REDRIVE, HEADER_SEQUENCE, encode
-from rabbitkeys._execution import Executor, Park
-from rabbitkeys._handoff import Handoff
-from rabbitkeys._keybook import KeyState
-from rabbitkeys._metrics import WorkerMetrics
-from rabbitkeys._protocol import (
+from rabbitkeys._broker.amqp import ChannelPool, TaskSet
+from rabbitkeys._observe.metrics import WorkerMetrics
+from rabbitkeys._registry.keybook import KeyState
+from rabbitkeys._wire.envelope import HEADER_BATCH, HEADER_REDRIVE, HEADER_SEQUENCE, encode_envelope
+from rabbitkeys._wire.protocol import (
     ControlMessage,
     KeyAssignment,
     KeyFailure,
     KeyParked,
     Released,
     WorkerHeartbeat,
-    decode,
+    decode_control,
 )
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments
+from rabbitkeys._worker.execution import Executor, Park
+from rabbitkeys._worker.handoff import Handoff
 
 from .support import eventually, make_settings, running_registry, running_worker
 from .test_worker_batches import PUBLISHER, raw_key
@@ -53,7 +53,7 @@ class MembershipTap:
         self.messages: list[ControlMessage] = []
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.messages.append(decode(message.body))
+        self.messages.append(decode_control(message.body))
 
     def parked(self, key: str) -> list[KeyParked]:
         return [m for m in self.messages if isinstance(m, KeyParked) and m.key.key == key]
@@ -342,7 +342,7 @@ async def test_a_redriven_job_runs_again_where_its_sequence_was_handled(
             await eventually(lambda: seen == [b"first"])
             await key.plain(1, b"copy")
             await eventually(lambda: worker.duplicates_dropped == 1)
-            properties = encode(
+            properties = encode_envelope(
                 key.ref,
                 publisher_id=PUBLISHER,
                 sequence=1,

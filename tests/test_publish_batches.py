@@ -19,9 +19,9 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import Publisher, Settings
-from rabbitkeys._envelope import HEADER_BATCH, HEADER_KEY, Job, jobs_of
-from rabbitkeys._lane import Batch, Lane
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._publisher.lane import Batch, Lane
+from rabbitkeys._wire.envelope import HEADER_BATCH, HEADER_KEY, Job, jobs_of
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .proxy import TcpProxy
 from .support import eventually, make_settings, running_registry

@@ -331,7 +331,7 @@ async def test_a_message_the_broker_keeps_refusing_is_given_up_not_resent_foreve
     """The backstop behind the size checks: were one to let a bad message through (here the
     check is switched off), the broker closes the connection over it; after three closes
     with it on the connection it fails, instead of a reconnect loop."""
-    monkeypatch.setattr("rabbitkeys._publisher.header_frame_size", lambda *_: 0)
+    monkeypatch.setattr("rabbitkeys._publisher.publisher.header_frame_size", lambda *_: 0)
     settings = make_settings(amqp_url, namespace)
     async with (
         running_registry(settings),

@@ -33,11 +33,11 @@ from rabbitkeys import (
     QuotaExceededError,
     Worker,
 )
-from rabbitkeys._amqp import broker_version
-from rabbitkeys._keybook import RETIRING, Key, KeyState, KeyTable
-from rabbitkeys._protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused, decode
+from rabbitkeys._broker.amqp import broker_version
+from rabbitkeys._registry.keybook import RETIRING, Key, KeyState, KeyTable
 from rabbitkeys._settings import load_settings
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.protocol import REFUSED_ERROR, REFUSED_QUOTA_EXCEEDED, Refused, decode_control
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .conftest import LOCAL_BROKER
 from .support import eventually, make_settings, running_registry, running_worker
@@ -46,11 +46,13 @@ from .support import eventually, make_settings, running_registry, running_worker
 
 
 def test_a_refusal_from_an_older_registry_still_parses() -> None:
-    old = decode(b'{"type": "refused", "reason": "no"}')
+    old = decode_control(b'{"type": "refused", "reason": "no"}')
     assert isinstance(old, Refused) and old.code == REFUSED_ERROR
-    newer = decode(b'{"type": "refused", "reason": "no", "code": "some_later_code"}')
+    newer = decode_control(b'{"type": "refused", "reason": "no", "code": "some_later_code"}')
     assert isinstance(newer, Refused) and newer.code == "some_later_code"
-    assert decode(Refused(reason="full", code=REFUSED_QUOTA_EXCEEDED).model_dump_json().encode())
+    assert decode_control(
+        Refused(reason="full", code=REFUSED_QUOTA_EXCEEDED).model_dump_json().encode()
+    )
 
 
 def test_the_buffer_cap_defaults_to_a_full_prefetch_for_every_handler(

@@ -1,4 +1,4 @@
-"""The registry's broker procedures for redrive and skip (``rabbitkeys._redrive``), against
+"""The registry's broker procedures for redrive and skip (``rabbitkeys._registry.redrive``), against
 the real broker with no registry running: each test declares a namespace's dead-letter
 queue and exchange (as the registry does, ``declare_control_topology``) and one key's jobs
 exchange and queue, bound with a fresh routing key (``_commands._declare_and_bind``).
@@ -22,10 +22,19 @@ import pytest
 from aio_pika.abc import AbstractConnection
 from pamqp import commands as spec
 
-from rabbitkeys import _redrive
-from rabbitkeys._batch import Record
-from rabbitkeys._control import declare_control_topology
-from rabbitkeys._envelope import (
+from rabbitkeys._broker.control import declare_control_topology
+from rabbitkeys._registry import redrive as _redrive
+from rabbitkeys._registry.redrive import (
+    REGISTRY_WORKER_ID,
+    DeadLetteredMessage,
+    RearrangeError,
+    _take,
+    read_dead_letters,
+    rearrange,
+    skip_head,
+)
+from rabbitkeys._wire.batch import Record
+from rabbitkeys._wire.envelope import (
     BATCH_CONTENT_TYPE,
     HEADER_ATTEMPTS,
     HEADER_ERROR,
@@ -36,21 +45,12 @@ from rabbitkeys._envelope import (
     HEADER_SEQUENCE,
     HEADER_WORKER,
     dead_letter_headers,
-    decode,
-    encode,
+    decode_envelope,
     encode_batch,
+    encode_envelope,
     jobs_of,
 )
-from rabbitkeys._redrive import (
-    REGISTRY_WORKER_ID,
-    DeadLetter,
-    RearrangeError,
-    _take,
-    read_dead_letters,
-    rearrange,
-    skip_head,
-)
-from rabbitkeys._topology import KeyRef, Names, key_queue_arguments, new_routing_key
+from rabbitkeys._wire.topology import KeyRef, Names, key_queue_arguments, new_routing_key
 
 from .conftest import Broker
 
@@ -101,7 +101,7 @@ class Key:
             await self.publish(body.encode(), self.properties(n, key))
 
     def properties(self, sequence: int, key: KeyRef | None = None) -> spec.Basic.Properties:
-        return encode(
+        return encode_envelope(
             key or self.ref,
             publisher_id="pub-1",
             sequence=sequence,
@@ -115,7 +115,7 @@ class Key:
     ) -> None:
         """A dead letter in NS.dead-letter, as a worker makes it."""
         headers = dead_letter_headers(
-            decode(self.properties(n, key)),
+            decode_envelope(self.properties(n, key)),
             error=ValueError("boom"),
             attempts=3,
             worker_id="worker-1",
@@ -161,7 +161,7 @@ class Key:
         assert declared is not None and declared.message_count is not None
         return declared.message_count
 
-    async def dead_letters(self, key: KeyRef | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, key: KeyRef | None = None) -> list[DeadLetteredMessage]:
         """Every dead letter of ``key`` (this key), read and acked at once."""
         ref = key or self.ref
         selection = await read_dead_letters(
@@ -174,7 +174,7 @@ class Key:
         await selection.close()
         return found
 
-    async def rearrange(self, dead_letters: list[DeadLetter] | None) -> list[str]:
+    async def rearrange(self, dead_letters: list[DeadLetteredMessage] | None) -> list[str]:
         return await rearrange(
             self.connection,
             self.names,
@@ -271,7 +271,7 @@ async def test_redriven_copies_carry_the_redrive_id_and_lose_the_failure_headers
     assert headers[HEADER_KEY] == "k-1" and headers[HEADER_JOB_TYPE] == "default"
     assert headers[HEADER_SEQUENCE] == 0 and headers["app"] == "kept"
     assert got.properties.delivery_mode == 2
-    assert decode(got.properties).origin is not None
+    assert decode_envelope(got.properties).origin is not None
 
 
 async def test_with_nothing_waiting_the_dead_letters_are_the_queue(key: Key) -> None:
@@ -478,7 +478,7 @@ async def test_a_selection_keeps_what_it_does_not_take_in_place_and_in_order(
     await key.raw_dead_letter(b"x", {"no": "key"})
     await key.dead_letter(b"b1", key=other, failed_at=4)
     await key.dead_letter(b"a2", failed_at=2)  # as a1: stays after it
-    unsaid = dict(decode(key.properties(9)).headers)  # no failed-at: first of all
+    unsaid = dict(decode_envelope(key.properties(9)).headers)  # no failed-at: first of all
     await key.raw_dead_letter(b"a3", unsaid)
     selection = await read_dead_letters(
         key.connection, key.names, lambda job_type, name: name == "k-1"

@@ -12,8 +12,8 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher
-from rabbitkeys._management import list_queues
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._broker.management import list_queues
+from rabbitkeys._wire.topology import KeyRef, Names
 from rabbitkeys.tools.chaos import run_chaos
 from rabbitkeys.tools.cluster import LocalCluster
 from rabbitkeys.tools.demo import check_order, overlapping_handlings, read_records

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from rabbitkeys import Settings
 from rabbitkeys._errors import HandlerNotFoundError
-from rabbitkeys._retry import DeadLetter, Retry, RetryPolicy
+from rabbitkeys._worker.retry import DeadLetter, Retry, RetryPolicy
 
 policies = st.builds(
     RetryPolicy,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rabbitkeys._room import Room
+from rabbitkeys._publisher.room import Room
 
 MAX_ITEMS = 4
 MAX_BYTES = 100

@@ -1,11 +1,11 @@
-"""Whose control message is obeyed (rabbitkeys/_senders.py): the pure rules, no broker. What
+"""Whose control message is obeyed (rabbitkeys/_wire/senders.py): the pure rules, no broker. What
 the broker adds (who may write where, user_id checked) is tried in tests/test_trust.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from rabbitkeys._protocol import (
+from rabbitkeys._wire.protocol import (
     Assign,
     Ensured,
     EnsureKey,
@@ -17,14 +17,14 @@ from rabbitkeys._protocol import (
     WorkerJoin,
     WorkerLeave,
 )
-from rabbitkeys._senders import (
+from rabbitkeys._wire.senders import (
     REFUSAL_REASONS,
     Refusal,
     WorkerSessions,
     check_command,
     check_request,
 )
-from rabbitkeys._topology import Names
+from rabbitkeys._wire.topology import Names
 
 NAMES = Names("ns")
 S1, S2 = "1" * 32, "2" * 32

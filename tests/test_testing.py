@@ -25,8 +25,8 @@ from rabbitkeys import (
     Settings,
     StartupError,
 )
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER
-from rabbitkeys._payload import JSON, TEXT
+from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER
+from rabbitkeys._wire.payload import JSON, TEXT
 from rabbitkeys.testing import InMemoryWorker, JobsFailedError, JobState, run_jobs
 
 #: a backoff no test could wait out: retries must not sleep it

@@ -43,10 +43,10 @@ from rabbitkeys import (
     Settings,
     load_settings,
 )
-from rabbitkeys._connection import connect
-from rabbitkeys._management import endpoint, list_queues
+from rabbitkeys._broker.connection import connect
+from rabbitkeys._broker.management import endpoint, list_queues
 from rabbitkeys._settings import ENV_PREFIX, mask_url
-from rabbitkeys._topology import Names
+from rabbitkeys._wire.topology import Names
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 
 from .conftest import LOCAL_BROKER, MANAGEMENT_URL

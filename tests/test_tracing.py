@@ -1,13 +1,13 @@
-"""OpenTelemetry tracing (``rabbitkeys[otel]``, rabbitkeys/_tracing.py) against the real broker:
-a job's ``handle`` span continues the trace of the ``publish()`` call that sent it (also in a
-batch, each job its own caller's trace; also from the sync publisher), the ``wait`` span
+"""OpenTelemetry tracing (``rabbitkeys[otel]``, rabbitkeys/_observe/tracing.py) against the real
+broker: a job's ``handle`` span continues the trace of the ``publish()`` call that sent it (also in
+a batch, each job its own caller's trace; also from the sync publisher), the ``wait`` span
 starts at the job's published-at, failed attempts are ERROR spans, and the application's
 spans in a handler (async, or a ``def`` in its thread) nest under ``handle``.
 
 The global tracer provider can be set only once per process, and setting it would turn
 tracing on for every test after these ones (their jobs would carry ``traceparent``). So these
 tests give rabbitkeys a tracer of their own SDK provider for the duration of each test
-(``_tracing._tracer``, what :func:`rabbitkeys._tracing.enabled` finds once a global provider
+(``_tracing._tracer``, what :func:`rabbitkeys._observe.tracing.enabled` finds once a global provider
 is set); the global switch itself, and tracing's absence, are tested in subprocesses."""
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
-from rabbitkeys import App, Message, Publisher, Settings, SyncPublisher, _tracing
-from rabbitkeys._envelope import HEADER_PUBLISHED_AT
+from rabbitkeys import App, Message, Publisher, Settings, SyncPublisher
+from rabbitkeys._observe import tracing as _tracing
+from rabbitkeys._wire.envelope import HEADER_PUBLISHED_AT
 
 from .support import eventually, make_settings, running_registry, running_worker
 
@@ -267,8 +268,8 @@ def test_without_opentelemetry_installed_every_function_is_a_no_op() -> None:
         """
         import sys
         sys.modules["opentelemetry"] = None  # as if the extra were not installed
-        from rabbitkeys import _tracing
-        from rabbitkeys._topology import KeyRef
+        from rabbitkeys._observe import tracing as _tracing
+        from rabbitkeys._wire.topology import KeyRef
 
         ref = KeyRef.of("k", "default")
         headers = {"a": 1}
@@ -296,8 +297,8 @@ def test_tracing_turns_on_when_the_application_sets_a_tracer_provider() -> None:
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
             InMemorySpanExporter,
         )
-        from rabbitkeys import _tracing
-        from rabbitkeys._topology import KeyRef
+        from rabbitkeys._observe import tracing as _tracing
+        from rabbitkeys._wire.topology import KeyRef
 
         ref = KeyRef.of("k", "default")
         with _tracing.publish_span("ns", ref, None) as sent:

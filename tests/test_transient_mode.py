@@ -11,8 +11,8 @@ from collections import defaultdict
 import aio_pika
 
 from rabbitkeys import App, Message, Publisher
-from rabbitkeys._amqp import broker_version
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._broker.amqp import broker_version
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .conftest import Broker
 from .support import eventually, make_settings, running_registry, running_worker

@@ -28,19 +28,19 @@ from aio_pika.abc import AbstractChannel
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Publisher, Registry, SyncPublisher, Worker
-from rabbitkeys._amqp import passive_declare_refusal
-from rabbitkeys._control import declare_control_topology, topology_exists
-from rabbitkeys._envelope import (
+from rabbitkeys._admin.permissions import Role, permissions_for
+from rabbitkeys._admin.status import fetch_status
+from rabbitkeys._broker.amqp import passive_declare_refusal
+from rabbitkeys._broker.control import declare_control_topology, topology_exists
+from rabbitkeys._registry.redrive import read_dead_letters, rearrange, skip_head
+from rabbitkeys._wire.envelope import (
     HEADER_ERROR,
     HEADER_JOB_TYPE,
     HEADER_KEY,
     HEADER_PUBLISHER,
     HEADER_SEQUENCE,
 )
-from rabbitkeys._permissions import Role, permissions_for
-from rabbitkeys._redrive import read_dead_letters, rearrange, skip_head
-from rabbitkeys._status import fetch_status
-from rabbitkeys._topology import (
+from rabbitkeys._wire.topology import (
     HOLD_PARKED,
     HOLD_PAUSED,
     KeyRef,

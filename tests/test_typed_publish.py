@@ -13,8 +13,8 @@ import pytest
 from pydantic import BaseModel
 
 from rabbitkeys import InvalidMessageError, Publisher, PublishError, Settings
-from rabbitkeys._payload import JSON, TEXT
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.payload import JSON, TEXT
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .support import make_settings, running_registry
 

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 import rabbitkeys
 from rabbitkeys import ConfigError, InvalidKeyError, ProtocolError
-from rabbitkeys._handoff import PrefetchBudget
-from rabbitkeys._protocol import EnsureKey, WorkerJoin, decode, encode
 from rabbitkeys._settings import load_settings, mask_url
-from rabbitkeys._topology import MAX_KEY_BYTES, KeyRef, Names, new_routing_key
+from rabbitkeys._wire.protocol import EnsureKey, WorkerJoin, decode_control, encode_control
+from rabbitkeys._wire.topology import MAX_KEY_BYTES, KeyRef, Names, new_routing_key
+from rabbitkeys._worker.handoff import PrefetchBudget
 
 
 def test_public_names_are_exported_and_sorted() -> None:
@@ -151,8 +151,10 @@ def test_each_binding_gets_a_fresh_routing_key() -> None:
 
 def test_control_messages_round_trip() -> None:
     join = WorkerJoin(worker_id="w1", session="0" * 32, inbox="ns.worker.w1", job_types=["default"])
-    assert decode(encode(join)) == join
-    assert decode(encode(EnsureKey(job_type="j", key="k"))) == EnsureKey(job_type="j", key="k")
+    assert decode_control(encode_control(join)) == join
+    assert decode_control(encode_control(EnsureKey(job_type="j", key="k"))) == EnsureKey(
+        job_type="j", key="k"
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,4 +162,4 @@ def test_control_messages_round_trip() -> None:
 )
 def test_malformed_control_messages_raise_protocol_error(body: bytes) -> None:
     with pytest.raises(ProtocolError):
-        decode(body)
+        decode_control(body)

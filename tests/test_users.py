@@ -24,10 +24,8 @@ import pytest
 from pydantic import SecretStr
 
 from rabbitkeys import BrokerUnavailableError, ConfigError, Settings
-from rabbitkeys._management import list_bindings, list_queues
-from rabbitkeys._permissions import Role, permissions_for
-from rabbitkeys._topology import Names
-from rabbitkeys._users import (
+from rabbitkeys._admin.permissions import Role, permissions_for
+from rabbitkeys._admin.users import (
     ROLE_TAGS,
     amqp_url_for,
     create_users,
@@ -40,6 +38,8 @@ from rabbitkeys._users import (
     url_file,
     write_url_file,
 )
+from rabbitkeys._broker.management import list_bindings, list_queues
+from rabbitkeys._wire.topology import Names
 from rabbitkeys.tools.chaos import ChaosReport, _role_settings
 from rabbitkeys.tools.cluster import LocalCluster, _settings_env
 

@@ -9,8 +9,8 @@ import aio_pika
 import pytest
 
 from rabbitkeys import App, Message, Publisher, Settings
-from rabbitkeys._envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY
+from rabbitkeys._wire.topology import KeyRef, Names
 
 from .support import Handlings, eventually, make_settings, running_registry, running_worker
 

@@ -17,9 +17,9 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from rabbitkeys import App, Message, Settings
-from rabbitkeys._batch import Record, encode_headers
-from rabbitkeys._control import ControlClient
-from rabbitkeys._envelope import (
+from rabbitkeys._broker.control import ControlClient
+from rabbitkeys._wire.batch import Record, encode_headers
+from rabbitkeys._wire.envelope import (
     BATCH_CONTENT_TYPE,
     HEADER_ATTEMPTS,
     HEADER_BATCH,
@@ -27,12 +27,12 @@ from rabbitkeys._envelope import (
     HEADER_JOBS,
     HEADER_KEY,
     HEADER_SEQUENCE,
-    encode,
     encode_batch,
+    encode_envelope,
 )
-from rabbitkeys._payload import encode as encode_payload
-from rabbitkeys._protocol import Ensured, EnsureKey
-from rabbitkeys._topology import KeyRef, Names
+from rabbitkeys._wire.payload import encode_payload
+from rabbitkeys._wire.protocol import Ensured, EnsureKey
+from rabbitkeys._wire.topology import KeyRef, Names
 from rabbitkeys.tools.cluster import LocalCluster
 from rabbitkeys.tools.demo import read_records
 
@@ -82,7 +82,7 @@ class RawKey:
         )
 
     async def plain(self, sequence: int, body: bytes) -> None:
-        properties = encode(
+        properties = encode_envelope(
             self.ref,
             publisher_id=PUBLISHER,
             sequence=sequence,

@@ -1,7 +1,7 @@
 """Helpers for the trust tests: real RabbitMQ users per role, and an attacker that is a plain
 aio-pika client holding one of their credentials.
 
-The users get exactly what ``rabbitkeys._permissions.permissions_for`` gives their role in
+The users get exactly what ``rabbitkeys._admin.permissions.permissions_for`` gives their role in
 the test's namespace, so a test shows what the table allows, not what a test user happens
 to be granted.
 """
@@ -24,8 +24,8 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from rabbitkeys import Settings
-from rabbitkeys._permissions import Role, permissions_for
-from rabbitkeys._topology import Names
+from rabbitkeys._admin.permissions import Role, permissions_for
+from rabbitkeys._wire.topology import Names
 
 from .support import make_settings
 

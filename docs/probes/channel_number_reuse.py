@@ -20,7 +20,7 @@ import uuid
 import aio_pika
 import aiormq
 
-from rabbitkeys._amqp import open_channel
+from rabbitkeys._broker.amqp import open_channel
 
 URL = sys.argv[1] if len(sys.argv) > 1 else "amqp://guest:guest@localhost/"
 

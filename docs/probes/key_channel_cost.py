@@ -1,5 +1,5 @@
 # Probe: what a channel of its own per key costs a worker, against one consume channel
-# shared by all keys (rabbitkeys/_handoff.py gives each quorum key a channel of its own).
+# shared by all keys (rabbitkeys/_worker/handoff.py gives each quorum key a channel of its own).
 #
 # N quorum queues (single active consumer) are consumed, then let go, two ways:
 #   shared:  basic.consume on one channel (qos set once), then basic.cancel each;

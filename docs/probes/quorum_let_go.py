@@ -1,5 +1,5 @@
 # Probe: how a worker can let go of a quorum key queue without reordering it, when the
-# queue holds more than the worker's prefetch (rabbitkeys/_handoff.py, _close_key_channel).
+# queue holds more than the worker's prefetch (rabbitkeys/_worker/handoff.py, _close_key_channel).
 #
 # Each round: 8 messages 1..8 in a fresh quorum queue with single active consumer; a
 # consumer with prefetch 4 on a channel of its own receives 1..4; it acks 1 (which frees

@@ -67,7 +67,7 @@ async def trial(conn: aio_pika.abc.AbstractConnection, i: int, how: str) -> dict
                         ),
                         5,
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     outcome["unanswered"] += 1  # no confirm, no return, no close
                     return
                 if isinstance(answer, aiormq.spec.Basic.Ack):

@@ -1,4 +1,4 @@
-# Probe: what a redrive's rotation (rabbitkeys/_redrive.py) relies on, on classic and quorum
+# Probe: what a redrive's rotation (rabbitkeys/_registry/redrive.py) relies on, on classic and quorum
 # queues: how a message taken unacked can be put back in its place, and whether a key queue
 # (single active consumer) can be read with basic.get.
 #
@@ -135,6 +135,6 @@ asyncio.run(main())
 # So: closing the channel puts unacked messages back in their places on both queue types;
 # a nack with requeue does so on classic queues only (a quorum queue appends the message,
 # after anything published meanwhile). A quorum key queue (single active consumer) can
-# only be read by a consumer. rabbitkeys/_redrive.py therefore takes from key queues with
+# only be read by a consumer. rabbitkeys/_registry/redrive.py therefore takes from key queues with
 # a consumer whose prefetch is exactly what it wants, never nacks with requeue, and gives
 # back what it must by closing the channel.

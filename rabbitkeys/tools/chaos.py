@@ -43,14 +43,14 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
-from .._amqp import CHANNEL_ERRORS
+from .._admin.permissions import Role
+from .._admin.status import fetch_status
+from .._admin.users import create_users, delete_users, write_url_file
+from .._broker.amqp import CHANNEL_ERRORS
 from .._errors import RabbitkeysError
-from .._permissions import Role
-from .._publisher import Publisher
+from .._publisher.publisher import Publisher
 from .._settings import Settings
-from .._status import fetch_status
-from .._topology import KeyRef, Names
-from .._users import create_users, delete_users, write_url_file
+from .._wire.topology import KeyRef, Names
 from .cluster import LocalCluster
 from .demo import overlapping_handlings, read_records
 from .namespace import remove_namespace

@@ -18,9 +18,9 @@ from typing import Self
 
 from pydantic import SecretStr
 
+from .._admin.status import fetch_status
 from .._errors import RabbitkeysError
 from .._settings import ENV_PREFIX, Settings
-from .._status import fetch_status
 
 __all__ = ["LocalCluster"]
 

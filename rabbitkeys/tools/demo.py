@@ -21,9 +21,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .._app import App, Message
-from .._publisher import Publisher
+from .._publisher.publisher import Publisher
 from .._settings import Settings
+from .._worker.app import App, Message
 from .cluster import LocalCluster
 from .namespace import remove_namespace
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 
-from .._amqp import CHANNEL_ERRORS
-from .._connection import connect
+from .._broker.amqp import CHANNEL_ERRORS
+from .._broker.connection import connect
+from .._broker.management import list_queues
 from .._errors import BrokerUnavailableError
-from .._management import list_queues
 from .._settings import Settings
-from .._topology import DEFAULT_JOB_TYPE, Names
+from .._wire.topology import DEFAULT_JOB_TYPE, Names
 
 __all__ = ["remove_namespace"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import atexit
 
-from ..._app import App, Message
+from ..._worker.app import App, Message
 from .recording import HEADER_PUBLISHED, Recorder
 
 __all__ = ["app"]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from ..._broker.management import _get, request
 from ..._errors import BrokerUnavailableError
-from ..._management import _get, request
 from ..._settings import Settings
 from ..rabbit_cluster import process_alive
 

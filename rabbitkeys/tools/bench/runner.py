@@ -38,12 +38,12 @@ from typing import Any
 import aio_pika
 from prometheus_client import CollectorRegistry
 
-from ..._amqp import broker_version
+from ..._broker.amqp import broker_version
+from ..._broker.management import list_queues
 from ..._errors import BrokerUnavailableError
-from ..._management import list_queues
-from ..._publisher import Publisher
+from ..._publisher.publisher import Publisher
 from ..._settings import Settings
-from ..._topology import Names, key_queue_durable
+from ..._wire.topology import Names, key_queue_durable
 from ..cluster import LocalCluster
 from .broker import (
     broker_cpu_seconds,

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import aio_pika
 
+from ..._admin.status import fetch_status
+from ..._broker.management import list_queues
 from ..._errors import BrokerUnavailableError
-from ..._management import list_queues
-from ..._publisher import Publisher
+from ..._publisher.publisher import Publisher
 from ..._settings import Settings
-from ..._status import fetch_status
-from ..._topology import Names
+from ..._wire.topology import Names
 from ..cluster import LocalCluster
 from .recording import count_all
 from .runner import _broker_memory, _rss, cpu_seconds

@@ -1,4 +1,4 @@
-"""What tracing's hooks (:mod:`rabbitkeys._tracing`) cost per job, in three states.
+"""What tracing's hooks (:mod:`rabbitkeys._observe.tracing`) cost per job, in three states.
 
 ``python -m rabbitkeys.tools.bench.tracing_cost [--jobs 200000] [--rounds 3]``
 
@@ -43,9 +43,9 @@ if mode == "sdk":
     provider.add_span_processor(SpanProcessor())  # the base class: drops every span
     trace.set_tracer_provider(provider)
 
-from rabbitkeys._app import Message
-from rabbitkeys._topology import KeyRef
-from rabbitkeys._tracing import end_publish, handle_span, publish_span, start_publish
+from rabbitkeys._worker.app import Message
+from rabbitkeys._wire.topology import KeyRef
+from rabbitkeys._observe.tracing import end_publish, handle_span, publish_span, start_publish
 
 ref = KeyRef.of("user-1", "mail")
 published_at = time.time_ns() // 1000

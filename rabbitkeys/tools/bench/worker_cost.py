@@ -41,13 +41,13 @@ import aio_pika
 import aiormq
 from pydantic import SecretStr
 
-from ..._batch import Record
-from ..._control import ControlClient
-from ..._envelope import HEADER_JOBS, encode, encode_batch
-from ..._protocol import Ensured, EnsureKey
-from ..._registry import Registry
+from ..._broker.control import ControlClient
+from ..._registry.registry import Registry
 from ..._settings import Settings, split_urls
-from ..._topology import KeyRef, Names
+from ..._wire.batch import Record
+from ..._wire.envelope import HEADER_JOBS, encode_batch, encode_envelope
+from ..._wire.protocol import Ensured, EnsureKey
+from ..._wire.topology import KeyRef, Names
 from ..cluster import _settings_env
 from .broker import cpu_seconds, run_vhost
 from .scale import free_port
@@ -119,7 +119,7 @@ class _Feeder:
             for start in range(0, jobs, batch):
                 if batch == 1:
                     self.sequence += 1
-                    properties = encode(
+                    properties = encode_envelope(
                         ref, publisher_id="cost", sequence=self.sequence, delivery_mode=2
                     )
                     payload = body
@@ -233,7 +233,7 @@ async def _run_variant(
 def _reads_batches(directory: str | None) -> bool:
     if directory is None:
         return True
-    execution = Path(directory, "rabbitkeys", "_execution.py")
+    execution = Path(directory, "rabbitkeys", "_worker/execution.py")
     return "jobs_of" in execution.read_text()
 
 

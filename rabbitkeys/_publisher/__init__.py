@@ -1,0 +1,9 @@
+"""The publisher role: what an application uses to publish jobs in order per key.
+
+Core (pure, synchronous, property-tested): ``lane`` (each key's lane: what to send, when to
+ask the registry, what a caller is told) and ``room`` (first-come, first-served admission
+under a count and a size bound).
+Shell: ``publisher`` (:class:`~rabbitkeys.Publisher` and its carrier: AMQP, timers, the
+callers' futures) and ``sync`` (:class:`~rabbitkeys.SyncPublisher`, a thread over it).
+Imports no other role.
+"""

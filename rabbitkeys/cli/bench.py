@@ -1,0 +1,220 @@
+"""``rabbitkeys bench``: rabbitkeys measured against other strategies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .._errors import RabbitkeysError
+from .._settings import Settings
+from .base import EXIT_ERROR, EXIT_OK, EXIT_USAGE, SETTINGS_HELP
+
+
+def add_parser(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure rabbitkeys against a shared queue, partitions and raw per-key queues",
+        description="Run each strategy (shared queue, single worker, consistent-hash "
+        "partitions, raw aio-pika on per-key queues, rabbitkeys) on each workload (bursts, "
+        "interleaved, slow, churn; also uniform, zipf) on the local broker with the same "
+        "client library and worker count, each run in a vhost of its own that is deleted "
+        "afterwards; print a Markdown table: jobs/s, AMQP messages/s, batch sizes, latency, "
+        "CPU per job, and issue 13's targets as ratios measured in the run. With --cluster: "
+        "rabbitkeys with classic and then quorum key queues on a three-node cluster this run "
+        "starts and stops.",
+        epilog=SETTINGS_HELP,
+    )
+    bench.add_argument(
+        "--messages",
+        type=int,
+        help="per run (default 10000: bursts of 10 on 1,000 keys; 6000 with --cluster)",
+    )
+    bench.add_argument(
+        "--churn-messages",
+        type=int,
+        help="of the churn workload, each a new key, and as many queues for the raw declare "
+        "+ bind rate; its paced phase is scaled down alike (default 2000; 500 with --cluster)",
+    )
+    bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
+    bench.add_argument("--work-ms", type=float, default=1.0, help="handler time (default 1 ms)")
+    bench.add_argument(
+        "--strategies",
+        default="shared,partitions,raw,rabbitkeys",
+        help="comma-separated, of shared,single,partitions,raw,rabbitkeys",
+    )
+    bench.add_argument(
+        "--workloads",
+        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf (default "
+        "bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster)",
+    )
+    bench.add_argument(
+        "--paced-messages",
+        type=int,
+        default=2_000,
+        help="then this many at --rate, for latency (default 2000)",
+    )
+    bench.add_argument(
+        "--rate", type=float, default=200.0, help="msg/s of the paced phase (default 200)"
+    )
+    bench.add_argument(
+        "--transient",
+        action="store_true",
+        help="non-durable queues and messages for every strategy (RABBITKEYS_DURABLE=false)",
+    )
+    bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
+    bench.add_argument(
+        "--scale",
+        metavar="KEYS",
+        help="instead: comma-separated live-key counts (e.g. 10000,100000) on --workers "
+        "workers; time and CPU to assign, memory per key, settling after a worker joins",
+    )
+    bench.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: start a three-node RabbitMQ cluster on localhost (needs root or the "
+        "rabbitmq user), run rabbitkeys on --workloads with classic and then quorum key "
+        "queues, print jobs/s, AMQP msg/s, broker CPU per job and memory per key (summed over "
+        "the nodes), new keys/s, key queues per node and quorum / classic; stop the cluster. "
+        "RABBITKEYS_AMQP_URL and _MANAGEMENT_URL are replaced by the cluster's; --strategies, "
+        "--partitions, --paced-messages, --rate and --plot do not apply",
+    )
+    bench.add_argument(
+        "--cluster-port-base",
+        type=int,
+        default=5740,
+        help="the cluster's ports: AMQP base+1..3, management base+10001..3, distribution "
+        "base+20001..3 (default 5740)",
+    )
+    bench.set_defaults(handler=_bench)
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from ..tools.bench import (
+        applies,
+        machine_description,
+        make_workload,
+        markdown,
+        measure_declare_rate,
+        run_strategy,
+    )
+
+    if args.scale:
+        from ..tools.bench.scale import HEADER, run_scale
+
+        rows = []
+        for keys in args.scale.split(","):
+            scaled = await run_scale(settings, keys=int(keys), workers=args.workers)
+            rows.append(scaled.markdown())
+            print(rows[-1], file=sys.stderr)
+        print(f"Machine: {machine_description()}\n\n{HEADER}")
+        print("\n".join(rows))
+        return EXIT_OK
+    if args.cluster:
+        return await _bench_cluster(settings, args)
+    args.messages = 10_000 if args.messages is None else args.messages
+    args.churn_messages = 2_000 if args.churn_messages is None else args.churn_messages
+    args.workloads = args.workloads or "bursts,interleaved,slow,churn"
+    if args.transient:
+        settings = settings.model_copy(update={"durable": False})
+    results = []
+    failures: list[str] = []
+    for workload_name in args.workloads.split(","):
+        if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
+            count = args.churn_messages
+            paced = args.paced_messages * count // max(1, args.messages)
+        else:
+            count, paced = args.messages, args.paced_messages
+        workload = make_workload(workload_name, count, paced)
+        for strategy in args.strategies.split(","):
+            if not applies(strategy, workload_name):
+                continue
+            try:
+                result = await run_strategy(
+                    strategy,
+                    workload,
+                    settings,
+                    workers=args.workers,
+                    partitions=args.partitions,
+                    work_ms=args.work_ms,
+                    rate=args.rate,
+                )
+            except (RabbitkeysError, RuntimeError, TimeoutError) as exc:
+                # one failed run must not throw away the others' figures
+                print(f"{workload_name:>11} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
+                failures.append(f"{workload_name} / {strategy}: {exc}")
+                continue
+            print(
+                f"{workload_name:>11} {strategy:>10}: {result.throughput:8,.0f} jobs/s "
+                f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
+                f"violations {result.order_violations}",
+                file=sys.stderr,
+            )
+            results.append(result)
+    declare_rate = (
+        await measure_declare_rate(settings, queues=args.churn_messages)
+        if "churn" in args.workloads
+        else None
+    )
+    print(f"Machine: {machine_description()}")
+    print(
+        f"{args.workers} worker processes, {args.messages:,} messages per run then "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
+        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
+    )
+    print(markdown(results, declare_rate=declare_rate))
+    for failure in failures:
+        print(f"\nFAILED: {failure}")
+    if args.plot:
+        from ..tools.bench.plots import write_plots
+
+        for path in write_plots(results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return EXIT_ERROR if failures else EXIT_OK
+
+
+async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:
+    from ..tools.bench import machine_description
+    from ..tools.bench.queue_types import (
+        CLUSTER_CHURN_MESSAGES,
+        CLUSTER_MESSAGES,
+        CLUSTER_WORKLOADS,
+        compare_queue_types,
+    )
+    from ..tools.rabbit_cluster import ClusterError
+
+    if args.transient:
+        print(
+            "rabbitkeys: --cluster compares durable queues: not with --transient", file=sys.stderr
+        )
+        return EXIT_USAGE
+    workloads = tuple((args.workloads or ",".join(CLUSTER_WORKLOADS)).split(","))
+    messages = CLUSTER_MESSAGES if args.messages is None else args.messages
+    churn = CLUSTER_CHURN_MESSAGES if args.churn_messages is None else args.churn_messages
+    try:
+        comparison = await compare_queue_types(
+            settings,
+            port_base=args.cluster_port_base,
+            workloads=workloads,
+            messages=messages,
+            churn_messages=churn,
+            workers=args.workers,
+            work_ms=args.work_ms,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (ClusterError, RuntimeError, TimeoutError) as exc:
+        print(
+            f"rabbitkeys: bench --cluster failed (the cluster is stopped): {exc}", file=sys.stderr
+        )
+        return EXIT_ERROR
+    print(f"Machine: {machine_description()}")
+    print(
+        f"Three RabbitMQ nodes on this host (started in {comparison.start_seconds:.0f} s), "
+        f"{args.workers} worker processes, {messages:,} messages per run (churn: {churn:,} "
+        "new keys), durable queues, persistent messages; classic then quorum key queues, "
+        "each run in a vhost of its own\n"
+    )
+    print(comparison.markdown())
+    return EXIT_OK

@@ -1,0 +1,35 @@
+"""``rabbitkeys worker``: run a worker for an app."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._settings import Settings
+from .base import EXIT_OK, SETTINGS_HELP, metrics_endpoint, on_signals
+
+
+def add_parser(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker",
+        description="Run a worker for MODULE:ATTR, a rabbitkeys.App or a "
+        "handler(message) serving job type 'default'. The app's startup hooks run first; "
+        "one that fails: exit 1 naming it, before joining. SIGINT/SIGTERM: finish and ack "
+        "in-flight messages, tell the registry, run the shutdown hooks, exit 0.",
+        epilog=SETTINGS_HELP,
+    )
+    worker.add_argument("target", metavar="MODULE:ATTR", help="the app or handler to run")
+    worker.add_argument("--id", dest="worker_id", help="worker id (default: random)")
+    worker.set_defaults(handler=_worker)
+
+
+async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .._worker.app import load_app
+    from .._worker.worker import Worker
+
+    worker = Worker(load_app(args.target), settings, worker_id=args.worker_id)
+    on_signals(worker.stop)
+    async with metrics_endpoint(settings, lambda: worker.ready):
+        await worker.run()
+    return EXIT_OK
