@@ -115,6 +115,9 @@ class Worker(Background):
         self._secret = secrets.token_hex(16)
         self._joined = False
         self.metrics = WorkerMetrics(self, metrics_registry)
+        for job_type in app.job_types:
+            # at 0 from the start, so that a rate over it has data before the first timeout
+            self.metrics.job_timeouts.labels(job_type=job_type)
         #: shared by the app's hooks and handlers (``message.context``) in this worker
         self.context = Context()
         self._executor = Executor(app, settings, self.metrics, self._stopping, self.context)
