@@ -511,8 +511,9 @@ class KeyTable(dict[str, Key]):
 
 
 class _Ledger:
-    """The records (keys and workers), what is read from them, and the one place a key
-    changes state (:meth:`_enter`). The events are :class:`KeyBook`'s."""
+    """The records (keys and workers), what is read from them, the one place a key changes
+    state (:meth:`_enter`), and the steps several event families share (placing a key,
+    declaring it, ending a retirement). The events are :class:`KeyBook`'s."""
 
     def __init__(
         self,
@@ -756,6 +757,72 @@ class _Ledger:
             return []
         return [command]
 
+    # --- declaring: an ensure's, a hold's, or once a retirement or a redrive ends ----------
+
+    def _declare(self, key: Key) -> list[Command]:
+        # how the key is held now, to go back to once declared (see _resume)
+        held = key.state in (KeyState.OWNED, KeyState.MOVING)
+        key.resume = key.state if held else KeyState.UNOWNED
+        self._enter(key, KeyState.DECLARING)
+        return [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
+
+    def _beyond_quota(self, ref: KeyRef) -> str | None:
+        """Refuse a new key once the namespace holds ``max_keys`` keys, or if it would bring
+        a job type beyond ``max_job_types``. Every key in the book counts, whatever its state
+        (one being retired until its queue is gone); keys adopted from workers or the broker
+        are never refused (their queues exist), so a lowered limit is reached again as keys
+        retire."""
+        if len(self.keys) >= self._max_keys:
+            return (
+                f"namespace {self._namespace!r} holds {len(self.keys):,} live keys, its "
+                f"limit (RABBITKEYS_MAX_KEYS={self._max_keys:,}); a key frees its place when "
+                "it is retired, after RABBITKEYS_IDLE_PERIOD without traffic"
+            )
+        if (
+            ref.job_type not in self.keys.job_types
+            and len(self.keys.job_types) >= self._max_job_types
+        ):
+            return (
+                f"namespace {self._namespace!r} has live keys of "
+                f"{len(self.keys.job_types):,} job types, its limit "
+                f"(RABBITKEYS_MAX_JOB_TYPES={self._max_job_types:,}); job type "
+                f"{ref.job_type!r} would be one more"
+            )
+        return None
+
+    def _answer(self, key: Key, routing_key: str) -> list[Command]:
+        waiters, key.waiters = key.waiters, []
+        return [Reply(w, routing_key=routing_key) for w in waiters]
+
+    # --- ending a retirement: its own outcomes, or its owner let go or gone ---------------
+
+    def _let_go_of_retiring(self, key: Key) -> list[Command]:
+        """RELEASING, and its owner let go (or is gone): delete the queue if empty, unless
+        the key was held meanwhile (then it is kept)."""
+        if self.held(key):
+            return self._end_retirement(key, [])
+        self._enter(key, KeyState.DELETING)
+        return [CheckAndDelete(key.ref.id, key.queue, key.epoch)]
+
+    def _end_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
+        if key.owner is not None and key.owner in self.workers:
+            self._enter(key, KeyState.OWNED)
+            if self.held(key):
+                commands += self._let_go(key)
+        else:
+            commands += self._place(key)
+        return self._after_retirement(key, commands)
+
+    def _after_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
+        commands.append(Rebalance())  # whatever happened, the key gets a home
+        if key.state is KeyState.REDRIVING:
+            pass  # its waiters are answered once it is bound again
+        elif key.waiters and key.routing_key is not None:  # an unbind failed: still bound
+            commands += self._answer(key, key.routing_key)
+        elif key.waiters:  # ensures waited for the retirement: bind the key again
+            commands += self._declare(key)
+        return commands
+
     def still_connected(self, worker_id: str, now: float) -> None:
         """Its heartbeats are late but its connection lives: look again later."""
         if worker_id in self.workers:
@@ -838,37 +905,6 @@ class KeyBook(_Ledger):
         key.waiters.append(waiter)
         return self._declare(key)
 
-    def _declare(self, key: Key) -> list[Command]:
-        # how the key is held now, to go back to once declared (see _resume)
-        held = key.state in (KeyState.OWNED, KeyState.MOVING)
-        key.resume = key.state if held else KeyState.UNOWNED
-        self._enter(key, KeyState.DECLARING)
-        return [DeclareAndBind(key.ref.id, key.ref, key.queue, key.epoch)]
-
-    def _beyond_quota(self, ref: KeyRef) -> str | None:
-        """Refuse a new key once the namespace holds ``max_keys`` keys, or if it would bring
-        a job type beyond ``max_job_types``. Every key in the book counts, whatever its state
-        (one being retired until its queue is gone); keys adopted from workers or the broker
-        are never refused (their queues exist), so a lowered limit is reached again as keys
-        retire."""
-        if len(self.keys) >= self._max_keys:
-            return (
-                f"namespace {self._namespace!r} holds {len(self.keys):,} live keys, its "
-                f"limit (RABBITKEYS_MAX_KEYS={self._max_keys:,}); a key frees its place when "
-                "it is retired, after RABBITKEYS_IDLE_PERIOD without traffic"
-            )
-        if (
-            ref.job_type not in self.keys.job_types
-            and len(self.keys.job_types) >= self._max_job_types
-        ):
-            return (
-                f"namespace {self._namespace!r} has live keys of "
-                f"{len(self.keys.job_types):,} job types, its limit "
-                f"(RABBITKEYS_MAX_JOB_TYPES={self._max_job_types:,}); job type "
-                f"{ref.job_type!r} would be one more"
-            )
-        return None
-
     def declared(self, key_id: str, epoch: int, routing_key: str, now: float) -> list[Command]:
         key = self._current(key_id, epoch, KeyState.DECLARING)
         if key is None:
@@ -923,10 +959,6 @@ class KeyBook(_Ledger):
             self._enter(key, KeyState.MOVING if moving else KeyState.OWNED)
             return self._let_go(key) if self.held(key) else []
         return self._place(key, fresh=fresh)
-
-    def _answer(self, key: Key, routing_key: str) -> list[Command]:
-        waiters, key.waiters = key.waiters, []
-        return [Reply(w, routing_key=routing_key) for w in waiters]
 
     # --- retiring an idle key -------------------------------------------------------------
 
@@ -996,25 +1028,6 @@ class KeyBook(_Ledger):
             fresh.waiters = waiters
             fresh.paused, fresh.parked, fresh.redrive = key.paused, key.parked, key.redrive
             commands += self._declare(fresh)
-        return commands
-
-    def _end_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
-        if key.owner is not None and key.owner in self.workers:
-            self._enter(key, KeyState.OWNED)
-            if self.held(key):
-                commands += self._let_go(key)
-        else:
-            commands += self._place(key)
-        return self._after_retirement(key, commands)
-
-    def _after_retirement(self, key: Key, commands: list[Command]) -> list[Command]:
-        commands.append(Rebalance())  # whatever happened, the key gets a home
-        if key.state is KeyState.REDRIVING:
-            pass  # its waiters are answered once it is bound again
-        elif key.waiters and key.routing_key is not None:  # an unbind failed: still bound
-            commands += self._answer(key, key.routing_key)
-        elif key.waiters:  # ensures waited for the retirement: bind the key again
-            commands += self._declare(key)
         return commands
 
     # --- workers ----------------------------------------------------------------------------
@@ -1132,14 +1145,6 @@ class KeyBook(_Ledger):
                 key.resume = KeyState.UNOWNED  # placed once declared
             # UNBINDING, GRACE: the retirement goes on with no owner to wait for
         return commands
-
-    def _let_go_of_retiring(self, key: Key) -> list[Command]:
-        """RELEASING, and its owner let go (or is gone): delete the queue if empty, unless
-        the key was held meanwhile (then it is kept)."""
-        if self.held(key):
-            return self._end_retirement(key, [])
-        self._enter(key, KeyState.DELETING)
-        return [CheckAndDelete(key.ref.id, key.queue, key.epoch)]
 
     # --- rebalancing ------------------------------------------------------------------------
 
