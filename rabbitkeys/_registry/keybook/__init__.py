@@ -1,6 +1,13 @@
 """The key book: the registry's knowledge of keys, workers and who consumes what, and the one
 home of a key's lifecycle. Pure and synchronous: it imports no AMQP library and does no I/O.
 
+Every event (an ensure, a worker's join, a queue declared, a delete's outcome...) is a method
+call on :class:`KeyBook`, handed to its family's module, that changes the book and returns
+the :data:`Command` s that follow from it; the registry (``_registry.registry``) carries them
+out and reports their outcomes back as further events. So a reader finds here, in one
+package, why a key is declared, assigned, moved or deleted, and the property tests
+(``tests/test_keybook.py``) check the rules with no broker.
+
 Its modules: ``records`` (:class:`KeyState`, :class:`Key`, :class:`KeyTable`,
 :class:`WorkerRecord`, :class:`Parked`), ``commands`` (what the registry carries out),
 ``hold_bindings`` (what a hold binding carries, written and read back), ``ledger`` (the
@@ -11,12 +18,6 @@ rebalance), ``retire`` (an idle key's retirement), ``holds`` (park, pause, skip,
 and the holds a new leader reads back), ``broker_view`` (queues the broker lists, leases,
 lost queues); and ``book`` (:class:`KeyBook`, the ledger with the events, each handed to
 its family).
-
-Every event (an ensure, a worker's join, a queue declared, a delete's outcome...) is a method
-call that changes the book and returns the :data:`Command` s that follow from it; the registry
-(``_registry.registry``) carries them out and reports their outcomes back as further events. So a
-reader finds here, in one place, why a key is declared, assigned, moved or deleted, and the
-property tests (``tests/test_keybook.py``) check the rules with no broker.
 
 A key's life (:class:`KeyState`; docs/design.md has the table)::
 
@@ -36,7 +37,7 @@ and it is never retired (a retirement that finds it held ends, keeping the key).
 recorded durably by :class:`SetHold` (bindings on ``Names.holds_exchange``) and read back by
 a new leader (:meth:`KeyBook.holds_listed`).
 
-Transitions happen only in :meth:`Ledger._enter <.ledger.Ledger._enter>`. The rules they keep:
+Transitions happen only in :meth:`.ledger.Ledger._enter`. The rules they keep:
 
 * a key has at most one owner, and a new owner is assigned a key only once the old one has
   reported it released (or is gone): never two consumers;

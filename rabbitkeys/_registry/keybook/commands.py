@@ -132,10 +132,9 @@ class SetHold:
     ``queue``, or for a whole ``job_type`` its jobs exchange, to ``Names.holds_exchange``
     with routing key ``hold`` (``HOLD_PAUSED``, ``HOLD_PARKED``, ``HOLD_REDRIVE``) and
     ``arguments`` (a removal carries the arguments the binding was made with). A key's
-    hold carries the key's text first (:data:`.hold_bindings.HOLD_KEY_ARGUMENT`,
-    :func:`.hold_bindings.hold_arguments`).
-    No event follows; a failure is logged (a registry that takes over would not know this
-    hold)."""
+    hold carries the key's text first (``hold_bindings``: :data:`HOLD_KEY_ARGUMENT`,
+    :func:`hold_arguments`). No event follows; a failure is logged (a registry that takes
+    over would not know this hold)."""
 
     hold: str
     add: bool

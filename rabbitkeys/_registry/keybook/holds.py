@@ -165,7 +165,7 @@ def resume_type(book: Ledger, job_type: str) -> list[Command]:
 
 def skip(book: Ledger, ref: KeyRef) -> list[Command]:
     """An operator skips a parked key's head: it is dead-lettered (:class:`SkipHead`),
-    then the key is resumed (:meth:`skipped`). Only once its owner has let go of it."""
+    then the key is resumed (:func:`skipped`). Only once its owner has let go of it."""
     key = book.keys.get(ref.id)
     name = f"key {ref.key!r} of job type {ref.job_type!r}"
     if key is None:

@@ -1,9 +1,10 @@
 """The key book's ledger: the records of keys and workers, what is read from them (the
 status, the holds, the leases due), the one place a key changes state
 (:meth:`Ledger._enter`), and the steps the event families share: placing a key, declaring
-it, answering its waiters, ending a retirement. It handles no event itself: each family
-(``declare``, ``members``, ``retire``, ``holds``, ``broker_view``) works on it, and
-:class:`~rabbitkeys._registry.keybook.KeyBook` is a ledger with the events."""
+it, answering its waiters, ending a retirement. The events are the families' (``declare``,
+``members``, ``retire``, ``holds``, ``broker_view``), which work on it, and
+:class:`~rabbitkeys._registry.keybook.KeyBook` is a ledger with the events; but for one
+the families share: ``queue_reachable`` (a key's queue answered a declare)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,7 @@ _HOLD_NAMES = ("paused", "parked", "type_paused", "redrive")
 
 
 class Ledger:
-    """The records (keys and workers), what is read from them, the one place a key changes
-    state (:meth:`_enter`), and the steps several event families share (placing a key,
-    declaring it, ending a retirement). The events are :class:`KeyBook`'s.
+    """What the book knows, and the steps its event families share (see the module).
 
     Its underscored methods are the book's own: the event families (the modules beside this
     one) call them on the book they are given; the registry never does."""
