@@ -6,7 +6,8 @@ of keys: they are handed on, or a retirement goes on) and ``rebalance`` (keys sp
 the workers again: moves start with a release, never two consumers).
 
 Each event is a function of the book (the :class:`~.ledger.Ledger`) returning the commands
-that follow; :class:`~rabbitkeys._registry.keybook.KeyBook` calls them."""
+that follow (``heartbeat``: whether the book knows the worker; the keys a heartbeat reports
+idle are ``retire``'s); :class:`~rabbitkeys._registry.keybook.KeyBook` calls them."""
 
 from __future__ import annotations
 
