@@ -1,8 +1,10 @@
 """The registry role: who owns which key, and every key's life from declare to delete.
 
 Core (pure, synchronous): ``keybook`` (the key book: keys, workers, holds, the key
-lifecycle), ``assignment`` (rendezvous hashing with bounded load) and ``keylist`` (a page of
-``rabbitkeys keys``).
+lifecycle; a package: its ``records`` and ``commands``, ``hold_bindings``, the ``ledger``
+and one module per event family over it, ``declare``, ``members``, ``retire``, ``holds``
+and ``broker_view``, each handed its events by ``book``), ``assignment`` (rendezvous hashing
+with bounded load) and ``keylist`` (a page of ``rabbitkeys keys``).
 Shell: ``registry`` (:class:`~rabbitkeys.Registry`, the service around the book), ``runner``
 (carries out the book's commands over AMQP), ``reconcile`` (the book checked against the
 broker), ``redrive`` (reading dead letters, putting them back, skipping a parked head) and
