@@ -7,7 +7,7 @@ call that changes the book and returns the :data:`Command` s that follow from it
 reader finds here, in one place, why a key is declared, assigned, moved or deleted, and the
 property tests (``tests/test_keybook.py``) check the rules with no broker.
 
-A key's life (:class:`KeyState`; docs/design.md has the table)::
+A key's life (:class:`KeyState`; docs/internals/registry.md has the table)::
 
     ensure ──> DECLARING ──declared──> OWNED / UNOWNED (placed on a worker, if one serves it)
                    │ declare failed: forgotten, waiters refused
