@@ -11,7 +11,7 @@ from rabbitkeys import __version__
 
 project = "rabbitkeys"
 author = "the rabbitkeys authors"
-copyright = "the rabbitkeys authors"  # noqa: A001 (the name Sphinx reads)
+copyright = "the rabbitkeys authors"
 release = __version__
 version = __version__
 

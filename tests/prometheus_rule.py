@@ -37,7 +37,8 @@ HEADER = (
 
 
 def runbook_url(alert: str) -> str:
-    """Where an alert's runbook lives: its anchor in the alerts table of ``docs/operate/alerts.md``."""
+    """Where an alert's runbook lives: its anchor in the alerts table of
+    ``docs/operate/alerts.md``."""
     return f"{RUNBOOK_BASE}#alert-{alert.lower()}"
 
 

@@ -717,7 +717,7 @@ async def test_a_registry_cannot_read_inboxes_or_reply_queues_nor_speak_for_a_wo
     await scene.unaffected()
 
 
-# --- what stays within a principal (docs/internals/admin.md, "The trust model": limits) ------------
+# --- what stays within a principal (docs/internals/admin.md, "The trust model": limits) -----------
 
 
 async def test_within_its_role_a_worker_credential_can_consume_any_key_queue(
