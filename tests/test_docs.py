@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 import rabbitkeys
+import rabbitkeys.testing
 from rabbitkeys import Registry, Settings
 from rabbitkeys._settings import ENV_PREFIX
 from rabbitkeys.tools.cluster import _settings_env
@@ -151,6 +152,15 @@ def test_the_readme_is_a_front_door_that_links_into_the_site() -> None:
         assert any(link.startswith(f"docs/{section}/") for link in linked), section
     assert {"docs/guarantees.md", "docs/benchmarks.md"} <= linked
     assert "sphinx-build -W docs docs/_build/html" in readme
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    reference = (DOCS / "reference" / "api.md").read_text()
+    documented = set(
+        re.findall(r"^\.\. auto\w+:: rabbitkeys\.(?:testing\.)?(\w+)", reference, re.M)
+    )
+    assert set(rabbitkeys.__all__) - documented == set()
+    assert set(rabbitkeys.testing.__all__) - documented == set()
 
 
 def test_the_link_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path: Path) -> None:
