@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         description="Largest body publish() accepts: at most the broker's max_message_size "
         "(RabbitMQ 4.x default 16 MiB, 3.x 128 MiB; 512 MiB is RabbitMQ's ceiling).",
     )
-    # --- publisher: batches of one key's jobs (docs/design.md, "Batches") ---
+    # --- publisher: batches of one key's jobs (docs/internals/publisher.md, "Batches") ---
     batch_max_jobs: int = Field(
         default=100,
         ge=1,
@@ -266,7 +266,7 @@ class Settings(BaseSettings):
             raise PydanticCustomError("config", str(exc)) from None
         return self
 
-    # --- quotas: what a namespace and a worker may hold (README "Limits") ---
+    # --- quotas: what a namespace and a worker may hold (docs/guarantees.md, "Limits") ---
     max_keys: int = Field(
         default=50_000,
         ge=1,

@@ -10,7 +10,8 @@ which ``tests/test_deploy.py`` compares with a fresh run::
         deploy/kubernetes/components/prometheusrule/prometheusrule.yaml
 
 Every alert gets a ``runbook_url`` (kube-prometheus convention) pointing at its anchor in
-the README's alerts table, unless the rule already sets one.
+the alerts table of the documentation (``docs/operate/alerts.md``), unless the rule already
+sets one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml  # type: ignore[import-untyped]
 
 __all__ = ["RUNBOOK_BASE", "main", "prometheus_rule", "render", "runbook_url"]
 
-RUNBOOK_BASE = "https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md"
+RUNBOOK_BASE = "https://github.com/rabbitkeys/rabbitkeys/blob/main/docs/operate/alerts.md"
 DEFAULT_ALERTS = Path("grafana") / "alerts.yaml"
 HEADER = (
     "# GENERATED from grafana/alerts.yaml by `python -m tests.prometheus_rule`:\n"
@@ -36,7 +37,8 @@ HEADER = (
 
 
 def runbook_url(alert: str) -> str:
-    """Where an alert's runbook lives: its anchor in the README's alerts table."""
+    """Where an alert's runbook lives: its anchor in the alerts table of
+    ``docs/operate/alerts.md``."""
     return f"{RUNBOOK_BASE}#alert-{alert.lower()}"
 
 

@@ -60,7 +60,7 @@ def test_round_trip_gives_each_job_the_headers_of_a_plain_message() -> None:
 
 
 def test_the_format_is_plain_struct_packing() -> None:
-    """What docs/design.md documents, written by hand as another language would."""
+    """What docs/internals/publisher.md documents, written by hand as another language would."""
     by_hand = (
         struct.pack(">QQB", 5, 6, 4) + b"text" + b"\x00\x00\x00\x00" + struct.pack(">I", 2) + b"hi"
     )

@@ -1,4 +1,4 @@
-"""rabbitkeys on a three-node RabbitMQ cluster (docs/design.md, "On a RabbitMQ cluster").
+"""rabbitkeys on a three-node RabbitMQ cluster (docs/internals/broker.md, "On a RabbitMQ cluster").
 
 Key queues spread over the nodes; a key whose classic queue is on a node that is down
 waits for it (its publishes wait up to their publish timeout, then fail as documented;

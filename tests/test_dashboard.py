@@ -294,15 +294,15 @@ def test_event_counts_do_not_overlap() -> None:
 
 def test_alerts_are_scoped_by_namespace_and_link_their_runbook() -> None:
     text = ALERTS.read_text()
-    readme = (ROOT / "README.md").read_text()
+    runbooks = (ROOT / "docs" / "operate" / "alerts.md").read_text()
     rules = re.split(r"\n      - alert: ", text)[1:]
     assert len(rules) >= 11
     for rule in rules:
         name = rule.split()[0]
         anchor = f"alert-{name.lower()}"
-        url = f"https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md#{anchor}"
+        url = f"https://github.com/rabbitkeys/rabbitkeys/blob/main/docs/operate/alerts.md#{anchor}"
         assert f"runbook_url: {url}\n" in rule, name
-        assert f'<a id="{anchor}"></a>' in readme, name
+        assert f'<a id="{anchor}"></a>' in runbooks, name
         expr = rule.split("expr:", 1)[1].split("\n        for:")[0].split("\n        labels:")[0]
         aggregations = _AGGREGATION.findall(expr)
         # up keeps its target's labels, namespace among them

@@ -1371,7 +1371,7 @@ def test_prometheus_rule_is_in_sync_with_the_alerts() -> None:
                 },
             }
             assert url == (
-                "https://github.com/rabbitkeys/rabbitkeys/blob/main/README.md"
+                "https://github.com/rabbitkeys/rabbitkeys/blob/main/docs/operate/alerts.md"
                 f"#alert-{made['alert'].lower()}"
             )
 

@@ -24,7 +24,7 @@ def hold() -> OwnedKey:
 
 
 def test_the_transitions_are_the_documented_ones() -> None:
-    """The table in docs/design.md ("A worker's hold on a key")."""
+    """The table in docs/internals/worker.md ("A worker's hold on a key")."""
     assert {(old, new) for old, targets in TRANSITIONS.items() for new in targets} == {
         (A, C),  # consume-ok
         (A, RD),  # the consume was refused, or the session ended

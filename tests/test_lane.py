@@ -487,7 +487,7 @@ def test_every_interleaving_keeps_call_order_settles_each_message_once_and_ends_
             assert "the broker refused" not in str(caller.answers[0]), caller.answers[0]
     # A nack lost with its connection leaves the publisher sending that message again after
     # later ones the broker took: beyond any lane (it never hears of the nack), so those
-    # messages are left out of the order check (docs/design.md, "Known limits").
+    # messages are left out of the order check (docs/internals/index.md, "Known limits").
     nacked = {
         entry.sequence
         for records in world.records.values()

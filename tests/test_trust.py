@@ -7,7 +7,7 @@ Each attempt is refused by the broker (ACCESS_REFUSED, PRECONDITION_FAILED) or b
 runtime (counted per reason on ``refused`` and in
 ``rabbitkeys_refused_control_messages_total``), and afterwards order, ownership (which
 worker consumes which key), leadership and data (every confirmed victim message handled once,
-in order) are as before. docs/design.md, "The trust model", points here claim by claim.
+in order) are as before. docs/internals/admin.md, "The trust model", points here claim by claim.
 """
 
 from __future__ import annotations
@@ -717,7 +717,7 @@ async def test_a_registry_cannot_read_inboxes_or_reply_queues_nor_speak_for_a_wo
     await scene.unaffected()
 
 
-# --- what stays within a principal (docs/design.md, "The trust model": limits) ------------
+# --- what stays within a principal (docs/internals/admin.md, "The trust model": limits) -----------
 
 
 async def test_within_its_role_a_worker_credential_can_consume_any_key_queue(

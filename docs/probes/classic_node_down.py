@@ -1,5 +1,5 @@
 # Probe: what a RabbitMQ cluster answers about a *classic* queue whose node is down, and
-# what it is once the node is back (4.0.5 differs from 3.10.8 here: docs/design.md "On a
+# what it is once the node is back (4.0.5 differs from 3.10.8 here: docs/internals/broker.md "On a
 # RabbitMQ cluster"). Runs against a cluster that is up (it never starts or stops one):
 #
 #   python -m rabbitkeys.tools.rabbit_cluster start --port-base 5740 [--root R]

@@ -7,7 +7,7 @@
 #
 # Prints, per node: the publish outcomes during the outage and after the return, the
 # declare errors for a queue on the lost node, the consumer cancels, and at the end per
-# queue: confirmed, received, still queued. Measured on 3.10.8 (docs/design.md, "On a
+# queue: confirmed, received, still queued. Measured on 3.10.8 (docs/internals/broker.md, "On a
 # RabbitMQ cluster"): classic: in-flight publishes nacked, later ones returned unrouted,
 # declares refused "home node ... is down or inaccessible", consumers cancelled, queues back
 # with messages and bindings; quorum: nothing nacked or cancelled, a new leader in ~1 s.

@@ -11,7 +11,7 @@ Control traffic travels on named exchanges, one per direction, so that write per
 an exchange *is* the role that may send on it (write access to the default exchange would
 reach every queue: no role gets it). Each role configures only its own queues, so no
 role can delete, squat or bind another's. The table, with the reasons per row, is in
-docs/design.md ("The trust model"); tests/test_trust.py tries each line against the broker.
+docs/internals/admin.md ("The trust model"); tests/test_trust.py tries each line against the broker.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def permissions_for(role: Role, names: Names) -> Permissions:
         return Permissions(
             # its own exclusive inbox; key queues only passively (no right needed up to
             # RabbitMQ 4.2.5, its read from 4.2.7 and 4.3.1; 4.2.6 and 4.3.0 ask configure:
-            # docs/design.md, "Passive declares")
+            # docs/internals/admin.md, "Passive declares")
             configure=_only(ns, rf"worker\.{_WORKER_ID}"),
             # membership reports, dead letters; binding its inbox to the commands exchange
             write=_only(ns, "membership", "dead-letters", rf"worker\.{_WORKER_ID}"),

@@ -32,7 +32,7 @@ def _warn_if_guest(settings: Settings) -> None:
         _log.warning(
             "connected as 'guest', an administrator: any process with this login can do "
             "anything to the namespace; fine for trying rabbitkeys, not for production "
-            "(README, 'Per-role users': rabbitkeys users create)"
+            "(docs/operate/users.md: rabbitkeys users create)"
         )
 
 

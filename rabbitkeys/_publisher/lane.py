@@ -56,7 +56,7 @@ sent again). With ``batch_linger`` > 0 a lane with fewer than
 
 Why a returned message can be put back in its place: every binding the registry makes gets a
 fresh routing key, so once one message on a routing key comes back, every later message on
-it comes back too (docs/design.md, "Routing keys are fenced").
+it comes back too (docs/internals/wire.md, "Routing keys are fenced").
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ calls overlap. Each key has a lane:
 * steady (ROUTED): the lane knows the routing key of the key's binding; a publish is written
   to the channel at once (frames leave in call order) unless ``max_in_flight_per_key`` of the
   key's messages await their confirm: then it waits, and what waits leaves as one batch (one
-  AMQP message, docs/design.md "Batches") when one is confirmed. Publishes pipeline across
-  keys, and within a key up to that bound;
+  AMQP message, docs/internals/publisher.md "Batches") when one is confirmed. Publishes
+  pipeline across keys, and within a key up to that bound;
 * waiting (UNROUTED, ENSURING, DRAINING): the lane has no routing key yet (first use) or lost
   it (a message came back with ``basic.return``). New publishes queue up behind the returned
   ones; once every message in flight on the lane is settled, the lane asks the registry to

@@ -345,7 +345,7 @@ class Reconciler:
         (a kill -9 is noticed in milliseconds, not after ``worker_timeout``).
 
         The plugin publishes the events of every vhost into ``amq.rabbitmq.event`` of one
-        vhost (``event_exchange.vhost``, default ``/``; docs/design.md, "Virtual hosts"):
+        vhost (``event_exchange.vhost``, default ``/``; docs/internals/index.md, "Virtual hosts"):
         in any other vhost the exchange does not exist and only heartbeats tell."""
         channel = await open_channel(self._connection)  # closed by NOT_FOUND: its own number
         try:

@@ -79,7 +79,7 @@ log = logging.getLogger("rabbitkeys.registry")
 
 #: Channels the registry declares and binds key queues on. A channel carries one call at a
 #: time (the client waits for each answer), so new keys are declared this many at a time;
-#: the broker's own declare rate levels off around 16 (docs/design.md, "A new key").
+#: the broker's own declare rate levels off around 16 (docs/internals/registry.md, "A new key").
 DECLARE_CHANNELS = 32
 
 #: Tries to finish a redrive's rearrangement that was cut with the key queue changed.
@@ -303,7 +303,7 @@ class CommandRunner:
         and the delete. It is unbound, the grace for messages routed before the unbind is
         over, the registry is the only party that binds it, and no worker may consume it
         (the book assigns a retiring key to nobody, and its last owner settled every
-        delivery before it cancelled: docs/design.md, "Retiring a quorum key queue")."""
+        delivery before it cancelled: docs/internals/broker.md, "Retiring a quorum key queue")."""
         if self._settings.queue_type == "quorum":
             await channel.queue_delete(queue)
         else:

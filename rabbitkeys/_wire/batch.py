@@ -2,8 +2,9 @@
 and out. What goes around the body (the batch's headers) is in :mod:`.envelope`.
 
 A publisher sends the jobs of one key that are waiting in its lane as one message when there
-are several (docs/design.md, "Batches"): the broker then stores, indexes, delivers and acks
-one message for many jobs, and per-key order is free (they are one key's jobs, in order).
+are several (docs/internals/publisher.md, "Batches"): the broker then stores, indexes,
+delivers and acks one message for many jobs, and per-key order is free (they are one key's
+jobs, in order).
 
 Format version 1, written so that a publisher in any language can produce it: the body is
 the jobs one after the other, each a record of

@@ -1,6 +1,6 @@
 """Who may send what: the one home of checking a control message's sender. Pure.
 
-The broker enforces two facts (docs/design.md, "The trust model"): only a role's users may
+The broker enforces two facts (docs/internals/admin.md, "The trust model"): only a role's users may
 write on that role's control exchange (:mod:`rabbitkeys._admin.permissions`), and a message's
 ``user_id`` is the user its connection logged in as (it closes the channel of any other). So the
 exchange a message came through names the sender's role, and ``user_id`` names the sender:

@@ -1,6 +1,6 @@
 """Names and arguments of every exchange and queue rabbitkeys uses, shared by all parties.
 
-Who may do what to a key queue (the lifecycle protocol, see docs/design.md):
+Who may do what to a key queue (the lifecycle protocol, see docs/internals/wire.md):
 
 * the **registry** declares it, binds and unbinds it, and is the only party that deletes it;
 * a **worker** checks it with a passive declare before it consumes, so that a consume never
@@ -215,7 +215,8 @@ def key_queue_durable(durable: bool, broker: tuple[int, int]) -> bool:
 #: The operator policy that lifts RabbitMQ 4's delivery limit from quorum queues declared
 #: without ``x-delivery-limit`` (by an earlier rabbitkeys, or on RabbitMQ 3.x before an
 #: upgrade): ``rabbitmqctl set_operator_policy`` with this name and definition, applied to
-#: quorum queues whose name starts with the namespace (README, "Upgrading to RabbitMQ 4").
+#: quorum queues whose name starts with the namespace (docs/operate/versions.md, "Upgrading
+#: to RabbitMQ 4").
 UNLIMITED_DELIVERIES_POLICY = ("rabbitkeys-unlimited-deliveries", {"delivery-limit": -1})
 
 

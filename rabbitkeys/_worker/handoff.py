@@ -9,7 +9,7 @@ task per key hands them to the executor (:mod:`.execution`) one after the other.
 
 Letting go of a key (a rebalance, a retirement, a shutdown, the broker cancelling our
 consumer) never breaks its order, and the next owner starts only after this one has let go
-(see docs/design.md, "Handoff"):
+(see docs/internals/worker.md, "Handoff"):
 
 1. the runner finishes the delivery it is handling (every job of a batch) and acks it;
 2. the consumer stops: deliveries already on their way land in the buffer;

@@ -42,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``rabbitkeys`` parser, every command on it: what ``main`` parses with, and
+    what the documentation's CLI reference (``docs/reference/cli.md``) renders."""
+    return _parser()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rabbitkeys",

@@ -24,7 +24,7 @@ def add_parser(commands: Any) -> None:
         help="the per-role RabbitMQ users of a namespace: show, create, delete",
         description="A publisher, a worker and a registry each connect as their own "
         "RabbitMQ user, with permissions that let each do its part and nothing more "
-        "(docs/design.md, 'The trust model'). Users are named <namespace>-publisher, "
+        "(docs/internals/admin.md, 'The trust model'). Users are named <namespace>-publisher, "
         "<namespace>-worker and <namespace>-registry unless given.",
         epilog=SETTINGS_HELP,
     )

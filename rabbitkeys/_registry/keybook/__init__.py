@@ -19,7 +19,7 @@ and the holds a new leader reads back), ``broker_view`` (queues the broker lists
 lost queues); and ``book`` (:class:`KeyBook`, the ledger with the events, each handed to
 its family).
 
-A key's life (:class:`KeyState`; docs/design.md has the table)::
+A key's life (:class:`KeyState`; docs/internals/registry.md has the table)::
 
     ensure ──> DECLARING ──declared──> OWNED / UNOWNED (placed on a worker, if one serves it)
                    │ declare failed: forgotten, waiters refused

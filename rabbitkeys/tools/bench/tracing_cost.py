@@ -14,8 +14,8 @@ The publisher calls ``publish_span`` once per ``publish()`` (``start_publish`` a
   them), the cost of tracing on, for scale.
 
 The figures are microseconds per job, the fastest of ``--rounds``; set them beside the
-worker's and publisher's CPU per job (``worker_cost``, docs/design.md "Batches": 40 to 330
-microseconds).
+worker's and publisher's CPU per job (``worker_cost``, docs/internals/publisher.md "Batches":
+40 to 330 microseconds).
 """
 
 from __future__ import annotations
