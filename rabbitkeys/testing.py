@@ -15,13 +15,14 @@ a time, in publish order per key, keys concurrently up to ``settings.concurrency
 at once, ``def`` handlers in a thread pool of ``settings.sync_handler_threads``, the app's
 middleware around each attempt within its time limit (``job_timeout``, or the job type's
 ``timeout=``: a :class:`~rabbitkeys.JobTimeoutError`, for real, not simulated), the retry
-policy of the settings (``max_retries``,
-``retry_backoff``, ``retry_backoff_max``: the real
-:class:`~rabbitkeys._worker.retry.RetryPolicy`), and after
+policy of the settings (``max_retries``, ``retry_backoff``, ``retry_backoff_max``), and after
 the last attempt the job type's ``on_failure``: dead-letter it and go on, or park the key
-(:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). A body that does not fit the
-handler's declared type fails at once (no retry): dead-lettered, or parked for a job type
-that parks; a job type without a handler is dead-lettered at once.
+(:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). Not a copy of the worker: a
+job runs in the worker's own job-run core (:mod:`rabbitkeys._worker.job_run`) and calls its
+handler as the worker does (:func:`~rabbitkeys._worker.execution.call_handler`); only the
+edges differ, the ports this module gives the core (:class:`_JobPorts`). A body that does
+not fit the handler's declared type fails at once (no retry): dead-lettered, or parked for a
+job type that parks; a job type without a handler is dead-lettered at once.
 ``publish`` has :meth:`Publisher.publish <rabbitkeys.Publisher.publish>`'s signature and
 encodes payloads and headers the same way (:mod:`rabbitkeys._wire.payload`,
 :mod:`rabbitkeys._wire.envelope`), so a handler sees the same :class:`~rabbitkeys.Message`

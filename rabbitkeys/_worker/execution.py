@@ -361,13 +361,14 @@ async def call_handler(
     first registered outermost, :func:`~.job_run.chain`), within its time ``limit``; in
     ``thread`` (taken from ``threads``) for a ``def`` handler. What the handler returned.
     Used by the :class:`Executor` and by ``rabbitkeys.testing.InMemoryWorker``."""
-    if thread is None and not app.middlewares:
+    middlewares = app.middlewares
+    if thread is None and not middlewares:
         # the common case, without a call between
         return await deadlines.within(limit, route.function(message), route, message.job_type)
     innermost: CallNext = functools.partial(_call, route, limit, deadlines, threads, thread)
     return await deadlines.within(
         None if limit is None else limit + MIDDLEWARE_GRACE,
-        chain(app.middlewares, innermost)(message),
+        chain(middlewares, innermost)(message),
         route,
         message.job_type,
     )
