@@ -15,13 +15,14 @@ a time, in publish order per key, keys concurrently up to ``settings.concurrency
 at once, ``def`` handlers in a thread pool of ``settings.sync_handler_threads``, the app's
 middleware around each attempt within its time limit (``job_timeout``, or the job type's
 ``timeout=``: a :class:`~rabbitkeys.JobTimeoutError`, for real, not simulated), the retry
-policy of the settings (``max_retries``,
-``retry_backoff``, ``retry_backoff_max``: the real
-:class:`~rabbitkeys._worker.retry.RetryPolicy`), and after
+policy of the settings (``max_retries``, ``retry_backoff``, ``retry_backoff_max``), and after
 the last attempt the job type's ``on_failure``: dead-letter it and go on, or park the key
-(:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). A body that does not fit the
-handler's declared type fails at once (no retry): dead-lettered, or parked for a job type
-that parks; a job type without a handler is dead-lettered at once.
+(:meth:`InMemoryWorker.resume`, :meth:`InMemoryWorker.skip`). Not a copy of the worker: a
+job runs in the worker's own job-run core (:mod:`rabbitkeys._worker.job_run`) and calls its
+handler as the worker does (:func:`~rabbitkeys._worker.execution.call_handler`); only the
+edges differ, the ports this module gives the core (:class:`_JobPorts`). A body that does
+not fit the handler's declared type fails at once (no retry): dead-lettered, or parked for a
+job type that parks; a job type without a handler is dead-lettered at once.
 ``publish`` has :meth:`Publisher.publish <rabbitkeys.Publisher.publish>`'s signature and
 encodes payloads and headers the same way (:mod:`rabbitkeys._wire.payload`,
 :mod:`rabbitkeys._wire.envelope`), so a handler sees the same :class:`~rabbitkeys.Message`
@@ -53,18 +54,18 @@ from ._publisher.publisher import encode_body
 from ._settings import Settings
 from ._wire.envelope import Envelope, dead_letter_headers, encode_envelope, jobs_of
 from ._wire.topology import DEFAULT_JOB_TYPE, KeyRef
-from ._worker.app import App, CallNext, Context, Hook, Message, Route, hook_name, is_async
-from ._worker.execution import (
-    MIDDLEWARE_GRACE,
-    Deadlines,
-    HandlerThreads,
-    _Thread,
-    _wrap,
-    prepared_payload,
+from ._worker.app import App, Context, Hook, Message, Route, hook_name, is_async
+from ._worker.execution import Deadlines, HandlerThreads, call_handler, time_limit
+from ._worker.job_run import (
+    Decide,
+    Failure,
+    JobEnd,
+    JobToRun,
+    Park,
     route_of,
-    time_limit,
+    run_attempts,
 )
-from ._worker.retry import DeadLetter, RetryPolicy
+from ._worker.retry import RetryPolicy
 
 __all__ = ["InMemoryWorker", "JobRecord", "JobState", "JobsFailedError", "run_jobs"]
 
@@ -439,72 +440,22 @@ class InMemoryWorker:
             line.jobs.popleft()
 
     async def _handle(self, job: JobRecord) -> bool:
-        """Run a job's attempts as the retry policy says; False if it parks its key."""
-        route = route_of(self.app, job.job_type)
-        prepared = prepared_payload(route, job.body, job.content_type)
+        """Run a job's attempts in the worker's own job-run core; False if it parks its key."""
         assert job._envelope is not None
-        envelope = job._envelope
         job._move(JobState.RUNNING)
         job.attempts = 0
-        while True:
-            job.attempts += 1
-            if isinstance(prepared, Exception):
-                error: Exception | None = prepared  # not retried: the policy says so
-            else:
-                assert isinstance(route, Route)
-                message: Message[Any] = Message(
-                    key=job.key,
-                    job_type=job.job_type,
-                    body=job.body,
-                    headers=envelope.headers,
-                    publisher_id=envelope.publisher_id,
-                    sequence=envelope.sequence,
-                    attempt=job.attempts,
-                    redelivered=False,
-                    user_id=envelope.user_id,
-                    payload=prepared,
-                    content_type=job.content_type,
-                    context=self.context,
-                )
-                error = await self._attempt(route, message, job)
-            if error is None:
+        to_run = JobToRun(job._envelope, job.body, job.content_type, job.key, job.job_type, False)
+        match await run_attempts(route_of(self.app, job.job_type), to_run, _JobPorts(self, job)):
+            case JobEnd.HANDLED:
                 job._move(JobState.HANDLED)
                 self.handled.append(job)
-                return True
-            job.errors.append(error)
-            step = self.policy.after_failure(job.attempts, error)
-            if isinstance(step, DeadLetter):
-                # As the worker: a job type that parks parks whatever failed, a body that
-                # does not fit too (at once: no retry changes it; an operator skips it or
-                # resumes once the handler accepts it); no handler: dead-lettered.
-                parks = isinstance(route, Route) and route.on_failure == "park"
-                log.error(
-                    "key %r of %s: %s after %d attempt(s): %s",
-                    job.key,
-                    job.job_type,
-                    "parking" if parks else "dead-lettering",
-                    job.attempts,
-                    _describe(error),
-                )
-                if parks:
-                    job._move(JobState.PARKED)
-                    return False
-                job._move(JobState.DEAD_LETTERED)
-                self._record_dead_letter(job, error)
-                return True
-            log.warning(
-                "key %r of %s: attempt %d failed, retrying in %.2fs: %s",
-                job.key,
-                job.job_type,
-                job.attempts,
-                step.delay,
-                _describe(error),
-            )
-            job.backoffs.append(step.delay)
-            job._move(JobState.RETRYING)
-            # outside the slot, as in a worker: other keys run meanwhile
-            await asyncio.sleep(step.delay if self._sleep_backoff else 0)
-            job._move(JobState.RUNNING)
+            case Failure(error=error, step=Park(attempts=attempts)):
+                job.errors.append(error)
+                job.attempts = attempts
+                _log_end(job, "parking", error)
+                job._move(JobState.PARKED)
+                return False
+        return True  # handled or dead-lettered (nothing stops it in memory)
 
     def _dead_letter(self, job: JobRecord, error: BaseException) -> None:
         job._move(JobState.DEAD_LETTERED)
@@ -517,49 +468,87 @@ class InMemoryWorker:
         )
         self.dead_letters.append(job)
 
-    async def _attempt(
-        self, route: Route, message: Message[Any], job: JobRecord
-    ) -> Exception | None:
+
+def _log_end(job: JobRecord, what: str, error: BaseException) -> None:
+    log.error(
+        "key %r of %s: %s after %d attempt(s): %s",
+        job.key,
+        job.job_type,
+        what,
+        job.attempts,
+        _describe(error),
+    )
+
+
+class _JobPorts:
+    """The in-memory worker's ports for one run of a job (the job-run core's
+    :class:`~rabbitkeys._worker.job_run.Ports`): the worker's concurrency slots, threads and
+    time limits, as a worker's; the job's record written as it goes; the backoff recorded,
+    slept only with ``sleep_backoff``; the dead letter kept in a list."""
+
+    __slots__ = ("_record", "_worker", "context", "policy")
+
+    def __init__(self, worker: InMemoryWorker, record: JobRecord) -> None:
+        self._worker = worker
+        self._record = record
+        self.policy = worker.policy
+        self.context = worker.context
+
+    async def attempt(
+        self, job: JobToRun, route: Route, message: Message[Any], decide: Decide
+    ) -> Failure | None:
         """One call through the middleware in a concurrency slot (a sync handler takes a
-        thread first, as in a worker), within its time limit; what it raised, if anything."""
-        assert self._slots is not None and self._handler_threads is not None
-        threads = self._handler_threads
-        limit = time_limit(route, self.settings.job_timeout)
+        thread first, as in a worker), within its time limit."""
+        worker, record = self._worker, self._record
+        assert worker._slots is not None and worker._handler_threads is not None
+        record.attempts = message.attempt
+        threads = worker._handler_threads
+        limit = time_limit(route, worker.settings.job_timeout)
         thread = None if route.is_async else await threads.take(job.job_type, job.key)
         try:
-            async with self._slots:
-                self.in_flight += 1
-                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            async with worker._slots:
+                worker.in_flight += 1
+                worker.most_in_flight = max(worker.most_in_flight, worker.in_flight)
                 try:
-                    call: CallNext = functools.partial(self._call, route, limit, thread)
-                    for middleware in reversed(self.app.middlewares):
-                        call = _wrap(middleware, call)
-                    outer = None if limit is None or not self.app.middlewares else limit
-                    job.result = await self._deadlines.within(
-                        None if outer is None else outer + MIDDLEWARE_GRACE,
-                        call(message),
-                        route,
-                        job.job_type,
+                    record.result = await call_handler(
+                        worker.app, route, message, limit, worker._deadlines, threads, thread
                     )
                 except Exception as exc:
-                    return exc
+                    return decide(exc)
                 finally:
-                    self.in_flight -= 1
+                    worker.in_flight -= 1
         finally:
             if thread is not None:
                 threads.give_back(thread, route.name)
         return None
 
-    async def _call(
-        self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
-    ) -> Any:
-        if thread is None:
-            return await self._deadlines.within(
-                limit, route.function(message), route, message.job_type
-            )
-        assert self._handler_threads is not None
-        run = self._handler_threads.run(thread, route, message)
-        return await self._deadlines.within(limit, run, route, message.job_type)
+    def on_retry(self, job: JobToRun, attempt: int, error: Exception, delay: float) -> None:
+        record = self._record
+        record.errors.append(error)
+        record.attempts = attempt
+        log.warning(
+            "key %r of %s: attempt %d failed, retrying in %.2fs: %s",
+            job.key,
+            job.job_type,
+            attempt,
+            delay,
+            _describe(error),
+        )
+        record.backoffs.append(delay)
+        record._move(JobState.RETRYING)
+
+    async def wait(self, delay: float) -> bool:
+        # outside the slot, as in a worker: other keys run meanwhile
+        await asyncio.sleep(delay if self._worker._sleep_backoff else 0)
+        self._record._move(JobState.RUNNING)
+        return False  # nothing cuts it: close() cancels the runner instead
+
+    async def dead_letter(self, job: JobToRun, error: Exception, attempts: int) -> None:
+        record = self._record
+        record.errors.append(error)
+        record.attempts = attempts
+        _log_end(record, "dead-lettering", error)
+        self._worker._dead_letter(record, error)
 
 
 def run_jobs(

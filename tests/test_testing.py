@@ -12,6 +12,9 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 from pydantic import BaseModel
 
 from rabbitkeys import (
@@ -25,9 +28,22 @@ from rabbitkeys import (
     Settings,
     StartupError,
 )
-from rabbitkeys._wire.envelope import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_KEY, HEADER_WORKER
+from rabbitkeys._wire.envelope import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_KEY,
+    HEADER_WORKER,
+    encode_envelope,
+)
 from rabbitkeys._wire.payload import JSON, TEXT
+from rabbitkeys._wire.protocol import KeyAssignment
+from rabbitkeys._wire.topology import KeyRef, Names
+from rabbitkeys._worker.dedup import SequenceHistory
+from rabbitkeys._worker.execution import Park
+from rabbitkeys._worker.job_run import error_text
 from rabbitkeys.testing import InMemoryWorker, JobsFailedError, JobState, run_jobs
+
+from .test_execution import executor
 
 #: a backoff no test could wait out: retries must not sleep it
 AN_HOUR = 3600.0
@@ -308,6 +324,37 @@ async def test_a_parked_key_waits_in_order_then_resume_retries_its_head_with_fre
     assert first.attempts == 1  # fresh attempts after the resume
     assert len(first.errors) == 2  # the two failed ones before it are kept
     assert [c[2] for c in handler.calls if c[0] == "order 1" and c[1] == b"pay"] == [1, 2, 1]
+
+
+async def test_the_in_memory_worker_decides_as_a_worker_in_the_same_job_run_core() -> None:
+    """The same job of a parking job type, run by a worker's executor (fed the delivery by
+    hand) and by the in-memory worker: the same attempts, backoffs and park, from the one
+    job-run core (``rabbitkeys._worker.job_run``) each wires its own ports to."""
+    handler = Failing()
+    app = parking_app(handler)
+    values = {"max_retries": 2, "retry_backoff": 0.0, "retry_backoff_max": 0.0}
+    run = executor(app, asyncio.Event(), **values)
+    ref = KeyRef.of("order 1", "orders")
+    assignment = KeyAssignment(
+        key_id=ref.id, job_type="orders", key=ref.key, queue=Names("ns").key_queue(ref)
+    )
+    properties = encode_envelope(ref, publisher_id="p", sequence=1, delivery_mode=2)
+    delivered = DeliveredMessage(
+        delivery=spec.Basic.Deliver("ctag", 1, False, "", "q"),
+        header=ContentHeader(0, 3, properties),
+        body=b"pay",
+        channel=None,  # type: ignore[arg-type]  # the executor never touches it
+    )
+    park = await run.execute(assignment, SequenceHistory(), delivered)
+    by_worker = list(handler.calls)
+    handler.calls.clear()
+    async with InMemoryWorker(app, Settings.model_construct(**values)) as worker:
+        job = await worker.publish("order 1", b"pay", job_type="orders")
+        await worker.join(check=False)
+    assert handler.calls == by_worker == [("order 1", b"pay", n) for n in (1, 2, 3)]
+    assert job.error is not None
+    assert park == Park(error_text(job.error), job.attempts, job_index=0)
+    assert job.state is JobState.PARKED and job.backoffs == [0.0, 0.0]
 
 
 async def test_a_resumed_job_that_fails_again_parks_again_and_is_reported_again() -> None:

@@ -1,6 +1,7 @@
-"""OpenTelemetry tracing (``rabbitkeys[otel]``, rabbitkeys/_observe/tracing.py) against the real
-broker: a job's ``handle`` span continues the trace of the ``publish()`` call that sent it (also in
-a batch, each job its own caller's trace; also from the sync publisher), the ``wait`` span
+"""OpenTelemetry tracing (``rabbitkeys[otel]``: rabbitkeys/_observe/tracing.py, and the worker's
+spans in rabbitkeys/_worker/tracing.py) against the real broker: a job's ``handle`` span
+continues the trace of the ``publish()`` call that sent it (also in a batch, each job its own
+caller's trace; also from the sync publisher), the ``wait`` span
 starts at the job's published-at, failed attempts are ERROR spans, and the application's
 spans in a handler (async, or a ``def`` in its thread) nest under ``handle``.
 
@@ -270,6 +271,7 @@ def test_without_opentelemetry_installed_every_function_is_a_no_op() -> None:
         sys.modules["opentelemetry"] = None  # as if the extra were not installed
         from rabbitkeys._observe import tracing as _tracing
         from rabbitkeys._wire.topology import KeyRef
+        from rabbitkeys._worker.tracing import handle_span
 
         ref = KeyRef.of("k", "default")
         headers = {"a": 1}
@@ -279,8 +281,8 @@ def test_without_opentelemetry_installed_every_function_is_a_no_op() -> None:
         assert _tracing.start_publish("ns", ref, headers) == (None, headers)
         _tracing.inject(headers)
         assert headers == {"a": 1}
-        with _tracing.handle_span(None, 0) as span:  # not even looked at
-            span.failed(RuntimeError(), None, None)
+        with handle_span(None, 0) as span:  # not even looked at
+            span.failed(RuntimeError(), None)
         assert "opentelemetry.trace" not in sys.modules
         print("ok")
         """

@@ -1,6 +1,7 @@
-"""OpenTelemetry tracing, the optional extra ``rabbitkeys[otel]``: the one home of it. No other
-module imports opentelemetry; they call the functions here, which cost next to nothing when
-tracing is off.
+"""OpenTelemetry tracing, the optional extra ``rabbitkeys[otel]``: the shared plumbing, and the
+publisher's span. No other module imports opentelemetry; they call the functions here, which
+cost next to nothing when tracing is off. The worker's spans are built on this plumbing by
+the worker (:mod:`rabbitkeys._worker.tracing`); this module imports no role.
 
 Tracing is on once ``opentelemetry`` (the API) is importable and the application has set a
 tracer provider (``trace.set_tracer_provider(...)``, the SDK's usual setup). Without the
@@ -14,16 +15,8 @@ What it traces, per job:
   job's headers get the W3C trace context of that span (``traceparent``, ``tracestate``,
   and ``baggage``: whatever the global propagator writes), per job, also for a job that
   travels in a batch (each record carries its own application headers).
-* ``wait <job_type>`` (INTERNAL), in the worker, from the job's ``x-rabbitkeys-published-at``
-  to the start of its handler's first attempt: the time the job waited (in the publisher's
-  lane, the broker, the key's order), the interval of ``rabbitkeys_end_to_end_latency``. Its
-  start is the publisher's clock, its end the worker's.
-* ``handle <job_type>`` (CONSUMER), in the worker, one per attempt, a child of the context
-  the job's headers carry; the handler and the middleware run in it (a ``def`` handler in
-  its thread too), so the application's spans nest under it.
-
-A job whose headers carry no trace context (published without tracing, or by something else)
-gets a ``handle`` span that starts a trace of its own.
+* in the worker, ``wait <job_type>`` and ``handle <job_type>``, children of the context the
+  job's headers carry (:func:`extract`): see :mod:`rabbitkeys._worker.tracing`.
 """
 
 from __future__ import annotations
@@ -31,16 +24,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from .._wire.topology import Names
 
 if TYPE_CHECKING:
     from .._wire.topology import KeyRef
-    from .._worker.app import Message, Route
-    from .._worker.retry import RetryPolicy
 
 try:
     from opentelemetry import context as _context
@@ -61,29 +51,17 @@ except ImportError:  # the extra is not installed: every function below is a no-
     _QUICK_CHECK = False
 
 __all__ = [
-    "OUTCOME_DEAD_LETTERED",
-    "OUTCOME_HANDLED",
-    "OUTCOME_INTERRUPTED",
-    "OUTCOME_PARKED",
-    "OUTCOME_RETRIED",
     "enabled",
     "end_publish",
-    "handle_span",
+    "extract",
     "inject",
+    "make_current",
     "publish_span",
+    "record_failure",
+    "restore",
     "start_publish",
+    "start_span",
 ]
-
-#: what followed an attempt (the ``rabbitkeys.outcome`` attribute of its ``handle`` span)
-OUTCOME_HANDLED: Final = "handled"
-#: it failed and the retry policy gives the job another attempt
-OUTCOME_RETRIED: Final = "retried"
-#: it failed, it was the last attempt: the job is dead-lettered (``on_failure="dead_letter"``)
-OUTCOME_DEAD_LETTERED: Final = "dead_lettered"
-#: ... or parked (``on_failure="park"``)
-OUTCOME_PARKED: Final = "parked"
-#: the handler was cancelled (the worker's session ended under it)
-OUTCOME_INTERRUPTED: Final = "interrupted"
 
 _MAX_STATUS_CHARS = 1000
 
@@ -163,7 +141,7 @@ def start_publish(
 def end_publish(span: Any, error: BaseException | None) -> None:
     """End a span :func:`start_publish` made, failed if ``error``."""
     if error is not None:
-        _failed(span, error)
+        record_failure(span, error)
     span.end()
 
 
@@ -177,111 +155,49 @@ def _publish_attributes(namespace: str, ref: KeyRef) -> dict[str, Any]:
     }
 
 
-# -- worker ------------------------------------------------------------------------------
+# -- for the worker's spans (rabbitkeys._worker.tracing) -------------------------------------
 
 
-class _NoSpan:
-    """What :func:`handle_span` gives when tracing is off: nothing to do (one, shared)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> _NoSpan:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-    def failed(self, error: BaseException, policy: RetryPolicy, route: Route) -> None:
-        return None
+def extract(headers: Mapping[str, Any]) -> Any:
+    """The trace context a job's headers carry (text values only), the parent of its spans;
+    only while tracing is on (:func:`enabled`)."""
+    return _propagate.extract(headers, getter=_GETTER)
 
 
-_NO_SPAN = _NoSpan()
+def start_span(
+    name: str,
+    parent: Any,
+    attributes: Mapping[str, Any],
+    *,
+    consumer: bool = False,
+    start_time: int | None = None,
+) -> Any:
+    """A span, not current, child of ``parent`` (:func:`extract`): of kind CONSUMER if
+    ``consumer``, else INTERNAL; started at ``start_time`` (ns since the epoch) if given,
+    else now. Only while tracing is on (:func:`enabled`)."""
+    return _tracer.start_span(
+        name,
+        context=parent,
+        kind=_trace.SpanKind.CONSUMER if consumer else _trace.SpanKind.INTERNAL,
+        attributes=attributes,
+        start_time=start_time,
+    )
 
 
-class _HandleSpan(_NoSpan):
-    """The ``handle <job_type>`` span of one attempt, current while it is entered."""
-
-    __slots__ = ("_attempt", "_outcome", "_span", "_token")
-
-    def __init__(self, message: Message[Any], published_at: int | None) -> None:
-        parent = _propagate.extract(message.headers, getter=_GETTER)
-        job_type = message.job_type
-        if message.attempt == 1 and published_at is not None:
-            # what the job waited: from its publish to the start of its first attempt
-            _tracer.start_span(
-                f"wait {job_type}",
-                context=parent,
-                start_time=published_at * 1000,
-                attributes={"rabbitkeys.job_type": job_type, "rabbitkeys.key": message.key},
-            ).end()
-        attributes: dict[str, Any] = {
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "process",
-            "rabbitkeys.job_type": job_type,
-            "rabbitkeys.key": message.key,
-            "rabbitkeys.attempt": message.attempt,
-            "rabbitkeys.redelivered": message.redelivered,
-        }
-        if message.sequence is not None:
-            attributes["rabbitkeys.sequence"] = message.sequence
-        self._span = _tracer.start_span(
-            f"handle {job_type}",
-            context=parent,
-            kind=_trace.SpanKind.CONSUMER,
-            attributes=attributes,
-        )
-        self._attempt = message.attempt
-        self._outcome = OUTCOME_HANDLED
-        # the extracted context (its baggage too), with this span current
-        self._token = _context.attach(_trace.set_span_in_context(self._span, parent))
-
-    def __enter__(self) -> _HandleSpan:
-        return self
-
-    def failed(self, error: BaseException, policy: RetryPolicy, route: Route) -> None:
-        """The attempt raised ``error``: recorded, with what the policy does next."""
-        from .._worker.retry import DeadLetter  # not at import: _retry is not needed when off
-
-        if not isinstance(policy.after_failure(self._attempt, error), DeadLetter):
-            self._outcome = OUTCOME_RETRIED
-        elif route.on_failure == "park":
-            self._outcome = OUTCOME_PARKED
-        else:
-            self._outcome = OUTCOME_DEAD_LETTERED
-        _failed(self._span, error)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc is not None:  # not an Exception (the caller returns those): cancelled
-                self._outcome = OUTCOME_INTERRUPTED
-            self._span.set_attribute("rabbitkeys.outcome", self._outcome)
-            self._span.end()
-        finally:
-            _context.detach(self._token)
+def make_current(span: Any, parent: Any) -> object:
+    """Make ``span`` current, in ``parent``'s context (its baggage too); the token that
+    :func:`restore` takes."""
+    return _context.attach(_trace.set_span_in_context(span, parent))
 
 
-def handle_span(message: Message[Any], published_at: int | None) -> _NoSpan:
-    """``with handle_span(message, published_at) as span:`` around one attempt of a job's
-    handler (and its middleware): the ``handle <job_type>`` span, current inside, a child of
-    the context the job's headers carry; at the first attempt, the ``wait <job_type>`` span
-    before it. The caller reports a failed attempt with ``span.failed(...)``. Tracing off:
-    a shared object that does nothing."""
-    if not enabled():
-        return _NO_SPAN
-    return _HandleSpan(message, published_at)
+def restore(token: object) -> None:
+    """Undo :func:`make_current`."""
+    _context.detach(token)  # type: ignore[arg-type]
 
 
-def _failed(span: Any, error: BaseException) -> None:
+def record_failure(span: Any, error: BaseException) -> None:
+    """Mark ``span`` failed with ``error``: the exception event, ``error.type``, the ERROR
+    status with the error's text."""
     span.record_exception(error)
     span.set_attribute("error.type", type(error).__qualname__)
     span.set_status(

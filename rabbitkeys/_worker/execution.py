@@ -3,19 +3,21 @@ turn coming (the head of its key's buffer, see :mod:`.handoff`) and its ack.
 
 A delivery carries one job (a plain message) or several jobs of its key (a batch,
 :func:`~rabbitkeys._wire.envelope.jobs_of`). Each job, in order, goes through the dedup and order
-check (:func:`verdict`), the body decoded as the handler declared it, the handler call (through
-the app's middleware) under the worker's concurrency limit, the retries the retry policy
-(:mod:`.retry`) asks for, and, after the last attempt, a dead-lettered copy of that job
-alone; then the next job. The delivery is acked once, after its last job. A batch that
-cannot be read is dead-lettered whole, as received.
+check (:func:`verdict`), then its run in the job-run core (:func:`~.job_run.run_attempts`:
+the body decoded as the handler declared it, the attempts, the retries the retry policy asks
+for, and after the last attempt a dead-lettered copy of that job alone), through this
+module's ports (:class:`_KeyPorts`: each handler call under the worker's concurrency limit,
+the backoff cut short by shutdown, the copy to the broker's dead-letter queue); then the
+next job. The delivery is acked once, after its last job. A batch that cannot be read is
+dead-lettered whole, as received.
 
 A job type whose policy is ``park`` (``App.handler(..., on_failure="park")``) is not
-dead-lettered after its last attempt: the delivery's run ends there with a :class:`Park`
-(the error, the attempts, which job of the delivery), the delivery stays unacked, and the
-key's runner puts it back at the head of its key and lets the key go (:mod:`.handoff`).
-A job the worker has no handler for is dead-lettered whatever the policy (no route says
-park). While a job waits for its next attempt, its key is listed in :attr:`Executor.failing`
-(the worker's heartbeats report it).
+dead-lettered after its last attempt: the delivery's run ends there with a
+:class:`~.job_run.Park` (the error, the attempts, which job of the delivery), the delivery
+stays unacked, and the key's runner puts it back at the head of its key and lets the key go
+(:mod:`.handoff`). A job the worker has no handler for is dead-lettered whatever the policy
+(no route says park). While a job waits for its next attempt, its key is listed in
+:attr:`Executor.failing` (the worker's heartbeats report it).
 
 A job a redrive put back (header ``x-rabbitkeys-redrive``) runs as new: its publisher and
 sequence were recorded when it failed, so the dedup check would drop it; it is not recorded
@@ -39,6 +41,9 @@ the thread runs on, its result discarded. Either way the attempt fails with
 thread left running (by its time limit, or by its session's end) keeps its place in the
 pool until it returns, and its key's next handler call in this worker waits for it
 (:class:`HandlerThreads`): a key never has two of its jobs running here at once.
+
+The handler's call (:func:`call_handler`), its threads and time limits are shared with
+``rabbitkeys.testing.InMemoryWorker``, so a test runs handlers as a worker does.
 """
 
 from __future__ import annotations
@@ -62,34 +67,44 @@ from aiormq.abc import DeliveredMessage
 from prometheus_client import Gauge
 
 from .._broker.amqp import sleep_unless
-from .._errors import HandlerNotFoundError, JobTimeoutError, PayloadError
+from .._errors import HandlerNotFoundError, JobTimeoutError
 from .._observe.metrics import WorkerMetrics
-from .._observe.tracing import handle_span
 from .._settings import Settings
 from .._wire.batch import BatchFormatError
 from .._wire.envelope import (
     HEADER_REDRIVE,
     Envelope,
-    Job,
     dead_letter_headers,
     decode_envelope,
     jobs_of,
 )
 from .._wire.protocol import KeyAssignment, KeyFailure
 from .._wire.topology import Names, key_matches_token
-from .app import App, CallNext, Context, Message, Middleware, Route
+from .app import App, CallNext, Context, Message, Route
 from .dedup import SequenceHistory, Verdict
-from .retry import DeadLetter, RetryPolicy
+from .job_run import (
+    Decide,
+    Failure,
+    JobEnd,
+    JobToRun,
+    Park,
+    chain,
+    error_text,
+    route_of,
+    run_attempts,
+)
+from .retry import RetryPolicy
+from .tracing import handle_span
 
 __all__ = [
-    "MAX_ERROR_TEXT",
     "MIDDLEWARE_GRACE",
     "Deadlines",
     "Executor",
     "HandlerThreads",
     "Outcome",
+    # a delivery's run ends with it; defined with the other steps of a job's run
     "Park",
-    "error_text",
+    "call_handler",
     "time_limit",
     "verdict",
 ]
@@ -103,15 +118,6 @@ _T = TypeVar("_T")
 MIDDLEWARE_GRACE = 1.0
 
 
-#: the longest error text a park or a failing key reports (``KeyParked``, ``KeyFailure``)
-MAX_ERROR_TEXT = 1000
-
-
-def error_text(error: BaseException) -> str:
-    """``"ExceptionType: text"``, cut to :data:`MAX_ERROR_TEXT` characters."""
-    return f"{type(error).__name__}: {error}"[:MAX_ERROR_TEXT]
-
-
 class Outcome(enum.Enum):
     """How a delivery's run ended, unless its key is to be parked (:class:`Park`)."""
 
@@ -119,29 +125,6 @@ class Outcome(enum.Enum):
     DONE = "done"
     #: shutdown came during a wait for a retry: the delivery must stay unacked (the drain
     #: hands it back)
-    INTERRUPTED = "interrupted"
-
-
-@dataclass(frozen=True, slots=True)
-class Park:
-    """Job ``job_index`` of the delivery failed its last attempt and its job type's policy is
-    ``park``: the delivery must stay unacked and go back to the head of its key, and the key
-    must be let go (:mod:`.handoff`). The jobs before ``job_index`` were handled (and
-    recorded in the key's dedup history)."""
-
-    #: the last attempt's error (:func:`error_text`)
-    error: str
-    attempts: int
-    #: 0 for a plain message; in a batch, the job that failed
-    job_index: int
-
-
-class _Outcome(enum.Enum):
-    """How one job's run ended (a park: :class:`Park`)."""
-
-    HANDLED = "handled"
-    DEAD_LETTERED = "dead_lettered"
-    #: shutdown came during a wait for a retry: the delivery must stay unacked
     INTERRUPTED = "interrupted"
 
 
@@ -352,28 +335,6 @@ def verdict(history: SequenceHistory, origin: tuple[str, int] | None) -> Verdict
     return Verdict.NEW if origin is None else history.check(*origin)
 
 
-def route_of(app: App, job_type: str) -> Route | HandlerNotFoundError:
-    """The job type's route, or the error that no attempt can get past (no handler)."""
-    try:
-        return app.route(job_type)
-    except HandlerNotFoundError as exc:
-        return exc
-
-
-def prepared_payload(
-    route: Route | HandlerNotFoundError, body: bytes, content_type: str | None
-) -> Any | Exception:
-    """What the handler gets, made once per job (a body is the same for every attempt);
-    or, for a job type without handler or a body that is not what the handler declared,
-    the error: no attempt can succeed."""
-    if isinstance(route, HandlerNotFoundError):
-        return route
-    try:
-        return route.payload(body, content_type)
-    except PayloadError as exc:
-        return exc
-
-
 def _key_of(assignment: KeyAssignment, envelope: Envelope) -> str:
     """A message's key comes from the queue it was delivered from (its assignment), never
     from what the message says. The header only gives the original text of a key the
@@ -387,10 +348,54 @@ def _key_of(assignment: KeyAssignment, envelope: Envelope) -> str:
     return claimed if adopted and key_matches_token(claimed, token) else assignment.key
 
 
+async def call_handler(
+    app: App,
+    route: Route,
+    message: Message[Any],
+    limit: float | None,
+    deadlines: Deadlines,
+    threads: HandlerThreads,
+    thread: _Thread | None,
+) -> Any:
+    """One attempt's call of the handler on ``message``, through the app's middleware (the
+    first registered outermost, :func:`~.job_run.chain`), within its time ``limit``; in
+    ``thread`` (taken from ``threads``) for a ``def`` handler. What the handler returned.
+    Used by the :class:`Executor` and by ``rabbitkeys.testing.InMemoryWorker``."""
+    middlewares = app.middlewares
+    if thread is None and not middlewares:
+        # the common case, without a call between
+        return await deadlines.within(limit, route.function(message), route, message.job_type)
+    innermost: CallNext = functools.partial(_call, route, limit, deadlines, threads, thread)
+    return await deadlines.within(
+        None if limit is None else limit + MIDDLEWARE_GRACE,
+        chain(middlewares, innermost)(message),
+        route,
+        message.job_type,
+    )
+
+
+async def _call(
+    route: Route,
+    limit: float | None,
+    deadlines: Deadlines,
+    threads: HandlerThreads,
+    thread: _Thread | None,
+    message: Message[Any],
+) -> Any:
+    """The handler's call itself, within its time limit: the innermost of the chain."""
+    if thread is None:
+        return await deadlines.within(limit, route.function(message), route, message.job_type)
+    return await deadlines.within(
+        limit, threads.run(thread, route, message), route, message.job_type
+    )
+
+
 class Executor:
     """Runs deliveries for a worker: one per key at a time (the key's runner calls
     :meth:`execute` in turn), up to ``concurrency`` handlers at once over all keys. Lives as
-    long as the worker; :meth:`begin` gives it each session's dead-letter channel.
+    long as the worker; :meth:`begin` gives it each session's dead-letter channel. Each job
+    runs in the job-run core (:func:`~.job_run.run_attempts`), through the ports of its
+    key (:class:`_KeyPorts`).
 
     Plain ``def`` handlers run in ``threads`` (the worker's pool, set while it runs; without
     one, asyncio's default executor), at most ``sync_handler_threads`` at once."""
@@ -470,6 +475,7 @@ class Executor:
         self._metrics.delivery_jobs.observe(len(jobs))
         redelivered = bool(getattr(delivery.delivery, "redelivered", False))
         route = route_of(self.app, assignment.job_type)
+        ports = _KeyPorts(self, assignment)
         dedup = self._dedup
         handled = 0
         try:
@@ -479,25 +485,23 @@ class Executor:
                     # put back by a redrive: its origin was recorded when it failed here or
                     # elsewhere; it runs as new, and is not recorded again
                     origin = None
-                match verdict(history, origin):
-                    case Verdict.DUPLICATE:
-                        # the same publisher's same job again (sent twice across a lost
-                        # connection, or redelivered after a crash): handled already
-                        self.duplicates_dropped += 1
-                        self._metrics.duplicates_dropped.inc()
-                        continue
-                    case Verdict.OUT_OF_ORDER:
-                        self.order_violations += 1
-                        self._metrics.order_violations.inc()
-                        log.error(
-                            "key %s: message %s arrived out of order", assignment.key_id, origin
-                        )
-                match await self._handle(assignment, route, job, index, redelivered):
-                    case _Outcome.HANDLED:
+                if self._dropped(assignment, verdict(history, origin), origin):
+                    continue
+                to_run = JobToRun(
+                    job.envelope,
+                    job.body,
+                    job.content_type,
+                    _key_of(assignment, job.envelope),
+                    assignment.job_type,
+                    redelivered,
+                    index,
+                )
+                match await self._run(assignment, route, to_run, ports):
+                    case JobEnd.HANDLED:
                         handled += 1
-                    case _Outcome.INTERRUPTED:
+                    case JobEnd.INTERRUPTED:
                         return Outcome.INTERRUPTED
-                    case Park() as park:
+                    case Failure(step=Park() as park):
                         return park  # not recorded: it was not handled
                 if origin is not None:
                     history.record(*origin)
@@ -506,91 +510,47 @@ class Executor:
                 self._metrics.handled.inc(handled)
         return Outcome.DONE
 
-    async def _handle(
+    def _dropped(
+        self, assignment: KeyAssignment, seen: Verdict, origin: tuple[str, int] | None
+    ) -> bool:
+        """Whether a job is dropped as a copy; counted, as one out of order is."""
+        match seen:
+            case Verdict.DUPLICATE:
+                # the same publisher's same job again (sent twice across a lost
+                # connection, or redelivered after a crash): handled already
+                self.duplicates_dropped += 1
+                self._metrics.duplicates_dropped.inc()
+                return True
+            case Verdict.OUT_OF_ORDER:
+                self.order_violations += 1
+                self._metrics.order_violations.inc()
+                log.error("key %s: message %s arrived out of order", assignment.key_id, origin)
+        return False
+
+    async def _run(
         self,
         assignment: KeyAssignment,
         route: Route | HandlerNotFoundError,
-        job: Job,
-        job_index: int,
-        redelivered: bool,
-    ) -> _Outcome | Park:
-        """Run the handler on one job as often as the retry policy says; after the last
-        attempt, dead-letter the job alone, or park its key if its route says so. While the
-        job waits for its next attempt, its key is in :attr:`failing`."""
-        envelope = job.envelope
-        prepared = prepared_payload(route, job.body, job.content_type)
-        key = _key_of(assignment, envelope)
-        attempt = 0
+        job: JobToRun,
+        ports: _KeyPorts,
+    ) -> JobEnd | Failure:
+        """One job's run; while it waits for its next attempt, its key is in :attr:`failing`."""
         try:
-            while True:
-                attempt += 1
-                if attempt > 1:
-                    self._metrics.retried.inc()
-                if isinstance(prepared, Exception):
-                    error: Exception | None = prepared  # not retried: the policy says so
-                else:
-                    assert isinstance(route, Route)
-                    message: Message[Any] = Message(
-                        key=key,
-                        job_type=assignment.job_type,
-                        body=job.body,
-                        # read-only: what a handler sees is what a dead letter would carry
-                        headers=envelope.headers,
-                        publisher_id=envelope.publisher_id,
-                        sequence=envelope.sequence,
-                        attempt=attempt,
-                        redelivered=redelivered,
-                        user_id=envelope.user_id,
-                        payload=prepared,
-                        content_type=job.content_type,
-                        context=self.context,
-                    )
-                    error = await self._attempt(route, message, envelope.published_at)
-                if error is None:
-                    return _Outcome.HANDLED
-                step = self.policy.after_failure(attempt, error)
-                if isinstance(step, DeadLetter):
-                    if isinstance(route, Route) and route.on_failure == "park":
-                        # logged by the runner, with how to resume or skip, once let go
-                        return Park(error_text(error), step.attempts, job_index)
-                    if self.policy.retries(error):
-                        log.error(
-                            "key %s: handler failed %d times, dead-lettering: %r",
-                            assignment.key_id,
-                            attempt,
-                            error,
-                        )
-                    else:
-                        log.error(
-                            "key %s: not retried, dead-lettering: %r", assignment.key_id, error
-                        )
-                    await self._dead_letter(
-                        job.body, job.content_type, envelope, error, step.attempts
-                    )
-                    return _Outcome.DEAD_LETTERED
-                log.warning(
-                    "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
-                    assignment.key_id,
-                    attempt,
-                    step.delay,
-                    error,
-                )
-                self.failing[assignment.key_id] = KeyFailure(
-                    key_id=assignment.key_id, attempts=attempt, error=error_text(error)
-                )
-                # Outside the slot: other keys run meanwhile; this key's later jobs wait.
-                if await sleep_unless(self._stopping, step.delay):
-                    return _Outcome.INTERRUPTED
+            return await run_attempts(route, job, ports)
         finally:
             if self.failing:  # the job's end, or its session's: the key is no longer failing
                 self.failing.pop(assignment.key_id, None)
 
     async def _attempt(
-        self, route: Route, message: Message[Any], published_at: int | None
-    ) -> Exception | None:
+        self, job: JobToRun, route: Route, message: Message[Any], decide: Decide
+    ) -> Failure | None:
         """One handler call (through the middleware) in a concurrency slot, and for a sync
-        handler a thread, within its time limit; what it raised, if anything."""
+        handler a thread, within its time limit, in its tracing span; the failure, if it
+        raised (the span is handed its step)."""
         metrics = self._metrics
+        if message.attempt > 1:
+            metrics.retried.inc()
+        published_at = job.envelope.published_at
         limit = time_limit(route, self._job_timeout)
         thread = None
         if not route.is_async:
@@ -604,24 +564,22 @@ class Executor:
                 started = time.perf_counter()
                 with handle_span(message, published_at) as span:  # a no-op without tracing
                     try:
-                        if route.is_async and not self.app.middlewares:
-                            # the common case, without a call between
-                            await self._deadlines.within(
-                                limit, route.function(message), route, message.job_type
-                            )
-                        else:
-                            await self._deadlines.within(
-                                None if limit is None else limit + MIDDLEWARE_GRACE,
-                                self._through_middleware(route, message, limit, thread),
-                                route,
-                                message.job_type,
-                            )
+                        await call_handler(
+                            self.app,
+                            route,
+                            message,
+                            limit,
+                            self._deadlines,
+                            self.handler_threads,
+                            thread,
+                        )
                     except Exception as exc:
                         metrics.handler_failures.inc()
                         if isinstance(exc, JobTimeoutError):
                             metrics.job_timeouts.labels(job_type=message.job_type).inc()
-                        span.failed(exc, self.policy, route)
-                        return exc
+                        failure = decide(exc)
+                        span.failed(exc, failure.step)
+                        return failure
                     finally:
                         self.in_flight -= 1
                         metrics.handler_duration.observe(time.perf_counter() - started)
@@ -629,26 +587,6 @@ class Executor:
             if thread is not None:
                 self.handler_threads.give_back(thread, route.name)
         return None
-
-    def _through_middleware(
-        self, route: Route, message: Message[Any], limit: float | None, thread: _Thread | None
-    ) -> Awaitable[Any]:
-        """The handler's call, within its time limit, wrapped in the app's middleware, the
-        first registered outermost. No middleware: the handler's call itself."""
-        call: CallNext = functools.partial(self._call, route, limit, thread)
-        for middleware in reversed(self.app.middlewares):
-            call = _wrap(middleware, call)
-        return call(message)
-
-    async def _call(
-        self, route: Route, limit: float | None, thread: _Thread | None, message: Message[Any]
-    ) -> Any:
-        if thread is None:
-            return await self._deadlines.within(
-                limit, route.function(message), route, message.job_type
-            )
-        run = self.handler_threads.run(thread, route, message)
-        return await self._deadlines.within(limit, run, route, message.job_type)
 
     async def _dead_letter(
         self,
@@ -679,8 +617,43 @@ class Executor:
         self._metrics.dead_lettered.inc()
 
 
-def _wrap(middleware: Middleware, call_next: CallNext) -> CallNext:
-    async def call(message: Message[Any]) -> Any:
-        return await middleware(message, call_next)
+class _KeyPorts:
+    """The executor's ports (:class:`~.job_run.Ports`) for the jobs of one delivery of a
+    key: the executor's attempts, the stop that cuts a backoff, the key's failing entry, the
+    broker's dead-letter queue."""
 
-    return call
+    __slots__ = ("_assignment", "_executor", "attempt", "context", "policy")
+
+    def __init__(self, executor: Executor, assignment: KeyAssignment) -> None:
+        self._executor = executor
+        self._assignment = assignment
+        self.policy = executor.policy
+        self.context = executor.context
+        self.attempt = executor._attempt  # bound once: no call between, per attempt
+
+    def on_retry(self, job: JobToRun, attempt: int, error: Exception, delay: float) -> None:
+        key_id = self._assignment.key_id
+        log.warning(
+            "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+            key_id,
+            attempt,
+            delay,
+            error,
+        )
+        self._executor.failing[key_id] = KeyFailure(
+            key_id=key_id, attempts=attempt, error=error_text(error)
+        )
+
+    async def wait(self, delay: float) -> bool:
+        # outside the slot: other keys run meanwhile; this key's later jobs wait
+        return await sleep_unless(self._executor._stopping, delay)
+
+    async def dead_letter(self, job: JobToRun, error: Exception, attempts: int) -> None:
+        key_id = self._assignment.key_id
+        if self.policy.retries(error):
+            log.error(
+                "key %s: handler failed %d times, dead-lettering: %r", key_id, attempts, error
+            )
+        else:
+            log.error("key %s: not retried, dead-lettering: %r", key_id, error)
+        await self._executor._dead_letter(job.body, job.content_type, job.envelope, error, attempts)

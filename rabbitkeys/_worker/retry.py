@@ -1,7 +1,8 @@
 """The retry policy of a failing handler: the one home of how many attempts a delivery gets,
 how long a retry waits (exponential backoff, capped), what is retried, and when a delivery
-is dead-lettered instead. Pure: it decides, the worker's execution (:mod:`.execution`)
-waits and dead-letters.
+is dead-lettered instead. Pure: it decides, a job's run (:mod:`.job_run`, which also parks
+the key of a job type that parks instead of dead-lettering) follows it, its shell waits and
+dead-letters.
 
 Every exception a handler raises is retried, up to ``max_retries`` retries after the first
 attempt; the wait before retry ``n`` is ``retry_backoff * 2 ** (n - 1)``, at most

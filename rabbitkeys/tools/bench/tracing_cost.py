@@ -1,4 +1,5 @@
-"""What tracing's hooks (:mod:`rabbitkeys._observe.tracing`) cost per job, in three states.
+"""What tracing's hooks (:mod:`rabbitkeys._observe.tracing`, the worker's in
+:mod:`rabbitkeys._worker.tracing`) cost per job, in three states.
 
 ``python -m rabbitkeys.tools.bench.tracing_cost [--jobs 200000] [--rounds 3]``
 
@@ -45,7 +46,8 @@ if mode == "sdk":
 
 from rabbitkeys._worker.app import Message
 from rabbitkeys._wire.topology import KeyRef
-from rabbitkeys._observe.tracing import end_publish, handle_span, publish_span, start_publish
+from rabbitkeys._observe.tracing import end_publish, publish_span, start_publish
+from rabbitkeys._worker.tracing import handle_span
 
 ref = KeyRef.of("user-1", "mail")
 published_at = time.time_ns() // 1000
