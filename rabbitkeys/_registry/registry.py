@@ -102,10 +102,10 @@ class Registry(Background):
         self._leading = asyncio.Event()
         self._rebalance_wanted = asyncio.Event()
         self._tasks = TaskSet(log, "registry task")
-        #: the leading session: the current one while this registry leads. The last one stays
-        #: until the next leadership replaces it (its tasks cancelled, its connection gone):
-        #: a control message still in hand when the connection ended reaches nothing new,
-        #: and a scrape in another thread never finds it half torn down.
+        #: the leading session: NOT_LEADING until this registry first leads, then that of its
+        #: current (or last) leadership. Not reset when a connection ends: what is still being
+        #: handled then meets that session's closed channels and fails as on a lost
+        #: connection, and a scrape from another thread never sees a leader without one.
         self._lead: LeadingSession | NotLeading = NOT_LEADING
         #: control messages refused, by reason (``_wire.senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
@@ -170,10 +170,10 @@ class Registry(Background):
     async def run(self) -> None:
         """Lead (or stand by) until ``stop()``; survive broker restarts by starting over."""
         await keep_connected(
-            self.settings, f"registry {self.registry_id}", self._session, self._stopping, log
+            self.settings, f"registry {self.registry_id}", self._on_connection, self._stopping, log
         )
 
-    async def _session(self, connection: AbstractConnection) -> None:
+    async def _on_connection(self, connection: AbstractConnection) -> None:
         # Each connection starts from nothing: state is rebuilt from the workers.
         self._book = self._new_book()
         self._sessions.clear()
@@ -194,7 +194,7 @@ class Registry(Background):
         await take_leadership(connection, self.names, self.registry_id, self._stopping)
         if self._stopping.is_set():
             return
-        lead = self._lead = self._new_session(connection, control)
+        lead = self._lead = self._leading_session(connection, control)
         reconciler = lead.reconciler
         await declare_control_topology(connection, control, self.names, self.settings.queue_type)
         # The holds first: no paused or parked key may be placed once requests flow.
@@ -229,7 +229,7 @@ class Registry(Background):
             await reconciler.renew_unowned_leases()
             await reconciler.recheck_unavailable()
 
-    def _new_session(
+    def _leading_session(
         self, connection: AbstractConnection, control: AbstractChannel
     ) -> LeadingSession:
         """The leading session on ``connection``, for this connection's book: built once
