@@ -7,8 +7,8 @@ They come through ``NS.operations`` (``rabbitkeys keys``, ``pause``, ``resume``,
   (``_registry.keylist``);
 * hold: pause or resume a key or a whole job type (a parked key is resumed too); the book
   decides, its commands are carried out at once and the answer does not wait for them;
-* skip: dead-letter a parked key's head and resume the key, answered once the head is
-  dead-lettered (or why not);
+* skip (a hold request's third action): dead-letter a parked key's head and resume the key,
+  answered once the head is dead-lettered (or why not);
 * redrive: dead letters back at the head of their keys (``_registry.redrive`` reads and
   settles them), or a dry run that only counts them.
 
