@@ -340,7 +340,7 @@ async def test_the_keys_listing_filters_sorts_and_pages(
             assert asyncio.get_running_loop().time() < deadline, top
             await asyncio.sleep(0.2)
         assert top.listed_seconds_ago is not None
-        ages = registry._reconciler.oldest_age_by_job_type() if registry._reconciler else {}
+        ages = registry._lead.reconciler.oldest_age_by_job_type()
         assert set(ages) >= {"a", "b"} and all(age >= 0 for age in ages.values())
 
         assert (await hold(client, "resume", "a", "a3")).ok
@@ -522,8 +522,7 @@ async def test_the_keys_listing_tells_the_age_of_the_oldest_waiting_message(
             assert asyncio.get_running_loop().time() < deadline, page
             await asyncio.sleep(0.5)
         assert 0 <= page.keys[0].oldest_age_seconds < 60
-        assert registry._reconciler is not None
-        assert 0 <= registry._reconciler.oldest_age_by_job_type()["default"] < 60
+        assert 0 <= registry._lead.reconciler.oldest_age_by_job_type()["default"] < 60
 
 
 async def test_a_leader_without_the_management_api_leads_without_its_holds_and_says_so(

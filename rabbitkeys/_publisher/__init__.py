@@ -3,7 +3,9 @@
 Core (pure, synchronous, property-tested): ``lane`` (each key's lane: what to send, when to
 ask the registry, what a caller is told) and ``room`` (first-come, first-served admission
 under a count and a size bound).
-Shell: ``publisher`` (:class:`~rabbitkeys.Publisher` and its carrier: AMQP, timers, the
-callers' futures) and ``sync`` (:class:`~rabbitkeys.SyncPublisher`, a thread over it).
+Shell: ``publisher`` (:class:`~rabbitkeys.Publisher`: the calls, their deadlines and
+futures, the connection), ``carrier`` (what carries the messages to the broker: the confirm
+channel, batches, answers, asking the registry) and ``sync`` (:class:`~rabbitkeys.SyncPublisher`,
+a thread over the publisher).
 Imports no other role.
 """

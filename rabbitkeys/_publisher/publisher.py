@@ -33,9 +33,9 @@ sits in a stalled socket too.
 
 The lanes themselves, their states and every decision above (what to send, when to ask the
 registry, what a caller is told) live in :mod:`.lane`, pure and
-synchronous; the :class:`Publisher` and its ``_Carrier`` are the shell: they carry out what
-the lanes say (AMQP, timers, the room, the callers' futures, the connection) and report
-back what happened.
+synchronous. The shell is this module's :class:`Publisher` (the calls, their deadlines and
+futures, the connection) and its :class:`~.carrier.Carrier` (:mod:`.carrier`: it carries out
+what the lanes say over AMQP, the room included, and reports back what happened).
 """
 
 from __future__ import annotations
@@ -43,115 +43,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Self, cast
 
 import aiormq
 from aio_pika.abc import AbstractConnection
-from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
-from .._broker.amqp import CHANNEL_ERRORS, TaskSet
 from .._broker.connection import keep_connected
 from .._broker.control import ControlClient
-from .._errors import (
-    BrokerUnavailableError,
-    InvalidMessageError,
-    PublishError,
-    QuotaExceededError,
-    RabbitkeysError,
-    RegistryUnavailableError,
-)
+from .._errors import BrokerUnavailableError, InvalidMessageError, PublishError, RabbitkeysError
 from .._observe.metrics import PublisherMetrics
 from .._observe.tracing import publish_span
 from .._settings import Settings, load_settings
 from .._wire.batch import RECORD_OVERHEAD, Record, encode_headers
-from .._wire.envelope import encode_batch, encode_envelope, header_frame_size
+from .._wire.envelope import encode_envelope, header_frame_size
 from .._wire.payload import encode_payload
-from .._wire.protocol import (
-    REFUSED_QUOTA_EXCEEDED,
-    REFUSED_UNAVAILABLE,
-    Ensured,
-    EnsureKey,
-    Refused,
-)
 from .._wire.topology import DEFAULT_JOB_TYPE, KeyRef, Names
-from .lane import (
-    Action,
-    Answer,
-    Batch,
-    Count,
-    Counted,
-    Ensure,
-    Entry,
-    Lane,
-    Lanes,
-    LeaveRoom,
-    Linger,
-    Send,
-)
-from .room import Room
+from .carrier import Carrier, Link, OutgoingMessage
 
 __all__ = ["Publisher"]
 
 log = logging.getLogger("rabbitkeys.publisher")
-
-# What the broker closing the channel or connection over something sent on it raises: a
-# strike against every message on it (the lane gives one up at MAX_BROKER_CLOSES).
-# CONNECTION_FORCED (a broker shutdown) and network drops are not strikes.
-_BROKER_REFUSALS = (
-    aiormq.exceptions.ChannelClosed,
-    aiormq.exceptions.ConnectionFrameError,
-    aiormq.exceptions.ConnectionSyntaxError,
-    aiormq.exceptions.ConnectionCommandInvalid,
-    aiormq.exceptions.ConnectionUnexpectedFrame,
-)
-
-
-@dataclass(eq=False, kw_only=True)
-class _Message(Entry):
-    """An entry of this publisher's lanes, with what goes on the wire; its ``caller`` is the
-    future its ``publish()`` awaits.
-
-    ``record`` is the job as a batch carries it, made once when ``publish()`` is called
-    (its application headers encoded then); the properties of a message of its own are
-    made only if it is sent alone (``properties`` is kept from the call when it has
-    application headers: their frame was measured then)."""
-
-    record: Record
-    properties: spec.Basic.Properties | None = None
-    #: the event loop's time its publish_timeout ends (0: the call has its own timeout)
-    deadline: float = 0.0
-
-    @property
-    def future(self) -> asyncio.Future[None]:
-        return cast(asyncio.Future[None], self.caller)
-
-    @property
-    def body(self) -> bytes:
-        return self.record.body
-
-
-_NO_RECORD = Record(sequence=0, published_at=0, body=b"")
-
-# Seconds between asking the registry again for a key whose queue is unavailable (its node
-# is down): doubling from the first to the last, with jitter, so that thousands of such
-# keys do not ask in step.
-_UNAVAILABLE_PAUSE = 0.25
-_UNAVAILABLE_PAUSE_MAX = 2.0
-
-
-def _nack_pause(nacks: int) -> float:
-    """Seconds to wait before a message nacked ``nacks`` times in a row goes again (before
-    jitter): ``_UNAVAILABLE_PAUSE`` doubling up to ``_UNAVAILABLE_PAUSE_MAX``."""
-    return min(_UNAVAILABLE_PAUSE_MAX, _UNAVAILABLE_PAUSE * 2.0 ** min(nacks - 1, 8))
 
 
 class Publisher:
@@ -176,7 +94,7 @@ class Publisher:
         self._user_id = self.settings.amqp_user
         self.metrics = PublisherMetrics(metrics_registry)
         self._delivery_mode = 2 if self.settings.durable else 1
-        self._carrier = _Carrier(
+        self._carrier = Carrier(
             self.settings,
             self.metrics,
             publisher_id=self.publisher_id,
@@ -191,7 +109,7 @@ class Publisher:
         self._unsettled: set[asyncio.Future[None]] = set()
         #: the publishes with the default publish_timeout, oldest first: their deadlines are
         #: in this order, so one timer (for the oldest live one) covers them all
-        self._deadlines: deque[_Message] = deque()
+        self._deadlines: deque[OutgoingMessage] = deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._exchanges: dict[str, str] = {}
         self._room = self._carrier.room
@@ -290,9 +208,8 @@ class Publisher:
         control = ControlClient(connection, self._names, self._user_id)
         await control.start()
         self._control = control
-        # The underlying aiormq channel: its basic_publish writes frames in call order
-        # (one FIFO lock), which is what keeps overlapping publishes of a key in order.
-        self._carrier.connected(cast(aiormq.Channel, await channel.get_underlay_channel()), control)
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        self._carrier.connected(Link(underlay, control))
         self._connected.set()
         self._hurry.clear()
         try:
@@ -379,6 +296,52 @@ class Publisher:
         caller's thread and comes in here)."""
         if self._connection_task is None or self._closing.is_set():
             raise PublishError("Publisher is not started: use `async with Publisher() as pub`")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = self._message(ref, body, content_type, headers, future)
+        lane = entry.lane
+        size = entry.size
+        lane.enter(entry)
+        self._unsettled.add(future)
+        if self._room.ask(entry, size):
+            self._carrier.admit(entry)
+        if not self._connected.is_set():
+            self._hurry.set()
+        started = time.perf_counter()
+        # No timer (nor asyncio.wait_for task) per message on the hot path: the deadlines
+        # of the default publish_timeout come in call order, one timer serves them all.
+        timer = None
+        if timeout is None:
+            entry.deadline = loop.time() + self.settings.publish_timeout
+            self._watch_deadline(entry, loop)
+        else:
+            timer = loop.call_later(timeout, partial(self._carrier.give_up, entry, timeout))
+        try:
+            await future
+        except asyncio.CancelledError:
+            # the caller gave up: a message not yet written never is
+            self._carrier.carry_out(lane.withdraw(entry))
+            raise
+        except RabbitkeysError:
+            self.metrics.publish_failures.inc()
+            raise
+        finally:
+            self._unsettled.discard(future)
+            if timer is not None:
+                timer.cancel()
+        self.metrics.publish_duration.observe(time.perf_counter() - started)
+
+    def _message(
+        self,
+        ref: KeyRef,
+        body: bytes,
+        content_type: str | None,
+        headers: Mapping[str, Any] | None,
+        caller: asyncio.Future[None],
+    ) -> OutgoingMessage:
+        """The next message of this publisher, on its key's lane, with what goes on the
+        wire; raises :class:`InvalidMessageError` (its headers too large) and then takes no
+        sequence number."""
         sequence = self._next_sequence
         published_at = time.time_ns() // 1000
         size = len(body)
@@ -414,12 +377,10 @@ class Publisher:
         if exchange is None:
             exchange = self._exchanges[ref.job_type] = self._names.jobs_exchange(ref.job_type)
         lane = self._lanes.lane(ref, exchange)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        entry = _Message(
+        entry = OutgoingMessage(
             sequence=sequence,
             lane=lane,
-            caller=future,
+            caller=caller,
             size=size,
             header_frame=header_frame,
             # its record's size in a batch (RECORD_OVERHEAD counts the table's length field)
@@ -431,37 +392,9 @@ class Publisher:
             properties=properties,
         )
         self._next_sequence += 1
-        lane.enter(entry)
-        self._unsettled.add(future)
-        if self._room.ask(entry, size):
-            self._carrier.admit(entry)
-        if not self._connected.is_set():
-            self._hurry.set()
-        started = time.perf_counter()
-        # No timer (nor asyncio.wait_for task) per message on the hot path: the deadlines
-        # of the default publish_timeout come in call order, one timer serves them all.
-        timer = None
-        if timeout is None:
-            entry.deadline = loop.time() + self.settings.publish_timeout
-            self._watch_deadline(entry, loop)
-        else:
-            timer = loop.call_later(timeout, partial(self._carrier.give_up, entry, timeout))
-        try:
-            await future
-        except asyncio.CancelledError:
-            # the caller gave up: a message not yet written never is
-            self._carrier.carry_out(lane.withdraw(entry))
-            raise
-        except RabbitkeysError:
-            self.metrics.publish_failures.inc()
-            raise
-        finally:
-            self._unsettled.discard(future)
-            if timer is not None:
-                timer.cancel()
-        self.metrics.publish_duration.observe(time.perf_counter() - started)
+        return entry
 
-    def _watch_deadline(self, entry: _Message, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch_deadline(self, entry: OutgoingMessage, loop: asyncio.AbstractEventLoop) -> None:
         deadlines = self._deadlines
         while deadlines and deadlines[0].caller.done():
             deadlines.popleft()
@@ -495,235 +428,6 @@ class Publisher:
             )
 
 
-class _Carrier:
-    """Carries out what the lanes say: writes messages on the channel and reports each
-    answer, asks the registry, answers callers, frees room; holds the lanes, the Room and
-    the current channel. No decision is taken here: they are all in :mod:`.lane`."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        metrics: PublisherMetrics,
-        *,
-        publisher_id: str,
-        delivery_mode: int,
-        user_id: str | None,
-    ) -> None:
-        self._settings = settings
-        self._metrics = metrics
-        self._publisher_id = publisher_id
-        self._delivery_mode = delivery_mode
-        self._user_id = user_id
-        self.lanes = Lanes(
-            publish_timeout=settings.publish_timeout,
-            room_bounds=(
-                f"max_pending_messages ({settings.max_pending_messages}) or "
-                f"max_pending_bytes ({settings.max_pending_bytes})"
-            ),
-            batch_max_jobs=settings.batch_max_jobs,
-            batch_max_bytes=settings.batch_max_bytes,
-            batch_linger=settings.batch_linger,
-            max_in_flight_per_key=settings.max_in_flight_per_key,
-        )
-        self.room: Room[_Message] = Room(
-            settings.max_pending_messages, settings.max_pending_bytes, self.admit
-        )
-        #: what the lanes said to do and is not done yet, oldest first (see carry_out)
-        self._todo: deque[Action] = deque()
-        self._carrying_out = False
-        self._channel: aiormq.Channel | None = None
-        self._control: ControlClient | None = None
-        #: the publish tasks on the current channel, cancelled when it is gone
-        self._sending: set[asyncio.Future[Any]] = set()
-        #: ensure requests
-        self.background = TaskSet(log, "publisher task")
-        self.returned_messages = 0
-        self.resent_messages = 0
-
-    def connected(self, channel: aiormq.Channel, control: ControlClient) -> None:
-        self._channel = channel
-        self._control = control
-        self.carry_out(self.lanes.on_connected(_frame_max_of(channel)))
-
-    def lost(self, reason: BaseException | None) -> None:
-        """The connection is gone (``reason``: what closed it, if known)."""
-        self._channel = None
-        # Not left to the old channel's futures: on an abrupt loss some never complete.
-        for task in list(self._sending):
-            task.cancel()
-        refused = repr(reason) if isinstance(reason, _BROKER_REFUSALS) else None
-        self.carry_out(self.lanes.on_connection_lost(refused))
-
-    def admit(self, entry: _Message) -> None:
-        """The Room took the entry (also called by the Room when its turn comes)."""
-        self.carry_out(entry.lane.admit(entry))
-
-    def give_up(self, entry: _Message, timeout: float | None = None) -> None:
-        """``publish_timeout`` (or the publish's own ``timeout``) is over (a timer)."""
-        self.carry_out(entry.lane.give_up(entry, timeout))
-
-    def carry_out(self, actions: list[Action]) -> None:
-        """Do what the lanes said, in the order they said it.
-
-        Freeing room can admit the next publish in the Room's line, whose lane may then
-        decide to send: that lands at the end of the queue, after every send decided before
-        it, so the frames still leave in the order the lanes decided (call order per key)."""
-        self._todo.extend(actions)
-        if self._carrying_out:
-            return
-        self._carrying_out = True
-        published = 0
-        try:
-            while self._todo:
-                action = self._todo.popleft()
-                if isinstance(action, Send):
-                    self._send(action)
-                elif isinstance(action, Answer):
-                    future = cast(_Message, action.entry).future
-                    if not future.done():
-                        if action.error is None:
-                            future.set_result(None)
-                            published += 1
-                        else:
-                            future.set_exception(action.error)
-                elif isinstance(action, LeaveRoom):
-                    message = cast(_Message, action.entry)
-                    # what the caller may still hold is theirs, not ours
-                    message.record, message.properties = _NO_RECORD, None
-                    if action.admitted:
-                        self.room.give_back(message.size)
-                    else:
-                        self.room.withdraw(message)
-                elif isinstance(action, Ensure):
-                    self.background.spawn(self._ensure(action.lane, action.stale_routing_key))
-                elif isinstance(action, Linger):
-                    asyncio.get_running_loop().call_later(
-                        action.delay, self._linger_over, action.lane, action.token
-                    )
-                elif isinstance(action, Count):
-                    if action.what is Counted.RETURNED:
-                        self.returned_messages += 1
-                        self._metrics.returned.inc()
-                    else:
-                        self.resent_messages += 1
-                        self._metrics.resent.inc()
-        finally:
-            self._carrying_out = False
-            if published:  # counted once per answer from the broker, not per job
-                self._metrics.published.inc(published)
-
-    def _send(self, send: Send) -> None:
-        """Write one message: a job alone as a plain message, several as a batch."""
-        assert self._channel is not None
-        entries = cast(list[_Message], send.batch.entries)  # every entry here is one
-        lane = send.lane
-        if len(entries) == 1:
-            message = entries[0]
-            body = message.record.body
-            properties = message.properties or self._properties_of(lane, message)
-        else:
-            body, properties = encode_batch(
-                lane.ref,
-                [message.record for message in entries],
-                publisher_id=self._publisher_id,
-                delivery_mode=self._delivery_mode,
-                user_id=self._user_id,
-            )
-        self._metrics.batch_jobs.observe(len(entries))
-        # The task starts at once, in the order the lanes decided, and takes the channel's
-        # FIFO write lock before any await: frames leave in the order of the publish() calls.
-        task = asyncio.ensure_future(
-            self._channel.basic_publish(
-                body,
-                exchange=lane.exchange,
-                routing_key=send.batch.routing_key,
-                properties=properties,
-                mandatory=True,
-                wait=False,
-            )
-        )
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-        task.add_done_callback(partial(self._on_answer, lane, send.batch))
-
-    def _properties_of(self, lane: Lane, message: _Message) -> spec.Basic.Properties:
-        """The properties of a job sent alone, without application headers."""
-        record = message.record
-        return encode_envelope(
-            lane.ref,
-            publisher_id=self._publisher_id,
-            sequence=record.sequence,
-            delivery_mode=self._delivery_mode,
-            user_id=self._user_id,
-            content_type=record.content_type,
-            published_at=record.published_at,
-        )
-
-    def _on_answer(self, lane: Lane, batch: Batch, task: asyncio.Future[Any]) -> None:
-        """The broker answered for one message (or its channel went away): tell the lane."""
-        error = None if task.cancelled() else task.exception()
-        if isinstance(error, aiormq.exceptions.DeliveryError):
-            actions = lane.refused(batch, repr(error))  # basic.nack
-        elif task.cancelled() or error is not None:
-            actions = lane.cut_off(batch)
-        elif isinstance(task.result(), spec.Basic.Ack):
-            actions = lane.acked(batch)
-        elif isinstance(task.result(), aiormq.abc.DeliveredMessage):
-            actions = lane.returned_unrouted(batch)  # basic.return
-        else:
-            actions = lane.refused(batch, repr(task.result()))
-        self.carry_out(actions)
-
-    def _linger_over(self, lane: Lane, token: int) -> None:
-        self.carry_out(lane.linger_over(token))
-
-    async def _ensure(self, lane: Lane, stale_routing_key: str | None) -> None:
-        """Ask the registry to ensure the lane's key; tell the lane how that went. While the
-        key's queue is unavailable (its cluster node is down) ask again after a pause, as
-        long as a message of the key waits: it comes back with its node."""
-        try:
-            assert self._control is not None
-            pause = _UNAVAILABLE_PAUSE
-            if lane.nacked:
-                # refused by the broker: give a queue that lost its node (a quorum leader
-                # being elected) a moment, doubling, before the message goes again; as
-                # often as it takes: only the message's publish timeout ends this
-                await asyncio.sleep(_nack_pause(lane.nacked) * random.uniform(0.5, 1.0))
-            while True:
-                reply = await self._control.request(
-                    EnsureKey(
-                        job_type=lane.ref.job_type,
-                        key=lane.ref.key,
-                        stale_routing_key=stale_routing_key,
-                    ),
-                    timeout=self._settings.ensure_timeout,
-                )
-                if not (isinstance(reply, Refused) and reply.code == REFUSED_UNAVAILABLE):
-                    break
-                if not lane.ensure_unavailable(reply.reason):
-                    return  # nothing waits any more: the next publish asks again
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-                pause = min(_UNAVAILABLE_PAUSE_MAX, pause * 2)
-            if isinstance(reply, Refused):
-                refusal = (
-                    QuotaExceededError if reply.code == REFUSED_QUOTA_EXCEEDED else PublishError
-                )
-                raise refusal(f"the registry refused key {lane.ref.key!r}: {reply.reason}")
-            if not isinstance(reply, Ensured):
-                raise PublishError(f"unexpected reply from the registry: {reply.type}")
-        except (RegistryUnavailableError, PublishError) as exc:
-            self.carry_out(lane.ensure_failed(exc))
-        except (*CHANNEL_ERRORS, ConnectionError) as exc:
-            # The connection dropped during the request: ask again once reconnected.
-            log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
-            self.carry_out(lane.ensure_interrupted())
-        except BaseException:
-            self.carry_out(lane.ensure_interrupted())  # the lane must not wait forever
-            raise
-        else:
-            self.carry_out(lane.ensured(reply.routing_key))
-
-
 def encode_body(payload: object, max_message_bytes: int) -> tuple[bytes, str | None]:
     """The body and content type ``payload`` is sent as
     (:func:`~rabbitkeys._wire.payload.encode_payload`),
@@ -738,7 +442,3 @@ def encode_body(payload: object, max_message_bytes: int) -> tuple[bytes, str | N
             f"(RABBITKEYS_MAX_MESSAGE_BYTES)"
         )
     return body, content_type
-
-
-def _frame_max_of(channel: aiormq.Channel) -> int:
-    return int(channel.connection.connection_tune.frame_max)

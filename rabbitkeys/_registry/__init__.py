@@ -5,9 +5,11 @@ lifecycle; a package: its ``records`` and ``commands``, ``hold_bindings``, the `
 and one module per event family over it, ``declare``, ``members``, ``retire``, ``holds``
 and ``broker_view``, each handed its events by ``book``), ``assignment`` (rendezvous hashing
 with bounded load) and ``keylist`` (a page of ``rabbitkeys keys``).
-Shell: ``registry`` (:class:`~rabbitkeys.Registry`, the service around the book), ``runner``
-(carries out the book's commands over AMQP), ``reconcile`` (the book checked against the
-broker), ``redrive`` (reading dead letters, putting them back, skipping a parked head) and
-``leadership`` (the leader lock).
-Imports no other role.
+Shell: ``registry`` (:class:`~rabbitkeys.Registry`, the service around the book),
+``session`` (what exists only while it leads: control channel, runner, reconciler),
+``operator_requests`` (keys, pause, resume, skip, redrive), ``runner`` (carries out the book's
+commands over AMQP), ``reconcile`` (the book checked against the broker), ``redrive``
+(reading dead letters, putting them back, skipping a parked head) and ``leadership`` (the
+leader lock).
+Imports no other role. Internals: ``docs/internals/registry.md``.
 """

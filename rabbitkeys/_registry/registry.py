@@ -5,11 +5,13 @@ The registry is the only party that binds, unbinds and deletes key queues (see
 with a key, and when, is decided by the key book (``_registry.keybook``: a key's states, pure and
 property-tested); this module runs the leading session, dispatches the control messages the
 roles send to the book, answers ensures and status requests, and decides when to rebalance.
-The book's commands are carried out over AMQP by ``_registry.runner``; leadership is
-``_registry.leadership``; what is learnt from the broker itself (adoption, backlog, leases, workers
-that are gone, the holds a new leader reads back) is ``_registry.reconcile``. Operators' requests
-(list keys; pause, resume, skip; redrive dead letters) come through ``NS.operations`` and
-are answered each in its own task, like ensures.
+What exists only while the registry leads (its control channel, runner, reconciler) is one
+object, ``_registry.session``, built when it wins the leader lock. The book's commands are
+carried out over AMQP by ``_registry.runner``; leadership is ``_registry.leadership``; what is
+learnt from the broker itself (adoption, backlog, leases, workers that are gone, the holds a
+new leader reads back) is ``_registry.reconcile``. Operators' requests (list keys; pause,
+resume, skip; redrive dead letters) come through ``NS.operations`` and are answered by
+``_registry.operator_requests``, each in its own task, like ensures.
 
 State lives in memory and is rebuilt from the workers (each reports the keys it consumes)
 and from the broker when a registry starts leading.
@@ -32,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from .._broker.amqp import CHANNEL_ERRORS, TaskSet, sleep_unless
 from .._broker.connection import keep_connected
 from .._broker.control import control_message, declare_control_topology, publish_control
-from .._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError, RabbitkeysError
+from .._errors import BrokerUnavailableError, InvalidKeyError, ProtocolError
 from .._lifecycle import Background
 from .._observe.metrics import RegistryMetrics
 from .._settings import Settings, load_settings
@@ -41,15 +43,8 @@ from .._wire.protocol import (
     ControlMessage,
     Ensured,
     EnsureKey,
-    HoldReply,
-    HoldRequest,
     KeyAssignment,
     KeyParked,
-    KeysPage,
-    KeysRequest,
-    RedriveKeySummary,
-    RedriveReply,
-    RedriveRequest,
     Refused,
     Released,
     Status,
@@ -69,30 +64,18 @@ from .._wire.senders import (
     record_drop,
 )
 from .._wire.topology import KeyRef, Names
-from . import keylist, redrive
-from .keybook import (
-    Command,
-    HoldRefused,
-    KeyBook,
-    Parked,
-    ReleaseKeys,
-    SkipHead,
-    SyncWorker,
-)
+from .keybook import Command, KeyBook, Parked, ReleaseKeys, SyncWorker
 from .leadership import take_leadership
+from .operator_requests import OperatorReply, OperatorRequests, reason_of
 from .reconcile import Reconciler
 from .runner import CommandRunner
+from .session import NOT_LEADING, LeadingSession, NotLeading
 
 __all__ = ["Registry"]
 
 log = logging.getLogger("rabbitkeys.registry")
 
-#: How long a redrive waits for a key to be let go by its owner and rearranged before its
-#: dead letters go back to the dead-letter queue (the key stays held for the redrive; its
-#: rearrangement then only rotates, and a new redrive moves them)
-REDRIVE_WAIT = 300.0
-
-_Reply = Ensured | Refused | Status | KeysPage | HoldReply | RedriveReply
+_Reply = Ensured | Refused | Status | OperatorReply
 
 
 class Registry(Background):
@@ -119,10 +102,11 @@ class Registry(Background):
         self._leading = asyncio.Event()
         self._rebalance_wanted = asyncio.Event()
         self._tasks = TaskSet(log, "registry task")
-        self._control: AbstractChannel | None = None
-        self._runner: CommandRunner | None = None
-        self._reconciler: Reconciler | None = None
-        self._connection: AbstractConnection | None = None
+        #: the leading session: NOT_LEADING until this registry first leads, then that of its
+        #: current (or last) leadership. Not reset when a connection ends: what is still being
+        #: handled then meets that session's closed channels and fails as on a lost
+        #: connection, and a scrape from another thread never sees a leader without one.
+        self._lead: LeadingSession | NotLeading = NOT_LEADING
         #: control messages refused, by reason (``_wire.senders.REFUSAL_REASONS``)
         self.refused: collections.Counter[str] = collections.Counter()
         #: which user and session speak for each live worker
@@ -146,9 +130,9 @@ class Registry(Background):
         if not self.is_leader:
             self.metrics.set_oldest_ages({})
             return {"rabbitkeys_leader": 0}
-        broker = self._reconciler
+        broker = self._lead.reconciler
         # the labelled gauge is set here too: one reading of the leader's view per scrape
-        self.metrics.set_oldest_ages(broker.oldest_age_by_job_type() if broker else {})
+        self.metrics.set_oldest_ages(broker.oldest_age_by_job_type())
         held = self._book.held_counts()
         return {
             "rabbitkeys_leader": 1,
@@ -159,8 +143,8 @@ class Registry(Background):
             "rabbitkeys_unassigned_keys": self._book.unassigned(),
             "rabbitkeys_unavailable_keys": self._book.unavailable(),
             "rabbitkeys_live_workers": len(self._book.workers),
-            "rabbitkeys_backlog_messages": broker.backlog_messages if broker else 0,
-            "rabbitkeys_key_queues": broker.key_queue_count if broker else 0,
+            "rabbitkeys_backlog_messages": broker.backlog_messages,
+            "rabbitkeys_key_queues": broker.key_queue_count,
         }
 
     @property
@@ -186,10 +170,10 @@ class Registry(Background):
     async def run(self) -> None:
         """Lead (or stand by) until ``stop()``; survive broker restarts by starting over."""
         await keep_connected(
-            self.settings, f"registry {self.registry_id}", self._session, self._stopping, log
+            self.settings, f"registry {self.registry_id}", self._on_connection, self._stopping, log
         )
 
-    async def _session(self, connection: AbstractConnection) -> None:
+    async def _on_connection(self, connection: AbstractConnection) -> None:
         # Each connection starts from nothing: state is rebuilt from the workers.
         self._book = self._new_book()
         self._sessions.clear()
@@ -206,41 +190,21 @@ class Registry(Background):
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _run_connected(self, connection: AbstractConnection) -> None:
-        self._control = await connection.channel()
+        control = await connection.channel()
         await take_leadership(connection, self.names, self.registry_id, self._stopping)
         if self._stopping.is_set():
             return
-        self._runner = CommandRunner(
-            self.settings,
-            connection,
-            self._control,
-            self._book,
-            tasks=self._tasks,
-            metrics=self.metrics,
-            rebalance=self._rebalance_wanted.set,
-            retired=self._count_retired,
-            route=self._sessions.route,
-        )
-        reconciler = self._reconciler = Reconciler(
-            self.settings,
-            connection,
-            self._book,
-            worker_gone=self._remove_worker,
-            dropped=self._dropped,
-            adopted=self._rebalance_wanted.set,
-        )
-        await declare_control_topology(
-            connection, self._control, self.names, self.settings.queue_type
-        )
-        self._connection = connection
+        lead = self._lead = self._leading_session(connection, control)
+        reconciler = lead.reconciler
+        await declare_control_topology(connection, control, self.names, self.settings.queue_type)
         # The holds first: no paused or parked key may be placed once requests flow.
         self._do(await reconciler.load_holds())
         # Generous: answers can wait for a declare or a retirement, and heartbeats must not
         # starve behind them. Control messages are small.
-        await self._control.set_qos(prefetch_count=10_000)
-        queue = await self._control.get_queue(self.names.registry_queue, ensure=False)
+        await control.set_qos(prefetch_count=10_000)
+        queue = await control.get_queue(self.names.registry_queue, ensure=False)
         consumer_tag = await queue.consume(self._on_control_message)
-        underlay = cast(aiormq.Channel, await self._control.get_underlay_channel())
+        underlay = cast(aiormq.Channel, await control.get_underlay_channel())
         await reconciler.watch_worker_inboxes()
         log.info("registry %s leads namespace %r", self.registry_id, self.names.namespace)
         self._leading.set()
@@ -265,6 +229,33 @@ class Registry(Background):
             await reconciler.renew_unowned_leases()
             await reconciler.recheck_unavailable()
 
+    def _leading_session(
+        self, connection: AbstractConnection, control: AbstractChannel
+    ) -> LeadingSession:
+        """The leading session on ``connection``, for this connection's book: built once
+        this registry holds the leader lock."""
+        runner = CommandRunner(
+            self.settings,
+            connection,
+            control,
+            self._book,
+            tasks=self._tasks,
+            metrics=self.metrics,
+            rebalance=self._rebalance_wanted.set,
+            retired=self._count_retired,
+            route=self._sessions.route,
+        )
+        reconciler = Reconciler(
+            self.settings,
+            connection,
+            self._book,
+            worker_gone=self._remove_worker,
+            dropped=self._dropped,
+            adopted=self._rebalance_wanted.set,
+        )
+        operator_requests = OperatorRequests(self.names, self._book, runner, reconciler, connection)
+        return LeadingSession(connection, control, runner, reconciler, operator_requests)
+
     # --- control messages -------------------------------------------------------------
 
     def _dropped(self, what: str, error: BaseException) -> None:
@@ -282,7 +273,7 @@ class Registry(Background):
             # Its sender may wait for an answer: tell it why rather than let it time out
             # (counted once: a bad reply_to is not counted again here).
             if self.names.is_reply_queue(message.reply_to or ""):
-                await self._reply(message, Refused(reason=_reason(exc)))
+                await self._reply(message, Refused(reason=reason_of(exc)))
             await self._ack(message)
             return
         speaks = True
@@ -317,9 +308,8 @@ class Registry(Background):
         if self._sessions.check(report, user_id):
             return True
         worker_id = report.worker_id
-        assert self._reconciler is not None  # control messages are consumed once it exists
         try:
-            owned = await self._reconciler.owns_inbox(worker_id, report.session)
+            owned = await self._lead.reconciler.owns_inbox(worker_id, report.session)
         except BrokerUnavailableError as exc:
             raise Refusal(
                 "impersonation",
@@ -405,23 +395,22 @@ class Registry(Background):
                 refs.append((ref, assignment.routing_key))
         return refs
 
-    async def _answer(self, message: AbstractIncomingMessage, request: ControlMessage) -> None:
+    async def _answer(
+        self,
+        message: AbstractIncomingMessage,
+        request: EnsureKey | StatusRequest | OperatorRequest,
+    ) -> None:
         reply: _Reply
         try:
             if isinstance(request, EnsureKey):
                 reply = await self._ensure(request)
-            elif isinstance(request, KeysRequest):
-                reply = self._keys(request)
-            elif isinstance(request, HoldRequest):
-                reply = await self._hold(request)
-            elif isinstance(request, RedriveRequest):
-                reply = await self._redrive_request(request)
-            else:
-                assert isinstance(request, StatusRequest)
+            elif isinstance(request, StatusRequest):
                 reply = await self._status(request.backlog)
+            else:
+                reply = await self._lead.operator_requests.answer(request)
         except Exception as exc:
             log.exception("failed to answer %s", request.type)
-            reply = Refused(reason=_reason(exc))
+            reply = Refused(reason=reason_of(exc))
         if isinstance(reply, Refused) and reply.code == REFUSED_QUOTA_EXCEEDED:
             self.metrics.quota_refusals.inc()
         await self._reply(message, reply)
@@ -431,7 +420,7 @@ class Registry(Background):
         """Answer to the request's ``reply_to``, only if it is a reply queue of this
         namespace: a request must not make the registry write anywhere else."""
         reply_to = message.reply_to
-        if not reply_to or self._control is None:
+        if not reply_to:
             return
         if not self.names.is_reply_queue(reply_to):
             self._dropped(
@@ -441,7 +430,7 @@ class Registry(Background):
             return
         try:
             await publish_control(
-                self._control,
+                self._lead.control,
                 self.names.replies_exchange,
                 control_message(
                     reply, user_id=self.settings.amqp_user, correlation_id=message.correlation_id
@@ -467,8 +456,7 @@ class Registry(Background):
             ref = KeyRef.of(request.key, request.job_type)
         except InvalidKeyError as exc:
             return Refused(reason=str(exc))
-        assert self._runner is not None
-        reply = await self._runner.ensure(ref, request.stale_routing_key)
+        reply = await self._lead.runner.ensure(ref, request.stale_routing_key)
         if reply.routing_key is not None:
             return Ensured(routing_key=reply.routing_key)
         if reply.code is not None:
@@ -477,159 +465,9 @@ class Registry(Background):
 
     async def _status(self, with_backlog: bool) -> Status:
         backlog = None
-        if with_backlog and self._reconciler is not None:
-            backlog = await self._reconciler.backlog()
+        if with_backlog:
+            backlog = await self._lead.reconciler.backlog()
         return self._book.status(self.registry_id, backlog, time.monotonic())
-
-    # --- operators ------------------------------------------------------------------------
-
-    def _keys(self, request: KeysRequest) -> KeysPage:
-        broker = self._reconciler
-        listed_at = broker.listed_at if broker is not None else None
-        stats = broker.queue_stats if broker is not None and listed_at is not None else None
-        return keylist.page(self._book, request, stats, listed_at, time.monotonic(), time.time())
-
-    async def _hold(self, request: HoldRequest) -> HoldReply:
-        """Pause or resume a key or a job type; skip a parked key's head (answered once the
-        head is dead-lettered, or why not)."""
-        what = f"job type {request.job_type!r}"
-        try:
-            ref = None if request.key is None else KeyRef.of(request.key, request.job_type)
-            if ref is not None:
-                what = f"key {request.key!r} of {what}"
-            if request.action == "skip":
-                if ref is None:
-                    return HoldReply(ok=False, detail="skip needs a key")
-                return await self._skip(ref, what)
-            if request.action == "pause":
-                commands = (
-                    self._book.pause_type(request.job_type)
-                    if ref is None
-                    else (self._book.pause(ref))
-                )
-            else:
-                commands = (
-                    self._book.resume_type(request.job_type)
-                    if ref is None
-                    else (self._book.resume(ref))
-                )
-        except (HoldRefused, InvalidKeyError) as exc:
-            return HoldReply(ok=False, detail=str(exc)[:1000])
-        self._do(commands)
-        done = "paused" if request.action == "pause" else "resumed"
-        log.info("operator: %s %s", what, done)
-        return HoldReply(ok=True, detail=f"{what} {done}"[:1000])
-
-    async def _skip(self, ref: KeyRef, what: str) -> HoldReply:
-        assert self._runner is not None
-        outcome = self._runner.expect_skip(ref.id)
-        try:
-            commands = self._book.skip(ref)
-        except HoldRefused as exc:
-            outcome.cancel()
-            return HoldReply(ok=False, detail=str(exc)[:1000])
-        self._do(commands)
-        if not any(isinstance(c, SkipHead) and c.key_id == ref.id for c in commands):
-            outcome.cancel()
-            return HoldReply(ok=False, detail=f"{what}: nothing to skip"[:1000])
-        try:
-            skipped = await outcome
-        except Exception as exc:
-            return HoldReply(ok=False, detail=f"{what}: the skip failed: {_reason(exc)}"[:1000])
-        log.info("operator: %s skipped its head (%d jobs dead-lettered)", what, skipped)
-        return HoldReply(
-            ok=True, detail=f"{what}: {skipped} job(s) dead-lettered; the key resumes"[:1000]
-        )
-
-    async def _redrive_request(self, request: RedriveRequest) -> RedriveReply:
-        """Dead letters back at the head of their keys (``apply``), or what would be (a dry
-        run: nothing moves)."""
-        assert self._connection is not None and self._runner is not None
-
-        def select(job_type: str, key: str) -> bool:
-            return (request.job_type is None or job_type == request.job_type) and (
-                request.key is None or key == request.key
-            )
-
-        selection = await redrive.read_dead_letters(self._connection, self.names, select)
-        try:
-            selected = list(selection.selected.items())
-            if not request.apply:
-                summaries = [
-                    RedriveKeySummary(job_type=job_type, key=key, messages=len(letters))
-                    for (job_type, key), letters in selected
-                ]
-                for (job_type, key), _ in selected:
-                    await selection.settle(job_type, key, False)
-            else:
-                redrive_id = uuid.uuid4().hex[:16]
-                log.info(
-                    "operator: redrive %s of %d dead letters over %d keys",
-                    redrive_id,
-                    sum(len(letters) for _, letters in selected),
-                    len(selected),
-                )
-                summaries = list(
-                    await asyncio.gather(
-                        *(
-                            self._redrive_key(selection, redrive_id, job_type, key, letters)
-                            for (job_type, key), letters in selected
-                        )
-                    )
-                )
-        finally:
-            await selection.close()
-        return RedriveReply(
-            applied=request.apply,
-            keys=summaries[:10_000],
-            messages=sum(s.messages for s in summaries),
-            not_selected=selection.not_selected,
-            unreadable=selection.unreadable,
-        )
-
-    async def _redrive_key(
-        self,
-        selection: redrive.DeadLetterSelection,
-        redrive_id: str,
-        job_type: str,
-        key: str,
-        letters: list[redrive.DeadLetteredMessage],
-    ) -> RedriveKeySummary:
-        """One key of a redrive: held, let go by its owner, rearranged; its dead letters
-        acked if that went well, else back in the dead-letter queue."""
-        assert self._runner is not None
-        runner = self._runner
-        error: str | None
-        try:
-            ref = KeyRef.of(key, job_type)
-        except InvalidKeyError as exc:
-            error = str(exc)
-        else:
-            done = runner.hold_dead_letters(redrive_id, ref.id, letters)
-            try:
-                self._do(self._book.redrive(ref, redrive_id))
-            except HoldRefused as exc:
-                runner.take_back_dead_letters(redrive_id, ref.id)
-                error = str(exc)
-            else:
-                try:
-                    error = await asyncio.wait_for(asyncio.shield(done), REDRIVE_WAIT)
-                except TimeoutError:
-                    if runner.take_back_dead_letters(redrive_id, ref.id):
-                        error = (
-                            f"its owner did not let it go within {REDRIVE_WAIT:g}s: its dead "
-                            "letters stay in the dead-letter queue (redrive again)"
-                        )
-                    else:  # its rearrangement is under way with them: wait for its end
-                        error = await done
-        ok = error is None
-        await selection.settle(job_type, key, ok)
-        return RedriveKeySummary(
-            job_type=job_type,
-            key=key,
-            messages=len(letters),
-            error=None if error is None else error[:1000],
-        )
 
     # --- membership ---------------------------------------------------------------------
 
@@ -669,8 +507,7 @@ class Registry(Background):
             log.info("rebalancing: %d keys move over %d workers", moved, len(self._book.workers))
 
     def _do(self, commands: list[Command]) -> None:
-        assert self._runner is not None  # control messages are consumed once it exists
-        self._runner.do(commands)
+        self._lead.runner.do(commands)
 
     def _count_retired(self) -> None:
         self.keys_retired += 1
@@ -679,16 +516,9 @@ class Registry(Background):
     # --- sending ---------------------------------------------------------------------
 
     async def _broadcast(self, command: Sync) -> None:
-        assert self._control is not None
         await publish_control(
-            self._control,
+            self._lead.control,
             self.names.commands_exchange,
             control_message(command, user_id=self.settings.amqp_user),
             self.names.all_workers_route,
         )
-
-
-def _reason(error: BaseException) -> str:
-    """An error as a Refused reason (bounded)."""
-    text = str(error) if isinstance(error, RabbitkeysError) else f"{type(error).__name__}: {error}"
-    return text[:1000]

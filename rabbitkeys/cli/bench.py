@@ -91,26 +91,10 @@ def add_parser(commands: Any) -> None:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from ..tools.bench import (
-        applies,
-        machine_description,
-        make_workload,
-        markdown,
-        measure_declare_rate,
-        run_strategy,
-    )
+    from ..tools.bench import machine_description, markdown, measure_declare_rate
 
     if args.scale:
-        from ..tools.bench.scale import HEADER, run_scale
-
-        rows = []
-        for keys in args.scale.split(","):
-            scaled = await run_scale(settings, keys=int(keys), workers=args.workers)
-            rows.append(scaled.markdown())
-            print(rows[-1], file=sys.stderr)
-        print(f"Machine: {machine_description()}\n\n{HEADER}")
-        print("\n".join(rows))
-        return EXIT_OK
+        return await _bench_scale(settings, args)
     if args.cluster:
         return await _bench_cluster(settings, args)
     args.messages = 10_000 if args.messages is None else args.messages
@@ -118,6 +102,38 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     args.workloads = args.workloads or "bursts,interleaved,slow,churn"
     if args.transient:
         settings = settings.model_copy(update={"durable": False})
+    results, failures = await _run_strategies(settings, args)
+    declare_rate = (
+        await measure_declare_rate(settings, queues=args.churn_messages)
+        if "churn" in args.workloads
+        else None
+    )
+    print(f"Machine: {machine_description()}")
+    print(
+        f"{args.workers} worker processes, {args.messages:,} messages per run then "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
+        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
+    )
+    print(markdown(results, declare_rate=declare_rate))
+    for failure in failures:
+        print(f"\nFAILED: {failure}")
+    if args.plot:
+        from ..tools.bench.plots import write_plots
+
+        for path in write_plots(results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return EXIT_ERROR if failures else EXIT_OK
+
+
+async def _run_strategies(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[list[Any], list[str]]:
+    """Every strategy on every workload that applies to it: the results (the tooling's
+    ``Result``, not named here: this module imports the tooling only when run), and what
+    failed (each line printed to stderr as it comes)."""
+    from ..tools.bench import applies, make_workload, run_strategy
+
     results = []
     failures: list[str] = []
     for workload_name in args.workloads.split(","):
@@ -152,27 +168,21 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             results.append(result)
-    declare_rate = (
-        await measure_declare_rate(settings, queues=args.churn_messages)
-        if "churn" in args.workloads
-        else None
-    )
-    print(f"Machine: {machine_description()}")
-    print(
-        f"{args.workers} worker processes, {args.messages:,} messages per run then "
-        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
-        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
-        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
-    )
-    print(markdown(results, declare_rate=declare_rate))
-    for failure in failures:
-        print(f"\nFAILED: {failure}")
-    if args.plot:
-        from ..tools.bench.plots import write_plots
+    return results, failures
 
-        for path in write_plots(results, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
-    return EXIT_ERROR if failures else EXIT_OK
+
+async def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:
+    from ..tools.bench import machine_description
+    from ..tools.bench.scale import HEADER, run_scale
+
+    rows = []
+    for keys in args.scale.split(","):
+        scaled = await run_scale(settings, keys=int(keys), workers=args.workers)
+        rows.append(scaled.markdown())
+        print(rows[-1], file=sys.stderr)
+    print(f"Machine: {machine_description()}\n\n{HEADER}")
+    print("\n".join(rows))
+    return EXIT_OK
 
 
 async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:

@@ -25,15 +25,24 @@ _CREDENTIAL = (
 
 
 def add_parser(commands: Any) -> None:
-    from .._wire.protocol import MAX_KEYS_PER_PAGE, KeyStateFilter
+    """``keys``, ``pause`` and ``resume``, ``skip``, ``redrive``: in this order in ``--help``."""
+    _add_keys(commands)
+    _add_holds(commands)
+    _add_skip(commands)
+    _add_redrive(commands)
 
-    def timeout(parser: argparse.ArgumentParser, default: float = 10.0, why: str = "") -> None:
-        parser.add_argument(
-            "--timeout",
-            type=float,
-            default=default,
-            help=f"seconds to wait for the registry's answer (default {default:g}){why}",
-        )
+
+def _add_timeout(parser: argparse.ArgumentParser, default: float = 10.0, why: str = "") -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        help=f"seconds to wait for the registry's answer (default {default:g}){why}",
+    )
+
+
+def _add_keys(commands: Any) -> None:
+    from .._wire.protocol import MAX_KEYS_PER_PAGE, KeyStateFilter
 
     keys = commands.add_parser(
         "keys",
@@ -77,9 +86,11 @@ def add_parser(commands: Any) -> None:
         "--limit); a key that moves between pages meanwhile is printed once",
     )
     keys.add_argument("--json", action="store_true", help="print JSON for scripts")
-    timeout(keys)
+    _add_timeout(keys)
     keys.set_defaults(handler=_keys)
 
+
+def _add_holds(commands: Any) -> None:
     for action, summary, description in (
         (
             "pause",
@@ -102,9 +113,11 @@ def add_parser(commands: Any) -> None:
         )
         parser.add_argument("job_type", metavar="JOB_TYPE")
         parser.add_argument("key", metavar="KEY", nargs="?", help="one key (default: all)")
-        timeout(parser)
+        _add_timeout(parser)
         parser.set_defaults(handler=_hold)
 
+
+def _add_skip(commands: Any) -> None:
     skip = commands.add_parser(
         "skip",
         help="dead-letter a parked key's head job and resume the key",
@@ -116,9 +129,11 @@ def add_parser(commands: Any) -> None:
     )
     skip.add_argument("job_type", metavar="JOB_TYPE")
     skip.add_argument("key", metavar="KEY")
-    timeout(skip, 30.0, ": it answers once the head is dead-lettered")
+    _add_timeout(skip, 30.0, ": it answers once the head is dead-lettered")
     skip.set_defaults(handler=_hold)
 
+
+def _add_redrive(commands: Any) -> None:
     redrive = commands.add_parser(
         "redrive",
         help="put dead letters back at the head of their keys (dry run unless --apply)",
@@ -133,7 +148,7 @@ def add_parser(commands: Any) -> None:
     redrive.add_argument("--all", action="store_true", help="every dead letter")
     redrive.add_argument("--apply", action="store_true", help="move them (default: dry run)")
     redrive.add_argument("--json", action="store_true", help="print JSON for scripts")
-    timeout(
+    _add_timeout(
         redrive,
         300.0,
         ": it answers once every selected key is done, after reading the whole dead-letter "
