@@ -4,4 +4,5 @@ management HTTP API (``management``).
 
 All shell (they do I/O); the decisions they carry out live in the roles' cores. Stands on
 :mod:`rabbitkeys._wire` and the settings; imports no role.
+Internals: ``docs/internals/broker.md``.
 """

@@ -2,8 +2,7 @@
 (``metrics``), the HTTP endpoint that serves them with the probes (``metrics_server``), and
 the OpenTelemetry plumbing (``tracing``, the optional extra ``rabbitkeys[otel]``).
 
-Shell (``metrics_server`` does I/O); ``metrics`` and ``tracing`` only record. ``tracing``
-still names the worker's ``Message``, ``Route`` and ``RetryPolicy`` for its handle span (for
-type checking, and one lazy import): the one arrow that runs up from here, until that span
-is handed the worker's decision instead (issue 24, part 2).
+Shell (``metrics_server`` does I/O); ``metrics`` and ``tracing`` only record. Imports no
+role: the worker's span (``rabbitkeys._worker.tracing``) is built on ``tracing``.
+Internals: ``docs/internals/observe.md``.
 """

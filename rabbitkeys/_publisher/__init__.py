@@ -8,4 +8,5 @@ futures, the connection), ``carrier`` (what carries the messages to the broker: 
 channel, batches, answers, asking the registry) and ``sync`` (:class:`~rabbitkeys.SyncPublisher`,
 a thread over the publisher).
 Imports no other role.
+Internals: ``docs/internals/publisher.md``.
 """

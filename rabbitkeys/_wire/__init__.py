@@ -5,4 +5,5 @@ and arguments of every exchange and queue), ``protocol`` (the control messages),
 (a job message's headers), ``batch`` (a batch body), ``payload`` (message bodies) and
 ``senders`` (who may send which control message). No shell: the I/O is in the roles and in
 :mod:`rabbitkeys._broker`. Depends only on :mod:`rabbitkeys._errors`.
+Internals: ``docs/internals/wire.md``.
 """

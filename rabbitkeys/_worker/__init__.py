@@ -11,4 +11,5 @@ to its ack: the job-run core's ports on the broker, the handler's slots, threads
 limits) and ``tracing`` (the spans of a job's wait and attempts, on the shared tracing
 plumbing). ``rabbitkeys.testing.InMemoryWorker`` wires the same core to in-memory ports.
 Imports no other role.
+Internals: ``docs/internals/worker.md``.
 """

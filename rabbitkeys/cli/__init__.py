@@ -6,6 +6,7 @@ Thin, one module per command group (as celery's ``celery/bin/``): ``registry``, 
 command functions). ``entry`` gathers their parsers into :func:`main`; ``base`` holds what
 they share (exit codes, running a command, signals, the metrics endpoint). All shell: the
 decisions are the library's.
+Internals: ``docs/internals/cli.md``.
 """
 
 from .base import EXIT_ERROR, EXIT_OK, EXIT_USAGE

@@ -9,6 +9,7 @@ nothing from here (``tests/test_units.py`` checks it), so a worker never loads t
 
 Public here: ``rabbitkeys.tools.demo:app``, the demo app that ``deploy/`` runs
 (``rabbitkeys worker rabbitkeys.tools.demo:app``). The rest is tooling, not library API.
+Internals: ``docs/internals/cli.md``.
 """
 
 __all__: list[str] = []
