@@ -1,1 +1,1 @@
-"""Integration examples, each run by the test suite (tests/test_examples.py)."""
+"""Integration examples, each run by the test suite (tests/system/test_examples.py)."""

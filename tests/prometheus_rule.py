@@ -4,7 +4,7 @@ Prometheus reads ``grafana/alerts.yaml`` from a file (docker-compose mounts it);
 the Prometheus Operator only loads rules from ``PrometheusRule`` objects. One source keeps the
 two from drifting: this module wraps the file's groups unchanged, and
 ``deploy/kubernetes/components/prometheusrule/prometheusrule.yaml`` is its committed output,
-which ``tests/test_deploy.py`` compares with a fresh run::
+which ``tests/deploy/test_deploy.py`` compares with a fresh run::
 
     python -m tests.prometheus_rule > \\
         deploy/kubernetes/components/prometheusrule/prometheusrule.yaml
@@ -31,8 +31,8 @@ RUNBOOK_BASE = "https://github.com/rabbitkeys/rabbitkeys/blob/main/docs/operate/
 DEFAULT_ALERTS = Path("grafana") / "alerts.yaml"
 HEADER = (
     "# GENERATED from grafana/alerts.yaml by `python -m tests.prometheus_rule`:\n"
-    "# do not edit (tests/test_deploy.py checks it is in sync). Change grafana/alerts.yaml and\n"
-    "# run the command again.\n"
+    "# do not edit (tests/deploy/test_deploy.py checks it is in sync). Change grafana/alerts.yaml\n"
+    "# and run the command again.\n"
 )
 
 

@@ -11,7 +11,8 @@ Control traffic travels on named exchanges, one per direction, so that write per
 an exchange *is* the role that may send on it (write access to the default exchange would
 reach every queue: no role gets it). Each role configures only its own queues, so no
 role can delete, squat or bind another's. The table, with the reasons per row, is in
-docs/internals/admin.md ("The trust model"); tests/test_trust.py tries each line against the broker.
+docs/internals/admin.md ("The trust model"); tests/system/test_trust.py tries each line
+against the broker.
 """
 
 from __future__ import annotations

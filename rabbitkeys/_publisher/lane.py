@@ -6,7 +6,7 @@ reports what happened (a publish was called, the broker answered, the connection
 went, the registry answered, a caller gave up); the lane changes its state and answers with
 the :data:`Action` s that follow (send these messages on this routing key, ask the registry
 to ensure the key, answer a caller, free a message's room). It does no I/O and knows no AMQP:
-``tests/test_lane.py`` drives it through random interleavings without a broker.
+``tests/publisher/test_lane.py`` drives it through random interleavings without a broker.
 
 A lane's states (:class:`LaneState`):
 

@@ -6,7 +6,7 @@ call on :class:`KeyBook`, handed to its family's module, that changes the book a
 the :data:`Command` s that follow from it; the registry (``_registry.registry``) carries them
 out and reports their outcomes back as further events. So a reader finds here, in one
 package, why a key is declared, assigned, moved or deleted, and the property tests
-(``tests/test_keybook.py``) check the rules with no broker.
+(``tests/registry/test_keybook.py``) check the rules with no broker.
 
 Its modules: ``records`` (:class:`KeyState`, :class:`Key`, :class:`KeyTable`,
 :class:`WorkerRecord`, :class:`Parked`), ``commands`` (what the registry carries out),
