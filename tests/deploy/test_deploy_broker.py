@@ -270,7 +270,7 @@ def test_broker_places_queues_balanced(folder: Path) -> None:
 @pytest.mark.parametrize("folder", BROKER_FOLDERS, ids=_rel)
 def test_broker_manifest_says_what_a_node_loss_means(folder: Path) -> None:
     text = "\n".join(path.read_text() for path in sorted(folder.glob("*.yaml")))
-    assert 'README "On a' in text and "STALL until it is back" in text
+    assert "docs/operate/cluster.md" in text and "STALL until it is back" in text
     assert "quorum key queues" in text and "keep flowing" in text
 
 
