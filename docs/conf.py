@@ -25,7 +25,7 @@ root_doc = "index"
 # docs/probes/ and docs/bench/ are scripts and measurements, not pages
 exclude_patterns = ["_build", "probes", "bench", "**/.*"]
 
-# Headings up to ### get GitHub-style anchors, so a link written for GitHub
+# Headings up to #### get GitHub-style anchors, so a link written for GitHub
 # (page.md#a-heading) resolves on the site too and tests/test_docs.py can check it.
 myst_heading_anchors = 4
 # `(alert-x)=` targets are not used: the alerts table keeps GitHub-visible <a id> anchors

@@ -359,7 +359,8 @@ async def call_handler(
 ) -> Any:
     """One attempt's call of the handler on ``message``, through the app's middleware (the
     first registered outermost, :func:`~.job_run.chain`), within its time ``limit``; in
-    ``thread`` (taken from ``threads``) for a ``def`` handler. What the handler returned.
+    ``thread`` (taken from ``threads``) for a ``def`` handler. What the outermost middleware
+    returned (the handler's return value, unless a middleware changes it).
     Used by the :class:`Executor` and by ``rabbitkeys.testing.InMemoryWorker``."""
     middlewares = app.middlewares
     if thread is None and not middlewares:
@@ -397,8 +398,9 @@ class Executor:
     runs in the job-run core (:func:`~.job_run.run_attempts`), through the ports of its
     key (:class:`_KeyPorts`).
 
-    Plain ``def`` handlers run in ``threads`` (the worker's pool, set while it runs; without
-    one, asyncio's default executor), at most ``sync_handler_threads`` at once."""
+    Plain ``def`` handlers run in ``threads`` (the worker's pool, set while it runs: a ``def``
+    handler called without one raises ``RuntimeError``), at most ``sync_handler_threads`` at
+    once."""
 
     def __init__(
         self,

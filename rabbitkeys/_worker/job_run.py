@@ -11,6 +11,9 @@ retry a copy with its attempt number), each attempt through the ``attempt`` port
 each failure the step :func:`next_step` decides: retry (``on_retry``, then ``wait`` out the
 backoff: the core never sleeps), dead-letter (``dead_letter``), or park (returned: the
 caller stops the key). The middleware chain each attempt runs through is :func:`chain`.
+A job no attempt can get past (a body that does not fit what its handler declared, a job
+type without handler) calls no ``attempt``: it goes straight to ``dead_letter`` (or to its
+park, for a parking job type whose body does not fit).
 
 :func:`next_step` is the decision itself: the retry policy (:mod:`.retry`) says retry or give
 up; a job type whose ``on_failure`` is ``park`` gives up by parking its key instead of
@@ -138,7 +141,10 @@ class JobToRun:
 class Ports(Protocol):
     """What the shell gives a job's run: the retry policy and the worker's context, and the
     I/O. The ports see a job's steps in order: ``attempt``; after a failure whose step is a
-    retry, ``on_retry`` then ``wait``; after one that dead-letters, ``dead_letter``."""
+    retry, ``on_retry`` then ``wait``; after one that dead-letters, ``dead_letter``. A job
+    that no attempt can get past (its body does not fit, its job type has no handler) skips
+    ``attempt``: the ports see only ``dead_letter``, or nothing before a returned park; so
+    per-job state belongs in every port that can come first, not in ``attempt`` alone."""
 
     @property
     def policy(self) -> RetryPolicy: ...
