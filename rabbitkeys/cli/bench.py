@@ -34,7 +34,8 @@ def add_parser(commands: Any) -> None:
         "--churn-messages",
         type=int,
         help="of the churn workload, each a new key, and as many queues for the raw declare "
-        "+ bind rate; its paced phase is scaled down alike (default 2000; 500 with --cluster)",
+        "+ bind rate and new keys by hand; its paced phase is scaled down alike (default "
+        "2000; 500 with --cluster)",
     )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
@@ -46,8 +47,9 @@ def add_parser(commands: Any) -> None:
     )
     bench.add_argument(
         "--workloads",
-        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf (default "
-        "bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster)",
+        help="comma-separated, of bursts,new-bursts,interleaved,slow,churn,uniform,zipf "
+        "(default bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster); "
+        "with churn, the by-hand new-key rate is measured beside it on each broker",
     )
     bench.add_argument(
         "--paced-messages",
@@ -81,6 +83,18 @@ def add_parser(commands: Any) -> None:
         "--partitions, --paced-messages, --rate and --plot do not apply",
     )
     bench.add_argument(
+        "--broker",
+        action="append",
+        metavar="NAME=AMQP_URL,MANAGEMENT_URL",
+        help="a broker to run every workload on, repeatable: the runs alternate between the "
+        "brokers (each strategy on each workload on one broker, then on the next), and the "
+        "report has one column per broker for each figure and ratio, with each broker's "
+        "version from its management API (e.g. --broker 3.10=amqp://guest:guest@localhost:"
+        "5672/,http://guest:guest@localhost:15672/ --broker 4.0=amqp://...:5710/,http://..."
+        ":15710/). Default: the one broker of RABBITKEYS_AMQP_URL and "
+        "RABBITKEYS_MANAGEMENT_URL",
+    )
+    bench.add_argument(
         "--cluster-port-base",
         type=int,
         default=5740,
@@ -91,51 +105,92 @@ def add_parser(commands: Any) -> None:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from ..tools.bench import machine_description, markdown, measure_declare_rate
-
+    if args.broker and (args.scale or args.cluster):
+        print("rabbitkeys: --broker is not with --scale or --cluster", file=sys.stderr)
+        return EXIT_USAGE
     if args.scale:
         return await _bench_scale(settings, args)
     if args.cluster:
         return await _bench_cluster(settings, args)
+    if args.transient:
+        settings = settings.model_copy(update={"durable": False})
+    from ..tools.bench.brokers import BenchBroker, BrokerSpecError, parse_broker
+
+    try:
+        brokers = [parse_broker(value, settings) for value in args.broker or ()]
+    except BrokerSpecError as exc:
+        print(f"rabbitkeys: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if len({broker.name for broker in brokers}) < len(brokers):
+        print("rabbitkeys: --broker: each broker needs a name of its own", file=sys.stderr)
+        return EXIT_USAGE
     args.messages = 10_000 if args.messages is None else args.messages
     args.churn_messages = 2_000 if args.churn_messages is None else args.churn_messages
     args.workloads = args.workloads or "bursts,interleaved,slow,churn"
-    if args.transient:
-        settings = settings.model_copy(update={"durable": False})
-    results, failures = await _run_strategies(settings, args)
-    declare_rate = (
-        await measure_declare_rate(settings, queues=args.churn_messages)
-        if "churn" in args.workloads
-        else None
-    )
-    print(f"Machine: {machine_description()}")
-    print(
-        f"{args.workers} worker processes, {args.messages:,} messages per run then "
-        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
-        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
-        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
-    )
-    print(markdown(results, declare_rate=declare_rate))
+    brokers = brokers or [BenchBroker("local", settings)]
+    columns, failures = await _run_on_brokers(brokers, args)
+    _print_report(brokers, columns, args)
     for failure in failures:
         print(f"\nFAILED: {failure}")
     if args.plot:
         from ..tools.bench.plots import write_plots
 
-        for path in write_plots(results, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+        for column in columns:
+            directory = args.plot if len(columns) == 1 else f"{args.plot}/{column.name}"
+            for path in write_plots(column.results, directory):
+                print(f"wrote {path}", file=sys.stderr)
     return EXIT_ERROR if failures else EXIT_OK
 
 
-async def _run_strategies(
-    settings: Settings, args: argparse.Namespace
-) -> tuple[list[Any], list[str]]:
-    """Every strategy on every workload that applies to it: the results (the tooling's
-    ``Result``, not named here: this module imports the tooling only when run), and what
-    failed (each line printed to stderr as it comes)."""
-    from ..tools.bench import applies, make_workload, run_strategy
+def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespace) -> None:
+    from ..tools.bench import machine_description, markdown
+    from ..tools.bench.brokers import rabbitmq_version
+    from ..tools.bench.report import side_by_side
 
-    results = []
+    versions = {broker.name: rabbitmq_version(broker.settings) for broker in brokers}
+    print(f"Machine: {machine_description(versions)}")
+    print(
+        f"{args.workers} worker processes, {args.messages:,} messages per run then "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
+        f"{'transient' if args.transient else 'durable queues, persistent messages'}"
+        + ("" if len(brokers) == 1 else "; runs alternating between the brokers")
+        + "\n"
+    )
+    if len(columns) == 1:
+        column = columns[0]
+        print(markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand))
+        return
+    for column in columns:
+        print(f"### {column.name}: RabbitMQ {versions[column.name] or '(version unknown)'}\n")
+        print(markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand))
+        print()
+    print("### Side by side\n")
+    print(side_by_side(columns))
+
+
+async def _run_on_brokers(
+    brokers: list[Any], args: argparse.Namespace
+) -> tuple[list[Any], list[str]]:
+    """Every strategy on every workload that applies to it, on each broker in turn (so that
+    load drift hits all alike); beside churn, new keys by hand on each broker; then the raw
+    declare + bind rate on each. One ``BrokerColumn`` per broker (the tooling's type, not
+    named here: this module imports the tooling only when run), and what failed (each line
+    printed to stderr as it comes)."""
+    from ..tools.bench import applies, make_workload, measure_declare_rate
+    from ..tools.bench.report import BrokerColumn
+
+    results: dict[str, list[Any]] = {broker.name: [] for broker in brokers}
+    by_hand: dict[str, float] = {}
+    declare: dict[str, float] = {}
     failures: list[str] = []
+    several = len(brokers) > 1
+
+    def failed(what: str, exc: BaseException) -> None:
+        # one failed run must not throw away the others' figures
+        print(f"{what}: FAILED: {exc}", file=sys.stderr)
+        failures.append(f"{what}: {exc}")
+
     for workload_name in args.workloads.split(","):
         if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
             count = args.churn_messages
@@ -146,29 +201,80 @@ async def _run_strategies(
         for strategy in args.strategies.split(","):
             if not applies(strategy, workload_name):
                 continue
-            try:
-                result = await run_strategy(
-                    strategy,
-                    workload,
-                    settings,
-                    workers=args.workers,
-                    partitions=args.partitions,
-                    work_ms=args.work_ms,
-                    rate=args.rate,
+            for broker in brokers:
+                label = f"{workload_name:>11} {strategy:>10}" + (
+                    f" {broker.name}" if several else ""
                 )
-            except (RabbitkeysError, RuntimeError, TimeoutError) as exc:
-                # one failed run must not throw away the others' figures
-                print(f"{workload_name:>11} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
-                failures.append(f"{workload_name} / {strategy}: {exc}")
-                continue
-            print(
-                f"{workload_name:>11} {strategy:>10}: {result.throughput:8,.0f} jobs/s "
-                f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
-                f"violations {result.order_violations}",
-                file=sys.stderr,
-            )
-            results.append(result)
-    return results, failures
+                try:
+                    result = await _run_one(strategy, workload, broker.settings, args)
+                except _failures() as exc:
+                    failed(label, exc)
+                    continue
+                print(
+                    f"{label}: {result.throughput:8,.0f} jobs/s "
+                    f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
+                    f"violations {result.order_violations}",
+                    file=sys.stderr,
+                )
+                results[broker.name].append(result)
+        if workload_name == "churn":
+            await _new_keys_by_hand(brokers, args.churn_messages, by_hand, failed)
+    if "churn" in args.workloads.split(","):
+        for broker in brokers:
+            try:
+                declare[broker.name] = await measure_declare_rate(
+                    broker.settings, queues=args.churn_messages
+                )
+            except _failures() as exc:
+                failed(f"raw declare + bind {broker.name}", exc)
+    columns = [
+        BrokerColumn(
+            broker.name,
+            results[broker.name],
+            declare_rate=declare.get(broker.name),
+            by_hand=by_hand.get(broker.name),
+        )
+        for broker in brokers
+    ]
+    return columns, failures
+
+
+async def _new_keys_by_hand(
+    brokers: list[Any], keys: int, rates: dict[str, float], failed: Any
+) -> None:
+    """Beside churn, on each broker in turn: new keys by hand, into ``rates``."""
+    from ..tools.bench.by_hand import measure_by_hand_new_keys
+
+    for broker in brokers:
+        try:
+            rates[broker.name] = rate = await measure_by_hand_new_keys(broker.settings, keys=keys)
+        except _failures() as exc:
+            failed(f"new keys by hand {broker.name}", exc)
+            continue
+        print(f"new keys by hand {broker.name}: {rate:8,.0f} keys/s", file=sys.stderr)
+
+
+async def _run_one(
+    strategy: str, workload: Any, settings: Settings, args: argparse.Namespace
+) -> Any:
+    from ..tools.bench import run_strategy
+
+    return await run_strategy(
+        strategy,
+        workload,
+        settings,
+        workers=args.workers,
+        partitions=args.partitions,
+        work_ms=args.work_ms,
+        rate=args.rate,
+    )
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What fails one run without ending the others: the broker or the run itself."""
+    from aiormq.exceptions import AMQPError
+
+    return (RabbitkeysError, RuntimeError, TimeoutError, OSError, AMQPError)
 
 
 async def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:
