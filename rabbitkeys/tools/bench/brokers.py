@@ -4,6 +4,7 @@ broker's real version as its management API reports it."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ def parse_broker(value: str, settings: Settings) -> BenchBroker:
     amqp, comma, management = urls.partition(",")
     if not (equals and comma and name.strip() and amqp.strip() and management.strip()):
         raise BrokerSpecError(
-            f"--broker {value!r}: expected NAME=AMQP_URL,MANAGEMENT_URL, e.g. "
+            f"--broker {_masked(value)!r}: expected NAME=AMQP_URL,MANAGEMENT_URL, e.g. "
             "4.0=amqp://guest:guest@localhost:5710/,http://guest:guest@localhost:15710/"
         )
     for url, schemes in ((amqp, ("amqp", "amqps")), (management, ("http", "https"))):
@@ -57,11 +58,9 @@ def parse_broker(value: str, settings: Settings) -> BenchBroker:
     return BenchBroker(name.strip(), pointed)
 
 
-def _masked(url: str) -> str:
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.password:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-    return urllib.parse.urlunsplit(parts)
+def _masked(text: str) -> str:
+    """``text`` with the password of every URL in it replaced: errors are printed."""
+    return re.sub(r"://([^:/@,]*):[^@,]*@", r"://\1:***@", text.strip())
 
 
 def rabbitmq_version(settings: Settings) -> str | None:
