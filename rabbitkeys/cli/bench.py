@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from .._errors import RabbitkeysError
 from .._settings import Settings
 from .base import EXIT_ERROR, EXIT_OK, EXIT_USAGE, SETTINGS_HELP
 
@@ -65,6 +64,14 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="non-durable queues and messages for every strategy (RABBITKEYS_DURABLE=false)",
     )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times (all workloads on all brokers, then again) and "
+        "report the run of median jobs/s of each row, the median by-hand and declare rates "
+        "(default 1)",
+    )
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
     bench.add_argument(
         "--scale",
@@ -105,8 +112,13 @@ def add_parser(commands: Any) -> None:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    if args.broker and (args.scale or args.cluster):
-        print("rabbitkeys: --broker is not with --scale or --cluster", file=sys.stderr)
+    if (args.broker or args.rounds != 1) and (args.scale or args.cluster):
+        print(
+            "rabbitkeys: --broker and --rounds are not with --scale or --cluster", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if args.rounds < 1:
+        print("rabbitkeys: --rounds must be 1 or more", file=sys.stderr)
         return EXIT_USAGE
     if args.scale:
         return await _bench_scale(settings, args)
@@ -115,6 +127,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.transient:
         settings = settings.model_copy(update={"durable": False})
     from ..tools.bench.brokers import BenchBroker, BrokerSpecError, parse_broker
+    from ..tools.bench.side_by_side import BenchPlan, run_side_by_side
 
     try:
         brokers = [parse_broker(value, settings) for value in args.broker or ()]
@@ -128,7 +141,19 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     args.churn_messages = 2_000 if args.churn_messages is None else args.churn_messages
     args.workloads = args.workloads or "bursts,interleaved,slow,churn"
     brokers = brokers or [BenchBroker("local", settings)]
-    columns, failures = await _run_on_brokers(brokers, args)
+    plan = BenchPlan(
+        workloads=args.workloads.split(","),
+        strategies=args.strategies.split(","),
+        messages=args.messages,
+        churn_messages=args.churn_messages,
+        paced_messages=args.paced_messages,
+        rate=args.rate,
+        workers=args.workers,
+        partitions=args.partitions,
+        work_ms=args.work_ms,
+        rounds=args.rounds,
+    )
+    columns, failures = await run_side_by_side(brokers, plan)
     _print_report(brokers, columns, args)
     for failure in failures:
         print(f"\nFAILED: {failure}")
@@ -155,6 +180,7 @@ def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespa
         f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
         f"{'transient' if args.transient else 'durable queues, persistent messages'}"
         + ("" if len(brokers) == 1 else "; runs alternating between the brokers")
+        + ("" if args.rounds == 1 else f"; median of {args.rounds} rounds")
         + "\n"
     )
     if len(columns) == 1:
@@ -167,114 +193,6 @@ def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespa
         print()
     print("### Side by side\n")
     print(side_by_side(columns))
-
-
-async def _run_on_brokers(
-    brokers: list[Any], args: argparse.Namespace
-) -> tuple[list[Any], list[str]]:
-    """Every strategy on every workload that applies to it, on each broker in turn (so that
-    load drift hits all alike); beside churn, new keys by hand on each broker; then the raw
-    declare + bind rate on each. One ``BrokerColumn`` per broker (the tooling's type, not
-    named here: this module imports the tooling only when run), and what failed (each line
-    printed to stderr as it comes)."""
-    from ..tools.bench import applies, make_workload, measure_declare_rate
-    from ..tools.bench.report import BrokerColumn
-
-    results: dict[str, list[Any]] = {broker.name: [] for broker in brokers}
-    by_hand: dict[str, float] = {}
-    declare: dict[str, float] = {}
-    failures: list[str] = []
-    several = len(brokers) > 1
-
-    def failed(what: str, exc: BaseException) -> None:
-        # one failed run must not throw away the others' figures
-        print(f"{what}: FAILED: {exc}", file=sys.stderr)
-        failures.append(f"{what}: {exc}")
-
-    for workload_name in args.workloads.split(","):
-        if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
-            count = args.churn_messages
-            paced = args.paced_messages * count // max(1, args.messages)
-        else:
-            count, paced = args.messages, args.paced_messages
-        workload = make_workload(workload_name, count, paced)
-        for strategy in args.strategies.split(","):
-            if not applies(strategy, workload_name):
-                continue
-            for broker in brokers:
-                label = f"{workload_name:>11} {strategy:>10}" + (
-                    f" {broker.name}" if several else ""
-                )
-                try:
-                    result = await _run_one(strategy, workload, broker.settings, args)
-                except _failures() as exc:
-                    failed(label, exc)
-                    continue
-                print(
-                    f"{label}: {result.throughput:8,.0f} jobs/s "
-                    f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
-                    f"violations {result.order_violations}",
-                    file=sys.stderr,
-                )
-                results[broker.name].append(result)
-        if workload_name == "churn":
-            await _new_keys_by_hand(brokers, args.churn_messages, by_hand, failed)
-    if "churn" in args.workloads.split(","):
-        for broker in brokers:
-            try:
-                declare[broker.name] = await measure_declare_rate(
-                    broker.settings, queues=args.churn_messages
-                )
-            except _failures() as exc:
-                failed(f"raw declare + bind {broker.name}", exc)
-    columns = [
-        BrokerColumn(
-            broker.name,
-            results[broker.name],
-            declare_rate=declare.get(broker.name),
-            by_hand=by_hand.get(broker.name),
-        )
-        for broker in brokers
-    ]
-    return columns, failures
-
-
-async def _new_keys_by_hand(
-    brokers: list[Any], keys: int, rates: dict[str, float], failed: Any
-) -> None:
-    """Beside churn, on each broker in turn: new keys by hand, into ``rates``."""
-    from ..tools.bench.by_hand import measure_by_hand_new_keys
-
-    for broker in brokers:
-        try:
-            rates[broker.name] = rate = await measure_by_hand_new_keys(broker.settings, keys=keys)
-        except _failures() as exc:
-            failed(f"new keys by hand {broker.name}", exc)
-            continue
-        print(f"new keys by hand {broker.name}: {rate:8,.0f} keys/s", file=sys.stderr)
-
-
-async def _run_one(
-    strategy: str, workload: Any, settings: Settings, args: argparse.Namespace
-) -> Any:
-    from ..tools.bench import run_strategy
-
-    return await run_strategy(
-        strategy,
-        workload,
-        settings,
-        workers=args.workers,
-        partitions=args.partitions,
-        work_ms=args.work_ms,
-        rate=args.rate,
-    )
-
-
-def _failures() -> tuple[type[BaseException], ...]:
-    """What fails one run without ending the others: the broker or the run itself."""
-    from aiormq.exceptions import AMQPError
-
-    return (RabbitkeysError, RuntimeError, TimeoutError, OSError, AMQPError)
 
 
 async def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from rabbitkeys.tools.bench.by_hand import measure_by_hand_new_keys
 from rabbitkeys.tools.bench.plots import write_plots
 from rabbitkeys.tools.bench.report import BrokerColumn, side_by_side
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
+from rabbitkeys.tools.bench.side_by_side import _median_run
 from rabbitkeys.tools.rabbit_cluster import RabbitCluster
 
 from ..conftest import Broker
@@ -311,6 +312,20 @@ def test_the_cli_refuses_a_bad_broker_with_exit_2(args: list[str]) -> None:
     assert done.returncode == 2, done.stderr
     assert "--broker" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_rounds_keep_the_run_of_median_throughput() -> None:
+    runs = [_result("rabbitkeys", "churn", jobs, p99_ms=jobs) for jobs in (300.0, 100.0, 200.0)]
+    assert _median_run(runs) is runs[2]
+    assert _median_run(runs[:2]) is runs[1]  # of two, the lower: no figure made up
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--rounds", "2", "--cluster"]])
+def test_the_cli_refuses_bad_rounds_with_exit_2(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys", "bench", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "--rounds" in done.stderr, done.stderr
 
 
 #: the two brokers of the side-by-side run: 3.10 and 4.x (override for other machines)
