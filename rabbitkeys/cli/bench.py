@@ -170,7 +170,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
 def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespace) -> None:
     from ..tools.bench import machine_description, markdown
     from ..tools.bench.brokers import rabbitmq_version
-    from ..tools.bench.report import side_by_side
+    from ..tools.bench.report import side_by_side_markdown
 
     versions = {broker.name: rabbitmq_version(broker.settings) for broker in brokers}
     print(f"Machine: {machine_description(versions)}")
@@ -192,7 +192,7 @@ def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespa
         print(markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand))
         print()
     print("### Side by side\n")
-    print(side_by_side(columns))
+    print(side_by_side_markdown(columns))
 
 
 async def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:

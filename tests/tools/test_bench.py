@@ -24,7 +24,7 @@ from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strateg
 from rabbitkeys.tools.bench.brokers import BrokerSpecError, parse_broker
 from rabbitkeys.tools.bench.by_hand import measure_by_hand_new_keys
 from rabbitkeys.tools.bench.plots import write_plots
-from rabbitkeys.tools.bench.report import BrokerColumn, side_by_side
+from rabbitkeys.tools.bench.report import BrokerColumn, side_by_side_markdown
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
 from rabbitkeys.tools.bench.side_by_side import _median_run
 from rabbitkeys.tools.rabbit_cluster import RabbitCluster
@@ -250,7 +250,7 @@ def test_the_by_hand_row_and_its_ratio() -> None:
 
 
 def test_side_by_side_has_a_column_per_broker_for_each_figure_and_ratio() -> None:
-    table = side_by_side([_column("3.10", 300.0, 400.0), _column("4.0.5", 500.0, 400.0)])
+    table = side_by_side_markdown([_column("3.10", 300.0, 400.0), _column("4.0.5", 500.0, 400.0)])
     assert "| figure | 3.10 | 4.0.5 |" in table
     assert "| target | 3.10 | 4.0.5 |" in table
     assert "| churn / rabbitkeys: jobs/s | 300 | 500 |" in table

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from .by_hand import BY_HAND_LANES
 from .runner import Result
 
-__all__ = ["BrokerColumn", "machine_description", "markdown", "side_by_side"]
+__all__ = ["BrokerColumn", "machine_description", "markdown", "side_by_side_markdown"]
 
 
 def machine_description(versions: dict[str, str | None] | None = None) -> str:
@@ -105,7 +105,7 @@ class BrokerColumn:
     by_hand: float | None = None
 
 
-def side_by_side(columns: list[BrokerColumn]) -> str:
+def side_by_side_markdown(columns: list[BrokerColumn]) -> str:
     """Each figure and each target's ratio with one column per broker, measured in one run
     (the runs alternated between the brokers)."""
     head = " | ".join(column.name for column in columns)
