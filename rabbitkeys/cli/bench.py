@@ -72,7 +72,11 @@ def add_parser(commands: Any) -> None:
         "report the run of median jobs/s of each row, the median by-hand and declare rates "
         "(default 1)",
     )
-    bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
+    bench.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNG plots there (needs matplotlib); with several --broker, into DIR/NAME each",
+    )
     bench.add_argument(
         "--scale",
         metavar="KEYS",
