@@ -36,10 +36,13 @@ _NUMBER = r"-?[\d,]+(?:\.\d+)?"
 
 
 def _bench_vhosts(broker: Broker) -> list[str]:
+    """The bench vhosts this test process made (marked with its pid): the brokers are
+    shared, and another session's bench makes and deletes its own meanwhile."""
+    mark = f"rabbitkeys bench: pid {os.getpid()} on {socket.gethostname()}"
     return [
         vhost["name"]
-        for vhost in broker.api("vhosts?columns=name")
-        if vhost["name"].startswith("rabbitkeys-bench-")
+        for vhost in broker.api("vhosts?columns=name,description")
+        if vhost["name"].startswith("rabbitkeys-bench-") and vhost.get("description") == mark
     ]
 
 
