@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from .._errors import RabbitkeysError
 from .._settings import Settings
 from .base import EXIT_ERROR, EXIT_OK, EXIT_USAGE, SETTINGS_HELP
 
@@ -34,7 +33,8 @@ def add_parser(commands: Any) -> None:
         "--churn-messages",
         type=int,
         help="of the churn workload, each a new key, and as many queues for the raw declare "
-        "+ bind rate; its paced phase is scaled down alike (default 2000; 500 with --cluster)",
+        "+ bind rate and new keys by hand; its paced phase is scaled down alike (default "
+        "2000; 500 with --cluster)",
     )
     bench.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     bench.add_argument("--partitions", type=int, default=12, help="for 'partitions' (default 12)")
@@ -46,8 +46,9 @@ def add_parser(commands: Any) -> None:
     )
     bench.add_argument(
         "--workloads",
-        help="comma-separated, of bursts,interleaved,slow,churn,uniform,zipf (default "
-        "bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster)",
+        help="comma-separated, of bursts,new-bursts,interleaved,slow,churn,uniform,zipf "
+        "(default bursts,interleaved,slow,churn; bursts,interleaved,churn with --cluster); "
+        "with churn, the by-hand new-key rate is measured beside it on each broker",
     )
     bench.add_argument(
         "--paced-messages",
@@ -63,7 +64,19 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="non-durable queues and messages for every strategy (RABBITKEYS_DURABLE=false)",
     )
-    bench.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times (all workloads on all brokers, then again) and "
+        "report the run of median jobs/s of each row, the median by-hand and declare rates "
+        "(default 1)",
+    )
+    bench.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write PNG plots there (needs matplotlib); with several --broker, into DIR/NAME each",
+    )
     bench.add_argument(
         "--scale",
         metavar="KEYS",
@@ -81,6 +94,18 @@ def add_parser(commands: Any) -> None:
         "--partitions, --paced-messages, --rate and --plot do not apply",
     )
     bench.add_argument(
+        "--broker",
+        action="append",
+        metavar="NAME=AMQP_URL,MANAGEMENT_URL",
+        help="a broker to run every workload on, repeatable: the runs alternate between the "
+        "brokers (each strategy on each workload on one broker, then on the next), and the "
+        "report has one column per broker for each figure and ratio, with each broker's "
+        "version from its management API (e.g. --broker 3.10=amqp://guest:guest@localhost:"
+        "5672/,http://guest:guest@localhost:15672/ --broker 4.0=amqp://...:5710/,http://..."
+        ":15710/). Default: the one broker of RABBITKEYS_AMQP_URL and "
+        "RABBITKEYS_MANAGEMENT_URL",
+    )
+    bench.add_argument(
         "--cluster-port-base",
         type=int,
         default=5740,
@@ -91,84 +116,87 @@ def add_parser(commands: Any) -> None:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from ..tools.bench import machine_description, markdown, measure_declare_rate
-
+    if (args.broker or args.rounds != 1) and (args.scale or args.cluster):
+        print(
+            "rabbitkeys: --broker and --rounds are not with --scale or --cluster", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if args.rounds < 1:
+        print("rabbitkeys: --rounds must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
     if args.scale:
         return await _bench_scale(settings, args)
     if args.cluster:
         return await _bench_cluster(settings, args)
+    if args.transient:
+        settings = settings.model_copy(update={"durable": False})
+    from ..tools.bench.brokers import BenchBroker, BrokerSpecError, parse_broker
+    from ..tools.bench.side_by_side import BenchPlan, run_side_by_side
+
+    try:
+        brokers = [parse_broker(value, settings) for value in args.broker or ()]
+    except BrokerSpecError as exc:
+        print(f"rabbitkeys: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if len({broker.name for broker in brokers}) < len(brokers):
+        print("rabbitkeys: --broker: each broker needs a name of its own", file=sys.stderr)
+        return EXIT_USAGE
     args.messages = 10_000 if args.messages is None else args.messages
     args.churn_messages = 2_000 if args.churn_messages is None else args.churn_messages
     args.workloads = args.workloads or "bursts,interleaved,slow,churn"
-    if args.transient:
-        settings = settings.model_copy(update={"durable": False})
-    results, failures = await _run_strategies(settings, args)
-    declare_rate = (
-        await measure_declare_rate(settings, queues=args.churn_messages)
-        if "churn" in args.workloads
-        else None
+    brokers = brokers or [BenchBroker("local", settings)]
+    plan = BenchPlan(
+        workloads=args.workloads.split(","),
+        strategies=args.strategies.split(","),
+        messages=args.messages,
+        churn_messages=args.churn_messages,
+        paced_messages=args.paced_messages,
+        rate=args.rate,
+        workers=args.workers,
+        partitions=args.partitions,
+        work_ms=args.work_ms,
+        rounds=args.rounds,
     )
-    print(f"Machine: {machine_description()}")
-    print(
-        f"{args.workers} worker processes, {args.messages:,} messages per run then "
-        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
-        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
-        f"{'transient' if args.transient else 'durable queues, persistent messages'}\n"
-    )
-    print(markdown(results, declare_rate=declare_rate))
+    columns, failures = await run_side_by_side(brokers, plan)
+    _print_report(brokers, columns, args)
     for failure in failures:
         print(f"\nFAILED: {failure}")
     if args.plot:
         from ..tools.bench.plots import write_plots
 
-        for path in write_plots(results, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+        for column in columns:
+            directory = args.plot if len(columns) == 1 else f"{args.plot}/{column.name}"
+            for path in write_plots(column.results, directory):
+                print(f"wrote {path}", file=sys.stderr)
     return EXIT_ERROR if failures else EXIT_OK
 
 
-async def _run_strategies(
-    settings: Settings, args: argparse.Namespace
-) -> tuple[list[Any], list[str]]:
-    """Every strategy on every workload that applies to it: the results (the tooling's
-    ``Result``, not named here: this module imports the tooling only when run), and what
-    failed (each line printed to stderr as it comes)."""
-    from ..tools.bench import applies, make_workload, run_strategy
+def _print_report(brokers: list[Any], columns: list[Any], args: argparse.Namespace) -> None:
+    from ..tools.bench import machine_description, markdown
+    from ..tools.bench.brokers import rabbitmq_version
+    from ..tools.bench.report import side_by_side_markdown
 
-    results = []
-    failures: list[str] = []
-    for workload_name in args.workloads.split(","):
-        if workload_name == "churn":  # every message a new key: fewer, or it takes minutes
-            count = args.churn_messages
-            paced = args.paced_messages * count // max(1, args.messages)
-        else:
-            count, paced = args.messages, args.paced_messages
-        workload = make_workload(workload_name, count, paced)
-        for strategy in args.strategies.split(","):
-            if not applies(strategy, workload_name):
-                continue
-            try:
-                result = await run_strategy(
-                    strategy,
-                    workload,
-                    settings,
-                    workers=args.workers,
-                    partitions=args.partitions,
-                    work_ms=args.work_ms,
-                    rate=args.rate,
-                )
-            except (RabbitkeysError, RuntimeError, TimeoutError) as exc:
-                # one failed run must not throw away the others' figures
-                print(f"{workload_name:>11} {strategy:>10}: FAILED: {exc}", file=sys.stderr)
-                failures.append(f"{workload_name} / {strategy}: {exc}")
-                continue
-            print(
-                f"{workload_name:>11} {strategy:>10}: {result.throughput:8,.0f} jobs/s "
-                f"{result.amqp_rate:8,.0f} AMQP msg/s  p99 {result.p99_ms:8,.1f} ms  "
-                f"violations {result.order_violations}",
-                file=sys.stderr,
-            )
-            results.append(result)
-    return results, failures
+    versions = {broker.name: rabbitmq_version(broker.settings) for broker in brokers}
+    print(f"Machine: {machine_description(versions)}")
+    print(
+        f"{args.workers} worker processes, {args.messages:,} messages per run then "
+        f"{args.paced_messages:,} at {args.rate:,.0f}/s (churn: {args.churn_messages:,} "
+        f"then {args.paced_messages * args.churn_messages // max(1, args.messages):,}); "
+        f"{'transient' if args.transient else 'durable queues, persistent messages'}"
+        + ("" if len(brokers) == 1 else "; runs alternating between the brokers")
+        + ("" if args.rounds == 1 else f"; median of {args.rounds} rounds")
+        + "\n"
+    )
+    if len(columns) == 1:
+        column = columns[0]
+        print(markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand))
+        return
+    for column in columns:
+        print(f"### {column.name}: RabbitMQ {versions[column.name] or '(version unknown)'}\n")
+        print(markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand))
+        print()
+    print("### Side by side\n")
+    print(side_by_side_markdown(columns))
 
 
 async def _bench_scale(settings: Settings, args: argparse.Namespace) -> int:

@@ -21,19 +21,28 @@ from prometheus_client import CollectorRegistry
 
 from rabbitkeys._observe.metrics import PublisherMetrics
 from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strategy
+from rabbitkeys.tools.bench.brokers import BrokerSpecError, parse_broker
+from rabbitkeys.tools.bench.by_hand import measure_by_hand_new_keys
 from rabbitkeys.tools.bench.plots import write_plots
+from rabbitkeys.tools.bench.report import BrokerColumn, side_by_side_markdown
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
+from rabbitkeys.tools.bench.side_by_side import _median_run
 from rabbitkeys.tools.rabbit_cluster import RabbitCluster
 
 from ..conftest import Broker
 from ..support import make_settings, skip_or_fail
 
+_NUMBER = r"-?[\d,]+(?:\.\d+)?"
+
 
 def _bench_vhosts(broker: Broker) -> list[str]:
+    """The bench vhosts this test process made (marked with its pid): the brokers are
+    shared, and another session's bench makes and deletes its own meanwhile."""
+    mark = f"rabbitkeys bench: pid {os.getpid()} on {socket.gethostname()}"
     return [
         vhost["name"]
-        for vhost in broker.api("vhosts?columns=name")
-        if vhost["name"].startswith("rabbitkeys-bench-")
+        for vhost in broker.api("vhosts?columns=name,description")
+        if vhost["name"].startswith("rabbitkeys-bench-") and vhost.get("description") == mark
     ]
 
 
@@ -179,6 +188,206 @@ def test_batch_sizes_are_read_from_the_publishers_histogram() -> None:
     assert _Batches.read(CollectorRegistry()).quantile(0.99) == 1
 
 
+# ------------------------------------------------- issue 25: new keys, by hand, two brokers
+
+
+def test_new_bursts_are_the_bursts_on_keys_never_seen() -> None:
+    bursts = make_workload("bursts", 1000, paced_messages=200)
+    new = make_workload("new-bursts", 1000, paced_messages=200)
+    assert [len(list(run)) for _, run in itertools.groupby(new.keys)] == [10] * 100
+    assert not set(new.keys) & set(bursts.keys)
+    # the paced phase's keys are new too, in bursts of 10
+    assert len(set(new.paced_keys)) == 20 and not set(new.paced_keys) & set(new.keys)
+    # raw declares its queues before it is timed: it has no row for new keys
+    assert not applies("raw", "new-bursts") and applies("shared", "new-bursts")
+
+
+@pytest.mark.processes
+async def test_new_bursts_run_cold_and_keep_order(
+    amqp_url: str, namespace: str, broker: Broker
+) -> None:
+    settings = make_settings(amqp_url, namespace)
+    workload = make_workload("new-bursts", 200, paced_messages=40)
+    result = await run_strategy(
+        "rabbitkeys", workload, settings, workers=2, partitions=1, work_ms=1.0, timeout=60
+    )
+    assert (result.lost, result.order_violations, result.messages) == (0, 0, 240)
+    # no warm-up: every key of the fast phase was new when it was timed
+    assert result.extra["new_keys_per_second"] > 0
+
+
+async def test_new_keys_by_hand_are_measured_in_a_vhost_that_goes(
+    amqp_url: str, namespace: str, broker: Broker
+) -> None:
+    before = set(_bench_vhosts(broker))
+    rate = await measure_by_hand_new_keys(make_settings(amqp_url, namespace), keys=48)
+    assert rate > 0
+    assert set(_bench_vhosts(broker)) <= before
+
+
+def _column(name: str, churn_rate: float, by_hand: float) -> BrokerColumn:
+    churn = _result("rabbitkeys", "churn", churn_rate)
+    churn.extra["new_keys_per_second"] = churn_rate
+    results = [
+        _result("shared", "new-bursts", 2000.0),
+        _result("rabbitkeys", "new-bursts", 1600.0),
+        _result("shared", "churn", 2100.0),
+        churn,
+    ]
+    return BrokerColumn(name, results, declare_rate=500.0, by_hand=by_hand)
+
+
+def test_the_by_hand_row_and_its_ratio() -> None:
+    column = _column("local", 300.0, 400.0)
+    table = markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand)
+    assert (
+        "| new keys by hand: declare a durable SAC queue, bind, consume, publish one "
+        "persistent message, get it acked, 16 lanes in parallel | 400 per s | - |"
+    ) in table
+    assert "| new keys: rabbitkeys >= 1.0 x by hand (new keys/s, churn, nothing lost) | " in table
+    assert "300 / 400 per s = 0.75 x | **no** |" in table
+    assert "1,600 / 2,000 = 0.80 x, 0 violations | **no** |" in table  # new-bursts vs shared
+    # without a churn run, the by-hand rate stands alone
+    alone = markdown(column.results[:2], by_hand=400.0)
+    assert "| 400 per s | - |" in alone and "x by hand" not in alone
+
+
+def test_side_by_side_has_a_column_per_broker_for_each_figure_and_ratio() -> None:
+    table = side_by_side_markdown([_column("3.10", 300.0, 400.0), _column("4.0.5", 500.0, 400.0)])
+    assert "| figure | 3.10 | 4.0.5 |" in table
+    assert "| target | 3.10 | 4.0.5 |" in table
+    assert "| churn / rabbitkeys: jobs/s | 300 | 500 |" in table
+    assert "| new-bursts / shared: lost / order violations | 0 / 0 | 0 / 0 |" in table
+    assert "| 300 / 400 per s = 0.75 x (**no**) | 500 / 400 per s = 1.25 x (yes) |" in table
+    assert "| new keys by hand: " in table and "| 400 per s | 400 per s |" in table
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "amqp://localhost:5672/,http://localhost:15672/",  # no name
+        "a=amqp://localhost:5672/",  # no management URL
+        "a=http://localhost:15672/,amqp://localhost:5672/",  # swapped
+        "=amqp://localhost:5672/,http://localhost:15672/",
+    ],
+)
+def test_a_bad_broker_value_is_refused_clearly(value: str) -> None:
+    with pytest.raises(BrokerSpecError, match="--broker"):
+        parse_broker(value, make_settings("amqp://localhost/", "t"))
+
+
+def test_a_bad_broker_value_does_not_print_its_password() -> None:
+    with pytest.raises(BrokerSpecError) as refused:
+        parse_broker("amqp://guest:s3cret@localhost:5672/", make_settings("amqp://localhost/", "t"))
+    assert "s3cret" not in str(refused.value) and "guest:***@" in str(refused.value)
+
+
+def test_a_broker_value_points_the_settings_at_that_broker() -> None:
+    parsed = parse_broker(
+        "4.0=amqp://guest:guest@localhost:5710/,http://guest:guest@localhost:15710/",
+        make_settings("amqp://localhost/", "t", durable=False),
+    )
+    assert parsed.name == "4.0"
+    assert parsed.settings.amqp_urls == ["amqp://guest:guest@localhost:5710/"]
+    assert parsed.settings.management_url is not None
+    assert (
+        parsed.settings.management_url.get_secret_value() == "http://guest:guest@localhost:15710/"
+    )
+    assert parsed.settings.durable is False  # the rest of the settings kept
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--broker", "nonsense"],
+        ["--broker", "a=amqp://localhost:5672/,ftp://localhost/"],
+        ["--broker", "a=amqp://x/,http://x/", "--broker", "a=amqp://y/,http://y/"],
+        ["--broker", "a=amqp://x/,http://x/", "--scale", "10"],
+    ],
+)
+def test_the_cli_refuses_a_bad_broker_with_exit_2(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--broker" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_rounds_keep_the_run_of_median_throughput() -> None:
+    runs = [_result("rabbitkeys", "churn", jobs, p99_ms=jobs) for jobs in (300.0, 100.0, 200.0)]
+    assert _median_run(runs) is runs[2]
+    assert _median_run(runs[:2]) is runs[1]  # of two, the lower: no figure made up
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--rounds", "2", "--cluster"]])
+def test_the_cli_refuses_bad_rounds_with_exit_2(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rabbitkeys", "bench", *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "--rounds" in done.stderr, done.stderr
+
+
+#: the two brokers of the side-by-side run: 3.10 and 4.x (override for other machines)
+TWO_BROKERS = os.environ.get(
+    "RABBITKEYS_TEST_BENCH_BROKERS",
+    "3.10=amqp://guest:guest@localhost:5672/,http://guest:guest@localhost:15672/;"
+    "4.0.5=amqp://guest:guest@localhost:5710/,http://guest:guest@localhost:15710/",
+).split(";")
+
+
+def _version_of(spec: str) -> str:
+    parsed = parse_broker(spec, make_settings("amqp://localhost/", "t"))
+    from rabbitkeys.tools.bench.brokers import rabbitmq_version
+
+    version = rabbitmq_version(parsed.settings)
+    if version is None:
+        skip_or_fail(f"no management API answers for --broker {parsed.name}")
+    assert version is not None
+    return version
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_brokers_in_one_run_each_with_its_column_and_version() -> None:
+    versions = {spec.partition("=")[0]: _version_of(spec) for spec in TWO_BROKERS}
+    brokers = [arg for spec in TWO_BROKERS for arg in ("--broker", spec)]
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "rabbitkeys", "bench", *brokers),
+            *("--strategies", "shared,raw,rabbitkeys", "--workloads", "new-bursts,churn"),
+            *("--messages", "100", "--churn-messages", "20", "--paced-messages", "20"),
+            *("--workers", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout
+    machine = report.splitlines()[0]
+    for name, version in versions.items():
+        assert f"RabbitMQ {version} ({name})" in machine, machine
+        assert f"### {name}: RabbitMQ {version}" in report
+    names = list(versions)
+    assert f"| figure | {' | '.join(names)} |" in report
+    assert f"| target | {' | '.join(names)} |" in report
+    for row in ("new-bursts / rabbitkeys: jobs/s", "churn / rabbitkeys: jobs/s"):
+        cells = re.search(rf"^\| {re.escape(row)} \| (.*) \|$", report, re.M)
+        assert cells, f"no {row!r} in\n{report}"
+        assert all(re.fullmatch(_NUMBER, c.strip()) for c in cells.group(1).split("|"))
+    for row in ("new-bursts / rabbitkeys: lost / order violations",):
+        assert re.search(rf"^\| {re.escape(row)} \| 0 / 0 \| 0 / 0 \|$", report, re.M), report
+    # the by-hand ratio, in the side-by-side table (the last one): a measure per broker
+    ratios = re.findall(r"^\| new keys: rabbitkeys >= 1.0 x by hand .*\|$", report, re.M)
+    assert ratios and ratios[-1].count(" per s = ") == 2, report
+    assert "new-bursts / raw" not in report  # raw has no row for new keys
+
+
 # --------------------------------------------------------------------------- --cluster
 
 #: the bench's own cluster: apart from the test cluster's port base (5680) and the broker's
@@ -195,7 +404,6 @@ _FIGURE_ROWS = (
     "interleaved: broker memory KiB / live key (3 nodes' Erlang VMs)",
     "interleaved: broker RSS KiB / live key (3 nodes' beam.smp)",
 )
-_NUMBER = r"-?[\d,]+(?:\.\d+)?"
 
 
 def _bench_cluster(*args: str) -> list[str]:

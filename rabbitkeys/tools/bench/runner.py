@@ -56,7 +56,7 @@ from .broker import (
     run_vhost,
 )
 from .recording import HEADER_PUBLISHED, HEADER_SEQ, Record, count_all, read_all
-from .workloads import Workload
+from .workloads import COLD_WORKLOADS, Workload
 
 __all__ = [
     "DEFAULT_STRATEGIES",
@@ -79,8 +79,9 @@ DECLARE_CHANNELS = 16
 
 def applies(strategy: str, workload: str) -> bool:
     """Whether a row means anything: ``raw`` declares its queues before it is timed, so on
-    key churn it would time nothing of new keys (the raw declare rate stands there)."""
-    return not (strategy == "raw" and workload == "churn")
+    new keys (churn, new-bursts) it would time nothing of them (the raw declare rate and
+    the by-hand new-key rate stand there)."""
+    return not (strategy == "raw" and workload in COLD_WORKLOADS)
 
 
 @dataclass
@@ -542,12 +543,13 @@ async def _measure(
     its paced part at ``rate`` per second (latency without the queueing of the first).
 
     The warm-up is one message per key, so that keyed workloads are measured in steady
-    state (keys known); key churn is measured cold, that being its point. CPU and batch
+    state (keys known); key churn and new-key bursts are measured cold, that being their
+    point. CPU and batch
     sizes are taken over the fast phase; ``broker`` are the broker nodes' pids (summed: a
     cluster's nodes on this host), ``pids`` the run's processes besides this one (workers,
     registry).
     """
-    warmup = [] if workload.name == "churn" else list(dict.fromkeys(workload.keys))
+    warmup = [] if workload.name in COLD_WORKLOADS else list(dict.fromkeys(workload.keys))
     await _publish_all(publish, warmup)
     await _wait_handled(directory, len(warmup), timeout)
     before = _Snapshot.take(broker, pids, metrics)

@@ -8,7 +8,7 @@ import random
 import uuid
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_WORKLOADS", "WORKLOADS", "Workload", "make_workload"]
+__all__ = ["COLD_WORKLOADS", "DEFAULT_WORKLOADS", "WORKLOADS", "Workload", "make_workload"]
 
 #: Handler time of a slow key in the "slow" workload.
 SLOW_SECONDS = 0.1
@@ -42,6 +42,17 @@ def _bursts(messages: int, rng: random.Random) -> Workload:
     return Workload(
         "bursts",
         f"{len(set(keys)):,} keys x {BURST}, each key's messages back to back",
+        keys,
+        frozenset(),
+    )
+
+
+def _new_bursts(messages: int, rng: random.Random) -> Workload:
+    # the bursts, measured cold: every key is new when its first message is published
+    keys = [f"n{i // BURST}" for i in range(messages)]
+    return Workload(
+        "new-bursts",
+        f"{len(set(keys)):,} new keys x {BURST}, each key's messages back to back",
         keys,
         frozenset(),
     )
@@ -98,6 +109,7 @@ def _churn(messages: int, rng: random.Random) -> Workload:
 
 WORKLOADS = {
     "bursts": _bursts,
+    "new-bursts": _new_bursts,
     "interleaved": _interleaved,
     "slow": _slow,
     "churn": _churn,
@@ -106,6 +118,8 @@ WORKLOADS = {
 }
 #: What ``rabbitkeys bench`` runs unless told otherwise (issue 13's rows).
 DEFAULT_WORKLOADS = ("bursts", "interleaved", "slow", "churn")
+#: Workloads measured cold, without a warm-up message per key: their keys are new.
+COLD_WORKLOADS = frozenset({"churn", "new-bursts"})
 
 
 def make_workload(name: str, messages: int, paced_messages: int = 0, seed: int = 1) -> Workload:
@@ -115,6 +129,8 @@ def make_workload(name: str, messages: int, paced_messages: int = 0, seed: int =
     paced = WORKLOADS[name](paced_messages, random.Random(seed + 1)).keys
     if name in _BURSTY:
         paced = _spread(paced, workload.distinct_keys)
+    elif name == "new-bursts":  # new keys in the paced phase too, not the fast phase's
+        paced = [f"p{key[1:]}" for key in paced]
     return dataclasses.replace(workload, paced_keys=paced)
 
 
