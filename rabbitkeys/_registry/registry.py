@@ -476,11 +476,14 @@ class Registry(Background):
         answered within ``_ENSURE_KEYS_REPLY_WAIT`` (the publisher asks again for the rest:
         their waiters go, the book's work for them carries on)."""
         asked = [(one, asyncio.ensure_future(self._ensure(one))) for one in request.keys]
-        await asyncio.wait([task for _, task in asked], timeout=_ENSURE_KEYS_REPLY_WAIT)
+        try:
+            await asyncio.wait([task for _, task in asked], timeout=_ENSURE_KEYS_REPLY_WAIT)
+        finally:
+            for _, task in asked:
+                task.cancel()  # no-op for those answered; the others' waiters go
         answers = []
         for one, task in asked:
-            if not task.done():
-                task.cancel()
+            if not task.done():  # cancelled above: not answered in time
                 continue
             exc = task.exception()
             if exc is not None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.parse
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aio_pika
@@ -37,6 +38,7 @@ from rabbitkeys._wire.protocol import (
 )
 from rabbitkeys._wire.topology import Names
 
+from ..proxy import TcpProxy
 from ..support import eventually, make_settings, running_registry, running_worker
 
 
@@ -206,6 +208,36 @@ async def test_a_registry_gone_during_a_batched_request_answers_when_back(
             await eventually(lambda: tap.kinds["ensure_keys"] >= 1)
             await asyncio.sleep(0.5)
             assert not burst.done()
+            async with running_registry(settings):
+                await asyncio.wait_for(burst, 30)
+                await eventually(lambda: sum(map(len, handled.values())) == 1 + 2 * len(keys))
+    assert handled == {"first": [0]} | {key: [0, 1] for key in keys}
+
+
+@pytest.fixture
+def proxy(amqp_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the broker, for the publisher only."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    with TcpProxy(parts.hostname or "localhost", parts.port or 5672) as tcp_proxy:
+        yield tcp_proxy
+
+
+async def test_a_connection_lost_during_a_batched_request_asks_again_on_the_next(
+    amqp_url: str, namespace: str, proxy: TcpProxy
+) -> None:
+    settings = make_settings(amqp_url, namespace, ensure_timeout=30.0)
+    publisher_settings = make_settings(proxy.url(amqp_url), namespace, ensure_timeout=30.0)
+    app, handled = recording_app()
+    keys = [f"cut {i}" for i in range(30)]
+    async with running_worker(settings, app), Publisher(publisher_settings) as publisher:
+        async with running_registry(settings):
+            await publisher.publish("first", b"0")
+        async with tapped(amqp_url, namespace) as tap:
+            burst = asyncio.gather(*(publish_in_order(publisher, key, 2) for key in keys))
+            await eventually(lambda: tap.kinds["ensure_keys"] >= 1)
+            asked = len(tap.requests)
+            proxy.cut()  # the request waits in the registry's queue; its reply queue goes
+            await eventually(lambda: len(tap.requests) > asked, timeout=30)  # asked again
             async with running_registry(settings):
                 await asyncio.wait_for(burst, 30)
                 await eventually(lambda: sum(map(len, handled.values())) == 1 + 2 * len(keys))
