@@ -163,14 +163,23 @@ class Ensurer:
             while self._due:
                 self._background.spawn(self._request([self._due.popleft()]))
             return
-        self._asking = True
-        self._background.spawn(self._gathered(self._take()))
+        keys = self._take()
+        if keys:
+            self._asking = True
+            self._background.spawn(self._gathered(keys))
 
     def _take(self) -> list[_Asking]:
-        """The keys due, oldest first, as many as one request carries."""
+        """The keys due, oldest first, as many as one request carries. A key whose deadline
+        passed while it waited for the request before (more keys than one request carries,
+        behind one that had no answer) fails now, as it would have alone."""
         taken: list[_Asking] = []
         size = 0
+        now = asyncio.get_running_loop().time()
         while self._due and len(taken) < _MAX_KEYS_PER_REQUEST:
+            if self._due[0].deadline <= now:
+                lane = self._due.popleft().lane
+                self._carry_out(lane.ensure_failed(_no_answer(self._ensure_timeout)))
+                continue
             item_size = len(self._due[0].wire().model_dump_json()) + 1
             if taken and size + item_size > _MAX_REQUEST_BYTES:
                 break
