@@ -1,7 +1,8 @@
 """New keys asked together (``EnsureKeys``) against one ``EnsureKey`` per key, measured in one
 run (issue 25; docs/benchmarks.md, "Issue 25: batched ensures").
 
-``python -m rabbitkeys.tools.bench.ensure_batching [--rounds 3] [--keys 1000]``
+``python -m rabbitkeys.tools.bench.ensure_batching [--rounds 3] [--keys 1000]
+[--workloads churn,bursts]``
 
 Each round runs ``rabbitkeys bench``'s rabbitkeys strategy on two workloads, once with the
 publisher gathering its ensures and once asking one key per request
@@ -50,11 +51,13 @@ async def _measure(workload_name: str, messages: int, gathered: bool, workers: i
     return result.throughput
 
 
-async def _run(rounds: int, keys: int, workers: int) -> None:
-    ratios: dict[str, list[float]] = {"churn": [], "bursts": []}
+async def _run(rounds: int, keys: int, workers: int, workloads: list[str]) -> None:
+    ratios: dict[str, list[float]] = {name: [] for name in workloads}
+    sizes = {"churn": keys, "bursts": keys * 10}
     for number in range(rounds):
         order = list(_MODES) if number % 2 == 0 else list(reversed(_MODES))
-        for workload_name, messages in (("churn", keys), ("bursts", keys * 10)):
+        for workload_name in workloads:
+            messages = sizes[workload_name]
             figures = {}
             for mode in order:
                 figures[mode] = await _measure(workload_name, messages, _MODES[mode], workers)
@@ -78,8 +81,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--workloads", default="churn,bursts", help="of churn,bursts")
     args = parser.parse_args()
-    asyncio.run(_run(args.rounds, args.keys, args.workers))
+    workloads = args.workloads.split(",")
+    if not set(workloads) <= {"churn", "bursts"}:
+        parser.error("--workloads: churn, bursts or both")
+    asyncio.run(_run(args.rounds, args.keys, args.workers, workloads))
 
 
 if __name__ == "__main__":
