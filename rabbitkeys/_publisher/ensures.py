@@ -5,11 +5,11 @@ A lane that needs its key's routing key says ``Ensure`` (:mod:`.lane`); the
 own handlers (``ensured``, ``ensure_unavailable``, ``ensure_failed``,
 ``ensure_interrupted``), exactly as if the key had been asked alone.
 
-**Gathered.** The keys that become due in the same event-loop turn, or while a request is
+**Gathered.** The keys that become due in the same event-loop turn, or while requests are
 out, go together: one :class:`~rabbitkeys._wire.protocol.EnsureKeys` and one reply for a
 burst of new keys, where an ``EnsureKey`` each cost the registry a delivery, an ack and a
-reply each (docs/internals/publisher.md, "A new key"). One request is out at a time; a
-key alone still goes at once, as an ``EnsureKey``. The registry answers the keys it has an
+reply each (docs/internals/publisher.md, "A new key"). At most two requests are out at a
+time; a key alone still goes at once, as an ``EnsureKey``. The registry answers the keys it has an
 answer for within a moment and leaves out the slowest: those are asked again, so one key
 whose queue is still being declared holds no other key back.
 
@@ -59,6 +59,9 @@ log = logging.getLogger("rabbitkeys.publisher")
 #: (``rabbitkeys.tools.bench.ensure_batching``).
 BATCHED = True
 
+#: Requests out at once: a second one takes the keys that became due while the first is
+#: out, so that a key does not wait for the whole of an earlier request before it is asked.
+_MAX_REQUESTS_OUT = 2
 #: Most keys in one request; their encoded size is bounded too (see ``_take``).
 _MAX_KEYS_PER_REQUEST = 1000
 _MAX_REQUEST_BYTES = MAX_CONTROL_MESSAGE_BYTES // 2
@@ -113,7 +116,7 @@ class Ensurer:
         self._gathering = BATCHED
         #: keys due and not asked yet, in the order they became due
         self._due: deque[_Asking] = deque()
-        self._asking = False  # a gathered request is out
+        self._requests_out = 0  # gathered requests out
         self._flush_planned = False
 
     def connected(self) -> None:
@@ -150,14 +153,14 @@ class Ensurer:
         self._plan_flush()
 
     def _plan_flush(self) -> None:
-        if not self._flush_planned and not self._asking:
+        if not self._flush_planned and self._requests_out < _MAX_REQUESTS_OUT:
             self._flush_planned = True
             # what becomes due in this turn of the event loop goes with it
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_planned = False
-        if self._asking or not self._due:
+        if self._requests_out >= _MAX_REQUESTS_OUT or not self._due:
             return
         if not self._gathering:  # an older registry: every key on its own
             while self._due:
@@ -165,7 +168,7 @@ class Ensurer:
             return
         keys = self._take()
         if keys:
-            self._asking = True
+            self._requests_out += 1
             self._background.spawn(self._gathered(keys))
 
     def _take(self) -> list[_Asking]:
@@ -191,7 +194,7 @@ class Ensurer:
         try:
             await self._request(keys)
         finally:
-            self._asking = False
+            self._requests_out -= 1
             if self._due:
                 self._plan_flush()
 

@@ -138,7 +138,8 @@ async def test_a_burst_of_new_keys_is_asked_in_fewer_requests_than_keys(
         assert len(registry._book.keys) == len(keys)
     assert handled == {key: [0, 1, 2] for key in keys}  # each once, in order
     assert set(tap.kinds) <= {"ensure_key", "ensure_keys"}
-    assert len(tap.requests) < len(keys) / 4, tap.requests
+    # a request and a reply per 0.1 s of declaring (its answers wait no longer), not per key
+    assert len(tap.requests) < len(keys) / 2, tap.requests
     assert sum(asked for _, asked in tap.requests) >= len(keys)
     assert not metrics.get_sample_value("rabbitkeys_malformed_messages_total")
 
