@@ -5,11 +5,11 @@ A lane that needs its key's routing key says ``Ensure`` (:mod:`.lane`); the
 own handlers (``ensured``, ``ensure_unavailable``, ``ensure_failed``,
 ``ensure_interrupted``), exactly as if the key had been asked alone.
 
-**Gathered.** The keys that become due in the same event-loop turn, or while requests are
+**Gathered.** The keys that become due in the same event-loop turn, or while a request is
 out, go together: one :class:`~rabbitkeys._wire.protocol.EnsureKeys` and one reply for a
 burst of new keys, where an ``EnsureKey`` each cost the registry a delivery, an ack and a
-reply each (docs/internals/publisher.md, "A new key"). At most two requests are out at a
-time; a key alone still goes at once, as an ``EnsureKey``. The registry answers the keys it has an
+reply each (docs/internals/publisher.md, "A new key"). One request is out at a time; a key
+alone still goes at once, as an ``EnsureKey``. The registry answers the keys it has an
 answer for within a moment and leaves out the slowest: those are asked again, so one key
 whose queue is still being declared holds no other key back.
 
@@ -59,9 +59,10 @@ log = logging.getLogger("rabbitkeys.publisher")
 #: (``rabbitkeys.tools.bench.ensure_batching``).
 BATCHED = True
 
-#: Requests out at once: a second one takes the keys that became due while the first is
-#: out, so that a key does not wait for the whole of an earlier request before it is asked.
-_MAX_REQUESTS_OUT = 2
+#: Requests out at once. Two (a second one taking the keys that became due while the first
+#: is out) measured no better than one on bursts, and no better on churn on RabbitMQ 4.0.5
+#: (docs/benchmarks.md, "Issue 25: batched ensures"): one, the fewest control messages.
+_MAX_REQUESTS_OUT = 1
 #: Most keys in one request; their encoded size is bounded too (see ``_take``).
 _MAX_KEYS_PER_REQUEST = 1000
 _MAX_REQUEST_BYTES = MAX_CONTROL_MESSAGE_BYTES // 2

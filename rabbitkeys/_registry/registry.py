@@ -85,7 +85,7 @@ _Reply = Ensured | Refused | KeysEnsured | Status | OperatorReply
 #: retirement to finish): the keys answered by then go back at once, in one reply, and the
 #: publisher asks again for the others. Without it the keys of a burst would wait for the
 #: last of them to be declared.
-_ENSURE_KEYS_REPLY_WAIT = 0.025
+_ENSURE_KEYS_REPLY_WAIT = 0.1
 
 
 class Registry(Background):
