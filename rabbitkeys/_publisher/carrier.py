@@ -5,8 +5,8 @@ deadline, awaits its future); the lanes (:mod:`.lane`, pure) decide what to send
 ask the registry. The :class:`Carrier` between them does what the lanes decide and reports
 back what came of it: it writes messages on the confirm channel (one job alone, several as a
 batch), turns each broker answer (ack, nack, ``basic.return``, a lost channel) into the lane's
-next actions, asks the registry to ensure a key (again after a pause while the key's queue is
-unavailable), answers callers' futures and frees room. It holds the lanes, the
+next actions, has the :class:`~.ensures.Ensurer` ask the registry for the keys' routing keys,
+answers callers' futures and frees room. It holds the lanes, the
 :class:`~.room.Room` and, while the publisher is connected, the :class:`Link` to the broker.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -23,20 +22,13 @@ from typing import Any, cast
 import aiormq
 from pamqp import commands as spec
 
-from .._broker.amqp import CHANNEL_ERRORS, TaskSet
+from .._broker.amqp import TaskSet
 from .._broker.control import ControlClient
-from .._errors import PublishError, QuotaExceededError, RegistryUnavailableError
 from .._observe.metrics import PublisherMetrics
 from .._settings import Settings
 from .._wire.batch import Record
 from .._wire.envelope import encode_batch, encode_envelope
-from .._wire.protocol import (
-    REFUSED_QUOTA_EXCEEDED,
-    REFUSED_UNAVAILABLE,
-    Ensured,
-    EnsureKey,
-    Refused,
-)
+from .ensures import Ensurer
 from .lane import (
     Action,
     Answer,
@@ -94,18 +86,6 @@ class OutgoingMessage(Entry):
 
 
 _NO_RECORD = Record(sequence=0, published_at=0, body=b"")
-
-# Seconds between asking the registry again for a key whose queue is unavailable (its node
-# is down): doubling from the first to the last, with jitter, so that thousands of such
-# keys do not ask in step.
-_UNAVAILABLE_PAUSE = 0.25
-_UNAVAILABLE_PAUSE_MAX = 2.0
-
-
-def _nack_pause(nacks: int) -> float:
-    """Seconds to wait before a message nacked ``nacks`` times in a row goes again (before
-    jitter): ``_UNAVAILABLE_PAUSE`` doubling up to ``_UNAVAILABLE_PAUSE_MAX``."""
-    return min(_UNAVAILABLE_PAUSE_MAX, _UNAVAILABLE_PAUSE * 2.0 ** min(nacks - 1, 8))
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +159,19 @@ class Carrier:
         self._sending: set[asyncio.Future[Any]] = set()
         #: ensure requests
         self.background = TaskSet(log, "publisher task")
+        self._ensurer = Ensurer(
+            settings.ensure_timeout, self._control, self.carry_out, self.background
+        )
         self.returned_messages = 0
         self.resent_messages = 0
 
     def connected(self, link: Link) -> None:
         self._link = link
+        self._ensurer.connected()
         self.carry_out(self.lanes.on_connected(_frame_max_of(link.channel)))
+
+    def _control(self) -> ControlClient:
+        return self._link.control  # ConnectionError while not connected
 
     def lost(self, reason: BaseException | None) -> None:
         """The connection is gone (``reason``: what closed it, if known)."""
@@ -236,7 +223,7 @@ class Carrier:
                     else:
                         self.room.withdraw(message)
                 elif isinstance(action, Ensure):
-                    self.background.spawn(self._ensure(action.lane, action.stale_routing_key))
+                    self._ensurer.ask(action.lane, action.stale_routing_key)
                 elif isinstance(action, Linger):
                     asyncio.get_running_loop().call_later(
                         action.delay, self._linger_over, action.lane, action.token
@@ -317,51 +304,6 @@ class Carrier:
 
     def _linger_over(self, lane: Lane, token: int) -> None:
         self.carry_out(lane.linger_over(token))
-
-    async def _ensure(self, lane: Lane, stale_routing_key: str | None) -> None:
-        """Ask the registry to ensure the lane's key; tell the lane how that went. While the
-        key's queue is unavailable (its cluster node is down) ask again after a pause, as
-        long as a message of the key waits: it comes back with its node."""
-        try:
-            pause = _UNAVAILABLE_PAUSE
-            if lane.nacked:
-                # refused by the broker: give a queue that lost its node (a quorum leader
-                # being elected) a moment, doubling, before the message goes again; as
-                # often as it takes: only the message's publish timeout ends this
-                await asyncio.sleep(_nack_pause(lane.nacked) * random.uniform(0.5, 1.0))
-            while True:
-                reply = await self._link.control.request(
-                    EnsureKey(
-                        job_type=lane.ref.job_type,
-                        key=lane.ref.key,
-                        stale_routing_key=stale_routing_key,
-                    ),
-                    timeout=self._settings.ensure_timeout,
-                )
-                if not (isinstance(reply, Refused) and reply.code == REFUSED_UNAVAILABLE):
-                    break
-                if not lane.ensure_unavailable(reply.reason):
-                    return  # nothing waits any more: the next publish asks again
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-                pause = min(_UNAVAILABLE_PAUSE_MAX, pause * 2)
-            if isinstance(reply, Refused):
-                refusal = (
-                    QuotaExceededError if reply.code == REFUSED_QUOTA_EXCEEDED else PublishError
-                )
-                raise refusal(f"the registry refused key {lane.ref.key!r}: {reply.reason}")
-            if not isinstance(reply, Ensured):
-                raise PublishError(f"unexpected reply from the registry: {reply.type}")
-        except (RegistryUnavailableError, PublishError) as exc:
-            self.carry_out(lane.ensure_failed(exc))
-        except (*CHANNEL_ERRORS, ConnectionError) as exc:
-            # The connection dropped during the request: ask again once reconnected.
-            log.debug("ensure of %s interrupted: %r", lane.ref.id, exc)
-            self.carry_out(lane.ensure_interrupted())
-        except BaseException:
-            self.carry_out(lane.ensure_interrupted())  # the lane must not wait forever
-            raise
-        else:
-            self.carry_out(lane.ensured(reply.routing_key))
 
 
 def _frame_max_of(channel: aiormq.Channel) -> int:

@@ -43,8 +43,12 @@ from .._wire.protocol import (
     ControlMessage,
     Ensured,
     EnsureKey,
+    EnsureKeys,
+    KeyAnswer,
     KeyAssignment,
     KeyParked,
+    KeysEnsured,
+    KeyToEnsure,
     Refused,
     Released,
     Status,
@@ -75,7 +79,13 @@ __all__ = ["Registry"]
 
 log = logging.getLogger("rabbitkeys.registry")
 
-_Reply = Ensured | Refused | Status | OperatorReply
+_Reply = Ensured | Refused | KeysEnsured | Status | OperatorReply
+
+#: Seconds the answer to an ``EnsureKeys`` waits for its slowest keys (a declare, a
+#: retirement to finish): the keys answered by then go back at once, in one reply, and the
+#: publisher asks again for the others. Without it the keys of a burst would wait for the
+#: last of them to be declared.
+_ENSURE_KEYS_REPLY_WAIT = 0.1
 
 
 class Registry(Background):
@@ -289,7 +299,7 @@ class Registry(Background):
         if not speaks:
             await self._ack(message)  # the worker's own, sent before it took its id over
             return
-        if isinstance(request, EnsureKey | StatusRequest | OperatorRequest):
+        if isinstance(request, EnsureKey | EnsureKeys | StatusRequest | OperatorRequest):
             # Answered in their own task: an ensure may wait for a declare or a retirement,
             # a skip or a redrive for the broker.
             self._tasks.spawn(self._answer(message, request))
@@ -398,12 +408,14 @@ class Registry(Background):
     async def _answer(
         self,
         message: AbstractIncomingMessage,
-        request: EnsureKey | StatusRequest | OperatorRequest,
+        request: EnsureKey | EnsureKeys | StatusRequest | OperatorRequest,
     ) -> None:
         reply: _Reply
         try:
             if isinstance(request, EnsureKey):
                 reply = await self._ensure(request)
+            elif isinstance(request, EnsureKeys):
+                reply = await self._ensure_keys(request)
             elif isinstance(request, StatusRequest):
                 reply = await self._status(request.backlog)
             else:
@@ -413,6 +425,14 @@ class Registry(Background):
             reply = Refused(reason=reason_of(exc))
         if isinstance(reply, Refused) and reply.code == REFUSED_QUOTA_EXCEEDED:
             self.metrics.quota_refusals.inc()
+        elif isinstance(reply, KeysEnsured):  # counted per key, as if asked one by one
+            quota = sum(
+                1
+                for one in reply.answers
+                if isinstance(one.answer, Refused) and one.answer.code == REFUSED_QUOTA_EXCEEDED
+            )
+            if quota:
+                self.metrics.quota_refusals.inc(quota)
         await self._reply(message, reply)
         await self._ack(message)
 
@@ -451,7 +471,28 @@ class Registry(Background):
         with contextlib.suppress(*CHANNEL_ERRORS):  # the channel is gone: so is the session
             await message.ack()
 
-    async def _ensure(self, request: EnsureKey) -> Ensured | Refused:
+    async def _ensure_keys(self, request: EnsureKeys) -> KeysEnsured:
+        """One ensure per key, each answered as it would be alone; the reply holds those
+        answered within ``_ENSURE_KEYS_REPLY_WAIT`` (the publisher asks again for the rest:
+        their waiters go, the book's work for them carries on)."""
+        asked = [(one, asyncio.ensure_future(self._ensure(one))) for one in request.keys]
+        try:
+            await asyncio.wait([task for _, task in asked], timeout=_ENSURE_KEYS_REPLY_WAIT)
+        finally:
+            for _, task in asked:
+                task.cancel()  # no-op for those answered; the others' waiters go
+        answers = []
+        for one, task in asked:
+            if not task.done():  # cancelled above: not answered in time
+                continue
+            exc = task.exception()
+            if exc is not None:
+                log.error("failed to ensure key %r", one.key, exc_info=exc)
+            answer = task.result() if exc is None else Refused(reason=reason_of(exc))
+            answers.append(KeyAnswer(job_type=one.job_type, key=one.key, answer=answer))
+        return KeysEnsured(answers=answers)
+
+    async def _ensure(self, request: EnsureKey | KeyToEnsure) -> Ensured | Refused:
         try:
             ref = KeyRef.of(request.key, request.job_type)
         except InvalidKeyError as exc:

@@ -4,6 +4,7 @@ They travel as JSON over AMQP: requests to the registry's queue, commands to eac
 inbox, replies to the asking client's reply queue (``reply_to`` + ``correlation_id``).
 
     publisher ── EnsureKey ──────────▶ registry ── Ensured | Refused ──▶ publisher
+    publisher ── EnsureKeys ─────────▶ registry ── KeysEnsured ───────▶ publisher
     worker    ── WorkerJoin ─────────▶ registry ── Assign / Release ──▶ worker
     worker    ── WorkerHeartbeat ────▶ registry ── Sync (fanout) ─────▶ every worker
     worker    ── Released ───────────▶ registry (after a Release: the key is free)
@@ -51,12 +52,16 @@ __all__ = [
     "MAX_FAILING_PER_HEARTBEAT",
     "MAX_KEYS_PER_PAGE",
     "EnsureKey",
+    "EnsureKeys",
     "Ensured",
     "HoldReply",
     "HoldRequest",
     "KeyFailure",
     "KeyInfo",
+    "KeyAnswer",
     "KeyParked",
+    "KeyToEnsure",
+    "KeysEnsured",
     "KeysPage",
     "KeysRequest",
     "RedriveKeySummary",
@@ -193,6 +198,45 @@ class Refused(_Model):
     #: machine-readable kind of refusal; a plain ``str`` so that a code added later still
     #: parses (a client treats a code it does not know as ``REFUSED_ERROR``)
     code: Annotated[str, Field(max_length=64)] = REFUSED_ERROR
+
+
+class KeyToEnsure(_Model):
+    """One key of an :class:`EnsureKeys`: what an :class:`EnsureKey` asks for it."""
+
+    job_type: _JobType
+    key: _Key
+    stale_routing_key: _RoutingKey | None = None
+
+
+class EnsureKeys(_Model):
+    """Publisher → registry: :class:`EnsureKey` for several keys at once (the new keys of a
+    burst), answered by one :class:`KeysEnsured`.
+
+    A registry that does not know this message (older than it) refuses it as malformed with
+    a plain :class:`Refused`; the publisher then asks each key with an :class:`EnsureKey`
+    until it reconnects."""
+
+    type: Literal["ensure_keys"] = "ensure_keys"
+    keys: Annotated[list[KeyToEnsure], Field(min_length=1, max_length=MAX_KEYS_PER_MESSAGE)]
+
+
+class KeyAnswer(_Model):
+    """The registry's answer for one key of an :class:`EnsureKeys`, as it would have
+    answered its :class:`EnsureKey`."""
+
+    job_type: _JobType
+    key: _Key
+    answer: Annotated[Ensured | Refused, Field(discriminator="type")]
+
+
+class KeysEnsured(_Model):
+    """Registry → publisher: the answers to an :class:`EnsureKeys`, each key as soon as the
+    book has it. The registry waits a moment at most for the slowest keys (a declare, a
+    retirement to finish): a key it leaves out has no answer yet, and the publisher asks
+    for it again (its book holds the key's state, so asking again costs one more waiter)."""
+
+    type: Literal["keys_ensured"] = "keys_ensured"
+    answers: Annotated[list[KeyAnswer], Field(max_length=MAX_KEYS_PER_MESSAGE)]
 
 
 class WorkerJoin(_Model):
@@ -458,6 +502,8 @@ class Sync(_Model):
 
 ControlMessage = Annotated[
     EnsureKey
+    | EnsureKeys
+    | KeysEnsured
     | Ensured
     | Refused
     | WorkerJoin

@@ -26,6 +26,7 @@ from .._errors import InvalidKeyError, ProtocolError
 from .protocol import (
     Assign,
     EnsureKey,
+    EnsureKeys,
     HoldRequest,
     KeyParked,
     KeysRequest,
@@ -89,7 +90,7 @@ def check_request(names: Names, exchange: str, user_id: str | None, request: obj
     registry's role: a publisher's credential must not pause, skip, redrive or list keys).
     Raises :class:`Refusal`."""
     _check_user(user_id)
-    if isinstance(request, EnsureKey | StatusRequest):
+    if isinstance(request, EnsureKey | EnsureKeys | StatusRequest):
         expected = names.requests_exchange
     elif isinstance(request, WorkerReport):
         expected = names.membership_exchange

@@ -81,6 +81,32 @@ MALFORMED = {
     "a negative count": body({"type": "worker_heartbeat", "worker_id": "w1", "waiting": -1}),
     "a key of 1,025 bytes": body({"type": "ensure_key", "job_type": "default", "key": "k" * 1025}),
     "an empty key": body({"type": "ensure_key", "job_type": "default", "key": ""}),
+    "an empty batch of keys": body({"type": "ensure_keys", "keys": []}),
+    "a batch of too many keys": body(
+        {
+            "type": "ensure_keys",
+            "keys": [
+                {"job_type": "default", "key": f"k{i}"} for i in range(MAX_KEYS_PER_MESSAGE + 1)
+            ],
+        }
+    ),
+    "a batch with a key of 1,025 bytes": body(
+        {
+            "type": "ensure_keys",
+            "keys": [
+                {"job_type": "default", "key": "k"},
+                {"job_type": "default", "key": "k" * 1025},
+            ],
+        }
+    ),
+    "a batch of strings": body({"type": "ensure_keys", "keys": ["default/k"]}),
+    "a batch that is no list": body({"type": "ensure_keys", "keys": {"job_type": "default"}}),
+    "an answer of no known kind": body(
+        {
+            "type": "keys_ensured",
+            "answers": [{"job_type": "default", "key": "k", "answer": {"type": "assign"}}],
+        }
+    ),
     "a key id that is no key id": body({"type": "release", "key_ids": ["default/~" + "0" * 40]}),
     "a queue name pamqp refuses": body(
         {"type": "assign", "keys": [assignment("ns", "k") | {"queue": "ns.key.default.a=b"}]}
@@ -238,6 +264,9 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 ),
                 # a message that is not a request
                 body({"type": "sync"}),
+                body({"type": "keys_ensured", "answers": []}),
+                # a batch through the workers' exchange, not the publishers'
+                body({"type": "ensure_keys", "keys": [{"job_type": "default", "key": "k"}]}),
             ]
             for payload in to_registry:
                 await send(names.membership_exchange, payload)
@@ -247,6 +276,21 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 body({"type": "ensure_key", "job_type": "a b", "key": "k"}),
                 reply_to=replies.name,
                 correlation_id="bad-job-type",
+            )
+            # a batch with one bad key: refused whole, with the reason
+            await send(
+                names.requests_exchange,
+                body(
+                    {
+                        "type": "ensure_keys",
+                        "keys": [
+                            {"job_type": "default", "key": "fine"},
+                            {"job_type": "default", "key": ""},
+                        ],
+                    }
+                ),
+                reply_to=replies.name,
+                correlation_id="bad-batch",
             )
             # replies must go to reply queues of this namespace only: not to a worker's
             # inbox, not to another namespace's, not to a queue pamqp refuses
@@ -270,12 +314,16 @@ async def test_malformed_control_messages_are_dropped_and_registry_and_worker_ca
                 reply_to=names.worker_inbox(worker_id),
                 correlation_id="bad",
             )
-            expected = len(to_registry) + 1 + 5 + 1
+            expected = len(to_registry) + 2 + 5 + 1
             await eventually(lambda: malformed_count(registry_metrics) >= expected, timeout=30)
             refused = await asyncio.wait_for(answers.get(), 10)
             assert refused.correlation_id == "bad-job-type"
             reply = decode_control(refused.body)
             assert isinstance(reply, Refused) and "job_type" in reply.reason, reply
+            refused = await asyncio.wait_for(answers.get(), 10)
+            assert refused.correlation_id == "bad-batch"
+            reply = decode_control(refused.body)
+            assert isinstance(reply, Refused) and "keys.1.key" in reply.reason, reply
             # no status went anywhere (the worker would have counted it as not a command)
             assert answers.empty()
             assert malformed_count(worker_metrics) == 0
