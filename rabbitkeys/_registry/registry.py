@@ -5,8 +5,8 @@ The registry is the only party that binds, unbinds and deletes key queues (see
 with a key, and when, is decided by the key book (``_registry.keybook``: a key's states, pure and
 property-tested); this module runs the leading session, dispatches the control messages the
 roles send to the book, answers ensures and status requests, and decides when to rebalance.
-What exists only while the registry leads (its control channel, runner, reconciler) is one
-object, ``_registry.session``, built when it wins the leader lock. The book's commands are
+What a leadership needs (its control channel, runner, reconciler) is one object,
+``_registry.session``, built when it wins the leader lock. The book's commands are
 carried out over AMQP by ``_registry.runner``; leadership is ``_registry.leadership``; what is
 learnt from the broker itself (adoption, backlog, leases, workers that are gone, the holds a
 new leader reads back) is ``_registry.reconcile``. Operators' requests (list keys; pause,

@@ -1,4 +1,4 @@
-"""The leading session: what exists only while a registry leads its namespace.
+"""The leading session: what a registry builds when it comes to lead its namespace.
 
 A registry that wins the leader lock (``_registry.leadership``) builds one
 :class:`LeadingSession` on its connection: the control channel it consumes and answers on,
@@ -6,7 +6,10 @@ the :class:`~.runner.CommandRunner` that carries out the key book's commands, th
 :class:`~.reconcile.Reconciler` that checks the book against the broker, and the
 :class:`~.operator_requests.OperatorRequests` that answers operators. They are built
 together and are replaced together: the next leadership (after a lost connection) builds
-new ones for its new book. Until a registry first leads, its session is :data:`NOT_LEADING`,
+new ones for its new book. The session of a leadership that ended (its connection lost)
+stays in place, its channels closed, until the next one is built: a reply or a metrics
+scrape that comes late meets closed channels and a book that says it does not lead, never a
+missing attribute. Until a registry first leads, its session is :data:`NOT_LEADING`,
 which has none of them (as faststream's ``EmptyConnectionState``): control messages are
 consumed only while it leads, so reaching for one before is a bug, and says so.
 """

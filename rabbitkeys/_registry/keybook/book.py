@@ -2,7 +2,8 @@
 reports to it. Each event is handed to its family's module (``declare``, ``retire``,
 ``members``, ``holds``, ``broker_view``), which changes the book and returns the commands
 that follow; what is read from the book (the status, the holds, the leases due) is the
-ledger's."""
+ledger's. One decision stays here, as it joins two families: a heartbeat of a worker the
+book does not know asks it to join again (``SyncWorker``) instead of retiring its idle keys."""
 
 from __future__ import annotations
 

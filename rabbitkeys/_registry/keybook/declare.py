@@ -2,7 +2,8 @@
 may start. Events: ``ensure`` (a new key within the quotas, a key whose binding a message
 came back on, or one waiting for a declare, retirement or redrive), ``declared`` and
 ``declare_failed`` (the outcome of a :class:`~.commands.DeclareAndBind`: the key resumes how
-it was held, or is placed; its waiters are answered).
+it was held, or is placed; after a failure, a key nothing routes to and no worker consumes is
+forgotten; its waiters are answered).
 
 Each event is a function of the book (the :class:`~.ledger.Ledger`) returning the commands
 that follow; :class:`~rabbitkeys._registry.keybook.KeyBook` calls them."""
