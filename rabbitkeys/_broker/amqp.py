@@ -26,7 +26,6 @@ import itertools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
-from functools import partial
 from typing import Any
 
 import aiormq
@@ -72,6 +71,8 @@ CHANNEL_CLOSE_TIMEOUT = 5.0
 #: node is down only after ~65 s (NOT_FOUND "... due to timeout"); a queue that is there
 #: answers in milliseconds, also behind a burst of declares.
 QUEUE_ANSWER_TIMEOUT = 5.0
+#: Passive declares that may run at once (:class:`QueueChecks`), each on a channel of its own.
+QUEUE_CHECK_CHANNELS = 8
 
 #: What the broker says of a queue that exists but cannot be reached (its cluster node is
 #: down): 3.10 at once, "home node '…' of durable queue '…' is down or inaccessible"; 4.0
@@ -180,52 +181,97 @@ class ChannelPool:
                     channel = self._channels[slot] = await opened.get_underlay_channel()
         return channel
 
-    def discard(self, channel: aiormq.abc.AbstractChannel) -> None:
-        """``channel`` is stuck behind a call the broker does not answer: the next call in
-        its slot gets a new one (whoever holds ``channel`` closes it)."""
-        self._channels = [None if c is channel else c for c in self._channels]
-
 
 class QueueChecks:
     """Passive declares of queues that may be unavailable, answered within ``timeout``.
 
     RabbitMQ 4.0.5 keeps a passive declare of a classic queue whose node is down for ~65 s
     (and the channel with it) before it answers NOT_FOUND; 3.10 answers at once. A check that
-    has no answer within ``timeout`` raises :class:`QueueUnavailableError`; its channel
-    leaves the pool (the calls behind it would wait as long) and is closed once the broker
-    answers. One check per queue runs at a time: a later check of the same queue waits for
-    it (or, once it is past the timeout, fails at once), so a down queue asked about every
-    second holds one channel, not one per ask, and costs no second wait."""
+    has no answer within ``timeout`` raises :class:`QueueUnavailableError`.
 
-    def __init__(self, pool: ChannelPool, timeout: float = QUEUE_ANSWER_TIMEOUT) -> None:
-        self._pool = pool
+    Each check has a channel to itself while it runs: a channel carries one call at a time,
+    so a check sent behind a stuck one would wait as long and be judged unavailable too
+    (seen on a 4.0.5 cluster: the keys of the live nodes handed back with those of the dead
+    one, behind their declares on four shared channels). At most ``channels`` checks run at
+    once; a check waits for a free channel before its ``timeout`` starts (the wait is not the
+    queue's doing). A channel that answered goes back for the next check; one stuck past the
+    timeout frees its place at once and is closed when the broker answers at last. One check
+    per queue runs at a time: a later check of the same queue waits for it (or, once it is
+    past the timeout, fails at once), so a down queue asked about every second holds one
+    channel, not one per ask, and costs no second wait."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        timeout: float = QUEUE_ANSWER_TIMEOUT,
+        channels: int = QUEUE_CHECK_CHANNELS,
+    ) -> None:
+        self._connection = connection
         self._timeout = timeout
-        #: queue -> the passive declare running for it, and its channel
-        self._running: dict[str, tuple[asyncio.Future[Any], aiormq.abc.AbstractChannel]] = {}
-        #: channels taken out of the pool, closed once their declare is answered
-        self._stuck: set[aiormq.abc.AbstractChannel] = set()
-        self._closing: set[asyncio.Future[Any]] = set()
+        self._places = asyncio.Semaphore(channels)
+        #: channels whose last check was answered, for the next ones
+        self._idle: list[aiormq.abc.AbstractChannel] = []
+        #: queue -> the check running for it
+        self._running: dict[str, _Check] = {}
+        self._tasks = TaskSet(log, "a queue check")
 
     async def passive_declare(self, queue: str) -> Any:
         """The queue's DeclareOk; the broker's error (a real NOT_FOUND, say), or
         :class:`QueueUnavailableError` past the timeout."""
-        if queue in self._running:
-            running, channel = self._running[queue]
-            if channel in self._stuck:  # past the timeout already: no second wait
-                raise self._unavailable(queue)
-        else:
-            channel = await self._pool.get()
-            running = asyncio.ensure_future(channel.queue_declare(queue, passive=True))
-            self._running[queue] = running, channel
-            running.add_done_callback(partial(self._done, queue, channel))
+        check = self._running.get(queue)
+        if check is None:
+            check = self._running[queue] = _Check(asyncio.get_running_loop().create_future())
+            self._tasks.spawn(self._run(queue, check))
+        elif check.stuck:  # past the timeout already: no second wait
+            raise self._unavailable(queue)
+        await check.sent.wait()
         try:
             async with asyncio.timeout(self._timeout):
-                return await asyncio.shield(running)
+                return await asyncio.shield(check.answer)
         except TimeoutError:
-            if not running.done():
-                self._stuck.add(channel)
-                self._pool.discard(channel)
+            if not check.answer.done() and not check.stuck:
+                check.stuck = True
+                self._places.release()  # the next checks get channels of their own
             raise self._unavailable(queue) from None
+
+    async def _run(self, queue: str, check: _Check) -> None:
+        """Send ``queue``'s declare on a channel of its own, and settle ``check``."""
+        try:
+            await self._places.acquire()
+        except asyncio.CancelledError:
+            self._end(queue, check)
+            raise
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            channel = await self._channel()
+            check.sent.set()  # its timeout starts: the channel is its own
+            _settle(check.answer, await channel.queue_declare(queue, passive=True))
+        except Exception as exc:  # the callers get it: NOT_FOUND, a lost channel...
+            _settle(check.answer, exc)
+        finally:
+            self._end(queue, check)
+            if check.stuck:  # its place was freed at the timeout
+                if channel is not None:
+                    await close_channel(channel)
+            else:
+                self._places.release()
+                if channel is not None and not channel.is_closed:
+                    self._idle.append(channel)
+
+    def _end(self, queue: str, check: _Check) -> None:
+        if self._running.get(queue) is check:
+            del self._running[queue]
+        if not check.answer.done():  # cancelled before an answer: so are its waiters
+            check.answer.cancel()
+        check.sent.set()
+
+    async def _channel(self) -> aiormq.abc.AbstractChannel:
+        while self._idle:
+            channel = self._idle.pop()
+            if not channel.is_closed:  # a NOT_FOUND closes it; so does a lost connection
+                return channel
+        opened = await open_channel(self._connection)
+        return await opened.get_underlay_channel()
 
     def _unavailable(self, queue: str) -> QueueUnavailableError:
         return QueueUnavailableError(
@@ -233,18 +279,26 @@ class QueueChecks:
             f"(on a cluster: its node is down)"
         )
 
-    def _done(
-        self, queue: str, channel: aiormq.abc.AbstractChannel, task: asyncio.Future[Any]
-    ) -> None:
-        if queue in self._running and self._running[queue][0] is task:
-            del self._running[queue]
-        if not task.cancelled():
-            task.exception()  # retrieved: its waiters raised it, or none waits any more
-        if channel in self._stuck:
-            self._stuck.discard(channel)
-            closing = asyncio.ensure_future(close_channel(channel))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+
+class _Check:
+    """One queue's passive declare: sent yet, its answer, stuck past the timeout."""
+
+    __slots__ = ("answer", "sent", "stuck")
+
+    def __init__(self, answer: asyncio.Future[Any]) -> None:
+        self.answer = answer
+        self.sent = asyncio.Event()
+        self.stuck = False
+
+
+def _settle(answer: asyncio.Future[Any], outcome: Any) -> None:
+    if answer.done():
+        return
+    if isinstance(outcome, BaseException):
+        answer.set_exception(outcome)
+        answer.exception()  # retrieved: its waiters raise it, or none waits any more
+    else:
+        answer.set_result(outcome)
 
 
 class TaskSet:

@@ -103,7 +103,7 @@ class Reconciler:
         self._probes = ChannelPool(connection, size=2)
         # bounded: RabbitMQ 4.0 answers a passive declare of a classic queue whose node is
         # down after ~65 s, and these run in the registry's heartbeat loop
-        self._checks = QueueChecks(self._probes)
+        self._checks = QueueChecks(connection)
         self.backlog_messages = 0
         self.key_queue_count = 0
         #: each key queue's messages and head timestamp as of the last listing

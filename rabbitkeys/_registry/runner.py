@@ -114,7 +114,7 @@ class CommandRunner:
         self._retired = retired
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
-        self._checks = QueueChecks(self._pool)
+        self._checks = QueueChecks(connection)
         broker = broker_version(connection)
         self._queue_arguments = key_queue_arguments(
             settings.key_queue_expires, settings.queue_type, broker

@@ -263,7 +263,7 @@ class Handoff:
         self._global_cap = global_cap and not self._channel_per_key
         self._budget = PrefetchBudget(self._settings.buffered_messages_cap, self._settings.prefetch)
         self._declares = declares
-        self._checks = QueueChecks(declares)
+        self._checks = QueueChecks(declares.connection)
         self._lost = lost
         consume.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._key_channels = set()

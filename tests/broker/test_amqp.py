@@ -144,58 +144,102 @@ async def test_a_bounded_channel_close_lets_its_callers_cancellation_through() -
 
 
 class _StuckChannel:
-    """A channel whose passive declares of ``stuck`` the broker does not answer (RabbitMQ
-    4.0.5, a classic queue whose node is down: ~65 s); others answer at once."""
+    """A channel whose passive declares of queues named ``down...`` the broker does not
+    answer (RabbitMQ 4.0.5, a classic queue whose node is down: ~65 s) until ``answer`` is
+    set; others answer at once. One call at a time, as on an AMQP channel: a call behind a
+    stuck one waits for it."""
 
-    def __init__(self, stuck: str) -> None:
-        self.stuck = stuck
+    def __init__(self, answer: asyncio.Future[str]) -> None:
+        self.answer = answer
         self.declares: list[str] = []
         self.is_closed = False
-        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._one_call = asyncio.Lock()
 
     async def queue_declare(self, queue: str, passive: bool) -> str:
         assert passive
-        self.declares.append(queue)
-        if queue == self.stuck:
-            return await self.answer
-        return f"ok {queue}"
+        async with self._one_call:
+            self.declares.append(queue)
+            if queue.startswith("down"):
+                return f"{await self.answer} {queue}"
+            return f"ok {queue}"
 
     async def close(self) -> None:
         self.is_closed = True
 
 
-class _Pool:
-    def __init__(self, channel: _StuckChannel) -> None:
-        self.channel = channel
-        self.discarded: list[_StuckChannel] = []
+class _Broker:
+    """What QueueChecks opens channels on: each channel a :class:`_StuckChannel`."""
 
-    async def get(self) -> _StuckChannel:
-        return self.channel
+    def __init__(self) -> None:
+        self.channels: list[_StuckChannel] = []
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    def discard(self, channel: _StuckChannel) -> None:
-        self.discarded.append(channel)
+    async def open_channel(self, connection: object) -> _Broker:
+        self.channels.append(_StuckChannel(self.answer))
+        return self
+
+    async def get_underlay_channel(self) -> _StuckChannel:
+        return self.channels[-1]
+
+    def declares(self) -> list[list[str]]:
+        return [channel.declares for channel in self.channels]
 
 
-async def test_a_passive_declare_without_answer_is_unavailable_once_waited_for() -> None:
-    channel = _StuckChannel("down")
-    pool = _Pool(channel)
-    checks = _amqp.QueueChecks(pool, timeout=0.05)  # type: ignore[arg-type]
+@pytest.fixture
+async def broker(monkeypatch: pytest.MonkeyPatch) -> _Broker:
+    broker = _Broker()
+    monkeypatch.setattr(_amqp, "open_channel", broker.open_channel)
+    return broker
+
+
+async def test_a_passive_declare_without_answer_is_unavailable_once_waited_for(
+    broker: _Broker,
+) -> None:
+    checks = _amqp.QueueChecks(object(), timeout=0.05)  # type: ignore[arg-type]
     assert await checks.passive_declare("up") == "ok up"
     with pytest.raises(_amqp.QueueUnavailableError, match="'down' did not answer"):
         await checks.passive_declare("down")
-    assert pool.discarded == [channel]  # the calls behind it would wait as long
     assert _amqp.queue_unavailable(_amqp.QueueUnavailableError("x"))
     # asked again while the broker still has not answered: no second declare, no wait
     started = asyncio.get_running_loop().time()
     with pytest.raises(_amqp.QueueUnavailableError):
         await checks.passive_declare("down")
     assert asyncio.get_running_loop().time() - started < 0.04
-    assert channel.declares == ["up", "down"]
-    # the broker answers at last: the channel it was stuck on is closed
-    channel.answer.set_result("ok down")
+    assert broker.declares() == [["up", "down"]]  # the channel that answered, used again
+    # another queue meanwhile: answered at once, on a channel of its own (behind the stuck
+    # declare it would wait as long, and be found unavailable too)
+    assert await checks.passive_declare("up") == "ok up"
+    assert broker.declares() == [["up", "down"], ["up"]]
+    # the broker answers at last: the channel it was stuck on is closed, not used again
+    broker.answer.set_result("late")
     for _ in range(5):
         await asyncio.sleep(0)
-    assert channel.is_closed
+    assert [channel.is_closed for channel in broker.channels] == [True, False]
+    assert await checks.passive_declare("down") == "late down"  # a new check, answered
+    assert broker.declares() == [["up", "down"], ["up", "down"]]
+
+
+async def test_checks_of_queues_that_answer_are_not_held_up_by_stuck_ones(
+    broker: _Broker,
+) -> None:
+    """Eight keys of a dead node and four of live ones checked at once, on at most four
+    channels (a 4.0.5 cluster run found the live keys handed back with the dead ones): the
+    live four answer as soon as a place is free, the dead eight each after its timeout."""
+    checks = _amqp.QueueChecks(object(), timeout=0.2, channels=4)  # type: ignore[arg-type]
+    queues = [f"down{i}" for i in range(8)] + [f"up{i}" for i in range(4)]
+    results = await asyncio.gather(
+        *(checks.passive_declare(queue) for queue in queues), return_exceptions=True
+    )
+    assert all(isinstance(r, _amqp.QueueUnavailableError) for r in results[:8])
+    assert results[8:] == [f"ok up{i}" for i in range(4)]
+    # no live queue's declare was sent behind a stuck one
+    assert all(
+        not any(q.startswith("up") for q in declares[i + 1 :])
+        for declares in broker.declares()
+        for i, q in enumerate(declares)
+        if q.startswith("down")
+    )
+    broker.answer.set_result("late")
 
 
 def test_both_brokers_texts_for_a_queue_whose_node_is_down_say_unavailable() -> None:
