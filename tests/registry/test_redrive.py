@@ -427,7 +427,9 @@ async def test_a_rearrangement_cut_with_copies_in_the_queue_is_finished_by_a_rec
     monkeypatch.setattr(_redrive._Tail, "publish", publish)
     assert await _peek(key, 5) == [b"w0", b"w1", b"w2", b"d0", b"d1"]
     await rearrange(key.connection, key.names, key.ref, key.queue, [], REDRIVE_ID, None, 0)
-    assert await key.bodies() == [b"d0", b"d1", b"w0", b"w1", b"w2"]
+    # expect=5: what the recovery's closed channel gives back may take a moment to show in a
+    # quorum queue (read as three of five once on RabbitMQ 4.0.5 under CI's load)
+    assert await key.bodies(expect=5) == [b"d0", b"d1", b"w0", b"w1", b"w2"]
 
 
 @BOTH_QUEUE_TYPES
