@@ -350,6 +350,8 @@ def _version_of(spec: str) -> str:
     return version
 
 
+@pytest.mark.broker
+@pytest.mark.rabbitmq4
 @pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.timeout(600)
