@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from rabbitkeys._observe.metrics import PublisherMetrics
 from rabbitkeys.tools.bench import applies, make_workload, markdown, run_strategy
 from rabbitkeys.tools.bench.brokers import BrokerSpecError, parse_broker
-from rabbitkeys.tools.bench.by_hand import measure_by_hand_new_keys
+from rabbitkeys.tools.bench.by_hand import ByHand, measure_by_hand_new_keys
 from rabbitkeys.tools.bench.plots import write_plots
 from rabbitkeys.tools.bench.report import BrokerColumn, side_by_side_markdown
 from rabbitkeys.tools.bench.runner import STRATEGIES, Result, _Batches
@@ -220,12 +220,14 @@ async def test_new_keys_by_hand_are_measured_in_a_vhost_that_goes(
     amqp_url: str, namespace: str, broker: Broker
 ) -> None:
     before = set(_bench_vhosts(broker))
-    rate = await measure_by_hand_new_keys(make_settings(amqp_url, namespace), keys=48)
-    assert rate > 0
+    by_hand = await measure_by_hand_new_keys(make_settings(amqp_url, namespace), keys=48)
+    assert by_hand.rate > 0
+    # the broker on this host (CI's): its CPU per key is measured with the rate
+    assert by_hand.broker_cpu_ms is not None and by_hand.broker_cpu_ms > 0
     assert set(_bench_vhosts(broker)) <= before
 
 
-def _column(name: str, churn_rate: float, by_hand: float) -> BrokerColumn:
+def _column(name: str, churn_rate: float, by_hand: ByHand) -> BrokerColumn:
     churn = _result("rabbitkeys", "churn", churn_rate)
     churn.extra["new_keys_per_second"] = churn_rate
     results = [
@@ -238,7 +240,7 @@ def _column(name: str, churn_rate: float, by_hand: float) -> BrokerColumn:
 
 
 def test_the_by_hand_row_and_its_ratio() -> None:
-    column = _column("local", 300.0, 400.0)
+    column = _column("local", 300.0, ByHand(400.0, 8.0))
     table = markdown(column.results, declare_rate=column.declare_rate, by_hand=column.by_hand)
     assert (
         "| new keys by hand: declare a durable SAC queue, bind, consume, publish one "
@@ -246,14 +248,20 @@ def test_the_by_hand_row_and_its_ratio() -> None:
     ) in table
     assert "| new keys: rabbitkeys >= 1.0 x by hand (new keys/s, churn, nothing lost) | " in table
     assert "300 / 400 per s = 0.75 x | **no** |" in table
+    # the broker's work per new key beside it (churn's 0.5 ms against 8 by hand)
+    assert "| broker CPU per new key: rabbitkeys (churn) / by hand | 0.50 / 8.00 ms = 0.06 x |" in (
+        table
+    )
     assert "1,600 / 2,000 = 0.80 x, 0 violations | **no** |" in table  # new-bursts vs shared
     # without a churn run, the by-hand rate stands alone
-    alone = markdown(column.results[:2], by_hand=400.0)
+    alone = markdown(column.results[:2], by_hand=ByHand(400.0))
     assert "| 400 per s | - |" in alone and "x by hand" not in alone
 
 
 def test_side_by_side_has_a_column_per_broker_for_each_figure_and_ratio() -> None:
-    table = side_by_side_markdown([_column("3.10", 300.0, 400.0), _column("4.0.5", 500.0, 400.0)])
+    table = side_by_side_markdown(
+        [_column("3.10", 300.0, ByHand(400.0)), _column("4.0.5", 500.0, ByHand(400.0))]
+    )
     assert "| figure | 3.10 | 4.0.5 |" in table
     assert "| target | 3.10 | 4.0.5 |" in table
     assert "| churn / rabbitkeys: jobs/s | 300 | 500 |" in table

@@ -8,7 +8,9 @@ consumer queue (durable; on RabbitMQ 3.x transient with ``RABBITKEYS_DURABLE=fal
 exchange, consume it, publish one message (persistent unless transient) with a confirm, and
 wait until the consumer has it and acks it. The rate is keys over the time from the first
 declare to the last ack: rabbitkeys' churn rate (first publish to last handler) is compared
-with it. The run has a vhost of its own, deleted at the end with every queue in it.
+with it; so is the broker's CPU per key over that time (on a machine whose cores the broker
+shares, the rates follow it). The run has a vhost of its own, deleted at the end with
+every queue in it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 import aio_pika
 import aio_pika.abc
@@ -23,19 +26,28 @@ import aio_pika.abc
 from ..._broker.amqp import broker_version
 from ..._settings import Settings
 from ..._wire.topology import key_queue_durable
-from .broker import run_vhost
+from .broker import broker_cpu_seconds, broker_pids, run_vhost
 
-__all__ = ["BY_HAND_LANES", "measure_by_hand_new_keys"]
+__all__ = ["BY_HAND_LANES", "ByHand", "measure_by_hand_new_keys"]
 
 #: keys handled at once, each lane one after another (issue 25's hand-made row)
 BY_HAND_LANES = 16
 
 
+@dataclass(frozen=True)
+class ByHand:
+    """New keys done by hand: how many a second, and the broker's CPU for each (None where
+    its process is not on this host)."""
+
+    rate: float
+    broker_cpu_ms: float | None = None
+
+
 async def measure_by_hand_new_keys(
     settings: Settings, keys: int, lanes: int = BY_HAND_LANES, timeout: float = 300.0
-) -> float:
-    """New keys per second done by hand (the module docstring's steps), ``keys`` of them
-    over ``lanes`` lanes, in a vhost of its own."""
+) -> ByHand:
+    """New keys done by hand (the module docstring's steps), ``keys`` of them over
+    ``lanes`` lanes, in a vhost of its own."""
     async with run_vhost(settings, "by-hand") as run_settings:
         url = run_settings.amqp_urls[0]
         worker = await aio_pika.connect(url)
@@ -57,7 +69,7 @@ async def _run_lanes(
     publisher: aio_pika.abc.AbstractConnection,
     keys: int,
     lanes: int,
-) -> float:
+) -> ByHand:
     prefix = f"bench-by-hand-{uuid.uuid4().hex[:6]}"
     durable = key_queue_durable(settings.durable, broker_version(worker))
     setup = await worker.channel()
@@ -71,6 +83,8 @@ async def _run_lanes(
         consuming.append(channel)
         publishing.append(await publisher.channel(publisher_confirms=True))
     names = [f"{prefix}.k{i}" for i in range(keys)]
+    brokers = await asyncio.to_thread(broker_pids, settings)
+    cpu_before = broker_cpu_seconds(brokers) if brokers else None
     started = time.perf_counter()
     await asyncio.gather(
         *(
@@ -78,7 +92,11 @@ async def _run_lanes(
             for i in range(lanes)
         )
     )
-    return keys / (time.perf_counter() - started)
+    rate = keys / (time.perf_counter() - started)
+    cpu_after = broker_cpu_seconds(brokers) if brokers else None
+    if cpu_before is None or cpu_after is None:
+        return ByHand(rate)
+    return ByHand(rate, 1000.0 * (cpu_after - cpu_before) / keys)
 
 
 async def _lane(

@@ -7,7 +7,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
-from .by_hand import BY_HAND_LANES
+from .by_hand import BY_HAND_LANES, ByHand
 from .runner import Result
 
 __all__ = ["BrokerColumn", "machine_description", "markdown", "side_by_side_markdown"]
@@ -64,7 +64,7 @@ def _batch(r: Result) -> str:
 
 
 def markdown(
-    results: list[Result], *, declare_rate: float | None = None, by_hand: float | None = None
+    results: list[Result], *, declare_rate: float | None = None, by_hand: ByHand | None = None
 ) -> str:
     paced = {r.paced_rate for r in results if r.paced_rate}
     when = f" at {paced.pop():,.0f} jobs/s" if len(paced) == 1 else ""
@@ -102,7 +102,7 @@ class BrokerColumn:
     name: str
     results: list[Result]
     declare_rate: float | None = None
-    by_hand: float | None = None
+    by_hand: ByHand | None = None
 
 
 def side_by_side_markdown(columns: list[BrokerColumn]) -> str:
@@ -155,7 +155,7 @@ Row = tuple[str, str, str]
 
 
 def _targets(
-    results: list[Result], declare_rate: float | None, by_hand: float | None = None
+    results: list[Result], declare_rate: float | None, by_hand: ByHand | None = None
 ) -> list[Row]:
     """The targets' rows: what is compared, the measured ratio, whether it is met ("-":
     no target, a figure to read)."""
@@ -222,7 +222,7 @@ BY_HAND = (
 
 
 def _new_key_targets(
-    results: list[Result], declare_rate: float | None, by_hand: float | None
+    results: list[Result], declare_rate: float | None, by_hand: ByHand | None
 ) -> list[Row]:
     rows: list[Row] = []
     churn = _find(results, "rabbitkeys", "churn")
@@ -245,18 +245,28 @@ def _new_key_targets(
             )
         )
     if by_hand:
-        rows.append((f"new keys by hand: {BY_HAND}", f"{by_hand:,.0f} per s", "-"))
+        rows.append((f"new keys by hand: {BY_HAND}", f"{by_hand.rate:,.0f} per s", "-"))
     if churn and by_hand:
         # churn's jobs/s: each job a new key, first publish to the last handler's end, as
         # the by-hand rate runs from the first declare to the last ack
-        ratio = churn.throughput / by_hand
+        ratio = churn.throughput / by_hand.rate
         intact = churn.lost == 0 and churn.order_violations == 0
         rows.append(
             (
                 f"new keys: rabbitkeys >= {BY_HAND_TARGET:.1f} x by hand (new keys/s, churn, "
                 "nothing lost)",
-                f"{churn.throughput:,.0f} / {by_hand:,.0f} per s = {ratio:.2f} x",
+                f"{churn.throughput:,.0f} / {by_hand.rate:,.0f} per s = {ratio:.2f} x",
                 _verdict(ratio >= BY_HAND_TARGET and intact),
+            )
+        )
+    if churn and by_hand and churn.broker_cpu_ms and by_hand.broker_cpu_ms:
+        # where the broker shares the cores, its work per key sets both rates
+        rows.append(
+            (
+                "broker CPU per new key: rabbitkeys (churn) / by hand",
+                f"{churn.broker_cpu_ms:.2f} / {by_hand.broker_cpu_ms:.2f} ms = "
+                f"{churn.broker_cpu_ms / by_hand.broker_cpu_ms:.2f} x",
+                "-",
             )
         )
     return rows

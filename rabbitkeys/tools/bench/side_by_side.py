@@ -18,7 +18,7 @@ from aiormq.exceptions import AMQPError
 
 from ..._errors import RabbitkeysError
 from .brokers import BenchBroker
-from .by_hand import measure_by_hand_new_keys
+from .by_hand import ByHand, measure_by_hand_new_keys
 from .report import BrokerColumn
 from .runner import Result, applies, measure_declare_rate, run_strategy
 from .workloads import make_workload
@@ -73,7 +73,7 @@ class _Runs:
         self.brokers, self.plan, self.progress = brokers, plan, progress
         self.round = 1
         self.results: dict[tuple[str, str, str], list[Result]] = {}
-        self.by_hand: dict[str, list[float]] = {b.name: [] for b in brokers}
+        self.by_hand: dict[str, list[ByHand]] = {b.name: [] for b in brokers}
         self.declare: dict[str, list[float]] = {b.name: [] for b in brokers}
         self.failures: list[str] = []
 
@@ -129,14 +129,14 @@ class _Runs:
         for broker in self.brokers:
             label = self._label("new keys by hand", broker)
             try:
-                rate = await measure_by_hand_new_keys(
+                by_hand = await measure_by_hand_new_keys(
                     broker.settings, keys=self.plan.churn_messages
                 )
             except FAILURES as exc:
                 self._failed(label, exc)
                 continue
-            self.progress(f"{label}: {rate:8,.0f} keys/s")
-            self.by_hand[broker.name].append(rate)
+            self.progress(f"{label}: {by_hand.rate:8,.0f} keys/s")
+            self.by_hand[broker.name].append(by_hand)
 
     async def declare_rates(self) -> None:
         for broker in self.brokers:
@@ -159,7 +159,7 @@ class _Runs:
                     if name == broker.name
                 ],
                 declare_rate=_median(self.declare[broker.name]),
-                by_hand=_median(self.by_hand[broker.name]),
+                by_hand=_median_by_hand(self.by_hand[broker.name]),
             )
             for broker in self.brokers
         ]
@@ -173,3 +173,8 @@ def _median_run(runs: list[Result]) -> Result:
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def _median_by_hand(runs: list[ByHand]) -> ByHand | None:
+    """The by-hand run of median rate (the lower of the middle two), its CPU with it."""
+    return sorted(runs, key=lambda run: run.rate)[(len(runs) - 1) // 2] if runs else None
