@@ -20,7 +20,10 @@
 # prometheus ports are 15791-15793). Needs root.
 #
 # Settings (environment): RABBITKEYS_RABBITMQ4_ROOT (default /opt/rabbitkeys-rabbitmq4-trixie),
-# RABBITKEYS_RABBITMQ4_PORT (AMQP; management, prometheus and distribution follow from it).
+# RABBITKEYS_RABBITMQ4_PORT (AMQP; management, prometheus and distribution follow from it; a
+# node of its own, e.g. for a benchmark), RABBITKEYS_RABBITMQ4_EXTRA_CONF (rabbitmq.conf lines
+# added to that node's config when it starts, e.g. the memory watermark of the 100,000-key
+# run: docs/benchmarks.md).
 set -euo pipefail
 ROOT=${RABBITKEYS_RABBITMQ4_ROOT:-/opt/rabbitkeys-rabbitmq4-trixie}
 AMQP=${RABBITKEYS_RABBITMQ4_PORT:-5710}
@@ -78,6 +81,7 @@ prometheus.tcp.port = $PROMETHEUS
 loopback_users = none
 deprecated_features.permit.global_qos = false
 deprecated_features.permit.transient_nonexcl_queues = false
+${RABBITKEYS_RABBITMQ4_EXTRA_CONF:-}
 CONF
   cat >"$ROOT/etc/rabbitmq/rabbitmq-env-$AMQP.conf" <<ENV
 NODENAME=$NODE
