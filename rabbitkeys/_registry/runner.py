@@ -81,6 +81,11 @@ log = logging.getLogger("rabbitkeys.registry")
 #: time (the client waits for each answer), so new keys are declared this many at a time;
 #: the broker's own declare rate levels off around 16 (docs/internals/registry.md, "A new key").
 DECLARE_CHANNELS = 32
+#: Retirement calls (an unbind, a check and delete) under way at once. Retirement can wait;
+#: new keys cannot: a thousand idle keys retiring together put their unbinds ahead of new
+#: keys' declares on the same channels, and opened a channel each for their deletes
+#: (docs/benchmarks.md, "Issue 25: new keys while idle keys retire").
+RETIREMENT_CALLS = 2
 
 #: Tries to finish a redrive's rearrangement that was cut with the key queue changed.
 _RECOVERY_ATTEMPTS = 3
@@ -115,6 +120,7 @@ class CommandRunner:
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
         self._checks = QueueChecks(connection)
+        self._retiring = asyncio.Semaphore(RETIREMENT_CALLS)
         broker = broker_version(connection)
         self._queue_arguments = key_queue_arguments(
             settings.key_queue_expires, settings.queue_type, broker
@@ -264,10 +270,11 @@ class CommandRunner:
         removed: list[str] = []
         try:
             exchange = self._names.jobs_exchange(command.ref.job_type)
-            channel = await self._pool.get()
-            for routing_key in command.routing_keys:
-                await channel.queue_unbind(command.queue, exchange, routing_key=routing_key)
-                removed.append(routing_key)
+            async with self._retiring:
+                channel = await self._pool.get()
+                for routing_key in command.routing_keys:
+                    await channel.queue_unbind(command.queue, exchange, routing_key=routing_key)
+                    removed.append(routing_key)
         except Exception as exc:
             log.warning("cannot unbind key %s; not retired: %r", command.key_id, exc)
             self.do(self._book.unbound(command.key_id, command.epoch, removed, ok=False))
@@ -279,7 +286,7 @@ class CommandRunner:
         atomically."""
         deleted = False
         try:
-            async with fresh_channel(self._connection) as probe:
+            async with self._retiring, fresh_channel(self._connection) as probe:
                 try:
                     ok = await probe.queue_declare(command.queue, passive=True)
                     if not ok.message_count and not ok.consumer_count:

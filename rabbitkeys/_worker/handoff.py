@@ -83,6 +83,11 @@ log = logging.getLogger("rabbitkeys.worker")
 #: the longest pause before giving back, again, a key whose queue's node is down
 _UNAVAILABLE_PAUSE_MAX = 3.0
 _FORMER_HISTORIES = 1024
+#: Releases whose cancel and requeue are on the shared consume channel at once. A channel
+#: carries one call at a time, in turn: the retirement of a thousand idle keys at once put a
+#: thousand cancels ahead of a new key's consume, whose first job then waited 25-50 s at the
+#: 99th percentile (docs/benchmarks.md, "Issue 25: new keys while idle keys retire").
+_RELEASES_AT_ONCE = 4
 #: channels a session keeps for itself out of its connection's ``channel_max`` (control,
 #: dead letters, consume, declares), with a margin for channels the broker still counts
 #: after we saw them closed (a lost close-ok): quorum keys get one each out of the rest
@@ -231,6 +236,7 @@ class Handoff:
         #: on the shared consume channel a qos applies to the consumers made after it: a
         #: key's qos and its consume go together, one key at a time
         self._consume_lock = asyncio.Lock()
+        self._releasing = asyncio.Semaphore(_RELEASES_AT_ONCE)
         self._lost = asyncio.Event()
         #: the dedup histories of keys let go of lately, most recent last: a key that comes
         #: back to this worker (its session started over, a rebalance undone) still knows
@@ -561,8 +567,9 @@ class Handoff:
         if owned in self._key_channels:
             await self._close_key_channel(owned)
         else:
-            await self._cancel(owned)
-            await self._requeue_buffer(owned)
+            async with self._releasing:
+                await self._cancel(owned)
+                await self._requeue_buffer(owned)
         self._drop(owned)
         self._metrics.keys_released.inc()
         self._metrics.release_duration.observe(time.perf_counter() - started)
