@@ -81,11 +81,16 @@ log = logging.getLogger("rabbitkeys.registry")
 #: time (the client waits for each answer), so new keys are declared this many at a time;
 #: the broker's own declare rate levels off around 16 (docs/internals/registry.md, "A new key").
 DECLARE_CHANNELS = 32
-#: Retirement calls (an unbind, a check and delete) under way at once. Retirement can wait;
-#: new keys cannot: a thousand idle keys retiring together put their unbinds ahead of new
-#: keys' declares on the same channels, and opened a channel each for their deletes
+#: Retirements' unbinds, and checks and deletes, under way at once. Retirement can wait; new
+#: keys cannot: a thousand idle keys retiring together put their unbinds ahead of new keys'
+#: declares on the same channels, and opened a channel each for their deletes
 #: (docs/benchmarks.md, "Issue 25: new keys while idle keys retire").
-RETIREMENT_CALLS = 2
+RETIREMENT_UNBINDS = 2
+RETIREMENT_DELETES = 4
+#: Seconds a check and delete may take before the key is kept (as when it cannot be asked):
+#: RabbitMQ 4.0 answers a passive declare of a classic queue whose cluster node is down only
+#: after ~65 s, and such a check must not hold up the other retirements that long.
+RETIREMENT_DELETE_TIMEOUT = 15.0
 
 #: Tries to finish a redrive's rearrangement that was cut with the key queue changed.
 _RECOVERY_ATTEMPTS = 3
@@ -120,7 +125,8 @@ class CommandRunner:
         self._route = route
         self._pool = ChannelPool(connection, size=DECLARE_CHANNELS)
         self._checks = QueueChecks(connection)
-        self._retiring = asyncio.Semaphore(RETIREMENT_CALLS)
+        self._unbinding = asyncio.Semaphore(RETIREMENT_UNBINDS)
+        self._deleting = asyncio.Semaphore(RETIREMENT_DELETES)
         broker = broker_version(connection)
         self._queue_arguments = key_queue_arguments(
             settings.key_queue_expires, settings.queue_type, broker
@@ -270,7 +276,7 @@ class CommandRunner:
         removed: list[str] = []
         try:
             exchange = self._names.jobs_exchange(command.ref.job_type)
-            async with self._retiring:
+            async with self._unbinding:
                 channel = await self._pool.get()
                 for routing_key in command.routing_keys:
                     await channel.queue_unbind(command.queue, exchange, routing_key=routing_key)
@@ -286,7 +292,11 @@ class CommandRunner:
         atomically."""
         deleted = False
         try:
-            async with self._retiring, fresh_channel(self._connection) as probe:
+            async with (
+                self._deleting,
+                asyncio.timeout(RETIREMENT_DELETE_TIMEOUT),
+                fresh_channel(self._connection) as probe,
+            ):
                 try:
                     ok = await probe.queue_declare(command.queue, passive=True)
                     if not ok.message_count and not ok.consumer_count:
@@ -300,6 +310,8 @@ class CommandRunner:
                     log.info("kept key %s: %s", command.key_id, exc)
         except CHANNEL_ERRORS as exc:  # no channel to ask on: keep it
             log.info("kept key %s: %s", command.key_id, exc)
+        except TimeoutError:  # its node down, or the broker swamped: keep it, retire later
+            log.info("kept key %s: no answer within %gs", command.key_id, RETIREMENT_DELETE_TIMEOUT)
         self.do(self._book.delete_outcome(command.key_id, command.epoch, deleted))
 
     async def _delete(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
