@@ -13,6 +13,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiormq.exceptions import AMQPError
 
@@ -159,22 +160,30 @@ class _Runs:
                     if name == broker.name
                 ],
                 declare_rate=_median(self.declare[broker.name]),
-                by_hand=_median_by_hand(self.by_hand[broker.name]),
+                by_hand=self._median_by_hand(broker.name),
             )
             for broker in self.brokers
         ]
 
+    def _median_by_hand(self, broker: str) -> ByHand | None:
+        runs = self.by_hand[broker]
+        return _lower_median(runs, lambda run: run.rate) if runs else None
+
+
+_Run = TypeVar("_Run")
+
 
 def _median_run(runs: list[Result]) -> Result:
-    """The run of median throughput (the lower of the middle two): one real run's figures
-    together, not medians of each taken from different runs."""
-    return sorted(runs, key=lambda r: r.throughput)[(len(runs) - 1) // 2]
+    """The run of median throughput: one real run's figures together, not medians of each
+    taken from different runs."""
+    return _lower_median(runs, lambda r: r.throughput)
+
+
+def _lower_median(runs: list[_Run], figure: Callable[[_Run], float]) -> _Run:
+    """The run whose ``figure`` is the median (the lower of the middle two: no figure made
+    up), its other figures with it."""
+    return sorted(runs, key=figure)[(len(runs) - 1) // 2]
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def _median_by_hand(runs: list[ByHand]) -> ByHand | None:
-    """The by-hand run of median rate (the lower of the middle two), its CPU with it."""
-    return sorted(runs, key=lambda run: run.rate)[(len(runs) - 1) // 2] if runs else None
