@@ -3,6 +3,7 @@
 from ._errors import (
     BrokerUnavailableError,
     ConfigError,
+    FailJob,
     HandlerNotFoundError,
     InvalidKeyError,
     InvalidMessageError,
@@ -14,6 +15,7 @@ from ._errors import (
     QuotaExceededError,
     RabbitkeysError,
     RegistryUnavailableError,
+    RetryJob,
     StartupError,
 )
 from ._publisher.publisher import Publisher
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Context",
     "DEFAULT_JOB_TYPE",
+    "FailJob",
     "Handler",
     "HandlerNotFoundError",
     "InvalidKeyError",
@@ -47,6 +50,7 @@ __all__ = [
     "RabbitkeysError",
     "Registry",
     "RegistryUnavailableError",
+    "RetryJob",
     "Settings",
     "StartupError",
     "SyncPublisher",

@@ -16,6 +16,8 @@ RabbitkeysError
 │                                     no handler serves a job type
 ├── PayloadError (ValueError)         a body is not what its handler declared
 ├── JobTimeoutError (TimeoutError)    a handler's attempt ran past its time limit
+├── RetryJob                          raised by a handler: try the job again after a delay
+├── FailJob                           raised by a handler: no more attempts for this job
 └── StartupError                      a worker's startup hook failed: it did not join
 """
 
@@ -27,6 +29,7 @@ __all__ = [
     "HandlerNotFoundError",
     "InvalidKeyError",
     "InvalidMessageError",
+    "FailJob",
     "JobTimeoutError",
     "PayloadError",
     "ProtocolError",
@@ -35,6 +38,7 @@ __all__ = [
     "QuotaExceededError",
     "RabbitkeysError",
     "RegistryUnavailableError",
+    "RetryJob",
     "StartupError",
 ]
 
@@ -119,6 +123,41 @@ class JobTimeoutError(RabbitkeysError, TimeoutError):
             f"handler {handler} of job type {job_type!r} ran past its time limit of "
             f"{limit:g} s ({what})"
         )
+
+
+#: the longest wait a :class:`RetryJob` gets: below RabbitMQ's default ``consumer_timeout``
+#: (30 minutes), past which a broker before 4.3 closes the channel of a worker that holds a
+#: delivery (the job would run again, elsewhere, as a duplicate)
+MAX_RETRY_DELAY = 20 * 60.0
+
+
+class RetryJob(RabbitkeysError):
+    """Raise it in a handler to run the job again after ``delay`` seconds, whatever
+    ``RABBITKEYS_MAX_RETRIES`` says: the handler decides when to stop (the Celery bridge's
+    ``self.retry(countdown=...)``). The key waits meanwhile, so nothing overtakes the job; the
+    wait holds no handler slot. A delay is at most 20 minutes (``MAX_RETRY_DELAY``).
+    The attempt counts (``message.attempt`` grows), as any failed attempt does."""
+
+    def __init__(self, delay: float = 0.0, reason: str = "") -> None:
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or not delay >= 0:
+            raise ValueError(f"RetryJob delay must be a number of seconds >= 0, not {delay!r}")
+        self.delay = min(float(delay), MAX_RETRY_DELAY)
+        super().__init__(reason or f"retry in {self.delay:g} s")
+
+
+class FailJob(RabbitkeysError):
+    """Raise it in a handler to fail the job at once, without the retries
+    ``RABBITKEYS_MAX_RETRIES`` would give: it is dead-lettered, or its key parked, as after a
+    last attempt. Raise it ``from`` the error that decided it (``raise FailJob(...) from
+    exc``): the dead letter's or the park's error text is that error's."""
+
+
+def failure_text(error: BaseException) -> str:
+    """``"ExceptionType: text"``: what a dead letter or a park records of the error a job
+    failed with; for a :class:`FailJob` raised from an error, that error's."""
+    if isinstance(error, FailJob) and error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 class StartupError(RabbitkeysError):

@@ -503,7 +503,7 @@ class _JobPorts:
         assert worker._slots is not None and worker._handler_threads is not None
         record.attempts = message.attempt
         threads = worker._handler_threads
-        limit = time_limit(route, worker.settings.job_timeout)
+        limit = time_limit(route, worker.settings.job_timeout, message)
         thread = None if route.is_async else await threads.take(job.job_type, job.key)
         try:
             async with worker._slots:

@@ -37,7 +37,7 @@ import pamqp.frame
 import pamqp.header
 from pamqp import commands as spec
 
-from .._errors import InvalidMessageError
+from .._errors import InvalidMessageError, failure_text
 from .batch import BATCH_FORMAT_VERSION, BatchFormatError, Record, pack, unpack
 from .topology import KeyRef
 
@@ -298,7 +298,7 @@ def dead_letter_headers(
     headers = dict(envelope.headers)
     headers.update(
         {
-            HEADER_ERROR: f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS],
+            HEADER_ERROR: failure_text(error)[:_MAX_ERROR_CHARS],
             HEADER_ATTEMPTS: attempts,
             HEADER_FAILED_AT: time.time_ns() // 1000 if failed_at is None else failed_at,
             HEADER_WORKER: worker_id,

@@ -16,13 +16,13 @@ A handler that declares nothing, or ``bytes``, gets the body untouched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .._errors import InvalidMessageError, PayloadError
 
-__all__ = ["JSON", "TEXT", "Decoder", "encode_payload"]
+__all__ = ["JSON", "TEXT", "Decoder", "Encoded", "encode_payload"]
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -30,11 +30,22 @@ TEXT = "text/plain; charset=utf-8"
 _any_json: TypeAdapter[Any] = TypeAdapter(Any)
 
 
+class Encoded(NamedTuple):
+    """A body encoded already, sent as it is with its own content type: what the Celery
+    bridge publishes (the task's serializer made it). Not public: the API's bytes carry no
+    content type."""
+
+    body: bytes
+    content_type: str | None
+
+
 def encode_payload(payload: object) -> tuple[bytes | bytearray | memoryview, str | None]:
     """The body and content type ``payload`` travels as. Raises
     :class:`InvalidMessageError` for an object JSON cannot carry."""
     if isinstance(payload, bytes | bytearray | memoryview):
         return payload, None
+    if isinstance(payload, Encoded):
+        return payload.body, payload.content_type
     if isinstance(payload, str):
         return payload.encode("utf-8"), TEXT
     if isinstance(payload, BaseModel):

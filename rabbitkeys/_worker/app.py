@@ -207,9 +207,10 @@ class Route:
     #: go on with the key's next job) or ``"park"`` (stop the key with the job at its head
     #: until an operator resumes or skips it)
     on_failure: OnFailure = "dead_letter"
-    #: seconds one attempt may run; None: the worker's ``job_timeout`` setting; 0: no limit
+    #: seconds one attempt may run; None: the worker's ``job_timeout`` setting; 0: no limit;
+    #: or a function of the job's message giving one of those, per job
     #: (:func:`~.execution.time_limit` decides)
-    timeout: float | None = None
+    timeout: Timeout = None
 
     def payload(self, body: bytes, content_type: str | None) -> Any:
         """Raises :class:`~rabbitkeys.PayloadError` if the body is not what was declared."""
@@ -221,10 +222,18 @@ OnFailure = Literal["dead_letter", "park"]
 ON_FAILURE_POLICIES: tuple[OnFailure, ...] = ("dead_letter", "park")
 
 
-def _checked_timeout(job_type: str, timeout: object) -> float | None:
-    """A handler's ``timeout=``: None (the setting), 0 (no limit) or seconds."""
+#: a handler's ``timeout=``: seconds, 0 (no limit), None (the setting), or a function of a
+#: job's message that gives one of those for that job (the Celery bridge's per-task limits)
+Timeout = float | Callable[["Message[Any]"], float | None] | None
+
+
+def _checked_timeout(job_type: str, timeout: object) -> Timeout:
+    """A handler's ``timeout=``: None (the setting), 0 (no limit), seconds, or a function
+    of the message."""
     if timeout is None:
         return None
+    if callable(timeout):
+        return timeout
     if (
         isinstance(timeout, bool)
         or not isinstance(timeout, int | float)
@@ -242,7 +251,7 @@ def _route(
     job_type: str,
     function: Handler,
     on_failure: OnFailure = "dead_letter",
-    timeout: float | None = None,
+    timeout: Timeout = None,
 ) -> Route:
     timeout = _checked_timeout(job_type, timeout)
     if on_failure not in ON_FAILURE_POLICIES:
@@ -297,7 +306,7 @@ class App:
         job_type: str = DEFAULT_JOB_TYPE,
         *,
         on_failure: OnFailure = "dead_letter",
-        timeout: float | None = None,
+        timeout: Timeout = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Decorator: register an ``async def`` or ``def`` as the handler of ``job_type``.
 
@@ -308,7 +317,8 @@ class App:
         skip`` dead-letters it.
 
         ``timeout``: seconds one attempt may run, instead of the worker's
-        ``RABBITKEYS_JOB_TIMEOUT`` (None, the default); 0 for no limit. An attempt that runs
+        ``RABBITKEYS_JOB_TIMEOUT`` (None, the default); 0 for no limit; or a function of
+        the job's ``Message`` giving one of those, for limits per job. An attempt that runs
         past it fails with :class:`~rabbitkeys.JobTimeoutError` (retried, then
         ``on_failure``); an ``async def`` is cancelled, a ``def``'s thread runs on and the
         key's next attempt waits for it."""
@@ -327,7 +337,7 @@ class App:
         function: Handler,
         *,
         on_failure: OnFailure = "dead_letter",
-        timeout: float | None = None,
+        timeout: Timeout = None,
     ) -> None:
         check_job_type(job_type)
         if job_type in self._routes:
@@ -414,11 +424,12 @@ def hook_name(function: Callable[..., Any]) -> str:
     return _name(function)
 
 
-def load_app(target: str) -> App:
-    """Import ``"module:attr"``: an :class:`App`, or a handler serving "default"."""
+def load_object(target: str, what: str) -> Any:
+    """Import ``"module:attr"`` (``attr`` may be dotted), from the current directory too,
+    as ``python -m`` does; ``what`` names it in the error."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise ConfigError(f"expected MODULE:ATTR, got {target!r}")
+        raise ConfigError(f"expected MODULE:ATTR naming {what}, got {target!r}")
     if "" not in sys.path:  # like `python -m`, find modules in the current directory
         sys.path.insert(0, "")
     try:
@@ -431,6 +442,14 @@ def load_app(target: str) -> App:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigError(f"{module_name!r} has no attribute {attribute!r}") from None
+    return obj
+
+
+def load_app(target: str) -> App:
+    """Import ``"module:attr"``: an :class:`App`, or a handler serving "default"."""
+    obj = load_object(target, "an app or a handler")
+    if type(obj).__module__.startswith("celery") and hasattr(obj, "tasks"):
+        raise ConfigError(f"{target!r} is a Celery app: run it with `rabbitkeys worker --celery`")
     if isinstance(obj, App):
         app = obj
     elif callable(obj) and not isinstance(obj, type):

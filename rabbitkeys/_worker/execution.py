@@ -128,10 +128,12 @@ class Outcome(enum.Enum):
     INTERRUPTED = "interrupted"
 
 
-def time_limit(route: Route, job_timeout: float) -> float | None:
-    """Seconds one attempt of the route's handler may run, None for no limit: the job
-    type's own ``timeout=`` if it set one, else the ``job_timeout`` setting; 0 is none."""
-    limit = job_timeout if route.timeout is None else route.timeout
+def time_limit(route: Route, job_timeout: float, message: Message[Any]) -> float | None:
+    """Seconds one attempt of the route's handler on ``message`` may run, None for no
+    limit: the job type's own ``timeout=`` if it set one (a function of the message: that
+    job's), else the ``job_timeout`` setting; 0 is none."""
+    own = route.timeout(message) if callable(route.timeout) else route.timeout
+    limit = job_timeout if own is None else own
     return limit if limit > 0 else None
 
 
@@ -553,7 +555,7 @@ class Executor:
         if message.attempt > 1:
             metrics.retried.inc()
         published_at = job.envelope.published_at
-        limit = time_limit(route, self._job_timeout)
+        limit = time_limit(route, self._job_timeout, message)
         thread = None
         if not route.is_async:
             thread = await self.handler_threads.take(message.job_type, message.key)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from .._errors import HandlerNotFoundError, PayloadError
+from .._errors import HandlerNotFoundError, PayloadError, failure_text
 from .._wire.envelope import Envelope
 from .app import App, CallNext, Context, Message, Middleware, Route
 from .retry import DeadLetter, Retry, RetryPolicy
@@ -57,8 +57,9 @@ MAX_ERROR_TEXT = 1000
 
 
 def error_text(error: BaseException) -> str:
-    """``"ExceptionType: text"``, cut to :data:`MAX_ERROR_TEXT` characters."""
-    return f"{type(error).__name__}: {error}"[:MAX_ERROR_TEXT]
+    """``"ExceptionType: text"`` (:func:`~rabbitkeys._errors.failure_text`), cut to
+    :data:`MAX_ERROR_TEXT` characters."""
+    return failure_text(error)[:MAX_ERROR_TEXT]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,17 @@ attempt; the wait before retry ``n`` is ``retry_backoff * 2 ** (n - 1)``, at mos
 ``retry_backoff_max``. Two failures are dead-lettered at once: a delivery whose job type has
 no handler (no retry can add a handler), and one whose body is not what its handler declared
 (:class:`~rabbitkeys.PayloadError`: no retry can change the body).
+
+A handler can also decide for itself: :class:`~rabbitkeys.RetryJob` asks for another attempt
+after its own delay, not counted against ``max_retries`` (the handler counts: the Celery
+bridge's ``self.retry()``), and :class:`~rabbitkeys.FailJob` ends the job's attempts at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._errors import HandlerNotFoundError, PayloadError
+from .._errors import FailJob, HandlerNotFoundError, PayloadError, RetryJob
 from .._settings import Settings
 
 __all__ = ["DeadLetter", "Retry", "RetryPolicy"]
@@ -48,7 +52,7 @@ class RetryPolicy:
     @staticmethod
     def retries(error: BaseException) -> bool:
         """Whether an attempt that failed with ``error`` may be tried again."""
-        return not isinstance(error, HandlerNotFoundError | PayloadError)
+        return not isinstance(error, HandlerNotFoundError | PayloadError | FailJob)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1 for the first)."""
@@ -58,6 +62,8 @@ class RetryPolicy:
 
     def after_failure(self, attempt: int, error: BaseException) -> Retry | DeadLetter:
         """What follows failed attempt ``attempt`` (1 for the first)."""
+        if isinstance(error, RetryJob):
+            return Retry(delay=error.delay)
         if attempt > self.max_retries or not self.retries(error):
             return DeadLetter(attempts=attempt)
         return Retry(delay=self.delay(attempt))

@@ -20,6 +20,12 @@ def add_parser(commands: Any) -> None:
         epilog=SETTINGS_HELP,
     )
     worker.add_argument("target", metavar="MODULE:ATTR", help="the app or handler to run")
+    worker.add_argument(
+        "--celery",
+        action="store_true",
+        help="MODULE:ATTR is a Celery app: run its tasks, one job at a time per key, in the "
+        "order they were sent with rabbitkeys.celery.ordered (needs rabbitkeys[celery])",
+    )
     worker.add_argument("--id", dest="worker_id", help="worker id (default: random)")
     worker.set_defaults(handler=_worker)
 
@@ -28,7 +34,19 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from .._worker.app import load_app
     from .._worker.worker import Worker
 
-    worker = Worker(load_app(args.target), settings, worker_id=args.worker_id)
+    if args.celery:
+        from .._errors import ConfigError
+        from .._worker.app import load_object
+
+        try:
+            from ..celery import worker_app
+        except ImportError as exc:
+            raise ConfigError(str(exc)) from None
+
+        app = worker_app(load_object(args.target, "a Celery app"))
+    else:
+        app = load_app(args.target)
+    worker = Worker(app, settings, worker_id=args.worker_id)
     on_signals(worker.stop)
     async with metrics_endpoint(settings, lambda: worker.ready):
         await worker.run()
