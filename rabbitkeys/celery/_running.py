@@ -13,9 +13,12 @@ What Celery does by publishing again, the bridge does in place, so that nothing 
   Celery's, counted from ``self.request.retries``.
 - a task that fails (its last retry, or an error it does not retry) ends its job at once
   (:class:`~rabbitkeys.FailJob`): dead-lettered or its key parked, per ``on_failure``.
-- ``time_limit``: the job's rabbitkeys time limit (the thread cannot be stopped: it runs on,
-  and its key waits for it); ``soft_time_limit``: ``SoftTimeLimitExceeded`` raised inside
-  the task, as Celery does, when Python next runs the task's own code.
+- ``time_limit``: the job's rabbitkeys time limit (``RABBITKEYS_JOB_TIMEOUT`` when the task
+  sets none), past which the job fails at once, as a Celery task past its hard limit does
+  (no retry); at Celery's ``time_limit`` ``TimeLimitExceeded`` is raised inside the task,
+  and at ``soft_time_limit`` ``SoftTimeLimitExceeded``, as Celery does, when Python next
+  runs the task's own code (a thread cannot be killed: one blocked in C runs on until it
+  returns, and its key waits for it).
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ from typing import Any
 from celery import Celery, Task
 from celery.app.task import Context
 from celery.app.trace import build_tracer
-from celery.exceptions import NotRegistered, Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import (
+    NotRegistered,
+    Reject,
+    Retry,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
 from celery.states import FAILURE, REJECTED, RETRY
 
-from .._errors import ConfigError, FailJob, RetryJob
-from .._worker.app import App, Message, OnFailure
+from .._errors import ConfigError, FailJob, JobTimeoutError, RetryJob
+from .._worker.app import App, CallNext, Message, OnFailure
 from ._protocol import read_job
 from ._publishing import JOB_TYPE
 
@@ -58,7 +67,16 @@ def worker_app(
     app = App()
     app.add_handler(job_type, runner.run, on_failure=on_failure, timeout=runner.time_limit)
     app.on_startup(runner.start)
+    app.middleware(_time_limit_fails_the_task)
     return app
+
+
+async def _time_limit_fails_the_task(message: Message[Any], call_next: CallNext) -> Any:
+    """A task past its time limit fails, as in Celery: no retry."""
+    try:
+        return await call_next(message)
+    except JobTimeoutError as exc:
+        raise FailJob(f"task {message.headers.get('task')} ran past its time limit") from exc
 
 
 class _TaskRunner:
@@ -69,8 +87,6 @@ class _TaskRunner:
         self.hostname = f"rabbitkeys@{socket.gethostname()}"
         self._tracers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        #: per thread: the task id of the job being run, while its task may ``self.retry()``
-        self._running = threading.local()
         #: a retry's arguments (``self.retry(args=...)``) by (task id, attempt), until that
         #: attempt takes them (a redelivery starts from the message's own)
         self._pending_retries: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -87,18 +103,20 @@ class _TaskRunner:
 
     def time_limit(self, message: Message[Any]) -> float | None:
         """The job's rabbitkeys time limit: the task's hard ``time_limit`` (the message's,
-        else the task's, else ``task_time_limit``), 0 (none) when Celery sets none."""
-        hard = _limits(message)[0]
-        if hard is None:
-            task = self.celery.tasks.get(str(message.headers.get("task")))
-            hard = getattr(task, "time_limit", None) or self.celery.conf.task_time_limit
-        return float(hard) if hard else 0.0
+        else the task's, else ``task_time_limit``); None (``RABBITKEYS_JOB_TIMEOUT``) when
+        Celery sets none."""
+        task = self.celery.tasks.get(str(message.headers.get("task")))
+        return self._limit(task, message, 0)
 
-    def _soft_limit(self, task: Task, message: Message[Any]) -> float | None:
-        soft = _limits(message)[1]
-        if soft is None:
-            soft = task.soft_time_limit or self.celery.conf.task_soft_time_limit
-        return float(soft) if soft else None
+    def _limit(self, task: Task | None, message: Message[Any], which: int) -> float | None:
+        """The task's hard (``which`` 0) or soft (1) time limit in seconds, None if none."""
+        limit = _limits(message)[which]
+        if limit is None and task is not None:
+            limit = task.time_limit if which == 0 else task.soft_time_limit
+        if limit is None:
+            conf = self.celery.conf
+            limit = conf.task_time_limit if which == 0 else conf.task_soft_time_limit
+        return float(limit) if limit else None
 
     # --- running -----------------------------------------------------------------------
 
@@ -121,12 +139,15 @@ class _TaskRunner:
             (job.task_id, message.attempt), (job.args, job.kwargs)
         )
         request["args"], request["kwargs"] = list(args), dict(kwargs)
-        self._running.job = job.task_id
+        _running.job = job.task_id
         traced = None
         try:
-            with _soft_time_limit(self._soft_limit(task, message)):
+            with (
+                _raise_after(self._limit(task, message, 1), SoftTimeLimitExceeded),
+                _raise_after(self._limit(task, message, 0), TimeLimitExceeded),
+            ):
                 traced = self._tracer(task)(job.task_id, list(args), dict(kwargs), request)
-        except SoftTimeLimitExceeded:
+        except (SoftTimeLimitExceeded, TimeLimitExceeded):
             if traced is None:
                 raise
             # it came as the task ended, outside it: the task's outcome stands
@@ -135,7 +156,7 @@ class _TaskRunner:
                 raise RuntimeError(f"task {job.name} rejected, to be requeued: {exc}") from exc
             raise FailJob(f"task {job.name} rejected") from exc
         finally:
-            self._running.job = None
+            _running.job = None
         info = traced.info
         if info is None or info.state not in (RETRY, FAILURE, REJECTED):
             return  # done (or ignored: ``raise Ignore()``)
@@ -166,19 +187,25 @@ class _TaskRunner:
     def _catch_retries(self, task: Task) -> None:
         """``self.retry()`` publishes the task again (``S.apply_async()``) before raising
         ``Retry``: for the job this thread runs, that send is dropped, and the job runs again
-        in place (:meth:`run`). Every other send (a task that calls another) goes to Celery."""
-        send = task.apply_async
-        running = self._running
+        in place (:meth:`run`). Every other send (a task that calls another) goes to Celery.
+        Once per task, whichever runner comes first: the job a thread runs is one for all."""
+        if "_rabbitkeys_send" in task.__dict__:
+            return
+        send = task._rabbitkeys_send = task.apply_async
 
         def apply_async(
             args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any
         ) -> Any:
-            job = getattr(running, "job", None)
-            if job is not None and task_id == job and "retries" in options:
-                return task.AsyncResult(task_id)
+            if task_id is not None and task_id == getattr(_running, "job", None):
+                if "retries" in options:
+                    return task.AsyncResult(task_id)
             return send(args, kwargs, task_id, **options)
 
         task.apply_async = apply_async
+
+
+#: per thread: the task id of the job it runs, while its task may call ``self.retry()``
+_running = threading.local()
 
 
 def _limits(message: Message[Any]) -> tuple[float | None, float | None]:
@@ -202,10 +229,10 @@ def _seconds_until(when: Any) -> float:
 
 
 @contextlib.contextmanager
-def _soft_time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise ``SoftTimeLimitExceeded`` in this thread after ``seconds``, as Celery's soft
-    limit does (Python delivers it when the thread next runs Python code: a call blocked in
-    C, a ``time.sleep`` or a socket read, gets it when it returns)."""
+def _raise_after(seconds: float | None, error: type[BaseException]) -> Iterator[None]:
+    """Raise ``error`` in this thread after ``seconds``, as Celery's time limits do (Python
+    delivers it when the thread next runs Python code: a call blocked in C, a
+    ``time.sleep`` or a socket read, gets it when it returns)."""
     if not seconds:
         yield
         return
@@ -217,7 +244,7 @@ def _soft_time_limit(seconds: float | None) -> Iterator[None]:
         with lock:
             if state["running"]:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread_id), ctypes.py_object(SoftTimeLimitExceeded)
+                    ctypes.c_ulong(thread_id), ctypes.py_object(error)
                 )
 
     timer = threading.Timer(seconds, expire)

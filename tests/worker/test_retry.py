@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rabbitkeys import Settings
-from rabbitkeys._errors import HandlerNotFoundError
+from rabbitkeys._errors import (
+    MAX_RETRY_DELAY,
+    FailJob,
+    HandlerNotFoundError,
+    RetryJob,
+    failure_text,
+)
 from rabbitkeys._worker.retry import DeadLetter, Retry, RetryPolicy
 
 policies = st.builds(
@@ -76,3 +82,37 @@ def test_a_handler_that_always_fails_gets_a_bounded_number_of_attempts(
     assert all(0 <= delay <= policy.backoff_max and math.isfinite(delay) for delay in delays)
     if delays:
         assert delays[0] == min(policy.backoff, policy.backoff_max)
+
+
+def test_a_handler_that_asks_for_a_retry_gets_it_after_its_own_delay_whatever_max_retries() -> None:
+    policy = RetryPolicy(max_retries=1, backoff=0.5, backoff_max=30.0)
+    assert policy.after_failure(1, RetryJob(7.5)) == Retry(7.5)
+    assert policy.after_failure(50, RetryJob(0)) == Retry(0.0)
+    # a wait past RabbitMQ's consumer_timeout would lose the delivery: at most 20 minutes
+    assert policy.after_failure(1, RetryJob(86_400)) == Retry(MAX_RETRY_DELAY)
+
+
+def test_a_handler_that_fails_its_job_gets_no_retry() -> None:
+    policy = RetryPolicy(max_retries=5, backoff=0.5, backoff_max=30.0)
+    assert policy.after_failure(1, FailJob("no")) == DeadLetter(attempts=1)
+
+
+def test_a_retry_job_delay_must_be_seconds() -> None:
+    for bad in (-1, float("nan"), "5", True, None):
+        try:
+            RetryJob(bad)  # type: ignore[arg-type]
+        except ValueError as exc:
+            assert "RetryJob delay" in str(exc)
+        else:
+            raise AssertionError(f"RetryJob({bad!r}) was accepted")
+
+
+def test_a_failed_job_records_the_error_it_was_failed_from() -> None:
+    try:
+        try:
+            raise KeyError("order 42")
+        except KeyError as exc:
+            raise FailJob("giving up") from exc
+    except FailJob as failed:
+        assert failure_text(failed) == "KeyError: 'order 42'"
+    assert failure_text(FailJob("plain")) == "FailJob: plain"

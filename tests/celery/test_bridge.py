@@ -1,0 +1,344 @@
+"""The Celery bridge against the real broker and a real result backend (the machine's Redis):
+Celery tasks sent with ``ordered`` run one at a time per key in the order they were sent,
+with Celery's request, retries, time limits and result states."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import urllib.parse
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+from celery import states
+
+from rabbitkeys import Publisher, Settings, SyncPublisher, Worker
+from rabbitkeys._wire.topology import Names
+from rabbitkeys.celery import ordered, worker_app
+
+from ..support import eventually, overlapping, running_registry, running_worker, skip_or_fail
+from . import tasks
+
+KEYS = ["post A", "user/42", "https://example.com/p?q=1&é", "commentaire/été 🎉"]
+
+
+@pytest.fixture
+def celery_app() -> Iterator[Any]:
+    """The tests' Celery app, its records cleared; its results removed from Redis after."""
+    parts = urllib.parse.urlsplit(tasks.RESULT_BACKEND)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 6379), timeout=2).close()
+    except OSError as exc:
+        skip_or_fail(f"no Redis for the result backend at {tasks.RESULT_BACKEND}: {exc}")
+    tasks.ran.clear()
+    tasks.spans.clear()
+    yield tasks.celery
+    ids = {task_id for *_, task_id in tasks.ran}
+    for task_id in ids:
+        tasks.celery.backend.forget(task_id)
+
+
+@contextlib.asynccontextmanager
+async def bridge(settings: Settings, **options: Any) -> AsyncIterator[tuple[Worker, Publisher]]:
+    async with (
+        running_registry(settings),
+        running_worker(settings, worker_app(tasks.celery, **options)) as worker,
+        Publisher(settings) as publisher,
+    ):
+        yield worker, publisher
+
+
+@contextlib.asynccontextmanager
+async def sync_publisher(settings: Settings) -> AsyncIterator[SyncPublisher]:
+    """A ``SyncPublisher`` as sync code has one (its blocking calls off this event loop)."""
+    publisher = SyncPublisher(settings)
+    await asyncio.to_thread(publisher.start)
+    try:
+        yield publisher
+    finally:
+        await asyncio.to_thread(publisher.close)
+
+
+async def result_of(result: Any, timeout: float = 15.0) -> Any:
+    """``AsyncResult.get()`` (blocking, Celery's), off the event loop."""
+    return await asyncio.to_thread(result.get, timeout=timeout, propagate=False)
+
+
+async def dead_letters(settings: Settings) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            Names(settings.namespace).dead_letter_queue, durable=True
+        )
+        found = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            found.append(message)
+        return found
+    finally:
+        await connection.close()
+
+
+def runs_of(name: str) -> dict[str, list[int]]:
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for task, key, n, _retries, _id in tasks.ran:
+        if task == name:
+            by_key[key].append(n)
+    return by_key
+
+
+async def test_each_keys_tasks_run_one_at_a_time_in_the_order_they_were_sent(
+    settings: Settings, celery_app: Any
+) -> None:
+    """Two tasks of one key share its order (create, then delete); keys run concurrently;
+    every result reaches the backend."""
+    async with bridge(settings) as (worker, publisher):
+        sent = []
+        for n in range(20):
+            for key in KEYS:
+                task = tasks.create_comment if n % 3 else tasks.delete_comment
+                args = (key, n, 0.005) if n % 3 else (key, n)
+                sent.append(ordered(task, key, publisher=publisher).aapply_async(args))
+        results = await asyncio.gather(*sent)
+        values = await asyncio.gather(*(result_of(result) for result in results))
+    assert all(result.state == states.SUCCESS for result in results)
+    assert values == [n if n % 3 else f"deleted {n}" for n in range(20) for _ in KEYS]
+    order: dict[str, list[int]] = defaultdict(list)
+    for _task, key, n, retries, _id in tasks.ran:
+        order[key].append(n)
+        assert retries == 0
+    assert order == {key: list(range(20)) for key in KEYS}
+    by_key: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, started, finished in tasks.spans:
+        by_key[key].append((started, finished))
+    assert overlapping(by_key) == []
+    assert worker.dead_lettered == 0
+
+
+async def test_the_sync_calls_publish_through_a_sync_publisher(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``apply_async`` / ``delay`` block until confirmed, from sync code (a thread here);
+    ``OrderedTask``'s ``apply_async(key=...)`` goes the same way."""
+
+    def send(publisher: SyncPublisher) -> list[Any]:
+        first = ordered(tasks.create_comment, "post A", publisher=publisher).delay("post A", 1)
+        second = ordered(tasks.create_comment, publisher=publisher).apply_async(
+            ("post A", 2), key="post A"
+        )
+        return [first, second]
+
+    async with bridge(settings):
+        async with sync_publisher(settings) as publisher:
+            results = await asyncio.to_thread(send, publisher)
+            assert [await result_of(result) for result in results] == [1, 2]
+    assert runs_of("create") == {"post A": [1, 2]}
+
+
+async def test_an_ordered_task_base_class_sends_through_rabbitkeys_when_given_a_key(
+    settings: Settings, celery_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bridge(settings):
+        async with sync_publisher(settings) as publisher:
+            # the process's default publisher, as an application's would be
+            monkeypatch.setattr(
+                "rabbitkeys.celery._publishing.default_publisher", lambda: publisher
+            )
+            result = await asyncio.to_thread(tasks.based.apply_async, ("user/42", 7), key="user/42")
+            assert await result_of(result) == 7
+    assert runs_of("based") == {"user/42": [7]}
+
+
+async def test_self_retry_runs_the_task_again_in_place_while_its_key_waits(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``self.retry(countdown=...)``: the next attempt has ``request.retries`` one higher
+    and the key's later task runs after it, not before; past ``max_retries`` the task
+    fails and is dead-lettered with its error."""
+    async with bridge(settings) as (worker, publisher):
+        key = "post A"
+        retried = await ordered(tasks.flaky, key, publisher=publisher).adelay(key, 1, 2)
+        after = await ordered(tasks.create_comment, key, publisher=publisher).adelay(key, 2)
+        too_many = await ordered(tasks.flaky, key, publisher=publisher).adelay(key, 3, 10)
+        last = await ordered(tasks.create_comment, key, publisher=publisher).adelay(key, 4)
+        assert await result_of(retried) == [1, 2]
+        assert await result_of(last) == 4
+        await eventually(lambda: worker.dead_lettered == 1)
+    assert [(task, n, retries) for task, _key, n, retries, _id in tasks.ran] == [
+        ("flaky", 1, 0),
+        ("flaky", 1, 1),
+        ("flaky", 1, 2),
+        ("create", 2, 0),
+        ("flaky", 3, 0),
+        ("flaky", 3, 1),
+        ("flaky", 3, 2),
+        ("flaky", 3, 3),
+        ("create", 4, 0),
+    ]
+    assert after.state == states.SUCCESS
+    assert too_many.state == states.FAILURE
+    [dead] = await dead_letters(settings)
+    assert dead.headers["id"] == too_many.id
+    assert str(dead.headers["x-rabbitkeys-error"]).startswith("MaxRetriesExceededError")
+
+
+async def test_a_retry_with_other_arguments_runs_with_them(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (_worker, publisher):
+        result = await ordered(tasks.retried_with_other_args, "k", publisher=publisher).adelay(
+            "k", 0
+        )
+        assert await result_of(result) == 3
+    assert runs_of("other-args") == {"k": [0, 1, 2, 3]}
+
+
+async def test_autoretry_for_with_backoff_retries_in_order(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (_worker, publisher):
+        key = "user/42"
+        first = await ordered(tasks.autoretried, key, publisher=publisher).adelay(key, 1)
+        then = await ordered(tasks.create_comment, key, publisher=publisher).adelay(key, 2)
+        assert await result_of(first) == 2
+        assert await result_of(then) == 2
+    assert [(task, retries) for task, *_, retries, _id in tasks.ran] == [
+        ("auto", 0),
+        ("auto", 1),
+        ("auto", 2),
+        ("create", 0),
+    ]
+
+
+async def test_a_failing_task_fails_at_once_and_its_key_goes_on(
+    settings: Settings, celery_app: Any
+) -> None:
+    """A task error is not retried (Celery does not retry what the task does not): FAILURE
+    in the backend, with the exception ``get()`` raises; dead-lettered with its error."""
+    async with bridge(settings) as (worker, publisher):
+        failed = await ordered(tasks.fails, "post A", publisher=publisher).adelay("post A", 1)
+        then = await ordered(tasks.create_comment, "post A", publisher=publisher).adelay(
+            "post A", 2
+        )
+        assert await result_of(then) == 2
+        await eventually(lambda: worker.dead_lettered == 1)
+    assert failed.state == states.FAILURE
+    with pytest.raises(ValueError, match="comment 1 of post A cannot be saved"):
+        failed.get(timeout=5)
+    assert [(task, n) for task, _key, n, *_ in tasks.ran] == [("fails", 1), ("create", 2)]
+    [dead] = await dead_letters(settings)
+    assert dead.headers["x-rabbitkeys-error"] == "ValueError: comment 1 of post A cannot be saved"
+    assert dead.headers["task"] == "tests.celery.tasks.fails"
+
+
+async def test_a_failing_task_parks_its_key_when_the_bridge_parks(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings, on_failure="park") as (worker, publisher):
+        await ordered(tasks.fails, "post A", publisher=publisher).adelay("post A", 1)
+        later = await ordered(tasks.create_comment, "post A", publisher=publisher).adelay(
+            "post A", 2
+        )
+        other = await ordered(tasks.create_comment, "post B", publisher=publisher).adelay(
+            "post B", 3
+        )
+        assert await result_of(other) == 3
+        await eventually(lambda: worker.parked == 1)
+        assert later.state == states.PENDING  # waits behind the parked task
+    assert runs_of("create") == {"post B": [3]}
+
+
+async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes_on(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (worker, publisher):
+        await publisher.publish(
+            "post A",
+            b'[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
+            job_type="celery",
+            headers={"task": "proj.tasks.gone", "id": "1234", "lang": "py"},
+        )
+        await publisher.publish("post A", b"not a celery message", job_type="celery")
+        then = await ordered(tasks.create_comment, "post A", publisher=publisher).adelay(
+            "post A", 1
+        )
+        assert await result_of(then) == 1
+        await eventually(lambda: worker.dead_lettered == 2)
+    unknown, foreign = await dead_letters(settings)
+    assert str(unknown.headers["x-rabbitkeys-error"]).startswith("NotRegistered")
+    assert "proj.tasks.gone" in str(unknown.headers["x-rabbitkeys-error"])
+    assert "not a Celery task message" in str(foreign.headers["x-rabbitkeys-error"])
+
+
+async def test_time_limits_raise_inside_the_task_and_fail_it(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``soft_time_limit``: ``SoftTimeLimitExceeded`` inside the task, which may clean up
+    and return; ``time_limit``: the task fails, not retried, ``TimeLimitExceeded`` in the
+    backend, and its key goes on."""
+    async with bridge(settings) as (worker, publisher):
+        soft = await ordered(tasks.soft_limited, "a", publisher=publisher).adelay("a", 1)
+        hard = await ordered(tasks.hard_limited, "b", publisher=publisher).adelay("b", 2)
+        then = await ordered(tasks.create_comment, "b", publisher=publisher).adelay("b", 3)
+        assert await result_of(soft) == "cleaned up"
+        assert await result_of(then) == 3
+        await eventually(lambda: worker.dead_lettered == 1)
+        await eventually(lambda: hard.state == states.FAILURE)
+    assert type(hard.result).__name__ == "TimeLimitExceeded"
+    assert [task for task, *_ in tasks.ran] == ["soft", "hard", "create"] or [
+        task for task, *_ in tasks.ran
+    ] == ["hard", "soft", "create"]
+    [dead] = await dead_letters(settings)
+    assert str(dead.headers["x-rabbitkeys-error"]).startswith("JobTimeoutError")
+
+
+async def test_expired_tasks_are_revoked_and_ignore_result_stores_nothing(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (_worker, publisher):
+        expired = await ordered(tasks.create_comment, "k", publisher=publisher).aapply_async(
+            ("k", 1), expires=-1
+        )
+        quiet = await ordered(tasks.no_result, "k", publisher=publisher).adelay("k", 2)
+        then = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 3)
+        assert await result_of(then) == 3
+        assert expired.state == states.REVOKED
+        assert quiet.state == states.PENDING
+    assert [(task, n) for task, _key, n, *_ in tasks.ran] == [("no-result", 2), ("create", 3)]
+
+
+async def test_calls_a_key_cannot_honour_are_refused_before_anything_is_sent(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (worker, publisher):
+        call = ordered(tasks.create_comment, "k", publisher=publisher)
+        for option in ({"countdown": 5}, {"eta": 0}, {"queue": "q"}, {"link": None}):
+            with pytest.raises(TypeError, match="not supported by rabbitkeys"):
+                await call.aapply_async(("k", 1), **option)
+        with pytest.raises(TypeError, match="no key"):
+            await ordered(tasks.create_comment, publisher=publisher).adelay("k", 1)
+        with pytest.raises(TypeError, match="unknown apply_async options: colour"):
+            await call.aapply_async(("k", 1), colour="red")
+        with pytest.raises(TypeError, match="await"):
+            call.apply_async(("k", 1))  # an async Publisher from sync code
+        last = await call.adelay("k", 9)
+        assert await result_of(last) == 9
+    assert tasks.ran == [("create", "k", 9, 0, last.id)]
+    assert worker.dead_lettered == 0
+
+
+async def test_a_task_called_from_a_task_has_its_parent_and_root(
+    settings: Settings, celery_app: Any
+) -> None:
+    from rabbitkeys.celery._protocol import task_message
+
+    message = task_message(tasks.create_comment, ("k", 1))
+    assert message.headers["task"] == "tests.celery.tasks.create_comment"
+    assert message.headers["root_id"] == message.task_id
+    assert message.headers["parent_id"] is None
+    assert message.payload.content_type == "application/json"
+    assert message.headers["x-celery-content-encoding"] == "utf-8"
