@@ -1,0 +1,85 @@
+"""``rabbitkeys worker --celery``: a Celery app's tasks run by worker processes, as a user
+starts them, and the errors a wrong target gets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rabbitkeys import Publisher, Settings
+from rabbitkeys.celery import ordered
+from rabbitkeys.tools.cluster import _settings_env
+
+from ..cli.test_cli import rabbitkeys_cli
+from ..support import running_registry
+from . import tasks
+from .test_bridge import result_of
+
+pytestmark = pytest.mark.processes
+
+
+def test_a_celery_app_without_the_flag_is_a_clear_error() -> None:
+    result = rabbitkeys_cli("worker", "tests.celery.tasks:celery")
+    assert result.returncode == 1
+    assert "is a Celery app: run it with `rabbitkeys worker --celery`" in result.stderr
+
+
+def test_the_flag_with_something_else_than_a_celery_app_is_a_clear_error() -> None:
+    result = rabbitkeys_cli("worker", "--celery", "tests.celery.tasks:record")
+    assert result.returncode == 1
+    assert "worker_app() takes a Celery app" in result.stderr
+
+
+async def test_two_worker_processes_run_the_tasks_of_each_key_in_order(
+    settings: Settings, celery_app: Any, tmp_path: Path
+) -> None:
+    """Each key's calls, sent interleaved, come back in order from two workers (the
+    results, through Redis, carry the order each key's tasks ran in: ``create_comment``
+    returns its number); SIGTERM ends each worker with 0."""
+    env = _settings_env(settings)
+    command = [
+        sys.executable,
+        "-m",
+        "rabbitkeys",
+        "worker",
+        "--celery",
+        "tests.celery.tasks:celery",
+    ]
+    async with running_registry(settings):
+        logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+        workers = []
+        for log in logs:
+            with log.open("w") as output:
+                workers.append(
+                    await asyncio.create_subprocess_exec(
+                        *command, env={**os.environ, **env}, stderr=output
+                    )
+                )
+        try:
+            async with Publisher(settings) as publisher:
+                keys = ["post A", "user/42", "ünïcødé ✓", "x" * 900]
+                sent = [
+                    await ordered(tasks.create_comment, key, publisher=publisher).adelay(key, n)
+                    for n in range(10)
+                    for key in keys
+                ]
+                values = [await result_of(result, timeout=60) for result in sent]
+            assert values == [n for n in range(10) for _ in keys]
+            # the order each key ran in, as the workers' backend recorded it
+            done = {result.id: result.date_done for result in sent}
+            for key_index in range(len(keys)):
+                mine = [sent[n * len(keys) + key_index].id for n in range(10)]
+                assert [done[task_id] for task_id in mine] == sorted(done[t] for t in mine)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            codes = [await asyncio.wait_for(worker.wait(), 30) for worker in workers]
+    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+    # both workers joined and served the Celery job type
+    assert all("serving celery" in log.read_text() for log in logs)
