@@ -1,10 +1,11 @@
 """The examples in examples/ run as their READMEs say, against the real broker (and the local
-PostgreSQL for the worker with a pool).
+PostgreSQL for the worker with a pool, the local Redis for Flask and Celery).
 
 The examples read rabbitkeys' settings from the ``RABBITKEYS_*`` environment, as an
 application does: each test points that environment at its own namespace. Their extra
-libraries (FastAPI, httpx2, Django, asyncpg: the ``examples`` extra) are imported inside the
-tests, so that a missing one skips locally and fails under ``CI=true`` like a missing broker.
+libraries (FastAPI, httpx2, Django, asyncpg, Flask, Celery, redis-py: the ``examples``
+extra) are imported inside the tests, so that a missing one skips locally and fails under
+``CI=true`` like a missing broker.
 """
 
 from __future__ import annotations
@@ -267,6 +268,144 @@ async def test_worker_with_pool_inserts_rows_in_order_per_post(
     assert exit_codes == [0, 0]
 
 
+# --------------------------------------------------------------------------- Flask and Celery
+
+#: the Redis database of the Flask-and-Celery test: the tasks' result backend and their
+#: comment lists (not db 0, which the example uses by default)
+REDIS_URL = os.environ.get("RABBITKEYS_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+#: the example's posts: its keys are "post A" and "post B"
+POST_IDS = ["A", "B"]
+
+
+class RedisKeys:
+    """A client of :data:`REDIS_URL` and the keys a test made there (deleted at its end)."""
+
+    def __init__(self, client: Any, created: list[str]) -> None:
+        self.client = client
+        self.created = created
+
+
+@pytest.fixture
+def celery_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisKeys]:
+    """:data:`REDIS_URL` as the example's result backend (``CELERY_RESULT_BACKEND``, read
+    when its tasks module is imported) and where its comment lists go. The keys the test
+    adds to ``created`` (and the comment lists) are deleted at the end."""
+    redis = import_or_skip("redis")
+    import_or_skip("celery")
+    import_or_skip("flask")
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        skip_or_fail(f"no Redis at {REDIS_URL} (RABBITKEYS_TEST_REDIS_URL): {exc}")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", REDIS_URL)
+    keys = RedisKeys(client, [f"comments:{post_id}" for post_id in POST_IDS])
+    client.delete(*keys.created)  # left by an interrupted run
+    try:
+        yield keys
+    finally:
+        client.delete(*keys.created)
+        client.close()
+
+
+@pytest.fixture
+def own_default_publisher(settings_env: Settings) -> Iterator[Settings]:
+    """The process's default publisher (what ``ordered(...).delay()`` sends with) made anew
+    for this test, from its environment, and closed at the end (outside the test's loop)."""
+    close_default_publisher()  # one made by an earlier test publishes elsewhere
+    try:
+        yield settings_env
+    finally:
+        close_default_publisher()
+
+
+@pytest.mark.processes
+async def test_flask_celery_tasks_run_in_order_per_post_with_results_in_redis(
+    own_default_publisher: Settings, celery_redis: RedisKeys, tmp_path: Path
+) -> None:
+    from examples.flask_celery import tasks
+    from examples.flask_celery.app import app as web_app
+
+    settings = own_default_publisher
+    assert tasks.celery.conf.result_backend == REDIS_URL
+    client = web_app.test_client()
+    sent: dict[str, list[str]] = {post_id: [] for post_id in POST_IDS}
+    digests: dict[str, str] = {}
+
+    def post(url: str, **data: str) -> str:
+        response = client.post(url, data=data)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        task_id: str = response.get_json()["task_id"]
+        celery_redis.created.append(f"celery-task-meta-{task_id}")
+        return task_id
+
+    def post_comments_and_digests() -> None:
+        for n in range(1, COMMENTS + 1):
+            for post_id in POST_IDS:
+                sent[post_id].append(post(f"/posts/{post_id}/comments", text=f"comment {n}"))
+                if n == COMMENTS // 2:
+                    # a digest of the comments so far, which retries once (a second later):
+                    # the post's later comments wait for it
+                    digests[post_id] = post(f"/posts/{post_id}/digest")
+
+    def results(task_ids: list[str]) -> list[Any]:
+        return [tasks.celery.AsyncResult(task_id).get(timeout=30) for task_id in task_ids]
+
+    # the worker as its README starts it: `rabbitkeys worker --celery MODULE:ATTR`
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    log_path = tmp_path / "worker.log"
+    try:
+        async with running_registry(settings) as registry:
+            with log_path.open("wb") as log_file:
+                worker = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "rabbitkeys",
+                    "worker",
+                    "--celery",
+                    "examples.flask_celery.tasks:celery",
+                    env={
+                        **environment_for(settings),
+                        "CELERY_RESULT_BACKEND": REDIS_URL,
+                        "PYTHONPATH": python_path,
+                        f"{ENV_PREFIX}METRICS_PORT": "0",
+                    },
+                    cwd=ROOT,
+                    stderr=log_file,
+                )
+            try:
+                await eventually(lambda: len(registry._book.workers) == 1, timeout=30)
+                # the view blocks until the broker confirmed: in a thread, so that this loop
+                # runs the registry (which routes each new post to the worker)
+                await asyncio.to_thread(post_comments_and_digests)
+                comment_results = {
+                    post_id: await asyncio.to_thread(results, sent[post_id]) for post_id in POST_IDS
+                }
+                digest_results = await asyncio.to_thread(results, list(digests.values()))
+            finally:
+                exit_code = await LocalCluster.terminate(worker)
+    finally:
+        print(log_path.read_text()[-20000:])
+
+    # each post's comments were added in the order they were posted: each task's result
+    # (its position in the post's list, read back through the Redis backend) says so too
+    for post_id in POST_IDS:
+        assert celery_redis.client.lrange(f"comments:{post_id}", 0, -1) == [
+            f"comment {n}" for n in range(1, COMMENTS + 1)
+        ]
+        assert comment_results[post_id] == list(range(1, COMMENTS + 1))
+    # the digest ran again after its retry's countdown, and no later comment of its post
+    # overtook it (with plain Celery's retry, sent anew, they would have)
+    assert digest_results == [
+        {"task_id": digests[post_id], "post": post_id, "comments": COMMENTS // 2, "retries": 1}
+        for post_id in POST_IDS
+    ]
+    response = client.get(f"/tasks/{digests['A']}")
+    assert response.get_json() == {"state": "SUCCESS", "result": digest_results[0]}
+    assert exit_code == 0  # SIGTERM: the worker finished its jobs and left
+
+
 # --------------------------------------------------------------------------- testing handlers
 
 
@@ -297,6 +436,7 @@ def test_every_example_has_a_readme_naming_its_test_here() -> None:
     assert [p.name for p in folders] == [
         "django_site",
         "fastapi_app",
+        "flask_celery",
         "testing_handlers",
         "worker_with_pool",
     ]

@@ -1,0 +1,1 @@
+"""Flask and Celery: the views send with ``ordered(task, key)``; the tasks are unchanged."""
