@@ -103,7 +103,7 @@ def test_every_library_the_package_imports_is_declared() -> None:
     required = {distribution(r) for r in project["dependencies"]}
     optional = {
         distribution(r)
-        for extra in ("uvloop", "plots", "otel")  # imported only where the extra is asked for
+        for extra in ("uvloop", "plots", "otel", "celery")  # imported only where asked for
         for r in project["optional-dependencies"][extra]
     }
     providers = importlib.metadata.packages_distributions()

@@ -67,7 +67,7 @@ from aiormq.abc import DeliveredMessage
 from prometheus_client import Gauge
 
 from .._broker.amqp import sleep_unless
-from .._errors import HandlerNotFoundError, JobTimeoutError
+from .._errors import HandlerNotFoundError, JobTimeoutError, RetryJob
 from .._observe.metrics import WorkerMetrics
 from .._settings import Settings
 from .._wire.batch import BatchFormatError
@@ -637,13 +637,16 @@ class _KeyPorts:
 
     def on_retry(self, job: JobToRun, attempt: int, error: Exception, delay: float) -> None:
         key_id = self._assignment.key_id
-        log.warning(
-            "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
-            key_id,
-            attempt,
-            delay,
-            error,
-        )
+        if isinstance(error, RetryJob):  # asked for, not a failure (a Celery self.retry())
+            log.info("key %s: attempt %d asks a retry in %.2fs: %s", key_id, attempt, delay, error)
+        else:
+            log.warning(
+                "key %s: handler failed (attempt %d), retrying in %.2fs: %r",
+                key_id,
+                attempt,
+                delay,
+                error,
+            )
         self._executor.failing[key_id] = KeyFailure(
             key_id=key_id, attempts=attempt, error=error_text(error)
         )

@@ -16,6 +16,7 @@ from celery.result import AsyncResult
 
 from .._publisher.publisher import Publisher
 from .._publisher.sync import SyncPublisher, default_publisher
+from .._wire.topology import KeyRef
 from ._protocol import TaskMessage, task_message
 
 __all__ = ["JOB_TYPE", "Ordered", "OrderedTask", "ordered"]
@@ -31,7 +32,9 @@ class Ordered:
     ``apply_async`` and ``delay`` block until the broker confirmed the job (a
     :class:`~rabbitkeys.SyncPublisher`: the process's default one unless one is given);
     ``aapply_async`` and ``adelay`` are their ``async`` twins (an async
-    :class:`~rabbitkeys.Publisher` if one is given, else the sync one's ``submit``)."""
+    :class:`~rabbitkeys.Publisher` if one is given, else the sync one's ``submit``). Under
+    Celery's ``task_always_eager`` (tests) a call runs at once in the caller, as Celery's
+    own ``delay`` does then."""
 
     __slots__ = ("_job_type", "_key", "_publisher", "task")
 
@@ -70,6 +73,8 @@ class Ordered:
         ``headers``, ``shadow``; ``countdown``, ``eta``, ``queue``, links and the like
         raise ``TypeError`` (a job of a key cannot honour them)."""
         key, message = self._message(args, kwargs, key, task_id, options)
+        if self._eager:
+            return self.task.apply(args, kwargs, task_id=message.task_id)
         publisher = self._publisher
         if isinstance(publisher, Publisher):
             raise TypeError(
@@ -96,6 +101,8 @@ class Ordered:
     ) -> AsyncResult:
         """:meth:`apply_async` for ``async`` code: awaits the broker's confirm."""
         key, message = self._message(args, kwargs, key, task_id, options)
+        if self._eager:
+            return self.task.apply(args, kwargs, task_id=message.task_id)
         publisher = self._publisher
         if isinstance(publisher, Publisher):
             await publisher.publish(
@@ -120,6 +127,12 @@ class Ordered:
         """``aapply_async(args, kwargs)`` for the key given to :func:`ordered`."""
         return await self.aapply_async(args, kwargs)
 
+    @property
+    def _eager(self) -> bool:
+        """Celery's ``task_always_eager`` (tests): the call runs here, at once, as Celery
+        runs it (``task.apply``), after the same checks of its key and options."""
+        return bool(self.task._get_app().conf.task_always_eager)
+
     def _message(
         self,
         args: Sequence[Any] | None,
@@ -133,6 +146,7 @@ class Ordered:
             raise TypeError(
                 f"no key for {self.task.name}: ordered(task, key=...) or apply_async(..., key=...)"
             )
+        KeyRef.of(key, self._job_type)  # an unusable key fails here, eager or not
         return key, task_message(self.task, args, kwargs, task_id=task_id, options=options)
 
 

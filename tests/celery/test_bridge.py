@@ -14,7 +14,7 @@ import aio_pika
 import pytest
 from celery import states
 
-from rabbitkeys import Publisher, Settings, SyncPublisher, Worker
+from rabbitkeys import InvalidKeyError, Publisher, Settings, SyncPublisher, Worker
 from rabbitkeys._wire.topology import Names
 from rabbitkeys.celery import ordered, worker_app
 
@@ -325,3 +325,21 @@ async def test_a_task_called_from_a_task_has_its_parent_and_root(
     assert message.headers["parent_id"] is None
     assert message.payload.content_type == "application/json"
     assert message.headers["x-celery-content-encoding"] == "utf-8"
+
+
+def test_under_task_always_eager_a_call_runs_at_once_as_celery_runs_it(
+    celery_app: Any,
+) -> None:
+    """An application's tests that set ``task_always_eager`` keep working: nothing is
+    published (no broker here), the task runs in the caller; a bad key still fails."""
+    celery_app.conf.task_always_eager = True
+    try:
+        result = ordered(tasks.create_comment, "post A").delay("post A", 5)
+        assert result.get() == 5
+        assert tasks.ran == [("create", "post A", 5, 0, result.id)]
+        with pytest.raises(InvalidKeyError):
+            ordered(tasks.create_comment, "").delay("", 1)
+        with pytest.raises(TypeError, match="countdown"):
+            ordered(tasks.create_comment, "k").apply_async(("k", 1), countdown=1)
+    finally:
+        celery_app.conf.task_always_eager = False
