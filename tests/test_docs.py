@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 import rabbitkeys
+import rabbitkeys.celery
 import rabbitkeys.testing
 from rabbitkeys import Registry, Settings
 from rabbitkeys._settings import ENV_PREFIX
@@ -157,10 +158,11 @@ def test_the_readme_is_a_front_door_that_links_into_the_site() -> None:
 def test_the_api_reference_documents_every_public_name() -> None:
     reference = (DOCS / "reference" / "api.md").read_text()
     documented = set(
-        re.findall(r"^\.\. auto\w+:: rabbitkeys\.(?:testing\.)?(\w+)", reference, re.M)
+        re.findall(r"^\.\. auto\w+:: rabbitkeys\.(?:testing\.|celery\.)?(\w+)", reference, re.M)
     )
     assert set(rabbitkeys.__all__) - documented == set()
     assert set(rabbitkeys.testing.__all__) - documented == set()
+    assert set(rabbitkeys.celery.__all__) - documented == set()
 
 
 def test_the_link_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path: Path) -> None:

@@ -177,6 +177,13 @@ PUBLIC = {
         "JobsFailedError",
         "run_jobs",
     ],
+    "rabbitkeys.celery": [
+        "JOB_TYPE",
+        "Ordered",
+        "OrderedTask",
+        "ordered",
+        "worker_app",
+    ],
     "rabbitkeys.cli": [
         "EXIT_ERROR",
         "EXIT_OK",

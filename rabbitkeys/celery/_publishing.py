@@ -184,6 +184,8 @@ class OrderedTask(Task):
         key: str | None = None,
         **options: Any,
     ) -> AsyncResult:
+        """Celery's ``apply_async``; with ``key=``, the call goes through rabbitkeys
+        (:meth:`Ordered.apply_async`, the same options)."""
         if key is None:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
