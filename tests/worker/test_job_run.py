@@ -265,7 +265,7 @@ class CallingPorts(FakePorts):
     ) -> Failure | None:
         self.calls.append(("attempt", message.attempt))
         thread = None if route.is_async else await self.threads.take(job.job_type, job.key)
-        limit = time_limit(route, self.job_timeout)
+        limit = time_limit(route, self.job_timeout, message)
         try:
             await call_handler(
                 self.app, route, message, limit, self.deadlines, self.threads, thread

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from rabbitkeys import (
     App,
     ConfigError,
+    Context,
     JobTimeoutError,
     Message,
     Publisher,
@@ -56,12 +57,30 @@ def route(timeout: float | None) -> Route:
     return app.route("default")
 
 
+def message_with(headers: dict[str, Any] | None = None) -> Message:
+    """A job's message as a handler gets it (what a per-job limit looks at)."""
+    return Message(
+        key="post A",
+        job_type="default",
+        body=b"",
+        headers=headers or {},
+        publisher_id="p",
+        sequence=1,
+        attempt=1,
+        redelivered=False,
+        user_id=None,
+        payload=b"",
+        content_type=None,
+        context=Context(),
+    )
+
+
 # --- which limit applies: pure --------------------------------------------------------------
 
 
 def test_the_default_is_300_seconds() -> None:
     assert Settings().job_timeout == 300.0
-    assert time_limit(route(None), Settings().job_timeout) == 300.0
+    assert time_limit(route(None), Settings().job_timeout, message_with()) == 300.0
 
 
 @given(
@@ -71,9 +90,23 @@ def test_the_default_is_300_seconds() -> None:
 def test_the_job_types_own_limit_beats_the_setting_and_0_is_no_limit(
     own: float | None, setting: float
 ) -> None:
-    limit = time_limit(route(own), setting)
+    limit = time_limit(route(own), setting, message_with())
     chosen = setting if own is None else own
     assert limit == (chosen if chosen > 0 else None)
+
+
+def test_a_job_types_limit_can_be_each_jobs_own() -> None:
+    """``timeout=`` a function of the message (the Celery bridge: each task's
+    ``time_limit``); None from it is the setting, 0 no limit."""
+    app = App()
+
+    @app.handler(timeout=lambda message: message.headers.get("limit"))
+    async def handler(message: Message) -> None: ...
+
+    per_job = app.route("default")
+    assert time_limit(per_job, 300.0, message_with({"limit": 2.5})) == 2.5
+    assert time_limit(per_job, 300.0, message_with()) == 300.0
+    assert time_limit(per_job, 300.0, message_with({"limit": 0})) is None
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, math.nan, math.inf, "5", True])
