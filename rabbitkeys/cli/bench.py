@@ -112,18 +112,68 @@ def add_parser(commands: Any) -> None:
         help="the cluster's ports: AMQP base+1..3, management base+10001..3, distribution "
         "base+20001..3 (default 5740)",
     )
+    celery = bench.add_argument_group(
+        "--celery",
+        "instead: the same Celery task, keys and handler time (--work-ms) on plain Celery "
+        "and on the Celery bridge (rabbitkeys worker --celery), --workers worker processes "
+        "each, on the local broker: order violations per 10,000 jobs, jobs/s, worker and "
+        "broker CPU per job, bridge / Celery (needs celery and redis-py, and a Redis)",
+    )
+    celery.add_argument("--celery", action="store_true", help="run the Celery comparison instead")
+    celery.add_argument("--keys", type=int, default=100, help="(default 100)")
+    celery.add_argument(
+        "--jobs-per-key", type=int, default=100, help="published interleaved (default 100)"
+    )
+    celery.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="jobs of a key published one after another before the next key's (default 1: "
+        "job 0 of every key, then job 1 of every key...)",
+    )
+    celery.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help="tasks each worker process runs at once, on both sides: plain Celery's "
+        "--concurrency, the bridge's RABBITKEYS_SYNC_HANDLER_THREADS (default 8)",
+    )
+    celery.add_argument(
+        "--celery-pool",
+        choices=("threads", "solo"),
+        default="threads",
+        help="plain Celery's pool (default threads; solo: one task at a time a process, "
+        "and the bridge's workers one at a time too)",
+    )
+    celery.add_argument(
+        "--celery-acks",
+        choices=("late", "early"),
+        default="late",
+        help="plain Celery's acks: late (after the task, as the bridge; default) or early "
+        "(on receipt, Celery's default)",
+    )
+    celery.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/7",
+        metavar="URL",
+        help="where the tasks record their runs (default redis://127.0.0.1:6379/7; the "
+        "run's lists are deleted at the end)",
+    )
     bench.set_defaults(handler=_bench)
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    if (args.broker or args.rounds != 1) and (args.scale or args.cluster):
+    if (args.broker or args.rounds != 1) and (args.scale or args.cluster or args.celery):
         print(
-            "rabbitkeys: --broker and --rounds are not with --scale or --cluster", file=sys.stderr
+            "rabbitkeys: --broker and --rounds are not with --scale, --cluster or --celery",
+            file=sys.stderr,
         )
         return EXIT_USAGE
     if args.rounds < 1:
         print("rabbitkeys: --rounds must be 1 or more", file=sys.stderr)
         return EXIT_USAGE
+    if args.celery:
+        return await _bench_celery(settings, args)
     if args.scale:
         return await _bench_scale(settings, args)
     if args.cluster:
@@ -254,5 +304,49 @@ async def _bench_cluster(settings: Settings, args: argparse.Namespace) -> int:
         "new keys), durable queues, persistent messages; classic then quorum key queues, "
         "each run in a vhost of its own\n"
     )
+    print(comparison.markdown())
+    return EXIT_OK
+
+
+async def _bench_celery(settings: Settings, args: argparse.Namespace) -> int:
+    from ..tools.bench import machine_description
+    from ..tools.bench.brokers import rabbitmq_version
+
+    try:
+        from ..tools.bench.celery_side_by_side import CeleryPlan, run_celery_side_by_side
+    except ImportError as exc:
+        print(f"rabbitkeys: bench --celery needs Celery: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if min(args.keys, args.jobs_per_key, args.workers, args.threads, args.burst) < 1:
+        print(
+            "rabbitkeys: --keys, --jobs-per-key, --workers, --threads, --burst: 1 or more",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.transient:
+        print(
+            "rabbitkeys: --celery compares durable queues and persistent messages (Celery's "
+            "default): not with --transient",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    plan = CeleryPlan(
+        keys=args.keys,
+        jobs_per_key=args.jobs_per_key,
+        workers=args.workers,
+        work_ms=args.work_ms,
+        threads=args.threads,
+        pool=args.celery_pool,
+        acks_late=args.celery_acks == "late",
+        redis_url=args.redis,
+        burst=args.burst,
+    )
+    try:
+        comparison = await run_celery_side_by_side(settings, plan)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"rabbitkeys: bench --celery failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"Machine: {machine_description({'local': rabbitmq_version(settings)})}")
+    print(f"{comparison.conditions()}\n")
     print(comparison.markdown())
     return EXIT_OK

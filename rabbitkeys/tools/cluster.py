@@ -87,9 +87,10 @@ class LocalCluster:
         return process
 
     async def start_worker(
-        self, target: str, *, metrics_port: int = 0
+        self, target: str, *, metrics_port: int = 0, options: tuple[str, ...] = ()
     ) -> asyncio.subprocess.Process:
-        process = await self._spawn("worker", target, metrics_port=metrics_port)
+        """``options``: of ``rabbitkeys worker``, before the target (e.g. ``("--celery",)``)."""
+        process = await self._spawn("worker", *options, target, metrics_port=metrics_port)
         self.workers.append(process)
         return process
 
