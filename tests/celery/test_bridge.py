@@ -14,7 +14,14 @@ import aio_pika
 import pytest
 from celery import states
 
-from rabbitkeys import InvalidKeyError, Publisher, Settings, SyncPublisher, Worker
+from rabbitkeys import (
+    InvalidKeyError,
+    Publisher,
+    RegistryUnavailableError,
+    Settings,
+    SyncPublisher,
+    Worker,
+)
 from rabbitkeys._wire.topology import Names
 from rabbitkeys.celery import ordered, worker_app
 
@@ -343,3 +350,20 @@ def test_under_task_always_eager_a_call_runs_at_once_as_celery_runs_it(
             ordered(tasks.create_comment, "k").apply_async(("k", 1), countdown=1)
     finally:
         celery_app.conf.task_always_eager = False
+
+
+async def test_a_call_that_cannot_be_sent_raises_what_publish_raises_and_runs_nothing(
+    settings: Settings, celery_app: Any
+) -> None:
+    """Arguments the task's serializer cannot carry: kombu's ``EncodeError``, as Celery
+    raises it; no registry to route a new key: ``RegistryUnavailableError`` (a
+    ``PublishError``: never sent, safe to send again)."""
+    from kombu.exceptions import EncodeError
+
+    hurried = settings.model_copy(update={"ensure_timeout": 0.5})
+    async with Publisher(hurried) as publisher:
+        with pytest.raises(EncodeError):
+            await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", object())
+        with pytest.raises(RegistryUnavailableError):
+            await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 1)
+    assert tasks.ran == []
