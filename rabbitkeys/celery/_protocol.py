@@ -41,7 +41,12 @@ REFUSED_OPTIONS = {
     "chain": "chains are not supported: call the next task from the task",
     "chord": "chords are not supported",
     "group_id": "groups are not supported",
+    "compression": "a job's body travels as the serializer made it",
 }
+
+#: ``apply_async`` options Celery users pass out of habit, with nothing to do here: the
+#: publish is retried until ``RABBITKEYS_PUBLISH_TIMEOUT`` (``timeout=``) whatever they say
+IGNORED_OPTIONS = ("retry", "retry_policy", "producer", "connection", "add_to_parent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ def task_message(
     Raises ``TypeError`` for an option a job of a key cannot honour (:data:`REFUSED_OPTIONS`)
     and kombu's ``EncodeError`` for arguments the serializer cannot carry."""
     options = dict(options or {})
+    for name in IGNORED_OPTIONS:
+        options.pop(name, None)
     for name in options:
         if name in REFUSED_OPTIONS:
             raise TypeError(f"{name}= is not supported by rabbitkeys: {REFUSED_OPTIONS[name]}")
@@ -88,7 +95,7 @@ def task_message(
         task.name,
         args,
         kwargs,
-        expires=_expires(options.pop("expires", None)),
+        expires=_expires(options.pop("expires", task.expires)),
         time_limit=time_limit if time_limit is not None else task.time_limit,
         soft_time_limit=soft_time_limit if soft_time_limit is not None else task.soft_time_limit,
         root_id=root_id,

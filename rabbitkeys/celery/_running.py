@@ -3,55 +3,67 @@
 task in the worker's thread pool through Celery's own tracer (``celery.app.trace``): the
 request context (``self.request``), the signals (``task_prerun``, ``task_success``...),
 ``on_success`` / ``on_failure`` / ``after_return``, and the result backend's states, as a
-Celery worker gives them.
+Celery worker gives them. The worker starts as a Celery worker does: Celery's worker setup
+(``setup_worker_optimizations``: the app current in every thread), the ``worker_init`` and
+``worker_process_init`` signals (Django's fixup closes stale database connections on them).
 
 What Celery does by publishing again, the bridge does in place, so that nothing overtakes:
 
 - ``self.retry(countdown=...)`` (and ``autoretry_for``, ``retry_backoff``): the task's
   retry is caught before it reaches Celery's broker, and the job is tried again after the
   countdown (:class:`~rabbitkeys.RetryJob`) while its key waits; ``max_retries`` is
-  Celery's, counted from ``self.request.retries``.
+  Celery's, counted from ``self.request.retries``. A delivery is held at most
+  :data:`RETRY_WINDOW` through its retries (RabbitMQ's ``consumer_timeout`` is 30
+  minutes): a retry that would hold it longer fails the task.
 - a task that fails (its last retry, or an error it does not retry) ends its job at once
   (:class:`~rabbitkeys.FailJob`): dead-lettered or its key parked, per ``on_failure``.
-- ``time_limit``: the job's rabbitkeys time limit (``RABBITKEYS_JOB_TIMEOUT`` when the task
-  sets none), past which the job fails at once, as a Celery task past its hard limit does
-  (no retry); at Celery's ``time_limit`` ``TimeLimitExceeded`` is raised inside the task,
-  and at ``soft_time_limit`` ``SoftTimeLimitExceeded``, as Celery does, when Python next
-  runs the task's own code (a thread cannot be killed: one blocked in C runs on until it
-  returns, and its key waits for it).
+- time limits (:mod:`._time_limits`): ``SoftTimeLimitExceeded`` at ``soft_time_limit``
+  and ``TimeLimitExceeded`` at ``time_limit`` raised inside the task; a task past its hard
+  limit fails, whatever it did with the exception (no retry), as in Celery. The worker's
+  own deadline for the job is the hard limit plus :data:`GRACE` (the task's outcome comes
+  first), or ``RABBITKEYS_JOB_TIMEOUT`` for a task with no limit, at which the task gets
+  ``TimeLimitExceeded`` too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import asyncio
 import datetime
 import logging
+import os
 import socket
 import threading
-from collections.abc import Iterator
+import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.app.task import Context
-from celery.app.trace import build_tracer
-from celery.exceptions import (
-    NotRegistered,
-    Reject,
-    Retry,
-    SoftTimeLimitExceeded,
-    TimeLimitExceeded,
-)
+from celery.app.trace import build_tracer, reset_worker_optimizations, setup_worker_optimizations
+from celery.exceptions import NotRegistered, Reject, Retry, TimeLimitExceeded
 from celery.states import FAILURE, REJECTED, RETRY
 
 from .._errors import ConfigError, FailJob, JobTimeoutError, RetryJob
 from .._worker.app import App, CallNext, Message, OnFailure
-from ._protocol import read_job
+from ._protocol import CeleryJob, read_job
 from ._publishing import JOB_TYPE
+from ._time_limits import TaskRun, current_run, in_body
 
-__all__ = ["worker_app"]
+__all__ = ["GRACE", "RETRY_WINDOW", "RetryWindowExceededError", "worker_app"]
 
 log = logging.getLogger("rabbitkeys.celery")
+
+#: seconds past a task's hard ``time_limit`` before the worker gives up on the job itself:
+#: the exception raised in the task at the limit decides first
+GRACE = 5.0
+
+#: the longest a delivery is held through in-place retries: under RabbitMQ's default
+#: ``consumer_timeout`` (30 minutes), past which a broker before 4.3 closes the channel of
+#: the worker that holds it (and every key of that worker starts over)
+RETRY_WINDOW = 25 * 60.0
+
+
+class RetryWindowExceededError(Exception):
+    """A task's retry would have held its job past :data:`RETRY_WINDOW`: the task failed."""
 
 
 def worker_app(
@@ -67,16 +79,9 @@ def worker_app(
     app = App()
     app.add_handler(job_type, runner.run, on_failure=on_failure, timeout=runner.time_limit)
     app.on_startup(runner.start)
-    app.middleware(_time_limit_fails_the_task)
+    app.on_shutdown(runner.stop)
+    app.middleware(runner.past_the_deadline)
     return app
-
-
-async def _time_limit_fails_the_task(message: Message[Any], call_next: CallNext) -> Any:
-    """A task past its time limit fails, as in Celery: no retry."""
-    try:
-        return await call_next(message)
-    except JobTimeoutError as exc:
-        raise FailJob(f"task {message.headers.get('task')} ran past its time limit") from exc
 
 
 class _TaskRunner:
@@ -87,38 +92,74 @@ class _TaskRunner:
         self.hostname = f"rabbitkeys@{socket.gethostname()}"
         self._tracers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        #: a retry's arguments (``self.retry(args=...)``) by (task id, attempt), until that
-        #: attempt takes them (a redelivery starts from the message's own)
-        self._pending_retries: dict[tuple[str, int], tuple[Any, Any]] = {}
+        #: the sender of ``worker_init`` / ``worker_shutdown``, in Celery its worker
+        self._as_worker = _WorkerSender(celery_app, self.hostname)
+        #: the runs going on, by task id: what the worker's deadline stops
+        self._runs: dict[str, TaskRun] = {}
+        #: a retry's arguments (``self.retry(args=...)``) and when the delivery's first
+        #: attempt began, by task id, until the job ends (a redelivery starts afresh)
+        self._retrying: dict[str, tuple[float, Any, Any]] = {}
+
+    # --- the worker's life ---------------------------------------------------------------
 
     def start(self, context: Any) -> None:
-        """Load the app's tasks as a Celery worker would (``imports``, ``include``,
-        ``autodiscover_tasks()``) and make each task's retry come back here."""
+        """Start as a Celery worker does: its setup, the app's tasks loaded (``imports``,
+        ``include``, ``autodiscover_tasks()``), ``worker_init`` and
+        ``worker_process_init``."""
+        setup_worker_optimizations(self.celery, self.hostname)
         self.celery.loader.init_worker()
         self.celery.finalize(auto=True)
         for task in self.celery.tasks.values():
-            self._catch_retries(task)
+            _instrument(task)
+        signals.worker_init.send(sender=self._as_worker)
+        signals.worker_process_init.send(sender=None)
 
-    # --- limits ------------------------------------------------------------------------
+    def stop(self, context: Any) -> None:
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+        signals.worker_shutdown.send(sender=self._as_worker)
+        reset_worker_optimizations(self.celery)
+
+    # --- limits --------------------------------------------------------------------------
 
     def time_limit(self, message: Message[Any]) -> float | None:
-        """The job's rabbitkeys time limit: the task's hard ``time_limit`` (the message's,
-        else the task's, else ``task_time_limit``); None (``RABBITKEYS_JOB_TIMEOUT``) when
-        Celery sets none."""
+        """The worker's deadline for the job: the task's hard limit plus :data:`GRACE`,
+        None (``RABBITKEYS_JOB_TIMEOUT``) for a task with none."""
         task = self.celery.tasks.get(str(message.headers.get("task")))
-        return self._limit(task, message, 0)
+        hard = self._limit(task, message, 0)
+        return hard + GRACE if hard is not None else None
 
     def _limit(self, task: Task | None, message: Message[Any], which: int) -> float | None:
-        """The task's hard (``which`` 0) or soft (1) time limit in seconds, None if none."""
-        limit = _limits(message)[which]
+        """The task's hard (``which`` 0) or soft (1) time limit in seconds, None if none:
+        the message's, else the task's, else the app's ``task_time_limit`` /
+        ``task_soft_time_limit``."""
+        limits = message.headers.get("timelimit") or (None, None)
+        limit = limits[which]
         if limit is None and task is not None:
             limit = task.time_limit if which == 0 else task.soft_time_limit
         if limit is None:
             conf = self.celery.conf
             limit = conf.task_time_limit if which == 0 else conf.task_soft_time_limit
-        return float(limit) if limit else None
+        # AMQP carries a float in 32 bits: 0.3 comes back as 0.30000001192...
+        return round(float(limit), 3) if limit else None
 
-    # --- running -----------------------------------------------------------------------
+    async def past_the_deadline(self, message: Message[Any], call_next: CallNext) -> Any:
+        """Middleware: at the worker's deadline the task gets ``TimeLimitExceeded`` (its
+        thread runs on until it returns to Python code) and its job fails, not retried,
+        ``FAILURE`` in the result backend, as a task past Celery's hard limit."""
+        try:
+            return await call_next(message)
+        except JobTimeoutError as exc:
+            task_id = str(message.headers.get("id"))
+            run = self._runs.get(task_id)
+            if run is not None:
+                run.exceed(TimeLimitExceeded)
+            task = self.celery.tasks.get(str(message.headers.get("task")))
+            if task is not None:
+                error = TimeLimitExceeded(exc.limit)
+                await asyncio.to_thread(task.backend.mark_as_failure, task_id, error)
+            raise FailJob(f"task {message.headers.get('task')} ran past its time limit") from exc
+
+    # --- running -------------------------------------------------------------------------
 
     def run(self, message: Message) -> None:
         """The handler: run the job's task; raise what tells rabbitkeys what follows."""
@@ -128,47 +169,63 @@ class _TaskRunner:
             raise FailJob(f"unknown task {job.name}") from NotRegistered(
                 f"{job.name} (not a task of this worker's Celery app)"
             )
+        _instrument(task)
+        started, args, kwargs = self._retrying.pop(job.task_id, (None, job.args, job.kwargs))
+        if message.attempt == 1 or started is None:  # a new delivery: its own arguments
+            started, args, kwargs = time.monotonic(), job.args, job.kwargs
         if job.expired():
             log.info("task %s[%s] expired at %s: revoked", job.name, job.task_id, job.expires)
-            task.backend.mark_as_revoked(job.task_id, "expired", request=_request(job.request))
+            task.backend.mark_as_revoked(job.task_id, "expired", request=Context(job.request))
             return
-        request = dict(job.request)
-        # a retry's count goes on from the message's; its arguments are its call's
-        request["retries"] = job.retries + message.attempt - 1
-        args, kwargs = self._pending_retries.pop(
-            (job.task_id, message.attempt), (job.args, job.kwargs)
-        )
-        request["args"], request["kwargs"] = list(args), dict(kwargs)
-        _running.job = job.task_id
-        traced = None
+        request = {
+            **job.request,
+            # a retry's count goes on from the message's
+            "retries": job.retries + message.attempt - 1,
+            "args": list(args),
+            "kwargs": dict(kwargs),
+            "hostname": self.hostname,
+        }
+        run = TaskRun(job.task_id, self._limit(task, message, 1), self._limit(task, message, 0))
+        self._runs[job.task_id] = run
         try:
-            with (
-                _raise_after(self._limit(task, message, 1), SoftTimeLimitExceeded),
-                _raise_after(self._limit(task, message, 0), TimeLimitExceeded),
-            ):
+            with run:
                 traced = self._tracer(task)(job.task_id, list(args), dict(kwargs), request)
-        except (SoftTimeLimitExceeded, TimeLimitExceeded):
-            if traced is None:
-                raise
-            # it came as the task ended, outside it: the task's outcome stands
-        except Reject as exc:
-            if exc.requeue:
-                raise RuntimeError(f"task {job.name} rejected, to be requeued: {exc}") from exc
-            raise FailJob(f"task {job.name} rejected") from exc
         finally:
-            _running.job = None
+            self._runs.pop(job.task_id, None)
         info = traced.info
+        if run.timed_out:  # past the hard limit: failed, whatever the task made of it
+            error = TimeLimitExceeded(self._limit(task, message, 0))
+            task.backend.mark_as_failure(job.task_id, error, request=Context(request))
+            raise FailJob(f"task {job.name} ran past its time limit") from error
         if info is None or info.state not in (RETRY, FAILURE, REJECTED):
             return  # done (or ignored: ``raise Ignore()``)
         if info.state == RETRY:
-            reason: Retry = info.retval
-            if reason.sig is not None:
-                self._pending_retries[(job.task_id, message.attempt + 1)] = (
-                    tuple(reason.sig.args),
-                    dict(reason.sig.kwargs),
-                )
-            raise RetryJob(_seconds_until(reason.when), f"task {job.name} retry: {reason}")
+            self._retry(task, job, info.retval, started, request)
+        if info.state == REJECTED and isinstance(info.retval, Reject) and info.retval.requeue:
+            # Celery puts it back in its queue: here it stays at its key's head, retried
+            # with the worker's backoff (RABBITKEYS_MAX_RETRIES)
+            raise RuntimeError(f"task {job.name} rejected, to be requeued: {info.retval}")
         raise FailJob(f"task {job.name} failed") from info.retval
+
+    def _retry(
+        self, task: Task, job: CeleryJob, reason: Retry, started: float, request: dict[str, Any]
+    ) -> None:
+        """Raise the :class:`~rabbitkeys.RetryJob` of a task's ``Retry``; or fail the task
+        if the retry would hold its job past :data:`RETRY_WINDOW`."""
+        delay = _seconds_until(reason.when)
+        held = time.monotonic() - started
+        if held + delay > RETRY_WINDOW:
+            error = RetryWindowExceededError(
+                f"a retry in {delay:g} s would hold the job {held + delay:.0f} s through its "
+                f"retries, past {RETRY_WINDOW:.0f} s (RabbitMQ's consumer_timeout is 30 min)"
+            )
+            task.backend.mark_as_failure(job.task_id, error, request=Context(request))
+            raise FailJob(f"task {job.name} failed") from error
+        args, kwargs = job.args, job.kwargs
+        if reason.sig is not None:  # self.retry(args=..., kwargs=...): the next attempt's
+            args, kwargs = tuple(reason.sig.args), dict(reason.sig.kwargs)
+        self._retrying[job.task_id] = (started, args, kwargs)
+        raise RetryJob(delay, f"task {job.name} retry: {reason}")
 
     def _tracer(self, task: Task) -> Any:
         tracer = self._tracers.get(task.name)
@@ -182,39 +239,46 @@ class _TaskRunner:
                     self._tracers[task.name] = tracer
         return tracer
 
-    # --- retries -----------------------------------------------------------------------
 
-    def _catch_retries(self, task: Task) -> None:
-        """``self.retry()`` publishes the task again (``S.apply_async()``) before raising
-        ``Retry``: for the job this thread runs, that send is dropped, and the job runs again
-        in place (:meth:`run`). Every other send (a task that calls another) goes to Celery.
-        Once per task, whichever runner comes first: the job a thread runs is one for all."""
+class _WorkerSender:
+    """What a receiver of ``worker_init`` / ``worker_shutdown`` reads of Celery's worker
+    (the signal's sender): the app and the host name."""
+
+    __slots__ = ("app", "hostname")
+
+    def __init__(self, app: Celery, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+
+
+def _instrument(task: Task) -> None:
+    """Once per task, before its tracer is built (it binds ``task.run``): mark its body for
+    the time limits (:func:`~._time_limits.in_body`), and catch its retries.
+
+    ``self.retry()`` publishes the task again (``S.apply_async()``) before raising
+    ``Retry``: for the job this thread runs, that send is dropped, and the job runs again in
+    place (:meth:`_TaskRunner.run`). Every other send (a task that calls another) goes on to
+    Celery. A task registered after the worker started is instrumented at its first job."""
+    with _instrumenting:
         if "_rabbitkeys_send" in task.__dict__:
             return
-        send = task._rabbitkeys_send = task.apply_async
+        send = task.apply_async
 
         def apply_async(
             args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any
         ) -> Any:
-            if task_id is not None and task_id == getattr(_running, "job", None):
-                if "retries" in options:
-                    return task.AsyncResult(task_id)
+            run = current_run()
+            if run is not None and task_id == run.task_id and "retries" in options:
+                return task.AsyncResult(task_id)
             return send(args, kwargs, task_id, **options)
 
+        task.run = in_body(task.run)
         task.apply_async = apply_async
+        task._rabbitkeys_send = send
 
 
-#: per thread: the task id of the job it runs, while its task may call ``self.retry()``
-_running = threading.local()
-
-
-def _limits(message: Message[Any]) -> tuple[float | None, float | None]:
-    limits = message.headers.get("timelimit") or (None, None)
-    return limits[0], limits[1]
-
-
-def _request(fields: dict[str, Any]) -> Context:
-    return Context(fields)
+#: one thread instruments a task (the first jobs of a task may come on two threads at once)
+_instrumenting = threading.Lock()
 
 
 def _seconds_until(when: Any) -> float:
@@ -224,37 +288,6 @@ def _seconds_until(when: Any) -> float:
     if isinstance(when, datetime.datetime):
         if when.tzinfo is None:
             when = when.replace(tzinfo=datetime.UTC)
-        return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())  # type: ignore[no-any-return]
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+        return max(0.0, float(seconds))
     return max(0.0, float(when))
-
-
-@contextlib.contextmanager
-def _raise_after(seconds: float | None, error: type[BaseException]) -> Iterator[None]:
-    """Raise ``error`` in this thread after ``seconds``, as Celery's time limits do (Python
-    delivers it when the thread next runs Python code: a call blocked in C, a
-    ``time.sleep`` or a socket read, gets it when it returns)."""
-    if not seconds:
-        yield
-        return
-    thread_id = threading.get_ident()
-    lock = threading.Lock()
-    state = {"running": True}
-
-    def expire() -> None:
-        with lock:
-            if state["running"]:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread_id), ctypes.py_object(error)
-                )
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        with lock:
-            state["running"] = False
-            timer.cancel()
-            # an exception set but not yet raised is withdrawn
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)

@@ -23,8 +23,9 @@ def add_parser(commands: Any) -> None:
     worker.add_argument(
         "--celery",
         action="store_true",
-        help="MODULE:ATTR is a Celery app: run its tasks, one job at a time per key, in the "
-        "order they were sent with rabbitkeys.celery.ordered (needs rabbitkeys[celery])",
+        help="MODULE:ATTR is a Celery app (or MODULE, found as `celery -A MODULE` finds "
+        "it): run its tasks, one job at a time per key, in the order they were sent with "
+        "rabbitkeys.celery.ordered (needs rabbitkeys[celery])",
     )
     worker.add_argument("--id", dest="worker_id", help="worker id (default: random)")
     worker.set_defaults(handler=_worker)
@@ -36,14 +37,13 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.celery:
         from .._errors import ConfigError
-        from .._worker.app import load_object
 
         try:
             from ..celery import worker_app
         except ImportError as exc:
             raise ConfigError(str(exc)) from None
 
-        app = worker_app(load_object(args.target, "a Celery app"))
+        app = worker_app(_celery_app(args.target))
     else:
         app = load_app(args.target)
     worker = Worker(app, settings, worker_id=args.worker_id)
@@ -51,3 +51,20 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     async with metrics_endpoint(settings, lambda: worker.ready):
         await worker.run()
     return EXIT_OK
+
+
+def _celery_app(target: str) -> Any:
+    """``MODULE:ATTR``, or as Celery's ``-A MODULE`` finds it: ``MODULE:app``,
+    ``MODULE:celery``, ``MODULE.celery:app``."""
+    from .._errors import ConfigError
+    from .._worker.app import load_object
+
+    if ":" in target:
+        return load_object(target, "a Celery app")
+    tried = []
+    for module, attribute in ((target, "app"), (target, "celery"), (f"{target}.celery", "app")):
+        try:
+            return load_object(f"{module}:{attribute}", "a Celery app")
+        except ConfigError as exc:
+            tried.append(str(exc))
+    raise ConfigError(f"no Celery app in {target!r}: " + "; ".join(tried))

@@ -115,3 +115,56 @@ def no_result(self: Any, key: str, n: int) -> int:
 def based(self: Any, key: str, n: int) -> int:
     record("based", key, n, self.request)
     return n
+
+
+class AppContextTask(celery.Task):  # type: ignore[name-defined,misc]
+    """Flask's and Django's pattern: a base class whose ``__call__`` wraps the task in a
+    context and calls ``super().__call__``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        context.append("entered")
+        return super().__call__(*args, **kwargs)
+
+
+#: what AppContextTask's __call__ saw
+context: list[str] = []
+
+
+@celery.task(bind=True, base=AppContextTask, max_retries=2)
+def in_context(self: Any, key: str, n: int) -> list[Any]:
+    from celery import current_app
+
+    record("context", key, n, self.request)
+    if self.request.retries < 1:
+        raise self.retry(countdown=0)
+    return [self.request.id, self.request.retries, current_app.main]
+
+
+@celery.task(bind=True, time_limit=0.3, autoretry_for=(Exception,), max_retries=3)
+def hard_limited_autoretry(self: Any, key: str, n: int) -> str:
+    record("hard-auto", key, n, self.request)
+    while True:
+        time.sleep(0.01)
+
+
+@celery.task(bind=True)
+def no_limit_sleeper(self: Any, key: str, n: int) -> str:
+    record("sleeper", key, n, self.request)
+    while True:
+        time.sleep(0.01)
+
+
+@celery.task(bind=True, max_retries=10)
+def long_retries(self: Any, key: str, n: int) -> None:
+    record("long", key, n, self.request)
+    raise self.retry(countdown=0.2)
+
+
+@celery.task(bind=True)
+def rejects(self: Any, key: str, n: int) -> int:
+    from celery.exceptions import Reject
+
+    record("rejects", key, n, self.request)
+    if self.request.retries == 0:
+        raise Reject("not now", requeue=True)
+    return n

@@ -283,7 +283,7 @@ async def test_time_limits_raise_inside_the_task_and_fail_it(
         task for task, *_ in tasks.ran
     ] == ["hard", "soft", "create"]
     [dead] = await dead_letters(settings)
-    assert str(dead.headers["x-rabbitkeys-error"]).startswith("JobTimeoutError")
+    assert dead.headers["x-rabbitkeys-error"] == "TimeLimitExceeded: TimeLimitExceeded(0.3,)"
 
 
 async def test_expired_tasks_are_revoked_and_ignore_result_stores_nothing(
@@ -306,7 +306,14 @@ async def test_calls_a_key_cannot_honour_are_refused_before_anything_is_sent(
 ) -> None:
     async with bridge(settings) as (worker, publisher):
         call = ordered(tasks.create_comment, "k", publisher=publisher)
-        for option in ({"countdown": 5}, {"eta": 0}, {"queue": "q"}, {"link": None}):
+        refused = (
+            {"countdown": 5},
+            {"eta": 0},
+            {"queue": "q"},
+            {"link": None},
+            {"compression": "zlib"},
+        )
+        for option in refused:
             with pytest.raises(TypeError, match="not supported by rabbitkeys"):
                 await call.aapply_async(("k", 1), **option)
         with pytest.raises(TypeError, match="no key"):
@@ -315,7 +322,8 @@ async def test_calls_a_key_cannot_honour_are_refused_before_anything_is_sent(
             await call.aapply_async(("k", 1), colour="red")
         with pytest.raises(TypeError, match="await"):
             call.apply_async(("k", 1))  # an async Publisher from sync code
-        last = await call.adelay("k", 9)
+        # what Celery users pass out of habit is taken, with nothing to do
+        last = await call.aapply_async(("k", 9), retry=True, retry_policy={"max_retries": 3})
         assert await result_of(last) == 9
     assert tasks.ran == [("create", "k", 9, 0, last.id)]
     assert worker.dead_lettered == 0
@@ -367,3 +375,140 @@ async def test_a_call_that_cannot_be_sent_raises_what_publish_raises_and_runs_no
         with pytest.raises(RegistryUnavailableError):
             await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 1)
     assert tasks.ran == []
+
+
+async def test_a_base_class_calling_super_call_keeps_the_request_and_the_app(
+    settings: Settings, celery_app: Any
+) -> None:
+    """Flask's app-context ``Task.__call__`` calling ``super().__call__``: the task still
+    sees its request (id, retries) and its app as ``current_app``, as in a Celery worker,
+    and its retry still runs in place."""
+    tasks.context.clear()
+    async with bridge(settings) as (_worker, publisher):
+        result = await ordered(tasks.in_context, "k", publisher=publisher).adelay("k", 1)
+        assert await result_of(result) == [result.id, 1, "bridge-tests"]
+    assert tasks.context == ["entered", "entered"]
+    assert [(task, retries) for task, _key, _n, retries, _id in tasks.ran] == [
+        ("context", 0),
+        ("context", 1),
+    ]
+
+
+async def test_a_task_past_its_hard_limit_fails_even_if_it_retries_on_every_error(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``autoretry_for=(Exception,)`` catches the ``TimeLimitExceeded`` raised in it; the
+    task failed all the same (Celery kills it): ``FAILURE``, dead-lettered, run once."""
+    async with bridge(settings) as (worker, publisher):
+        hard = await ordered(tasks.hard_limited_autoretry, "k", publisher=publisher).adelay("k", 1)
+        then = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 2)
+        assert await result_of(then) == 2
+        await eventually(lambda: worker.dead_lettered == 1)
+    assert hard.state == states.FAILURE
+    assert type(hard.result).__name__ == "TimeLimitExceeded"
+    assert [task for task, *_ in tasks.ran] == ["hard-auto", "create"]
+
+
+async def test_a_task_without_limit_gets_the_workers_and_fails_at_it(
+    settings: Settings, celery_app: Any
+) -> None:
+    """No ``time_limit``: ``RABBITKEYS_JOB_TIMEOUT`` is the limit; the task gets
+    ``TimeLimitExceeded`` at it, the job fails (no retry) and the backend says why."""
+    quick = settings.model_copy(update={"job_timeout": 0.5})
+    async with bridge(quick) as (worker, publisher):
+        sleeper = await ordered(tasks.no_limit_sleeper, "k", publisher=publisher).adelay("k", 1)
+        then = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 2)
+        assert await result_of(then) == 2
+        await eventually(lambda: worker.dead_lettered == 1)
+        await eventually(lambda: sleeper.state == states.FAILURE)
+    assert type(sleeper.result).__name__ == "TimeLimitExceeded"
+    assert [task for task, *_ in tasks.ran] == ["sleeper", "create"]
+
+
+async def test_retries_that_would_hold_a_job_too_long_fail_it(
+    settings: Settings, celery_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery is held through its in-place retries at most ``RETRY_WINDOW`` (25 min,
+    under RabbitMQ's 30-minute consumer_timeout; 1 s here): the retry past it fails."""
+    from rabbitkeys.celery import _running
+
+    monkeypatch.setattr(_running, "RETRY_WINDOW", 1.0)
+    async with bridge(settings) as (worker, publisher):
+        long = await ordered(tasks.long_retries, "k", publisher=publisher).adelay("k", 1)
+        await eventually(lambda: worker.dead_lettered == 1)
+        await eventually(lambda: long.state == states.FAILURE)
+    assert type(long.result).__name__ == "RetryWindowExceededError"
+    assert 4 <= len(tasks.ran) <= 6  # 0.2 s apart within 1 s
+    [dead] = await dead_letters(settings)
+    assert str(dead.headers["x-rabbitkeys-error"]).startswith("RetryWindowExceededError")
+
+
+async def test_a_rejected_task_to_be_requeued_runs_again_in_place(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (worker, publisher):
+        rejected = await ordered(tasks.rejects, "k", publisher=publisher).adelay("k", 1)
+        then = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 2)
+        assert await result_of(rejected) == 1
+        assert await result_of(then) == 2
+        assert worker.dead_lettered == 0
+    assert [(task, retries) for task, _key, _n, retries, _id in tasks.ran] == [
+        ("rejects", 0),
+        ("rejects", 1),
+        ("create", 0),
+    ]
+
+
+async def test_a_task_registered_after_the_worker_started_retries_in_place_too(
+    settings: Settings, celery_app: Any
+) -> None:
+    async with bridge(settings) as (_worker, publisher):
+
+        @celery_app.task(bind=True, name="tests.celery.late", max_retries=2)
+        def late(self: Any, key: str, n: int) -> int:
+            tasks.record("late", key, n, self.request)
+            if self.request.retries < 1:
+                raise self.retry(countdown=0)
+            return self.request.retries
+
+        try:
+            result = await ordered(late, "k", publisher=publisher).adelay("k", 1)
+            assert await result_of(result) == 1
+        finally:
+            celery_app.tasks.unregister("tests.celery.late")
+    assert [(task, retries) for task, _key, _n, retries, _id in tasks.ran] == [
+        ("late", 0),
+        ("late", 1),
+    ]
+
+
+async def test_the_worker_starts_and_stops_as_a_celery_worker_does(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``worker_init`` / ``worker_process_init`` at start (Django's fixup and engine set-ups
+    hang on them), ``worker_shutdown`` at the end; the request's host name is the worker's."""
+    from celery import signals
+
+    seen: list[str] = []
+
+    def on_init(sender: Any, **_: Any) -> None:
+        seen.append(f"init {sender.app.main}")
+
+    def on_process_init(**_: Any) -> None:
+        seen.append("process init")
+
+    def on_shutdown(sender: Any, **_: Any) -> None:
+        seen.append("shutdown")
+
+    signals.worker_init.connect(on_init, weak=False)
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    try:
+        async with bridge(settings) as (_worker, publisher):
+            result = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 1)
+            assert await result_of(result) == 1
+    finally:
+        signals.worker_init.disconnect(on_init)
+        signals.worker_process_init.disconnect(on_process_init)
+        signals.worker_shutdown.disconnect(on_shutdown)
+    assert seen == ["init bridge-tests", "process init", "shutdown"]

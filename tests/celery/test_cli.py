@@ -83,3 +83,19 @@ async def test_two_worker_processes_run_the_tasks_of_each_key_in_order(
     assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
     # both workers joined and served the Celery job type
     assert all("serving celery" in log.read_text() for log in logs)
+
+
+def test_the_flag_finds_the_app_of_a_module_as_celery_minus_a_does(tmp_path: Path) -> None:
+    """``--celery proj`` (Celery's ``-A proj``): ``proj:app``, ``proj:celery`` or
+    ``proj.celery:app``; a module with none of them names what it tried."""
+    result = rabbitkeys_cli("worker", "--celery", "tests.celery.no_such_module")
+    assert result.returncode == 1
+    assert "no Celery app in 'tests.celery.no_such_module'" in result.stderr
+    assert "tests.celery.no_such_module.celery" in result.stderr
+
+
+def test_the_celery_app_of_a_module_is_found() -> None:
+    from rabbitkeys.cli.worker import _celery_app
+
+    assert _celery_app("tests.celery.tasks") is tasks.celery  # its attribute `celery`
+    assert _celery_app("tests.celery.tasks:celery") is tasks.celery
