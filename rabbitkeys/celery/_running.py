@@ -75,7 +75,7 @@ def worker_app(
     ``"dead_letter"`` or ``"park"`` (the key waits for ``rabbitkeys resume`` / ``skip``)."""
     if not isinstance(celery_app, Celery):
         raise ConfigError(f"worker_app() takes a Celery app, not {celery_app!r}")
-    runner = _TaskRunner(celery_app)
+    runner = _TaskRunner(celery_app, parks=on_failure == "park")
     app = App()
     app.add_handler(job_type, runner.run, on_failure=on_failure, timeout=runner.time_limit)
     app.on_startup(runner.start)
@@ -87,8 +87,10 @@ def worker_app(
 class _TaskRunner:
     """Runs the jobs of one Celery app (a handler of its job type, on pool threads)."""
 
-    def __init__(self, celery_app: Celery) -> None:
+    def __init__(self, celery_app: Celery, *, parks: bool = False) -> None:
         self.celery = celery_app
+        #: a failed job parks its key (it may run later) rather than being dead-lettered
+        self.parks = parks
         self.hostname = f"rabbitkeys@{socket.gethostname()}"
         self._tracers: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -166,6 +168,10 @@ class _TaskRunner:
         job = read_job(message, self.celery.conf.accept_content)
         task = self.celery.tasks.get(job.name)
         if task is None:
+            if not self.parks:  # as a Celery worker does: FAILURE, so that get() returns
+                self.celery.backend.mark_as_failure(
+                    job.task_id, NotRegistered(job.name), request=Context(job.request)
+                )
             raise FailJob(f"unknown task {job.name}") from NotRegistered(
                 f"{job.name} (not a task of this worker's Celery app)"
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import aio_pika
 import pytest
 from celery import states
+from celery.exceptions import NotRegistered
 
 from rabbitkeys import (
     InvalidKeyError,
@@ -245,12 +247,13 @@ async def test_a_failing_task_parks_its_key_when_the_bridge_parks(
 async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes_on(
     settings: Settings, celery_app: Any
 ) -> None:
+    gone_id = str(uuid.uuid4())
     async with bridge(settings) as (worker, publisher):
         await publisher.publish(
             "post A",
             b'[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]',
             job_type="celery",
-            headers={"task": "proj.tasks.gone", "id": "1234", "lang": "py"},
+            headers={"task": "proj.tasks.gone", "id": gone_id, "lang": "py"},
         )
         await publisher.publish("post A", b"not a celery message", job_type="celery")
         then = await ordered(tasks.create_comment, "post A", publisher=publisher).adelay(
@@ -260,6 +263,12 @@ async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes
         await eventually(lambda: worker.dead_lettered == 2)
     unknown, foreign = await dead_letters(settings)
     assert str(unknown.headers["x-rabbitkeys-error"]).startswith("NotRegistered")
+    # stored as a Celery worker stores it: the caller's get() raises instead of waiting
+    gone = tasks.celery.AsyncResult(gone_id)
+    assert gone.state == states.FAILURE
+    with pytest.raises(NotRegistered, match="proj.tasks.gone"):
+        gone.get(timeout=5)
+    gone.forget()
     assert "proj.tasks.gone" in str(unknown.headers["x-rabbitkeys-error"])
     assert "not a Celery task message" in str(foreign.headers["x-rabbitkeys-error"])
 
