@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .._settings import Settings
@@ -54,17 +55,23 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _celery_app(target: str) -> Any:
-    """``MODULE:ATTR``, or as Celery's ``-A MODULE`` finds it: ``MODULE:app``,
-    ``MODULE:celery``, ``MODULE.celery:app``."""
+    """The Celery app that ``celery -A TARGET`` runs, found by Celery's own code:
+    ``MODULE:ATTR``, ``MODULE.ATTR``, or a module's ``app``, its ``celery``, its
+    ``celery`` submodule's app, or the one Celery app among its names."""
+    from celery.app.utils import find_app
+
     from .._errors import ConfigError
     from .._worker.app import load_object
 
     if ":" in target:
         return load_object(target, "a Celery app")
-    tried = []
-    for module, attribute in ((target, "app"), (target, "celery"), (f"{target}.celery", "app")):
-        try:
-            return load_object(f"{module}:{attribute}", "a Celery app")
-        except ConfigError as exc:
-            tried.append(str(exc))
-    raise ConfigError(f"no Celery app in {target!r}: " + "; ".join(tried))
+    if "" not in sys.path:  # the current directory, as `celery -A` and `python -m` look
+        sys.path.insert(0, "")
+    try:
+        return find_app(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"no Celery app in {target!r} (looked as `celery -A {target}` looks: "
+            f"{target}:app, {target}:celery, {target}.celery:app, a Celery app among its "
+            f"names): {type(exc).__name__}: {exc}"
+        ) from None

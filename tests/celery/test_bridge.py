@@ -266,7 +266,7 @@ async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes
     # stored as a Celery worker stores it: the caller's get() raises instead of waiting
     gone = tasks.celery.AsyncResult(gone_id)
     assert gone.state == states.FAILURE
-    with pytest.raises(NotRegistered, match="proj.tasks.gone"):
+    with pytest.raises(NotRegistered, match=r"proj\.tasks\.gone"):
         gone.get(timeout=5)
     gone.forget()
     assert "proj.tasks.gone" in str(unknown.headers["x-rabbitkeys-error"])

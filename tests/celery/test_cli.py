@@ -94,8 +94,21 @@ def test_the_flag_finds_the_app_of_a_module_as_celery_minus_a_does(tmp_path: Pat
     assert "tests.celery.no_such_module.celery" in result.stderr
 
 
-def test_the_celery_app_of_a_module_is_found() -> None:
+def test_the_celery_app_of_a_module_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rabbitkeys.cli.worker import _celery_app
 
     assert _celery_app("tests.celery.tasks") is tasks.celery  # its attribute `celery`
     assert _celery_app("tests.celery.tasks:celery") is tasks.celery
+    assert _celery_app("tests.celery.tasks.celery") is tasks.celery  # dotted, as -A takes
+    # a package whose celery submodule holds `app`; a module whose app has another name
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "celery.py").write_text(
+        "from celery import Celery\napp = Celery('shop')\n"
+    )
+    (tmp_path / "billing.py").write_text("from celery import Celery\nworkers = Celery('billing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _celery_app("shop").main == "shop"
+    assert _celery_app("billing").main == "billing"
