@@ -16,6 +16,14 @@ except ImportError as exc:  # pragma: no cover - the extra not installed
     raise ImportError("rabbitkeys.celery needs Celery: pip install 'rabbitkeys[celery]'") from exc
 
 from ._publishing import JOB_TYPE, Ordered, OrderedTask, ordered
-from ._running import worker_app
+from ._running import RetryWindowExceededError, WorkerTimeLimitExceeded, worker_app
 
-__all__ = ["JOB_TYPE", "Ordered", "OrderedTask", "ordered", "worker_app"]
+__all__ = [
+    "JOB_TYPE",
+    "Ordered",
+    "OrderedTask",
+    "RetryWindowExceededError",
+    "WorkerTimeLimitExceeded",
+    "ordered",
+    "worker_app",
+]

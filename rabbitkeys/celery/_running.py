@@ -48,7 +48,13 @@ from ._protocol import CeleryJob, read_job
 from ._publishing import JOB_TYPE
 from ._time_limits import TaskRun, current_run, in_body
 
-__all__ = ["GRACE", "RETRY_WINDOW", "RetryWindowExceededError", "worker_app"]
+__all__ = [
+    "GRACE",
+    "RETRY_WINDOW",
+    "RetryWindowExceededError",
+    "WorkerTimeLimitExceeded",
+    "worker_app",
+]
 
 log = logging.getLogger("rabbitkeys.celery")
 
@@ -64,6 +70,14 @@ RETRY_WINDOW = 25 * 60.0
 
 class RetryWindowExceededError(Exception):
     """A task's retry would have held its job past :data:`RETRY_WINDOW`: the task failed."""
+
+
+class WorkerTimeLimitExceeded(TimeLimitExceeded):
+    """The worker's deadline for a job passed: its task ran past its ``time_limit`` and
+    :data:`GRACE`, or, without one, past ``RABBITKEYS_JOB_TIMEOUT``. What the dead letter
+    records (billiard's ``TimeLimitExceeded`` prints its arguments as a tuple)."""
+
+    __str__ = Exception.__str__
 
 
 def worker_app(
@@ -155,11 +169,20 @@ class _TaskRunner:
             run = self._runs.get(task_id)
             if run is not None:
                 run.exceed(TimeLimitExceeded)
-            task = self.celery.tasks.get(str(message.headers.get("task")))
+            name = str(message.headers.get("task"))
+            task = self.celery.tasks.get(name)
             if task is not None:
                 error = TimeLimitExceeded(exc.limit)
                 await asyncio.to_thread(task.backend.mark_as_failure, task_id, error)
-            raise FailJob(f"task {message.headers.get('task')} ran past its time limit") from exc
+            # what the dead letter (or the park) and the log say: which task, which limit
+            if self._limit(task, message, 0) is None:
+                why = (
+                    f"task {name} ran past {exc.limit:g} s, the worker's limit for a task "
+                    "without time_limit (RABBITKEYS_JOB_TIMEOUT): give it a time_limit"
+                )
+            else:
+                why = f"task {name} ran past its time_limit and {GRACE:g} s more"
+            raise FailJob(why) from WorkerTimeLimitExceeded(why)
 
     # --- running -------------------------------------------------------------------------
 

@@ -432,6 +432,12 @@ async def test_a_task_without_limit_gets_the_workers_and_fails_at_it(
         await eventually(lambda: sleeper.state == states.FAILURE)
     assert type(sleeper.result).__name__ == "TimeLimitExceeded"
     assert [task for task, *_ in tasks.ran] == ["sleeper", "create"]
+    [dead] = await dead_letters(settings)
+    assert dead.headers["x-rabbitkeys-error"] == (
+        "WorkerTimeLimitExceeded: task tests.celery.tasks.no_limit_sleeper ran past 0.5 s, the "
+        "worker's limit for a task without time_limit (RABBITKEYS_JOB_TIMEOUT): give it a "
+        "time_limit"
+    )
 
 
 async def test_retries_that_would_hold_a_job_too_long_fail_it(
