@@ -43,7 +43,7 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 # inventory here (no network in CI) or are private names a public signature mentions.
 nitpick_ignore_regex = [
     (r"py:.*", r"(aio_pika|aiormq|pamqp|pydantic|pydantic_settings|prometheus_client|yarl)\..*"),
-    (r"py:.*", r"(celery|kombu)\..*"),
+    (r"py:.*", r"(celery|kombu|billiard)\..*"),
     (r"py:.*", r"rabbitkeys\._.*"),
     (r"py:.*", r"(asyncio|concurrent\.futures|collections|typing|types|enum|pathlib)\..*"),
     (r"py:.*", r"annotated_types\..*"),

@@ -69,12 +69,13 @@ RETRY_WINDOW = 25 * 60.0
 
 
 class RetryWindowExceededError(Exception):
-    """A task's retry would have held its job past :data:`RETRY_WINDOW`: the task failed."""
+    """A task's retry would have held its job past ``RETRY_WINDOW`` (25 minutes of retries,
+    under RabbitMQ's 30-minute ``consumer_timeout``): the task failed."""
 
 
 class WorkerTimeLimitExceeded(TimeLimitExceeded):
     """The worker's deadline for a job passed: its task ran past its ``time_limit`` and
-    :data:`GRACE`, or, without one, past ``RABBITKEYS_JOB_TIMEOUT``. What the dead letter
+    ``GRACE`` (5 s), or, without one, past ``RABBITKEYS_JOB_TIMEOUT``. What the dead letter
     records (billiard's ``TimeLimitExceeded`` prints its arguments as a tuple)."""
 
     __str__ = Exception.__str__
