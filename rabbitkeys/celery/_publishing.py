@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery import Task
+from celery import Signature, Task
 from celery.result import AsyncResult
 
 from .._publisher.publisher import Publisher
@@ -46,6 +46,11 @@ class Ordered:
         publisher: Publisher | SyncPublisher | None = None,
         job_type: str = JOB_TYPE,
     ) -> None:
+        if isinstance(task, Signature):
+            raise TypeError(
+                f"ordered() takes a Celery task, not a signature ({task!r}): "
+                "ordered(sig.type, key).apply_async(sig.args, sig.kwargs, **sig.options)"
+            )
         if not isinstance(task, Task):
             raise TypeError(f"ordered() takes a Celery task (an @app.task function), not {task!r}")
         self.task = task

@@ -327,6 +327,10 @@ async def test_calls_a_key_cannot_honour_are_refused_before_anything_is_sent(
                 await call.aapply_async(("k", 1), **option)
         with pytest.raises(TypeError, match="no key"):
             await ordered(tasks.create_comment, publisher=publisher).adelay("k", 1)
+        with pytest.raises(TypeError, match=r"not a signature .*ordered\(sig\.type, key\)"):
+            ordered(tasks.create_comment.s("k", 1), "k")
+        with pytest.raises(TypeError, match="takes a Celery task"):
+            ordered(print, "k")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="unknown apply_async options: colour"):
             await call.aapply_async(("k", 1), colour="red")
         with pytest.raises(TypeError, match="await"):
