@@ -272,9 +272,13 @@ class _TaskRunner:
 
 class _WorkerSender:
     """What a receiver of ``worker_init`` / ``worker_shutdown`` reads of Celery's worker
-    (the signal's sender): the app and the host name."""
+    (the signal's sender): the app, the host name and the pool (Django's fixup reads
+    ``pool_cls`` before each task, to know whether it runs in a forked child)."""
 
     __slots__ = ("app", "hostname")
+
+    #: tasks run on threads, as in Celery's ``threads`` pool (``--pool threads``)
+    pool_cls = "threads"
 
     def __init__(self, app: Celery, hostname: str) -> None:
         self.app = app
