@@ -28,23 +28,34 @@ def add_parser(commands: Any) -> None:
         "it): run its tasks, one job at a time per key, in the order they were sent with "
         "rabbitkeys.celery.ordered (needs rabbitkeys[celery])",
     )
+    worker.add_argument(
+        "--on-failure",
+        choices=("dead_letter", "park"),
+        help="with --celery: what follows a task's last failed attempt: the job goes to the "
+        "dead-letter queue and its key goes on (dead_letter, the default), or the key waits "
+        "for `rabbitkeys resume` or `skip` (park)",
+    )
     worker.add_argument("--id", dest="worker_id", help="worker id (default: random)")
     worker.set_defaults(handler=_worker)
 
 
 async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .._errors import ConfigError
     from .._worker.app import load_app
     from .._worker.worker import Worker
 
     if args.celery:
-        from .._errors import ConfigError
-
         try:
             from ..celery import worker_app
         except ImportError as exc:
             raise ConfigError(str(exc)) from None
 
-        app = worker_app(_celery_app(args.target))
+        app = worker_app(_celery_app(args.target), on_failure=args.on_failure or "dead_letter")
+    elif args.on_failure is not None:
+        raise ConfigError(
+            "--on-failure is for --celery: an App sets it per handler "
+            "(@app.handler(on_failure=...))"
+        )
     else:
         app = load_app(args.target)
     worker = Worker(app, settings, worker_id=args.worker_id)

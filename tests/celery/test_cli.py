@@ -17,7 +17,7 @@ from rabbitkeys.celery import ordered
 from rabbitkeys.tools.cluster import _settings_env
 
 from ..cli.test_cli import rabbitkeys_cli
-from ..support import running_registry
+from ..support import eventually, running_registry
 from . import tasks
 from .test_bridge import result_of
 
@@ -112,3 +112,42 @@ def test_the_celery_app_of_a_module_is_found(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _celery_app("shop").main == "shop"
     assert _celery_app("billing").main == "billing"
+
+
+def test_on_failure_without_the_celery_flag_is_a_clear_error() -> None:
+    result = rabbitkeys_cli("worker", "--on-failure", "park", "tests.celery.tasks:record")
+    assert result.returncode == 1
+    assert "--on-failure is for --celery" in result.stderr
+
+
+async def test_the_worker_parks_a_failed_tasks_key_when_told_to(
+    settings: Settings, celery_app: Any, tmp_path: Path
+) -> None:
+    """``--on-failure park``: a task's failure parks its key (the later call of that key
+    waits, named in the log with the command that resumes it); other keys go on."""
+    log = tmp_path / "worker.log"
+    async with running_registry(settings):
+        with log.open("w") as output:
+            worker = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "rabbitkeys", "worker", "--celery"],
+                *["--on-failure", "park", "tests.celery.tasks:celery"],
+                env={**os.environ, **_settings_env(settings)},
+                stderr=output,
+            )
+        try:
+            async with Publisher(settings) as publisher:
+                await ordered(tasks.fails, "post A", publisher=publisher).adelay("post A", 1)
+                later = await ordered(tasks.create_comment, "post A", publisher=publisher).adelay(
+                    "post A", 2
+                )
+                other = await ordered(tasks.create_comment, "post B", publisher=publisher).adelay(
+                    "post B", 3
+                )
+                assert await result_of(other, timeout=60) == 3
+                await eventually(lambda: "parked" in log.read_text(), timeout=30)
+                assert later.state == "PENDING"  # waits behind the parked task
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(worker.wait(), 30)
+    assert code == 0, log.read_text()[-2000:]
+    assert "rabbitkeys resume celery 'post A'" in log.read_text()
