@@ -40,10 +40,11 @@ from celery import Celery, Task, signals
 from celery.app.task import Context
 from celery.app.trace import build_tracer, reset_worker_optimizations, setup_worker_optimizations
 from celery.exceptions import NotRegistered, Reject, Retry, TimeLimitExceeded
-from celery.states import FAILURE, REJECTED, RETRY
+from celery.states import FAILURE, REJECTED, RETRY, REVOKED, SUCCESS
 
 from .._errors import ConfigError, FailJob, JobTimeoutError, RetryJob
 from .._worker.app import App, CallNext, Message, OnFailure
+from ._metrics import UNREGISTERED, TaskMetrics
 from ._protocol import CeleryJob, read_job
 from ._publishing import JOB_TYPE
 from ._time_limits import TaskRun, current_run, in_body
@@ -104,6 +105,7 @@ class _TaskRunner:
 
     def __init__(self, celery_app: Celery, *, parks: bool = False) -> None:
         self.celery = celery_app
+        self.metrics = TaskMetrics()
         #: a failed job parks its key (it may run later) rather than being dead-lettered
         self.parks = parks
         self.hostname = f"rabbitkeys@{socket.gethostname()}"
@@ -192,6 +194,7 @@ class _TaskRunner:
         job = read_job(message, self.celery.conf.accept_content)
         task = self.celery.tasks.get(job.name)
         if task is None:
+            self.metrics.ran(UNREGISTERED, FAILURE)
             if not self.parks:  # as a Celery worker does: FAILURE, so that get() returns
                 self.celery.backend.mark_as_failure(
                     job.task_id, NotRegistered(job.name), request=Context(job.request)
@@ -206,6 +209,7 @@ class _TaskRunner:
         if job.expired():
             log.info("task %s[%s] expired at %s: revoked", job.name, job.task_id, job.expires)
             task.backend.mark_as_revoked(job.task_id, "expired", request=Context(job.request))
+            self.metrics.ran(job.name, REVOKED)
             return
         request = {
             **job.request,
@@ -217,12 +221,15 @@ class _TaskRunner:
         }
         run = TaskRun(job.task_id, self._limit(task, message, 1), self._limit(task, message, 0))
         self._runs[job.task_id] = run
+        began = time.perf_counter()
         try:
             with run:
                 traced = self._tracer(task)(job.task_id, list(args), dict(kwargs), request)
         finally:
             self._runs.pop(job.task_id, None)
         info = traced.info
+        state = FAILURE if run.timed_out else info.state if info is not None else SUCCESS
+        self.metrics.ran(job.name, state, time.perf_counter() - began)
         if run.timed_out:  # past the hard limit: failed, whatever the task made of it
             error = TimeLimitExceeded(self._limit(task, message, 0))
             task.backend.mark_as_failure(job.task_id, error, request=Context(request))

@@ -15,6 +15,7 @@ import aio_pika
 import pytest
 from celery import states
 from celery.exceptions import NotRegistered
+from prometheus_client import REGISTRY
 
 from rabbitkeys import (
     InvalidKeyError,
@@ -72,6 +73,17 @@ async def dead_letters(settings: Settings) -> list[aio_pika.abc.AbstractIncoming
         return found
     finally:
         await connection.close()
+
+
+def task_runs_counted() -> dict[tuple[str, str], float]:
+    """``rabbitkeys_celery_task_runs_total`` by (task, state), as a worker serves it."""
+    return {
+        (sample.labels["task"].rsplit(".", 1)[-1], sample.labels["state"]): sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "rabbitkeys_celery_task_runs"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
 
 
 def runs_of(name: str) -> dict[str, list[int]]:
@@ -151,6 +163,7 @@ async def test_self_retry_runs_the_task_again_in_place_while_its_key_waits(
     """``self.retry(countdown=...)``: the next attempt has ``request.retries`` one higher
     and the key's later task runs after it, not before; past ``max_retries`` the task
     fails and is dead-lettered with its error."""
+    counted_before = task_runs_counted()
     async with bridge(settings) as (worker, publisher):
         key = "post A"
         retried = await ordered(tasks.flaky, key, publisher=publisher).adelay(key, 1, 2)
@@ -176,6 +189,18 @@ async def test_self_retry_runs_the_task_again_in_place_while_its_key_waits(
     [dead] = await dead_letters(settings)
     assert dead.headers["id"] == too_many.id
     assert str(dead.headers["x-rabbitkeys-error"]).startswith("MaxRetriesExceededError")
+    # the worker's per-task figures: every attempt, by the state Celery gave it
+    counted = task_runs_counted()
+    assert {
+        label: counted[label] - counted_before.get(label, 0.0)
+        for label in counted
+        if counted[label] != counted_before.get(label, 0.0)
+    } == {
+        ("flaky", "RETRY"): 5,
+        ("flaky", "SUCCESS"): 1,
+        ("flaky", "FAILURE"): 1,
+        ("create_comment", "SUCCESS"): 2,
+    }
 
 
 async def test_a_retry_with_other_arguments_runs_with_them(
@@ -248,6 +273,7 @@ async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes
     settings: Settings, celery_app: Any
 ) -> None:
     gone_id = str(uuid.uuid4())
+    unregistered_before = task_runs_counted().get(("(unregistered)", "FAILURE"), 0.0)
     async with bridge(settings) as (worker, publisher):
         await publisher.publish(
             "post A",
@@ -269,6 +295,7 @@ async def test_a_task_the_worker_does_not_know_is_dead_lettered_and_its_key_goes
     with pytest.raises(NotRegistered, match=r"proj\.tasks\.gone"):
         gone.get(timeout=5)
     gone.forget()
+    assert task_runs_counted()[("(unregistered)", "FAILURE")] == unregistered_before + 1
     assert "proj.tasks.gone" in str(unknown.headers["x-rabbitkeys-error"])
     assert "not a Celery task message" in str(foreign.headers["x-rabbitkeys-error"])
 
