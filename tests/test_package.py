@@ -181,6 +181,8 @@ PUBLIC = {
         "JOB_TYPE",
         "Ordered",
         "OrderedTask",
+        "RetryWindowExceededError",
+        "WorkerTimeLimitExceeded",
         "ordered",
         "worker_app",
     ],
