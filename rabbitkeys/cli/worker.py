@@ -31,6 +31,7 @@ def add_parser(commands: Any) -> None:
     worker.add_argument(
         "--on-failure",
         choices=("dead_letter", "park"),
+        type=lambda value: value.replace("-", "_"),  # dead-letter too
         help="with --celery: what follows a task's last failed attempt: the job goes to the "
         "dead-letter queue and its key goes on (dead_letter, the default), or the key waits "
         "for `rabbitkeys resume` or `skip` (park)",
