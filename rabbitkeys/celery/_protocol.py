@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
+from celery.backends.rpc import RPCBackend
 from kombu.serialization import dumps, loads, prepare_accept_content
 
 from .._errors import FailJob
 from .._wire.payload import Encoded
 from .._worker.app import Message
 
-__all__ = ["CONTENT_ENCODING_HEADER", "CeleryJob", "TaskMessage", "read_job", "task_message"]
+__all__ = [
+    "CONTENT_ENCODING_HEADER",
+    "CeleryJob",
+    "TaskMessage",
+    "read_job",
+    "replies_to_caller",
+    "task_message",
+]
 
 #: the body's content encoding ("utf-8" for JSON, "binary" for pickle), which a Celery
 #: message carries in its properties and a rabbitkeys job in this header
@@ -90,6 +98,7 @@ def task_message(
         parent_id = parent_id or parent.request.id
     time_limit = options.pop("time_limit", None)
     soft_time_limit = options.pop("soft_time_limit", None)
+    ignore_result = options.pop("ignore_result", task.ignore_result)
     message = app.amqp.as_task_v2(
         task_id,
         task.name,
@@ -101,7 +110,9 @@ def task_message(
         root_id=root_id,
         parent_id=parent_id,
         shadow=options.pop("shadow", None),
-        ignore_result=options.pop("ignore_result", task.ignore_result),
+        ignore_result=ignore_result,
+        # rpc://: the caller's reply queue (this thread's, as Celery's own send)
+        reply_to=app.thread_oid if replies_to_caller(app) and not ignore_result else None,
     )
     if options:
         raise TypeError(f"unknown apply_async options: {', '.join(sorted(options))}")
@@ -110,7 +121,16 @@ def task_message(
         data = data.encode(content_encoding)
     headers = {**extra_headers, **_table(message.headers)}
     headers[CONTENT_ENCODING_HEADER] = content_encoding
+    if message.properties.get("reply_to"):  # the worker's request.reply_to
+        headers["reply_to"] = message.properties["reply_to"]
     return TaskMessage(task_id, Encoded(bytes(data), content_type), headers)
+
+
+def replies_to_caller(app: Any) -> bool:
+    """The app's result backend is ``rpc://``: a worker sends a result as a message to the
+    caller's reply queue (``reply_to``), over the Celery app's own broker connection, and
+    stores nothing."""
+    return isinstance(app.backend, RPCBackend)
 
 
 def _expires(expires: Any) -> Any:

@@ -85,6 +85,7 @@ class Ordered:
             raise TypeError(
                 "this task was given an async Publisher: use `await ...aapply_async(...)`"
             )
+        self._expect_reply(message)
         (publisher or default_publisher()).publish(
             key, message.payload, job_type=self._job_type, headers=message.headers, timeout=timeout
         )
@@ -108,6 +109,7 @@ class Ordered:
         key, message = self._message(args, kwargs, key, task_id, options)
         if self._eager:
             return self.task.apply(args, kwargs, task_id=message.task_id)
+        self._expect_reply(message)  # blocks, as Celery's own apply_async, with rpc:// only
         publisher = self._publisher
         if isinstance(publisher, Publisher):
             await publisher.publish(
@@ -137,6 +139,17 @@ class Ordered:
         """Celery's ``task_always_eager`` (tests): the call runs here, at once, as Celery
         runs it (``task.apply``), after the same checks of its key and options."""
         return bool(self.task._get_app().conf.task_always_eager)
+
+    def _expect_reply(self, message: TaskMessage) -> None:
+        """With the ``rpc://`` result backend: declare this thread's reply queue before the
+        job is sent, as Celery's ``apply_async`` does (``backend.on_task_call``), so that a
+        result that comes before ``get()`` waits there. Over the Celery app's broker
+        connection: the result travels there, not through rabbitkeys."""
+        if "reply_to" not in message.headers:
+            return
+        app = self.task._get_app()
+        with app.producer_or_acquire() as producer:
+            app.backend.on_task_call(producer, message.task_id)
 
     def _message(
         self,

@@ -176,7 +176,10 @@ class _TaskRunner:
             task = self.celery.tasks.get(name)
             if task is not None:
                 error = TimeLimitExceeded(exc.limit)
-                await asyncio.to_thread(task.backend.mark_as_failure, task_id, error)
+                request = Context({**message.headers, "correlation_id": task_id})
+                await asyncio.to_thread(
+                    task.backend.mark_as_failure, task_id, error, request=request
+                )
             # what the dead letter (or the park) and the log say: which task, which limit
             if self._limit(task, message, 0) is None:
                 why = (

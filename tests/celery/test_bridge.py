@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -558,3 +559,54 @@ async def test_the_worker_starts_and_stops_as_a_celery_worker_does(
         signals.worker_process_init.disconnect(on_process_init)
         signals.worker_shutdown.disconnect(on_shutdown)
     assert seen == ["init bridge-tests", "process init", "shutdown"]
+
+
+async def test_the_rpc_result_backend_brings_results_back_to_the_caller(
+    settings: Settings,
+) -> None:
+    """``backend="rpc://"`` (Celery's first-steps tutorial): no store, a worker sends each
+    state to the caller's reply queue over the Celery app's broker connection. The caller's
+    reply queue is declared before the job is sent, so a result that comes before ``get()``
+    waits for it; a failure comes back as the exception, as with Celery."""
+    from celery import Celery
+
+    rpc_app = Celery("bridge-rpc-tests", broker=settings.amqp_url.get_secret_value())
+    rpc_app.conf.result_backend = "rpc://"
+
+    @rpc_app.task(bind=True)
+    def add(self: Any, x: int, y: int) -> list[Any]:
+        return [x + y, self.request.retries]
+
+    @rpc_app.task(bind=True, max_retries=1)
+    def flaky_add(self: Any, x: int, y: int) -> list[Any]:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.1)
+        return [x + y, self.request.retries]
+
+    @rpc_app.task
+    def refuse(x: int) -> None:
+        raise ValueError(f"no {x}")
+
+    def call(publisher: SyncPublisher) -> list[Any]:
+        sent = [
+            ordered(add, "post A", publisher=publisher).delay(1, 2),
+            ordered(flaky_add, "post A", publisher=publisher).delay(3, 4),
+            ordered(refuse, "post A", publisher=publisher).delay(5),
+        ]
+        time.sleep(1.0)  # the results come before get() asks: they wait in the reply queue
+        try:
+            got = [result.get(timeout=15, propagate=False) for result in sent]
+            return [*got[:2], repr(got[2]), sent[2].state]
+        finally:
+            rpc_app.backend.result_consumer.stop()  # this thread's (Celery's are per thread)
+
+    async with (
+        running_registry(settings),
+        running_worker(settings, worker_app(rpc_app)),
+        sync_publisher(settings) as publisher,
+    ):
+        try:
+            got = await asyncio.to_thread(call, publisher)
+        finally:
+            rpc_app.close()
+    assert got == [[3, 0], [7, 1], "ValueError('no 5')", states.FAILURE]
