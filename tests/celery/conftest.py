@@ -23,6 +23,7 @@ def celery_app() -> Iterator[Any]:
         skip_or_fail(f"no Redis for the result backend at {tasks.RESULT_BACKEND}: {exc}")
     tasks.ran.clear()
     tasks.spans.clear()
+    tasks.fixed.clear()
     yield tasks.celery
     ids = {task_id for *_, task_id in tasks.ran}
     for task_id in ids:

@@ -88,6 +88,18 @@ def fails(self: Any, key: str, n: int) -> None:
     raise ValueError(f"comment {n} of {key} cannot be saved")
 
 
+#: what ``fails_until_fixed`` waits for (a downstream service back, say)
+fixed = threading.Event()
+
+
+@celery.task(bind=True)
+def fails_until_fixed(self: Any, key: str, n: int) -> int:
+    record("until-fixed", key, n, self.request)
+    if not fixed.is_set():
+        raise RuntimeError("the payment service is down")
+    return n
+
+
 @celery.task(bind=True, soft_time_limit=0.3)
 def soft_limited(self: Any, key: str, n: int) -> str:
     record("soft", key, n, self.request)

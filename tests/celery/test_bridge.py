@@ -28,7 +28,9 @@ from rabbitkeys import (
 )
 from rabbitkeys._wire.topology import Names
 from rabbitkeys.celery import ordered, worker_app
+from rabbitkeys.tools.cluster import _settings_env
 
+from ..cli.test_cli import rabbitkeys_cli
 from ..support import eventually, overlapping, running_registry, running_worker
 from . import tasks
 
@@ -610,3 +612,28 @@ async def test_the_rpc_result_backend_brings_results_back_to_the_caller(
         finally:
             rpc_app.close()
     assert got == [[3, 0], [7, 1], "ValueError('no 5')", states.FAILURE]
+
+
+async def test_a_dead_lettered_task_redriven_runs_again_under_its_id(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``rabbitkeys redrive --job-type celery --apply``, once the cause is fixed: the task
+    runs again with its id, before what its key had waiting, and its FAILURE becomes
+    SUCCESS in the backend."""
+    async with bridge(settings) as (worker, publisher):
+        failed = await ordered(tasks.fails_until_fixed, "post A", publisher=publisher).adelay(
+            "post A", 1
+        )
+        await eventually(lambda: worker.dead_lettered == 1)
+        assert failed.state == states.FAILURE
+        tasks.fixed.set()
+        redrive = ["redrive", "--job-type", "celery", "--key", "post A", "--apply"]
+        done = await asyncio.to_thread(rabbitkeys_cli, *redrive, env=_settings_env(settings))
+        assert done.returncode == 0, done.stderr
+        assert "redriven: 1 dead letter of 1 key" in done.stdout
+        await eventually(lambda: tasks.celery.AsyncResult(failed.id).state == states.SUCCESS)
+    assert tasks.celery.AsyncResult(failed.id).result == 1
+    assert [(task, n, task_id) for task, _key, n, _retries, task_id in tasks.ran] == [
+        ("until-fixed", 1, failed.id),
+        ("until-fixed", 1, failed.id),
+    ]
