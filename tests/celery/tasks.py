@@ -22,6 +22,8 @@ celery = Celery("bridge-tests", broker="amqp://nobody:nobody@127.0.0.1:1//", bac
 celery.conf.broker_connection_retry = False
 celery.conf.broker_connection_max_retries = 0
 celery.conf.result_expires = 600
+# the workers take pickle too: a task may choose it (serializer="pickle")
+celery.conf.accept_content = ["json", "pickle"]
 
 #: (task, key, n, retries, request id) in the order the tasks ran
 ran: list[tuple[str, str, int, int, str]] = []
@@ -86,6 +88,13 @@ def autoretried(self: Any, key: str, n: int) -> int:
 def fails(self: Any, key: str, n: int) -> None:
     record("fails", key, n, self.request)
     raise ValueError(f"comment {n} of {key} cannot be saved")
+
+
+@celery.task(bind=True, serializer="pickle")
+def pickled(self: Any, key: str, tags: set[str]) -> list[str]:
+    """Arguments JSON cannot carry (a set), in the task's own serializer."""
+    record("pickled", key, len(tags), self.request)
+    return sorted(tags)
 
 
 #: what ``fails_until_fixed`` waits for (a downstream service back, say)

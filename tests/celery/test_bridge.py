@@ -637,3 +637,27 @@ async def test_a_dead_lettered_task_redriven_runs_again_under_its_id(
         ("until-fixed", 1, failed.id),
         ("until-fixed", 1, failed.id),
     ]
+
+
+async def test_a_task_travels_in_its_own_serializer_which_the_worker_must_accept(
+    settings: Settings, celery_app: Any
+) -> None:
+    """``serializer="pickle"``: the body is pickle, which the app's ``accept_content``
+    lets the worker read; a worker that does not accept it dead-letters the job, saying
+    why, and the key goes on."""
+    async with bridge(settings) as (worker, publisher):
+        sent = await ordered(tasks.pickled, "k", publisher=publisher).adelay("k", {"b", "a"})
+        assert await result_of(sent) == ["a", "b"]
+        accepted = tasks.celery.conf.accept_content
+        tasks.celery.conf.accept_content = ["json"]
+        try:
+            await ordered(tasks.pickled, "k", publisher=publisher).adelay("k", {"c"})
+            then = await ordered(tasks.create_comment, "k", publisher=publisher).adelay("k", 2)
+            assert await result_of(then) == 2
+            await eventually(lambda: worker.dead_lettered == 1)
+        finally:
+            tasks.celery.conf.accept_content = accepted
+    [dead] = await dead_letters(settings)
+    assert dead.properties.content_type == "application/x-python-serialize"
+    assert str(dead.headers["x-rabbitkeys-error"]).startswith("ContentDisallowed")
+    assert [task for task, *_ in tasks.ran] == ["pickled", "create"]
