@@ -440,6 +440,31 @@ def _needs_a_cluster() -> None:
         skip_or_fail(f"bench --cluster cannot start a cluster here: {reason}")
 
 
+async def test_a_bench_run_does_not_start_after_a_swallowed_cancel() -> None:
+    """Ctrl-C cancels the bench's main task; a cancel swallowed on the way (Python 3.11's
+    wait_for, aiormq's channel close) still stops it before the next run, which would
+    otherwise run, and the bench exit 0. Nothing answers on port 1: a run that started
+    would fail with BrokerUnavailableError, not CancelledError."""
+    settings = make_settings("amqp://guest:guest@127.0.0.1:1/", "bench-cancelled")
+    waiting = asyncio.Event()
+
+    async def bench() -> None:
+        waiting.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # swallowed, as a library may
+        await run_strategy(
+            "rabbitkeys", make_workload("bursts", 10), settings, workers=1, partitions=1, work_ms=1
+        )
+
+    task = asyncio.create_task(bench())
+    await waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.processes

@@ -126,8 +126,9 @@ async def run_strategy(
     rate: float = 200.0,
     timeout: float = 300.0,
 ) -> Result:
+    _stop_if_cancelled()
     async with run_vhost(settings, f"{strategy}-{workload.name}") as run_settings:
-        return await _run_strategy(
+        result = await _run_strategy(
             strategy,
             workload,
             run_settings,
@@ -138,6 +139,20 @@ async def run_strategy(
             rate=rate,
             timeout=timeout,
         )
+    _stop_if_cancelled()
+    return result
+
+
+def _stop_if_cancelled() -> None:
+    """Raise :class:`asyncio.CancelledError` if this task was cancelled (Ctrl-C cancels the
+    bench's main task) and something on the way swallowed it: Python 3.11's ``wait_for``
+    returns a result that is ready in the same turn as the cancel, and aiormq drops one that
+    lands in a channel's close. The bench would then run all its remaining runs and exit 0;
+    the cancel request stays counted (``Task.cancelling``), so it stops here instead, before
+    the next run and before a run's figures are reported."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _run_strategy(
