@@ -47,8 +47,10 @@ async def declare_control_topology(
     and dead-letter queues are of ``queue_type`` (RABBITKEYS_QUEUE_TYPE): a quorum registry
     queue keeps new keys and membership flowing through the loss of a node."""
     fanout, direct = aio_pika.ExchangeType.FANOUT, aio_pika.ExchangeType.DIRECT
-    # Clients wait for the requests and membership exchanges: those come last.
-    await channel.declare_exchange(names.replies_exchange, direct, durable=True)
+    # Clients wait for the membership exchange (workers) or NS.replies (a ControlClient
+    # binding its reply queue, which then sends at once): NS.replies comes last, so that a
+    # client which found it finds every other one. Declared first, a status request from
+    # a client started in between met NOT_FOUND on NS.requests.
     await channel.declare_exchange(names.commands_exchange, direct, durable=True)
     dead_letters = await channel.declare_exchange(names.dead_letter_exchange, fanout, durable=True)
     membership = await channel.declare_exchange(names.membership_exchange, fanout, durable=True)
@@ -56,6 +58,7 @@ async def declare_control_topology(
     await channel.declare_exchange(names.holds_exchange, direct, durable=True, internal=True)
     operations = await channel.declare_exchange(names.operations_exchange, fanout, durable=True)
     requests = await channel.declare_exchange(names.requests_exchange, fanout, durable=True)
+    await channel.declare_exchange(names.replies_exchange, direct, durable=True)
     arguments = control_queue_arguments(queue_type, broker_version(connection))
     for queue, sources in (
         (names.registry_queue, (requests, membership, operations)),
@@ -223,7 +226,7 @@ class ControlClient:
         try:
             if not self._registry_seen:
                 # No registry had run in this namespace when we started: its exchanges
-                # appear when one does (NS.replies first, the one we send on last).
+                # appear when one does (NS.replies last: declare_control_topology).
                 while not await self._bind_reply_queue():
                     if time.monotonic() + _TOPOLOGY_POLL >= deadline:
                         raise TimeoutError
