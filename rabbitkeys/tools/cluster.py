@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Self
 
-import aiormq
 from pydantic import SecretStr
 
 from .._admin.status import fetch_status
@@ -104,9 +103,7 @@ class LocalCluster:
                 status = await fetch_status(self.settings, backlog=False, timeout=2.0)
                 if len(status.workers) == count:
                     return
-            except (RabbitkeysError, aiormq.exceptions.AMQPError) as exc:
-                # not up yet: a registry process just started may not have made all of its
-                # namespace's exchanges (a status request then meets NOT_FOUND)
+            except RabbitkeysError as exc:
                 last_error = exc
             await asyncio.sleep(0.2)
         raise RabbitkeysError(f"{count} workers did not join within {timeout:g}s: {last_error}")
