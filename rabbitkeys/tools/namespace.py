@@ -19,17 +19,22 @@ __all__ = ["remove_namespace"]
 
 
 async def remove_namespace(settings: Settings) -> int:
-    """Delete every queue of ``settings.namespace`` (listed through the management API)
-    and its exchanges; return how many queues went. Without the management API nothing is
-    listed: key queues still expire (``x-expires``), the control queues stay. Never raises
-    for an unreachable broker: it runs in ``finally`` blocks."""
+    """Delete every queue of ``settings.namespace`` and its exchanges; return how many
+    queues were asked to go. The durable control queues (the registry's, the dead letters)
+    and the exchanges go by name, over AMQP; the key queues are listed through the
+    management API. Without one at ``management_urls`` (not set for a broker on another
+    port than 5672, the guess is another broker's or nobody's) the key queues are not
+    listed and expire (``x-expires``). Never raises for an unreachable broker: it runs in
+    ``finally`` blocks."""
     names = Names(settings.namespace)
+    control_queues = [names.registry_queue, names.dead_letter_queue]
     try:
-        queues = await list_queues(settings, f"{settings.namespace}.")
+        listed = [q.name for q in await list_queues(settings, f"{settings.namespace}.")]
     except BrokerUnavailableError:
-        return 0
+        listed = []
+    queues = control_queues + [name for name in listed if name not in control_queues]
     job_types = {DEFAULT_JOB_TYPE}
-    job_types.update(ref.job_type for q in queues if (ref := names.key_of_queue(q.name)))
+    job_types.update(ref.job_type for name in listed if (ref := names.key_of_queue(name)))
     exchanges = [*names.control_exchanges, *(names.jobs_exchange(t) for t in sorted(job_types))]
     try:
         connection = await connect(settings, "cleanup")
@@ -37,9 +42,10 @@ async def remove_namespace(settings: Settings) -> int:
         return 0  # the broker went away meanwhile: x-expires still removes the key queues
     try:
         channel = await connection.channel()
+        # deleting a queue or exchange that is not there is no error in RabbitMQ
         for queue in queues:
             with contextlib.suppress(*CHANNEL_ERRORS):
-                await channel.queue_delete(queue.name)
+                await channel.queue_delete(queue)
         for exchange in exchanges:
             with contextlib.suppress(*CHANNEL_ERRORS):
                 await channel.exchange_delete(exchange)
